@@ -1,0 +1,84 @@
+/* Run configuration: JSON (cJSON) into typed structs with defaults.
+ * One schema table (csrc/config.c) drives parsing, --set overrides, validation and
+ * serialisation, so a key exists in exactly one place. Sections: model, train, data. */
+#ifndef QUASAR_CONFIG_H
+#define QUASAR_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define QS_PATH_MAX 1024
+
+typedef enum { QS_ACT_GELU, QS_ACT_RELU } qs_activation;
+typedef enum { QS_INIT_NORMAL, QS_INIT_KAIMING, QS_INIT_XAVIER } qs_init;
+typedef enum { QS_GATING_TOPK, QS_GATING_NOISY_TOPK } qs_gating;
+typedef enum { QS_LR_COSINE, QS_LR_CONSTANT } qs_lr_schedule;
+
+typedef struct qs_moe_config {
+    int n_experts;         /* 0 = dense feed-forward */
+    int top_k;             /* experts per token */
+    qs_gating gating;      /* "topk" | "noisy_topk" */
+    float capacity_factor; /* capacity = ceil(cf * N * k / E); 0 = dropless */
+    float aux_loss_coef;   /* Switch load-balancing loss coefficient */
+    float z_loss_coef;     /* router z-loss coefficient */
+} qs_moe_config;
+
+typedef struct qs_model_config {
+    int vocab_size;        /* 0 = taken from the data (char vocabulary) */
+    int seq_len;           /* context length (block size) */
+    int n_layer, n_head, n_embd;
+    int ffn_mult;          /* hidden width = ffn_mult * n_embd */
+    qs_activation activation;
+    float dropout;
+    bool bias;             /* biases in linear layers */
+    bool tie_embeddings;   /* lm head shares wte */
+    qs_init init;          /* "normal" (std init_std) | "kaiming" | "xavier" */
+    float init_std;
+    qs_moe_config moe;
+} qs_model_config;
+
+typedef struct qs_train_config {
+    int max_steps;
+    int batch_size;        /* global sequences per optimizer step */
+    int micro_batch_size;  /* sequences per forward pass; 0 = batch_size (no accumulation) */
+    float lr, min_lr;
+    qs_lr_schedule lr_schedule;
+    int warmup_steps;
+    float weight_decay;
+    bool decay_all;        /* false: decay only matrices (not biases, norms, embeddings) */
+    float beta1, beta2, eps;
+    float grad_clip;       /* global-norm clip; 0 = off */
+    uint64_t seed;
+    int eval_interval;     /* 0 = only at the end */
+    int eval_iters;
+    int checkpoint_interval; /* 0 = only at the end */
+    int log_interval;
+    int sample_tokens;     /* written to samples.txt at the end */
+} qs_train_config;
+
+typedef struct qs_data_config {
+    char path[QS_PATH_MAX]; /* text corpus */
+    char tokenizer[16];     /* "char" */
+    float val_fraction;     /* tail of the corpus held out */
+} qs_data_config;
+
+typedef struct qs_config {
+    qs_model_config model;
+    qs_train_config train;
+    qs_data_config data;
+} qs_config;
+
+void qs_config_defaults(qs_config *c);
+/* Applies a JSON document on top of *c. Errors name the key:
+ *   "config.json: unknown key 'model.n_embed'", "model.n_embd: expected an integer". */
+int qs_config_load_file(qs_config *c, const char *path);
+int qs_config_load_string(qs_config *c, const char *json, const char *what);
+/* "section.key=value": value is read as JSON when it parses (3, 1e-3, true, "x"),
+ * else as a bare string (so model.activation=relu works). */
+int qs_config_set(qs_config *c, const char *assignment);
+/* Cross-field checks, e.g. "model.n_embd (100) must be divisible by model.n_head (8)". */
+int qs_config_validate(const qs_config *c);
+/* The whole resolved config as pretty JSON (malloc'd; caller frees). */
+char *qs_config_to_json(const qs_config *c);
+
+#endif
