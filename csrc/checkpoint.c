@@ -1,0 +1,285 @@
+#include "quasar/checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "quasar/error.h"
+#include "quasar/fileio.h"
+
+#define META_CONFIG "quasar.config"
+#define META_VOCAB "quasar.vocab"
+
+static int is_file(const char *p) {
+    struct stat s;
+    return stat(p, &s) == 0 && S_ISREG(s.st_mode);
+}
+
+static int is_dir(const char *p) {
+    struct stat s;
+    return stat(p, &s) == 0 && S_ISDIR(s.st_mode);
+}
+
+/* Removes a folder of plain files (our checkpoint folders are flat). */
+static int remove_flat_dir(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return errno == ENOENT ? 0 : qs_error("cannot open '%s': %s", dir, strerror(errno));
+    struct dirent *e;
+    char p[QS_PATH_MAX * 2];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        unlink(p);
+    }
+    closedir(d);
+    if (rmdir(dir)) return qs_error("cannot remove '%s': %s", dir, strerror(errno));
+    return 0;
+}
+
+static int save_model(const char *path, const qs_config *cfg, const qs_char_vocab *vocab,
+                      qs_gpt *m, const float *host) {
+    int n = qs_gpt_num_params_tensors(m);
+    qs_st_entry *e = calloc((size_t)n, sizeof *e);
+    char *cfg_json = qs_config_to_json(cfg), *vocab_json = qs_vocab_to_json(vocab);
+    int rc = -1;
+    if (!e || !cfg_json || !vocab_json) {
+        qs_error("out of memory writing '%s'", path);
+        goto done;
+    }
+    for (int i = 0; i < n; i++) {
+        const qs_param_info *p = qs_gpt_param_info(m, i);
+        e[i].name = p->name;
+        e[i].dtype = QS_DT_F32;
+        e[i].ndim = p->ndim;
+        for (int d = 0; d < p->ndim; d++) e[i].shape[d] = p->shape[d];
+        e[i].data = host + p->offset;
+    }
+    qs_st_meta meta[3] = {{"format", "pt"}, {META_CONFIG, cfg_json}, {META_VOCAB, vocab_json}};
+    rc = qs_st_write(path, e, n, meta, 3);
+done:
+    free(e);
+    free(cfg_json);
+    free(vocab_json);
+    return rc;
+}
+
+/* host is scratch of o->n floats. */
+static int save_optim(const char *path, const qs_adamw *o, float *host) {
+    float *host_v = malloc(o->n * sizeof(float));
+    if (!host_v) return qs_error("out of memory writing '%s'", path);
+    o->be->download(host, o->m, o->n * sizeof(float));
+    o->be->download(host_v, o->v, o->n * sizeof(float));
+    char t[32];
+    snprintf(t, sizeof t, "%d", o->t);
+    qs_st_entry e[2] = {{.name = "exp_avg", .dtype = QS_DT_F32, .ndim = 1, .shape = {(int64_t)o->n}, .data = host},
+                        {.name = "exp_avg_sq", .dtype = QS_DT_F32, .ndim = 1, .shape = {(int64_t)o->n}, .data = host_v}};
+    qs_st_meta meta[1] = {{"adamw.t", t}};
+    int rc = qs_st_write(path, e, 2, meta, 1);
+    free(host_v);
+    return rc;
+}
+
+static int save_state(const char *path, const qs_train_state *st) {
+    char buf[256];
+    int n = snprintf(buf, sizeof buf,
+                     "{\n  \"step\": %d,\n  \"seed\": %llu,\n  \"tokens_seen\": %lld,\n"
+                     "  \"rng\": \"counter\",\n  \"sampler\": \"random_window\"\n}\n",
+                     st->step, (unsigned long long)st->seed, (long long)st->tokens_seen);
+    return qs_file_write_atomic(path, buf, (size_t)n);
+}
+
+int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_vocab *vocab,
+                       qs_gpt *m, const qs_adamw *opt, const qs_train_state *st) {
+    char ckpt[QS_PATH_MAX + 8], name[32], tmp[QS_PATH_MAX + 64], final[QS_PATH_MAX + 64],
+        old[QS_PATH_MAX + 64], path[QS_PATH_MAX + 96];
+    snprintf(ckpt, sizeof ckpt, "%s/ckpt", run_dir);
+    snprintf(name, sizeof name, "step_%08d", st->step);
+    snprintf(tmp, sizeof tmp, "%s/.tmp-%s", ckpt, name);
+    snprintf(final, sizeof final, "%s/%s", ckpt, name);
+    snprintf(old, sizeof old, "%s/.old-%s", ckpt, name);
+    if (qs_mkdirs(ckpt) || remove_flat_dir(tmp) || qs_mkdirs(tmp)) return -1;
+
+    size_t n = qs_gpt_num_params(m);
+    float *host = malloc(n * sizeof(float));
+    if (!host) return qs_error("out of memory writing a checkpoint");
+    qs_gpt_copy_params(m, host, false);
+    int rc = 0;
+    snprintf(path, sizeof path, "%s/model.safetensors", tmp);
+    rc = save_model(path, cfg, vocab, m, host);
+    if (!rc) {
+        snprintf(path, sizeof path, "%s/optim.safetensors", tmp);
+        rc = save_optim(path, opt, host);
+    }
+    free(host);
+    if (!rc) {
+        snprintf(path, sizeof path, "%s/state.json", tmp);
+        rc = save_state(path, st);
+    }
+    if (rc) return rc;
+    /* Swap the folder in; a same-step folder from an earlier run is replaced. */
+    if (is_dir(final) && (remove_flat_dir(old) || rename(final, old)))
+        return qs_error("cannot replace '%s': %s", final, strerror(errno));
+    if (rename(tmp, final)) return qs_error("cannot rename '%s': %s", tmp, strerror(errno));
+    if (qs_dir_sync(ckpt)) return -1;
+    snprintf(path, sizeof path, "%s/latest", ckpt);
+    char line[40];
+    int len = snprintf(line, sizeof line, "%s\n", name);
+    if (qs_file_write_atomic(path, line, (size_t)len)) return -1;
+    return remove_flat_dir(old);
+}
+
+int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
+    char p[QS_PATH_MAX + 64];
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    if (is_file(p)) {
+        snprintf(step_dir, cap, "%s", dir);
+        return 0;
+    }
+    const char *ckpt_dir = dir;
+    char ckpt[QS_PATH_MAX + 8];
+    snprintf(p, sizeof p, "%s/latest", dir);
+    if (!is_file(p)) {
+        snprintf(ckpt, sizeof ckpt, "%s/ckpt", dir);
+        snprintf(p, sizeof p, "%s/latest", ckpt);
+        ckpt_dir = ckpt;
+        if (!is_file(p)) return qs_error("no checkpoint in '%s' (no model.safetensors, latest or ckpt/latest)", dir);
+    }
+    char *name;
+    size_t n;
+    if (qs_file_read(p, &name, &n)) return -1;
+    while (n && (name[n - 1] == '\n' || name[n - 1] == ' ')) name[--n] = '\0';
+    int bad = n == 0 || strchr(name, '/') || strchr(name, '\n');
+    if (!bad) snprintf(step_dir, cap, "%s/%s", ckpt_dir, name);
+    free(name);
+    if (bad) return qs_error("'%s' does not name a checkpoint folder", p);
+    snprintf(p, sizeof p, "%s/model.safetensors", step_dir);
+    if (!is_file(p)) return qs_error("'%s' names '%s', which holds no model.safetensors", ckpt_dir, step_dir);
+    return 0;
+}
+
+int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg,
+                             qs_char_vocab *vocab) {
+    char path[QS_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/model.safetensors", step_dir);
+    if (qs_st_read(f, path)) return -1;
+    const char *cj = qs_st_meta_get(f, META_CONFIG), *vj = qs_st_meta_get(f, META_VOCAB);
+    qs_config_defaults(cfg);
+    if (!cj || !vj) {
+        qs_st_free(f);
+        return qs_error("%s: not a Quasar checkpoint (metadata lacks %s)", path, !cj ? META_CONFIG : META_VOCAB);
+    }
+    if (qs_config_load_string(cfg, cj, path) || qs_config_validate(cfg) ||
+        qs_vocab_from_json(vocab, vj)) {
+        qs_st_free(f);
+        return qs_error("%s: bad metadata: %s", path, qs_error_last());
+    }
+    if (cfg->model.vocab_size < vocab->size) {
+        qs_st_free(f);
+        return qs_error("%s: model.vocab_size %d is smaller than its vocabulary (%d)", path,
+                        cfg->model.vocab_size, vocab->size);
+    }
+    return 0;
+}
+
+/* The tensor named `name`, which must be F32 with exactly this shape. */
+static const qs_st_tensor *find_f32(const qs_st_file *f, const char *what, const char *name,
+                                    int ndim, const int64_t *shape) {
+    const qs_st_tensor *t = qs_st_find(f, name);
+    if (!t) {
+        qs_error("%s: missing tensor '%s'", what, name);
+        return NULL;
+    }
+    int same = t->dtype == QS_DT_F32 && t->ndim == ndim;
+    for (int d = 0; same && d < ndim; d++) same = t->shape[d] == shape[d];
+    if (!same) {
+        char want[96] = "", got[96] = "";
+        for (int d = 0; d < ndim; d++)
+            snprintf(want + strlen(want), sizeof want - strlen(want), "%s%lld", d ? "," : "", (long long)shape[d]);
+        for (int d = 0; d < t->ndim; d++)
+            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "", (long long)t->shape[d]);
+        qs_error("%s: tensor '%s' is %s [%s], expected F32 [%s]", what, name, qs_dtype_name(t->dtype), got, want);
+        return NULL;
+    }
+    return t;
+}
+
+int qs_checkpoint_load_weights(qs_gpt *m, const qs_st_file *f, const char *what) {
+    int n = qs_gpt_num_params_tensors(m);
+    if (f->n_tensors != n) {
+        for (int i = 0; i < f->n_tensors; i++) {
+            int known = 0;
+            for (int j = 0; j < n && !known; j++) known = !strcmp(f->tensors[i].name, qs_gpt_param_info(m, j)->name);
+            if (!known) return qs_error("%s: unexpected tensor '%s' for this model", what, f->tensors[i].name);
+        }
+    }
+    float *host = malloc(qs_gpt_num_params(m) * sizeof(float));
+    if (!host) return qs_error("out of memory loading '%s'", what);
+    for (int i = 0; i < n; i++) {
+        const qs_param_info *p = qs_gpt_param_info(m, i);
+        const qs_st_tensor *t = find_f32(f, what, p->name, p->ndim, p->shape);
+        if (!t) {
+            free(host);
+            return -1;
+        }
+        memcpy(host + p->offset, t->data, t->nbytes);
+    }
+    qs_gpt_copy_params(m, host, true);
+    free(host);
+    return 0;
+}
+
+static int json_int(const cJSON *root, const char *key, const char *what, double max, double *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > max ||
+        v->valuedouble != (double)(int64_t)v->valuedouble)
+        return qs_error("%s: '%s' must be a non-negative integer", what, key);
+    *out = v->valuedouble;
+    return 0;
+}
+
+int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state *st) {
+    char path[QS_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/state.json", step_dir);
+    char *text;
+    size_t len;
+    if (qs_file_read(path, &text, &len)) return -1;
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    double step = 0, seed = 0, tokens = 0;
+    int rc = !cJSON_IsObject(root) ? qs_error("%s: not a JSON object", path)
+             : json_int(root, "step", path, 2147483647.0, &step) || json_int(root, "seed", path, 9007199254740992.0, &seed) ||
+                     json_int(root, "tokens_seen", path, 9.2e18, &tokens)
+                 ? -1
+                 : 0;
+    cJSON_Delete(root);
+    if (rc) return rc;
+    st->step = (int)step;
+    st->seed = (uint64_t)seed;
+    st->tokens_seen = (int64_t)tokens;
+
+    qs_st_file f;
+    snprintf(path, sizeof path, "%s/optim.safetensors", step_dir);
+    if (qs_st_read(&f, path)) return -1;
+    int64_t shape[1] = {(int64_t)opt->n};
+    const qs_st_tensor *m = find_f32(&f, path, "exp_avg", 1, shape);
+    const qs_st_tensor *v = m ? find_f32(&f, path, "exp_avg_sq", 1, shape) : NULL;
+    const char *t = qs_st_meta_get(&f, "adamw.t");
+    char *end = NULL;
+    long tv = t ? strtol(t, &end, 10) : -1;
+    rc = 0;
+    if (!m || !v) rc = -1;
+    else if (!t || *end || tv < 0 || tv > 2147483647L) rc = qs_error("%s: metadata 'adamw.t' missing or invalid", path);
+    else {
+        opt->be->upload(opt->m, m->data, m->nbytes);
+        opt->be->upload(opt->v, v->data, v->nbytes);
+        opt->t = (int)tv;
+    }
+    qs_st_free(&f);
+    return rc;
+}

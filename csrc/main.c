@@ -1,0 +1,293 @@
+/* quasar: one CLI, subcommands per DESIGN.md. Every failure prints one
+ * "error: ..." line and exits non-zero. */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quasar/checkpoint.h"
+#include "quasar/config.h"
+#include "quasar/error.h"
+#include "quasar/sample.h"
+#include "quasar/train.h"
+
+#define EXIT_USAGE 2
+
+static int fail(void) {
+    fprintf(stderr, "error: %s\n", qs_error_last());
+    return 1;
+}
+
+static int usage_error(const char *fmt, const char *arg) {
+    fprintf(stderr, "error: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, " (see --help)\n");
+    return EXIT_USAGE;
+}
+
+/* ---- option parsing: --flag VALUE pairs, each flag known per command ---- */
+
+typedef enum { OPT_STR, OPT_INT, OPT_FLOAT, OPT_U64, OPT_LIST } opt_kind;
+
+typedef struct opt_spec {
+    const char *flag;
+    opt_kind kind;
+    void *dst;     /* const char **, int *, float *, uint64_t *; OPT_LIST: str_list * */
+    double lo, hi; /* numeric range */
+} opt_spec;
+
+typedef struct str_list {
+    const char *items[64];
+    int n;
+} str_list;
+
+static int parse_value(const opt_spec *o, const char *v) {
+    char *end;
+    errno = 0;
+    switch (o->kind) {
+    case OPT_STR: *(const char **)o->dst = v; return 0;
+    case OPT_LIST: {
+        str_list *l = o->dst;
+        if (l->n == 64) return usage_error("too many %s options", o->flag);
+        l->items[l->n++] = v;
+        return 0;
+    }
+    case OPT_INT:
+    case OPT_U64: {
+        long long x = strtoll(v, &end, 10);
+        if (errno || end == v || *end || x < o->lo || x > o->hi) break;
+        if (o->kind == OPT_INT) *(int *)o->dst = (int)x;
+        else *(uint64_t *)o->dst = (uint64_t)x;
+        return 0;
+    }
+    case OPT_FLOAT: {
+        double x = strtod(v, &end);
+        if (errno || end == v || *end || !(x >= o->lo && x <= o->hi)) break;
+        *(float *)o->dst = (float)x;
+        return 0;
+    }
+    }
+    fprintf(stderr, "error: %s: invalid value '%s' (expected a number in [%g, %g])\n", o->flag, v, o->lo, o->hi);
+    return EXIT_USAGE;
+}
+
+/* Returns 0, or an exit code; *help is set by --help/-h. */
+static int parse_opts(int argc, char **argv, const opt_spec *specs, int n_specs, int *help) {
+    *help = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            *help = 1;
+            return 0;
+        }
+        const opt_spec *o = NULL;
+        for (int j = 0; j < n_specs && !o; j++)
+            if (!strcmp(argv[i], specs[j].flag)) o = &specs[j];
+        if (!o) return usage_error("unknown option '%s'", argv[i]);
+        if (i + 1 >= argc) return usage_error("%s needs a value", argv[i]);
+        int rc = parse_value(o, argv[++i]);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+/* ---- config assembly: base file(s), then --set overrides, then validation ---- */
+
+static int build_config(qs_config *cfg, const char *base_file, const char *config_file, const str_list *sets) {
+    qs_config_defaults(cfg);
+    if (base_file && qs_config_load_file(cfg, base_file)) return -1;
+    if (config_file && qs_config_load_file(cfg, config_file)) return -1;
+    for (int i = 0; i < sets->n; i++)
+        if (qs_config_set(cfg, sets->items[i])) return -1;
+    return qs_config_validate(cfg);
+}
+
+static const char *TRAIN_HELP =
+    "usage: quasar train --config FILE [--set key=value]... [--out DIR] [--resume DIR]\n"
+    "                    [--device cpu|cuda] [--until STEP]\n"
+    "  --config FILE   JSON config (sections model, train, data); optional with --resume\n"
+    "  --set k=v       override a key, e.g. --set train.lr=3e-4 (repeatable)\n"
+    "  --out DIR       run folder (default runs/default)\n"
+    "  --resume DIR    continue the run in DIR from its latest checkpoint\n"
+    "  --device D      cpu (default) or cuda\n"
+    "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
+
+static int check_device(const char *device) {
+    if (!strcmp(device, "cpu")) return 0;
+    if (!strcmp(device, "cuda"))
+        return qs_error("--device cuda: this build trains on the CPU only; the CUDA training backend "
+                        "is not part of it yet");
+    return qs_error("--device: expected cpu or cuda, got '%s'", device);
+}
+
+static int cmd_train(int argc, char **argv) {
+    const char *config = NULL, *out = NULL, *resume = NULL, *device = "cpu";
+    int until = 0, help;
+    str_list sets = {0};
+    opt_spec specs[] = {
+        {"--config", OPT_STR, &config, 0, 0}, {"--set", OPT_LIST, &sets, 0, 0},
+        {"--out", OPT_STR, &out, 0, 0},       {"--resume", OPT_STR, &resume, 0, 0},
+        {"--device", OPT_STR, &device, 0, 0}, {"--until", OPT_INT, &until, 1, INT_MAX},
+    };
+    int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
+    if (rc || help) {
+        if (help) fputs(TRAIN_HELP, stdout);
+        return rc;
+    }
+    if (!config && !resume) return usage_error("%s", "train needs --config FILE (or --resume DIR)");
+    if (resume && out && strcmp(resume, out)) return usage_error("%s", "--resume DIR continues in DIR; drop --out");
+    if (check_device(device)) return fail();
+    char base[QS_PATH_MAX + 16];
+    if (resume) snprintf(base, sizeof base, "%s/config.json", resume);
+    qs_config cfg;
+    if (build_config(&cfg, resume ? base : NULL, config, &sets)) return fail();
+    qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/default",
+                            .resume = resume != NULL, .until_step = until};
+    return qs_train(&cfg, &opt) ? fail() : 0;
+}
+
+/* ---- loading a trained model ---- */
+
+typedef struct loaded_model {
+    qs_config cfg;
+    qs_char_vocab vocab;
+    qs_gpt *m;
+    int step;
+    char step_dir[QS_PATH_MAX + 64];
+} loaded_model;
+
+static int micro_batch(const qs_config *c) {
+    return c->train.micro_batch_size > 0 ? c->train.micro_batch_size : c->train.batch_size;
+}
+
+/* Opens the checkpoint in dir, applies --config/--set overrides to everything but the
+ * architecture, and builds the model for micro-batches of max_B (0 = the config's). */
+static int load_model(loaded_model *lm, const char *dir, const char *config, const str_list *sets, int max_B) {
+    qs_st_file f;
+    if (qs_checkpoint_find(dir, lm->step_dir, sizeof lm->step_dir) ||
+        qs_checkpoint_open_model(&f, lm->step_dir, &lm->cfg, &lm->vocab))
+        return -1;
+    qs_model_config arch = lm->cfg.model;
+    int rc = config ? qs_config_load_file(&lm->cfg, config) : 0;
+    for (int i = 0; !rc && sets && i < sets->n; i++) rc = qs_config_set(&lm->cfg, sets->items[i]);
+    lm->cfg.model = arch;
+    if (!rc) rc = qs_config_validate(&lm->cfg);
+    if (!rc) rc = qs_gpt_create(&lm->m, &arch, qs_backend_cpu(), max_B ? max_B : micro_batch(&lm->cfg), arch.seq_len);
+    if (!rc) rc = qs_checkpoint_load_weights(lm->m, &f, lm->step_dir);
+    qs_st_free(&f);
+    const char *base = strrchr(lm->step_dir, '/');
+    lm->step = base && !strncmp(base + 1, "step_", 5) ? atoi(base + 6) : -1;
+    return rc;
+}
+
+static const char *GENERATE_HELP =
+    "usage: quasar generate --model CKPT_DIR [--prompt TEXT] [--max-tokens N]\n"
+    "                       [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
+    "  --model DIR     a run folder, its ckpt/ folder or one checkpoint folder\n"
+    "  --prompt TEXT   text to continue (default: a newline)\n"
+    "  --max-tokens N  tokens to generate (default 500)\n"
+    "  --temperature T 0 = greedy (default 1.0); --top-k K (0 = all); --top-p P (1 = all)\n"
+    "  --seed S        sampling seed (default 1337)\n";
+
+static void emit_stdout(int token, void *user) {
+    const qs_char_vocab *v = user;
+    fputc(v->bytes[token], stdout);
+    fflush(stdout);
+}
+
+static int cmd_generate(int argc, char **argv) {
+    const char *model = NULL, *prompt = "\n", *adapter = NULL;
+    int max_tokens = 500, help;
+    qs_sample_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = 1337};
+    opt_spec specs[] = {
+        {"--model", OPT_STR, &model, 0, 0},
+        {"--adapter", OPT_STR, &adapter, 0, 0},
+        {"--prompt", OPT_STR, &prompt, 0, 0},
+        {"--max-tokens", OPT_INT, &max_tokens, 0, 1 << 24},
+        {"--temperature", OPT_FLOAT, &sp.temperature, 0, 100},
+        {"--top-k", OPT_INT, &sp.top_k, 0, INT_MAX},
+        {"--top-p", OPT_FLOAT, &sp.top_p, 1e-6, 1},
+        {"--seed", OPT_U64, &sp.seed, 0, 9007199254740992.0},
+    };
+    int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
+    if (rc || help) {
+        if (help) fputs(GENERATE_HELP, stdout);
+        return rc;
+    }
+    if (!model) return usage_error("%s", "generate needs --model CKPT_DIR");
+    if (adapter) return usage_error("%s", "--adapter: LoRA adapters are not supported by this build yet");
+    if (!*prompt) return usage_error("%s", "--prompt must not be empty");
+    loaded_model lm = {0};
+    if (load_model(&lm, model, NULL, NULL, 1)) {
+        qs_gpt_free(lm.m);
+        return fail();
+    }
+    size_t n = strlen(prompt);
+    int *ctx = malloc((n + (size_t)max_tokens) * sizeof(int));
+    rc = !ctx ? qs_error("out of memory")
+         : qs_vocab_encode(&lm.vocab, (const unsigned char *)prompt, n, ctx)
+             ? qs_error("--prompt: %s", qs_error_last())
+             : 0;
+    if (!rc) {
+        fputs(prompt, stdout);
+        rc = qs_generate(lm.m, ctx, (int)n, max_tokens, &sp, emit_stdout, &lm.vocab);
+        fputc('\n', stdout);
+    }
+    free(ctx);
+    qs_gpt_free(lm.m);
+    return rc ? fail() : 0;
+}
+
+static const char *EVAL_HELP =
+    "usage: quasar eval --model CKPT_DIR [--config FILE] [--set key=value]...\n"
+    "  Prints {\"step\", \"val_loss\", \"eval_iters\", \"tokens\"} as JSON on stdout. The data and\n"
+    "  train.eval_iters come from the checkpoint's config unless --config/--set change them.\n";
+
+static int cmd_eval(int argc, char **argv) {
+    const char *model = NULL, *config = NULL;
+    str_list sets = {0};
+    int help;
+    opt_spec specs[] = {{"--model", OPT_STR, &model, 0, 0}, {"--config", OPT_STR, &config, 0, 0},
+                        {"--set", OPT_LIST, &sets, 0, 0}};
+    int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
+    if (rc || help) {
+        if (help) fputs(EVAL_HELP, stdout);
+        return rc;
+    }
+    if (!model) return usage_error("%s", "eval needs --model CKPT_DIR");
+    loaded_model lm = {0};
+    qs_dataset data = {0};
+    rc = load_model(&lm, model, config, &sets, 0) ||
+         qs_dataset_load(&data, &lm.vocab, &lm.cfg.data, lm.cfg.model.seq_len);
+    if (!rc) {
+        const qs_config *c = &lm.cfg;
+        double vl = qs_evaluate(lm.m, &data, c, c->train.eval_iters);
+        printf("{\"step\": %d, \"val_loss\": %.6f, \"eval_iters\": %d, \"tokens\": %lld}\n", lm.step, vl,
+               c->train.eval_iters, (long long)c->train.eval_iters * micro_batch(c) * c->model.seq_len);
+    }
+    qs_dataset_free(&data);
+    qs_gpt_free(lm.m);
+    return rc ? fail() : 0;
+}
+
+static const char *MAIN_HELP =
+    "usage: quasar <command> [options]   (quasar <command> --help for details)\n"
+    "  train      train a model from a JSON config\n"
+    "  generate   sample text from a checkpoint\n"
+    "  eval       validation loss of a checkpoint, as JSON\n";
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fputs(MAIN_HELP, stderr);
+        return EXIT_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
+        fputs(MAIN_HELP, stdout);
+        return 0;
+    }
+    if (!strcmp(cmd, "train")) return cmd_train(argc - 2, argv + 2);
+    if (!strcmp(cmd, "generate")) return cmd_generate(argc - 2, argv + 2);
+    if (!strcmp(cmd, "eval")) return cmd_eval(argc - 2, argv + 2);
+    return usage_error("unknown command '%s'", cmd);
+}

@@ -1,0 +1,657 @@
+/* GPT forward/backward over qs_ops. Pre-LayerNorm blocks:
+ *   x = x + drop(proj(attn(ln_1(x))));  x = x + drop(ffn(ln_2(x)))
+ * where ffn is Linear-act-Linear or a sparse MoE of such experts. */
+#include "quasar/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quasar/error.h"
+#include "quasar/rng.h"
+
+/* Indices into the parameter table; -1 where the config has no such tensor. */
+typedef struct layer_params {
+    int ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b;
+    int fc_w, fc_b, fcproj_w, fcproj_b; /* dense, or [E, ...] stacked experts */
+    int router_w, router_b, noise_w, noise_b;
+} layer_params;
+
+/* Saved forward activations of one block. */
+typedef struct layer_acts {
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *attproj, *res_mid;
+    float *ln2, *ln2_mean, *ln2_rstd;
+    float *fch, *fch_act;             /* dense: [N,F]; MoE: packed [N*K,F] */
+    float *ffout;                     /* [N,C] */
+    float *rlogit, *nlogit, *hlogit;  /* MoE router: clean, noise, noisy [N,E] */
+    float *route_logits;              /* the logits routing used (hlogit or rlogit) */
+    float *gate, *xe, *ye;            /* [N*K], packed [N*K,C] x2 */
+    int *idx, *slot;                  /* [N*K] */
+    int *counts, *offsets, *routed;   /* host [E], [E+1], [E] */
+} layer_acts;
+
+struct qs_gpt {
+    qs_model_config cfg;
+    const qs_backend *be;
+    int max_B, max_T;
+    int V, C, L, NH, F, E, K;
+
+    qs_param_info *pinfo;
+    int n_pinfo, cap_pinfo;
+    size_t n_params;
+    int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
+    layer_params *lp;
+    float *params, *grads;
+
+    /* activations */
+    float *act_mem;
+    size_t act_floats;
+    int *int_mem;
+    float **res; /* [L+1] residual stream [N,C] */
+    layer_acts *la;
+    float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses;
+    int *tok, *tgt;
+    /* backward scratch */
+    float *dres, *dln, *dbranch, *datty, *dqkv, *dlogits;
+    float *dF1, *dF2;        /* [max(N, N*K), F] */
+    float *dxe, *dye, *dgate; /* MoE packed */
+    float *dh, *dclean, *dnoise;
+
+    /* last forward */
+    int B, T, n_valid;
+    qs_forward_mode mode;
+    bool noisy_used;
+    float *host_losses;
+    int *host_tgt;
+    int *routing; /* host [L][N*K] */
+    qs_moe_stats stats;
+};
+
+/* ---- parameter table ---- */
+
+static int add_param(qs_gpt *m, const char *name, int ndim, const int64_t *shape,
+                     qs_param_role role, int fan_in, int fan_out, bool residual_proj) {
+    if (m->n_pinfo == m->cap_pinfo) {
+        m->cap_pinfo = m->cap_pinfo ? 2 * m->cap_pinfo : 64;
+        m->pinfo = realloc(m->pinfo, (size_t)m->cap_pinfo * sizeof *m->pinfo);
+        if (!m->pinfo) {
+            fprintf(stderr, "error: out of memory\n");
+            exit(1);
+        }
+    }
+    qs_param_info *p = &m->pinfo[m->n_pinfo];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = ndim;
+    p->numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        p->shape[i] = shape[i];
+        p->numel *= (size_t)shape[i];
+    }
+    p->offset = m->n_params;
+    p->role = role;
+    p->fan_in = fan_in;
+    p->fan_out = fan_out;
+    p->residual_proj = residual_proj;
+    m->n_params += p->numel;
+    return m->n_pinfo++;
+}
+
+/* A linear layer [in, out] (optionally stacked over n_stack experts) plus its bias. */
+static void add_linear(qs_gpt *m, const char *prefix, int n_stack, int in, int out,
+                       bool bias, bool residual_proj, int *w, int *b) {
+    char name[QS_PARAM_NAME_MAX];
+    int64_t ws[3], bs[2];
+    int wd = 0, bd = 0;
+    if (n_stack > 0) {
+        ws[wd++] = n_stack;
+        bs[bd++] = n_stack;
+    }
+    ws[wd++] = in;
+    ws[wd++] = out;
+    bs[bd++] = out;
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    *w = add_param(m, name, wd, ws, QS_ROLE_WEIGHT, in, out, residual_proj);
+    *b = -1;
+    if (bias) {
+        snprintf(name, sizeof name, "%s.bias", prefix);
+        *b = add_param(m, name, bd, bs, QS_ROLE_BIAS, in, out, false);
+    }
+}
+
+static void add_layernorm(qs_gpt *m, const char *prefix, int *w, int *b) {
+    char name[QS_PARAM_NAME_MAX];
+    int64_t s[1] = {m->C};
+    snprintf(name, sizeof name, "%s.weight", prefix);
+    *w = add_param(m, name, 1, s, QS_ROLE_NORM_WEIGHT, 0, 0, false);
+    snprintf(name, sizeof name, "%s.bias", prefix);
+    *b = add_param(m, name, 1, s, QS_ROLE_NORM_BIAS, 0, 0, false);
+}
+
+static void build_param_table(qs_gpt *m) {
+    const qs_model_config *c = &m->cfg;
+    char pre[64];
+    int64_t s[2] = {m->V, m->C};
+    m->wte = add_param(m, "wte.weight", 2, s, QS_ROLE_EMBEDDING, m->C, m->V, false);
+    s[0] = c->seq_len;
+    m->wpe = add_param(m, "wpe.weight", 2, s, QS_ROLE_EMBEDDING, m->C, c->seq_len, false);
+    for (int l = 0; l < m->L; l++) {
+        layer_params *p = &m->lp[l];
+        snprintf(pre, sizeof pre, "h.%d.ln_1", l);
+        add_layernorm(m, pre, &p->ln1_w, &p->ln1_b);
+        snprintf(pre, sizeof pre, "h.%d.attn.c_attn", l);
+        add_linear(m, pre, 0, m->C, 3 * m->C, c->bias, false, &p->qkv_w, &p->qkv_b);
+        snprintf(pre, sizeof pre, "h.%d.attn.c_proj", l);
+        add_linear(m, pre, 0, m->C, m->C, c->bias, true, &p->proj_w, &p->proj_b);
+        snprintf(pre, sizeof pre, "h.%d.ln_2", l);
+        add_layernorm(m, pre, &p->ln2_w, &p->ln2_b);
+        p->router_w = p->router_b = p->noise_w = p->noise_b = -1;
+        if (m->E > 0) {
+            /* The router's biases are part of the gating formula, so always present. */
+            snprintf(pre, sizeof pre, "h.%d.mlp.router", l);
+            add_linear(m, pre, 0, m->C, m->E, true, false, &p->router_w, &p->router_b);
+            if (c->moe.gating == QS_GATING_NOISY_TOPK) {
+                snprintf(pre, sizeof pre, "h.%d.mlp.noise", l);
+                add_linear(m, pre, 0, m->C, m->E, true, false, &p->noise_w, &p->noise_b);
+            }
+            snprintf(pre, sizeof pre, "h.%d.mlp.experts.c_fc", l);
+            add_linear(m, pre, m->E, m->C, m->F, c->bias, false, &p->fc_w, &p->fc_b);
+            snprintf(pre, sizeof pre, "h.%d.mlp.experts.c_proj", l);
+            add_linear(m, pre, m->E, m->F, m->C, c->bias, true, &p->fcproj_w, &p->fcproj_b);
+        } else {
+            snprintf(pre, sizeof pre, "h.%d.mlp.c_fc", l);
+            add_linear(m, pre, 0, m->C, m->F, c->bias, false, &p->fc_w, &p->fc_b);
+            snprintf(pre, sizeof pre, "h.%d.mlp.c_proj", l);
+            add_linear(m, pre, 0, m->F, m->C, c->bias, true, &p->fcproj_w, &p->fcproj_b);
+        }
+    }
+    add_layernorm(m, "ln_f", &m->lnf_w, &m->lnf_b);
+    if (c->tie_embeddings) {
+        m->lm_head = m->wte;
+    } else {
+        s[0] = m->V;
+        s[1] = m->C;
+        m->lm_head = add_param(m, "lm_head.weight", 2, s, QS_ROLE_WEIGHT, m->C, m->V, false);
+    }
+}
+
+static float *P(const qs_gpt *m, int idx) { return idx < 0 ? NULL : m->params + m->pinfo[idx].offset; }
+static float *G(const qs_gpt *m, int idx) { return idx < 0 ? NULL : m->grads + m->pinfo[idx].offset; }
+
+/* ---- activation plan ----
+ * Two passes over the same carving code: the first counts, the second assigns. */
+
+typedef struct plan {
+    float *fbase;
+    int *ibase;
+    size_t nf, ni;
+} plan;
+
+static float *take_f(plan *p, size_t n) {
+    float *r = p->fbase ? p->fbase + p->nf : NULL;
+    p->nf += (n + 15) & ~(size_t)15; /* 64-byte aligned pieces */
+    return r;
+}
+
+static int *take_i(plan *p, size_t n) {
+    int *r = p->ibase ? p->ibase + p->ni : NULL;
+    p->ni += (n + 15) & ~(size_t)15;
+    return r;
+}
+
+static void carve(qs_gpt *m, plan *p) {
+    size_t N = (size_t)m->max_B * m->max_T, C = m->C, F = m->F, E = m->E, K = m->K;
+    size_t NK = m->E > 0 ? N * K : N;
+    for (int l = 0; l <= m->L; l++) m->res[l] = take_f(p, N * C);
+    for (int l = 0; l < m->L; l++) {
+        layer_acts *a = &m->la[l];
+        a->ln1 = take_f(p, N * C);
+        a->ln1_mean = take_f(p, N);
+        a->ln1_rstd = take_f(p, N);
+        a->qkv = take_f(p, N * 3 * C);
+        a->att = take_f(p, (size_t)m->max_B * m->NH * m->max_T * m->max_T);
+        a->atty = take_f(p, N * C);
+        a->attproj = take_f(p, N * C);
+        a->res_mid = take_f(p, N * C);
+        a->ln2 = take_f(p, N * C);
+        a->ln2_mean = take_f(p, N);
+        a->ln2_rstd = take_f(p, N);
+        a->fch = take_f(p, NK * F);
+        a->fch_act = take_f(p, NK * F);
+        a->ffout = take_f(p, N * C);
+        if (m->E > 0) {
+            a->rlogit = take_f(p, N * E);
+            a->nlogit = take_f(p, N * E);
+            a->hlogit = take_f(p, N * E);
+            a->gate = take_f(p, NK);
+            a->xe = take_f(p, NK * C);
+            a->ye = take_f(p, NK * C);
+            a->idx = take_i(p, NK);
+            a->slot = take_i(p, NK);
+        }
+    }
+    m->lnf = take_f(p, N * C);
+    m->lnf_mean = take_f(p, N);
+    m->lnf_rstd = take_f(p, N);
+    m->logits = take_f(p, N * m->V);
+    m->losses = take_f(p, N);
+    m->tok = take_i(p, N);
+    m->tgt = take_i(p, N);
+    m->dres = take_f(p, N * C);
+    m->dln = take_f(p, N * C);
+    m->dbranch = take_f(p, N * C);
+    m->datty = take_f(p, N * C);
+    m->dqkv = take_f(p, N * 3 * C);
+    m->dlogits = take_f(p, N * m->V);
+    m->dF1 = take_f(p, NK * F);
+    m->dF2 = take_f(p, NK * F);
+    if (m->E > 0) {
+        m->dxe = take_f(p, NK * C);
+        m->dye = take_f(p, NK * C);
+        m->dgate = take_f(p, NK);
+        m->dh = take_f(p, N * E);
+        m->dclean = take_f(p, N * E);
+        m->dnoise = take_f(p, N * E);
+    }
+}
+
+int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
+                  int max_T) {
+    *out = NULL;
+    if (cfg->vocab_size < 1) return qs_error("model.vocab_size must be set (got %d)", cfg->vocab_size);
+    if (max_T < 1 || max_T > cfg->seq_len)
+        return qs_error("sequence length %d is outside [1, model.seq_len=%d]", max_T, cfg->seq_len);
+    if (max_B < 1) return qs_error("micro-batch size must be >= 1 (got %d)", max_B);
+    qs_gpt *m = calloc(1, sizeof *m);
+    if (!m) return qs_error("out of memory");
+    m->cfg = *cfg;
+    m->be = be;
+    m->max_B = max_B;
+    m->max_T = max_T;
+    m->V = cfg->vocab_size;
+    m->C = cfg->n_embd;
+    m->L = cfg->n_layer;
+    m->NH = cfg->n_head;
+    m->F = cfg->ffn_mult * cfg->n_embd;
+    m->E = cfg->moe.n_experts;
+    m->K = m->E > 0 ? cfg->moe.top_k : 1;
+    m->lp = calloc((size_t)m->L, sizeof *m->lp);
+    m->la = calloc((size_t)m->L, sizeof *m->la);
+    m->res = calloc((size_t)m->L + 1, sizeof *m->res);
+    size_t N = (size_t)max_B * max_T;
+    m->host_losses = malloc(N * sizeof(float));
+    m->host_tgt = malloc(N * sizeof(int));
+    if (!m->lp || !m->la || !m->res || !m->host_losses || !m->host_tgt) goto oom;
+    if (m->E > 0) {
+        m->routing = malloc((size_t)m->L * N * m->K * sizeof(int));
+        m->stats.expert_tokens = calloc((size_t)m->E, sizeof(int64_t));
+        if (!m->routing || !m->stats.expert_tokens) goto oom;
+        for (int l = 0; l < m->L; l++) {
+            layer_acts *a = &m->la[l];
+            a->counts = calloc((size_t)m->E, sizeof(int));
+            a->offsets = calloc((size_t)m->E + 1, sizeof(int));
+            a->routed = calloc((size_t)m->E, sizeof(int));
+            if (!a->counts || !a->offsets || !a->routed) goto oom;
+        }
+    }
+    build_param_table(m);
+
+    plan p = {0};
+    carve(m, &p);
+    m->act_floats = p.nf;
+    m->params = be->alloc(m->n_params * sizeof(float));
+    m->grads = be->alloc(m->n_params * sizeof(float));
+    m->act_mem = be->alloc(p.nf * sizeof(float));
+    m->int_mem = be->alloc(p.ni * sizeof(int));
+    if (!m->params || !m->grads || !m->act_mem || !m->int_mem) {
+        size_t need = (2 * m->n_params + p.nf) * sizeof(float) + p.ni * sizeof(int);
+        qs_gpt_free(m);
+        return qs_error("cannot allocate the model: %.1f MiB needed for parameters, gradients "
+                        "and activations", need / 1048576.0);
+    }
+    plan q = {.fbase = m->act_mem, .ibase = m->int_mem};
+    carve(m, &q);
+    *out = m;
+    return 0;
+oom:
+    qs_gpt_free(m);
+    return qs_error("out of memory creating the model");
+}
+
+void qs_gpt_free(qs_gpt *m) {
+    if (!m) return;
+    const qs_backend *be = m->be;
+    be->free(m->params);
+    be->free(m->grads);
+    be->free(m->act_mem);
+    be->free(m->int_mem);
+    if (m->la)
+        for (int l = 0; l < m->L; l++) {
+            free(m->la[l].counts);
+            free(m->la[l].offsets);
+            free(m->la[l].routed);
+        }
+    free(m->la);
+    free(m->lp);
+    free(m->res);
+    free(m->pinfo);
+    free(m->host_losses);
+    free(m->host_tgt);
+    free(m->routing);
+    free(m->stats.expert_tokens);
+    free(m);
+}
+
+/* ---- init ---- */
+
+static float init_std(const qs_gpt *m, const qs_param_info *p) {
+    const qs_model_config *c = &m->cfg;
+    if (p->role == QS_ROLE_EMBEDDING) return c->init_std;
+    switch (c->init) {
+    case QS_INIT_KAIMING: return sqrtf(2.0f / (float)p->fan_in);
+    case QS_INIT_XAVIER: return sqrtf(2.0f / (float)(p->fan_in + p->fan_out));
+    case QS_INIT_NORMAL: break;
+    }
+    /* GPT-2: scale projections into the residual stream by depth. */
+    return p->residual_proj ? c->init_std / sqrtf(2.0f * (float)m->L) : c->init_std;
+}
+
+void qs_gpt_init(qs_gpt *m, uint64_t seed) {
+    float *host = malloc(m->n_params * sizeof(float));
+    if (!host) {
+        fprintf(stderr, "error: out of memory initialising %zu parameters\n", m->n_params);
+        exit(1);
+    }
+    for (int i = 0; i < m->n_pinfo; i++) {
+        const qs_param_info *p = &m->pinfo[i];
+        float *w = host + p->offset;
+        if (p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING) {
+            float std = init_std(m, p);
+            for (size_t j = 0; j < p->numel; j++) w[j] = std * qs_rng_normal(seed, (uint64_t)i, j);
+        } else {
+            float v = p->role == QS_ROLE_NORM_WEIGHT ? 1.0f : 0.0f;
+            for (size_t j = 0; j < p->numel; j++) w[j] = v;
+        }
+    }
+    qs_gpt_copy_params(m, host, true);
+    free(host);
+}
+
+/* ---- accessors ---- */
+
+const qs_model_config *qs_gpt_config(const qs_gpt *m) { return &m->cfg; }
+int qs_gpt_num_params_tensors(const qs_gpt *m) { return m->n_pinfo; }
+const qs_param_info *qs_gpt_param_info(const qs_gpt *m, int i) { return &m->pinfo[i]; }
+size_t qs_gpt_num_params(const qs_gpt *m) { return m->n_params; }
+float *qs_gpt_params(qs_gpt *m) { return m->params; }
+float *qs_gpt_grads(qs_gpt *m) { return m->grads; }
+size_t qs_gpt_activation_bytes(const qs_gpt *m) { return m->act_floats * sizeof(float); }
+void qs_gpt_copy_params(qs_gpt *m, float *host, bool to_backend) {
+    if (to_backend) m->be->upload(m->params, host, m->n_params * sizeof(float));
+    else m->be->download(host, m->params, m->n_params * sizeof(float));
+}
+const float *qs_gpt_logits(const qs_gpt *m) { return m->logits; }
+void qs_gpt_logits_row(const qs_gpt *m, int row, float *out) {
+    m->be->download(out, m->logits + (size_t)row * m->V, (size_t)m->V * sizeof(float));
+}
+const qs_moe_stats *qs_gpt_moe_stats(const qs_gpt *m) { return &m->stats; }
+const int *qs_gpt_moe_routing(const qs_gpt *m) { return m->routing; }
+
+void qs_gpt_moe_stats_reset(qs_gpt *m) {
+    if (m->E > 0) memset(m->stats.expert_tokens, 0, (size_t)m->E * sizeof(int64_t));
+    m->stats.kept = m->stats.dropped = 0;
+}
+
+void qs_gpt_zero_grad(qs_gpt *m) { m->be->zero(m->grads, m->n_params * sizeof(float)); }
+
+/* ---- forward ---- */
+
+/* Random streams: one per (layer, site) so masks never repeat within a pass. */
+enum { SITE_ATTN = 0, SITE_FFN = 1, SITE_NOISE = 2, SITE_EMBED = 3, N_SITES = 4 };
+static uint64_t stream_of(int layer, int site) { return (uint64_t)layer * N_SITES + (uint64_t)site; }
+
+static bool dropout_on(const qs_gpt *m) { return m->mode.train && m->cfg.dropout > 0.0f; }
+
+static void drop_forward(qs_gpt *m, float *x, size_t n, int layer, int site) {
+    if (dropout_on(m))
+        m->be->ops->dropout_forward(x, x, m->cfg.dropout, m->mode.rng_seed, stream_of(layer, site), n);
+}
+
+/* Gradient through a dropout site: dres itself when dropout is off, else the masked
+ * copy in the dbranch scratch. */
+static const float *drop_backward(qs_gpt *m, const float *dres, size_t n, int layer, int site) {
+    if (!dropout_on(m)) return dres;
+    m->be->zero(m->dbranch, n * sizeof(float));
+    m->be->ops->dropout_backward(m->dbranch, dres, m->cfg.dropout, m->mode.rng_seed,
+                                 stream_of(layer, site), n);
+    return m->dbranch;
+}
+
+static void act_forward(const qs_gpt *m, float *out, const float *in, size_t n) {
+    if (m->cfg.activation == QS_ACT_GELU) m->be->ops->gelu_forward(out, in, n);
+    else m->be->ops->relu_forward(out, in, n);
+}
+
+static void act_backward(const qs_gpt *m, float *din, const float *in, const float *dout, size_t n) {
+    if (m->cfg.activation == QS_ACT_GELU) m->be->ops->gelu_backward(din, in, dout, n);
+    else m->be->ops->relu_backward(din, in, dout, n);
+}
+
+/* Expert e's slice of a stacked [E, a, b] tensor (NULL stays NULL). */
+static float *expert_slice(float *base, int e, size_t a, size_t b) {
+    return base ? base + (size_t)e * a * b : NULL;
+}
+
+static void moe_forward(qs_gpt *m, int l, int N) {
+    const qs_ops *ops = m->be->ops;
+    const layer_params *p = &m->lp[l];
+    layer_acts *a = &m->la[l];
+    int C = m->C, F = m->F, E = m->E, K = m->K;
+    ops->matmul_forward(a->rlogit, a->ln2, P(m, p->router_w), P(m, p->router_b), N, C, E, QS_W_IN_OUT);
+    a->route_logits = a->rlogit;
+    if (m->noisy_used) {
+        ops->matmul_forward(a->nlogit, a->ln2, P(m, p->noise_w), P(m, p->noise_b), N, C, E, QS_W_IN_OUT);
+        ops->noisy_gate_forward(a->hlogit, a->rlogit, a->nlogit, m->mode.rng_seed,
+                                stream_of(l, SITE_NOISE), (size_t)N * E);
+        a->route_logits = a->hlogit;
+    }
+    ops->moe_topk_forward(a->idx, a->gate, a->route_logits, N, E, K);
+    int capacity = 0;
+    if (m->cfg.moe.capacity_factor > 0.0f)
+        capacity = (int)ceil((double)m->cfg.moe.capacity_factor * N * K / E);
+    int dropped = ops->moe_assign(a->slot, a->counts, a->offsets, a->routed, a->idx, N, E, K, capacity);
+    float balance, z;
+    ops->moe_balance_forward(&balance, &z, a->route_logits, a->routed, N, E, K);
+    m->stats.balance += balance;
+    m->stats.z += z;
+    m->stats.dropped += dropped;
+    for (int e = 0; e < E; e++) {
+        m->stats.expert_tokens[e] += a->counts[e];
+        m->stats.kept += a->counts[e];
+    }
+    m->be->download(m->routing + (size_t)l * N * K, a->idx, (size_t)N * K * sizeof(int));
+
+    ops->moe_dispatch_forward(a->xe, a->ln2, a->slot, N, K, C);
+    for (int e = 0; e < E; e++) {
+        int n = a->counts[e];
+        if (n == 0) continue;
+        size_t r0 = (size_t)a->offsets[e];
+        ops->matmul_forward(a->fch + r0 * F, a->xe + r0 * C, expert_slice(P(m, p->fc_w), e, C, F),
+                            expert_slice(P(m, p->fc_b), e, 1, F), n, C, F, QS_W_IN_OUT);
+        act_forward(m, a->fch_act + r0 * F, a->fch + r0 * F, (size_t)n * F);
+        ops->matmul_forward(a->ye + r0 * C, a->fch_act + r0 * F,
+                            expert_slice(P(m, p->fcproj_w), e, F, C),
+                            expert_slice(P(m, p->fcproj_b), e, 1, C), n, F, C, QS_W_IN_OUT);
+    }
+    ops->moe_combine_forward(a->ffout, a->ye, a->gate, a->slot, N, K, C);
+}
+
+static void dense_ffn_forward(qs_gpt *m, int l, int N) {
+    const qs_ops *ops = m->be->ops;
+    const layer_params *p = &m->lp[l];
+    layer_acts *a = &m->la[l];
+    ops->matmul_forward(a->fch, a->ln2, P(m, p->fc_w), P(m, p->fc_b), N, m->C, m->F, QS_W_IN_OUT);
+    act_forward(m, a->fch_act, a->fch, (size_t)N * m->F);
+    ops->matmul_forward(a->ffout, a->fch_act, P(m, p->fcproj_w), P(m, p->fcproj_b), N, m->F, m->C,
+                        QS_W_IN_OUT);
+}
+
+static qs_weight_layout lm_head_layout(void) { return QS_W_OUT_IN; /* [V, C], as wte */ }
+
+double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
+                      const qs_forward_mode *mode) {
+    const qs_ops *ops = m->be->ops;
+    int N = B * T, C = m->C;
+    size_t NC = (size_t)N * C;
+    m->B = B;
+    m->T = T;
+    m->mode = *mode;
+    m->noisy_used = m->E > 0 && mode->train && m->cfg.moe.gating == QS_GATING_NOISY_TOPK;
+    m->stats.balance = m->stats.z = 0.0;
+    m->be->upload(m->tok, tokens, (size_t)N * sizeof(int));
+
+    ops->embed_forward(m->res[0], m->tok, P(m, m->wte), P(m, m->wpe), B, T, C);
+    drop_forward(m, m->res[0], NC, m->L, SITE_EMBED);
+    for (int l = 0; l < m->L; l++) {
+        const layer_params *p = &m->lp[l];
+        layer_acts *a = &m->la[l];
+        ops->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], P(m, p->ln1_w),
+                               P(m, p->ln1_b), N, C);
+        ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, 3 * C, QS_W_IN_OUT);
+        ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
+        ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
+        drop_forward(m, a->attproj, NC, l, SITE_ATTN);
+        ops->add_forward(a->res_mid, m->res[l], a->attproj, NC);
+        ops->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, P(m, p->ln2_w),
+                               P(m, p->ln2_b), N, C);
+        if (m->E > 0) moe_forward(m, l, N);
+        else dense_ffn_forward(m, l, N);
+        drop_forward(m, a->ffout, NC, l, SITE_FFN);
+        ops->add_forward(m->res[l + 1], a->res_mid, a->ffout, NC);
+    }
+    ops->layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->res[m->L], P(m, m->lnf_w),
+                           P(m, m->lnf_b), N, C);
+    ops->matmul_forward(m->logits, m->lnf, P(m, m->lm_head), NULL, N, C, m->V, lm_head_layout());
+
+    m->n_valid = 0;
+    if (!targets) return 0.0;
+    memcpy(m->host_tgt, targets, (size_t)N * sizeof(int));
+    m->be->upload(m->tgt, targets, (size_t)N * sizeof(int));
+    ops->xent_forward(m->losses, m->logits, m->tgt, N, m->V);
+    m->be->download(m->host_losses, m->losses, (size_t)N * sizeof(float));
+    double sum = 0.0;
+    for (int i = 0; i < N; i++) {
+        if (targets[i] < 0) continue;
+        sum += m->host_losses[i];
+        m->n_valid++;
+    }
+    return m->n_valid ? sum / m->n_valid : 0.0;
+}
+
+/* ---- backward ---- */
+
+static void zero_f(const qs_gpt *m, float *p, size_t n) { m->be->zero(p, n * sizeof(float)); }
+
+/* dln += d(ffn)/d(ln_2 output) given dy = gradient at the FFN output. */
+static void dense_ffn_backward(qs_gpt *m, int l, int N, const float *dy) {
+    const qs_ops *ops = m->be->ops;
+    const layer_params *p = &m->lp[l];
+    layer_acts *a = &m->la[l];
+    size_t NF = (size_t)N * m->F;
+    zero_f(m, m->dF1, NF);
+    ops->matmul_backward(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act,
+                         P(m, p->fcproj_w), N, m->F, m->C, QS_W_IN_OUT);
+    zero_f(m, m->dF2, NF);
+    act_backward(m, m->dF2, a->fch, m->dF1, NF);
+    ops->matmul_backward(m->dln, G(m, p->fc_w), G(m, p->fc_b), m->dF2, a->ln2, P(m, p->fc_w), N,
+                         m->C, m->F, QS_W_IN_OUT);
+}
+
+static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) {
+    const qs_ops *ops = m->be->ops;
+    const layer_params *p = &m->lp[l];
+    layer_acts *a = &m->la[l];
+    int C = m->C, F = m->F, E = m->E, K = m->K;
+    size_t rows = (size_t)a->offsets[E], NK = (size_t)N * K;
+    zero_f(m, m->dye, rows * C);
+    zero_f(m, m->dgate, NK);
+    ops->moe_combine_backward(m->dye, m->dgate, dy, a->ye, a->gate, a->slot, N, K, C);
+    zero_f(m, m->dF1, rows * F);
+    zero_f(m, m->dF2, rows * F);
+    zero_f(m, m->dxe, rows * C);
+    for (int e = 0; e < E; e++) {
+        int n = a->counts[e];
+        if (n == 0) continue;
+        size_t r0 = (size_t)a->offsets[e];
+        ops->matmul_backward(m->dF1 + r0 * F, expert_slice(G(m, p->fcproj_w), e, F, C),
+                             expert_slice(G(m, p->fcproj_b), e, 1, C), m->dye + r0 * C,
+                             a->fch_act + r0 * F, expert_slice(P(m, p->fcproj_w), e, F, C), n, F, C,
+                             QS_W_IN_OUT);
+        act_backward(m, m->dF2 + r0 * F, a->fch + r0 * F, m->dF1 + r0 * F, (size_t)n * F);
+        ops->matmul_backward(m->dxe + r0 * C, expert_slice(G(m, p->fc_w), e, C, F),
+                             expert_slice(G(m, p->fc_b), e, 1, F), m->dF2 + r0 * F, a->xe + r0 * C,
+                             expert_slice(P(m, p->fc_w), e, C, F), n, C, F, QS_W_IN_OUT);
+    }
+    ops->moe_dispatch_backward(m->dln, m->dxe, a->slot, N, K, C);
+
+    size_t NE = (size_t)N * E;
+    zero_f(m, m->dh, NE);
+    ops->moe_topk_backward(m->dh, m->dgate, a->idx, a->gate, N, E, K);
+    ops->moe_balance_backward(m->dh, a->route_logits, a->routed, scale * m->cfg.moe.aux_loss_coef,
+                              scale * m->cfg.moe.z_loss_coef, N, E, K);
+    const float *dclean = m->dh;
+    if (m->noisy_used) {
+        zero_f(m, m->dclean, NE);
+        zero_f(m, m->dnoise, NE);
+        ops->noisy_gate_backward(m->dclean, m->dnoise, m->dh, a->nlogit, m->mode.rng_seed,
+                                 stream_of(l, SITE_NOISE), NE);
+        ops->matmul_backward(m->dln, G(m, p->noise_w), G(m, p->noise_b), m->dnoise, a->ln2,
+                             P(m, p->noise_w), N, C, E, QS_W_IN_OUT);
+        dclean = m->dclean;
+    }
+    ops->matmul_backward(m->dln, G(m, p->router_w), G(m, p->router_b), dclean, a->ln2,
+                         P(m, p->router_w), N, C, E, QS_W_IN_OUT);
+}
+
+void qs_gpt_backward(qs_gpt *m, float scale) {
+    const qs_ops *ops = m->be->ops;
+    int B = m->B, T = m->T, N = B * T, C = m->C;
+    size_t NC = (size_t)N * C;
+    if (m->n_valid == 0) return; /* nothing to learn from */
+
+    zero_f(m, m->dlogits, (size_t)N * m->V);
+    ops->xent_backward(m->dlogits, m->logits, m->tgt, scale / (float)m->n_valid, N, m->V);
+    zero_f(m, m->dln, NC);
+    ops->matmul_backward(m->dln, G(m, m->lm_head), NULL, m->dlogits, m->lnf, P(m, m->lm_head), N,
+                         C, m->V, lm_head_layout());
+    zero_f(m, m->dres, NC);
+    ops->layernorm_backward(m->dres, G(m, m->lnf_w), G(m, m->lnf_b), m->dln, m->res[m->L],
+                            P(m, m->lnf_w), m->lnf_mean, m->lnf_rstd, N, C);
+
+    for (int l = m->L - 1; l >= 0; l--) {
+        const layer_params *p = &m->lp[l];
+        layer_acts *a = &m->la[l];
+        /* feed-forward branch; dres then becomes the gradient at res_mid */
+        const float *dy = drop_backward(m, m->dres, NC, l, SITE_FFN);
+        zero_f(m, m->dln, NC);
+        if (m->E > 0) moe_backward(m, l, N, dy, scale);
+        else dense_ffn_backward(m, l, N, dy);
+        ops->layernorm_backward(m->dres, G(m, p->ln2_w), G(m, p->ln2_b), m->dln, a->res_mid,
+                                P(m, p->ln2_w), a->ln2_mean, a->ln2_rstd, N, C);
+        /* attention branch; dres then becomes the gradient at res[l] */
+        dy = drop_backward(m, m->dres, NC, l, SITE_ATTN);
+        zero_f(m, m->datty, NC);
+        ops->matmul_backward(m->datty, G(m, p->proj_w), G(m, p->proj_b), dy, a->atty,
+                             P(m, p->proj_w), N, C, C, QS_W_IN_OUT);
+        zero_f(m, m->dqkv, 3 * NC);
+        ops->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, m->NH);
+        zero_f(m, m->dln, NC);
+        ops->matmul_backward(m->dln, G(m, p->qkv_w), G(m, p->qkv_b), m->dqkv, a->ln1,
+                             P(m, p->qkv_w), N, C, 3 * C, QS_W_IN_OUT);
+        ops->layernorm_backward(m->dres, G(m, p->ln1_w), G(m, p->ln1_b), m->dln, m->res[l],
+                                P(m, p->ln1_w), a->ln1_mean, a->ln1_rstd, N, C);
+    }
+    const float *demb = drop_backward(m, m->dres, NC, m->L, SITE_EMBED);
+    ops->embed_backward(G(m, m->wte), G(m, m->wpe), demb, m->tok, B, T, C);
+}

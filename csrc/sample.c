@@ -1,0 +1,81 @@
+#include "quasar/sample.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "quasar/error.h"
+#include "quasar/rng.h"
+
+static const float *sort_key;
+
+/* Descending probability, lower id first on ties (a total order: deterministic). */
+static int by_prob_desc(const void *a, const void *b) {
+    int i = *(const int *)a, j = *(const int *)b;
+    if (sort_key[i] != sort_key[j]) return sort_key[i] > sort_key[j] ? -1 : 1;
+    return i - j;
+}
+
+int qs_sample_token(const float *logits, int V, const qs_sample_params *sp, float u,
+                    float *prob, int *idx) {
+    int best = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[best]) best = i;
+    if (sp->temperature <= 0.0f) return best;
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) {
+        prob[i] = expf((logits[i] - logits[best]) / sp->temperature);
+        sum += prob[i];
+        idx[i] = i;
+    }
+    for (int i = 0; i < V; i++) prob[i] = (float)(prob[i] / sum);
+    int n = V;
+    if ((sp->top_k > 0 && sp->top_k < V) || sp->top_p < 1.0f) {
+        sort_key = prob;
+        qsort(idx, (size_t)V, sizeof *idx, by_prob_desc);
+        if (sp->top_k > 0 && sp->top_k < n) n = sp->top_k;
+        if (sp->top_p < 1.0f) {
+            double cum = 0.0;
+            for (int i = 0; i < n; i++) {
+                cum += prob[idx[i]];
+                if (cum >= sp->top_p) {
+                    n = i + 1;
+                    break;
+                }
+            }
+        }
+    }
+    double kept = 0.0;
+    for (int i = 0; i < n; i++) kept += prob[idx[i]];
+    double target = u * kept, cum = 0.0;
+    for (int i = 0; i < n; i++) {
+        cum += prob[idx[i]];
+        if (target < cum) return idx[i];
+    }
+    return idx[n - 1];
+}
+
+int qs_generate(qs_gpt *m, int *ctx, int n, int max_new, const qs_sample_params *sp,
+                void (*emit)(int token, void *user), void *user) {
+    const qs_model_config *c = qs_gpt_config(m);
+    int V = c->vocab_size;
+    float *logits = malloc((size_t)V * sizeof(float)), *prob = malloc((size_t)V * sizeof(float));
+    int *idx = malloc((size_t)V * sizeof(int));
+    if (!logits || !prob || !idx) {
+        free(logits);
+        free(prob);
+        free(idx);
+        return qs_error("out of memory sampling");
+    }
+    qs_forward_mode mode = {.train = false, .rng_seed = sp->seed};
+    for (int s = 0; s < max_new; s++, n++) {
+        int T = n < c->seq_len ? n : c->seq_len;
+        qs_gpt_forward(m, ctx + n - T, NULL, 1, T, &mode);
+        qs_gpt_logits_row(m, T - 1, logits); /* only the last position matters */
+        ctx[n] = qs_sample_token(logits, V, sp, qs_rng_uniform(sp->seed, 0x5a3b1e, (uint64_t)s), prob, idx);
+        if (emit) emit(ctx[n], user);
+    }
+    free(logits);
+    free(prob);
+    free(idx);
+    return 0;
+}

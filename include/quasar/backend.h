@@ -1,0 +1,24 @@
+/* A backend = where memory lives + the op table that computes on it. */
+#ifndef QUASAR_BACKEND_H
+#define QUASAR_BACKEND_H
+
+#include <stddef.h>
+
+#include "quasar/ops.h"
+
+typedef struct qs_backend {
+    const char *name; /* "cpu", "cuda" */
+    /* Zero-filled allocation; NULL (with qs_error set) on failure. */
+    void *(*alloc)(size_t bytes);
+    void (*free)(void *p);
+    void (*zero)(void *p, size_t bytes);
+    /* Host <-> backend copies. */
+    void (*upload)(void *dst, const void *host_src, size_t bytes);
+    void (*download)(void *host_dst, const void *src, size_t bytes);
+    const qs_ops *ops;
+} qs_backend;
+
+/* The fp32 CPU reference backend (always present). */
+const qs_backend *qs_backend_cpu(void);
+
+#endif

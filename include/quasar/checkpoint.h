@@ -1,0 +1,37 @@
+/* Checkpoints: <run>/ckpt/step_NNNNNNNN/{model.safetensors, optim.safetensors, state.json}
+ * and <run>/ckpt/latest naming the newest complete one. A checkpoint is written into a
+ * temporary folder, fsynced and renamed into place; `latest` moves last, atomically. */
+#ifndef QUASAR_CHECKPOINT_H
+#define QUASAR_CHECKPOINT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "quasar/config.h"
+#include "quasar/data.h"
+#include "quasar/model.h"
+#include "quasar/optim.h"
+#include "quasar/safetensors.h"
+
+typedef struct qs_train_state {
+    int step;            /* optimizer steps completed */
+    uint64_t seed;
+    int64_t tokens_seen;
+} qs_train_state;
+
+int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_vocab *vocab,
+                       qs_gpt *m, const qs_adamw *opt, const qs_train_state *st);
+
+/* dir may be a step folder (holds model.safetensors), a ckpt folder (holds latest) or a
+ * run folder (holds ckpt/latest); writes the step folder's path. */
+int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap);
+
+/* Opens <step_dir>/model.safetensors and reads the config and vocabulary stored in
+ * its metadata. The caller creates the model from cfg->model, then loads the weights. */
+int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg,
+                             qs_char_vocab *vocab);
+/* Every model tensor must be present with dtype F32 and its exact shape; nothing else. */
+int qs_checkpoint_load_weights(qs_gpt *m, const qs_st_file *f, const char *what);
+int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state *st);
+
+#endif

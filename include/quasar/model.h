@@ -1,0 +1,82 @@
+/* GPT (dense or sparse MoE feed-forward), written once against qs_ops.
+ * Parameters and gradients each live in one flat backend buffer; the table of
+ * named tensors (Hugging Face GPT-2 names where one exists) indexes into it.
+ * Activations are planned up front for a maximum micro-batch shape. */
+#ifndef QUASAR_MODEL_H
+#define QUASAR_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "quasar/backend.h"
+#include "quasar/config.h"
+
+#define QS_PARAM_NAME_MAX 96
+
+typedef enum { QS_ROLE_WEIGHT, QS_ROLE_BIAS, QS_ROLE_NORM_WEIGHT, QS_ROLE_NORM_BIAS,
+               QS_ROLE_EMBEDDING } qs_param_role;
+
+typedef struct qs_param_info {
+    char name[QS_PARAM_NAME_MAX];
+    int ndim;
+    int64_t shape[3];
+    size_t offset; /* in floats, into the flat buffers */
+    size_t numel;
+    qs_param_role role;
+    int fan_in, fan_out; /* for weight init (matrices) */
+    bool residual_proj;  /* output projection into the residual stream */
+} qs_param_info;
+
+typedef struct qs_gpt qs_gpt;
+
+/* What one forward pass does besides computing the loss. */
+typedef struct qs_forward_mode {
+    bool train;        /* dropout and router noise on */
+    uint64_t rng_seed; /* seed of this pass's dropout masks and router noise */
+} qs_forward_mode;
+
+/* Sizes activations for micro-batches of up to max_B sequences of up to max_T tokens. */
+int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
+                  int max_T);
+void qs_gpt_free(qs_gpt *m);
+void qs_gpt_init(qs_gpt *m, uint64_t seed);
+
+const qs_model_config *qs_gpt_config(const qs_gpt *m);
+int qs_gpt_num_params_tensors(const qs_gpt *m);
+const qs_param_info *qs_gpt_param_info(const qs_gpt *m, int i);
+size_t qs_gpt_num_params(const qs_gpt *m);
+float *qs_gpt_params(qs_gpt *m); /* backend memory */
+float *qs_gpt_grads(qs_gpt *m);  /* backend memory */
+size_t qs_gpt_activation_bytes(const qs_gpt *m);
+/* Copies the flat parameters between the backend and host[num_params]. */
+void qs_gpt_copy_params(qs_gpt *m, float *host, bool to_backend);
+
+/* tokens/targets are host arrays [B*T]; targets may be NULL (no loss), and a
+ * negative target is ignored. Returns the mean cross-entropy over valid targets. */
+double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
+                      const qs_forward_mode *mode);
+/* Accumulates into the gradient buffer the gradient of
+ *   scale * (mean cross-entropy + aux_loss_coef * balance + z_loss_coef * z)
+ * of the last forward (which must have had targets). */
+void qs_gpt_backward(qs_gpt *m, float scale);
+void qs_gpt_zero_grad(qs_gpt *m);
+/* Logits [B*T, V] of the last forward, backend memory. */
+const float *qs_gpt_logits(const qs_gpt *m);
+/* Copies row `row` of the last forward's logits to host memory out[V]. */
+void qs_gpt_logits_row(const qs_gpt *m, int row, float *out);
+
+/* MoE statistics of the last forward: router losses summed over layers, and since
+ * the last reset the per-expert assignments kept (summed over layers) and dropped. */
+typedef struct qs_moe_stats {
+    double balance, z;      /* last forward */
+    int64_t *expert_tokens; /* [n_experts] */
+    int64_t kept, dropped;
+} qs_moe_stats;
+const qs_moe_stats *qs_gpt_moe_stats(const qs_gpt *m);
+void qs_gpt_moe_stats_reset(qs_gpt *m);
+/* The top-k expert choices of the last forward, [n_layer][B*T*K] host ints (for tests
+ * that need to know whether a perturbation changed routing). NULL for dense models. */
+const int *qs_gpt_moe_routing(const qs_gpt *m);
+
+#endif

@@ -1,0 +1,138 @@
+/* The op interface. Model code is written once against qs_ops; each backend
+ * (CPU reference in csrc/cpu, CUDA in kernels/) fills the table.
+ *
+ * Conventions
+ * - Pointers are backend memory (host for CPU, device for CUDA), fp32, row-major.
+ * - Every backward ACCUMULATES (+=) into its gradient outputs, parameter and
+ *   activation gradients alike; callers zero them. A NULL gradient output is skipped.
+ * - Randomness (dropout, router noise) is counter-based: the same (seed, stream)
+ *   reproduces the same mask/noise in forward and backward, nothing is stored.
+ * - Matrix weights use the [in, out] layout (Hugging Face GPT-2's Conv1D), so
+ *   y = x @ W + b. QS_W_OUT_IN selects [out, in] (nn.Linear, tied lm head).
+ */
+#ifndef QUASAR_OPS_H
+#define QUASAR_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { QS_W_IN_OUT = 0, QS_W_OUT_IN = 1 } qs_weight_layout;
+
+typedef struct qs_ops {
+    /* out[b,t,:] = wte[tok[b,t],:] + wpe[t,:]; tok values are in [0, V). */
+    void (*embed_forward)(float *out, const int *tok, const float *wte, const float *wpe,
+                          int B, int T, int C);
+    void (*embed_backward)(float *dwte, float *dwpe, const float *dout, const int *tok,
+                           int B, int T, int C);
+
+    /* LayerNorm over the last dim (eps 1e-5); saves mean[N], rstd[N]. */
+    void (*layernorm_forward)(float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C);
+    void (*layernorm_backward)(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *mean,
+                               const float *rstd, int N, int C);
+
+    /* out[N,O] = inp[N,I] @ W + bias (bias may be NULL). W is [I,O] or [O,I]. */
+    void (*matmul_forward)(float *out, const float *inp, const float *w, const float *bias,
+                           int N, int I, int O, qs_weight_layout layout);
+    void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
+                            const float *inp, const float *w, int N, int I, int O,
+                            qs_weight_layout layout);
+
+    /* Causal multi-head attention. qkv is [B,T,3C]: q, k, v each C = NH * hs wide,
+     * head h using columns [h*hs, (h+1)*hs) of each. Scale 1/sqrt(hs).
+     * out is [B,T,C]; att [B,NH,T,T] keeps the softmax probabilities for backward
+     * (entries above the diagonal are written as 0). */
+    void (*attention_forward)(float *out, float *att, const float *qkv, int B, int T, int C,
+                              int NH);
+    void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
+                               const float *att, int B, int T, int C, int NH);
+
+    /* GELU (tanh approximation, as GPT-2) and ReLU, elementwise over n. */
+    void (*gelu_forward)(float *out, const float *inp, size_t n);
+    void (*gelu_backward)(float *dinp, const float *inp, const float *dout, size_t n);
+    void (*relu_forward)(float *out, const float *inp, size_t n);
+    void (*relu_backward)(float *dinp, const float *inp, const float *dout, size_t n);
+
+    /* out = a + b (out may alias a or b). */
+    void (*add_forward)(float *out, const float *a, const float *b, size_t n);
+
+    /* Inverted dropout with drop probability p: element i is kept iff
+     * qs_rng_uniform(seed, stream, i) >= p, and kept values are scaled by 1/(1-p).
+     * out may alias inp; backward applies the same mask and scale. p == 0 copies. */
+    void (*dropout_forward)(float *out, const float *inp, float p, uint64_t seed,
+                            uint64_t stream, size_t n);
+    void (*dropout_backward)(float *dinp, const float *dout, float p, uint64_t seed,
+                             uint64_t stream, size_t n);
+
+    /* Fused softmax + cross-entropy over rows of logits [N,V].
+     * losses[n] = -log softmax(logits[n])[targets[n]]; a negative target is ignored
+     * (loss 0, no gradient). Backward recomputes the softmax and accumulates
+     * dlogits[n,:] += dloss * (softmax(logits[n]) - onehot(targets[n])). */
+    void (*xent_forward)(float *losses, const float *logits, const int *targets, int N, int V);
+    void (*xent_backward)(float *dlogits, const float *logits, const int *targets, float dloss,
+                          int N, int V);
+
+    /* Noisy gating (Shazeer et al.): h = clean + z * softplus(noise_logits), with
+     * z = qs_rng_normal(seed, stream, i) for element i of the [N,E] tensors.
+     * Backward: dclean += dh; dnoise += dh * z * sigmoid(noise_logits). */
+    void (*noisy_gate_forward)(float *h, const float *clean, const float *noise_logits,
+                               uint64_t seed, uint64_t stream, size_t n);
+    void (*noisy_gate_backward)(float *dclean, float *dnoise, const float *dh,
+                                const float *noise_logits, uint64_t seed, uint64_t stream,
+                                size_t n);
+
+    /* Top-k routing over logits [N,E]: idx[N,K] holds the K largest experts per
+     * token in descending logit order (ties: lower index first); gate[N,K] is the
+     * softmax over those K logits only. Backward accumulates into dlogits at the
+     * chosen experts (softmax Jacobian over the kept K). */
+    void (*moe_topk_forward)(int *idx, float *gate, const float *logits, int N, int E, int K);
+    void (*moe_topk_backward)(float *dlogits, const float *dgate, const int *idx,
+                              const float *gate, int N, int E, int K);
+
+    /* Capacity assignment, in token order: for n = 0..N-1, k = 0..K-1, expert
+     * e = idx[n*K+k] takes the assignment if fewer than `capacity` already went to it,
+     * else it is dropped. capacity <= 0 means dropless. Outputs:
+     *   routed[E]  assignments before dropping (for the balance loss),
+     *   counts[E]  assignments kept, offsets[E+1] their prefix sum (rows of expert e
+     *              are offsets[e] .. offsets[e+1]-1 in the packed buffers),
+     *   slot[N*K]  packed row of each assignment, or -1 if dropped (rows of one
+     *              expert are in token order).
+     * Returns the number of dropped assignments. Host-side integer bookkeeping. */
+    int (*moe_assign)(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N,
+                      int E, int K, int capacity);
+
+    /* Packed expert input: xe[slot[n*K+k], :] = x[n, :] for kept assignments.
+     * Backward: dx[n,:] += dxe[slot[n*K+k],:]. */
+    void (*moe_dispatch_forward)(float *xe, const float *x, const int *slot, int N, int K,
+                                 int C);
+    void (*moe_dispatch_backward)(float *dx, const float *dxe, const int *slot, int N, int K,
+                                  int C);
+    /* y[n,:] = sum over kept k of gate[n*K+k] * ye[slot[n*K+k], :] (overwrites y;
+     * a token with every assignment dropped gets 0). Backward accumulates
+     * dye[slot,:] += gate * dy[n,:] and dgate[n*K+k] += dot(dy[n,:], ye[slot,:]). */
+    void (*moe_combine_forward)(float *y, const float *ye, const float *gate, const int *slot,
+                                int N, int K, int C);
+    void (*moe_combine_backward)(float *dye, float *dgate, const float *dy, const float *ye,
+                                 const float *gate, const int *slot, int N, int K, int C);
+
+    /* Router regularizers over logits [N,E] (the logits used for routing):
+     *   balance = E * sum_i f_i * P_i, f_i = routed[i] / (N*K), P_i = mean_n softmax(logits[n])_i
+     *   z       = mean_n logsumexp(logits[n])^2
+     * f is treated as a constant. Backward accumulates
+     *   dlogits += balance_coef * d(balance) + z_coef * d(z). */
+    void (*moe_balance_forward)(float *balance, float *z, const float *logits, const int *routed,
+                                int N, int E, int K);
+    void (*moe_balance_backward)(float *dlogits, const float *logits, const int *routed,
+                                 float balance_coef, float z_coef, int N, int E, int K);
+
+    /* Sum of squares of g[0..n), accumulated in double. */
+    double (*sumsq)(const float *g, size_t n);
+    /* AdamW on one tensor (PyTorch semantics, bias-corrected, decoupled decay):
+     *   g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+     *   p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p), step t >= 1. */
+    void (*adamw_update)(float *p, const float *grad, float *m, float *v, size_t n, float lr,
+                         float beta1, float beta2, float eps, float wd, int t, float grad_scale);
+} qs_ops;
+
+#endif

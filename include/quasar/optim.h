@@ -1,0 +1,31 @@
+/* AdamW over the model's flat parameter buffer, global-norm clipping, LR schedule. */
+#ifndef QUASAR_OPTIM_H
+#define QUASAR_OPTIM_H
+
+#include <stddef.h>
+
+#include "quasar/config.h"
+#include "quasar/model.h"
+
+typedef struct qs_adamw {
+    const qs_backend *be;
+    float *m, *v; /* flat moments, backend memory, same layout as the parameters */
+    size_t n;
+    int t;        /* updates taken */
+} qs_adamw;
+
+int qs_adamw_create(qs_adamw *o, const qs_backend *be, size_t n);
+void qs_adamw_free(qs_adamw *o);
+
+/* Whether weight decay applies to a tensor: matrices (and embeddings) only, unless
+ * train.decay_all. */
+int qs_adamw_decays(const qs_train_config *tc, const qs_param_info *p);
+
+/* Clips to train.grad_clip by the global norm and updates. Returns the norm before
+ * clipping. A non-finite norm skips the update (the step is not counted). */
+double qs_adamw_step(qs_adamw *o, qs_gpt *model, const qs_train_config *tc, float lr);
+
+/* Learning rate at step (0-based): linear warmup, then cosine to min_lr or constant. */
+float qs_lr_at(const qs_train_config *tc, int step);
+
+#endif

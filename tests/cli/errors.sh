@@ -1,0 +1,64 @@
+# Bad input of every kind: one "error:" line naming the problem, non-zero exit, no
+# sanitizer report, and nothing already saved is damaged.
+. "$(dirname "$0")/lib.sh"
+make_corpus corpus.txt
+tiny_config good.json
+Q=$QUASAR
+
+# command line
+expect_error "unknown command" "unknown command 'trian'" $Q trian
+expect_error "unknown flag" "unknown option '--lr'" $Q train --config good.json --lr 3
+expect_error "flag without value" "--out needs a value" $Q train --config good.json --out
+expect_error "non-numeric value" "--max-tokens: invalid value 'many'" $Q generate --model x --max-tokens many
+expect_error "out-of-range value" "--top-p: invalid value '1.5'" $Q generate --model x --top-p 1.5
+expect_error "train without config" "needs --config" $Q train
+expect_error "bad device" "--device: expected cpu or cuda" $Q train --config good.json --device tpu
+expect_ok "--help" $Q train --help
+expect_ok "top-level --help" $Q --help
+
+# configs
+echo '{"model": {"n_layer": 2,}' >bad.json
+expect_error "malformed JSON" "bad.json: malformed JSON near line 1" $Q train --config bad.json
+expect_error "missing config file" "nope.json" $Q train --config nope.json
+echo '{"model": {"n_embed": 64}}' >unk.json
+expect_error "unknown key" "unknown key 'model.n_embed'" $Q train --config unk.json
+echo '{"model": {"moe": {"topk": 2}}}' >unk2.json
+expect_error "unknown nested key" "unknown key 'model.moe.topk'" $Q train --config unk2.json
+echo '{"train": {"lr": "fast"}}' >type.json
+expect_error "wrong type" "train.lr" $Q train --config type.json
+echo '{"model": {"dropout": 1.5}}' >range.json
+expect_error "out of range" "model.dropout" $Q train --config range.json
+echo '{"model": {"n_embd": 100, "n_head": 8}}' >div.json
+expect_error "inconsistent values" "divisible" $Q train --config div.json
+expect_error "--set unknown key" "unknown key 'train.steps'" $Q train --config good.json --set train.steps=3
+expect_error "--set without =" "train.lr" $Q train --config good.json --set train.lr
+expect_error "--set bad enum" "model.activation" $Q train --config good.json --set model.activation=tanh
+
+# data
+expect_error "missing data file" "missing.txt" $Q train --config good.json --set data.path=missing.txt --out r0
+printf 'tiny' >short.txt
+expect_error "corpus too small" "too little" $Q train --config good.json --set data.path=$WORK/short.txt --out r1
+
+# checkpoints: train a reference run, then break copies of it
+expect_ok "reference run" $Q train --config good.json --out run
+ck=run/ckpt/step_00000006
+sum0=$(cat run/ckpt/latest $ck/* | sha256sum)
+expect_error "no checkpoint" "no checkpoint in 'nowhere'" $Q generate --model nowhere
+cp -r run broken
+head -c 100 $ck/model.safetensors >broken/ckpt/step_00000006/model.safetensors
+expect_error "truncated checkpoint" "model.safetensors" $Q generate --model broken
+chmod 000 broken/ckpt/step_00000006/model.safetensors
+if [ "$(id -u)" -ne 0 ]; then expect_error "unreadable checkpoint" "model.safetensors" $Q generate --model broken; fi
+chmod 644 broken/ckpt/step_00000006/model.safetensors
+printf 'garbage' >broken/ckpt/step_00000006/model.safetensors
+expect_error "garbage checkpoint" "model.safetensors" $Q eval --model broken
+echo "../../etc" >broken/ckpt/latest
+expect_error "bad latest marker" "latest" $Q generate --model broken
+cp -r run badstate
+echo '{"step": "six"}' >badstate/ckpt/step_00000006/state.json
+expect_error "corrupt state.json on resume" "state.json" $Q train --resume badstate --set train.max_steps=8
+cp -r run wrongshape
+expect_error "resume with another architecture" "model section differs" $Q train --resume wrongshape --set model.n_layer=3
+expect_error "prompt outside the vocabulary" "--prompt: byte 0x7e" $Q generate --model run --prompt "~"
+[ "$(cat run/ckpt/latest $ck/* | sha256sum)" = "$sum0" ] && ok "failed commands left the saved run intact" \
+  || not_ok "failed commands left the saved run intact"

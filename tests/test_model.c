@@ -1,0 +1,265 @@
+/* Whole-model gradient checks: the analytic gradient of the full training loss
+ * (cross-entropy + MoE router losses) against central finite differences, for dense
+ * and MoE GPTs, with dropout and router noise on (fixed by seed, so both sides of
+ * each difference see the same masks). */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "quasar/config.h"
+#include "quasar/model.h"
+#include "quasar/rng.h"
+
+static uint64_t seed;
+
+static uint64_t test_seed(void) {
+    const char *s = getenv("QS_TEST_SEED");
+    return s ? strtoull(s, NULL, 10) : (uint64_t)time(NULL);
+}
+
+static qs_model_config tiny_config(void) {
+    qs_config c;
+    qs_config_defaults(&c);
+    qs_model_config m = c.model;
+    m.vocab_size = 11;
+    m.seq_len = 7;
+    m.n_layer = 2;
+    m.n_head = 2;
+    m.n_embd = 6;
+    m.ffn_mult = 2;
+    m.dropout = 0.1f;
+    m.init_std = 0.3f; /* larger weights: larger, better-conditioned gradients */
+    return m;
+}
+
+/* Full objective of one forward (what backward differentiates with scale 1). */
+static double objective(qs_gpt *m, const int *x, const int *y, int B, int T, const qs_forward_mode *mode) {
+    double loss = qs_gpt_forward(m, x, y, B, T, mode);
+    const qs_model_config *c = qs_gpt_config(m);
+    if (c->moe.n_experts > 0) {
+        const qs_moe_stats *s = qs_gpt_moe_stats(m);
+        loss += c->moe.aux_loss_coef * s->balance + c->moe.z_loss_coef * s->z;
+    }
+    return loss;
+}
+
+static size_t routing_len(const qs_model_config *c, int N) {
+    return c->moe.n_experts > 0 ? (size_t)c->n_layer * N * c->moe.top_k : 0;
+}
+
+static void gradcheck(const qs_model_config *cfg, const char *label) {
+    const int B = 2, T = 5, N = B * T;
+    qs_gpt *m;
+    assert_int_equal(qs_gpt_create(&m, cfg, qs_backend_cpu(), B, T + 1), 0);
+    qs_gpt_init(m, seed);
+    int x[10], y[10];
+    for (int i = 0; i < N; i++) {
+        x[i] = (int)qs_rng_below(seed, 1, (uint64_t)i, (uint64_t)cfg->vocab_size);
+        y[i] = (int)qs_rng_below(seed, 2, (uint64_t)i, (uint64_t)cfg->vocab_size);
+    }
+    y[3] = -1; /* an ignored target */
+    qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0xabcdef};
+
+    qs_gpt_zero_grad(m);
+    objective(m, x, y, B, T, &mode);
+    qs_gpt_backward(m, 1.0f);
+    size_t np = qs_gpt_num_params(m), nr = routing_len(cfg, N);
+    float *grad = malloc(np * sizeof(float));
+    memcpy(grad, qs_gpt_grads(m), np * sizeof(float));
+    int *route0 = malloc(nr * sizeof(int) + 1);
+    if (nr) memcpy(route0, qs_gpt_moe_routing(m), nr * sizeof(int));
+
+    float *p = qs_gpt_params(m);
+    const float eps = 3e-3f; /* fp32 loss: smaller steps drown in rounding */
+    double num = 0, den = 0, worst = 0;
+    int checked = 0, skipped = 0;
+    char worst_name[2 * QS_PARAM_NAME_MAX] = "";
+    for (int t = 0; t < qs_gpt_num_params_tensors(m); t++) {
+        const qs_param_info *pi = qs_gpt_param_info(m, t);
+        /* the largest-gradient coordinate of each tensor, plus two random ones */
+        size_t pick[3] = {0, qs_rng_below(seed, 3, (uint64_t)t, pi->numel), qs_rng_below(seed, 4, (uint64_t)t, pi->numel)};
+        for (size_t j = 0; j < pi->numel; j++)
+            if (fabsf(grad[pi->offset + j]) > fabsf(grad[pi->offset + pick[0]])) pick[0] = j;
+        for (int k = 0; k < 3; k++) {
+            size_t i = pi->offset + pick[k];
+            float orig = p[i];
+            p[i] = orig + eps;
+            double lp = objective(m, x, y, B, T, &mode);
+            int same = !nr || !memcmp(route0, qs_gpt_moe_routing(m), nr * sizeof(int));
+            p[i] = orig - eps;
+            double lm = objective(m, x, y, B, T, &mode);
+            same = same && (!nr || !memcmp(route0, qs_gpt_moe_routing(m), nr * sizeof(int)));
+            p[i] = orig;
+            if (!same) { /* top-k selection flipped: the loss is discontinuous here */
+                skipped++;
+                continue;
+            }
+            double fd = (lp - lm) / (2.0 * eps), an = grad[i];
+            double err = fabs(fd - an) / (fabs(an) + 1e-3);
+            if (err > worst) {
+                worst = err;
+                snprintf(worst_name, sizeof worst_name, "%s[%zu] fd %.6g an %.6g", pi->name, pick[k], fd, an);
+            }
+            num += (fd - an) * (fd - an);
+            den += an * an;
+            checked++;
+        }
+    }
+    double rel = sqrt(num / den);
+    printf("# %s: %d coordinates (%d skipped for routing flips), rel err %.2e, worst %.2e at %s\n", label,
+           checked, skipped, rel, worst, worst_name);
+    assert_true(checked > 0 && skipped <= checked / 10);
+    assert_true(rel < 1e-2);
+    assert_true(worst < 5e-2);
+    free(grad);
+    free(route0);
+    qs_gpt_free(m);
+}
+
+static void test_dense_gelu_tied(void **state) {
+    (void)state;
+    qs_model_config c = tiny_config();
+    gradcheck(&c, "dense gelu tied");
+}
+
+/* Whole-model checks use smooth GELU: a ReLU unit crossing zero inside +-eps breaks
+ * finite differences. ReLU's backward is checked op by op in test_ops. */
+static void test_dense_untied_nobias(void **state) {
+    (void)state;
+    qs_model_config c = tiny_config();
+    c.tie_embeddings = false;
+    c.bias = false;
+    gradcheck(&c, "dense untied, no bias");
+}
+
+/* Sample std of a tensor's initial values. */
+static double init_std_of(qs_gpt *m, const char *name) {
+    for (int t = 0; t < qs_gpt_num_params_tensors(m); t++) {
+        const qs_param_info *p = qs_gpt_param_info(m, t);
+        if (strcmp(p->name, name)) continue;
+        const float *w = qs_gpt_params(m) + p->offset;
+        double ss = 0;
+        for (size_t j = 0; j < p->numel; j++) ss += (double)w[j] * w[j];
+        return sqrt(ss / p->numel);
+    }
+    fail_msg("no tensor %s", name);
+    return 0;
+}
+
+/* Each init scheme gives its documented scale (fan_in 64 / fan_out 192 for c_attn). */
+static void test_init_schemes(void **state) {
+    (void)state;
+    qs_model_config c = tiny_config();
+    c.n_embd = 64;
+    c.n_head = 4;
+    c.n_layer = 2;
+    c.init_std = 0.02f;
+    c.tie_embeddings = false;
+    const struct { qs_init init; double attn, proj; } cases[] = {
+        {QS_INIT_NORMAL, 0.02, 0.02 / 2.0 /* 1/sqrt(2 * n_layer) */},
+        {QS_INIT_KAIMING, sqrt(2.0 / 64), sqrt(2.0 / 64)},
+        {QS_INIT_XAVIER, sqrt(2.0 / (64 + 192)), sqrt(2.0 / 128)},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        c.init = cases[i].init;
+        qs_gpt *m;
+        assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), 1, 4), 0);
+        qs_gpt_init(m, seed);
+        assert_float_equal(init_std_of(m, "h.0.attn.c_attn.weight"), cases[i].attn, 0.05 * cases[i].attn);
+        assert_float_equal(init_std_of(m, "h.1.attn.c_proj.weight"), cases[i].proj, 0.05 * cases[i].proj);
+        assert_float_equal(init_std_of(m, "wte.weight"), 0.02, 0.002);
+        assert_float_equal(init_std_of(m, "h.0.ln_1.weight"), 1.0, 0.0);
+        assert_float_equal(init_std_of(m, "h.0.attn.c_attn.bias"), 0.0, 0.0);
+        qs_gpt_free(m);
+    }
+}
+
+static qs_model_config moe_config(void) {
+    qs_model_config c = tiny_config();
+    c.moe.n_experts = 4;
+    c.moe.top_k = 2;
+    c.moe.aux_loss_coef = 0.1f;
+    c.moe.z_loss_coef = 0.01f;
+    c.init = QS_INIT_XAVIER;
+    return c;
+}
+
+static void test_moe_noisy_capacity(void **state) {
+    (void)state;
+    qs_model_config c = moe_config();
+    c.moe.gating = QS_GATING_NOISY_TOPK;
+    c.moe.capacity_factor = 1.0f;
+    gradcheck(&c, "moe noisy top-2, capacity 1.0");
+}
+
+static void test_moe_topk_dropless(void **state) {
+    (void)state;
+    qs_model_config c = moe_config();
+    c.moe.top_k = 1;
+    gradcheck(&c, "moe top-1 dropless");
+}
+
+/* Capacity drops in token order and the statistics account for every assignment. */
+static void test_moe_stats(void **state) {
+    (void)state;
+    qs_model_config c = moe_config();
+    c.moe.capacity_factor = 0.5f;
+    qs_gpt *m;
+    assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), 2, 5), 0);
+    qs_gpt_init(m, seed);
+    int x[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+    qs_forward_mode mode = {.train = false};
+    qs_gpt_moe_stats_reset(m);
+    qs_gpt_forward(m, x, NULL, 2, 5, &mode);
+    const qs_moe_stats *s = qs_gpt_moe_stats(m);
+    int64_t sum = 0;
+    for (int e = 0; e < c.moe.n_experts; e++) {
+        /* capacity = ceil(0.5 * 10 * 2 / 4) = 3 per expert and layer */
+        assert_true(s->expert_tokens[e] <= 3 * c.n_layer);
+        sum += s->expert_tokens[e];
+    }
+    assert_int_equal(sum, s->kept);
+    assert_int_equal(s->kept + s->dropped, 10 * 2 * c.n_layer);
+    assert_true(s->dropped >= 10 * 2 * c.n_layer - 4 * 3 * c.n_layer);
+    qs_gpt_free(m);
+}
+
+/* Eval mode is deterministic whatever the seed; train mode depends on it (dropout). */
+static void test_modes(void **state) {
+    (void)state;
+    qs_model_config c = tiny_config();
+    qs_gpt *m;
+    assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), 2, 5), 0);
+    qs_gpt_init(m, seed);
+    int x[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, y[10] = {2, 3, 4, 5, 6, 7, 8, 9, 10, 0};
+    qs_forward_mode e1 = {.train = false, .rng_seed = 1}, e2 = {.train = false, .rng_seed = 2};
+    qs_forward_mode t1 = {.train = true, .rng_seed = 1}, t2 = {.train = true, .rng_seed = 2};
+    assert_true(qs_gpt_forward(m, x, y, 2, 5, &e1) == qs_gpt_forward(m, x, y, 2, 5, &e2));
+    double a = qs_gpt_forward(m, x, y, 2, 5, &t1);
+    assert_true(a == qs_gpt_forward(m, x, y, 2, 5, &t1));
+    assert_true(a != qs_gpt_forward(m, x, y, 2, 5, &t2));
+    qs_gpt_free(m);
+}
+
+int main(void) {
+    seed = test_seed();
+    printf("# test_model seed %llu (QS_TEST_SEED reproduces)\n", (unsigned long long)seed);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_dense_gelu_tied),
+        cmocka_unit_test(test_dense_untied_nobias),
+        cmocka_unit_test(test_init_schemes),
+        cmocka_unit_test(test_moe_noisy_capacity),
+        cmocka_unit_test(test_moe_topk_dropless),
+        cmocka_unit_test(test_moe_stats),
+        cmocka_unit_test(test_modes),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
