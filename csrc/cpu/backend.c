@@ -1,0 +1,87 @@
+/* The CPU backend: host memory and the op table. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_ops.h"
+#include "quasar/backend.h"
+#include "quasar/error.h"
+
+static void *cpu_alloc(size_t bytes) {
+    void *p = NULL;
+    /* 64-byte alignment: whole cache lines and any SIMD width. posix_memalign(0)
+     * may return NULL, which callers would read as failure, hence the 1. */
+    if (posix_memalign(&p, 64, bytes ? bytes : 1) != 0) {
+        qs_error("out of memory allocating %zu bytes", bytes);
+        return NULL;
+    }
+    memset(p, 0, bytes);
+    return p;
+}
+
+static void cpu_free(void *p) { free(p); }
+
+static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
+
+static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+
+void *qs_cpu_scratch(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) {
+        fprintf(stderr, "quasar: out of memory allocating %zu bytes of CPU op scratch\n", bytes);
+        abort();
+    }
+    return p;
+}
+
+static const qs_ops cpu_ops = {
+    .embed_forward = qs_cpu_embed_forward,
+    .embed_backward = qs_cpu_embed_backward,
+    .layernorm_forward = qs_cpu_layernorm_forward,
+    .layernorm_backward = qs_cpu_layernorm_backward,
+    .matmul_forward = qs_cpu_matmul_forward,
+    .matmul_backward = qs_cpu_matmul_backward,
+    .attention_forward = qs_cpu_attention_forward,
+    .attention_backward = qs_cpu_attention_backward,
+    .gelu_forward = qs_cpu_gelu_forward,
+    .gelu_backward = qs_cpu_gelu_backward,
+    .relu_forward = qs_cpu_relu_forward,
+    .relu_backward = qs_cpu_relu_backward,
+    .add_forward = qs_cpu_add_forward,
+    .dropout_forward = qs_cpu_dropout_forward,
+    .dropout_backward = qs_cpu_dropout_backward,
+    .xent_forward = qs_cpu_xent_forward,
+    .xent_backward = qs_cpu_xent_backward,
+    .noisy_gate_forward = qs_cpu_noisy_gate_forward,
+    .noisy_gate_backward = qs_cpu_noisy_gate_backward,
+    .moe_topk_forward = qs_cpu_moe_topk_forward,
+    .moe_topk_backward = qs_cpu_moe_topk_backward,
+    .moe_assign = qs_cpu_moe_assign,
+    .moe_dispatch_forward = qs_cpu_moe_dispatch_forward,
+    .moe_dispatch_backward = qs_cpu_moe_dispatch_backward,
+    .moe_combine_forward = qs_cpu_moe_combine_forward,
+    .moe_combine_backward = qs_cpu_moe_combine_backward,
+    .moe_balance_forward = qs_cpu_moe_balance_forward,
+    .moe_balance_backward = qs_cpu_moe_balance_backward,
+    .sumsq = qs_cpu_sumsq,
+    .adamw_update = qs_cpu_adamw_update,
+};
+
+static const qs_backend cpu_backend = {
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .zero = cpu_zero,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .ops = &cpu_ops,
+};
+
+const qs_backend *qs_backend_cpu(void) {
+    static int blas_ready;
+    if (!blas_ready) {
+        qs_cpu_blas_init();
+        blas_ready = 1;
+    }
+    return &cpu_backend;
+}

@@ -1,0 +1,129 @@
+/* CPU reference backend internals: one qs_cpu_<op> per qs_ops field (same
+ * signature, same semantics as documented in quasar/ops.h), plus the few helpers
+ * the op files share. */
+#ifndef QUASAR_CPU_OPS_H
+#define QUASAR_CPU_OPS_H
+
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "quasar/ops.h"
+
+/* Element-wise ops below this many elements run on one thread: forking the team
+ * costs more than the work. */
+#define QS_CPU_PAR_MIN ((size_t)1 << 15)
+
+/* embed.c */
+void qs_cpu_embed_forward(float *out, const int *tok, const float *wte, const float *wpe, int B,
+                          int T, int C);
+void qs_cpu_embed_backward(float *dwte, float *dwpe, const float *dout, const int *tok, int B,
+                           int T, int C);
+
+/* layernorm.c */
+void qs_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C);
+void qs_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *mean,
+                               const float *rstd, int N, int C);
+
+/* matmul.c */
+void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N,
+                           int I, int O, qs_weight_layout layout);
+void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
+                            const float *inp, const float *w, int N, int I, int O,
+                            qs_weight_layout layout);
+
+/* attention.c */
+void qs_cpu_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
+                              int NH);
+void qs_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
+                               const float *att, int B, int T, int C, int NH);
+
+/* activation.c */
+void qs_cpu_gelu_forward(float *out, const float *inp, size_t n);
+void qs_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+void qs_cpu_relu_forward(float *out, const float *inp, size_t n);
+void qs_cpu_relu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+void qs_cpu_add_forward(float *out, const float *a, const float *b, size_t n);
+void qs_cpu_dropout_forward(float *out, const float *inp, float p, uint64_t seed, uint64_t stream,
+                            size_t n);
+void qs_cpu_dropout_backward(float *dinp, const float *dout, float p, uint64_t seed,
+                             uint64_t stream, size_t n);
+
+/* xent.c */
+void qs_cpu_xent_forward(float *losses, const float *logits, const int *targets, int N, int V);
+void qs_cpu_xent_backward(float *dlogits, const float *logits, const int *targets, float dloss,
+                          int N, int V);
+
+/* moe.c */
+void qs_cpu_noisy_gate_forward(float *h, const float *clean, const float *noise_logits,
+                               uint64_t seed, uint64_t stream, size_t n);
+void qs_cpu_noisy_gate_backward(float *dclean, float *dnoise, const float *dh,
+                                const float *noise_logits, uint64_t seed, uint64_t stream,
+                                size_t n);
+void qs_cpu_moe_topk_forward(int *idx, float *gate, const float *logits, int N, int E, int K);
+void qs_cpu_moe_topk_backward(float *dlogits, const float *dgate, const int *idx,
+                              const float *gate, int N, int E, int K);
+int qs_cpu_moe_assign(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N,
+                      int E, int K, int capacity);
+void qs_cpu_moe_dispatch_forward(float *xe, const float *x, const int *slot, int N, int K, int C);
+void qs_cpu_moe_dispatch_backward(float *dx, const float *dxe, const int *slot, int N, int K,
+                                  int C);
+void qs_cpu_moe_combine_forward(float *y, const float *ye, const float *gate, const int *slot,
+                                int N, int K, int C);
+void qs_cpu_moe_combine_backward(float *dye, float *dgate, const float *dy, const float *ye,
+                                 const float *gate, const int *slot, int N, int K, int C);
+void qs_cpu_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed,
+                                int N, int E, int K);
+void qs_cpu_moe_balance_backward(float *dlogits, const float *logits, const int *routed,
+                                 float balance_coef, float z_coef, int N, int E, int K);
+
+/* optim.c */
+double qs_cpu_sumsq(const float *g, size_t n);
+void qs_cpu_adamw_update(float *p, const float *grad, float *m, float *v, size_t n, float lr,
+                         float beta1, float beta2, float eps, float wd, int t, float grad_scale);
+
+/* backend.c: malloc for an op's temporary buffer. Ops return void, so running out
+ * of memory here cannot be reported; it aborts rather than train on wrong gradients. */
+void *qs_cpu_scratch(size_t bytes);
+/* Makes BLAS single-threaded: the ops parallelise around it (see matmul.c). */
+void qs_cpu_blas_init(void);
+
+/* Called by every thread of a parallel region: adds each thread's `local` to the
+ * shared *total in thread-number order, so the sum does not depend on timing
+ * (an OpenMP reduction clause combines in an unspecified order). */
+static inline void qs_cpu_ordered_add(double *total, double local) {
+    const int nt = omp_get_num_threads();
+#pragma omp for ordered schedule(static, 1)
+    for (int t = 0; t < nt; t++) {
+#pragma omp ordered
+        *total += local;
+    }
+}
+
+static inline float qs_cpu_dot(const float *a, const float *b, int n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y += a * x */
+static inline void qs_cpu_axpy(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* Max of x[0..n) and, in *sum, sum of exp(x - max): softmax is exp(x - max) / sum,
+ * logsumexp is max + log(sum). Subtracting the max keeps exp from overflowing. */
+static inline float qs_cpu_softmax_stats(const float *x, int n, double *sum) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += expf(x[i] - mx);
+    *sum = s;
+    return mx;
+}
+
+#endif

@@ -1,0 +1,194 @@
+/* Mixture-of-experts routing: noisy gating, top-k selection, capacity assignment,
+ * dispatch to / combine from the expert-packed buffers, router regularizers. */
+#include <string.h>
+
+#include "cpu_ops.h"
+#include "quasar/rng.h"
+
+/* softplus(x) = log(1 + e^x), written so that neither branch overflows. */
+static inline float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+void qs_cpu_noisy_gate_forward(float *h, const float *clean, const float *noise_logits,
+                               uint64_t seed, uint64_t stream, size_t n) {
+#pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
+    for (size_t i = 0; i < n; i++)
+        h[i] = clean[i] + qs_rng_normal(seed, stream, i) * softplus(noise_logits[i]);
+}
+
+void qs_cpu_noisy_gate_backward(float *dclean, float *dnoise, const float *dh,
+                                const float *noise_logits, uint64_t seed, uint64_t stream,
+                                size_t n) {
+#pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
+    for (size_t i = 0; i < n; i++) {
+        if (dclean) dclean[i] += dh[i];
+        if (dnoise) dnoise[i] += dh[i] * qs_rng_normal(seed, stream, i) * sigmoid(noise_logits[i]);
+    }
+}
+
+void qs_cpu_moe_topk_forward(int *idx, float *gate, const float *logits, int N, int E, int K) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = logits + (size_t)n * E;
+        int *id = idx + (size_t)n * K;
+        float *g = gate + (size_t)n * K;
+        /* Insertion into a sorted list of the best K so far. An expert goes after
+         * every kept one with an equal logit, so ties keep the lower index first. */
+        int have = 0;
+        for (int e = 0; e < E; e++) {
+            int j = have;
+            while (j > 0 && x[e] > x[id[j - 1]]) j--;
+            if (j >= K) continue;
+            if (have < K) have++;
+            memmove(id + j + 1, id + j, (size_t)(have - 1 - j) * sizeof *id);
+            id[j] = e;
+        }
+        for (int k = 0; k < K; k++) g[k] = x[id[k]];
+        double sum;
+        const float mx = qs_cpu_softmax_stats(g, K, &sum);
+        const float inv = (float)(1.0 / sum);
+        for (int k = 0; k < K; k++) g[k] = expf(g[k] - mx) * inv;
+    }
+}
+
+void qs_cpu_moe_topk_backward(float *dlogits, const float *dgate, const int *idx,
+                              const float *gate, int N, int E, int K) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *g = gate + (size_t)n * K, *dg = dgate + (size_t)n * K;
+        const int *id = idx + (size_t)n * K;
+        float *d = dlogits + (size_t)n * E;
+        /* Softmax Jacobian: dx_k = g_k (dg_k - sum_j g_j dg_j). */
+        const float gdg = qs_cpu_dot(g, dg, K);
+        for (int k = 0; k < K; k++) d[id[k]] += g[k] * (dg[k] - gdg);
+    }
+}
+
+int qs_cpu_moe_assign(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N,
+                      int E, int K, int capacity) {
+    memset(counts, 0, (size_t)E * sizeof *counts);
+    memset(routed, 0, (size_t)E * sizeof *routed);
+    int dropped = 0;
+    /* First pass: slot holds the rank within the expert; offsets are known after. */
+    for (int a = 0; a < N * K; a++) {
+        const int e = idx[a];
+        routed[e]++;
+        if (capacity > 0 && counts[e] >= capacity) {
+            slot[a] = -1;
+            dropped++;
+        } else {
+            slot[a] = counts[e]++;
+        }
+    }
+    offsets[0] = 0;
+    for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+    for (int a = 0; a < N * K; a++)
+        if (slot[a] >= 0) slot[a] += offsets[idx[a]];
+    return dropped;
+}
+
+/* The packed rows are distinct per assignment and each token's assignments are
+ * handled by one thread, so the loops over tokens below are race-free. */
+
+void qs_cpu_moe_dispatch_forward(float *xe, const float *x, const int *slot, int N, int K,
+                                 int C) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            const int s = slot[(size_t)n * K + k];
+            if (s >= 0) memcpy(xe + (size_t)s * C, x + (size_t)n * C, (size_t)C * sizeof *xe);
+        }
+}
+
+void qs_cpu_moe_dispatch_backward(float *dx, const float *dxe, const int *slot, int N, int K,
+                                  int C) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            const int s = slot[(size_t)n * K + k];
+            if (s >= 0) qs_cpu_axpy(dx + (size_t)n * C, 1.0f, dxe + (size_t)s * C, C);
+        }
+}
+
+void qs_cpu_moe_combine_forward(float *y, const float *ye, const float *gate, const int *slot,
+                                int N, int K, int C) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *yn = y + (size_t)n * C;
+        memset(yn, 0, (size_t)C * sizeof *yn);
+        for (int k = 0; k < K; k++) {
+            const size_t a = (size_t)n * K + k;
+            if (slot[a] >= 0) qs_cpu_axpy(yn, gate[a], ye + (size_t)slot[a] * C, C);
+        }
+    }
+}
+
+void qs_cpu_moe_combine_backward(float *dye, float *dgate, const float *dy, const float *ye,
+                                 const float *gate, const int *slot, int N, int K, int C) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *d = dy + (size_t)n * C;
+        for (int k = 0; k < K; k++) {
+            const size_t a = (size_t)n * K + k;
+            if (slot[a] < 0) continue;
+            if (dye) qs_cpu_axpy(dye + (size_t)slot[a] * C, gate[a], d, C);
+            if (dgate) dgate[a] += qs_cpu_dot(d, ye + (size_t)slot[a] * C, C);
+        }
+    }
+}
+
+/* Router statistics of one row: softmax p = exp(x - mx) / sum, logsumexp, and
+ * s = sum_e f_e p_e with f_e = routed[e] * inv_nk. */
+typedef struct {
+    float mx;
+    double sum, lse, s;
+} router_row;
+
+static router_row router_stats(const float *x, const int *routed, double inv_nk, int E) {
+    router_row r;
+    r.mx = qs_cpu_softmax_stats(x, E, &r.sum);
+    r.lse = r.mx + log(r.sum);
+    double fs = 0.0;
+    for (int e = 0; e < E; e++) fs += routed[e] * inv_nk * expf(x[e] - r.mx);
+    r.s = fs / r.sum;
+    return r;
+}
+
+void qs_cpu_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed,
+                                int N, int E, int K) {
+    const double inv_nk = 1.0 / ((double)N * K);
+    double bal = 0.0, zsum = 0.0;
+#pragma omp parallel
+    {
+        double my_bal = 0.0, my_z = 0.0;
+#pragma omp for schedule(static) nowait
+        for (int n = 0; n < N; n++) {
+            const router_row r = router_stats(logits + (size_t)n * E, routed, inv_nk, E);
+            my_bal += r.s;
+            my_z += r.lse * r.lse;
+        }
+        qs_cpu_ordered_add(&bal, my_bal);
+        qs_cpu_ordered_add(&zsum, my_z);
+    }
+    /* E * sum_i f_i * mean_n p_ni = (E / N) * sum_n s_n */
+    *balance = (float)(E * bal / N);
+    *z = (float)(zsum / N);
+}
+
+void qs_cpu_moe_balance_backward(float *dlogits, const float *logits, const int *routed,
+                                 float balance_coef, float z_coef, int N, int E, int K) {
+    const double inv_nk = 1.0 / ((double)N * K);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = logits + (size_t)n * E;
+        float *d = dlogits + (size_t)n * E;
+        const router_row r = router_stats(x, routed, inv_nk, E);
+        /* d balance / dx_e = (E/N) p_e (f_e - s);  d z / dx_e = (2 lse / N) p_e */
+        const double cb = (double)balance_coef * E / N, cz = (double)z_coef * 2.0 * r.lse / N;
+        for (int e = 0; e < E; e++) {
+            const double p = expf(x[e] - r.mx) / r.sum;
+            d[e] += (float)(p * (cb * (routed[e] * inv_nk - r.s) + cz));
+        }
+    }
+}

@@ -1,0 +1,996 @@
+/* CPU backend ops: forward results against naive double-precision references,
+ * every backward against central finite differences, plus the accumulate and
+ * NULL-gradient contracts. Inputs (and some sizes) are fresh every run; the seed
+ * is printed, and QS_TEST_SEED=<seed> replays a failure. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "quasar/backend.h"
+#include "quasar/rng.h"
+
+static const qs_ops *ops;
+static uint64_t test_seed, draws;
+
+/* ---- random inputs and buffers ---- */
+
+static uint64_t rnd_u64(void) { return qs_rng_u64(test_seed, 0x7e57, draws++); }
+static float rnd_uniform(float lo, float hi) {
+    return lo + (hi - lo) * qs_rng_uniform(test_seed, 0x7e57, draws++);
+}
+static int rnd_int(int lo, int hi) { return lo + (int)(rnd_u64() % (uint64_t)(hi - lo + 1)); }
+
+static float *alloc_f(size_t n) {
+    float *p = calloc(n ? n : 1, sizeof *p);
+    assert_non_null(p);
+    return p;
+}
+static double *alloc_d(size_t n) {
+    double *p = calloc(n ? n : 1, sizeof *p);
+    assert_non_null(p);
+    return p;
+}
+static int *alloc_i(size_t n) {
+    int *p = calloc(n ? n : 1, sizeof *p);
+    assert_non_null(p);
+    return p;
+}
+static float *rnd_tensor(size_t n, float lo, float hi) {
+    float *p = alloc_f(n);
+    for (size_t i = 0; i < n; i++) p[i] = rnd_uniform(lo, hi);
+    return p;
+}
+static float *copy_tensor(const float *x, size_t n) {
+    float *p = alloc_f(n);
+    memcpy(p, x, n * sizeof *p);
+    return p;
+}
+/* Outputs are filled with NaN before a forward call, so an element the op fails
+ * to write shows up in every comparison and in the loss. */
+static void poison(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = NAN;
+}
+/* Random logits on a grid with gaps of at least 0.2: top-k never flips under
+ * finite-difference steps. */
+static void separated_logits(float *x, int N, int E) {
+    for (int n = 0; n < N; n++)
+        for (int e = 0; e < E; e++) x[(size_t)n * E + e] = e * 0.3f + rnd_uniform(0.0f, 0.1f);
+    for (int n = 0; n < N; n++) /* shuffle each row */
+        for (int e = E - 1; e > 0; e--) {
+            const int j = rnd_int(0, e);
+            float *r = x + (size_t)n * E, tmp = r[e];
+            r[e] = r[j];
+            r[j] = tmp;
+        }
+}
+/* K distinct random experts per token. */
+static void rnd_routes(int *idx, int N, int E, int K) {
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int e, dup;
+            do {
+                e = rnd_int(0, E - 1);
+                dup = 0;
+                for (int j = 0; j < k; j++) dup |= idx[n * K + j] == e;
+            } while (dup);
+            idx[n * K + k] = e;
+        }
+}
+
+static double weighted_sum(const float *out, const float *R, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)out[i] * R[i];
+    return s;
+}
+
+/* Fails unless |got - want| <= atol + rtol * |want| everywhere (NaN fails). */
+static void check_close(const char *what, const float *got, const double *want, size_t n,
+                        double rtol, double atol) {
+    for (size_t i = 0; i < n; i++)
+        if (!(fabs((double)got[i] - want[i]) <= atol + rtol * fabs(want[i])))
+            fail_msg("%s[%zu]: got %.9g, want %.9g", what, i, (double)got[i], want[i]);
+}
+
+/* ---- gradient checking ---- */
+
+typedef struct {
+    const char *name;
+    float *x;
+    size_t n;
+} param;
+
+/* loss(ctx): poisons the op's outputs, runs the forward, returns L = sum(out * R)
+ * in double (R fixed per test). backward(ctx, g): runs the backward with dout = R,
+ * accumulating the gradient of params[i] into g[i] (NULL: not wanted). */
+typedef double (*loss_fn)(void *ctx);
+typedef void (*backward_fn)(void *ctx, float **g);
+
+#define MAX_PARAMS 3
+#define FD_COORDS 240  /* coordinates checked per parameter (all if fewer) */
+#define GRAD_TOL 5e-3  /* ||fd - analytic|| / ||analytic|| */
+
+static void zero_grads(float **g, const param *ps, int np, int skip) {
+    for (int i = 0; i < np; i++) g[i] = i == skip ? NULL : alloc_f(ps[i].n);
+}
+static void free_grads(float **g, int np) {
+    for (int i = 0; i < np; i++) free(g[i]);
+}
+
+static void check_gradients(const char *op, loss_fn loss, backward_fn backward, void *ctx,
+                            const param *ps, int np, double eps) {
+    assert_true(np <= MAX_PARAMS);
+    float *grad[MAX_PARAMS], *acc[MAX_PARAMS], *pre[MAX_PARAMS], *g[MAX_PARAMS];
+    loss(ctx); /* activations saved for backward belong to the unperturbed inputs */
+    zero_grads(grad, ps, np, -1);
+    backward(ctx, grad);
+
+    /* Accumulate contract: a prefilled gradient ends up as prefill + gradient. */
+    for (int i = 0; i < np; i++) {
+        pre[i] = rnd_tensor(ps[i].n, -1.0f, 1.0f);
+        acc[i] = copy_tensor(pre[i], ps[i].n);
+    }
+    backward(ctx, acc);
+    for (int i = 0; i < np; i++) {
+        for (size_t j = 0; j < ps[i].n; j++) {
+            const double want = (double)pre[i][j] + grad[i][j];
+            if (!(fabs(acc[i][j] - want) <= 1e-5 * (fabs(pre[i][j]) + fabs(grad[i][j])) + 1e-6))
+                fail_msg("%s: d%s[%zu] does not accumulate: prefill %g + grad %g -> %g", op,
+                         ps[i].name, j, (double)pre[i][j], (double)grad[i][j], (double)acc[i][j]);
+        }
+        free(pre[i]);
+        free(acc[i]);
+    }
+
+    /* Rerunning gives the same bits (no races or timing-dependent sums), also with
+     * any one gradient output NULL, which must be skipped. */
+    for (int skip = -1; skip < (np > 1 ? np : 0); skip++) {
+        zero_grads(g, ps, np, skip);
+        backward(ctx, g);
+        for (int i = 0; i < np; i++)
+            if (g[i] && memcmp(g[i], grad[i], ps[i].n * sizeof(float)) != 0)
+                fail_msg("%s: d%s differs between identical runs (NULL output %d)", op,
+                         ps[i].name, skip);
+        free_grads(g, np);
+    }
+
+    /* Central differences, on all coordinates or a random subset. */
+    for (int i = 0; i < np; i++) {
+        const size_t m = ps[i].n <= FD_COORDS ? ps[i].n : FD_COORDS;
+        double num = 0.0, den = 0.0;
+        for (size_t c = 0; c < m; c++) {
+            const size_t j = ps[i].n <= FD_COORDS ? c : rnd_u64() % ps[i].n;
+            const float x0 = ps[i].x[j], xp = x0 + (float)eps, xm = x0 - (float)eps;
+            ps[i].x[j] = xp;
+            const double lp = loss(ctx);
+            ps[i].x[j] = xm;
+            const double lm = loss(ctx);
+            ps[i].x[j] = x0;
+            const double fd = (lp - lm) / ((double)xp - (double)xm);
+            num += (fd - grad[i][j]) * (fd - grad[i][j]);
+            den += (double)grad[i][j] * grad[i][j];
+        }
+        const double rel = sqrt(num / den);
+        print_message("  %-14s d%-5s rel err %.1e (%zu coords)\n", op, ps[i].name, rel, m);
+        if (!(den > 0.0)) fail_msg("%s: gradient of %s is all zero", op, ps[i].name);
+        if (!(rel < GRAD_TOL))
+            fail_msg("%s: d%s disagrees with finite differences: rel err %g", op, ps[i].name, rel);
+    }
+    free_grads(grad, np);
+}
+
+/* ---- backend memory ---- */
+
+static void test_backend_memory(void **state) {
+    (void)state;
+    const qs_backend *be = qs_backend_cpu();
+    assert_string_equal(be->name, "cpu");
+    const size_t n = 1001;
+    float *d = be->alloc(n * sizeof *d);
+    assert_non_null(d);
+    assert_true(((uintptr_t)d & 63) == 0);
+    for (size_t i = 0; i < n; i++) assert_true(d[i] == 0.0f);
+    float *h = rnd_tensor(n, -1.0f, 1.0f), *back = alloc_f(n);
+    be->upload(d, h, n * sizeof *d);
+    be->download(back, d, n * sizeof *d);
+    assert_memory_equal(back, h, n * sizeof *d);
+    be->zero(d, n * sizeof *d);
+    be->download(back, d, n * sizeof *d);
+    for (size_t i = 0; i < n; i++) assert_true(back[i] == 0.0f);
+    be->free(d);
+    free(h);
+    free(back);
+}
+
+/* ---- embedding ---- */
+
+typedef struct {
+    int B, T, C;
+    const int *tok;
+    float *wte, *wpe, *out, *R;
+} embed_ctx;
+
+static double embed_loss(void *p) {
+    embed_ctx *c = p;
+    const size_t n = (size_t)c->B * c->T * c->C;
+    poison(c->out, n);
+    ops->embed_forward(c->out, c->tok, c->wte, c->wpe, c->B, c->T, c->C);
+    return weighted_sum(c->out, c->R, n);
+}
+static void embed_backward(void *p, float **g) {
+    embed_ctx *c = p;
+    ops->embed_backward(g[0], g[1], c->R, c->tok, c->B, c->T, c->C);
+}
+
+static void test_embed(void **state) {
+    (void)state;
+    /* A small vocabulary, so tokens repeat and their gradients must add up. */
+    const int B = 3, T = 11, C = 13, V = 5, N = B * T;
+    int *tok = alloc_i(N);
+    for (int i = 0; i < N; i++) tok[i] = rnd_int(0, V - 1);
+    embed_ctx c = {B, T, C, tok, rnd_tensor((size_t)V * C, -1, 1), rnd_tensor((size_t)T * C, -1, 1),
+                   alloc_f((size_t)N * C), rnd_tensor((size_t)N * C, -1, 1)};
+    embed_loss(&c);
+    double *want = alloc_d((size_t)N * C);
+    for (int r = 0; r < N; r++)
+        for (int j = 0; j < C; j++)
+            want[(size_t)r * C + j] = (double)c.wte[tok[r] * C + j] + c.wpe[(r % T) * C + j];
+    check_close("embed out", c.out, want, (size_t)N * C, 1e-6, 0.0);
+
+    const param ps[] = {{"wte", c.wte, (size_t)V * C}, {"wpe", c.wpe, (size_t)T * C}};
+    check_gradients("embed", embed_loss, embed_backward, &c, ps, 2, 1e-3);
+    free(want), free(tok), free(c.wte), free(c.wpe), free(c.out), free(c.R);
+}
+
+/* ---- layernorm ---- */
+
+typedef struct {
+    int N, C;
+    float *inp, *w, *b, *out, *mean, *rstd, *R;
+} ln_ctx;
+
+static double ln_loss(void *p) {
+    ln_ctx *c = p;
+    const size_t n = (size_t)c->N * c->C;
+    poison(c->out, n), poison(c->mean, c->N), poison(c->rstd, c->N);
+    ops->layernorm_forward(c->out, c->mean, c->rstd, c->inp, c->w, c->b, c->N, c->C);
+    return weighted_sum(c->out, c->R, n);
+}
+static void ln_backward(void *p, float **g) {
+    ln_ctx *c = p;
+    ops->layernorm_backward(g[0], g[1], g[2], c->R, c->inp, c->w, c->mean, c->rstd, c->N, c->C);
+}
+
+static void test_layernorm(void **state) {
+    (void)state;
+    const int N = rnd_int(7, 37), C = 13;
+    const size_t n = (size_t)N * C;
+    ln_ctx c = {N, C, rnd_tensor(n, -1, 1), rnd_tensor(C, 0.5f, 1.5f), rnd_tensor(C, -1, 1),
+                alloc_f(n), alloc_f(N), alloc_f(N), rnd_tensor(n, -1, 1)};
+    /* Rows with a large common offset: a one-pass variance would cancel. */
+    for (int r = 0; r < N; r++)
+        for (int j = 0; j < C; j++) c.inp[(size_t)r * C + j] += (r % 3) * 50.0f;
+    ln_loss(&c);
+    double *want = alloc_d(n), *wmean = alloc_d(N), *wrstd = alloc_d(N);
+    for (int r = 0; r < N; r++) {
+        const float *x = c.inp + (size_t)r * C;
+        double m = 0.0, v = 0.0;
+        for (int j = 0; j < C; j++) m += x[j];
+        m /= C;
+        for (int j = 0; j < C; j++) v += (x[j] - m) * (x[j] - m);
+        const double s = 1.0 / sqrt(v / C + 1e-5);
+        for (int j = 0; j < C; j++) want[(size_t)r * C + j] = (x[j] - m) * s * c.w[j] + c.b[j];
+        wmean[r] = m;
+        wrstd[r] = s;
+    }
+    check_close("layernorm out", c.out, want, n, 1e-4, 1e-4);
+    check_close("layernorm mean", c.mean, wmean, N, 1e-5, 1e-5);
+    check_close("layernorm rstd", c.rstd, wrstd, N, 1e-4, 0.0);
+
+    /* Finite differences want inputs of order one. */
+    for (size_t i = 0; i < n; i++) c.inp[i] = rnd_uniform(-1, 1);
+    const param ps[] = {{"inp", c.inp, n}, {"w", c.w, C}, {"b", c.b, C}};
+    check_gradients("layernorm", ln_loss, ln_backward, &c, ps, 3, 1e-3);
+    free(want), free(wmean), free(wrstd);
+    free(c.inp), free(c.w), free(c.b), free(c.out), free(c.mean), free(c.rstd), free(c.R);
+}
+
+/* ---- matmul ---- */
+
+typedef struct {
+    int N, I, O;
+    qs_weight_layout layout;
+    float *inp, *w, *bias, *out, *R;
+} mm_ctx;
+
+static double mm_loss(void *p) {
+    mm_ctx *c = p;
+    const size_t n = (size_t)c->N * c->O;
+    poison(c->out, n);
+    ops->matmul_forward(c->out, c->inp, c->w, c->bias, c->N, c->I, c->O, c->layout);
+    return weighted_sum(c->out, c->R, n);
+}
+static void mm_backward(void *p, float **g) {
+    mm_ctx *c = p;
+    ops->matmul_backward(g[0], g[1], c->bias ? g[2] : NULL, c->R, c->inp, c->w, c->N, c->I, c->O,
+                         c->layout);
+}
+
+static void test_matmul(void **state) {
+    (void)state;
+    for (int layout = QS_W_IN_OUT; layout <= QS_W_OUT_IN; layout++)
+        for (int with_bias = 0; with_bias <= 1; with_bias++) {
+            const int N = rnd_int(7, 37), I = 13, O = rnd_int(5, 19);
+            mm_ctx c = {N, I, O, (qs_weight_layout)layout, rnd_tensor((size_t)N * I, -1, 1),
+                        rnd_tensor((size_t)I * O, -1, 1), with_bias ? rnd_tensor(O, -1, 1) : NULL,
+                        alloc_f((size_t)N * O), rnd_tensor((size_t)N * O, -1, 1)};
+            mm_loss(&c);
+            double *want = alloc_d((size_t)N * O);
+            for (int r = 0; r < N; r++)
+                for (int o = 0; o < O; o++) {
+                    double s = with_bias ? c.bias[o] : 0.0;
+                    for (int i = 0; i < I; i++)
+                        s += (double)c.inp[r * I + i] *
+                             (layout == QS_W_IN_OUT ? c.w[i * O + o] : c.w[o * I + i]);
+                    want[(size_t)r * O + o] = s;
+                }
+            check_close(layout == QS_W_IN_OUT ? "matmul [in,out]" : "matmul [out,in]", c.out, want,
+                        (size_t)N * O, 1e-5, 1e-5);
+            const param ps[] = {
+                {"inp", c.inp, (size_t)N * I}, {"w", c.w, (size_t)I * O}, {"bias", c.bias, O}};
+            check_gradients(layout == QS_W_IN_OUT ? "matmul in,out" : "matmul out,in", mm_loss,
+                            mm_backward, &c, ps, with_bias ? 3 : 2, 1e-3);
+            free(want), free(c.inp), free(c.w), free(c.bias), free(c.out), free(c.R);
+        }
+    /* An expert can receive no tokens: N = 0 must leave everything untouched. */
+    float w = 1.0f, dw = 0.5f, db = 0.25f;
+    ops->matmul_forward(NULL, NULL, &w, &w, 0, 1, 1, QS_W_IN_OUT);
+    ops->matmul_backward(NULL, &dw, &db, NULL, NULL, &w, 0, 1, 1, QS_W_IN_OUT);
+    assert_true(dw == 0.5f && db == 0.25f);
+}
+
+/* ---- attention ---- */
+
+typedef struct {
+    int B, T, C, NH;
+    float *qkv, *out, *att, *R;
+} attn_ctx;
+
+static double attn_loss(void *p) {
+    attn_ctx *c = p;
+    const size_t n = (size_t)c->B * c->T * c->C;
+    poison(c->out, n), poison(c->att, (size_t)c->B * c->NH * c->T * c->T);
+    ops->attention_forward(c->out, c->att, c->qkv, c->B, c->T, c->C, c->NH);
+    return weighted_sum(c->out, c->R, n);
+}
+static void attn_backward(void *p, float **g) {
+    attn_ctx *c = p;
+    ops->attention_backward(g[0], c->R, c->qkv, c->att, c->B, c->T, c->C, c->NH);
+}
+
+static void check_attention(int B, int T, int NH, int hs, double eps) {
+    const int C = NH * hs;
+    const size_t nqkv = (size_t)B * T * 3 * C, nout = (size_t)B * T * C,
+                 natt = (size_t)B * NH * T * T;
+    attn_ctx c = {B, T, C, NH, rnd_tensor(nqkv, -2, 2), alloc_f(nout), alloc_f(natt),
+                  rnd_tensor(nout, -1, 1)};
+    attn_loss(&c);
+    double *want = alloc_d(nout), *watt = alloc_d(natt);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float *q = c.qkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                double *a = watt + (((size_t)b * NH + h) * T + t) * T, mx = -INFINITY, sum = 0.0;
+                for (int u = 0; u <= t; u++) {
+                    const float *k = c.qkv + ((size_t)b * T + u) * 3 * C + C + h * hs;
+                    double s = 0.0;
+                    for (int i = 0; i < hs; i++) s += (double)q[i] * k[i];
+                    a[u] = s / sqrt(hs);
+                    mx = fmax(mx, a[u]);
+                }
+                for (int u = 0; u <= t; u++) sum += a[u] = exp(a[u] - mx);
+                for (int u = 0; u <= t; u++) a[u] /= sum; /* entries u > t stay 0 */
+                for (int i = 0; i < hs; i++) {
+                    double o = 0.0;
+                    for (int u = 0; u <= t; u++)
+                        o += a[u] * c.qkv[((size_t)b * T + u) * 3 * C + 2 * C + h * hs + i];
+                    want[((size_t)b * T + t) * C + h * hs + i] = o;
+                }
+            }
+    check_close("attention out", c.out, want, nout, 1e-5, 1e-5);
+    check_close("attention att", c.att, watt, natt, 1e-5, 1e-6);
+    for (size_t i = 0; i < natt; i++)
+        if (i % T > i / T % T && c.att[i] != 0.0f) fail_msg("att[%zu] above the diagonal != 0", i);
+
+    const param ps[] = {{"qkv", c.qkv, nqkv}};
+    check_gradients("attention", attn_loss, attn_backward, &c, ps, 1, eps);
+    free(want), free(watt), free(c.qkv), free(c.out), free(c.att), free(c.R);
+}
+
+static void test_attention(void **state) {
+    (void)state;
+    check_attention(2, 11, 3, 5, 1e-3);
+    /* Rows and heads wide enough for every register-block width of the kernels;
+     * longer sums carry more rounding noise, so a larger step. */
+    check_attention(1, 41, 2, 37, 1e-2);
+}
+
+/* ---- element-wise: gelu, relu, dropout ---- */
+
+typedef enum { EW_GELU, EW_RELU, EW_DROPOUT } ew_kind;
+
+typedef struct {
+    ew_kind kind;
+    size_t n;
+    float p;
+    uint64_t seed, stream;
+    float *inp, *out, *R;
+} ew_ctx;
+
+static double ew_loss(void *p) {
+    ew_ctx *c = p;
+    poison(c->out, c->n);
+    if (c->kind == EW_GELU) ops->gelu_forward(c->out, c->inp, c->n);
+    else if (c->kind == EW_RELU) ops->relu_forward(c->out, c->inp, c->n);
+    else ops->dropout_forward(c->out, c->inp, c->p, c->seed, c->stream, c->n);
+    return weighted_sum(c->out, c->R, c->n);
+}
+static void ew_backward(void *p, float **g) {
+    ew_ctx *c = p;
+    if (c->kind == EW_GELU) ops->gelu_backward(g[0], c->inp, c->R, c->n);
+    else if (c->kind == EW_RELU) ops->relu_backward(g[0], c->inp, c->R, c->n);
+    else ops->dropout_backward(g[0], c->R, c->p, c->seed, c->stream, c->n);
+}
+
+/* Inputs in [-3, 3] but at least 0.05 from zero (ReLU's kink). */
+static float *ew_inputs(size_t n) {
+    float *x = rnd_tensor(n, 0.05f, 3.0f);
+    for (size_t i = 0; i < n; i++)
+        if (rnd_u64() & 1) x[i] = -x[i];
+    return x;
+}
+
+static void test_gelu_relu(void **state) {
+    (void)state;
+    const size_t n = (size_t)rnd_int(50, 200);
+    ew_ctx c = {EW_GELU, n, 0.0f, 0, 0, ew_inputs(n), alloc_f(n), rnd_tensor(n, -1, 1)};
+    double *want = alloc_d(n);
+    ew_loss(&c);
+    for (size_t i = 0; i < n; i++) {
+        const double x = c.inp[i];
+        want[i] = 0.5 * x * (1.0 + tanh(sqrt(2.0 / acos(-1.0)) * (x + 0.044715 * x * x * x)));
+    }
+    check_close("gelu", c.out, want, n, 1e-5, 1e-6);
+    const param ps[] = {{"inp", c.inp, n}};
+    check_gradients("gelu", ew_loss, ew_backward, &c, ps, 1, 1e-3);
+
+    c.kind = EW_RELU;
+    ew_loss(&c);
+    for (size_t i = 0; i < n; i++) want[i] = c.inp[i] > 0.0f ? c.inp[i] : 0.0;
+    check_close("relu", c.out, want, n, 0.0, 0.0);
+    check_gradients("relu", ew_loss, ew_backward, &c, ps, 1, 1e-3);
+    free(want), free(c.inp), free(c.out), free(c.R);
+}
+
+static void test_add(void **state) {
+    (void)state;
+    const size_t n = 1001;
+    float *a = rnd_tensor(n, -1, 1), *b = rnd_tensor(n, -1, 1), *out = alloc_f(n);
+    double *want = alloc_d(n);
+    for (size_t i = 0; i < n; i++) want[i] = (double)(a[i] + b[i]);
+    poison(out, n);
+    ops->add_forward(out, a, b, n);
+    check_close("add", out, want, n, 0.0, 0.0);
+    float *a2 = copy_tensor(a, n), *b2 = copy_tensor(b, n);
+    ops->add_forward(a2, a2, b, n);
+    check_close("add out=a", a2, want, n, 0.0, 0.0);
+    ops->add_forward(b2, a, b2, n);
+    check_close("add out=b", b2, want, n, 0.0, 0.0);
+    free(a), free(b), free(out), free(want), free(a2), free(b2);
+}
+
+static void test_dropout(void **state) {
+    (void)state;
+    const size_t n = 200003;
+    const float p = 0.3f;
+    const uint64_t seed = rnd_u64(), stream = 7;
+    float *inp = ew_inputs(n), *out = alloc_f(n), *same = copy_tensor(inp, n);
+
+    /* p = 0 copies, also in place. */
+    poison(out, n);
+    ops->dropout_forward(out, inp, 0.0f, seed, stream, n);
+    assert_memory_equal(out, inp, n * sizeof *out);
+    ops->dropout_forward(same, same, 0.0f, seed, stream, n);
+    assert_memory_equal(same, inp, n * sizeof *out);
+
+    /* The documented mask rule, the 1/(1-p) scale, and the drop rate. */
+    poison(out, n);
+    ops->dropout_forward(out, inp, p, seed, stream, n);
+    size_t dropped = 0;
+    const float scale = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < n; i++) {
+        const int keep = qs_rng_uniform(seed, stream, i) >= p;
+        dropped += !keep;
+        if (!(out[i] == (keep ? inp[i] * scale : 0.0f)))
+            fail_msg("dropout out[%zu] = %g, keep %d, inp %g", i, (double)out[i], keep,
+                     (double)inp[i]);
+    }
+    const double rate = (double)dropped / n;
+    if (fabs(rate - p) > 0.01) fail_msg("dropout rate %g, want %g", rate, (double)p);
+
+    /* In place gives the same result. */
+    ops->dropout_forward(same, same, p, seed, stream, n);
+    assert_memory_equal(same, out, n * sizeof *out);
+
+    /* Another stream draws another mask. */
+    float *other = alloc_f(n);
+    ops->dropout_forward(other, inp, p, seed, stream + 1, n);
+    size_t differ = 0;
+    for (size_t i = 0; i < n; i++) differ += (other[i] == 0.0f) != (out[i] == 0.0f);
+    if (differ < n / 10) fail_msg("dropout masks of two streams barely differ (%zu)", differ);
+
+    /* Backward applies the forward's mask: dropped elements get no gradient. */
+    float *dout = rnd_tensor(n, 0.5f, 1.5f), *dinp = rnd_tensor(n, -1, 1);
+    float *pre = copy_tensor(dinp, n);
+    ops->dropout_backward(dinp, dout, p, seed, stream, n);
+    for (size_t i = 0; i < n; i++) {
+        const float want = pre[i] + (out[i] != 0.0f ? dout[i] * scale : 0.0f);
+        if (!(fabs(dinp[i] - want) <= 1e-6f * (1.0f + fabsf(want))))
+            fail_msg("dropout dinp[%zu] = %g, want %g", i, (double)dinp[i], (double)want);
+    }
+
+    const size_t m = (size_t)rnd_int(50, 200);
+    ew_ctx c = {EW_DROPOUT, m, p, seed, stream, ew_inputs(m), alloc_f(m), rnd_tensor(m, -1, 1)};
+    const param ps[] = {{"inp", c.inp, m}};
+    check_gradients("dropout", ew_loss, ew_backward, &c, ps, 1, 1e-3);
+    free(c.inp), free(c.out), free(c.R);
+    free(inp), free(out), free(same), free(other), free(dout), free(dinp), free(pre);
+}
+
+/* ---- cross-entropy ---- */
+
+typedef struct {
+    int N, V;
+    float r;
+    const int *tgt;
+    float *logits, *losses;
+} xent_ctx;
+
+static double xent_loss(void *p) {
+    xent_ctx *c = p;
+    poison(c->losses, c->N);
+    ops->xent_forward(c->losses, c->logits, c->tgt, c->N, c->V);
+    double s = 0.0;
+    for (int n = 0; n < c->N; n++) s += c->losses[n];
+    return c->r * s;
+}
+static void xent_backward(void *p, float **g) {
+    xent_ctx *c = p;
+    ops->xent_backward(g[0], c->logits, c->tgt, c->r, c->N, c->V);
+}
+
+static void test_xent(void **state) {
+    (void)state;
+    const int N = rnd_int(7, 37), V = 29;
+    const size_t n = (size_t)N * V;
+    int *tgt = alloc_i(N);
+    for (int i = 0; i < N; i++) tgt[i] = i % 4 == 1 ? -1 : rnd_int(0, V - 1);
+    xent_ctx c = {N, V, rnd_uniform(0.5f, 2.0f), tgt, rnd_tensor(n, -3, 3), alloc_f(N)};
+    /* Some rows far beyond float exp's range: only a max-subtracting softmax survives. */
+    for (int r = 0; r < N; r += 3)
+        for (int v = 0; v < V; v++) c.logits[(size_t)r * V + v] += 100.0f;
+
+    xent_loss(&c);
+    double *want = alloc_d(N), *wgrad = alloc_d(n);
+    float *grad = rnd_tensor(n, -1, 1), *pre = copy_tensor(grad, n);
+    for (int r = 0; r < N; r++) {
+        const float *x = c.logits + (size_t)r * V;
+        double mx = -INFINITY, sum = 0.0;
+        for (int v = 0; v < V; v++) mx = fmax(mx, x[v]);
+        for (int v = 0; v < V; v++) sum += exp(x[v] - mx);
+        want[r] = tgt[r] < 0 ? 0.0 : mx + log(sum) - x[tgt[r]];
+        for (int v = 0; v < V; v++)
+            wgrad[(size_t)r * V + v] =
+                pre[(size_t)r * V + v] +
+                (tgt[r] < 0 ? 0.0 : c.r * (exp(x[v] - mx) / sum - (v == tgt[r])));
+    }
+    check_close("xent loss", c.losses, want, N, 1e-5, 1e-5);
+    ops->xent_backward(grad, c.logits, tgt, c.r, N, V);
+    check_close("xent dlogits", grad, wgrad, n, 1e-5, 1e-6);
+    for (int r = 1; r < N; r += 4) /* ignored rows are left exactly as they were */
+        assert_memory_equal(grad + (size_t)r * V, pre + (size_t)r * V, V * sizeof *grad);
+
+    const param ps[] = {{"logits", c.logits, n}};
+    check_gradients("xent", xent_loss, xent_backward, &c, ps, 1, 1e-2);
+    free(tgt), free(c.logits), free(c.losses), free(want), free(wgrad), free(grad), free(pre);
+}
+
+/* ---- MoE: noisy gate ---- */
+
+typedef struct {
+    size_t n;
+    uint64_t seed, stream;
+    float *clean, *noise, *h, *R;
+} gate_ctx;
+
+static double gate_loss(void *p) {
+    gate_ctx *c = p;
+    poison(c->h, c->n);
+    ops->noisy_gate_forward(c->h, c->clean, c->noise, c->seed, c->stream, c->n);
+    return weighted_sum(c->h, c->R, c->n);
+}
+static void gate_backward(void *p, float **g) {
+    gate_ctx *c = p;
+    ops->noisy_gate_backward(g[0], g[1], c->R, c->noise, c->seed, c->stream, c->n);
+}
+
+static void test_noisy_gate(void **state) {
+    (void)state;
+    const size_t n = (size_t)rnd_int(7, 37) * 5;
+    gate_ctx c = {n, rnd_u64(), 3, rnd_tensor(n, -2, 2), rnd_tensor(n, -4, 4), alloc_f(n),
+                  rnd_tensor(n, -1, 1)};
+    gate_loss(&c);
+    double *want = alloc_d(n);
+    for (size_t i = 0; i < n; i++)
+        want[i] = c.clean[i] + qs_rng_normal(c.seed, c.stream, i) * log1p(exp((double)c.noise[i]));
+    check_close("noisy gate", c.h, want, n, 1e-5, 1e-6);
+    const param ps[] = {{"clean", c.clean, n}, {"noise", c.noise, n}};
+    check_gradients("noisy gate", gate_loss, gate_backward, &c, ps, 2, 1e-3);
+    free(want), free(c.clean), free(c.noise), free(c.h), free(c.R);
+}
+
+/* ---- MoE: top-k ---- */
+
+/* Reference selection: repeatedly the largest unchosen logit, lowest index on ties. */
+static void topk_reference(int *idx, double *gate, const float *x, int E, int K) {
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int j = 0; j < k; j++) taken |= idx[j] == e;
+            if (!taken && (best < 0 || x[e] > x[best])) best = e;
+        }
+        idx[k] = best;
+    }
+    double sum = 0.0;
+    for (int k = 0; k < K; k++) sum += gate[k] = exp((double)x[idx[k]] - x[idx[0]]);
+    for (int k = 0; k < K; k++) gate[k] /= sum;
+}
+
+static void check_topk(const float *logits, int N, int E, int K) {
+    int *idx = alloc_i((size_t)N * K), *widx = alloc_i((size_t)N * K);
+    float *gate = alloc_f((size_t)N * K);
+    double *wgate = alloc_d((size_t)N * K);
+    for (int i = 0; i < N * K; i++) idx[i] = -1;
+    poison(gate, (size_t)N * K);
+    ops->moe_topk_forward(idx, gate, logits, N, E, K);
+    for (int n = 0; n < N; n++) topk_reference(widx + n * K, wgate + n * K, logits + n * E, E, K);
+    for (int i = 0; i < N * K; i++)
+        if (idx[i] != widx[i])
+            fail_msg("topk idx[%d] = %d, want %d (E=%d K=%d)", i, idx[i], widx[i], E, K);
+    check_close("topk gate", gate, wgate, (size_t)N * K, 1e-5, 1e-6);
+    free(idx), free(widx), free(gate), free(wgate);
+}
+
+typedef struct {
+    int N, E, K;
+    float *logits, *gate, *R;
+    int *idx;
+} topk_ctx;
+
+static double topk_loss(void *p) {
+    topk_ctx *c = p;
+    poison(c->gate, (size_t)c->N * c->K);
+    ops->moe_topk_forward(c->idx, c->gate, c->logits, c->N, c->E, c->K);
+    return weighted_sum(c->gate, c->R, (size_t)c->N * c->K);
+}
+static void topk_backward(void *p, float **g) {
+    topk_ctx *c = p;
+    ops->moe_topk_backward(g[0], c->R, c->idx, c->gate, c->N, c->E, c->K);
+}
+
+static void test_topk(void **state) {
+    (void)state;
+    /* Exact ties: the lower index comes first. */
+    const float ties[] = {1, 3, 3, 2, 3, 0, /**/ 5, 5, 5, 5, 5, 5, /**/ -1, 4, 0, 4, 9, 4};
+    const int want3[] = {1, 2, 4, /**/ 0, 1, 2, /**/ 4, 1, 3};
+    int idx[9];
+    float gate[9];
+    ops->moe_topk_forward(idx, gate, ties, 3, 6, 3);
+    assert_memory_equal(idx, want3, sizeof idx);
+    for (int K = 1; K <= 6; K++) check_topk(ties, 3, 6, K);
+
+    /* Random rows, integer logits so ties are frequent. */
+    const int N = rnd_int(7, 37), E = rnd_int(5, 11);
+    float *x = alloc_f((size_t)N * E);
+    for (int i = 0; i < N * E; i++) x[i] = (float)rnd_int(-3, 3);
+    for (int K = 1; K <= 3; K++) check_topk(x, N, E, K);
+    for (int i = 0; i < N * E; i++) x[i] = rnd_uniform(-5, 5);
+    check_topk(x, N, E, 2);
+
+    const int K = 3;
+    separated_logits(x, N, E);
+    topk_ctx c = {N, E, K, x, alloc_f((size_t)N * K), rnd_tensor((size_t)N * K, -1, 1),
+                  alloc_i((size_t)N * K)};
+    const param ps[] = {{"logits", x, (size_t)N * E}};
+    check_gradients("topk", topk_loss, topk_backward, &c, ps, 1, 1e-3);
+    free(x), free(c.gate), free(c.R), free(c.idx);
+}
+
+/* ---- MoE: capacity assignment ---- */
+
+static void test_assign_by_hand(void **state) {
+    (void)state;
+    /* 4 tokens, 3 experts, top-2. In token order expert 0 gets tokens 0, 1, 2,
+     * expert 1 gets 0, 2, 3, expert 2 gets 1, 3. */
+    const int idx[] = {0, 1, 0, 2, 0, 1, 1, 2};
+    int slot[8], counts[3], offsets[4], routed[3];
+
+    /* Capacity 2: the third arrival at experts 0 and 1 is dropped. */
+    assert_int_equal(ops->moe_assign(slot, counts, offsets, routed, idx, 4, 3, 2, 2), 2);
+    const int routed_w[] = {3, 3, 2}, counts2[] = {2, 2, 2}, offsets2[] = {0, 2, 4, 6};
+    const int slot2[] = {0, 2, 1, 4, -1, 3, -1, 5};
+    assert_memory_equal(routed, routed_w, sizeof routed);
+    assert_memory_equal(counts, counts2, sizeof counts);
+    assert_memory_equal(offsets, offsets2, sizeof offsets);
+    assert_memory_equal(slot, slot2, sizeof slot);
+
+    /* Capacity 1: tokens 2 and 3 lose both experts. */
+    assert_int_equal(ops->moe_assign(slot, counts, offsets, routed, idx, 4, 3, 2, 1), 5);
+    const int counts1[] = {1, 1, 1}, offsets1[] = {0, 1, 2, 3};
+    const int slot1[] = {0, 1, -1, 2, -1, -1, -1, -1};
+    assert_memory_equal(counts, counts1, sizeof counts);
+    assert_memory_equal(offsets, offsets1, sizeof offsets);
+    assert_memory_equal(slot, slot1, sizeof slot);
+
+    /* Dropless (capacity <= 0). */
+    for (int cap = 0; cap >= -1; cap--) {
+        assert_int_equal(ops->moe_assign(slot, counts, offsets, routed, idx, 4, 3, 2, cap), 0);
+        const int offsets0[] = {0, 3, 6, 8}, slot0[] = {0, 3, 1, 6, 2, 4, 5, 7};
+        assert_memory_equal(routed, routed_w, sizeof routed);
+        assert_memory_equal(counts, routed_w, sizeof counts);
+        assert_memory_equal(offsets, offsets0, sizeof offsets);
+        assert_memory_equal(slot, slot0, sizeof slot);
+    }
+}
+
+static void test_assign_random(void **state) {
+    (void)state;
+    for (int rep = 0; rep < 20; rep++) {
+        const int N = rnd_int(7, 37), E = rnd_int(2, 7), K = rnd_int(1, E < 3 ? E : 3);
+        const int cap = rep % 4 == 0 ? 0 : rnd_int(1, N * K / E + 1);
+        int *idx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K);
+        int *counts = alloc_i(E), *offsets = alloc_i(E + 1), *routed = alloc_i(E),
+            *rank = alloc_i(E);
+        rnd_routes(idx, N, E, K);
+        for (int i = 0; i < N * K; i++) slot[i] = 1 << 30;
+        const int dropped = ops->moe_assign(slot, counts, offsets, routed, idx, N, E, K, cap);
+        int want_dropped = 0;
+        assert_int_equal(offsets[0], 0);
+        for (int e = 0; e < E; e++) {
+            int r = 0;
+            for (int i = 0; i < N * K; i++) r += idx[i] == e;
+            assert_int_equal(routed[e], r);
+            assert_int_equal(counts[e], cap > 0 && r > cap ? cap : r);
+            assert_int_equal(offsets[e + 1], offsets[e] + counts[e]);
+            want_dropped += r - counts[e];
+        }
+        assert_int_equal(dropped, want_dropped);
+        /* The first `cap` arrivals at an expert, in token order, fill its rows in order. */
+        for (int i = 0; i < N * K; i++) {
+            const int e = idx[i], r = rank[e]++;
+            assert_int_equal(slot[i], cap <= 0 || r < cap ? offsets[e] + r : -1);
+        }
+        free(idx), free(slot), free(counts), free(offsets), free(routed), free(rank);
+    }
+}
+
+/* ---- MoE: dispatch / combine ---- */
+
+typedef struct {
+    int N, K, C, rows;
+    const int *slot;
+    float *x, *xe, *ye, *gate, *y, *R;
+} route_ctx;
+
+static double dispatch_loss(void *p) {
+    route_ctx *c = p;
+    poison(c->xe, (size_t)c->rows * c->C);
+    ops->moe_dispatch_forward(c->xe, c->x, c->slot, c->N, c->K, c->C);
+    return weighted_sum(c->xe, c->R, (size_t)c->rows * c->C);
+}
+static void dispatch_backward(void *p, float **g) {
+    route_ctx *c = p;
+    ops->moe_dispatch_backward(g[0], c->R, c->slot, c->N, c->K, c->C);
+}
+static double combine_loss(void *p) {
+    route_ctx *c = p;
+    poison(c->y, (size_t)c->N * c->C);
+    ops->moe_combine_forward(c->y, c->ye, c->gate, c->slot, c->N, c->K, c->C);
+    return weighted_sum(c->y, c->R, (size_t)c->N * c->C);
+}
+static void combine_backward(void *p, float **g) {
+    route_ctx *c = p;
+    ops->moe_combine_backward(g[0], g[1], c->R, c->ye, c->gate, c->slot, c->N, c->K, c->C);
+}
+
+/* dispatch then combine: y[n] = x[n] * (sum of n's kept gates); all-dropped -> 0. */
+static void check_round_trip(const int *slot, int rows, int N, int K, int C) {
+    float *x = rnd_tensor((size_t)N * C, -1, 1), *gate = rnd_tensor((size_t)N * K, 0, 1);
+    float *xe = alloc_f((size_t)rows * C), *y = alloc_f((size_t)N * C);
+    double *want = alloc_d((size_t)N * C);
+    poison(xe, (size_t)rows * C);
+    poison(y, (size_t)N * C);
+    ops->moe_dispatch_forward(xe, x, slot, N, K, C);
+    ops->moe_combine_forward(y, xe, gate, slot, N, K, C);
+    for (int n = 0; n < N; n++) {
+        double g = 0.0;
+        for (int k = 0; k < K; k++) {
+            const int s = slot[n * K + k];
+            if (s < 0) continue;
+            g += gate[n * K + k];
+            assert_memory_equal(xe + (size_t)s * C, x + (size_t)n * C, C * sizeof *x);
+        }
+        for (int j = 0; j < C; j++) want[(size_t)n * C + j] = g * x[(size_t)n * C + j];
+    }
+    check_close("dispatch/combine", y, want, (size_t)N * C, 1e-5, 0.0);
+    free(x), free(gate), free(xe), free(y), free(want);
+}
+
+static void test_dispatch_combine(void **state) {
+    (void)state;
+    /* The hand-made capacity-1 case above: tokens 2 and 3 are fully dropped. */
+    const int slot1[] = {0, 1, -1, 2, -1, -1, -1, -1};
+    check_round_trip(slot1, 3, 4, 2, 13);
+
+    const int N = rnd_int(7, 37), E = 5, K = 2, C = 13;
+    int *idx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K);
+    int counts[5], offsets[6], routed[5];
+    rnd_routes(idx, N, E, K);
+    const int capacity = N * K / E * 2 / 3; /* below the mean load: some are dropped */
+    assert_true(ops->moe_assign(slot, counts, offsets, routed, idx, N, E, K, capacity) > 0);
+    const int rows = offsets[E];
+    check_round_trip(slot, rows, N, K, C);
+
+    route_ctx c = {N, K, C, rows, slot, rnd_tensor((size_t)N * C, -1, 1),
+                   alloc_f((size_t)rows * C), rnd_tensor((size_t)rows * C, -1, 1),
+                   rnd_tensor((size_t)N * K, 0, 1), alloc_f((size_t)N * C), NULL};
+    c.R = rnd_tensor((size_t)rows * C, -1, 1);
+    const param pd[] = {{"x", c.x, (size_t)N * C}};
+    check_gradients("dispatch", dispatch_loss, dispatch_backward, &c, pd, 1, 1e-3);
+    free(c.R);
+    c.R = rnd_tensor((size_t)N * C, -1, 1);
+    const param pc[] = {{"ye", c.ye, (size_t)rows * C}, {"gate", c.gate, (size_t)N * K}};
+    check_gradients("combine", combine_loss, combine_backward, &c, pc, 2, 1e-3);
+    free(c.R), free(c.x), free(c.xe), free(c.ye), free(c.gate), free(c.y), free(idx), free(slot);
+}
+
+/* ---- MoE: balance / z loss ---- */
+
+typedef struct {
+    int N, E, K;
+    float bc, zc;
+    const int *routed;
+    float *logits;
+} bal_ctx;
+
+static double bal_loss(void *p) {
+    bal_ctx *c = p;
+    float balance = NAN, z = NAN;
+    ops->moe_balance_forward(&balance, &z, c->logits, c->routed, c->N, c->E, c->K);
+    return (double)c->bc * balance + (double)c->zc * z;
+}
+static void bal_backward(void *p, float **g) {
+    bal_ctx *c = p;
+    ops->moe_balance_backward(g[0], c->logits, c->routed, c->bc, c->zc, c->N, c->E, c->K);
+}
+
+static void test_balance(void **state) {
+    (void)state;
+    const int N = rnd_int(7, 37), E = 7, K = 2;
+    int *idx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K);
+    int counts[7], offsets[8], routed[7];
+    rnd_routes(idx, N, E, K);
+    ops->moe_assign(slot, counts, offsets, routed, idx, N, E, K, 0);
+    bal_ctx c = {N, E, K, rnd_uniform(0.5f, 2.0f), rnd_uniform(0.5f, 2.0f), routed,
+                 rnd_tensor((size_t)N * E, -3, 3)};
+
+    float balance = NAN, z = NAN;
+    ops->moe_balance_forward(&balance, &z, c.logits, routed, N, E, K);
+    double P[7] = {0}, wz = 0.0, wb = 0.0;
+    for (int n = 0; n < N; n++) {
+        const float *x = c.logits + (size_t)n * E;
+        double sum = 0.0;
+        for (int e = 0; e < E; e++) sum += exp(x[e]);
+        for (int e = 0; e < E; e++) P[e] += exp(x[e]) / sum / N;
+        wz += log(sum) * log(sum) / N;
+    }
+    for (int e = 0; e < E; e++) wb += E * (routed[e] / (double)(N * K)) * P[e];
+    check_close("balance", &balance, &wb, 1, 1e-5, 0.0);
+    check_close("z", &z, &wz, 1, 1e-5, 0.0);
+
+    const param ps[] = {{"logits", c.logits, (size_t)N * E}};
+    check_gradients("balance+z", bal_loss, bal_backward, &c, ps, 1, 1e-2);
+    free(idx), free(slot), free(c.logits);
+}
+
+/* ---- optimizer ---- */
+
+static void test_sumsq(void **state) {
+    (void)state;
+    const size_t sizes[] = {0, 5, 1003, 100003};
+    for (int s = 0; s < 4; s++) {
+        const size_t n = sizes[s];
+        float *g = rnd_tensor(n, -2, 2);
+        double want = 0.0;
+        for (size_t i = 0; i < n; i++) want += (double)g[i] * g[i];
+        const double got = ops->sumsq(g, n);
+        if (!(fabs(got - want) <= 1e-12 * want))
+            fail_msg("sumsq(%zu) = %.17g, want %.17g", n, got, want);
+        free(g);
+    }
+}
+
+static void test_adamw(void **state) {
+    (void)state;
+    const size_t n = 1003;
+    const float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, scale = 0.5f;
+    float *p = rnd_tensor(n, -1, 1), *m = alloc_f(n), *v = alloc_f(n);
+    double *wp = alloc_d(n), *wm = alloc_d(n), *wv = alloc_d(n);
+    for (size_t i = 0; i < n; i++) wp[i] = p[i];
+    for (int t = 1; t <= 6; t++) {
+        float *g = rnd_tensor(n, -3, 3);
+        for (size_t i = 0; i < n; i += 7) g[i] = 0.0f;
+        ops->adamw_update(p, g, m, v, n, lr, b1, b2, eps, wd, t, scale);
+        for (size_t i = 0; i < n; i++) {
+            const double gs = (double)g[i] * scale;
+            wm[i] = b1 * wm[i] + (1.0 - b1) * gs;
+            wv[i] = b2 * wv[i] + (1.0 - b2) * gs * gs;
+            const double mh = wm[i] / (1.0 - pow(b1, t)), vh = wv[i] / (1.0 - pow(b2, t));
+            wp[i] -= lr * (mh / (sqrt(vh) + eps) + wd * wp[i]);
+        }
+        check_close("adamw m", m, wm, n, 1e-5, 1e-7);
+        check_close("adamw v", v, wv, n, 1e-5, 1e-8);
+        check_close("adamw p", p, wp, n, 1e-5, 1e-6);
+        free(g);
+    }
+    free(p), free(m), free(v), free(wp), free(wm), free(wv);
+}
+
+int main(void) {
+    const char *env = getenv("QS_TEST_SEED");
+    if (env && *env) {
+        test_seed = strtoull(env, NULL, 10);
+    } else {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        test_seed = (uint64_t)ts.tv_sec * 1000000007ULL + (uint64_t)ts.tv_nsec;
+    }
+    printf("test_ops: QS_TEST_SEED=%llu\n", (unsigned long long)test_seed);
+    fflush(stdout);
+    /* Three threads unless told otherwise: uneven row splits and several partial
+     * buffers exercise the deterministic reductions even on a two-core machine. */
+    if (!getenv("OMP_NUM_THREADS")) omp_set_num_threads(3);
+    ops = qs_backend_cpu()->ops;
+
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_backend_memory),  cmocka_unit_test(test_embed),
+        cmocka_unit_test(test_layernorm),       cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_attention),       cmocka_unit_test(test_gelu_relu),
+        cmocka_unit_test(test_add),             cmocka_unit_test(test_dropout),
+        cmocka_unit_test(test_xent),            cmocka_unit_test(test_noisy_gate),
+        cmocka_unit_test(test_topk),            cmocka_unit_test(test_assign_by_hand),
+        cmocka_unit_test(test_assign_random),   cmocka_unit_test(test_dispatch_combine),
+        cmocka_unit_test(test_balance),         cmocka_unit_test(test_sumsq),
+        cmocka_unit_test(test_adamw),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
