@@ -7,6 +7,7 @@
 #include <cmocka.h>
 
 #include "quasar/config.h"
+#include "test_seed.h"
 #include "quasar/error.h"
 #include "quasar/rng.h"
 
@@ -473,9 +474,7 @@ static void test_to_json_round_trip(void **state) {
 }
 
 int main(void) {
-    const char *env = getenv("QS_TEST_SEED");
-    seed = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
-    printf("test_config: seed %" PRIu64 " (QS_TEST_SEED=%" PRIu64 " reproduces)\n", seed, seed);
+    seed = qs_test_seed("test_config");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_load_overrides),

@@ -17,13 +17,9 @@
 #include "quasar/config.h"
 #include "quasar/model.h"
 #include "quasar/rng.h"
+#include "test_seed.h"
 
 static uint64_t seed;
-
-static uint64_t test_seed(void) {
-    const char *s = getenv("QS_TEST_SEED");
-    return s ? strtoull(s, NULL, 10) : (uint64_t)time(NULL);
-}
 
 static qs_model_config tiny_config(void) {
     qs_config c;
@@ -250,8 +246,7 @@ static void test_modes(void **state) {
 }
 
 int main(void) {
-    seed = test_seed();
-    printf("# test_model seed %llu (QS_TEST_SEED reproduces)\n", (unsigned long long)seed);
+    seed = qs_test_seed("test_model");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense_gelu_tied),
         cmocka_unit_test(test_dense_untied_nobias),

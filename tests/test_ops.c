@@ -17,6 +17,7 @@
 
 #include "quasar/backend.h"
 #include "quasar/rng.h"
+#include "test_seed.h"
 
 static const qs_ops *ops;
 static uint64_t test_seed, draws;
@@ -966,16 +967,7 @@ static void test_adamw(void **state) {
 }
 
 int main(void) {
-    const char *env = getenv("QS_TEST_SEED");
-    if (env && *env) {
-        test_seed = strtoull(env, NULL, 10);
-    } else {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        test_seed = (uint64_t)ts.tv_sec * 1000000007ULL + (uint64_t)ts.tv_nsec;
-    }
-    printf("test_ops: QS_TEST_SEED=%llu\n", (unsigned long long)test_seed);
-    fflush(stdout);
+    test_seed = qs_test_seed("test_ops");
     /* Three threads unless told otherwise: uneven row splits and several partial
      * buffers exercise the deterministic reductions even on a two-core machine. */
     if (!getenv("OMP_NUM_THREADS")) omp_set_num_threads(3);

@@ -10,6 +10,7 @@
 #include "quasar/fileio.h"
 #include "quasar/rng.h"
 #include "quasar/safetensors.h"
+#include "test_seed.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -634,9 +635,7 @@ static void test_file_read_and_dirs(void **state) {
 }
 
 int main(void) {
-    const char *env = getenv("QS_TEST_SEED");
-    seed = env ? strtoull(env, NULL, 0) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
-    printf("test_safetensors: seed %" PRIu64 " (QS_TEST_SEED=%" PRIu64 " reproduces)\n", seed, seed);
+    seed = qs_test_seed("test_safetensors");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dtypes),
         cmocka_unit_test(test_round_trip),

@@ -30,9 +30,9 @@ void qs_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *d
 
 /* matmul.c */
 void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N,
-                           int I, int O, qs_weight_layout layout);
+                           int n_in, int n_out, qs_weight_layout layout);
 void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int I, int O,
+                            const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout);
 
 /* attention.c */

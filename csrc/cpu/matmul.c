@@ -6,9 +6,6 @@
 #include <cblas.h>
 #include <omp.h>
 #include <stdlib.h>
-/* OpenBLAS's header pulls in <complex.h>, whose macro I would clobber the I
- * (input width) parameters of the op signatures. */
-#undef I
 
 #include "cpu_ops.h"
 
@@ -37,30 +34,30 @@ static void par_sgemm(int ta, int tb, int M, int N, int K, const float *A, int l
 }
 
 void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N,
-                           int I, int O, qs_weight_layout layout) {
+                           int n_in, int n_out, qs_weight_layout layout) {
     if (N <= 0) return;
     const int out_in = layout == QS_W_OUT_IN;
-    par_sgemm(0, out_in, N, O, I, inp, I, w, out_in ? I : O, 0.0f, out, O);
+    par_sgemm(0, out_in, N, n_out, n_in, inp, n_in, w, out_in ? n_in : n_out, 0.0f, out, n_out);
     if (!bias) return;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * O;
-        for (int j = 0; j < O; j++) o[j] += bias[j];
+        float *o = out + (size_t)n * n_out;
+        for (int j = 0; j < n_out; j++) o[j] += bias[j];
     }
 }
 
 void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int I, int O,
+                            const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout) {
     if (N <= 0) return;
     const int out_in = layout == QS_W_OUT_IN;
-    /* dinp[N,I] += dout[N,O] @ W^T, where W^T is [O,I] (already so for [out,in]). */
-    if (dinp) par_sgemm(0, !out_in, N, I, O, dout, O, w, out_in ? I : O, 1.0f, dinp, I);
+    /* dinp[N,n_in] += dout[N,n_out] @ W^T, where W^T is [n_out,n_in] (already so for [out,in]). */
+    if (dinp) par_sgemm(0, !out_in, N, n_in, n_out, dout, n_out, w, out_in ? n_in : n_out, 1.0f, dinp, n_in);
     if (dw) {
-        if (out_in) /* dW[O,I] += dout^T @ inp */
-            par_sgemm(1, 0, O, I, N, dout, O, inp, I, 1.0f, dw, I);
-        else /* dW[I,O] += inp^T @ dout */
-            par_sgemm(1, 0, I, O, N, inp, I, dout, O, 1.0f, dw, O);
+        if (out_in) /* dW[n_out,n_in] += dout^T @ inp */
+            par_sgemm(1, 0, n_out, n_in, N, dout, n_out, inp, n_in, 1.0f, dw, n_in);
+        else /* dW[n_in,n_out] += inp^T @ dout */
+            par_sgemm(1, 0, n_in, n_out, N, inp, n_in, dout, n_out, 1.0f, dw, n_out);
     }
     if (dbias) {
         /* Column sums: each thread owns a range of columns and streams the rows, so
@@ -68,9 +65,9 @@ void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
 #pragma omp parallel
         {
             int nt = omp_get_num_threads(), t = omp_get_thread_num();
-            int j0 = (int)((long)O * t / nt), j1 = (int)((long)O * (t + 1) / nt);
+            int j0 = (int)((long)n_out * t / nt), j1 = (int)((long)n_out * (t + 1) / nt);
             for (int n = 0; n < N; n++) {
-                const float *row = dout + (size_t)n * O;
+                const float *row = dout + (size_t)n * n_out;
                 for (int j = j0; j < j1; j++) dbias[j] += row[j];
             }
         }

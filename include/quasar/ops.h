@@ -32,11 +32,12 @@ typedef struct qs_ops {
                                const float *inp, const float *w, const float *mean,
                                const float *rstd, int N, int C);
 
-    /* out[N,O] = inp[N,I] @ W + bias (bias may be NULL). W is [I,O] or [O,I]. */
+    /* out[N,n_out] = inp[N,n_in] @ W + bias (bias may be NULL). W is [n_in,n_out] or
+     * [n_out,n_in]. */
     void (*matmul_forward)(float *out, const float *inp, const float *w, const float *bias,
-                           int N, int I, int O, qs_weight_layout layout);
+                           int N, int n_in, int n_out, qs_weight_layout layout);
     void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int I, int O,
+                            const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout);
 
     /* Causal multi-head attention. qkv is [B,T,3C]: q, k, v each C = NH * hs wide,

@@ -1,6 +1,6 @@
 # Bad input of every kind: one "error:" line naming the problem, non-zero exit, no
 # sanitizer report, and nothing already saved is damaged.
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/../cli_lib.sh"
 make_corpus corpus.txt
 tiny_config good.json
 Q=$QUASAR

@@ -1,6 +1,6 @@
 # Training end to end, and exact resume: N steps + resume for N more must give the
 # same losses and bit-identical weights as 2N steps in one go (dense and MoE).
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/../cli_lib.sh"
 make_corpus corpus.txt
 
 for variant in dense moe; do
