@@ -40,6 +40,7 @@ ifeq ($(CUDA)$(if $(CU_SRC),y),1y)
 endif
 
 .PHONY: all test test-asan clean
+.SECONDARY:
 all: $(BUILD)/quasar
 
 $(BUILD)/obj/%.o: %.c

@@ -1,0 +1,149 @@
+/* The optimizer glue around the AdamW op: LR schedule, which tensors decay, the
+ * global norm, clipping, and skipping non-finite steps. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quasar/optim.h"
+#include "quasar/rng.h"
+#include "test_seed.h"
+
+static uint64_t seed;
+
+static qs_train_config train_config(void) {
+    qs_config c;
+    qs_config_defaults(&c);
+    c.train.lr = 1e-2f;
+    c.train.min_lr = 1e-3f;
+    c.train.warmup_steps = 10;
+    c.train.max_steps = 110;
+    return c.train;
+}
+
+static void test_lr_schedule(void **state) {
+    (void)state;
+    qs_train_config t = train_config();
+    assert_float_equal(qs_lr_at(&t, 0), 1e-3, 1e-9);  /* lr * 1/10 */
+    assert_float_equal(qs_lr_at(&t, 9), 1e-2, 1e-9);  /* warmup ends at lr */
+    assert_float_equal(qs_lr_at(&t, 10), 1e-2, 1e-9); /* cosine starts at lr */
+    assert_float_equal(qs_lr_at(&t, 60), 5.5e-3, 1e-7); /* halfway: (lr + min_lr) / 2 */
+    assert_float_equal(qs_lr_at(&t, 110), 1e-3, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 500), 1e-3, 1e-9); /* past the end: stays at min_lr */
+    for (int s = 11; s < 110; s++) assert_true(qs_lr_at(&t, s) <= qs_lr_at(&t, s - 1));
+    t.lr_schedule = QS_LR_CONSTANT;
+    assert_float_equal(qs_lr_at(&t, 5), 6e-3, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 100), 1e-2, 1e-9);
+}
+
+static qs_gpt *tiny_model(void) {
+    qs_config c;
+    qs_config_defaults(&c);
+    c.model.vocab_size = 7;
+    c.model.seq_len = 4;
+    c.model.n_layer = 1;
+    c.model.n_head = 2;
+    c.model.n_embd = 8;
+    qs_gpt *m;
+    assert_int_equal(qs_gpt_create(&m, &c.model, qs_backend_cpu(), 1, 4), 0);
+    qs_gpt_init(m, seed);
+    return m;
+}
+
+/* With zero gradients AdamW's step is pure decay: decayed tensors shrink by exactly
+ * (1 - lr * wd), the others stay. Matrices and embeddings decay; biases and norms
+ * only with decay_all. */
+static void test_decay_selection(void **state) {
+    (void)state;
+    for (int decay_all = 0; decay_all <= 1; decay_all++) {
+        qs_gpt *m = tiny_model();
+        qs_train_config t = train_config();
+        t.weight_decay = 0.5f;
+        t.decay_all = decay_all;
+        size_t n = qs_gpt_num_params(m);
+        float *before = malloc(n * sizeof(float));
+        memcpy(before, qs_gpt_params(m), n * sizeof(float));
+        qs_adamw o;
+        assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), n), 0);
+        qs_gpt_zero_grad(m);
+        assert_float_equal(qs_adamw_step(&o, m, &t, 0.1f), 0.0, 0.0);
+        int decayed = 0, kept = 0;
+        for (int i = 0; i < qs_gpt_num_params_tensors(m); i++) {
+            const qs_param_info *p = qs_gpt_param_info(m, i);
+            int want = decay_all || p->ndim >= 2;
+            assert_int_equal(qs_adamw_decays(&t, p), want);
+            for (size_t j = 0; j < p->numel; j++) {
+                float b = before[p->offset + j], a = qs_gpt_params(m)[p->offset + j];
+                assert_float_equal(a, want ? b * (1.0f - 0.1f * 0.5f) : b, 1e-7);
+            }
+            want ? decayed++ : kept++;
+        }
+        assert_true(decayed > 0 && (decay_all ? kept == 0 : kept > 0));
+        qs_adamw_free(&o);
+        free(before);
+        qs_gpt_free(m);
+    }
+}
+
+/* The returned norm is the global L2 norm before clipping; clipping rescales the
+ * gradient seen by Adam (visible in the second moment after one step). */
+static void test_norm_and_clip(void **state) {
+    (void)state;
+    qs_gpt *m = tiny_model();
+    size_t n = qs_gpt_num_params(m);
+    float *g = qs_gpt_grads(m);
+    double ss = 0;
+    for (size_t j = 0; j < n; j++) {
+        g[j] = qs_rng_normal(seed, 9, j);
+        ss += (double)g[j] * g[j];
+    }
+    qs_train_config t = train_config();
+    t.weight_decay = 0.0f;
+    t.grad_clip = 0.5f;
+    qs_adamw o;
+    assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), n), 0);
+    double norm = qs_adamw_step(&o, m, &t, 1e-3f);
+    assert_float_equal(norm, sqrt(ss), 1e-6 * sqrt(ss));
+    double scale = 0.5 / sqrt(ss);
+    for (size_t j = 0; j < n; j += 7) /* v = (1 - beta2) * (scale * g)^2 */
+        assert_float_equal(o.v[j], (1.0 - t.beta2) * scale * scale * g[j] * g[j], 1e-6 * (o.v[j] + 1e-12));
+    assert_int_equal(o.t, 1);
+    qs_adamw_free(&o);
+    qs_gpt_free(m);
+}
+
+/* A non-finite gradient skips the update: parameters, moments and t unchanged. */
+static void test_nonfinite_skips(void **state) {
+    (void)state;
+    qs_gpt *m = tiny_model();
+    size_t n = qs_gpt_num_params(m);
+    float *before = malloc(n * sizeof(float));
+    memcpy(before, qs_gpt_params(m), n * sizeof(float));
+    qs_gpt_grads(m)[n / 2] = NAN;
+    qs_train_config t = train_config();
+    qs_adamw o;
+    assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), n), 0);
+    assert_true(isnan(qs_adamw_step(&o, m, &t, 1e-3f)));
+    assert_int_equal(o.t, 0);
+    assert_memory_equal(before, qs_gpt_params(m), n * sizeof(float));
+    for (size_t j = 0; j < n; j++) assert_true(o.m[j] == 0.0f && o.v[j] == 0.0f);
+    qs_adamw_free(&o);
+    free(before);
+    qs_gpt_free(m);
+}
+
+int main(void) {
+    seed = qs_test_seed("test_optim");
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_lr_schedule),
+        cmocka_unit_test(test_decay_selection),
+        cmocka_unit_test(test_norm_and_clip),
+        cmocka_unit_test(test_nonfinite_skips),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
