@@ -243,18 +243,13 @@ static int json_int(const cJSON *root, const char *key, const char *what, double
     return 0;
 }
 
-int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state *st) {
-    char path[QS_PATH_MAX + 64];
-    snprintf(path, sizeof path, "%s/state.json", step_dir);
-    char *text;
-    size_t len;
-    if (qs_file_read(path, &text, &len)) return -1;
-    cJSON *root = cJSON_Parse(text);
-    free(text);
+int qs_state_parse(const char *json, size_t len, qs_train_state *st, const char *what) {
+    cJSON *root = cJSON_ParseWithLength(json, len);
     double step = 0, seed = 0, tokens = 0;
-    int rc = !cJSON_IsObject(root) ? qs_error("%s: not a JSON object", path)
-             : json_int(root, "step", path, 2147483647.0, &step) || json_int(root, "seed", path, 9007199254740992.0, &seed) ||
-                     json_int(root, "tokens_seen", path, 9.2e18, &tokens)
+    int rc = !cJSON_IsObject(root) ? qs_error("%s: not a JSON object", what)
+             : json_int(root, "step", what, 2147483647.0, &step) ||
+                     json_int(root, "seed", what, 9007199254740992.0, &seed) ||
+                     json_int(root, "tokens_seen", what, 9.2e18, &tokens)
                  ? -1
                  : 0;
     cJSON_Delete(root);
@@ -262,6 +257,18 @@ int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state
     st->step = (int)step;
     st->seed = (uint64_t)seed;
     st->tokens_seen = (int64_t)tokens;
+    return 0;
+}
+
+int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state *st) {
+    char path[QS_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/state.json", step_dir);
+    char *text;
+    size_t len;
+    if (qs_file_read(path, &text, &len)) return -1;
+    int rc = qs_state_parse(text, len, st, path);
+    free(text);
+    if (rc) return rc;
 
     qs_st_file f;
     snprintf(path, sizeof path, "%s/optim.safetensors", step_dir);

@@ -33,5 +33,7 @@ int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg
 /* Every model tensor must be present with dtype F32 and its exact shape; nothing else. */
 int qs_checkpoint_load_weights(qs_gpt *m, const qs_st_file *f, const char *what);
 int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state *st);
+/* Parses state.json text (len bytes, need not be NUL-terminated); `what` names it in errors. */
+int qs_state_parse(const char *json, size_t len, qs_train_state *st, const char *what);
 
 #endif
