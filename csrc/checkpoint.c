@@ -10,6 +10,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "quasar/checksum.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
 
@@ -86,12 +87,109 @@ static int save_optim(const char *path, const qs_adamw *o, float *host) {
 }
 
 static int save_state(const char *path, const qs_train_state *st) {
-    char buf[256];
-    int n = snprintf(buf, sizeof buf,
-                     "{\n  \"step\": %d,\n  \"seed\": %llu,\n  \"tokens_seen\": %lld,\n"
-                     "  \"rng\": \"counter\",\n  \"sampler\": \"random_window\"\n}\n",
-                     st->step, (unsigned long long)st->seed, (long long)st->tokens_seen);
-    return qs_file_write_atomic(path, buf, (size_t)n);
+    char *guard = qs_guard_to_json(&st->guard);
+    if (!guard) return qs_error("out of memory writing '%s'", path);
+    char *buf = malloc(strlen(guard) + 256);
+    if (!buf) {
+        free(guard);
+        return qs_error("out of memory writing '%s'", path);
+    }
+    int n = sprintf(buf,
+                    "{\n  \"step\": %d,\n  \"seed\": %llu,\n  \"tokens_seen\": %lld,\n"
+                    "  \"rng\": \"counter\",\n  \"sampler\": \"random_window\",\n  \"guard\": %s\n}\n",
+                    st->step, (unsigned long long)st->seed, (long long)st->tokens_seen, guard);
+    int rc = qs_file_write_atomic(path, buf, (size_t)n);
+    free(buf);
+    free(guard);
+    return rc;
+}
+
+/* checksums.json: size and CRC-32C of every file of the checkpoint, written last, so
+ * a truncated, bit-flipped or half-written file is refused when loaded. */
+static const char *const CKPT_FILES[] = {"model.safetensors", "optim.safetensors", "state.json"};
+#define N_CKPT_FILES (int)(sizeof CKPT_FILES / sizeof *CKPT_FILES)
+
+static int write_manifest(const char *dir) {
+    char path[QS_PATH_MAX + 96], buf[1024];
+    int len = snprintf(buf, sizeof buf, "{");
+    for (int i = 0; i < N_CKPT_FILES; i++) {
+        char *data;
+        size_t n;
+        snprintf(path, sizeof path, "%s/%s", dir, CKPT_FILES[i]);
+        if (qs_file_read(path, &data, &n)) return -1; /* read back: checks what reached the disk */
+        len += snprintf(buf + len, sizeof buf - (size_t)len, "%s\n  \"%s\": {\"bytes\": %zu, \"crc32c\": \"%08x\"}",
+                        i ? "," : "", CKPT_FILES[i], n, qs_crc32c(0, data, n));
+        free(data);
+    }
+    len += snprintf(buf + len, sizeof buf - (size_t)len, "\n}\n");
+    snprintf(path, sizeof path, "%s/checksums.json", dir);
+    return qs_file_write_atomic(path, buf, (size_t)len);
+}
+
+/* Reads <dir>/<name> and checks it against the folder's checksums.json. */
+static int read_verified(const char *dir, const char *name, char **data, size_t *size) {
+    char path[QS_PATH_MAX + 96], mpath[QS_PATH_MAX + 96];
+    snprintf(mpath, sizeof mpath, "%s/checksums.json", dir);
+    char *mtext;
+    size_t mlen;
+    if (qs_file_read(mpath, &mtext, &mlen))
+        return qs_error("%s: no readable checksums.json: not a complete Quasar checkpoint", dir);
+    cJSON *m = cJSON_Parse(mtext);
+    free(mtext);
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(m, name);
+    const cJSON *bytes = cJSON_GetObjectItemCaseSensitive(e, "bytes"), *crc = cJSON_GetObjectItemCaseSensitive(e, "crc32c");
+    unsigned long want_crc = 0;
+    double want_bytes = cJSON_IsNumber(bytes) ? bytes->valuedouble : -1;
+    int ok = want_bytes >= 0 && cJSON_IsString(crc) && sscanf(crc->valuestring, "%8lx", &want_crc) == 1;
+    cJSON_Delete(m);
+    if (!ok) return qs_error("%s: checksums.json has no valid entry for %s", dir, name);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (qs_file_read(path, data, size)) return -1;
+    const char *problem = (double)*size != want_bytes ? "has the wrong size (truncated or overwritten)"
+                          : qs_crc32c(0, *data, *size) != (uint32_t)want_crc ? "fails its checksum (corrupted)"
+                                                                               : NULL;
+    if (!problem) return 0;
+    free(*data);
+    *data = NULL;
+    return qs_error("%s %s: %zu bytes, checksums.json expects %.0f", path, problem, *size, want_bytes);
+}
+
+static int by_step(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/* Deletes all but the newest `keep` step folders. Runs after `latest` has moved to
+ * the newest, so it never touches the folder `latest` names; a folder half-deleted by
+ * a crash is finished off next time. */
+static int prune(const char *ckpt, int keep) {
+    DIR *d = opendir(ckpt);
+    if (!d) return qs_error("cannot open '%s': %s", ckpt, strerror(errno));
+    int *steps = NULL, n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int step;
+        char tail;
+        if (sscanf(e->d_name, "step_%d%c", &step, &tail) != 1) continue;
+        if (n == cap) {
+            int *grown = realloc(steps, (size_t)(cap = cap ? 2 * cap : 16) * sizeof *steps);
+            if (!grown) break;
+            steps = grown;
+        }
+        steps[n++] = step;
+    }
+    closedir(d);
+    int rc = 0;
+    if (n > keep) {
+        qsort(steps, (size_t)n, sizeof *steps, by_step);
+        char dir[QS_PATH_MAX + 40];
+        for (int i = 0; i < n - keep && !rc; i++) {
+            snprintf(dir, sizeof dir, "%s/step_%08d", ckpt, steps[i]);
+            rc = remove_flat_dir(dir);
+        }
+    }
+    free(steps);
+    return rc;
 }
 
 int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_vocab *vocab,
@@ -121,7 +219,13 @@ int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_
         snprintf(path, sizeof path, "%s/state.json", tmp);
         rc = save_state(path, st);
     }
-    if (rc) return rc;
+    if (!rc) rc = write_manifest(tmp);
+    if (rc) {
+        char why[1024];
+        snprintf(why, sizeof why, "%s", qs_error_last());
+        remove_flat_dir(tmp); /* leave no half-written folder behind */
+        return qs_error("%s", why);
+    }
     /* Swap the folder in; a same-step folder from an earlier run is replaced. */
     if (is_dir(final) && (remove_flat_dir(old) || rename(final, old)))
         return qs_error("cannot replace '%s': %s", final, strerror(errno));
@@ -130,8 +234,8 @@ int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_
     snprintf(path, sizeof path, "%s/latest", ckpt);
     char line[40];
     int len = snprintf(line, sizeof line, "%s\n", name);
-    if (qs_file_write_atomic(path, line, (size_t)len)) return -1;
-    return remove_flat_dir(old);
+    if (qs_file_write_atomic(path, line, (size_t)len) || remove_flat_dir(old)) return -1;
+    return cfg->train.keep_checkpoints > 0 ? prune(ckpt, cfg->train.keep_checkpoints) : 0;
 }
 
 int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
@@ -167,7 +271,12 @@ int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg
                              qs_char_vocab *vocab) {
     char path[QS_PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/model.safetensors", step_dir);
-    if (qs_st_read(f, path)) return -1;
+    char *data;
+    size_t n;
+    if (read_verified(step_dir, "model.safetensors", &data, &n)) return -1;
+    int prc = qs_st_parse(f, data, n, path);
+    free(data);
+    if (prc) return -1;
     const char *cj = qs_st_meta_get(f, META_CONFIG), *vj = qs_st_meta_get(f, META_VOCAB);
     qs_config_defaults(cfg);
     if (!cj || !vj) {
@@ -252,6 +361,11 @@ int qs_state_parse(const char *json, size_t len, qs_train_state *st, const char 
                      json_int(root, "tokens_seen", what, 9.2e18, &tokens)
                  ? -1
                  : 0;
+    if (!rc) {
+        char *guard = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(root, "guard"));
+        rc = guard ? qs_guard_from_json(&st->guard, guard, what) : qs_error("%s: 'guard' is missing", what);
+        free(guard);
+    }
     cJSON_Delete(root);
     if (rc) return rc;
     st->step = (int)step;
@@ -265,14 +379,17 @@ int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state
     snprintf(path, sizeof path, "%s/state.json", step_dir);
     char *text;
     size_t len;
-    if (qs_file_read(path, &text, &len)) return -1;
+    if (read_verified(step_dir, "state.json", &text, &len)) return -1;
     int rc = qs_state_parse(text, len, st, path);
     free(text);
     if (rc) return rc;
 
     qs_st_file f;
     snprintf(path, sizeof path, "%s/optim.safetensors", step_dir);
-    if (qs_st_read(&f, path)) return -1;
+    if (read_verified(step_dir, "optim.safetensors", &text, &len)) return -1;
+    rc = qs_st_parse(&f, text, len, path);
+    free(text);
+    if (rc) return -1;
     int64_t shape[1] = {(int64_t)opt->n};
     const qs_st_tensor *m = find_f32(&f, path, "exp_avg", 1, shape);
     const qs_st_tensor *v = m ? find_f32(&f, path, "exp_avg_sq", 1, shape) : NULL;

@@ -2,6 +2,7 @@
  * "error: ..." line and exits non-zero. */
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -262,7 +263,9 @@ static int cmd_eval(int argc, char **argv) {
     if (!rc) {
         const qs_config *c = &lm.cfg;
         double vl = qs_evaluate(lm.m, &data, c, c->train.eval_iters);
-        printf("{\"step\": %d, \"val_loss\": %.6f, \"eval_iters\": %d, \"tokens\": %lld}\n", lm.step, vl,
+        char loss[32] = "null"; /* JSON has no NaN */
+        if (isfinite(vl)) snprintf(loss, sizeof loss, "%.6f", vl);
+        printf("{\"step\": %d, \"val_loss\": %s, \"eval_iters\": %d, \"tokens\": %lld}\n", lm.step, loss,
                c->train.eval_iters, (long long)c->train.eval_iters * micro_batch(c) * c->model.seq_len);
     }
     qs_dataset_free(&data);

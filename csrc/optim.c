@@ -28,11 +28,13 @@ int qs_adamw_decays(const qs_train_config *tc, const qs_param_info *p) {
     return tc->decay_all || p->ndim >= 2;
 }
 
-double qs_adamw_step(qs_adamw *o, qs_gpt *model, const qs_train_config *tc, float lr) {
+double qs_adamw_grad_norm(const qs_adamw *o, qs_gpt *model) {
+    return sqrt(o->be->ops->sumsq(qs_gpt_grads(model), o->n));
+}
+
+void qs_adamw_apply(qs_adamw *o, qs_gpt *model, const qs_train_config *tc, float lr, double norm) {
     const qs_ops *ops = o->be->ops;
     float *params = qs_gpt_params(model), *grads = qs_gpt_grads(model);
-    double norm = sqrt(ops->sumsq(grads, o->n));
-    if (!isfinite(norm)) return norm;
     float scale = 1.0f;
     if (tc->grad_clip > 0.0f && norm > tc->grad_clip) scale = (float)(tc->grad_clip / norm);
     o->t++;
@@ -42,7 +44,6 @@ double qs_adamw_step(qs_adamw *o, qs_gpt *model, const qs_train_config *tc, floa
         ops->adamw_update(params + p->offset, grads + p->offset, o->m + p->offset, o->v + p->offset,
                           p->numel, lr, tc->beta1, tc->beta2, tc->eps, wd, o->t, scale);
     }
-    return norm;
 }
 
 float qs_lr_at(const qs_train_config *tc, int step) {

@@ -118,21 +118,35 @@ static int write_samples(qs_gpt *m, const qs_config *cfg, const qs_char_vocab *v
     return rc;
 }
 
+/* JSON has no NaN or infinity: a non-finite value is logged as null. */
+static void json_num(FILE *f, const char *key, double v, const char *fmt) {
+    fprintf(f, ", \"%s\": ", key);
+    if (isfinite(v)) fprintf(f, fmt, v);
+    else fputs("null", f);
+}
+
 static void log_train_line(FILE *mf, int step, double loss, float lr, double norm, double tok_s,
-                           const qs_gpt *m, int skipped) {
-    fprintf(mf, "{\"step\": %d, \"train_loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6g, "
-                "\"tokens_per_s\": %.1f",
-            step, loss, lr, norm, tok_s);
+                           const qs_gpt *m, const qs_guard *g, qs_step_verdict verdict) {
+    fprintf(mf, "{\"step\": %d", step);
+    json_num(mf, "train_loss", loss, "%.6f");
+    json_num(mf, "lr", lr, "%.6g");
+    json_num(mf, "grad_norm", norm, "%.6g");
+    json_num(mf, "tokens_per_s", tok_s, "%.1f");
     const qs_model_config *c = qs_gpt_config(m);
     if (c->moe.n_experts > 0) {
         const qs_moe_stats *s = qs_gpt_moe_stats(m);
-        fprintf(mf, ", \"aux_loss\": %.6g, \"z_loss\": %.6g, \"expert_tokens\": [", s->balance, s->z);
+        json_num(mf, "aux_loss", s->balance, "%.6g");
+        json_num(mf, "z_loss", s->z, "%.6g");
+        fprintf(mf, ", \"expert_tokens\": [");
         for (int e = 0; e < c->moe.n_experts; e++)
             fprintf(mf, "%s%lld", e ? ", " : "", (long long)s->expert_tokens[e]);
         int64_t total = s->kept + s->dropped;
         fprintf(mf, "], \"dropped_frac\": %.6g", total ? (double)s->dropped / total : 0.0);
     }
-    if (skipped) fprintf(mf, ", \"skipped_steps\": %d", skipped);
+    if (verdict != QS_STEP_OK) fprintf(mf, ", \"skipped\": \"%s\"", verdict == QS_STEP_NONFINITE ? "nonfinite" : "outlier");
+    if (g->skipped_nonfinite || g->skipped_outlier)
+        fprintf(mf, ", \"skipped_nonfinite\": %lld, \"skipped_outlier\": %lld", (long long)g->skipped_nonfinite,
+                (long long)g->skipped_outlier);
     fprintf(mf, "}\n");
     fflush(mf);
 }
@@ -194,6 +208,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     qs_adamw optim = {0};
     if (qs_adamw_create(&optim, be, qs_gpt_num_params(m))) goto out_model;
     qs_train_state st = {.step = 0, .seed = tc->seed};
+    qs_guard_init(&st.guard, tc->outlier_zscore, tc->max_bad_steps);
     if (opt->resume) {
         if (qs_checkpoint_load_weights(m, &mf_st, step_dir) || qs_checkpoint_load_optim(step_dir, &optim, &st))
             goto out_optim;
@@ -228,7 +243,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         qs_error("out of memory");
         goto out_buffers;
     }
-    int tty = isatty(STDERR_FILENO), skipped = 0, start_step = st.step;
+    int tty = isatty(STDERR_FILENO), start_step = st.step;
     double t_start = now_s();
     while (st.step < until) {
         double t0 = now_s();
@@ -243,12 +258,20 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             loss += qs_gpt_forward(m, x, y, B, T, &mode) / accum;
             qs_gpt_backward(m, 1.0f / (float)accum);
         }
-        double norm = qs_adamw_step(&optim, m, tc, lr);
-        if (!isfinite(norm) || !isfinite(loss)) skipped++;
+        double norm = qs_adamw_grad_norm(&optim, m);
+        qs_step_verdict verdict = qs_guard_check(&st.guard, loss, norm);
+        if (verdict == QS_STEP_OK) qs_adamw_apply(&optim, m, tc, lr, norm);
         st.step++;
         st.tokens_seen += (int64_t)tc->batch_size * T;
         double dt = now_s() - t0, tok_s = tc->batch_size * T / dt;
-        log_train_line(mf, st.step, loss, lr, norm, tok_s, m, skipped);
+        log_train_line(mf, st.step, loss, lr, norm, tok_s, m, &st.guard, verdict);
+        if (qs_guard_should_stop(&st.guard)) {
+            char latest[QS_PATH_MAX + 64];
+            qs_error("%d steps in a row skipped for a non-finite or outlier loss/gradient norm (step %d); "
+                     "stopping with the last checkpoint kept (%s)", st.guard.bad_in_row, st.step,
+                     qs_checkpoint_find(run, latest, sizeof latest) ? "none written yet" : latest);
+            goto out_buffers;
+        }
         if (tty || st.step % tc->log_interval == 0 || st.step == until) {
             double elapsed = now_s() - t_start;
             char eta[32];
@@ -259,7 +282,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         int last = st.step == until;
         if ((tc->eval_interval > 0 && st.step % tc->eval_interval == 0) || st.step == tc->max_steps) {
             double vl = qs_evaluate(m, &data, cfg, tc->eval_iters);
-            fprintf(mf, "{\"step\": %d, \"val_loss\": %.6f}\n", st.step, vl);
+            fprintf(mf, "{\"step\": %d", st.step);
+            json_num(mf, "val_loss", vl, "%.6f");
+            fprintf(mf, "}\n");
             fflush(mf);
             fprintf(stderr, "%sstep %d: val loss %.4f\n", tty ? "\r\033[K" : "", st.step, vl);
         }

@@ -24,6 +24,20 @@ expect_error() {
   ok "$name"
 }
 
+# expect_run_error NAME PATTERN CMD...: a failure after the run has started: progress
+# lines may precede it, but the last stderr line is the only "error: ..." line.
+expect_run_error() {
+  local name=$1 pat=$2; shift 2
+  "$@" >"$WORK/out" 2>"$WORK/err"; local rc=$?
+  if [ $rc -eq 0 ]; then not_ok "$name" "exit 0, expected failure"; return; fi
+  if sanitizer_report "$WORK/err"; then not_ok "$name" "sanitizer report:" "$(head -5 "$WORK/err")"; return; fi
+  if [ "$(grep -c '^error: ' "$WORK/err")" -ne 1 ] || ! tail -n1 "$WORK/err" | grep -q '^error: '; then
+    not_ok "$name" "last stderr line is not the one 'error:' line:" "$(tail -3 "$WORK/err")"; return
+  fi
+  if ! tail -n1 "$WORK/err" | grep -qE -- "$pat"; then not_ok "$name" "message lacks /$pat/: $(tail -n1 "$WORK/err")"; return; fi
+  ok "$name"
+}
+
 # expect_ok NAME CMD...: exits 0 without a sanitizer report.
 expect_ok() {
   local name=$1; shift

@@ -9,6 +9,7 @@
 
 #include "quasar/config.h"
 #include "quasar/data.h"
+#include "quasar/guard.h"
 #include "quasar/model.h"
 #include "quasar/optim.h"
 #include "quasar/safetensors.h"
@@ -17,6 +18,7 @@ typedef struct qs_train_state {
     int step;            /* optimizer steps completed */
     uint64_t seed;
     int64_t tokens_seen;
+    qs_guard guard;      /* its window and counters travel in state.json */
 } qs_train_state;
 
 int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_vocab *vocab,

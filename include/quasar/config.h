@@ -52,8 +52,12 @@ typedef struct qs_train_config {
     int eval_interval;     /* 0 = only at the end */
     int eval_iters;
     int checkpoint_interval; /* 0 = only at the end */
+    int keep_checkpoints;  /* newest step folders kept; 0 = all */
     int log_interval;
     int sample_tokens;     /* written to samples.txt at the end */
+    int max_bad_steps;     /* stop after this many skipped steps in a row; 0 = never */
+    float outlier_zscore;  /* skip steps whose loss or grad norm is this many std devs
+                              above the recent ones; 0 = off */
 } qs_train_config;
 
 typedef struct qs_data_config {

@@ -21,9 +21,10 @@ void qs_adamw_free(qs_adamw *o);
  * train.decay_all. */
 int qs_adamw_decays(const qs_train_config *tc, const qs_param_info *p);
 
-/* Clips to train.grad_clip by the global norm and updates. Returns the norm before
- * clipping. A non-finite norm skips the update (the step is not counted). */
-double qs_adamw_step(qs_adamw *o, qs_gpt *model, const qs_train_config *tc, float lr);
+/* Global L2 norm of the model's gradients. */
+double qs_adamw_grad_norm(const qs_adamw *o, qs_gpt *model);
+/* One update with the gradients clipped to train.grad_clip, given their norm. */
+void qs_adamw_apply(qs_adamw *o, qs_gpt *model, const qs_train_config *tc, float lr, double norm);
 
 /* Learning rate at step (0-based): linear warmup, then cosine to min_lr or constant. */
 float qs_lr_at(const qs_train_config *tc, int step);
