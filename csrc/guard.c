@@ -72,9 +72,12 @@ char *qs_guard_to_json(const qs_guard *g) {
     return s;
 }
 
+/* A non-negative integer small enough to convert exactly (JSON numbers are doubles). */
 static int count_of(const cJSON *o, const char *key, double *out) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble != floor(v->valuedouble)) return -1;
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= 9007199254740992.0) ||
+        v->valuedouble != floor(v->valuedouble))
+        return -1;
     *out = v->valuedouble;
     return 0;
 }
