@@ -9,6 +9,7 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,15 +52,17 @@ static size_t routing_len(const qs_model_config *c, int N) {
     return c->moe.n_experts > 0 ? (size_t)c->n_layer * N * c->moe.top_k : 0;
 }
 
-static void gradcheck(const qs_model_config *cfg, const char *label) {
+/* One check on inputs drawn from `draw`; asserts accuracy on the coordinates it could
+ * check and returns whether routing flips left too few of them. */
+static bool gradcheck_draw(const qs_model_config *cfg, const char *label, uint64_t draw) {
     const int B = 2, T = 5, N = B * T;
     qs_gpt *m;
     assert_int_equal(qs_gpt_create(&m, cfg, qs_backend_cpu(), B, T + 1), 0);
     qs_gpt_init(m, seed);
     int x[10], y[10];
     for (int i = 0; i < N; i++) {
-        x[i] = (int)qs_rng_below(seed, 1, (uint64_t)i, (uint64_t)cfg->vocab_size);
-        y[i] = (int)qs_rng_below(seed, 2, (uint64_t)i, (uint64_t)cfg->vocab_size);
+        x[i] = (int)qs_rng_below(seed, 1 + 16 * draw, (uint64_t)i, (uint64_t)cfg->vocab_size);
+        y[i] = (int)qs_rng_below(seed, 2 + 16 * draw, (uint64_t)i, (uint64_t)cfg->vocab_size);
     }
     y[3] = -1; /* an ignored target */
     qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0xabcdef};
@@ -123,12 +126,23 @@ static void gradcheck(const qs_model_config *cfg, const char *label) {
     double rel = sqrt(num / den);
     printf("# %s: %d coordinates (%d skipped for routing flips), rel err %.2e, worst %.2e at %s\n", label,
            checked, skipped, rel, worst, worst_name);
-    assert_true(checked > 0 && skipped <= checked / 10);
+    assert_true(checked > 0);
     assert_true(rel < 1e-2);
     assert_true(worst < 5e-2);
     free(grad);
     free(route0);
     qs_gpt_free(m);
+    return skipped > checked / 10;
+}
+
+/* A token whose router logits are nearly tied flips its routing under any upstream
+ * perturbation, which skips most coordinates; such draws are redrawn (at most 5). */
+static void gradcheck(const qs_model_config *cfg, const char *label) {
+    for (uint64_t draw = 0; draw < 5; draw++) {
+        if (!gradcheck_draw(cfg, label, draw)) return;
+        printf("# %s: near-tie in routing, redrawing the inputs\n", label);
+    }
+    fail_msg("%s: routing flips skipped too many coordinates in 5 draws", label);
 }
 
 static void test_dense_gelu_tied(void **state) {
