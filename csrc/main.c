@@ -11,6 +11,7 @@
 #include "quasar/config.h"
 #include "quasar/error.h"
 #include "quasar/sample.h"
+#include "quasar/tokenizer.h"
 #include "quasar/train.h"
 
 #define EXIT_USAGE 2
@@ -277,7 +278,9 @@ static const char *MAIN_HELP =
     "usage: quasar <command> [options]   (quasar <command> --help for details)\n"
     "  train      train a model from a JSON config\n"
     "  generate   sample text from a checkpoint\n"
-    "  eval       validation loss of a checkpoint, as JSON\n";
+    "  eval       validation loss of a checkpoint, as JSON\n"
+    "  tokenize   UTF-8 text on stdin -> GPT-2 token ids on stdout\n"
+    "  detokenize token ids on stdin -> the exact text on stdout\n";
 
 int main(int argc, char **argv) {
     if (argc < 2) {
@@ -292,5 +295,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "train")) return cmd_train(argc - 2, argv + 2);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc - 2, argv + 2);
     if (!strcmp(cmd, "eval")) return cmd_eval(argc - 2, argv + 2);
+    if (!strcmp(cmd, "tokenize")) return qs_cli_tokenize(argc - 2, argv + 2);
+    if (!strcmp(cmd, "detokenize")) return qs_cli_detokenize(argc - 2, argv + 2);
     return usage_error("unknown command '%s'", cmd);
 }
