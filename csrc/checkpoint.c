@@ -43,13 +43,13 @@ static int remove_flat_dir(const char *dir) {
     return 0;
 }
 
-static int save_model(const char *path, const qs_config *cfg, const qs_char_vocab *vocab,
-                      qs_gpt *m, const float *host) {
+static int save_model(const char *path, const qs_config *cfg, const qs_codec *codec, qs_gpt *m,
+                      const float *host) {
     int n = qs_gpt_num_params_tensors(m);
     qs_st_entry *e = calloc((size_t)n, sizeof *e);
-    char *cfg_json = qs_config_to_json(cfg), *vocab_json = qs_vocab_to_json(vocab);
+    char *cfg_json = qs_config_to_json(cfg), *vocab_json = codec->bpe ? NULL : qs_vocab_to_json(&codec->chars);
     int rc = -1;
-    if (!e || !cfg_json || !vocab_json) {
+    if (!e || !cfg_json || (!codec->bpe && !vocab_json)) {
         qs_error("out of memory writing '%s'", path);
         goto done;
     }
@@ -61,8 +61,9 @@ static int save_model(const char *path, const qs_config *cfg, const qs_char_voca
         for (int d = 0; d < p->ndim; d++) e[i].shape[d] = p->shape[d];
         e[i].data = host + p->offset;
     }
+    /* GPT-2 models name their vocabulary through data.vocab_dir in the config. */
     qs_st_meta meta[3] = {{"format", "pt"}, {META_CONFIG, cfg_json}, {META_VOCAB, vocab_json}};
-    rc = qs_st_write(path, e, n, meta, 3);
+    rc = qs_st_write(path, e, n, meta, vocab_json ? 3 : 2);
 done:
     free(e);
     free(cfg_json);
@@ -192,8 +193,8 @@ static int prune(const char *ckpt, int keep) {
     return rc;
 }
 
-int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_vocab *vocab,
-                       qs_gpt *m, const qs_adamw *opt, const qs_train_state *st) {
+int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, qs_gpt *m,
+                       const qs_adamw *opt, const qs_train_state *st) {
     char ckpt[QS_PATH_MAX + 8], name[32], tmp[QS_PATH_MAX + 64], final[QS_PATH_MAX + 64],
         old[QS_PATH_MAX + 64], path[QS_PATH_MAX + 96];
     snprintf(ckpt, sizeof ckpt, "%s/ckpt", run_dir);
@@ -209,7 +210,7 @@ int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_
     qs_gpt_copy_params(m, host, false);
     int rc = 0;
     snprintf(path, sizeof path, "%s/model.safetensors", tmp);
-    rc = save_model(path, cfg, vocab, m, host);
+    rc = save_model(path, cfg, codec, m, host);
     if (!rc) {
         snprintf(path, sizeof path, "%s/optim.safetensors", tmp);
         rc = save_optim(path, opt, host);
@@ -267,9 +268,9 @@ int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
     return 0;
 }
 
-int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg,
-                             qs_char_vocab *vocab) {
+int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg, char **chars_json) {
     char path[QS_PATH_MAX + 64];
+    *chars_json = NULL;
     snprintf(path, sizeof path, "%s/model.safetensors", step_dir);
     char *data;
     size_t n;
@@ -279,19 +280,18 @@ int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg
     if (prc) return -1;
     const char *cj = qs_st_meta_get(f, META_CONFIG), *vj = qs_st_meta_get(f, META_VOCAB);
     qs_config_defaults(cfg);
-    if (!cj || !vj) {
+    const char *problem = !cj                                                  ? "lacks " META_CONFIG
+                          : qs_config_load_string(cfg, cj, path) || qs_config_validate(cfg) ? qs_error_last()
+                          : !strcmp(cfg->data.tokenizer, "char") && !vj        ? "lacks " META_VOCAB
+                                                                               : NULL;
+    if (problem) {
+        qs_error("%s: not a usable Quasar checkpoint: %s", path, problem);
         qs_st_free(f);
-        return qs_error("%s: not a Quasar checkpoint (metadata lacks %s)", path, !cj ? META_CONFIG : META_VOCAB);
+        return -1;
     }
-    if (qs_config_load_string(cfg, cj, path) || qs_config_validate(cfg) ||
-        qs_vocab_from_json(vocab, vj)) {
+    if (vj && !(*chars_json = strdup(vj))) {
         qs_st_free(f);
-        return qs_error("%s: bad metadata: %s", path, qs_error_last());
-    }
-    if (cfg->model.vocab_size < vocab->size) {
-        qs_st_free(f);
-        return qs_error("%s: model.vocab_size %d is smaller than its vocabulary (%d)", path,
-                        cfg->model.vocab_size, vocab->size);
+        return qs_error("out of memory");
     }
     return 0;
 }

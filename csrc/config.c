@@ -32,7 +32,7 @@ static const char *const activation_names[] = {"gelu", "relu", NULL};
 static const char *const init_names[] = {"normal", "kaiming", "xavier", NULL};
 static const char *const gating_names[] = {"topk", "noisy_topk", NULL};
 static const char *const lr_schedule_names[] = {"cosine", "constant", NULL};
-static const char *const tokenizer_names[] = {"char", NULL};
+static const char *const tokenizer_names[] = {"char", "gpt2", NULL};
 
 #define AT(m) #m, offsetof(qs_config, m), sizeof(((qs_config *)0)->m)
 /* Ranges: GE [a, inf)  GT (a, inf)  IN [a, b]  CO [a, b)  OO (a, b) */
@@ -99,6 +99,9 @@ static const field fields[] = {
     STRING(data.path, GE(1), NULL, "data/shakespeare_char/input.txt"),
     STRING(data.tokenizer, GE(0), tokenizer_names, "char"),
     FLOAT(data.val_fraction, OO(0, 1), 0.1),
+    STRING(data.train_shards, GE(0), NULL, ""),
+    STRING(data.val_shards, GE(0), NULL, ""),
+    STRING(data.vocab_dir, GE(0), NULL, "../shared/data/gpt2"),
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 #define MAX_PATH_LEN 128 /* longer keys cannot name a field */
@@ -421,6 +424,8 @@ int qs_config_validate(const qs_config *c) {
     if (t->micro_batch_size > 0 && t->batch_size % t->micro_batch_size != 0)
         return qs_error("train.batch_size (%d) must be divisible by train.micro_batch_size (%d)",
                         t->batch_size, t->micro_batch_size);
+    if (!strcmp(c->data.tokenizer, "gpt2") && (!c->data.train_shards[0] || !c->data.val_shards[0]))
+        return qs_error("data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");
     if (t->min_lr > t->lr) {
         char a[32], b[32];
         format_number(a, sizeof a, t->min_lr, true);

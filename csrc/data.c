@@ -9,6 +9,7 @@
 #include "quasar/error.h"
 #include "quasar/fileio.h"
 #include "quasar/rng.h"
+#include "quasar/shards.h"
 
 void qs_vocab_build(qs_char_vocab *v, const unsigned char *text, size_t n) {
     int seen[256] = {0};
@@ -91,6 +92,40 @@ int qs_dataset_load(qs_dataset *d, qs_char_vocab *v, const qs_data_config *dc, i
         return qs_error("%s: %zu tokens is too little for model.seq_len %d with data.val_fraction "
                         "%g (each split needs %zu)", dc->path, n, seq_len, dc->val_fraction, need);
     }
+    return 0;
+}
+
+int qs_dataset_load_shards(qs_dataset *d, const qs_data_config *dc, int seq_len, int vocab_size) {
+    memset(d, 0, sizeof *d);
+    int *val = NULL;
+    size_t n_val = 0;
+    if (qs_shards_load(dc->train_shards, &d->tokens, &d->n_train) || qs_shards_load(dc->val_shards, &val, &n_val)) {
+        qs_dataset_free(d);
+        return qs_error("data: %s", qs_error_last());
+    }
+    int *all = realloc(d->tokens, (d->n_train + n_val) * sizeof(int) + 1);
+    if (!all) {
+        free(val);
+        qs_dataset_free(d);
+        return qs_error("out of memory loading shards");
+    }
+    memcpy(all + d->n_train, val, n_val * sizeof(int));
+    free(val);
+    d->tokens = all;
+    d->n_tokens = d->n_train + n_val;
+    size_t need = (size_t)seq_len + 1;
+    const char *small = d->n_train < need ? dc->train_shards : n_val < need ? dc->val_shards : NULL;
+    if (small) {
+        qs_dataset_free(d);
+        return qs_error("'%s' holds fewer than model.seq_len + 1 = %zu tokens", small, need);
+    }
+    for (size_t i = 0; i < d->n_tokens; i++)
+        if (d->tokens[i] >= vocab_size) {
+            int id = d->tokens[i];
+            qs_dataset_free(d);
+            return qs_error("token id %d in the %s shards is outside the vocabulary (%d)", id,
+                            i < d->n_train ? "train" : "validation", vocab_size);
+        }
     return 0;
 }
 

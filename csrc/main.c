@@ -152,7 +152,7 @@ static int cmd_train(int argc, char **argv) {
 
 typedef struct loaded_model {
     qs_config cfg;
-    qs_char_vocab vocab;
+    qs_codec codec;
     qs_gpt *m;
     int step;
     char step_dir[QS_PATH_MAX + 64];
@@ -166,20 +166,32 @@ static int micro_batch(const qs_config *c) {
  * architecture, and builds the model for micro-batches of max_B (0 = the config's). */
 static int load_model(loaded_model *lm, const char *dir, const char *config, const str_list *sets, int max_B) {
     qs_st_file f;
+    char *chars_json = NULL;
     if (qs_checkpoint_find(dir, lm->step_dir, sizeof lm->step_dir) ||
-        qs_checkpoint_open_model(&f, lm->step_dir, &lm->cfg, &lm->vocab))
+        qs_checkpoint_open_model(&f, lm->step_dir, &lm->cfg, &chars_json))
         return -1;
     qs_model_config arch = lm->cfg.model;
     int rc = config ? qs_config_load_file(&lm->cfg, config) : 0;
     for (int i = 0; !rc && sets && i < sets->n; i++) rc = qs_config_set(&lm->cfg, sets->items[i]);
     lm->cfg.model = arch;
     if (!rc) rc = qs_config_validate(&lm->cfg);
+    /* the codec after the overrides: data.vocab_dir may differ on this machine */
+    if (!rc) rc = qs_codec_open(&lm->codec, &lm->cfg.data, chars_json);
+    if (!rc && qs_codec_vocab_size(&lm->codec) > arch.vocab_size)
+        rc = qs_error("%s: the vocabulary (%d) is larger than model.vocab_size (%d)", lm->step_dir,
+                      qs_codec_vocab_size(&lm->codec), arch.vocab_size);
     if (!rc) rc = qs_gpt_create(&lm->m, &arch, qs_backend_cpu(), max_B ? max_B : micro_batch(&lm->cfg), arch.seq_len);
     if (!rc) rc = qs_checkpoint_load_weights(lm->m, &f, lm->step_dir);
     qs_st_free(&f);
+    free(chars_json);
     const char *base = strrchr(lm->step_dir, '/');
     lm->step = base && !strncmp(base + 1, "step_", 5) ? atoi(base + 6) : -1;
     return rc;
+}
+
+static void free_loaded(loaded_model *lm) {
+    qs_gpt_free(lm->m);
+    qs_codec_free(&lm->codec);
 }
 
 static const char *GENERATE_HELP =
@@ -192,8 +204,7 @@ static const char *GENERATE_HELP =
     "  --seed S        sampling seed (default 1337)\n";
 
 static void emit_stdout(int token, void *user) {
-    const qs_char_vocab *v = user;
-    fputc(v->bytes[token], stdout);
+    qs_codec_put(user, token, stdout);
     fflush(stdout);
 }
 
@@ -221,22 +232,22 @@ static int cmd_generate(int argc, char **argv) {
     if (!*prompt) return usage_error("%s", "--prompt must not be empty");
     loaded_model lm = {0};
     if (load_model(&lm, model, NULL, NULL, 1)) {
-        qs_gpt_free(lm.m);
+        free_loaded(&lm);
         return fail();
     }
-    size_t n = strlen(prompt);
-    int *ctx = malloc((n + (size_t)max_tokens) * sizeof(int));
+    size_t n = strlen(prompt), n_ids = 0;
+    int *ctx = malloc((n + 1 + (size_t)max_tokens) * sizeof(int));
     rc = !ctx ? qs_error("out of memory")
-         : qs_vocab_encode(&lm.vocab, (const unsigned char *)prompt, n, ctx)
-             ? qs_error("--prompt: %s", qs_error_last())
-             : 0;
+         : qs_codec_encode(&lm.codec, prompt, n, ctx, &n_ids) ? qs_error("--prompt: %s", qs_error_last())
+         : n_ids == 0 ? qs_error("--prompt encodes to no tokens")
+                      : 0;
     if (!rc) {
         fputs(prompt, stdout);
-        rc = qs_generate(lm.m, ctx, (int)n, max_tokens, &sp, emit_stdout, &lm.vocab);
+        rc = qs_generate(lm.m, ctx, (int)n_ids, max_tokens, &sp, emit_stdout, &lm.codec);
         fputc('\n', stdout);
     }
     free(ctx);
-    qs_gpt_free(lm.m);
+    free_loaded(&lm);
     return rc ? fail() : 0;
 }
 
@@ -259,8 +270,7 @@ static int cmd_eval(int argc, char **argv) {
     if (!model) return usage_error("%s", "eval needs --model CKPT_DIR");
     loaded_model lm = {0};
     qs_dataset data = {0};
-    rc = load_model(&lm, model, config, &sets, 0) ||
-         qs_dataset_load(&data, &lm.vocab, &lm.cfg.data, lm.cfg.model.seq_len);
+    rc = load_model(&lm, model, config, &sets, 0) || qs_dataset_open(&data, &lm.cfg, &lm.codec);
     if (!rc) {
         const qs_config *c = &lm.cfg;
         double vl = qs_evaluate(lm.m, &data, c, c->train.eval_iters);
@@ -270,7 +280,7 @@ static int cmd_eval(int argc, char **argv) {
                c->train.eval_iters, (long long)c->train.eval_iters * micro_batch(c) * c->model.seq_len);
     }
     qs_dataset_free(&data);
-    qs_gpt_free(lm.m);
+    free_loaded(&lm);
     return rc ? fail() : 0;
 }
 
@@ -280,7 +290,8 @@ static const char *MAIN_HELP =
     "  generate   sample text from a checkpoint\n"
     "  eval       validation loss of a checkpoint, as JSON\n"
     "  tokenize   UTF-8 text on stdin -> GPT-2 token ids on stdout\n"
-    "  detokenize token ids on stdin -> the exact text on stdout\n";
+    "  detokenize token ids on stdin -> the exact text on stdout\n"
+    "  shard      text on stdin -> GPT-2 token shards (llm.c format) for training\n";
 
 int main(int argc, char **argv) {
     if (argc < 2) {
@@ -297,5 +308,6 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "eval")) return cmd_eval(argc - 2, argv + 2);
     if (!strcmp(cmd, "tokenize")) return qs_cli_tokenize(argc - 2, argv + 2);
     if (!strcmp(cmd, "detokenize")) return qs_cli_detokenize(argc - 2, argv + 2);
+    if (!strcmp(cmd, "shard")) return qs_cli_shard(argc - 2, argv + 2);
     return usage_error("unknown command '%s'", cmd);
 }

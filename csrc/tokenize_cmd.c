@@ -8,6 +8,7 @@
 
 #include "quasar/error.h"
 #include "quasar/fileio.h"
+#include "quasar/shards.h"
 #include "quasar/tokenizer.h"
 
 #define EXIT_USAGE 2
@@ -26,6 +27,13 @@ static const char *DETOKENIZE_HELP =
     "  --tokenizer gpt2  GPT-2's byte-level BPE (the default and only choice)\n"
     "  --vocab-dir DIR   the folder holding encoder.json and vocab.bpe\n";
 
+static const char *SHARD_HELP =
+    "usage: quasar shard --tokenizer gpt2 --vocab-dir DIR --out PREFIX [--shard-tokens N]\n"
+    "  Tokenizes UTF-8 text on stdin (one document, preceded by <|endoftext|> as in llm.c)\n"
+    "  into PREFIX_000000.bin, PREFIX_000001.bin, ...: llm.c's shard format (256 int32\n"
+    "  header: magic 20240520, version 1, token count; then uint16 tokens).\n"
+    "  --shard-tokens N  tokens per shard (default 100000000)\n";
+
 static int usage_error(const char *fmt, const char *arg) {
     fprintf(stderr, "error: ");
     fprintf(stderr, fmt, arg);
@@ -38,9 +46,16 @@ static int fail(void) {
     return 1;
 }
 
+/* A command's own string options beside --tokenizer and --vocab-dir. */
+typedef struct extra_opt {
+    const char *flag;
+    const char **value;
+} extra_opt;
+
 /* Reads the options and loads the tokenizer. Returns 0 with *t set, or the exit code
  * (0 after --help, with *t NULL). */
-static int open_tokenizer(int argc, char **argv, const char *cmd, const char *help, qs_tokenizer **t) {
+static int open_tokenizer(int argc, char **argv, const char *cmd, const char *help, const extra_opt *extra,
+                          int n_extra, qs_tokenizer **t) {
     const char *vocab_dir = NULL, *name = "gpt2";
     *t = NULL;
     for (int i = 0; i < argc; i++) {
@@ -51,6 +66,8 @@ static int open_tokenizer(int argc, char **argv, const char *cmd, const char *he
         const char **dst = !strcmp(argv[i], "--vocab-dir")   ? &vocab_dir
                            : !strcmp(argv[i], "--tokenizer") ? &name
                                                              : NULL;
+        for (int e = 0; e < n_extra && !dst; e++)
+            if (!strcmp(argv[i], extra[e].flag)) dst = extra[e].value;
         if (!dst) return usage_error("unknown option '%s'", argv[i]);
         if (i + 1 >= argc) return usage_error("%s needs a value", argv[i]);
         *dst = argv[++i];
@@ -69,7 +86,7 @@ static int write_stdout(const void *data, size_t n) {
 
 int qs_cli_tokenize(int argc, char **argv) {
     qs_tokenizer *t;
-    int code = open_tokenizer(argc, argv, "tokenize", TOKENIZE_HELP, &t);
+    int code = open_tokenizer(argc, argv, "tokenize", TOKENIZE_HELP, NULL, 0, &t);
     if (!t) return code;
     char *text = NULL;
     int *ids = NULL;
@@ -111,7 +128,7 @@ static int parse_ids(const char *s, size_t n, int *ids, size_t *n_ids, int vocab
 
 int qs_cli_detokenize(int argc, char **argv) {
     qs_tokenizer *t;
-    int code = open_tokenizer(argc, argv, "detokenize", DETOKENIZE_HELP, &t);
+    int code = open_tokenizer(argc, argv, "detokenize", DETOKENIZE_HELP, NULL, 0, &t);
     if (!t) return code;
     char *in = NULL, *text = NULL;
     int *ids = NULL;
@@ -125,6 +142,46 @@ int qs_cli_detokenize(int argc, char **argv) {
     free(text);
     free(ids);
     free(in);
+    qs_tokenizer_free(t);
+    return rc ? fail() : 0;
+}
+
+int qs_cli_shard(int argc, char **argv) {
+    const char *out = NULL, *per_s = "100000000";
+    extra_opt extra[] = {{"--out", &out}, {"--shard-tokens", &per_s}};
+    qs_tokenizer *t;
+    int code = open_tokenizer(argc, argv, "shard", SHARD_HELP, extra, 2, &t);
+    if (!t) return code;
+    char *end;
+    long long per = strtoll(per_s, &end, 10);
+    if (!out || *end || per < 1 || per > 0xffffffffLL) {
+        qs_tokenizer_free(t);
+        return out ? usage_error("--shard-tokens: expected a whole number in [1, 4294967295], got '%s'", per_s)
+                   : usage_error("%s", "shard needs --out PREFIX");
+    }
+    char *text = NULL, dir[4096];
+    int *ids = NULL;
+    size_t n, n_ids = 0, shards = 0;
+    snprintf(dir, sizeof dir, "%s", out); /* the prefix's folder, made like train's --out */
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = '\0';
+    int rc = slash && slash != dir ? qs_mkdirs(dir) : 0;
+    if (!rc) rc = qs_file_read("/dev/stdin", &text, &n);
+    if (!rc && !(ids = malloc((n + 2) * sizeof *ids))) rc = qs_error("out of memory for %zu bytes of text", n);
+    if (!rc) {
+        ids[0] = qs_tokenizer_eot(t);
+        if (qs_tokenizer_encode(t, text, n, ids + 1, &n_ids)) rc = qs_error("stdin: %s", qs_error_last());
+        n_ids++;
+    }
+    for (size_t at = 0; !rc && at < n_ids; at += (size_t)per, shards++) {
+        char path[4096];
+        size_t count = n_ids - at < (size_t)per ? n_ids - at : (size_t)per;
+        snprintf(path, sizeof path, "%s_%06zu.bin", out, shards);
+        rc = qs_shard_write(path, ids + at, count);
+    }
+    if (!rc) fprintf(stderr, "quasar: wrote %zu tokens in %zu shard(s) %s_*.bin\n", n_ids, shards, out);
+    free(ids);
+    free(text);
     qs_tokenizer_free(t);
     return rc ? fail() : 0;
 }

@@ -83,17 +83,16 @@ static void fmt_duration(char *buf, size_t cap, double s) {
 }
 
 typedef struct sample_sink {
-    const qs_char_vocab *vocab;
+    const qs_codec *codec;
     FILE *fp;
 } sample_sink;
 
-static void emit_char(int token, void *user) {
+static void emit_token(int token, void *user) {
     sample_sink *s = user;
-    fputc(s->vocab->bytes[token], s->fp);
+    qs_codec_put(s->codec, token, s->fp);
 }
 
-static int write_samples(qs_gpt *m, const qs_config *cfg, const qs_char_vocab *vocab,
-                         const char *run_dir) {
+static int write_samples(qs_gpt *m, const qs_config *cfg, const qs_codec *codec, const char *run_dir) {
     int n_new = cfg->train.sample_tokens;
     int *ctx = malloc(((size_t)n_new + 1) * sizeof(int));
     char *buf = NULL;
@@ -104,10 +103,10 @@ static int write_samples(qs_gpt *m, const qs_config *cfg, const qs_char_vocab *v
         if (mem) fclose(mem);
         return qs_error("out of memory sampling");
     }
-    ctx[0] = vocab->id['\n'] >= 0 ? vocab->id['\n'] : 0;
+    ctx[0] = qs_codec_start_token(codec);
     qs_sample_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = cfg->train.seed};
-    sample_sink sink = {vocab, mem};
-    int rc = qs_generate(m, ctx, 1, n_new, &sp, emit_char, &sink);
+    sample_sink sink = {codec, mem};
+    int rc = qs_generate(m, ctx, 1, n_new, &sp, emit_token, &sink);
     fputc('\n', mem);
     fclose(mem);
     char path[QS_PATH_MAX + 32];
@@ -163,36 +162,50 @@ static bool same_model(const qs_config *a, const qs_config *b) {
     return same;
 }
 
+int qs_dataset_open(qs_dataset *d, qs_config *cfg, qs_codec *codec) {
+    int rc = codec->bpe ? qs_dataset_load_shards(d, &cfg->data, cfg->model.seq_len,
+                                                 cfg->model.vocab_size ? cfg->model.vocab_size : qs_codec_vocab_size(codec))
+                        : qs_dataset_load(d, &codec->chars, &cfg->data, cfg->model.seq_len);
+    if (rc) return -1;
+    int v = qs_codec_vocab_size(codec);
+    if (cfg->model.vocab_size == 0) cfg->model.vocab_size = v;
+    if (cfg->model.vocab_size < v) {
+        qs_dataset_free(d);
+        return qs_error("model.vocab_size %d is smaller than the vocabulary (%d)", cfg->model.vocab_size, v);
+    }
+    return 0;
+}
+
 int qs_train(qs_config *cfg, const qs_train_options *opt) {
     const qs_backend *be = qs_backend_cpu();
     qs_train_config *tc = &cfg->train;
     const char *run = opt->out_dir;
     char path[QS_PATH_MAX + 64], step_dir[QS_PATH_MAX + 64];
-    qs_char_vocab vocab = {0};
+    qs_codec codec = {0};
+    char *chars_json = NULL;
     qs_st_file mf_st = {0};
     int rc = -1;
 
     if (opt->resume) {
         qs_config stored;
         if (qs_checkpoint_find(run, step_dir, sizeof step_dir) ||
-            qs_checkpoint_open_model(&mf_st, step_dir, &stored, &vocab))
+            qs_checkpoint_open_model(&mf_st, step_dir, &stored, &chars_json))
             return -1;
         /* The architecture is the checkpoint's; training settings may change on resume. */
         if (cfg->model.vocab_size == 0) cfg->model.vocab_size = stored.model.vocab_size;
         if (!same_model(&stored, cfg)) {
             qs_st_free(&mf_st);
+            free(chars_json);
             return qs_error("--resume: the model section differs from the checkpoint's in '%s'", step_dir);
         }
     }
-    qs_dataset data;
-    if (qs_dataset_load(&data, &vocab, &cfg->data, cfg->model.seq_len)) {
+    qs_dataset data = {0};
+    int drc = qs_codec_open(&codec, &cfg->data, chars_json) || qs_dataset_open(&data, cfg, &codec);
+    free(chars_json);
+    if (drc) {
         qs_st_free(&mf_st);
+        qs_codec_free(&codec);
         return -1;
-    }
-    if (cfg->model.vocab_size == 0) cfg->model.vocab_size = vocab.size;
-    if (cfg->model.vocab_size < vocab.size) {
-        qs_error("model.vocab_size %d is smaller than the data's vocabulary (%d)", cfg->model.vocab_size, vocab.size);
-        goto out_data;
     }
     if (qs_mkdirs(run)) goto out_data;
     char *cfg_json = qs_config_to_json(cfg);
@@ -289,11 +302,11 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             fprintf(stderr, "%sstep %d: val loss %.4f\n", tty ? "\r\033[K" : "", st.step, vl);
         }
         if ((tc->checkpoint_interval > 0 && st.step % tc->checkpoint_interval == 0) || last) {
-            if (qs_checkpoint_save(run, cfg, &vocab, m, &optim, &st)) goto out_buffers;
+            if (qs_checkpoint_save(run, cfg, &codec, m, &optim, &st)) goto out_buffers;
         }
     }
     if (tty) fputc('\n', stderr);
-    if (st.step == tc->max_steps && tc->sample_tokens > 0 && write_samples(m, cfg, &vocab, run)) goto out_buffers;
+    if (st.step == tc->max_steps && tc->sample_tokens > 0 && write_samples(m, cfg, &codec, run)) goto out_buffers;
     fprintf(stderr, "quasar: done in %.1f s; run folder %s\n", now_s() - t_start, run);
     rc = 0;
 out_buffers:
@@ -306,6 +319,7 @@ out_model:
     qs_gpt_free(m);
 out_data:
     qs_dataset_free(&data);
+    qs_codec_free(&codec);
     qs_st_free(&mf_st);
     return rc;
 }

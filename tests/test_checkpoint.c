@@ -48,7 +48,7 @@ static int setup(void **state) {
     snprintf(run, sizeof run, "/tmp/qs_test_ckpt_XXXXXX");
     assert_non_null(mkdtemp(run));
     qs_config c = small_config(8);
-    qs_char_vocab v = vocab_of(9);
+    qs_codec codec = {.chars = vocab_of(9)};
     qs_gpt *m;
     assert_int_equal(qs_gpt_create(&m, &c.model, qs_backend_cpu(), 1, 5), 0);
     qs_gpt_init(m, seed);
@@ -62,7 +62,7 @@ static int setup(void **state) {
     qs_train_state st = {.step = 7, .seed = seed & ((1ULL << 53) - 1), .tokens_seen = 1234}; /* seeds are JSON numbers */
     qs_guard_init(&st.guard, 0, 0);
     qs_guard_check(&st.guard, 1.5, 0.25);
-    assert_int_equal(qs_checkpoint_save(run, &c, &v, m, &o, &st), 0);
+    assert_int_equal(qs_checkpoint_save(run, &c, &codec, m, &o, &st), 0);
     qs_adamw_free(&o);
     qs_gpt_free(m);
     assert_int_equal(qs_checkpoint_find(run, step_dir, sizeof step_dir), 0);
@@ -80,8 +80,10 @@ static int teardown(void **state) {
 static int load_all(qs_gpt **m, qs_adamw *o, qs_train_state *st) {
     qs_st_file f;
     qs_config c;
-    qs_char_vocab v;
-    if (qs_checkpoint_open_model(&f, step_dir, &c, &v)) return -1;
+    char *chars;
+    if (qs_checkpoint_open_model(&f, step_dir, &c, &chars)) return -1;
+    assert_non_null(strstr(chars, "[97,98,99")); /* the char vocabulary travels along */
+    free(chars);
     int rc = qs_gpt_create(m, &c.model, qs_backend_cpu(), 1, 5) || qs_checkpoint_load_weights(*m, &f, step_dir);
     qs_st_free(&f);
     if (rc) return -1;
@@ -191,8 +193,9 @@ static void test_wrong_shapes_and_names(void **state) {
     (void)state;
     qs_st_file f;
     qs_config c;
-    qs_char_vocab v;
-    assert_int_equal(qs_checkpoint_open_model(&f, step_dir, &c, &v), 0);
+    char *chars;
+    assert_int_equal(qs_checkpoint_open_model(&f, step_dir, &c, &chars), 0);
+    free(chars);
     qs_config other = small_config(6); /* narrower */
     qs_gpt *m;
     assert_int_equal(qs_gpt_create(&m, &other.model, qs_backend_cpu(), 1, 5), 0);

@@ -179,7 +179,7 @@ static void test_wrong_types(void **state) {
     assert_load_fails("{\"train\": {\"lr_schedule\": \"linear\"}}",
                       "cfg: train.lr_schedule: expected one of cosine, constant, got 'linear'");
     assert_load_fails("{\"data\": {\"path\": 3}}", "cfg: data.path: expected a string, got a number");
-    assert_load_fails("{\"data\": {\"tokenizer\": \"bpe\"}}", "cfg: data.tokenizer: expected one of char, got 'bpe'");
+    assert_load_fails("{\"data\": {\"tokenizer\": \"bpe\"}}", "cfg: data.tokenizer: expected one of char, gpt2, got 'bpe'");
     assert_load_fails("{\"train\": {\"seed\": \"1\"}}", "cfg: train.seed: expected an integer, got a string");
     assert_load_fails("{\"train\": {\"seed\": 1.5}}", "cfg: train.seed: expected an integer, got 1.5");
 
@@ -345,15 +345,17 @@ static void test_validate(void **state) {
     EXPECT_INVALID((c.train.lr = 1e-4f, c.train.min_lr = 1e-3f), "train.min_lr (0.001) must be <= train.lr (0.0001)");
     /* Per-key ranges are checked too, for configs built in code. */
     EXPECT_INVALID(c.data.path[0] = '\0', "data.path: length must be >= 1, got 0");
+    EXPECT_INVALID(snprintf(c.data.tokenizer, sizeof c.data.tokenizer, "gpt2"),
+                   "data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");
     EXPECT_INVALID(c.model.dropout = 1.5f, "model.dropout: must be in [0, 1), got 1.5");
     EXPECT_INVALID(c.train.lr = NAN, "train.lr: must be > 0, got nan");
     EXPECT_INVALID(c.model.n_head = 0, "model.n_head: must be in [1, 65536], got 0");
     EXPECT_INVALID(c.model.activation = (qs_activation)7, "model.activation: expected one of gelu, relu, got 7");
     EXPECT_INVALID(c.train.seed = (1ull << 53) + 1, "train.seed: must be in [0, 9007199254740992], got 9007199254740993");
     EXPECT_INVALID(snprintf(c.data.tokenizer, sizeof c.data.tokenizer, "bpe"),
-                   "data.tokenizer: expected one of char, got 'bpe'");
+                   "data.tokenizer: expected one of char, gpt2, got 'bpe'");
     EXPECT_INVALID(memset(c.data.tokenizer, 'x', sizeof c.data.tokenizer), /* unterminated */
-                   "data.tokenizer: expected one of char, got 'xxxxxxxxxxxxxxxx'");
+                   "data.tokenizer: expected one of char, gpt2, got 'xxxxxxxxxxxxxxxx'");
 #undef EXPECT_INVALID
 
     /* Boundary cases that are valid. */

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "quasar/config.h"
+#include "quasar/codec.h"
 #include "quasar/data.h"
 #include "quasar/guard.h"
 #include "quasar/model.h"
@@ -21,17 +22,18 @@ typedef struct qs_train_state {
     qs_guard guard;      /* its window and counters travel in state.json */
 } qs_train_state;
 
-int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_char_vocab *vocab,
-                       qs_gpt *m, const qs_adamw *opt, const qs_train_state *st);
+int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, qs_gpt *m,
+                       const qs_adamw *opt, const qs_train_state *st);
 
 /* dir may be a step folder (holds model.safetensors), a ckpt folder (holds latest) or a
  * run folder (holds ckpt/latest); writes the step folder's path. */
 int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap);
 
-/* Opens <step_dir>/model.safetensors and reads the config and vocabulary stored in
- * its metadata. The caller creates the model from cfg->model, then loads the weights. */
-int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg,
-                             qs_char_vocab *vocab);
+/* Opens <step_dir>/model.safetensors and reads the config stored in its metadata, and
+ * for char-level models the vocabulary as JSON (*chars_json, malloc'd; NULL for gpt2),
+ * for qs_codec_open. The caller creates the model from cfg->model, then loads the
+ * weights. */
+int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg, char **chars_json);
 /* Every model tensor must be present with dtype F32 and its exact shape; nothing else. */
 int qs_checkpoint_load_weights(qs_gpt *m, const qs_st_file *f, const char *what);
 int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state *st);

@@ -61,9 +61,12 @@ typedef struct qs_train_config {
 } qs_train_config;
 
 typedef struct qs_data_config {
-    char path[QS_PATH_MAX]; /* text corpus */
-    char tokenizer[16];     /* "char" */
-    float val_fraction;     /* tail of the corpus held out */
+    char path[QS_PATH_MAX]; /* text corpus (tokenizer "char") */
+    char tokenizer[16];     /* "char" | "gpt2" */
+    float val_fraction;     /* tail of the corpus held out (tokenizer "char") */
+    char train_shards[QS_PATH_MAX]; /* glob of token shards (tokenizer "gpt2") */
+    char val_shards[QS_PATH_MAX];
+    char vocab_dir[QS_PATH_MAX];    /* encoder.json + vocab.bpe (tokenizer "gpt2") */
 } qs_data_config;
 
 typedef struct qs_config {

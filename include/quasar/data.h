@@ -32,6 +32,9 @@ typedef struct qs_dataset {
 /* Loads data->path. If v->size == 0 the vocabulary is built from the corpus; else the
  * corpus must fit it. Both splits must hold at least seq_len + 1 tokens. */
 int qs_dataset_load(qs_dataset *d, qs_char_vocab *v, const qs_data_config *dc, int seq_len);
+/* Loads data.train_shards then data.val_shards (globs of token shards) as the two
+ * splits; every id must be below vocab_size, and each split must hold seq_len + 1. */
+int qs_dataset_load_shards(qs_dataset *d, const qs_data_config *dc, int seq_len, int vocab_size);
 void qs_dataset_free(qs_dataset *d);
 /* B windows of T+1 tokens: row b starts at a position drawn from (seed, split, counter0 + b). */
 void qs_dataset_batch(const qs_dataset *d, qs_split split, uint64_t seed, uint64_t counter0, int B,

@@ -31,5 +31,6 @@ int qs_tokenizer_decode(const qs_tokenizer *t, const int *ids, size_t n_ids, cha
 /* `quasar tokenize` / `quasar detokenize` (argv after the command name): exit codes. */
 int qs_cli_tokenize(int argc, char **argv);
 int qs_cli_detokenize(int argc, char **argv);
+int qs_cli_shard(int argc, char **argv);
 
 #endif
