@@ -268,16 +268,21 @@ int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
     return 0;
 }
 
+/* A checkpoint's safetensors file, checked against checksums.json, then parsed. */
+static int read_safetensors(qs_st_file *f, const char *dir, const char *name, char *path, size_t cap) {
+    char *data;
+    size_t n;
+    snprintf(path, cap, "%s/%s", dir, name);
+    if (read_verified(dir, name, &data, &n)) return -1;
+    int rc = qs_st_parse(f, data, n, path);
+    free(data);
+    return rc;
+}
+
 int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg, char **chars_json) {
     char path[QS_PATH_MAX + 64];
     *chars_json = NULL;
-    snprintf(path, sizeof path, "%s/model.safetensors", step_dir);
-    char *data;
-    size_t n;
-    if (read_verified(step_dir, "model.safetensors", &data, &n)) return -1;
-    int prc = qs_st_parse(f, data, n, path);
-    free(data);
-    if (prc) return -1;
+    if (read_safetensors(f, step_dir, "model.safetensors", path, sizeof path)) return -1;
     const char *cj = qs_st_meta_get(f, META_CONFIG), *vj = qs_st_meta_get(f, META_VOCAB);
     qs_config_defaults(cfg);
     const char *problem = !cj                                                  ? "lacks " META_CONFIG
@@ -385,11 +390,7 @@ int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state
     if (rc) return rc;
 
     qs_st_file f;
-    snprintf(path, sizeof path, "%s/optim.safetensors", step_dir);
-    if (read_verified(step_dir, "optim.safetensors", &text, &len)) return -1;
-    rc = qs_st_parse(&f, text, len, path);
-    free(text);
-    if (rc) return -1;
+    if (read_safetensors(&f, step_dir, "optim.safetensors", path, sizeof path)) return -1;
     int64_t shape[1] = {(int64_t)opt->n};
     const qs_st_tensor *m = find_f32(&f, path, "exp_avg", 1, shape);
     const qs_st_tensor *v = m ? find_f32(&f, path, "exp_avg_sq", 1, shape) : NULL;
