@@ -30,8 +30,8 @@ TEST_SRC = $(wildcard tests/test_*.c)
 
 # Release tree (build/) and sanitizer tree (build/asan/) share the rules below.
 REL_CFLAGS  = $(CFLAGS_COMMON) -O3 $(ARCH) -g
-ASAN_CFLAGS = $(CFLAGS_COMMON) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
-              -fno-sanitize-recover=undefined
+ASAN_CFLAGS = $(CFLAGS_COMMON) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow \
+              -fno-sanitize-recover=all
 
 ifeq ($(CUDA)$(if $(CU_SRC),y),1y)
   CU_OBJ = $(CU_SRC:%.cu=$(BUILD)/obj/%.o)

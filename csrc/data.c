@@ -35,7 +35,7 @@ char *qs_vocab_to_json(const qs_char_vocab *v) {
 }
 
 int qs_vocab_from_json(qs_char_vocab *v, const char *json) {
-    cJSON *a = cJSON_Parse(json);
+    cJSON *a = cJSON_ParseWithOpts(json, NULL, 1); /* nothing may follow the array */
     int rc = 0;
     if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) < 1 || cJSON_GetArraySize(a) > 256) {
         rc = qs_error("vocabulary must be a JSON array of 1..256 byte values");
