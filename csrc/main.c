@@ -7,26 +7,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli.h"
 #include "quasar/checkpoint.h"
 #include "quasar/config.h"
 #include "quasar/error.h"
 #include "quasar/sample.h"
 #include "quasar/tokenizer.h"
 #include "quasar/train.h"
-
-#define EXIT_USAGE 2
-
-static int fail(void) {
-    fprintf(stderr, "error: %s\n", qs_error_last());
-    return 1;
-}
-
-static int usage_error(const char *fmt, const char *arg) {
-    fprintf(stderr, "error: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, " (see --help)\n");
-    return EXIT_USAGE;
-}
 
 /* ---- option parsing: --flag VALUE pairs, each flag known per command ---- */
 
@@ -51,7 +38,7 @@ static int parse_value(const opt_spec *o, const char *v) {
     case OPT_STR: *(const char **)o->dst = v; return 0;
     case OPT_LIST: {
         str_list *l = o->dst;
-        if (l->n == 64) return usage_error("too many %s options", o->flag);
+        if (l->n == 64) return qs_cli_usage_error("too many %s options", o->flag);
         l->items[l->n++] = v;
         return 0;
     }
@@ -71,7 +58,7 @@ static int parse_value(const opt_spec *o, const char *v) {
     }
     }
     fprintf(stderr, "error: %s: invalid value '%s' (expected a number in [%g, %g])\n", o->flag, v, o->lo, o->hi);
-    return EXIT_USAGE;
+    return QS_EXIT_USAGE;
 }
 
 /* Returns 0, or an exit code; *help is set by --help/-h. */
@@ -85,8 +72,8 @@ static int parse_opts(int argc, char **argv, const opt_spec *specs, int n_specs,
         const opt_spec *o = NULL;
         for (int j = 0; j < n_specs && !o; j++)
             if (!strcmp(argv[i], specs[j].flag)) o = &specs[j];
-        if (!o) return usage_error("unknown option '%s'", argv[i]);
-        if (i + 1 >= argc) return usage_error("%s needs a value", argv[i]);
+        if (!o) return qs_cli_usage_error("unknown option '%s'", argv[i]);
+        if (i + 1 >= argc) return qs_cli_usage_error("%s needs a value", argv[i]);
         int rc = parse_value(o, argv[++i]);
         if (rc) return rc;
     }
@@ -136,16 +123,16 @@ static int cmd_train(int argc, char **argv) {
         if (help) fputs(TRAIN_HELP, stdout);
         return rc;
     }
-    if (!config && !resume) return usage_error("%s", "train needs --config FILE (or --resume DIR)");
-    if (resume && out && strcmp(resume, out)) return usage_error("%s", "--resume DIR continues in DIR; drop --out");
-    if (check_device(device)) return fail();
+    if (!config && !resume) return qs_cli_usage_error("%s", "train needs --config FILE (or --resume DIR)");
+    if (resume && out && strcmp(resume, out)) return qs_cli_usage_error("%s", "--resume DIR continues in DIR; drop --out");
+    if (check_device(device)) return qs_cli_fail();
     char base[QS_PATH_MAX + 16];
     if (resume) snprintf(base, sizeof base, "%s/config.json", resume);
     qs_config cfg;
-    if (build_config(&cfg, resume ? base : NULL, config, &sets)) return fail();
+    if (build_config(&cfg, resume ? base : NULL, config, &sets)) return qs_cli_fail();
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/default",
                             .resume = resume != NULL, .until_step = until};
-    return qs_train(&cfg, &opt) ? fail() : 0;
+    return qs_train(&cfg, &opt) ? qs_cli_fail() : 0;
 }
 
 /* ---- loading a trained model ---- */
@@ -227,13 +214,13 @@ static int cmd_generate(int argc, char **argv) {
         if (help) fputs(GENERATE_HELP, stdout);
         return rc;
     }
-    if (!model) return usage_error("%s", "generate needs --model CKPT_DIR");
-    if (adapter) return usage_error("%s", "--adapter: LoRA adapters are not supported by this build yet");
-    if (!*prompt) return usage_error("%s", "--prompt must not be empty");
+    if (!model) return qs_cli_usage_error("%s", "generate needs --model CKPT_DIR");
+    if (adapter) return qs_cli_usage_error("%s", "--adapter: LoRA adapters are not supported by this build yet");
+    if (!*prompt) return qs_cli_usage_error("%s", "--prompt must not be empty");
     loaded_model lm = {0};
     if (load_model(&lm, model, NULL, NULL, 1)) {
         free_loaded(&lm);
-        return fail();
+        return qs_cli_fail();
     }
     size_t n = strlen(prompt), n_ids = 0;
     int *ctx = malloc((n + 1 + (size_t)max_tokens) * sizeof(int));
@@ -248,7 +235,7 @@ static int cmd_generate(int argc, char **argv) {
     }
     free(ctx);
     free_loaded(&lm);
-    return rc ? fail() : 0;
+    return rc ? qs_cli_fail() : 0;
 }
 
 static const char *EVAL_HELP =
@@ -267,7 +254,7 @@ static int cmd_eval(int argc, char **argv) {
         if (help) fputs(EVAL_HELP, stdout);
         return rc;
     }
-    if (!model) return usage_error("%s", "eval needs --model CKPT_DIR");
+    if (!model) return qs_cli_usage_error("%s", "eval needs --model CKPT_DIR");
     loaded_model lm = {0};
     qs_dataset data = {0};
     rc = load_model(&lm, model, config, &sets, 0) || qs_dataset_open(&data, &lm.cfg, &lm.codec);
@@ -281,7 +268,7 @@ static int cmd_eval(int argc, char **argv) {
     }
     qs_dataset_free(&data);
     free_loaded(&lm);
-    return rc ? fail() : 0;
+    return rc ? qs_cli_fail() : 0;
 }
 
 static const char *MAIN_HELP =
@@ -296,7 +283,7 @@ static const char *MAIN_HELP =
 int main(int argc, char **argv) {
     if (argc < 2) {
         fputs(MAIN_HELP, stderr);
-        return EXIT_USAGE;
+        return QS_EXIT_USAGE;
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
@@ -309,5 +296,5 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "tokenize")) return qs_cli_tokenize(argc - 2, argv + 2);
     if (!strcmp(cmd, "detokenize")) return qs_cli_detokenize(argc - 2, argv + 2);
     if (!strcmp(cmd, "shard")) return qs_cli_shard(argc - 2, argv + 2);
-    return usage_error("unknown command '%s'", cmd);
+    return qs_cli_usage_error("unknown command '%s'", cmd);
 }

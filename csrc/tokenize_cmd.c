@@ -6,12 +6,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
 #include "quasar/shards.h"
 #include "quasar/tokenizer.h"
-
-#define EXIT_USAGE 2
 
 static const char *TOKENIZE_HELP =
     "usage: quasar tokenize --tokenizer gpt2 --vocab-dir DIR\n"
@@ -33,18 +32,6 @@ static const char *SHARD_HELP =
     "  into PREFIX_000000.bin, PREFIX_000001.bin, ...: llm.c's shard format (256 int32\n"
     "  header: magic 20240520, version 1, token count; then uint16 tokens).\n"
     "  --shard-tokens N  tokens per shard (default 100000000)\n";
-
-static int usage_error(const char *fmt, const char *arg) {
-    fprintf(stderr, "error: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, " (see --help)\n");
-    return EXIT_USAGE;
-}
-
-static int fail(void) {
-    fprintf(stderr, "error: %s\n", qs_error_last());
-    return 1;
-}
 
 /* A command's own string options beside --tokenizer and --vocab-dir. */
 typedef struct extra_opt {
@@ -68,13 +55,13 @@ static int open_tokenizer(int argc, char **argv, const char *cmd, const char *he
                                                              : NULL;
         for (int e = 0; e < n_extra && !dst; e++)
             if (!strcmp(argv[i], extra[e].flag)) dst = extra[e].value;
-        if (!dst) return usage_error("unknown option '%s'", argv[i]);
-        if (i + 1 >= argc) return usage_error("%s needs a value", argv[i]);
+        if (!dst) return qs_cli_usage_error("unknown option '%s'", argv[i]);
+        if (i + 1 >= argc) return qs_cli_usage_error("%s needs a value", argv[i]);
         *dst = argv[++i];
     }
-    if (strcmp(name, "gpt2")) return usage_error("--tokenizer: only gpt2 is supported, got '%s'", name);
-    if (!vocab_dir) return usage_error("%s needs --vocab-dir DIR", cmd);
-    return qs_tokenizer_load(t, vocab_dir) ? fail() : 0;
+    if (strcmp(name, "gpt2")) return qs_cli_usage_error("--tokenizer: only gpt2 is supported, got '%s'", name);
+    if (!vocab_dir) return qs_cli_usage_error("%s needs --vocab-dir DIR", cmd);
+    return qs_tokenizer_load(t, vocab_dir) ? qs_cli_fail() : 0;
 }
 
 /* Writes the rest of the output; stdio's error flag covers the earlier writes too. */
@@ -99,7 +86,7 @@ int qs_cli_tokenize(int argc, char **argv) {
     free(ids);
     free(text);
     qs_tokenizer_free(t);
-    return rc ? fail() : 0;
+    return rc ? qs_cli_fail() : 0;
 }
 
 static int is_space(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
@@ -143,7 +130,7 @@ int qs_cli_detokenize(int argc, char **argv) {
     free(ids);
     free(in);
     qs_tokenizer_free(t);
-    return rc ? fail() : 0;
+    return rc ? qs_cli_fail() : 0;
 }
 
 int qs_cli_shard(int argc, char **argv) {
@@ -156,8 +143,8 @@ int qs_cli_shard(int argc, char **argv) {
     long long per = strtoll(per_s, &end, 10);
     if (!out || *end || per < 1 || per > 0xffffffffLL) {
         qs_tokenizer_free(t);
-        return out ? usage_error("--shard-tokens: expected a whole number in [1, 4294967295], got '%s'", per_s)
-                   : usage_error("%s", "shard needs --out PREFIX");
+        return out ? qs_cli_usage_error("--shard-tokens: expected a whole number in [1, 4294967295], got '%s'", per_s)
+                   : qs_cli_usage_error("%s", "shard needs --out PREFIX");
     }
     char *text = NULL, dir[4096];
     int *ids = NULL;
@@ -183,5 +170,5 @@ int qs_cli_shard(int argc, char **argv) {
     free(ids);
     free(text);
     qs_tokenizer_free(t);
-    return rc ? fail() : 0;
+    return rc ? qs_cli_fail() : 0;
 }
