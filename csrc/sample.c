@@ -6,6 +6,7 @@
 #include "quasar/error.h"
 #include "quasar/rng.h"
 
+/* qsort passes no context, hence a file-scope key; sampling runs on one thread. */
 static const float *sort_key;
 
 /* Descending probability, lower id first on ties (a total order: deterministic). */
