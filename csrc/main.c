@@ -278,7 +278,8 @@ static const char *MAIN_HELP =
     "  eval       validation loss of a checkpoint, as JSON\n"
     "  tokenize   UTF-8 text on stdin -> GPT-2 token ids on stdout\n"
     "  detokenize token ids on stdin -> the exact text on stdout\n"
-    "  shard      text on stdin -> GPT-2 token shards (llm.c format) for training\n";
+    "  shard      text on stdin -> GPT-2 token shards (llm.c format) for training\n"
+    "  bpe-train  text on stdin -> a new byte-level BPE vocabulary (GPT-2's files)\n";
 
 int main(int argc, char **argv) {
     if (argc < 2) {
@@ -296,5 +297,6 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "tokenize")) return qs_cli_tokenize(argc - 2, argv + 2);
     if (!strcmp(cmd, "detokenize")) return qs_cli_detokenize(argc - 2, argv + 2);
     if (!strcmp(cmd, "shard")) return qs_cli_shard(argc - 2, argv + 2);
+    if (!strcmp(cmd, "bpe-train")) return qs_cli_bpe_train(argc - 2, argv + 2);
     return qs_cli_usage_error("unknown command '%s'", cmd);
 }

@@ -1,6 +1,7 @@
 /* `quasar tokenize` and `quasar detokenize`: stdin -> stdout through the GPT-2
  * tokenizer. Ids travel as one line of decimals separated by single spaces;
- * detokenize writes the exact bytes back, with no newline added. */
+ * detokenize writes the exact bytes back, with no newline added. `quasar shard` writes
+ * llm.c shards; `quasar bpe-train` learns a vocabulary in the same format. */
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,32 +34,48 @@ static const char *SHARD_HELP =
     "  header: magic 20240520, version 1, token count; then uint16 tokens).\n"
     "  --shard-tokens N  tokens per shard (default 100000000)\n";
 
-/* A command's own string options beside --tokenizer and --vocab-dir. */
+static const char *BPE_TRAIN_HELP =
+    "usage: quasar bpe-train --vocab-size N --out DIR\n"
+    "  Learns a byte-level BPE vocabulary from UTF-8 text on stdin and writes GPT-2's\n"
+    "  DIR/encoder.json and DIR/vocab.bpe, for --vocab-dir DIR. The text is cut into\n"
+    "  pre-tokens as tokenize cuts it; the most frequent pair is merged first.\n"
+    "  --vocab-size N  tokens in all, 257..65536: 256 bytes, the merges, <|endoftext|>\n"
+    "  --out DIR       the folder to write (made if missing)\n";
+
+/* A string option of a command. */
 typedef struct extra_opt {
     const char *flag;
     const char **value;
 } extra_opt;
 
-/* Reads the options and loads the tokenizer. Returns 0 with *t set, or the exit code
- * (0 after --help, with *t NULL). */
-static int open_tokenizer(int argc, char **argv, const char *cmd, const char *help, const extra_opt *extra,
-                          int n_extra, qs_tokenizer **t) {
-    const char *vocab_dir = NULL, *name = "gpt2";
-    *t = NULL;
+/* Reads argv's options into opts. Returns -1 to go on, else the exit code (0 after
+ * --help). */
+static int parse_options(int argc, char **argv, const char *help, const extra_opt *opts, int n_opts) {
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             fputs(help, stdout);
             return 0;
         }
-        const char **dst = !strcmp(argv[i], "--vocab-dir")   ? &vocab_dir
-                           : !strcmp(argv[i], "--tokenizer") ? &name
-                                                             : NULL;
-        for (int e = 0; e < n_extra && !dst; e++)
-            if (!strcmp(argv[i], extra[e].flag)) dst = extra[e].value;
+        const char **dst = NULL;
+        for (int o = 0; o < n_opts && !dst; o++)
+            if (!strcmp(argv[i], opts[o].flag)) dst = opts[o].value;
         if (!dst) return qs_cli_usage_error("unknown option '%s'", argv[i]);
         if (i + 1 >= argc) return qs_cli_usage_error("%s needs a value", argv[i]);
         *dst = argv[++i];
     }
+    return -1;
+}
+
+/* Reads the options (--tokenizer, --vocab-dir and up to 2 extra) and loads the
+ * tokenizer. Returns 0 with *t set, or the exit code (0 after --help, with *t NULL). */
+static int open_tokenizer(int argc, char **argv, const char *cmd, const char *help, const extra_opt *extra,
+                          int n_extra, qs_tokenizer **t) {
+    const char *vocab_dir = NULL, *name = "gpt2";
+    *t = NULL;
+    extra_opt opts[4] = {{"--vocab-dir", &vocab_dir}, {"--tokenizer", &name}};
+    for (int e = 0; e < n_extra; e++) opts[2 + e] = extra[e];
+    int code = parse_options(argc, argv, help, opts, 2 + n_extra);
+    if (code >= 0) return code;
     if (strcmp(name, "gpt2")) return qs_cli_usage_error("--tokenizer: only gpt2 is supported, got '%s'", name);
     if (!vocab_dir) return qs_cli_usage_error("%s needs --vocab-dir DIR", cmd);
     return qs_tokenizer_load(t, vocab_dir) ? qs_cli_fail() : 0;
@@ -170,5 +187,25 @@ int qs_cli_shard(int argc, char **argv) {
     free(ids);
     free(text);
     qs_tokenizer_free(t);
+    return rc ? qs_cli_fail() : 0;
+}
+
+int qs_cli_bpe_train(int argc, char **argv) {
+    const char *size_s = NULL, *out = NULL;
+    extra_opt opts[] = {{"--vocab-size", &size_s}, {"--out", &out}};
+    int code = parse_options(argc, argv, BPE_TRAIN_HELP, opts, 2);
+    if (code >= 0) return code;
+    if (!size_s) return qs_cli_usage_error("%s", "bpe-train needs --vocab-size N");
+    if (!out) return qs_cli_usage_error("%s", "bpe-train needs --out DIR");
+    char *end;
+    long long size = strtoll(size_s, &end, 10);
+    /* the range itself is qs_bpe_train's to check */
+    if (!*size_s || *end || size < INT_MIN || size > INT_MAX)
+        return qs_cli_usage_error("--vocab-size: expected a whole number, got '%s'", size_s);
+    char *text = NULL;
+    size_t n;
+    int rc = qs_file_read("/dev/stdin", &text, &n) || qs_bpe_train(text, n, (int)size, out);
+    if (!rc) fprintf(stderr, "quasar: wrote %s/encoder.json and %s/vocab.bpe (%lld tokens)\n", out, out, size);
+    free(text);
     return rc ? qs_cli_fail() : 0;
 }

@@ -1,6 +1,7 @@
 /* GPT-2 byte-level BPE: loading and checking encoder.json + vocab.bpe, encoding
  * (UTF-8 check, special-token split, PCRE2 pre-tokenizer, rank-ordered merges with a
- * pre-token cache) and decoding. */
+ * pre-token cache) and decoding. The pre-tokenizer and byte alphabet are shared with
+ * the trainer through pretokenize.h. */
 #include "quasar/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -13,11 +14,9 @@
 #include <string.h>
 
 #include "bpe_maps.h"
+#include "pretokenize.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
-
-#define EOT_TEXT "<|endoftext|>"
-#define EOT_LEN (sizeof EOT_TEXT - 1)
 
 /* GPT-2's pre-tokenizer. White space is spelled out as Unicode's White_Space property,
  * [\t-\r\x{85}\p{Z}], which is what tiktoken's regex engine means by \s; PCRE2's \s in
@@ -41,8 +40,7 @@ struct qs_tokenizer {
     bpe_rule *merges; /* by rank */
     qs_pair_map ranks;
     qs_piece_cache cache;
-    pcre2_code *re;
-    pcre2_match_data *match;
+    qs_pretokenizer *pre;
     /* merge scratch for one pre-token of up to scratch_cap bytes */
     int *nodes;     /* token, next, prev: scratch_cap each */
     uint64_t *heap; /* 3 * scratch_cap */
@@ -91,14 +89,11 @@ static size_t utf8_invalid_at(const char *text, size_t n) {
     return n;
 }
 
-/* GPT-2's files write each byte as one printable code point: printable Latin-1 bytes
- * ('!'..'~', 0xA1..0xAC, 0xAE..0xFF) stand for themselves, the other 68 bytes become
- * U+0100, U+0101, ... in byte order. */
-#define ALPHABET_CPS (256 + 68)
-
-static void byte_alphabet(int byte_of_cp[ALPHABET_CPS]) {
+/* Printable Latin-1 bytes ('!'..'~', 0xA1..0xAC, 0xAE..0xFF) stand for themselves, the
+ * other 68 bytes become U+0100, U+0101, ... in byte order. */
+void qs_byte_alphabet(int byte_of_cp[QS_ALPHABET_CPS]) {
     int next = 256;
-    for (int cp = 0; cp < ALPHABET_CPS; cp++) byte_of_cp[cp] = -1;
+    for (int cp = 0; cp < QS_ALPHABET_CPS; cp++) byte_of_cp[cp] = -1;
     for (int b = 0; b < 256; b++) {
         int printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
         byte_of_cp[printable ? b : next++] = b;
@@ -106,12 +101,12 @@ static void byte_alphabet(int byte_of_cp[ALPHABET_CPS]) {
 }
 
 /* A token as written in the files -> its bytes (out has room for n). */
-static int unmap_token(const int byte_of_cp[ALPHABET_CPS], const char *s, size_t n, char *out, size_t *out_n) {
+static int unmap_token(const int byte_of_cp[QS_ALPHABET_CPS], const char *s, size_t n, char *out, size_t *out_n) {
     size_t k = 0;
     for (size_t i = 0; i < n;) {
         int len;
         int32_t cp = utf8_decode((const unsigned char *)s + i, n - i, &len);
-        if (cp < 0 || cp >= ALPHABET_CPS || byte_of_cp[cp] < 0) return -1;
+        if (cp < 0 || cp >= QS_ALPHABET_CPS || byte_of_cp[cp] < 0) return -1;
         out[k++] = (char)byte_of_cp[cp];
         i += (size_t)len;
     }
@@ -119,11 +114,81 @@ static int unmap_token(const int byte_of_cp[ALPHABET_CPS], const char *s, size_t
     return 0;
 }
 
+/* ---- pre-tokenizing ---- */
+
+struct qs_pretokenizer {
+    pcre2_code *re;
+    pcre2_match_data *match;
+};
+
+int qs_pretokenizer_new(qs_pretokenizer **out) {
+    qs_pretokenizer *p = *out = calloc(1, sizeof *p);
+    if (!p) return qs_error("out of memory");
+    int err, rc = 0;
+    PCRE2_SIZE at;
+    p->re = pcre2_compile((PCRE2_SPTR)PRETOKEN_RE, PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP, &err, &at, NULL);
+    if (!p->re || (err = pcre2_jit_compile(p->re, PCRE2_JIT_COMPLETE)) != 0) {
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(err, msg, sizeof msg);
+        rc = qs_error("cannot compile the pre-tokenizer with PCRE2's JIT: %s", (const char *)msg);
+    } else if (!(p->match = pcre2_match_data_create_from_pattern(p->re, NULL))) {
+        rc = qs_error("out of memory");
+    }
+    if (rc) {
+        qs_pretokenizer_free(p);
+        *out = NULL;
+    }
+    return rc;
+}
+
+void qs_pretokenizer_free(qs_pretokenizer *p) {
+    if (!p) return;
+    pcre2_match_data_free(p->match);
+    pcre2_code_free(p->re);
+    free(p);
+}
+
+/* Text without special tokens: pre-tokens one regex match at a time. The subject
+ * ends where the text does, so the look-ahead cannot see past a special token. */
+static int split_ordinary(qs_pretokenizer *p, const char *s, size_t n, qs_piece_fn piece, void *ctx) {
+    PCRE2_SIZE *ov = pcre2_get_ovector_pointer(p->match);
+    for (size_t pos = 0; pos < n;) {
+        int rc = pcre2_jit_match(p->re, (PCRE2_SPTR)s, n, pos, 0, p->match, NULL);
+        if (rc < 0 || ov[0] != pos || ov[1] <= pos)
+            return qs_error("pre-tokenizer failed %zu bytes into a text segment (PCRE2 code %d)", pos, rc);
+        if ((rc = piece(ctx, s + pos, ov[1] - pos, 0))) return rc;
+        pos = ov[1];
+    }
+    return 0;
+}
+
+static const char *find_eot(const char *s, size_t n) {
+    for (const char *p = s, *end = s + n; (size_t)(end - p) >= QS_EOT_LEN; p++) {
+        p = memchr(p, '<', (size_t)(end - p) - QS_EOT_LEN + 1);
+        if (!p) break;
+        if (!memcmp(p, QS_EOT_TEXT, QS_EOT_LEN)) return p;
+    }
+    return NULL;
+}
+
+int qs_pretokenize(qs_pretokenizer *p, const char *text, size_t n, qs_piece_fn piece, void *ctx) {
+    size_t bad = utf8_invalid_at(text, n);
+    if (bad < n) return qs_error("invalid UTF-8 at byte %zu", bad);
+    for (const char *s = text, *end = text + n; s < end;) {
+        const char *eot = find_eot(s, (size_t)(end - s));
+        int rc = split_ordinary(p, s, (size_t)((eot ? eot : end) - s), piece, ctx);
+        if (rc || !eot) return rc;
+        if ((rc = piece(ctx, eot, QS_EOT_LEN, 1))) return rc;
+        s = eot + QS_EOT_LEN;
+    }
+    return 0;
+}
+
 /* ---- loading ---- */
 
 /* encoder.json: {"token": id, ...}, ids exactly 0..n-1. Fills the token table and the
  * index over it. */
-static int load_encoder(qs_tokenizer *t, const char *path, const int byte_of_cp[ALPHABET_CPS],
+static int load_encoder(qs_tokenizer *t, const char *path, const int byte_of_cp[QS_ALPHABET_CPS],
                         qs_token_index *index) {
     char *data;
     size_t size;
@@ -190,7 +255,7 @@ static int load_encoder(qs_tokenizer *t, const char *path, const int byte_of_cp[
 }
 
 /* vocab.bpe: a "#version" line, then one merge "left right" per line; rank = order. */
-static int load_merges(qs_tokenizer *t, const char *path, const int byte_of_cp[ALPHABET_CPS],
+static int load_merges(qs_tokenizer *t, const char *path, const int byte_of_cp[QS_ALPHABET_CPS],
                        const qs_token_index *index) {
     char *data;
     size_t size;
@@ -247,8 +312,8 @@ int qs_tokenizer_load(qs_tokenizer **out, const char *dir) {
     *out = NULL;
     qs_tokenizer *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
-    int byte_of_cp[ALPHABET_CPS];
-    byte_alphabet(byte_of_cp);
+    int byte_of_cp[QS_ALPHABET_CPS];
+    qs_byte_alphabet(byte_of_cp);
     qs_token_index index = {0};
     char path[4096];
     int rc = vocab_path(path, sizeof path, dir, "encoder.json") || load_encoder(t, path, byte_of_cp, &index);
@@ -257,23 +322,12 @@ int qs_tokenizer_load(qs_tokenizer **out, const char *dir) {
         if ((t->byte_id[b] = qs_token_index_get(&index, &c, 1)) < 0)
             rc = qs_error("%s: no token for byte 0x%02x", path, b);
     }
-    if (!rc && (t->eot = qs_token_index_get(&index, EOT_TEXT, EOT_LEN)) < 0)
-        rc = qs_error("%s: no " EOT_TEXT " token", path);
+    if (!rc && (t->eot = qs_token_index_get(&index, QS_EOT_TEXT, QS_EOT_LEN)) < 0)
+        rc = qs_error("%s: no " QS_EOT_TEXT " token", path);
     if (!rc) rc = vocab_path(path, sizeof path, dir, "vocab.bpe") || load_merges(t, path, byte_of_cp, &index);
     qs_token_index_free(&index);
     if (!rc) rc = qs_piece_cache_init(&t->cache);
-    if (!rc) {
-        int err;
-        PCRE2_SIZE at;
-        t->re = pcre2_compile((PCRE2_SPTR)PRETOKEN_RE, PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP, &err, &at, NULL);
-        if (!t->re || (err = pcre2_jit_compile(t->re, PCRE2_JIT_COMPLETE)) != 0) {
-            PCRE2_UCHAR msg[256];
-            pcre2_get_error_message(err, msg, sizeof msg);
-            rc = qs_error("cannot compile the pre-tokenizer with PCRE2's JIT: %s", (const char *)msg);
-        } else if (!(t->match = pcre2_match_data_create_from_pattern(t->re, NULL))) {
-            rc = qs_error("out of memory");
-        }
-    }
+    if (!rc) rc = qs_pretokenizer_new(&t->pre);
     if (rc) {
         qs_tokenizer_free(t);
         return -1;
@@ -289,8 +343,7 @@ void qs_tokenizer_free(qs_tokenizer *t) {
     free(t->merges);
     qs_pair_map_free(&t->ranks);
     qs_piece_cache_free(&t->cache);
-    pcre2_match_data_free(t->match);
-    pcre2_code_free(t->re);
+    qs_pretokenizer_free(t->pre);
     free(t->nodes);
     free(t->heap);
     free(t);
@@ -389,44 +442,30 @@ static int encode_piece(qs_tokenizer *t, const char *p, size_t n, int *out) {
     return k;
 }
 
-/* Text without special tokens: pre-tokens one regex match at a time. The subject
- * ends where the text does, so the look-ahead cannot see past a special token. */
-static int encode_ordinary(qs_tokenizer *t, const char *s, size_t n, int *ids, size_t *n_ids) {
-    PCRE2_SIZE *ov = pcre2_get_ovector_pointer(t->match);
-    for (size_t pos = 0; pos < n;) {
-        int rc = pcre2_jit_match(t->re, (PCRE2_SPTR)s, n, pos, 0, t->match, NULL);
-        if (rc < 0 || ov[0] != pos || ov[1] <= pos)
-            return qs_error("pre-tokenizer failed %zu bytes into a text segment (PCRE2 code %d)", pos, rc);
-        int k = encode_piece(t, s + pos, ov[1] - pos, ids + *n_ids);
-        if (k < 0) return -1;
-        *n_ids += (size_t)k;
-        pos = ov[1];
-    }
-    return 0;
-}
+typedef struct encode_ctx {
+    qs_tokenizer *t;
+    int *ids;
+    size_t n_ids;
+} encode_ctx;
 
-static const char *find_eot(const char *s, size_t n) {
-    for (const char *p = s, *end = s + n; (size_t)(end - p) >= EOT_LEN; p++) {
-        p = memchr(p, '<', (size_t)(end - p) - EOT_LEN + 1);
-        if (!p) break;
-        if (!memcmp(p, EOT_TEXT, EOT_LEN)) return p;
-    }
-    return NULL;
+static int encode_cb(void *ctx, const char *s, size_t n, int is_eot) {
+    encode_ctx *c = ctx;
+    int k = 1;
+    if (is_eot)
+        c->ids[c->n_ids] = c->t->eot;
+    else if ((k = encode_piece(c->t, s, n, c->ids + c->n_ids)) < 0)
+        return -1;
+    c->n_ids += (size_t)k;
+    return 0;
 }
 
 int qs_tokenizer_encode(qs_tokenizer *t, const char *text, size_t n, int *ids, size_t *n_ids) {
     *n_ids = 0;
     if (n > INT_MAX) return qs_error("text too long to encode (%zu bytes; at most 2 GiB at once)", n);
-    size_t bad = utf8_invalid_at(text, n);
-    if (bad < n) return qs_error("invalid UTF-8 at byte %zu", bad);
-    for (const char *s = text, *end = text + n; s < end;) {
-        const char *eot = find_eot(s, (size_t)(end - s));
-        if (encode_ordinary(t, s, (size_t)((eot ? eot : end) - s), ids, n_ids)) return -1;
-        if (!eot) break;
-        ids[(*n_ids)++] = t->eot;
-        s = eot + EOT_LEN;
-    }
-    return 0;
+    encode_ctx c = {t, ids, 0};
+    int rc = qs_pretokenize(t->pre, text, n, encode_cb, &c);
+    *n_ids = c.n_ids;
+    return rc;
 }
 
 /* ---- decoding ---- */

@@ -28,9 +28,19 @@ int qs_tokenizer_encode(qs_tokenizer *t, const char *text, size_t n, int *ids, s
  * An id outside [0, vocab size) is an error naming it and its position. */
 int qs_tokenizer_decode(const qs_tokenizer *t, const int *ids, size_t n_ids, char **text, size_t *n);
 
-/* `quasar tokenize` / `quasar detokenize` (argv after the command name): exit codes. */
+/* Learns a byte-level BPE vocabulary of vocab_size tokens (257..65536) from UTF-8
+ * text[0, n), cutting the text exactly as qs_tokenizer_encode does, and writes
+ * out_dir/encoder.json and out_dir/vocab.bpe in GPT-2's format (atomically; the folder
+ * is made if missing). Ids 0..255 are the bytes in GPT-2's order, then one token per
+ * merge, most frequent pair first (ties: the merge whose bytes sort first), and
+ * <|endoftext|> last. The same text and size always give the same files. */
+int qs_bpe_train(const char *text, size_t n, int vocab_size, const char *out_dir);
+
+/* `quasar tokenize` / `detokenize` / `shard` / `bpe-train` (argv after the command
+ * name): exit codes. */
 int qs_cli_tokenize(int argc, char **argv);
 int qs_cli_detokenize(int argc, char **argv);
 int qs_cli_shard(int argc, char **argv);
+int qs_cli_bpe_train(int argc, char **argv);
 
 #endif
