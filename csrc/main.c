@@ -230,7 +230,11 @@ static int cmd_generate(int argc, char **argv) {
                       : 0;
     if (!rc) {
         fputs(prompt, stdout);
-        rc = qs_generate(lm.m, ctx, (int)n_ids, max_tokens, &sp, emit_stdout, &lm.codec);
+        if (lm.codec.bpe) { /* a GPT-2 model ends its text with <|endoftext|> */
+            sp.stop_at_token = true;
+            sp.stop_token = qs_tokenizer_eot(lm.codec.bpe);
+        }
+        rc = qs_generate(lm.m, ctx, (int)n_ids, max_tokens, &sp, emit_stdout, &lm.codec) < 0 ? -1 : 0;
         fputc('\n', stdout);
     }
     free(ctx);

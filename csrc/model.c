@@ -58,6 +58,9 @@ struct qs_gpt {
     float *dxe, *dye, *dgate; /* MoE packed */
     float *dh, *dclean, *dnoise;
 
+    /* KV cache for decoding: [L][max_B][NH][seq_len][hs] each, made on first prefill */
+    float *kcache, *vcache;
+
     /* last forward */
     int B, T, n_valid;
     qs_forward_mode mode;
@@ -326,6 +329,8 @@ void qs_gpt_free(qs_gpt *m) {
     be->free(m->grads);
     be->free(m->act_mem);
     be->free(m->int_mem);
+    be->free(m->kcache);
+    be->free(m->vcache);
     if (m->la)
         for (int l = 0; l < m->L; l++) {
             free(m->la[l].counts);
@@ -499,8 +504,14 @@ static void dense_ffn_forward(qs_gpt *m, int l, int N) {
 
 static qs_weight_layout lm_head_layout(void) { return QS_W_OUT_IN; /* [V, C], as wte */ }
 
-double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
-                      const qs_forward_mode *mode) {
+/* Layer l's slice of a KV cache. */
+static float *cache_of(const qs_gpt *m, float *cache, int l) {
+    return cache + (size_t)l * m->max_B * m->NH * m->cfg.seq_len * (m->C / m->NH);
+}
+
+/* Embeddings through logits for B sequences of T tokens at positions pos0.. (pos0 > 0
+ * only when decoding one token against the KV cache). */
+static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, const qs_forward_mode *mode) {
     const qs_ops *ops = m->be->ops;
     int N = B * T, C = m->C;
     size_t NC = (size_t)N * C;
@@ -511,7 +522,7 @@ double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, i
     m->stats.balance = m->stats.z = 0.0;
     m->be->upload(m->tok, tokens, (size_t)N * sizeof(int));
 
-    ops->embed_forward(m->res[0], m->tok, P(m, m->wte), P(m, m->wpe), B, T, C);
+    ops->embed_forward(m->res[0], m->tok, P(m, m->wte), P(m, m->wpe) + (size_t)pos0 * C, B, T, C);
     drop_forward(m, m->res[0], NC, m->L, SITE_EMBED);
     for (int l = 0; l < m->L; l++) {
         const layer_params *p = &m->lp[l];
@@ -519,7 +530,11 @@ double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, i
         ops->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], P(m, p->ln1_w),
                                P(m, p->ln1_b), N, C);
         ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, 3 * C, QS_W_IN_OUT);
-        ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
+        if (pos0 > 0)
+            ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
+                                  m->NH, pos0, m->cfg.seq_len);
+        else
+            ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
         ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
         drop_forward(m, a->attproj, NC, l, SITE_ATTN);
         ops->add_forward(a->res_mid, m->res[l], a->attproj, NC);
@@ -533,7 +548,36 @@ double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, i
     ops->layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->res[m->L], P(m, m->lnf_w),
                            P(m, m->lnf_b), N, C);
     ops->matmul_forward(m->logits, m->lnf, P(m, m->lm_head), NULL, N, C, m->V, lm_head_layout());
+}
 
+int qs_gpt_prefill(qs_gpt *m, const int *tokens, int B, int T) {
+    if (B > m->max_B || T > m->max_T || T < 1) return qs_error("prefill of %d x %d exceeds the model's %d x %d", B, T, m->max_B, m->max_T);
+    size_t per = (size_t)m->L * m->max_B * m->cfg.seq_len * m->C * sizeof(float);
+    if (!m->kcache && !(m->kcache = m->be->alloc(per))) return -1;
+    if (!m->vcache && !(m->vcache = m->be->alloc(per))) return -1;
+    qs_forward_mode mode = {.train = false};
+    trunk_forward(m, tokens, B, T, 0, &mode);
+    for (int l = 0; l < m->L; l++)
+        m->be->ops->kv_cache_fill(cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), m->la[l].qkv, B, T, m->C,
+                                  m->NH, m->cfg.seq_len);
+    m->n_valid = 0;
+    return 0;
+}
+
+int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, int pos) {
+    if (!m->kcache || B > m->max_B || pos < 1 || pos >= m->cfg.seq_len)
+        return qs_error("decode at position %d needs a prefill and a position in [1, %d)", pos, m->cfg.seq_len);
+    qs_forward_mode mode = {.train = false};
+    trunk_forward(m, tokens, B, 1, pos, &mode);
+    m->n_valid = 0;
+    return 0;
+}
+
+double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
+                      const qs_forward_mode *mode) {
+    const qs_ops *ops = m->be->ops;
+    int N = B * T;
+    trunk_forward(m, tokens, B, T, 0, mode);
     m->n_valid = 0;
     if (!targets) return 0.0;
     memcpy(m->host_tgt, targets, (size_t)N * sizeof(int));

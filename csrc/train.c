@@ -106,7 +106,7 @@ static int write_samples(qs_gpt *m, const qs_config *cfg, const qs_codec *codec,
     ctx[0] = qs_codec_start_token(codec);
     qs_sample_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = cfg->train.seed};
     sample_sink sink = {codec, mem};
-    int rc = qs_generate(m, ctx, 1, n_new, &sp, emit_token, &sink);
+    int rc = qs_generate(m, ctx, 1, n_new, &sp, emit_token, &sink) < 0 ? -1 : 0;
     fputc('\n', mem);
     fclose(mem);
     char path[QS_PATH_MAX + 32];

@@ -18,6 +18,7 @@
 #include "quasar/config.h"
 #include "quasar/model.h"
 #include "quasar/rng.h"
+#include "quasar/sample.h"
 #include "test_seed.h"
 
 static uint64_t seed;
@@ -270,6 +271,56 @@ static void test_modes(void **state) {
     qs_gpt_free(m);
 }
 
+/* KV-cache decoding equals recomputing the whole window each step: the logits at every
+ * step (window sliding past seq_len included), and qs_generate's greedy tokens. */
+static void kv_cache_matches_recompute(qs_model_config c, const char *label) {
+    c.dropout = 0.0f;
+    const int P = 3, STEPS = 2 * 7 + 3; /* seq_len 7: slides twice */
+    qs_gpt *cached, *full;
+    assert_int_equal(qs_gpt_create(&cached, &c, qs_backend_cpu(), 1, c.seq_len), 0);
+    assert_int_equal(qs_gpt_create(&full, &c, qs_backend_cpu(), 1, c.seq_len), 0);
+    qs_gpt_init(cached, seed);
+    qs_gpt_init(full, seed);
+    int ctx[32], ref[32];
+    for (int i = 0; i < P; i++) ctx[i] = ref[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, (uint64_t)c.vocab_size);
+    float a[64], b[64];
+    double worst = 0;
+    qs_forward_mode eval = {.train = false};
+    int n = P, in_cache = 0;
+    for (int s = 0; s < STEPS; s++, n++) {
+        int T = n < c.seq_len ? n : c.seq_len, row = 0;
+        if (in_cache == 0 || in_cache == c.seq_len) {
+            assert_int_equal(qs_gpt_prefill(cached, ctx + n - T, 1, T), 0);
+            in_cache = T;
+            row = T - 1;
+        } else {
+            assert_int_equal(qs_gpt_decode(cached, ctx + n - 1, 1, in_cache++), 0);
+        }
+        qs_gpt_logits_row(cached, row, a);
+        qs_gpt_forward(full, ctx + n - T, NULL, 1, T, &eval);
+        qs_gpt_logits_row(full, T - 1, b);
+        int best = 0;
+        for (int v = 0; v < c.vocab_size; v++) {
+            worst = fmax(worst, fabs(a[v] - b[v]));
+            if (b[v] > b[best]) best = v;
+        }
+        ctx[n] = best;
+    }
+    printf("# %s: kv cache vs recompute over %d steps, max |logit diff| %.2e\n", label, STEPS, worst);
+    assert_true(worst < 1e-4);
+    qs_sample_params greedy = {.temperature = 0};
+    assert_int_equal(qs_generate(cached, ref, P, STEPS, &greedy, NULL, NULL), STEPS);
+    assert_memory_equal(ref, ctx, (size_t)(P + STEPS) * sizeof(int));
+    qs_gpt_free(cached);
+    qs_gpt_free(full);
+}
+
+static void test_kv_cache(void **state) {
+    (void)state;
+    kv_cache_matches_recompute(tiny_config(), "dense");
+    kv_cache_matches_recompute(moe_config(), "moe");
+}
+
 int main(void) {
     seed = qs_test_seed("test_model");
     const struct CMUnitTest tests[] = {
@@ -280,6 +331,7 @@ int main(void) {
         cmocka_unit_test(test_moe_topk_dropless),
         cmocka_unit_test(test_moe_stats),
         cmocka_unit_test(test_modes),
+        cmocka_unit_test(test_kv_cache),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

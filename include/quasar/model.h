@@ -56,6 +56,13 @@ void qs_gpt_copy_params(qs_gpt *m, float *host, bool to_backend);
  * negative target is ignored. Returns the mean cross-entropy over valid targets. */
 double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
                       const qs_forward_mode *mode);
+/* KV-cache inference (eval mode). prefill runs B prompts of T tokens (T <= max_T) and
+ * keeps every layer's keys and values; decode then runs one new token per sequence at
+ * position pos (1 <= pos < model.seq_len) against the cache. Logits of either, as for
+ * forward: [B*T, V] after prefill, [B, V] after decode. */
+int qs_gpt_prefill(qs_gpt *m, const int *tokens, int B, int T);
+int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, int pos);
+
 /* Accumulates into the gradient buffer the gradient of
  *   scale * (mean cross-entropy + aux_loss_coef * balance + z_loss_coef * z)
  * of the last forward (which must have had targets). */

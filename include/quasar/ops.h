@@ -49,6 +49,15 @@ typedef struct qs_ops {
     void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
                                const float *att, int B, int T, int C, int NH);
 
+    /* KV cache for decoding, caches [B,NH,max_T,hs]. kv_cache_fill copies the k and v of
+     * qkv [B,T,3C] (a prefill's) into positions 0..T-1. attention_decode appends the
+     * new token's k, v (qkv [B,3C]) at position pos and writes out[B,C], its causal
+     * attention over positions 0..pos (same scale and head layout as above). */
+    void (*kv_cache_fill)(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH,
+                          int max_T);
+    void (*attention_decode)(float *out, float *kcache, float *vcache, const float *qkv, int B, int C,
+                             int NH, int pos, int max_T);
+
     /* GELU (tanh approximation, as GPT-2) and ReLU, elementwise over n. */
     void (*gelu_forward)(float *out, const float *inp, size_t n);
     void (*gelu_backward)(float *dinp, const float *inp, const float *dout, size_t n);

@@ -2,6 +2,7 @@
 #ifndef QUASAR_SAMPLE_H
 #define QUASAR_SAMPLE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "quasar/model.h"
@@ -11,6 +12,8 @@ typedef struct qs_sample_params {
     int top_k;         /* 0 = no limit */
     float top_p;       /* 1 = no limit */
     uint64_t seed;
+    bool stop_at_token;   /* end generation after sampling stop_token (e.g. <|endoftext|>) */
+    int stop_token;
 } qs_sample_params;
 
 /* Picks a token from logits[V] with the random draw u in [0, 1). scratch holds V
@@ -18,8 +21,11 @@ typedef struct qs_sample_params {
 int qs_sample_token(const float *logits, int V, const qs_sample_params *sp, float u,
                     float *prob_scratch, int *idx_scratch);
 
-/* Extends ctx[0..n) by max_new tokens (ctx has room for n + max_new; n >= 1), feeding the
- * model at most model.seq_len tokens of context, and calls emit for each new token. */
+/* Extends ctx[0..n) by up to max_new tokens (ctx has room for n + max_new; n >= 1) and
+ * calls emit for each new token; returns how many it made, or -1. The context is the
+ * last model.seq_len tokens. With the KV cache the prompt is run once and each new
+ * token costs one position; once the window is full and must slide, the learned
+ * positions shift, so the window is run again (what recomputing would do). */
 int qs_generate(qs_gpt *m, int *ctx, int n, int max_new, const qs_sample_params *sp,
                 void (*emit)(int token, void *user), void *user);
 
