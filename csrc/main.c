@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "quasar/checkpoint.h"
 #include "quasar/config.h"
+#include "quasar/convert.h"
 #include "quasar/error.h"
 #include "quasar/sample.h"
 #include "quasar/tokenizer.h"
@@ -275,6 +276,36 @@ static int cmd_eval(int argc, char **argv) {
     return rc ? qs_cli_fail() : 0;
 }
 
+static const char *CONVERT_HELP =
+    "usage: quasar convert --from-hf HF_DIR --out RUN_DIR [--vocab-dir DIR]\n"
+    "       quasar convert --to-hf CKPT_DIR --out HF_DIR\n"
+    "  --from-hf DIR   a transformers GPT2LMHeadModel folder (config.json, model.safetensors in\n"
+    "                  F32, F16 or BF16) -> a new Quasar run with the checkpoint step_00000000\n"
+    "  --to-hf DIR     a dense Quasar run, ckpt or checkpoint folder -> config.json and an F32\n"
+    "                  model.safetensors for GPT2LMHeadModel.from_pretrained\n"
+    "  --out DIR       the folder to write (for --from-hf it must not already hold a run)\n"
+    "  --vocab-dir DIR GPT-2 BPE files named by the run's data.vocab_dir (default ../shared/data/gpt2)\n"
+    "  A converted run's data.train_shards and data.val_shards are the placeholder \"none\":\n"
+    "  give real ones with --set data.train_shards=... (and val_shards) to train or evaluate.\n";
+
+static int cmd_convert(int argc, char **argv) {
+    const char *from_hf = NULL, *to_hf = NULL, *out = NULL, *vocab_dir = NULL;
+    int help;
+    opt_spec specs[] = {{"--from-hf", OPT_STR, &from_hf, 0, 0}, {"--to-hf", OPT_STR, &to_hf, 0, 0},
+                        {"--out", OPT_STR, &out, 0, 0}, {"--vocab-dir", OPT_STR, &vocab_dir, 0, 0}};
+    int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
+    if (rc || help) {
+        if (help) fputs(CONVERT_HELP, stdout);
+        return rc;
+    }
+    if (!from_hf == !to_hf) return qs_cli_usage_error("%s", "convert needs one of --from-hf DIR or --to-hf DIR");
+    if (!out) return qs_cli_usage_error("%s", "convert needs --out DIR");
+    if (to_hf && vocab_dir) return qs_cli_usage_error("%s", "--vocab-dir applies to --from-hf only");
+    rc = from_hf ? qs_convert_from_hf(from_hf, out, vocab_dir ? vocab_dir : "../shared/data/gpt2")
+                 : qs_convert_to_hf(to_hf, out);
+    return rc ? qs_cli_fail() : 0;
+}
+
 static const char *MAIN_HELP =
     "usage: quasar <command> [options]   (quasar <command> --help for details)\n"
     "  train      train a model from a JSON config\n"
@@ -283,7 +314,8 @@ static const char *MAIN_HELP =
     "  tokenize   UTF-8 text on stdin -> GPT-2 token ids on stdout\n"
     "  detokenize token ids on stdin -> the exact text on stdout\n"
     "  shard      text on stdin -> GPT-2 token shards (llm.c format) for training\n"
-    "  bpe-train  text on stdin -> a new byte-level BPE vocabulary (GPT-2's files)\n";
+    "  bpe-train  text on stdin -> a new byte-level BPE vocabulary (GPT-2's files)\n"
+    "  convert    Hugging Face GPT-2 folder <-> Quasar checkpoint\n";
 
 int main(int argc, char **argv) {
     if (argc < 2) {
@@ -302,5 +334,6 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "detokenize")) return qs_cli_detokenize(argc - 2, argv + 2);
     if (!strcmp(cmd, "shard")) return qs_cli_shard(argc - 2, argv + 2);
     if (!strcmp(cmd, "bpe-train")) return qs_cli_bpe_train(argc - 2, argv + 2);
+    if (!strcmp(cmd, "convert")) return cmd_convert(argc - 2, argv + 2);
     return qs_cli_usage_error("unknown command '%s'", cmd);
 }
