@@ -38,7 +38,7 @@ struct qs_gpt {
     int V, C, L, NH, F, E, K;
 
     qs_param_info *pinfo;
-    int n_pinfo, cap_pinfo;
+    int n_pinfo;
     size_t n_params;
     int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
     layer_params *lp;
@@ -66,7 +66,6 @@ struct qs_gpt {
     qs_forward_mode mode;
     bool noisy_used;
     float *host_losses;
-    int *host_tgt;
     int *routing; /* host [L][N*K] */
     qs_moe_stats stats;
 };
@@ -75,14 +74,6 @@ struct qs_gpt {
 
 static int add_param(qs_gpt *m, const char *name, int ndim, const int64_t *shape,
                      qs_param_role role, int fan_in, int fan_out, bool residual_proj) {
-    if (m->n_pinfo == m->cap_pinfo) {
-        m->cap_pinfo = m->cap_pinfo ? 2 * m->cap_pinfo : 64;
-        m->pinfo = realloc(m->pinfo, (size_t)m->cap_pinfo * sizeof *m->pinfo);
-        if (!m->pinfo) {
-            fprintf(stderr, "error: out of memory\n");
-            exit(1);
-        }
-    }
     qs_param_info *p = &m->pinfo[m->n_pinfo];
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "%s", name);
@@ -282,10 +273,12 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->lp = calloc((size_t)m->L, sizeof *m->lp);
     m->la = calloc((size_t)m->L, sizeof *m->la);
     m->res = calloc((size_t)m->L + 1, sizeof *m->res);
+    /* wte, wpe, ln_f (2), lm_head + at most 16 per layer (4 norms, 4 attention,
+     * router and noise 4, ffn 4) */
+    m->pinfo = calloc(5 + 16 * (size_t)m->L, sizeof *m->pinfo);
     size_t N = (size_t)max_B * max_T;
     m->host_losses = malloc(N * sizeof(float));
-    m->host_tgt = malloc(N * sizeof(int));
-    if (!m->lp || !m->la || !m->res || !m->host_losses || !m->host_tgt) goto oom;
+    if (!m->lp || !m->la || !m->res || !m->pinfo || !m->host_losses) goto oom;
     if (m->E > 0) {
         m->routing = malloc((size_t)m->L * N * m->K * sizeof(int));
         m->stats.expert_tokens = calloc((size_t)m->E, sizeof(int64_t));
@@ -342,7 +335,6 @@ void qs_gpt_free(qs_gpt *m) {
     free(m->res);
     free(m->pinfo);
     free(m->host_losses);
-    free(m->host_tgt);
     free(m->routing);
     free(m->stats.expert_tokens);
     free(m);
@@ -362,12 +354,9 @@ static float init_std(const qs_gpt *m, const qs_param_info *p) {
     return p->residual_proj ? c->init_std / sqrtf(2.0f * (float)m->L) : c->init_std;
 }
 
-void qs_gpt_init(qs_gpt *m, uint64_t seed) {
+int qs_gpt_init(qs_gpt *m, uint64_t seed) {
     float *host = malloc(m->n_params * sizeof(float));
-    if (!host) {
-        fprintf(stderr, "error: out of memory initialising %zu parameters\n", m->n_params);
-        exit(1);
-    }
+    if (!host) return qs_error("out of memory initialising %zu parameters", m->n_params);
     for (int i = 0; i < m->n_pinfo; i++) {
         const qs_param_info *p = &m->pinfo[i];
         float *w = host + p->offset;
@@ -381,6 +370,7 @@ void qs_gpt_init(qs_gpt *m, uint64_t seed) {
     }
     qs_gpt_copy_params(m, host, true);
     free(host);
+    return 0;
 }
 
 /* ---- accessors ---- */
@@ -580,7 +570,6 @@ double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, i
     trunk_forward(m, tokens, B, T, 0, mode);
     m->n_valid = 0;
     if (!targets) return 0.0;
-    memcpy(m->host_tgt, targets, (size_t)N * sizeof(int));
     m->be->upload(m->tgt, targets, (size_t)N * sizeof(int));
     ops->xent_forward(m->losses, m->logits, m->tgt, N, m->V);
     m->be->download(m->host_losses, m->losses, (size_t)N * sizeof(float));

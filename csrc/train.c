@@ -231,8 +231,8 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             goto out_optim;
         }
         qs_st_free(&mf_st);
-    } else {
-        qs_gpt_init(m, tc->seed);
+    } else if (qs_gpt_init(m, tc->seed)) {
+        goto out_optim;
     }
     snprintf(path, sizeof path, "%s/metrics.jsonl", run);
     if (trim_metrics(path, st.step)) goto out_optim;

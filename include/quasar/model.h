@@ -40,7 +40,7 @@ typedef struct qs_forward_mode {
 int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
                   int max_T);
 void qs_gpt_free(qs_gpt *m);
-void qs_gpt_init(qs_gpt *m, uint64_t seed);
+int qs_gpt_init(qs_gpt *m, uint64_t seed);
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m);
 int qs_gpt_num_params_tensors(const qs_gpt *m);
