@@ -43,18 +43,18 @@ static int remove_flat_dir(const char *dir) {
     return 0;
 }
 
-static int save_model(const char *path, const qs_config *cfg, const qs_codec *codec, qs_gpt *m,
+static int save_model(const char *path, const qs_config *cfg, const qs_codec *codec, const qs_params *ps,
                       const float *host) {
-    int n = qs_gpt_num_params_tensors(m);
+    int n = ps->n_tensors;
     qs_st_entry *e = calloc((size_t)n, sizeof *e);
-    char *cfg_json = qs_config_to_json(cfg), *vocab_json = codec->bpe ? NULL : qs_vocab_to_json(&codec->chars);
+    char *cfg_json = qs_config_to_json(cfg), *vocab_json = !codec || codec->bpe ? NULL : qs_vocab_to_json(&codec->chars);
     int rc = -1;
-    if (!e || !cfg_json || (!codec->bpe && !vocab_json)) {
+    if (!e || !cfg_json || (codec && !codec->bpe && !vocab_json)) {
         qs_error("out of memory writing '%s'", path);
         goto done;
     }
     for (int i = 0; i < n; i++) {
-        const qs_param_info *p = qs_gpt_param_info(m, i);
+        const qs_param_info *p = &ps->info[i];
         e[i].name = p->name;
         e[i].dtype = QS_DT_F32;
         e[i].ndim = p->ndim;
@@ -193,7 +193,7 @@ static int prune(const char *ckpt, int keep) {
     return rc;
 }
 
-int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, qs_gpt *m,
+int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, const qs_params *ps,
                        const qs_adamw *opt, const qs_train_state *st) {
     char ckpt[QS_PATH_MAX + 8], name[32], tmp[QS_PATH_MAX + 64], final[QS_PATH_MAX + 64],
         old[QS_PATH_MAX + 64], path[QS_PATH_MAX + 96];
@@ -204,13 +204,12 @@ int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec
     snprintf(old, sizeof old, "%s/.old-%s", ckpt, name);
     if (qs_mkdirs(ckpt) || remove_flat_dir(tmp) || qs_mkdirs(tmp)) return -1;
 
-    size_t n = qs_gpt_num_params(m);
-    float *host = malloc(n * sizeof(float));
+    float *host = malloc(ps->n * sizeof(float));
     if (!host) return qs_error("out of memory writing a checkpoint");
-    qs_gpt_copy_params(m, host, false);
+    qs_params_download(ps, host);
     int rc = 0;
     snprintf(path, sizeof path, "%s/model.safetensors", tmp);
-    rc = save_model(path, cfg, codec, m, host);
+    rc = save_model(path, cfg, codec, ps, host);
     if (!rc) {
         snprintf(path, sizeof path, "%s/optim.safetensors", tmp);
         rc = save_optim(path, opt, host);
@@ -323,19 +322,17 @@ static const qs_st_tensor *find_f32(const qs_st_file *f, const char *what, const
     return t;
 }
 
-int qs_checkpoint_load_weights(qs_gpt *m, const qs_st_file *f, const char *what) {
-    int n = qs_gpt_num_params_tensors(m);
+int qs_checkpoint_load_weights(qs_params *ps, const qs_st_file *f, const char *what) {
+    int n = ps->n_tensors;
     if (f->n_tensors != n) {
         for (int i = 0; i < f->n_tensors; i++) {
-            int known = 0;
-            for (int j = 0; j < n && !known; j++) known = !strcmp(f->tensors[i].name, qs_gpt_param_info(m, j)->name);
-            if (!known) return qs_error("%s: unexpected tensor '%s' for this model", what, f->tensors[i].name);
+            if (qs_params_find(ps, f->tensors[i].name) < 0) return qs_error("%s: unexpected tensor '%s' for this model", what, f->tensors[i].name);
         }
     }
-    float *host = malloc(qs_gpt_num_params(m) * sizeof(float));
+    float *host = malloc(ps->n * sizeof(float));
     if (!host) return qs_error("out of memory loading '%s'", what);
     for (int i = 0; i < n; i++) {
-        const qs_param_info *p = qs_gpt_param_info(m, i);
+        const qs_param_info *p = &ps->info[i];
         const qs_st_tensor *t = find_f32(f, what, p->name, p->ndim, p->shape);
         if (!t) {
             free(host);
@@ -343,7 +340,7 @@ int qs_checkpoint_load_weights(qs_gpt *m, const qs_st_file *f, const char *what)
         }
         memcpy(host + p->offset, t->data, t->nbytes);
     }
-    qs_gpt_copy_params(m, host, true);
+    qs_params_upload(ps, host);
     free(host);
     return 0;
 }

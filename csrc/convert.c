@@ -11,6 +11,7 @@
 #include "quasar/checkpoint.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
+#include "quasar/model.h"
 
 #define HF_PREFIX "transformer."
 #define GPT2_EOT 50256 /* <|endoftext|>: GPT-2's bos and eos */
@@ -163,12 +164,6 @@ static void shape_str(char *buf, size_t cap, int ndim, const int64_t *shape) {
     if ((size_t)k < cap) snprintf(buf + k, cap - k, "]");
 }
 
-static int find_param(const qs_gpt *m, const char *name) {
-    for (int i = 0; i < qs_gpt_num_params_tensors(m); i++)
-        if (!strcmp(qs_gpt_param_info(m, i)->name, name)) return i;
-    return -1;
-}
-
 static bool ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), k = strlen(suffix);
     return n >= k && !strcmp(s + n - k, suffix);
@@ -186,8 +181,8 @@ static int check_shape(const qs_st_tensor *t, const qs_param_info *p, const char
 
 /* Fills host (the flat parameter layout) from the HF tensors: every parameter exactly
  * once; the causal-mask buffers are skipped; lm_head.weight must repeat wte. */
-static int hf_load_tensors(const qs_gpt *m, const qs_st_file *f, const char *path, float *host) {
-    int n = qs_gpt_num_params_tensors(m), wte = find_param(m, "wte.weight");
+static int hf_load_tensors(const qs_params *ps, const qs_st_file *f, const char *path, float *host) {
+    int n = ps->n_tensors, wte = qs_params_find(ps, "wte.weight");
     const qs_st_tensor *lm_head = NULL;
     bool *seen = calloc((size_t)n, sizeof *seen);
     if (!seen) return qs_error("out of memory");
@@ -200,20 +195,20 @@ static int hf_load_tensors(const qs_gpt *m, const qs_st_file *f, const char *pat
             lm_head = t;
             continue;
         }
-        int i = find_param(m, name);
+        int i = qs_params_find(ps, name);
         if (i < 0) rc = qs_error("%s: unexpected tensor '%s' for a GPT-2 model", path, t->name);
         else if (seen[i]) rc = qs_error("%s: tensor '%s' appears twice", path, name);
-        else if (!(rc = check_shape(t, qs_gpt_param_info(m, i), path))) {
+        else if (!(rc = check_shape(t, &ps->info[i], path))) {
             seen[i] = true;
-            rc = to_f32(t, host + qs_gpt_param_info(m, i)->offset, path);
+            rc = to_f32(t, host + ps->info[i].offset, path);
         }
     }
     for (int i = 0; i < n && !rc; i++)
-        if (!seen[i]) rc = qs_error("%s: missing tensor '%s'", path, qs_gpt_param_info(m, i)->name);
+        if (!seen[i]) rc = qs_error("%s: missing tensor '%s'", path, ps->info[i].name);
     free(seen);
     if (rc || !lm_head) return rc;
     /* Quasar ties the output head to wte; an untied head cannot be kept. */
-    const qs_param_info *p = qs_gpt_param_info(m, wte);
+    const qs_param_info *p = &ps->info[wte];
     float *head = malloc(p->numel * sizeof *head);
     if (!head) return qs_error("out of memory");
     rc = check_shape(lm_head, p, path);
@@ -245,16 +240,17 @@ int qs_convert_from_hf(const char *hf_dir, const char *out_run, const char *voca
     if (!rc) rc = qs_gpt_create(&m, &cfg.model, qs_backend_cpu(), 1, 1);
     snprintf(path, sizeof path, "%s/model.safetensors", hf_dir);
     if (!rc) rc = qs_st_read(&f, path);
-    if (!rc && !(host = malloc(qs_gpt_num_params(m) * sizeof *host))) rc = qs_error("out of memory");
-    if (!rc) rc = hf_load_tensors(m, &f, path, host);
+    qs_params *ps = rc ? NULL : qs_gpt_params(m);
+    if (!rc && !(host = malloc(ps->n * sizeof *host))) rc = qs_error("out of memory");
+    if (!rc) rc = hf_load_tensors(ps, &f, path, host);
     if (!rc) {
-        qs_gpt_copy_params(m, host, true);
-        rc = qs_adamw_create(&opt, qs_backend_cpu(), qs_gpt_num_params(m)); /* zero moments */
+        qs_params_upload(ps, host);
+        rc = qs_adamw_create(&opt, qs_backend_cpu(), ps->n); /* zero moments */
     }
     if (!rc) {
         qs_train_state st = {.step = 0, .seed = cfg.train.seed};
         qs_guard_init(&st.guard, cfg.train.outlier_zscore, cfg.train.max_bad_steps);
-        rc = qs_checkpoint_save(out_run, &cfg, &codec, m, &opt, &st);
+        rc = qs_checkpoint_save(out_run, &cfg, &codec, ps, &opt, &st);
     }
     /* The run folder's config.json, as a trained run has, so `train --resume` finds it. */
     char *json = rc ? NULL : qs_config_to_json(&cfg);
@@ -324,7 +320,7 @@ int qs_convert_to_hf(const char *ckpt_dir, const char *out_dir) {
                                    : 0;
     /* Loading into a model checks that every tensor is there with its shape. */
     if (!rc) rc = qs_gpt_create(&m, mc, qs_backend_cpu(), 1, 1);
-    if (!rc) rc = qs_checkpoint_load_weights(m, &f, step_dir);
+    if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(m), &f, step_dir);
     qs_st_entry *e = rc ? NULL : calloc((size_t)f.n_tensors, sizeof *e);
     if (!rc && !e) rc = qs_error("out of memory");
     /* The checkpoint's tensors already carry GPT-2's names, layout and dtype; only the

@@ -169,7 +169,7 @@ static int load_model(loaded_model *lm, const char *dir, const char *config, con
         rc = qs_error("%s: the vocabulary (%d) is larger than model.vocab_size (%d)", lm->step_dir,
                       qs_codec_vocab_size(&lm->codec), arch.vocab_size);
     if (!rc) rc = qs_gpt_create(&lm->m, &arch, qs_backend_cpu(), max_B ? max_B : micro_batch(&lm->cfg), arch.seq_len);
-    if (!rc) rc = qs_checkpoint_load_weights(lm->m, &f, lm->step_dir);
+    if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &f, lm->step_dir);
     qs_st_free(&f);
     free(chars_json);
     const char *base = strrchr(lm->step_dir, '/');

@@ -37,12 +37,10 @@ struct qs_gpt {
     int max_B, max_T;
     int V, C, L, NH, F, E, K;
 
-    qs_param_info *pinfo;
-    int n_pinfo;
-    size_t n_params;
+    qs_params ps;
+    bool table_failed; /* an add_param ran out of memory */
     int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
     layer_params *lp;
-    float *params, *grads;
 
     /* activations */
     float *act_mem;
@@ -74,22 +72,9 @@ struct qs_gpt {
 
 static int add_param(qs_gpt *m, const char *name, int ndim, const int64_t *shape,
                      qs_param_role role, int fan_in, int fan_out, bool residual_proj) {
-    qs_param_info *p = &m->pinfo[m->n_pinfo];
-    memset(p, 0, sizeof *p);
-    snprintf(p->name, sizeof p->name, "%s", name);
-    p->ndim = ndim;
-    p->numel = 1;
-    for (int i = 0; i < ndim; i++) {
-        p->shape[i] = shape[i];
-        p->numel *= (size_t)shape[i];
-    }
-    p->offset = m->n_params;
-    p->role = role;
-    p->fan_in = fan_in;
-    p->fan_out = fan_out;
-    p->residual_proj = residual_proj;
-    m->n_params += p->numel;
-    return m->n_pinfo++;
+    int i = qs_params_add(&m->ps, name, ndim, shape, role, fan_in, fan_out, residual_proj);
+    if (i < 0) m->table_failed = true;
+    return i;
 }
 
 /* A linear layer [in, out] (optionally stacked over n_stack experts) plus its bias. */
@@ -170,8 +155,8 @@ static void build_param_table(qs_gpt *m) {
     }
 }
 
-static float *P(const qs_gpt *m, int idx) { return idx < 0 ? NULL : m->params + m->pinfo[idx].offset; }
-static float *G(const qs_gpt *m, int idx) { return idx < 0 ? NULL : m->grads + m->pinfo[idx].offset; }
+static float *P(const qs_gpt *m, int idx) { return qs_params_value(&m->ps, idx); }
+static float *G(const qs_gpt *m, int idx) { return qs_params_grad(&m->ps, idx); }
 
 /* ---- activation plan ----
  * Two passes over the same carving code: the first counts, the second assigns. */
@@ -273,12 +258,9 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->lp = calloc((size_t)m->L, sizeof *m->lp);
     m->la = calloc((size_t)m->L, sizeof *m->la);
     m->res = calloc((size_t)m->L + 1, sizeof *m->res);
-    /* wte, wpe, ln_f (2), lm_head + at most 16 per layer (4 norms, 4 attention,
-     * router and noise 4, ffn 4) */
-    m->pinfo = calloc(5 + 16 * (size_t)m->L, sizeof *m->pinfo);
     size_t N = (size_t)max_B * max_T;
     m->host_losses = malloc(N * sizeof(float));
-    if (!m->lp || !m->la || !m->res || !m->pinfo || !m->host_losses) goto oom;
+    if (!m->lp || !m->la || !m->res || !m->host_losses) goto oom;
     if (m->E > 0) {
         m->routing = malloc((size_t)m->L * N * m->K * sizeof(int));
         m->stats.expert_tokens = calloc((size_t)m->E, sizeof(int64_t));
@@ -292,16 +274,16 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
         }
     }
     build_param_table(m);
+    if (m->table_failed) goto oom;
 
     plan p = {0};
     carve(m, &p);
     m->act_floats = p.nf;
-    m->params = be->alloc(m->n_params * sizeof(float));
-    m->grads = be->alloc(m->n_params * sizeof(float));
+    int prc = qs_params_alloc(&m->ps, be, true);
     m->act_mem = be->alloc(p.nf * sizeof(float));
     m->int_mem = be->alloc(p.ni * sizeof(int));
-    if (!m->params || !m->grads || !m->act_mem || !m->int_mem) {
-        size_t need = (2 * m->n_params + p.nf) * sizeof(float) + p.ni * sizeof(int);
+    if (prc || !m->act_mem || !m->int_mem) {
+        size_t need = (2 * m->ps.n + p.nf) * sizeof(float) + p.ni * sizeof(int);
         qs_gpt_free(m);
         return qs_error("cannot allocate the model: %.1f MiB needed for parameters, gradients "
                         "and activations", need / 1048576.0);
@@ -318,8 +300,7 @@ oom:
 void qs_gpt_free(qs_gpt *m) {
     if (!m) return;
     const qs_backend *be = m->be;
-    be->free(m->params);
-    be->free(m->grads);
+    qs_params_free(&m->ps);
     be->free(m->act_mem);
     be->free(m->int_mem);
     be->free(m->kcache);
@@ -333,7 +314,6 @@ void qs_gpt_free(qs_gpt *m) {
     free(m->la);
     free(m->lp);
     free(m->res);
-    free(m->pinfo);
     free(m->host_losses);
     free(m->routing);
     free(m->stats.expert_tokens);
@@ -355,10 +335,10 @@ static float init_std(const qs_gpt *m, const qs_param_info *p) {
 }
 
 int qs_gpt_init(qs_gpt *m, uint64_t seed) {
-    float *host = malloc(m->n_params * sizeof(float));
-    if (!host) return qs_error("out of memory initialising %zu parameters", m->n_params);
-    for (int i = 0; i < m->n_pinfo; i++) {
-        const qs_param_info *p = &m->pinfo[i];
+    float *host = malloc(m->ps.n * sizeof(float));
+    if (!host) return qs_error("out of memory initialising %zu parameters", m->ps.n);
+    for (int i = 0; i < m->ps.n_tensors; i++) {
+        const qs_param_info *p = &m->ps.info[i];
         float *w = host + p->offset;
         if (p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING) {
             float std = init_std(m, p);
@@ -368,7 +348,7 @@ int qs_gpt_init(qs_gpt *m, uint64_t seed) {
             for (size_t j = 0; j < p->numel; j++) w[j] = v;
         }
     }
-    qs_gpt_copy_params(m, host, true);
+    qs_params_upload(&m->ps, host);
     free(host);
     return 0;
 }
@@ -376,16 +356,8 @@ int qs_gpt_init(qs_gpt *m, uint64_t seed) {
 /* ---- accessors ---- */
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m) { return &m->cfg; }
-int qs_gpt_num_params_tensors(const qs_gpt *m) { return m->n_pinfo; }
-const qs_param_info *qs_gpt_param_info(const qs_gpt *m, int i) { return &m->pinfo[i]; }
-size_t qs_gpt_num_params(const qs_gpt *m) { return m->n_params; }
-float *qs_gpt_params(qs_gpt *m) { return m->params; }
-float *qs_gpt_grads(qs_gpt *m) { return m->grads; }
+qs_params *qs_gpt_params(qs_gpt *m) { return &m->ps; }
 size_t qs_gpt_activation_bytes(const qs_gpt *m) { return m->act_floats * sizeof(float); }
-void qs_gpt_copy_params(qs_gpt *m, float *host, bool to_backend) {
-    if (to_backend) m->be->upload(m->params, host, m->n_params * sizeof(float));
-    else m->be->download(host, m->params, m->n_params * sizeof(float));
-}
 const float *qs_gpt_logits(const qs_gpt *m) { return m->logits; }
 void qs_gpt_logits_row(const qs_gpt *m, int row, float *out) {
     m->be->download(out, m->logits + (size_t)row * m->V, (size_t)m->V * sizeof(float));
@@ -398,7 +370,6 @@ void qs_gpt_moe_stats_reset(qs_gpt *m) {
     m->stats.kept = m->stats.dropped = 0;
 }
 
-void qs_gpt_zero_grad(qs_gpt *m) { m->be->zero(m->grads, m->n_params * sizeof(float)); }
 
 /* ---- forward ---- */
 

@@ -28,20 +28,19 @@ int qs_adamw_decays(const qs_train_config *tc, const qs_param_info *p) {
     return tc->decay_all || p->ndim >= 2;
 }
 
-double qs_adamw_grad_norm(const qs_adamw *o, qs_gpt *model) {
-    return sqrt(o->be->ops->sumsq(qs_gpt_grads(model), o->n));
+double qs_adamw_grad_norm(const qs_adamw *o, const qs_params *ps) {
+    return sqrt(o->be->ops->sumsq(ps->grad, o->n));
 }
 
-void qs_adamw_apply(qs_adamw *o, qs_gpt *model, const qs_train_config *tc, float lr, double norm) {
+void qs_adamw_apply(qs_adamw *o, qs_params *ps, const qs_train_config *tc, float lr, double norm) {
     const qs_ops *ops = o->be->ops;
-    float *params = qs_gpt_params(model), *grads = qs_gpt_grads(model);
     float scale = 1.0f;
     if (tc->grad_clip > 0.0f && norm > tc->grad_clip) scale = (float)(tc->grad_clip / norm);
     o->t++;
-    for (int i = 0; i < qs_gpt_num_params_tensors(model); i++) {
-        const qs_param_info *p = qs_gpt_param_info(model, i);
+    for (int i = 0; i < ps->n_tensors; i++) {
+        const qs_param_info *p = &ps->info[i];
         float wd = qs_adamw_decays(tc, p) ? tc->weight_decay : 0.0f;
-        ops->adamw_update(params + p->offset, grads + p->offset, o->m + p->offset, o->v + p->offset,
+        ops->adamw_update(ps->data + p->offset, ps->grad + p->offset, o->m + p->offset, o->v + p->offset,
                           p->numel, lr, tc->beta1, tc->beta2, tc->eps, wd, o->t, scale);
     }
 }

@@ -219,11 +219,12 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     qs_gpt *m;
     if (qs_gpt_create(&m, &cfg->model, be, B, T)) goto out_data;
     qs_adamw optim = {0};
-    if (qs_adamw_create(&optim, be, qs_gpt_num_params(m))) goto out_model;
+    qs_params *ps = qs_gpt_params(m);
+    if (qs_adamw_create(&optim, be, ps->n)) goto out_model;
     qs_train_state st = {.step = 0, .seed = tc->seed};
     qs_guard_init(&st.guard, tc->outlier_zscore, tc->max_bad_steps);
     if (opt->resume) {
-        if (qs_checkpoint_load_weights(m, &mf_st, step_dir) || qs_checkpoint_load_optim(step_dir, &optim, &st))
+        if (qs_checkpoint_load_weights(ps, &mf_st, step_dir) || qs_checkpoint_load_optim(step_dir, &optim, &st))
             goto out_optim;
         if (st.seed != tc->seed) {
             qs_error("--resume: train.seed %llu differs from the checkpoint's %llu", (unsigned long long)tc->seed,
@@ -243,7 +244,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     }
 
     int until = opt->until_step > 0 && opt->until_step < tc->max_steps ? opt->until_step : tc->max_steps;
-    size_t np = qs_gpt_num_params(m);
+    size_t np = ps->n;
     fprintf(stderr, "quasar: %zu parameters (%.1f MiB), activations %.1f MiB, optimizer %.1f MiB; "
                     "vocab %d; %d x %d tokens per step (%d micro-batches of %d)%s\n",
             np, np * 4 / 1048576.0, qs_gpt_activation_bytes(m) / 1048576.0, np * 8 / 1048576.0,
@@ -261,7 +262,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     while (st.step < until) {
         double t0 = now_s();
         float lr = qs_lr_at(tc, st.step);
-        qs_gpt_zero_grad(m);
+        qs_params_zero_grad(ps);
         qs_gpt_moe_stats_reset(m);
         double loss = 0.0;
         for (int a = 0; a < accum; a++) {
@@ -271,9 +272,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             loss += qs_gpt_forward(m, x, y, B, T, &mode) / accum;
             qs_gpt_backward(m, 1.0f / (float)accum);
         }
-        double norm = qs_adamw_grad_norm(&optim, m);
+        double norm = qs_adamw_grad_norm(&optim, ps);
         qs_step_verdict verdict = qs_guard_check(&st.guard, loss, norm);
-        if (verdict == QS_STEP_OK) qs_adamw_apply(&optim, m, tc, lr, norm);
+        if (verdict == QS_STEP_OK) qs_adamw_apply(&optim, ps, tc, lr, norm);
         st.step++;
         st.tokens_seen += (int64_t)tc->batch_size * T;
         double dt = now_s() - t0, tok_s = tc->batch_size * T / dt;
@@ -302,7 +303,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             fprintf(stderr, "%sstep %d: val loss %.4f\n", tty ? "\r\033[K" : "", st.step, vl);
         }
         if ((tc->checkpoint_interval > 0 && st.step % tc->checkpoint_interval == 0) || last) {
-            if (qs_checkpoint_save(run, cfg, &codec, m, &optim, &st)) goto out_buffers;
+            if (qs_checkpoint_save(run, cfg, &codec, ps, &optim, &st)) goto out_buffers;
         }
     }
     if (tty) fputc('\n', stderr);

@@ -14,6 +14,7 @@
 
 #include "quasar/checkpoint.h"
 #include "quasar/error.h"
+#include "quasar/model.h"
 #include "quasar/fileio.h"
 #include "quasar/rng.h"
 #include "test_seed.h"
@@ -53,7 +54,7 @@ static int setup(void **state) {
     assert_int_equal(qs_gpt_create(&m, &c.model, qs_backend_cpu(), 1, 5), 0);
     qs_gpt_init(m, seed);
     qs_adamw o;
-    assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), qs_gpt_num_params(m)), 0);
+    assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), qs_gpt_params(m)->n), 0);
     for (size_t i = 0; i < o.n; i++) {
         o.m[i] = qs_rng_normal(seed, 1, i);
         o.v[i] = qs_rng_uniform(seed, 2, i);
@@ -62,7 +63,7 @@ static int setup(void **state) {
     qs_train_state st = {.step = 7, .seed = seed & ((1ULL << 53) - 1), .tokens_seen = 1234}; /* seeds are JSON numbers */
     qs_guard_init(&st.guard, 0, 0);
     qs_guard_check(&st.guard, 1.5, 0.25);
-    assert_int_equal(qs_checkpoint_save(run, &c, &codec, m, &o, &st), 0);
+    assert_int_equal(qs_checkpoint_save(run, &c, &codec, qs_gpt_params(m), &o, &st), 0);
     qs_adamw_free(&o);
     qs_gpt_free(m);
     assert_int_equal(qs_checkpoint_find(run, step_dir, sizeof step_dir), 0);
@@ -84,10 +85,10 @@ static int load_all(qs_gpt **m, qs_adamw *o, qs_train_state *st) {
     if (qs_checkpoint_open_model(&f, step_dir, &c, &chars)) return -1;
     assert_non_null(strstr(chars, "[97,98,99")); /* the char vocabulary travels along */
     free(chars);
-    int rc = qs_gpt_create(m, &c.model, qs_backend_cpu(), 1, 5) || qs_checkpoint_load_weights(*m, &f, step_dir);
+    int rc = qs_gpt_create(m, &c.model, qs_backend_cpu(), 1, 5) || qs_checkpoint_load_weights(qs_gpt_params(*m), &f, step_dir);
     qs_st_free(&f);
     if (rc) return -1;
-    if (qs_adamw_create(o, qs_backend_cpu(), qs_gpt_num_params(*m))) return -1;
+    if (qs_adamw_create(o, qs_backend_cpu(), qs_gpt_params(*m)->n)) return -1;
     qs_guard_init(&st->guard, 0, 0);
     return qs_checkpoint_load_optim(step_dir, o, st);
 }
@@ -103,7 +104,7 @@ static void test_round_trip(void **state) {
     qs_config c = small_config(8);
     assert_int_equal(qs_gpt_create(&ref, &c.model, qs_backend_cpu(), 1, 5), 0);
     qs_gpt_init(ref, seed);
-    assert_memory_equal(qs_gpt_params(m), qs_gpt_params(ref), qs_gpt_num_params(m) * sizeof(float));
+    assert_memory_equal(qs_gpt_params(m)->data, qs_gpt_params(ref)->data, qs_gpt_params(m)->n * sizeof(float));
     for (size_t i = 0; i < o.n; i += 13) {
         assert_true(o.m[i] == qs_rng_normal(seed, 1, i));
         assert_true(o.v[i] == qs_rng_uniform(seed, 2, i));
@@ -199,21 +200,21 @@ static void test_wrong_shapes_and_names(void **state) {
     qs_config other = small_config(6); /* narrower */
     qs_gpt *m;
     assert_int_equal(qs_gpt_create(&m, &other.model, qs_backend_cpu(), 1, 5), 0);
-    assert_int_equal(qs_checkpoint_load_weights(m, &f, "ckpt"), -1);
+    assert_int_equal(qs_checkpoint_load_weights(qs_gpt_params(m), &f, "ckpt"), -1);
     assert_non_null(strstr(qs_error_last(), "is F32 [9,8], expected F32 [9,6]"));
     qs_gpt_free(m);
 
     other = small_config(8);
     other.model.moe.gating = QS_GATING_NOISY_TOPK; /* needs h.0.mlp.noise.* */
     assert_int_equal(qs_gpt_create(&m, &other.model, qs_backend_cpu(), 1, 5), 0);
-    assert_int_equal(qs_checkpoint_load_weights(m, &f, "ckpt"), -1);
+    assert_int_equal(qs_checkpoint_load_weights(qs_gpt_params(m), &f, "ckpt"), -1);
     assert_non_null(strstr(qs_error_last(), "missing tensor 'h.0.mlp.noise.weight'"));
     qs_gpt_free(m);
 
     other = small_config(8);
     other.model.moe.n_experts = 0; /* dense: the router is unexpected */
     assert_int_equal(qs_gpt_create(&m, &other.model, qs_backend_cpu(), 1, 5), 0);
-    assert_int_equal(qs_checkpoint_load_weights(m, &f, "ckpt"), -1);
+    assert_int_equal(qs_checkpoint_load_weights(qs_gpt_params(m), &f, "ckpt"), -1);
     assert_non_null(strstr(qs_error_last(), "unexpected tensor"));
     qs_gpt_free(m);
     qs_st_free(&f);

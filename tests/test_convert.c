@@ -19,6 +19,7 @@
 #include "quasar/checkpoint.h"
 #include "quasar/convert.h"
 #include "quasar/error.h"
+#include "quasar/model.h"
 #include "quasar/fileio.h"
 
 #define FIXTURE "tests/fixtures/hf_gpt2_tiny"
@@ -62,7 +63,7 @@ static qs_gpt *load_run(const char *run, int T, qs_st_file *f) {
     assert_string_equal(cfg.data.tokenizer, "gpt2");
     assert_string_equal(cfg.data.vocab_dir, VOCAB);
     assert_int_equal(qs_gpt_create(&m, &cfg.model, qs_backend_cpu(), 1, T), 0);
-    assert_int_equal(qs_checkpoint_load_weights(m, f, step_dir), 0);
+    assert_int_equal(qs_checkpoint_load_weights(qs_gpt_params(m), f, step_dir), 0);
     return m;
 }
 
@@ -124,9 +125,9 @@ static void test_round_trip_is_exact(void **state) {
     qs_gpt *ma = load_run(run1, 1, &a), *mb = load_run(run2, 1, &b);
     /* the same config (architecture, dropout, init) and the same bits */
     assert_string_equal(qs_st_meta_get(&a, "quasar.config"), qs_st_meta_get(&b, "quasar.config"));
-    size_t n = qs_gpt_num_params(ma);
-    assert_int_equal(n, qs_gpt_num_params(mb));
-    assert_memory_equal(qs_gpt_params(ma), qs_gpt_params(mb), n * sizeof(float));
+    size_t n = qs_gpt_params(ma)->n;
+    assert_int_equal(n, qs_gpt_params(mb)->n);
+    assert_memory_equal(qs_gpt_params(ma)->data, qs_gpt_params(mb)->data, n * sizeof(float));
     qs_gpt_free(ma);
     qs_gpt_free(mb);
     qs_st_free(&a);
@@ -205,11 +206,11 @@ static void test_existing_run_and_moe_are_refused(void **state) {
     snprintf(cfg.data.val_shards, sizeof cfg.data.val_shards, "none");
     assert_int_equal(qs_codec_open(&codec, &cfg.data, NULL), 0);
     assert_int_equal(qs_gpt_create(&m, &cfg.model, qs_backend_cpu(), 1, 1), 0);
-    assert_int_equal(qs_adamw_create(&opt, qs_backend_cpu(), qs_gpt_num_params(m)), 0);
+    assert_int_equal(qs_adamw_create(&opt, qs_backend_cpu(), qs_gpt_params(m)->n), 0);
     qs_train_state st = {.step = 1};
     qs_guard_init(&st.guard, 0, 0);
     tmp_path(run, sizeof run, "moe");
-    assert_int_equal(qs_checkpoint_save(run, &cfg, &codec, m, &opt, &st), 0);
+    assert_int_equal(qs_checkpoint_save(run, &cfg, &codec, qs_gpt_params(m), &opt, &st), 0);
     tmp_path(hf, sizeof hf, "moe_hf");
     assert_int_equal(qs_convert_to_hf(run, hf), -1);
     assert_non_null(strstr(qs_error_last(), "Mixture-of-Experts"));

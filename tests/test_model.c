@@ -68,21 +68,21 @@ static bool gradcheck_draw(const qs_model_config *cfg, const char *label, uint64
     y[3] = -1; /* an ignored target */
     qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0xabcdef};
 
-    qs_gpt_zero_grad(m);
+    qs_params_zero_grad(qs_gpt_params(m));
     objective(m, x, y, B, T, &mode);
     qs_gpt_backward(m, 1.0f);
-    size_t np = qs_gpt_num_params(m), nr = routing_len(cfg, N);
+    size_t np = qs_gpt_params(m)->n, nr = routing_len(cfg, N);
     float *grad = malloc(np * sizeof(float));
-    memcpy(grad, qs_gpt_grads(m), np * sizeof(float));
+    memcpy(grad, qs_gpt_params(m)->grad, np * sizeof(float));
     int *route0 = malloc(nr * sizeof(int) + 1);
     if (nr) memcpy(route0, qs_gpt_moe_routing(m), nr * sizeof(int));
 
-    float *p = qs_gpt_params(m);
+    float *p = qs_gpt_params(m)->data;
     double num = 0, den = 0, worst = 0;
     int checked = 0, skipped = 0;
     char worst_name[2 * QS_PARAM_NAME_MAX] = "";
-    for (int t = 0; t < qs_gpt_num_params_tensors(m); t++) {
-        const qs_param_info *pi = qs_gpt_param_info(m, t);
+    for (int t = 0; t < qs_gpt_params(m)->n_tensors; t++) {
+        const qs_param_info *pi = &qs_gpt_params(m)->info[t];
         /* the largest-gradient coordinate of each tensor, plus two random ones */
         size_t pick[3] = {0, qs_rng_below(seed, 3, (uint64_t)t, pi->numel), qs_rng_below(seed, 4, (uint64_t)t, pi->numel)};
         for (size_t j = 0; j < pi->numel; j++)
@@ -164,10 +164,10 @@ static void test_dense_untied_nobias(void **state) {
 
 /* Sample std of a tensor's initial values. */
 static double init_std_of(qs_gpt *m, const char *name) {
-    for (int t = 0; t < qs_gpt_num_params_tensors(m); t++) {
-        const qs_param_info *p = qs_gpt_param_info(m, t);
+    for (int t = 0; t < qs_gpt_params(m)->n_tensors; t++) {
+        const qs_param_info *p = &qs_gpt_params(m)->info[t];
         if (strcmp(p->name, name)) continue;
-        const float *w = qs_gpt_params(m) + p->offset;
+        const float *w = qs_gpt_params(m)->data + p->offset;
         double ss = 0;
         for (size_t j = 0; j < p->numel; j++) ss += (double)w[j] * w[j];
         return sqrt(ss / p->numel);

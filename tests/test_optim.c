@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "quasar/model.h"
 #include "quasar/optim.h"
 #include "quasar/rng.h"
 #include "test_seed.h"
@@ -65,21 +66,21 @@ static void test_decay_selection(void **state) {
         qs_train_config t = train_config();
         t.weight_decay = 0.5f;
         t.decay_all = decay_all;
-        size_t n = qs_gpt_num_params(m);
+        size_t n = qs_gpt_params(m)->n;
         float *before = malloc(n * sizeof(float));
-        memcpy(before, qs_gpt_params(m), n * sizeof(float));
+        memcpy(before, qs_gpt_params(m)->data, n * sizeof(float));
         qs_adamw o;
         assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), n), 0);
-        qs_gpt_zero_grad(m);
-        assert_float_equal(qs_adamw_grad_norm(&o, m), 0.0, 0.0);
-        qs_adamw_apply(&o, m, &t, 0.1f, 0.0);
+        qs_params_zero_grad(qs_gpt_params(m));
+        assert_float_equal(qs_adamw_grad_norm(&o, qs_gpt_params(m)), 0.0, 0.0);
+        qs_adamw_apply(&o, qs_gpt_params(m), &t, 0.1f, 0.0);
         int decayed = 0, kept = 0;
-        for (int i = 0; i < qs_gpt_num_params_tensors(m); i++) {
-            const qs_param_info *p = qs_gpt_param_info(m, i);
+        for (int i = 0; i < qs_gpt_params(m)->n_tensors; i++) {
+            const qs_param_info *p = &qs_gpt_params(m)->info[i];
             int want = decay_all || p->ndim >= 2;
             assert_int_equal(qs_adamw_decays(&t, p), want);
             for (size_t j = 0; j < p->numel; j++) {
-                float b = before[p->offset + j], a = qs_gpt_params(m)[p->offset + j];
+                float b = before[p->offset + j], a = qs_gpt_params(m)->data[p->offset + j];
                 assert_float_equal(a, want ? b * (1.0f - 0.1f * 0.5f) : b, 1e-7);
             }
             want ? decayed++ : kept++;
@@ -96,8 +97,8 @@ static void test_decay_selection(void **state) {
 static void test_norm_and_clip(void **state) {
     (void)state;
     qs_gpt *m = tiny_model();
-    size_t n = qs_gpt_num_params(m);
-    float *g = qs_gpt_grads(m);
+    size_t n = qs_gpt_params(m)->n;
+    float *g = qs_gpt_params(m)->grad;
     double ss = 0;
     for (size_t j = 0; j < n; j++) {
         g[j] = qs_rng_normal(seed, 9, j);
@@ -108,9 +109,9 @@ static void test_norm_and_clip(void **state) {
     t.grad_clip = 0.5f;
     qs_adamw o;
     assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), n), 0);
-    double norm = qs_adamw_grad_norm(&o, m);
+    double norm = qs_adamw_grad_norm(&o, qs_gpt_params(m));
     assert_float_equal(norm, sqrt(ss), 1e-6 * sqrt(ss));
-    qs_adamw_apply(&o, m, &t, 1e-3f, norm);
+    qs_adamw_apply(&o, qs_gpt_params(m), &t, 1e-3f, norm);
     double scale = 0.5 / sqrt(ss);
     for (size_t j = 0; j < n; j += 7) /* v = (1 - beta2) * (scale * g)^2 */
         assert_float_equal(o.v[j], (1.0 - t.beta2) * scale * scale * g[j] * g[j], 1e-6 * (o.v[j] + 1e-12));
@@ -123,13 +124,13 @@ static void test_norm_and_clip(void **state) {
 static void test_nonfinite_norm(void **state) {
     (void)state;
     qs_gpt *m = tiny_model();
-    size_t n = qs_gpt_num_params(m);
-    qs_gpt_grads(m)[n / 2] = NAN;
+    size_t n = qs_gpt_params(m)->n;
+    qs_gpt_params(m)->grad[n / 2] = NAN;
     qs_adamw o;
     assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), n), 0);
-    assert_true(isnan(qs_adamw_grad_norm(&o, m)));
-    qs_gpt_grads(m)[n / 2] = INFINITY;
-    assert_false(isfinite(qs_adamw_grad_norm(&o, m)));
+    assert_true(isnan(qs_adamw_grad_norm(&o, qs_gpt_params(m))));
+    qs_gpt_params(m)->grad[n / 2] = INFINITY;
+    assert_false(isfinite(qs_adamw_grad_norm(&o, qs_gpt_params(m))));
     qs_adamw_free(&o);
     qs_gpt_free(m);
 }

@@ -11,7 +11,7 @@
 #include "quasar/codec.h"
 #include "quasar/data.h"
 #include "quasar/guard.h"
-#include "quasar/model.h"
+#include "quasar/params.h"
 #include "quasar/optim.h"
 #include "quasar/safetensors.h"
 
@@ -22,7 +22,8 @@ typedef struct qs_train_state {
     qs_guard guard;      /* its window and counters travel in state.json */
 } qs_train_state;
 
-int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, qs_gpt *m,
+/* codec is NULL for models without a vocabulary (classifiers). */
+int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, const qs_params *ps,
                        const qs_adamw *opt, const qs_train_state *st);
 
 /* dir may be a step folder (holds model.safetensors), a ckpt folder (holds latest) or a
@@ -35,7 +36,7 @@ int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap);
  * weights. */
 int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg, char **chars_json);
 /* Every model tensor must be present with dtype F32 and its exact shape; nothing else. */
-int qs_checkpoint_load_weights(qs_gpt *m, const qs_st_file *f, const char *what);
+int qs_checkpoint_load_weights(qs_params *ps, const qs_st_file *f, const char *what);
 int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state *st);
 /* Parses state.json text (len bytes, need not be NUL-terminated); `what` names it in errors. */
 int qs_state_parse(const char *json, size_t len, qs_train_state *st, const char *what);

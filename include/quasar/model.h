@@ -11,22 +11,7 @@
 
 #include "quasar/backend.h"
 #include "quasar/config.h"
-
-#define QS_PARAM_NAME_MAX 96
-
-typedef enum { QS_ROLE_WEIGHT, QS_ROLE_BIAS, QS_ROLE_NORM_WEIGHT, QS_ROLE_NORM_BIAS,
-               QS_ROLE_EMBEDDING } qs_param_role;
-
-typedef struct qs_param_info {
-    char name[QS_PARAM_NAME_MAX];
-    int ndim;
-    int64_t shape[3];
-    size_t offset; /* in floats, into the flat buffers */
-    size_t numel;
-    qs_param_role role;
-    int fan_in, fan_out; /* for weight init (matrices) */
-    bool residual_proj;  /* output projection into the residual stream */
-} qs_param_info;
+#include "quasar/params.h"
 
 typedef struct qs_gpt qs_gpt;
 
@@ -43,14 +28,9 @@ void qs_gpt_free(qs_gpt *m);
 int qs_gpt_init(qs_gpt *m, uint64_t seed);
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m);
-int qs_gpt_num_params_tensors(const qs_gpt *m);
-const qs_param_info *qs_gpt_param_info(const qs_gpt *m, int i);
-size_t qs_gpt_num_params(const qs_gpt *m);
-float *qs_gpt_params(qs_gpt *m); /* backend memory */
-float *qs_gpt_grads(qs_gpt *m);  /* backend memory */
+/* The parameter table (values and gradients). */
+qs_params *qs_gpt_params(qs_gpt *m);
 size_t qs_gpt_activation_bytes(const qs_gpt *m);
-/* Copies the flat parameters between the backend and host[num_params]. */
-void qs_gpt_copy_params(qs_gpt *m, float *host, bool to_backend);
 
 /* tokens/targets are host arrays [B*T]; targets may be NULL (no loss), and a
  * negative target is ignored. Returns the mean cross-entropy over valid targets. */
@@ -67,7 +47,6 @@ int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, int pos);
  *   scale * (mean cross-entropy + aux_loss_coef * balance + z_loss_coef * z)
  * of the last forward (which must have had targets). */
 void qs_gpt_backward(qs_gpt *m, float scale);
-void qs_gpt_zero_grad(qs_gpt *m);
 /* Logits [B*T, V] of the last forward, backend memory. */
 const float *qs_gpt_logits(const qs_gpt *m);
 /* Copies row `row` of the last forward's logits to host memory out[V]. */

@@ -1,11 +1,11 @@
-/* AdamW over the model's flat parameter buffer, global-norm clipping, LR schedule. */
+/* AdamW over a flat parameter table, global-norm clipping, LR schedule. */
 #ifndef QUASAR_OPTIM_H
 #define QUASAR_OPTIM_H
 
 #include <stddef.h>
 
 #include "quasar/config.h"
-#include "quasar/model.h"
+#include "quasar/params.h"
 
 typedef struct qs_adamw {
     const qs_backend *be;
@@ -21,10 +21,10 @@ void qs_adamw_free(qs_adamw *o);
  * train.decay_all. */
 int qs_adamw_decays(const qs_train_config *tc, const qs_param_info *p);
 
-/* Global L2 norm of the model's gradients. */
-double qs_adamw_grad_norm(const qs_adamw *o, qs_gpt *model);
+/* Global L2 norm of the table's gradients. */
+double qs_adamw_grad_norm(const qs_adamw *o, const qs_params *ps);
 /* One update with the gradients clipped to train.grad_clip, given their norm. */
-void qs_adamw_apply(qs_adamw *o, qs_gpt *model, const qs_train_config *tc, float lr, double norm);
+void qs_adamw_apply(qs_adamw *o, qs_params *ps, const qs_train_config *tc, float lr, double norm);
 
 /* Learning rate at step (0-based): linear warmup, then cosine to min_lr or constant. */
 float qs_lr_at(const qs_train_config *tc, int step);

@@ -1,0 +1,70 @@
+#include "quasar/params.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quasar/error.h"
+
+int qs_params_add(qs_params *ps, const char *name, int ndim, const int64_t *shape,
+                  qs_param_role role, int fan_in, int fan_out, bool residual_proj) {
+    if (ps->n_tensors == ps->cap) {
+        int cap = ps->cap ? 2 * ps->cap : 32;
+        qs_param_info *info = realloc(ps->info, (size_t)cap * sizeof *info);
+        if (!info) return qs_error("out of memory building the parameter table");
+        ps->info = info;
+        ps->cap = cap;
+    }
+    qs_param_info *p = &ps->info[ps->n_tensors];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = ndim;
+    p->numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        p->shape[i] = shape[i];
+        p->numel *= (size_t)shape[i];
+    }
+    p->offset = ps->n;
+    p->role = role;
+    p->fan_in = fan_in;
+    p->fan_out = fan_out;
+    p->residual_proj = residual_proj;
+    ps->n += p->numel;
+    return ps->n_tensors++;
+}
+
+int qs_params_alloc(qs_params *ps, const qs_backend *be, bool trainable) {
+    ps->be = be;
+    ps->data = be->alloc(ps->n * sizeof(float));
+    if (trainable) ps->grad = be->alloc(ps->n * sizeof(float));
+    if (!ps->data || (trainable && !ps->grad))
+        return qs_error("cannot allocate %zu parameters%s (%.1f MiB)", ps->n, trainable ? " and gradients" : "",
+                        (trainable ? 2.0 : 1.0) * ps->n * sizeof(float) / 1048576.0);
+    return 0;
+}
+
+void qs_params_free(qs_params *ps) {
+    if (ps->be) {
+        ps->be->free(ps->data);
+        ps->be->free(ps->grad);
+    }
+    free(ps->info);
+    memset(ps, 0, sizeof *ps);
+}
+
+int qs_params_find(const qs_params *ps, const char *name) {
+    for (int i = 0; i < ps->n_tensors; i++)
+        if (!strcmp(ps->info[i].name, name)) return i;
+    return -1;
+}
+
+float *qs_params_value(const qs_params *ps, int i) { return i < 0 ? NULL : ps->data + ps->info[i].offset; }
+float *qs_params_grad(const qs_params *ps, int i) {
+    return i < 0 || !ps->grad ? NULL : ps->grad + ps->info[i].offset;
+}
+
+void qs_params_zero_grad(qs_params *ps) {
+    if (ps->grad) ps->be->zero(ps->grad, ps->n * sizeof(float));
+}
+void qs_params_download(const qs_params *ps, float *host) { ps->be->download(host, ps->data, ps->n * sizeof(float)); }
+void qs_params_upload(qs_params *ps, const float *host) { ps->be->upload(ps->data, host, ps->n * sizeof(float)); }

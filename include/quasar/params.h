@@ -1,0 +1,58 @@
+/* A model's named parameter tensors in one flat backend buffer (and, when trainable,
+ * a gradient buffer of the same layout), so that one call moves, saves or updates all
+ * of them. Every model family (GPT, QuadraNet, LoRA adapters) builds one of these;
+ * the optimizer, checkpoints and the training loop work on it alone. */
+#ifndef QUASAR_PARAMS_H
+#define QUASAR_PARAMS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "quasar/backend.h"
+
+#define QS_PARAM_NAME_MAX 96
+#define QS_PARAM_MAX_DIM 4
+
+typedef enum { QS_ROLE_WEIGHT, QS_ROLE_BIAS, QS_ROLE_NORM_WEIGHT, QS_ROLE_NORM_BIAS,
+               QS_ROLE_EMBEDDING } qs_param_role;
+
+typedef struct qs_param_info {
+    char name[QS_PARAM_NAME_MAX];
+    int ndim;
+    int64_t shape[QS_PARAM_MAX_DIM];
+    size_t offset; /* in floats, into the flat buffers */
+    size_t numel;
+    qs_param_role role;
+    int fan_in, fan_out; /* for weight init */
+    bool residual_proj;  /* output projection into the residual stream */
+} qs_param_info;
+
+typedef struct qs_params {
+    const qs_backend *be;
+    qs_param_info *info;
+    int n_tensors, cap;
+    size_t n;            /* floats in all tensors */
+    float *data, *grad;  /* backend memory; grad is NULL for a frozen set */
+} qs_params;
+
+/* Appends a tensor to the table (before qs_params_alloc); returns its index, or -1
+ * (qs_error set) when out of memory. */
+int qs_params_add(qs_params *ps, const char *name, int ndim, const int64_t *shape,
+                  qs_param_role role, int fan_in, int fan_out, bool residual_proj);
+/* Allocates the zeroed data (and, if trainable, gradient) buffers on be. */
+int qs_params_alloc(qs_params *ps, const qs_backend *be, bool trainable);
+void qs_params_free(qs_params *ps);
+
+/* Index of the tensor called name, or -1. */
+int qs_params_find(const qs_params *ps, const char *name);
+/* Backend pointers to tensor i's values / gradient; NULL for i < 0 or no gradients. */
+float *qs_params_value(const qs_params *ps, int i);
+float *qs_params_grad(const qs_params *ps, int i);
+
+void qs_params_zero_grad(qs_params *ps);
+/* Copies all values between the backend and host[n]. */
+void qs_params_download(const qs_params *ps, float *host);
+void qs_params_upload(qs_params *ps, const float *host);
+
+#endif
