@@ -20,7 +20,7 @@ CFLAGS_COMMON = -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -fopenm
                 $(if $(OPENBLAS_HOME),-I$(OPENBLAS_HOME)/include,-I/usr/include/x86_64-linux-gnu)
 LDLIBS_COMMON = $(if $(CJSON_HOME),-L$(CJSON_HOME)/lib -Wl$(comma)-rpath$(comma)$(CJSON_HOME)/lib) -lcjson \
                 $(if $(OPENBLAS_HOME),-L$(OPENBLAS_HOME)/lib -Wl$(comma)-rpath$(comma)$(OPENBLAS_HOME)/lib) -lopenblas \
-                -lpcre2-8 -fopenmp -lm
+                -lpcre2-8 -lz -fopenmp -lm
 comma := ,
 
 SRC      = $(wildcard csrc/*.c csrc/cpu/*.c)
