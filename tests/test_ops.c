@@ -966,6 +966,215 @@ static void test_adamw(void **state) {
     free(p), free(m), free(v), free(wp), free(wm), free(wv);
 }
 
+/* ---- quadratic depthwise convolution ---- */
+
+typedef struct {
+    qs_conv_shape s;
+    float *x, *w, *bias, *y, *fa, *fb, *R;
+} qc_ctx;
+
+static size_t qc_n(const qs_conv_shape *s) { return (size_t)s->B * s->H * s->W * s->C; }
+static size_t qc_filt(const qs_conv_shape *s) { return (size_t)s->KH * s->KW * s->C; }
+
+static double qc_loss(void *p) {
+    qc_ctx *c = p;
+    const size_t n = qc_n(&c->s);
+    poison(c->y, n), poison(c->fa, n), poison(c->fb, n);
+    ops->quadconv_forward(c->y, c->fa, c->fb, c->x, c->w, c->bias, &c->s);
+    return weighted_sum(c->y, c->R, n);
+}
+static void qc_backward(void *p, float **g) {
+    qc_ctx *c = p;
+    ops->quadconv_backward(g[0], g[1], g[2], c->R, c->x, c->w, c->fa, c->fb, &c->s);
+}
+
+/* Each filter applied by the definition, in double. */
+static void qc_reference(const qc_ctx *c, double *y, double *fa, double *fb) {
+    const qs_conv_shape *s = &c->s;
+    for (int b = 0; b < s->B; b++)
+        for (int h = 0; h < s->H; h++)
+            for (int w = 0; w < s->W; w++)
+                for (int ch = 0; ch < s->C; ch++) {
+                    double f[3];
+                    for (int k = 0; k < 3; k++) {
+                        f[k] = c->bias[k * s->C + ch];
+                        for (int i = 0; i < s->KH; i++)
+                            for (int j = 0; j < s->KW; j++) {
+                                const int ih = h + i - s->pad_top, iw = w + j - s->pad_left;
+                                if (ih < 0 || ih >= s->H || iw < 0 || iw >= s->W) continue;
+                                f[k] += (double)c->w[k * qc_filt(s) + ((size_t)i * s->KW + j) * s->C + ch] *
+                                        c->x[(((size_t)b * s->H + ih) * s->W + iw) * s->C + ch];
+                            }
+                    }
+                    const size_t o = (((size_t)b * s->H + h) * s->W + w) * s->C + ch;
+                    y[o] = f[0] * f[1] + f[2];
+                    fa[o] = f[0];
+                    fb[o] = f[1];
+                }
+}
+
+static void check_quadconv(const char *what, qs_conv_shape s) {
+    const size_t n = qc_n(&s), nw = 3 * qc_filt(&s);
+    qc_ctx c = {s, rnd_tensor(n, -1, 1), rnd_tensor(nw, -0.5f, 0.5f), rnd_tensor(3 * (size_t)s.C, -0.5f, 0.5f),
+                alloc_f(n), alloc_f(n), alloc_f(n), rnd_tensor(n, -1, 1)};
+    double *y = alloc_d(n), *fa = alloc_d(n), *fb = alloc_d(n);
+    qc_loss(&c);
+    qc_reference(&c, y, fa, fb);
+    check_close("quadconv y", c.y, y, n, 1e-5, 1e-5);
+    check_close("quadconv fa", c.fa, fa, n, 1e-5, 1e-5);
+    check_close("quadconv fb", c.fb, fb, n, 1e-5, 1e-5);
+    print_message("  %s: B=%d H=%d W=%d C=%d k=%dx%d pad=(%d,%d)\n", what, s.B, s.H, s.W, s.C, s.KH, s.KW,
+                  s.pad_top, s.pad_left);
+    const param ps[] = {{"x", c.x, n}, {"w", c.w, nw}, {"bias", c.bias, 3 * (size_t)s.C}};
+    check_gradients(what, qc_loss, qc_backward, &c, ps, 3, 1e-3);
+    free(y), free(fa), free(fb);
+    free(c.x), free(c.w), free(c.bias), free(c.y), free(c.fa), free(c.fb), free(c.R);
+}
+
+static void test_quadconv_2d(void **state) {
+    (void)state;
+    const int ks[] = {1, 3, 5, 7};
+    for (int t = 0; t < 4; t++) { /* tiny (one thread) and larger (the parallel path) */
+        const int k = ks[t], big = t >= 2;
+        qs_conv_shape s = {.B = rnd_int(1, 3), .H = rnd_int(1, big ? 13 : 6), .W = rnd_int(2, big ? 11 : 6),
+                           .C = rnd_int(1, big ? 37 : 5), .KH = k, .KW = k, .pad_top = k / 2, .pad_left = k / 2};
+        if (big) s.H = s.H < 9 ? 9 : s.H, s.C = s.C < 20 ? 20 : s.C; /* images smaller than the filter too */
+        check_quadconv("quadconv 2d", s);
+    }
+}
+
+static void test_quadconv_causal(void **state) {
+    (void)state;
+    for (int t = 0; t < 3; t++) {
+        const int k = rnd_int(2, 6);
+        qs_conv_shape s = {.B = rnd_int(1, 3), .H = 1, .W = rnd_int(1, 40), .C = rnd_int(1, 19), .KH = 1, .KW = k,
+                           .pad_top = 0, .pad_left = k - 1};
+        check_quadconv("quadconv causal", s);
+    }
+    /* Causality: changing step t changes no output before t. */
+    qs_conv_shape s = {.B = 1, .H = 1, .W = 17, .C = 4, .KH = 1, .KW = 4, .pad_left = 3};
+    const size_t n = qc_n(&s);
+    float *x = rnd_tensor(n, -1, 1), *w = rnd_tensor(3 * qc_filt(&s), -1, 1), *b = rnd_tensor(12, -1, 1);
+    float *y0 = alloc_f(n), *y1 = alloc_f(n), *fa = alloc_f(n), *fb = alloc_f(n);
+    ops->quadconv_forward(y0, fa, fb, x, w, b, &s);
+    const int t = rnd_int(0, 16);
+    for (int ch = 0; ch < 4; ch++) x[(size_t)t * 4 + ch] += 1.0f;
+    ops->quadconv_forward(y1, fa, fb, x, w, b, &s);
+    assert_memory_equal(y0, y1, (size_t)t * 4 * sizeof(float));
+    assert_memory_not_equal(y0 + (size_t)t * 4, y1 + (size_t)t * 4, 4 * sizeof(float));
+    free(x), free(w), free(b), free(y0), free(y1), free(fa), free(fb);
+}
+
+/* ---- image layout ops and layer scale ---- */
+
+typedef struct {
+    int kind, B, H, W, C, p;
+    float drop;
+    uint64_t seed;
+    float *inp, *resid, *gamma, *out, *R;
+} img_ctx;
+enum { IMG_S2D, IMG_POOL, IMG_LSCALE };
+
+static size_t img_in(const img_ctx *c) { return (size_t)c->B * c->H * c->W * c->C; }
+static size_t img_out(const img_ctx *c) { return c->kind == IMG_POOL ? (size_t)c->B * c->C : img_in(c); }
+
+static double img_loss(void *p) {
+    img_ctx *c = p;
+    poison(c->out, img_out(c));
+    if (c->kind == IMG_S2D) ops->space_to_depth_forward(c->out, c->inp, c->B, c->H, c->W, c->C, c->p);
+    else if (c->kind == IMG_POOL) ops->avgpool_forward(c->out, c->inp, c->B, c->H * c->W, c->C);
+    else ops->layer_scale_forward(c->out, c->resid, c->inp, c->gamma, c->drop, c->seed, 5, c->B, c->H * c->W, c->C);
+    return weighted_sum(c->out, c->R, img_out(c));
+}
+static void img_backward(void *p, float **g) {
+    img_ctx *c = p;
+    if (c->kind == IMG_S2D) ops->space_to_depth_backward(g[0], c->R, c->B, c->H, c->W, c->C, c->p);
+    else if (c->kind == IMG_POOL) ops->avgpool_backward(g[0], c->R, c->B, c->H * c->W, c->C);
+    else ops->layer_scale_backward(g[0], g[1], c->R, c->inp, c->gamma, c->drop, c->seed, 5, c->B, c->H * c->W, c->C);
+}
+
+static img_ctx img_make(int kind, int p) {
+    img_ctx c = {kind, rnd_int(1, 4), p * rnd_int(1, 5), p * rnd_int(1, 5), rnd_int(1, 9), p, 0.0f, rnd_u64(),
+                 NULL, NULL, NULL, NULL, NULL};
+    c.inp = rnd_tensor(img_in(&c), -1, 1);
+    c.resid = rnd_tensor(img_in(&c), -1, 1);
+    c.gamma = rnd_tensor((size_t)c.C, -1, 1);
+    c.out = alloc_f(img_in(&c));
+    c.R = rnd_tensor(img_out(&c), -1, 1);
+    return c;
+}
+static void img_free(img_ctx *c) { free(c->inp), free(c->resid), free(c->gamma), free(c->out), free(c->R); }
+
+static void test_space_to_depth_pool(void **state) {
+    (void)state;
+    for (int p = 1; p <= 3; p++) {
+        img_ctx c = img_make(IMG_S2D, p);
+        img_loss(&c);
+        const size_t n = img_in(&c);
+        double *want = alloc_d(n);
+        const int Ho = c.H / p, Wo = c.W / p;
+        for (int b = 0; b < c.B; b++)
+            for (int h = 0; h < c.H; h++)
+                for (int w = 0; w < c.W; w++)
+                    for (int ch = 0; ch < c.C; ch++)
+                        want[((((size_t)b * Ho + h / p) * Wo + w / p) * p * p + (size_t)(h % p) * p + w % p) * c.C + ch] =
+                            c.inp[(((size_t)b * c.H + h) * c.W + w) * c.C + ch];
+        check_close("space_to_depth", c.out, want, n, 0.0, 0.0);
+        const param ps[] = {{"inp", c.inp, n}};
+        check_gradients("space_to_depth", img_loss, img_backward, &c, ps, 1, 1e-2);
+        free(want);
+        img_free(&c);
+    }
+    img_ctx c = img_make(IMG_POOL, 1);
+    img_loss(&c);
+    double *want = alloc_d(img_out(&c));
+    for (int b = 0; b < c.B; b++)
+        for (int ch = 0; ch < c.C; ch++) {
+            for (int n = 0; n < c.H * c.W; n++) want[(size_t)b * c.C + ch] += c.inp[((size_t)b * c.H * c.W + n) * c.C + ch];
+            want[(size_t)b * c.C + ch] /= c.H * c.W;
+        }
+    check_close("avgpool", c.out, want, img_out(&c), 1e-5, 1e-6);
+    const param ps[] = {{"inp", c.inp, img_in(&c)}};
+    check_gradients("avgpool", img_loss, img_backward, &c, ps, 1, 1e-2);
+    free(want);
+    img_free(&c);
+}
+
+static void test_layer_scale(void **state) {
+    (void)state;
+    const float drops[] = {0.0f, 0.5f};
+    for (int d = 0; d < 2; d++) {
+        img_ctx c = img_make(IMG_LSCALE, 1);
+        c.B += 8; /* enough samples that both kept and dropped ones occur */
+        img_free(&c);
+        c.inp = rnd_tensor(img_in(&c), -1, 1), c.resid = rnd_tensor(img_in(&c), -1, 1);
+        c.gamma = rnd_tensor((size_t)c.C, -1, 1), c.out = alloc_f(img_in(&c)), c.R = rnd_tensor(img_in(&c), -1, 1);
+        c.drop = drops[d];
+        img_loss(&c);
+        const size_t n = img_in(&c), per = (size_t)c.H * c.W * c.C;
+        double *want = alloc_d(n);
+        int dropped = 0;
+        for (int b = 0; b < c.B; b++) {
+            const int keep = qs_rng_uniform(c.seed, 5, (uint64_t)b) >= c.drop;
+            dropped += !keep;
+            for (size_t i = 0; i < per; i++) {
+                const size_t o = b * per + i;
+                want[o] = c.resid[o] + (keep ? c.gamma[i % c.C] * c.inp[o] / (1.0 - c.drop) : 0.0);
+            }
+        }
+        check_close("layer_scale", c.out, want, n, 1e-6, 1e-6);
+        if (c.drop > 0) assert_true(dropped > 0 && dropped < c.B);
+        /* in place over the residual */
+        float *res = copy_tensor(c.resid, n);
+        ops->layer_scale_forward(res, res, c.inp, c.gamma, c.drop, c.seed, 5, c.B, c.H * c.W, c.C);
+        check_close("layer_scale in place", res, want, n, 1e-6, 1e-6);
+        const param ps[] = {{"inp", c.inp, n}, {"gamma", c.gamma, (size_t)c.C}};
+        check_gradients("layer_scale", img_loss, img_backward, &c, ps, 2, 1e-3);
+        free(res), free(want);
+        img_free(&c);
+    }
+}
+
 int main(void) {
     test_seed = qs_test_seed("test_ops");
     /* Three threads unless told otherwise: uneven row splits and several partial
@@ -982,7 +1191,9 @@ int main(void) {
         cmocka_unit_test(test_topk),            cmocka_unit_test(test_assign_by_hand),
         cmocka_unit_test(test_assign_random),   cmocka_unit_test(test_dispatch_combine),
         cmocka_unit_test(test_balance),         cmocka_unit_test(test_sumsq),
-        cmocka_unit_test(test_adamw),
+        cmocka_unit_test(test_adamw),           cmocka_unit_test(test_quadconv_2d),
+        cmocka_unit_test(test_quadconv_causal), cmocka_unit_test(test_space_to_depth_pool),
+        cmocka_unit_test(test_layer_scale),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

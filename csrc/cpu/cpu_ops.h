@@ -83,6 +83,26 @@ void qs_cpu_moe_balance_forward(float *balance, float *z, const float *logits, c
 void qs_cpu_moe_balance_backward(float *dlogits, const float *logits, const int *routed,
                                  float balance_coef, float z_coef, int N, int E, int K);
 
+
+/* quadconv.c */
+void qs_cpu_quadconv_forward(float *y, float *fa, float *fb, const float *x, const float *w,
+                             const float *bias, const qs_conv_shape *s);
+void qs_cpu_quadconv_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                              const float *w, const float *fa, const float *fb,
+                              const qs_conv_shape *s);
+
+/* spatial.c */
+void qs_cpu_space_to_depth_forward(float *out, const float *inp, int B, int H, int W, int C, int p);
+void qs_cpu_space_to_depth_backward(float *dinp, const float *dout, int B, int H, int W, int C, int p);
+void qs_cpu_avgpool_forward(float *out, const float *inp, int B, int N, int C);
+void qs_cpu_avgpool_backward(float *dinp, const float *dout, int B, int N, int C);
+
+/* residual.c */
+void qs_cpu_layer_scale_forward(float *out, const float *resid, const float *inp, const float *gamma,
+                                float p, uint64_t seed, uint64_t stream, int B, int N, int C);
+void qs_cpu_layer_scale_backward(float *dinp, float *dgamma, const float *dout, const float *inp,
+                                 const float *gamma, float p, uint64_t seed, uint64_t stream, int B,
+                                 int N, int C);
 /* optim.c */
 double qs_cpu_sumsq(const float *g, size_t n);
 void qs_cpu_adamw_update(float *p, const float *grad, float *m, float *v, size_t n, float lr,

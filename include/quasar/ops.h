@@ -18,6 +18,14 @@
 
 typedef enum { QS_W_IN_OUT = 0, QS_W_OUT_IN = 1 } qs_weight_layout;
 
+/* A stride-1 depthwise convolution over channels-last x [B,H,W,C] whose output has the
+ * input's size: tap (i, j) of a KH x KW filter reads x[b, h+i-pad_top, w+j-pad_left, c]
+ * (zero outside the image). "Same" 2D: KH = KW = k odd, pad_top = pad_left = k/2.
+ * Causal 1D over a sequence of W = T steps: H = 1, KH = 1, KW = k, pad_left = k-1. */
+typedef struct qs_conv_shape {
+    int B, H, W, C, KH, KW, pad_top, pad_left;
+} qs_conv_shape;
+
 typedef struct qs_ops {
     /* out[b,t,:] = wte[tok[b,t],:] + wpe[t,:]; tok values are in [0, V). */
     void (*embed_forward)(float *out, const int *tok, const float *wte, const float *wpe,
@@ -135,6 +143,38 @@ typedef struct qs_ops {
                                 int N, int E, int K);
     void (*moe_balance_backward)(float *dlogits, const float *logits, const int *routed,
                                  float balance_coef, float z_coef, int N, int E, int K);
+
+    /* Quadratic depthwise convolution (QuadraNet): y = fa * fb + fc with
+     * f_i = W_i * x + b_i, the three filters w [3][KH][KW][C] and biases bias [3][C].
+     * Saves the two factors fa, fb [B,H,W,C] (all the backward needs besides x).
+     * Backward accumulates dx, dw [3][KH][KW][C], dbias [3][C]. */
+    void (*quadconv_forward)(float *y, float *fa, float *fb, const float *x, const float *w,
+                             const float *bias, const qs_conv_shape *s);
+    void (*quadconv_backward)(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                              const float *w, const float *fa, const float *fb,
+                              const qs_conv_shape *s);
+
+    /* Patches of p x p pixels as channels: out [B,H/p,W/p,p*p*C] with
+     * out[b,i,j,(di*p+dj)*C+c] = inp[b,i*p+di,j*p+dj,c] (H, W divisible by p). A matmul
+     * after it is a p x p stride-p convolution. Backward accumulates dinp. */
+    void (*space_to_depth_forward)(float *out, const float *inp, int B, int H, int W, int C, int p);
+    void (*space_to_depth_backward)(float *dinp, const float *dout, int B, int H, int W, int C,
+                                    int p);
+
+    /* Mean over the N positions of inp [B,N,C] -> out [B,C]; backward accumulates. */
+    void (*avgpool_forward)(float *out, const float *inp, int B, int N, int C);
+    void (*avgpool_backward)(float *dinp, const float *dout, int B, int N, int C);
+
+    /* Residual branch with layer scale and stochastic depth:
+     *   out[b,n,c] = resid[b,n,c] + gamma[c] * keep_b * inp[b,n,c]
+     * keep_b = (qs_rng_uniform(seed, stream, b) >= p) / (1 - p) drops sample b's whole
+     * branch (p = 0: keep all). out may alias resid. The residual's gradient is dout
+     * itself; backward accumulates dinp and dgamma. */
+    void (*layer_scale_forward)(float *out, const float *resid, const float *inp, const float *gamma,
+                                float p, uint64_t seed, uint64_t stream, int B, int N, int C);
+    void (*layer_scale_backward)(float *dinp, float *dgamma, const float *dout, const float *inp,
+                                 const float *gamma, float p, uint64_t seed, uint64_t stream, int B,
+                                 int N, int C);
 
     /* Sum of squares of g[0..n), accumulated in double. */
     double (*sumsq)(const float *g, size_t n);
