@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { T_INT, T_FLOAT, T_BOOL, T_STRING, T_ENUM, T_U64 } field_type;
+typedef enum { T_INT, T_FLOAT, T_BOOL, T_STRING, T_ENUM, T_U64, T_INTS } field_type;
 
 /* One key. Its JSON path is the member's path in qs_config ("model.moe.top_k"), so the
  * sections are the struct's nesting and a new key is one struct field plus one row. */
@@ -26,6 +26,7 @@ typedef struct field {
     const char *const *names; /* ENUM: value names by index; STRING: allowed values (NULL = any) */
     double def;               /* default; ENUM: the index, BOOL: 0 or 1 */
     const char *def_str;      /* STRING default */
+    const int *def_ints;      /* INTS default (an int array member; its length is fixed) */
 } field;
 
 static const char *const activation_names[] = {"gelu", "relu", NULL};
@@ -33,6 +34,10 @@ static const char *const init_names[] = {"normal", "kaiming", "xavier", NULL};
 static const char *const gating_names[] = {"topk", "noisy_topk", NULL};
 static const char *const lr_schedule_names[] = {"cosine", "constant", NULL};
 static const char *const tokenizer_names[] = {"char", "gpt2", NULL};
+static const char *const model_type_names[] = {"gpt", "quadranet", NULL};
+static const char *const mixer_names[] = {"attention", "quadconv", NULL};
+static const int quadra_widths[QS_QUADRA_STAGES] = {32, 64, 128, 256};
+static const int quadra_depths[QS_QUADRA_STAGES] = {1, 1, 2, 1};
 
 #define AT(m) #m, offsetof(qs_config, m), sizeof(((qs_config *)0)->m)
 /* Ranges: GE [a, inf)  GT (a, inf)  IN [a, b]  CO [a, b)  OO (a, b) */
@@ -46,6 +51,7 @@ static const char *const tokenizer_names[] = {"char", "gpt2", NULL};
 #define FLOAT(m, range, d) {AT(m), T_FLOAT, range, .def = (d)}
 #define U64(m, range, d) {AT(m), T_U64, range, .def = (d)}
 #define BOOL(m, d) {AT(m), T_BOOL, .def = (d)}
+#define INTS(m, range, d) {AT(m), T_INTS, range, .def_ints = (d)}
 #define STRING(m, range, names_, d) {AT(m), T_STRING, range, .names = (names_), .def_str = (d)}
 /* Enums are accessed as int; the array size turns any other width into a compile error. */
 #define ENUM(m, names_, d)                                                                         \
@@ -56,6 +62,8 @@ static const char *const tokenizer_names[] = {"char", "gpt2", NULL};
 #define MAX_SEED 9007199254740992.0 /* 2^53: larger integers do not survive JSON doubles */
 
 static const field fields[] = {
+    ENUM(model.type, model_type_names, QS_MODEL_GPT),
+    ENUM(model.mixer, mixer_names, QS_MIXER_ATTENTION),
     INT(model.vocab_size, IN(0, 1 << 24), 0),
     INT(model.seq_len, IN(1, 1 << 20), 64),
     INT(model.n_layer, IN(1, 1 << 12), 4),
@@ -74,6 +82,15 @@ static const field fields[] = {
     FLOAT(model.moe.capacity_factor, GE(0), 0),
     FLOAT(model.moe.aux_loss_coef, GE(0), 0.01),
     FLOAT(model.moe.z_loss_coef, GE(0), 0),
+    INT(model.quadra.in_channels, IN(1, 4096), 1),
+    INT(model.quadra.image_size, IN(1, 1 << 14), 32),
+    INT(model.quadra.num_classes, IN(2, 1 << 20), 10),
+    INT(model.quadra.stem_patch, IN(1, 64), 2),
+    INTS(model.quadra.widths, IN(1, MAX_DIM), quadra_widths),
+    INTS(model.quadra.depths, IN(0, 1 << 10), quadra_depths),
+    INT(model.quadra.kernel_size, IN(1, 63), 7),
+    FLOAT(model.quadra.layer_scale_init, GT(0), 1e-6),
+    FLOAT(model.quadra.drop_path, CO(0, 1), 0),
     INT(train.max_steps, GE(0), 1000),
     INT(train.batch_size, IN(1, 1 << 20), 32),
     INT(train.micro_batch_size, IN(0, 1 << 20), 0),
@@ -102,6 +119,8 @@ static const field fields[] = {
     STRING(data.train_shards, GE(0), NULL, ""),
     STRING(data.val_shards, GE(0), NULL, ""),
     STRING(data.vocab_dir, GE(0), NULL, "../shared/data/gpt2"),
+    INT(data.augment_shift, IN(0, 64), 0),
+    BOOL(data.augment_flip, false),
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 #define MAX_PATH_LEN 128 /* longer keys cannot name a field */
@@ -191,7 +210,8 @@ static int expect_error(const field *f, const char *got) {
 /* The type's own limits, so stored values are always representable. */
 static void type_limits(const field *f, double *lo, double *hi) {
     switch (f->type) {
-    case T_INT: *lo = INT_MIN, *hi = INT_MAX; break;
+    case T_INT:
+    case T_INTS: *lo = INT_MIN, *hi = INT_MAX; break;
     case T_FLOAT: *lo = -FLT_MAX, *hi = FLT_MAX; break;
     case T_STRING: *lo = 0, *hi = (double)(f->size - 1); break;
     default: *lo = 0, *hi = 18446744073709551615.0; break;
@@ -223,6 +243,22 @@ static int check_range(const field *f, double x, const char *got) {
 static int set_field(qs_config *c, const field *f, const cJSON *v) {
     char *p = member(c, f);
     char got[96];
+    if (f->type == T_INTS) {
+        int n = (int)(f->size / sizeof(int));
+        if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != n)
+            return qs_error("%s: expected an array of %d integers, got %s", f->path, n,
+                            cJSON_IsArray(v) ? "an array of another length" : json_kind(v));
+        int k = 0;
+        for (const cJSON *it = v->child; it; it = it->next, k++) {
+            if (!cJSON_IsNumber(it) || it->valuedouble != floor(it->valuedouble))
+                return qs_error("%s[%d]: expected an integer, got %s", f->path, k, json_kind(it));
+            format_number(got, sizeof got, it->valuedouble, false);
+            if (check_range(f, it->valuedouble, got) != 0)
+                return -1;
+            ((int *)p)[k] = (int)it->valuedouble;
+        }
+        return 0;
+    }
     if (f->type == T_BOOL) {
         if (!cJSON_IsBool(v))
             return expect_error(f, json_kind(v));
@@ -313,6 +349,7 @@ void qs_config_defaults(qs_config *c) {
         case T_BOOL: *(bool *)p = f->def != 0; break;
         case T_ENUM: *(int *)p = (int)f->def; break;
         case T_STRING: snprintf(p, f->size, "%s", f->def_str); break;
+        case T_INTS: memcpy(p, f->def_ints, f->size); break;
         }
     }
 }
@@ -381,6 +418,13 @@ static int check_field(const qs_config *c, const field *f) {
     switch (f->type) {
     case T_BOOL:
         return 0;
+    case T_INTS:
+        for (size_t k = 0; k < f->size / sizeof(int); k++) {
+            snprintf(got, sizeof got, "%d", ((const int *)p)[k]);
+            if (check_range(f, ((const int *)p)[k], got) != 0)
+                return -1;
+        }
+        return 0;
     case T_ENUM: {
         int v = *(const int *)p;
         snprintf(got, sizeof got, "%d", v);
@@ -424,6 +468,17 @@ int qs_config_validate(const qs_config *c) {
     if (t->micro_batch_size > 0 && t->batch_size % t->micro_batch_size != 0)
         return qs_error("train.batch_size (%d) must be divisible by train.micro_batch_size (%d)",
                         t->batch_size, t->micro_batch_size);
+    if (m->type == QS_MODEL_QUADRANET) {
+        const qs_quadra_config *q = &m->quadra;
+        int down = q->stem_patch << (QS_QUADRA_STAGES - 1);
+        if (q->image_size % down != 0)
+            return qs_error("model.quadra.image_size (%d) must be divisible by %d (stem_patch %d times the "
+                            "three 2x downsamplings)", q->image_size, down, q->stem_patch);
+        if (q->kernel_size % 2 == 0)
+            return qs_error("model.quadra.kernel_size (%d) must be odd for the 2D 'same' convolution", q->kernel_size);
+        if (m->mixer != QS_MIXER_ATTENTION)
+            return qs_error("model.mixer applies to GPT models, not to model.type quadranet");
+    }
     if (!strcmp(c->data.tokenizer, "gpt2") && (!c->data.train_shards[0] || !c->data.val_shards[0]))
         return qs_error("data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");
     if (t->min_lr > t->lr) {
@@ -441,6 +496,8 @@ static cJSON *field_to_json(const qs_config *c, const field *f) {
     switch (f->type) {
     case T_BOOL:
         return cJSON_CreateBool(*(const bool *)p);
+    case T_INTS:
+        return cJSON_CreateIntArray((const int *)p, (int)(f->size / sizeof(int)));
     case T_ENUM: { /* an invalid index is written as a number, which loading rejects */
         int v = *(const int *)p;
         return v >= 0 && v < count_names(f->names) ? cJSON_CreateString(f->names[v]) : cJSON_CreateNumber(v);

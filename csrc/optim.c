@@ -25,7 +25,7 @@ void qs_adamw_free(qs_adamw *o) {
 }
 
 int qs_adamw_decays(const qs_train_config *tc, const qs_param_info *p) {
-    return tc->decay_all || p->ndim >= 2;
+    return tc->decay_all || p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING;
 }
 
 double qs_adamw_grad_norm(const qs_adamw *o, const qs_params *ps) {

@@ -13,6 +13,10 @@ typedef enum { QS_ACT_GELU, QS_ACT_RELU } qs_activation;
 typedef enum { QS_INIT_NORMAL, QS_INIT_KAIMING, QS_INIT_XAVIER } qs_init;
 typedef enum { QS_GATING_TOPK, QS_GATING_NOISY_TOPK } qs_gating;
 typedef enum { QS_LR_COSINE, QS_LR_CONSTANT } qs_lr_schedule;
+typedef enum { QS_MODEL_GPT, QS_MODEL_QUADRANET } qs_model_type;
+typedef enum { QS_MIXER_ATTENTION, QS_MIXER_QUADCONV } qs_mixer;
+
+#define QS_QUADRA_STAGES 4
 
 typedef struct qs_moe_config {
     int n_experts;         /* 0 = dense feed-forward */
@@ -23,7 +27,21 @@ typedef struct qs_moe_config {
     float z_loss_coef;     /* router z-loss coefficient */
 } qs_moe_config;
 
+/* QuadraNet image classifier; kernel_size is also the causal taps of a GPT's quadconv
+ * mixer. */
+typedef struct qs_quadra_config {
+    int in_channels, image_size, num_classes;
+    int stem_patch;                /* stem: a stem_patch x stem_patch stride-stem_patch conv */
+    int widths[QS_QUADRA_STAGES];  /* channels per stage */
+    int depths[QS_QUADRA_STAGES];  /* QuadraBlocks per stage */
+    int kernel_size;               /* quadratic depthwise conv, k x k (odd) */
+    float layer_scale_init;
+    float drop_path;               /* stochastic depth, rising linearly to this at the last block */
+} qs_quadra_config;
+
 typedef struct qs_model_config {
+    qs_model_type type;    /* "gpt" | "quadranet" */
+    qs_mixer mixer;        /* GPT token mixer: "attention" | "quadconv" (causal, quadra.kernel_size taps) */
     int vocab_size;        /* 0 = taken from the data (char vocabulary) */
     int seq_len;           /* context length (block size) */
     int n_layer, n_head, n_embd;
@@ -35,6 +53,7 @@ typedef struct qs_model_config {
     qs_init init;          /* "normal" (std init_std) | "kaiming" | "xavier" */
     float init_std;
     qs_moe_config moe;
+    qs_quadra_config quadra;
 } qs_model_config;
 
 typedef struct qs_train_config {
@@ -67,6 +86,8 @@ typedef struct qs_data_config {
     char train_shards[QS_PATH_MAX]; /* glob of token shards (tokenizer "gpt2") */
     char val_shards[QS_PATH_MAX];
     char vocab_dir[QS_PATH_MAX];    /* encoder.json + vocab.bpe (tokenizer "gpt2") */
+    int augment_shift;              /* images: random translation by up to this many pixels */
+    bool augment_flip;              /* images: random horizontal flips */
 } qs_data_config;
 
 typedef struct qs_config {

@@ -17,8 +17,8 @@ typedef struct qs_adamw {
 int qs_adamw_create(qs_adamw *o, const qs_backend *be, size_t n);
 void qs_adamw_free(qs_adamw *o);
 
-/* Whether weight decay applies to a tensor: matrices (and embeddings) only, unless
- * train.decay_all. */
+/* Whether weight decay applies to a tensor: weights and embeddings, not biases (also
+ * stacked expert biases), norms or scales, unless train.decay_all. */
 int qs_adamw_decays(const qs_train_config *tc, const qs_param_info *p);
 
 /* Global L2 norm of the table's gradients. */

@@ -14,8 +14,10 @@
 #define QS_PARAM_NAME_MAX 96
 #define QS_PARAM_MAX_DIM 4
 
+/* What a tensor is, for init and weight decay (only WEIGHT and EMBEDDING decay). SCALE:
+ * a per-channel multiplier such as QuadraNet's layer scale. */
 typedef enum { QS_ROLE_WEIGHT, QS_ROLE_BIAS, QS_ROLE_NORM_WEIGHT, QS_ROLE_NORM_BIAS,
-               QS_ROLE_EMBEDDING } qs_param_role;
+               QS_ROLE_EMBEDDING, QS_ROLE_SCALE } qs_param_role;
 
 typedef struct qs_param_info {
     char name[QS_PARAM_NAME_MAX];
