@@ -10,6 +10,7 @@
 
 #include "quasar/error.h"
 #include "quasar/rng.h"
+#include "plan.h"
 
 /* Indices into the parameter table; -1 where the config has no such tensor. */
 typedef struct layer_params {
@@ -158,80 +159,59 @@ static void build_param_table(qs_gpt *m) {
 static float *P(const qs_gpt *m, int idx) { return qs_params_value(&m->ps, idx); }
 static float *G(const qs_gpt *m, int idx) { return qs_params_grad(&m->ps, idx); }
 
-/* ---- activation plan ----
- * Two passes over the same carving code: the first counts, the second assigns. */
-
-typedef struct plan {
-    float *fbase;
-    int *ibase;
-    size_t nf, ni;
-} plan;
-
-static float *take_f(plan *p, size_t n) {
-    float *r = p->fbase ? p->fbase + p->nf : NULL;
-    p->nf += (n + 15) & ~(size_t)15; /* 64-byte aligned pieces */
-    return r;
-}
-
-static int *take_i(plan *p, size_t n) {
-    int *r = p->ibase ? p->ibase + p->ni : NULL;
-    p->ni += (n + 15) & ~(size_t)15;
-    return r;
-}
-
-static void carve(qs_gpt *m, plan *p) {
+static void carve(qs_gpt *m, qs_plan *p) {
     size_t N = (size_t)m->max_B * m->max_T, C = m->C, F = m->F, E = m->E, K = m->K;
     size_t NK = m->E > 0 ? N * K : N;
-    for (int l = 0; l <= m->L; l++) m->res[l] = take_f(p, N * C);
+    for (int l = 0; l <= m->L; l++) m->res[l] = qs_plan_f(p, N * C);
     for (int l = 0; l < m->L; l++) {
         layer_acts *a = &m->la[l];
-        a->ln1 = take_f(p, N * C);
-        a->ln1_mean = take_f(p, N);
-        a->ln1_rstd = take_f(p, N);
-        a->qkv = take_f(p, N * 3 * C);
-        a->att = take_f(p, (size_t)m->max_B * m->NH * m->max_T * m->max_T);
-        a->atty = take_f(p, N * C);
-        a->attproj = take_f(p, N * C);
-        a->res_mid = take_f(p, N * C);
-        a->ln2 = take_f(p, N * C);
-        a->ln2_mean = take_f(p, N);
-        a->ln2_rstd = take_f(p, N);
-        a->fch = take_f(p, NK * F);
-        a->fch_act = take_f(p, NK * F);
-        a->ffout = take_f(p, N * C);
+        a->ln1 = qs_plan_f(p, N * C);
+        a->ln1_mean = qs_plan_f(p, N);
+        a->ln1_rstd = qs_plan_f(p, N);
+        a->qkv = qs_plan_f(p, N * 3 * C);
+        a->att = qs_plan_f(p, (size_t)m->max_B * m->NH * m->max_T * m->max_T);
+        a->atty = qs_plan_f(p, N * C);
+        a->attproj = qs_plan_f(p, N * C);
+        a->res_mid = qs_plan_f(p, N * C);
+        a->ln2 = qs_plan_f(p, N * C);
+        a->ln2_mean = qs_plan_f(p, N);
+        a->ln2_rstd = qs_plan_f(p, N);
+        a->fch = qs_plan_f(p, NK * F);
+        a->fch_act = qs_plan_f(p, NK * F);
+        a->ffout = qs_plan_f(p, N * C);
         if (m->E > 0) {
-            a->rlogit = take_f(p, N * E);
-            a->nlogit = take_f(p, N * E);
-            a->hlogit = take_f(p, N * E);
-            a->gate = take_f(p, NK);
-            a->xe = take_f(p, NK * C);
-            a->ye = take_f(p, NK * C);
-            a->idx = take_i(p, NK);
-            a->slot = take_i(p, NK);
+            a->rlogit = qs_plan_f(p, N * E);
+            a->nlogit = qs_plan_f(p, N * E);
+            a->hlogit = qs_plan_f(p, N * E);
+            a->gate = qs_plan_f(p, NK);
+            a->xe = qs_plan_f(p, NK * C);
+            a->ye = qs_plan_f(p, NK * C);
+            a->idx = qs_plan_i(p, NK);
+            a->slot = qs_plan_i(p, NK);
         }
     }
-    m->lnf = take_f(p, N * C);
-    m->lnf_mean = take_f(p, N);
-    m->lnf_rstd = take_f(p, N);
-    m->logits = take_f(p, N * m->V);
-    m->losses = take_f(p, N);
-    m->tok = take_i(p, N);
-    m->tgt = take_i(p, N);
-    m->dres = take_f(p, N * C);
-    m->dln = take_f(p, N * C);
-    m->dbranch = take_f(p, N * C);
-    m->datty = take_f(p, N * C);
-    m->dqkv = take_f(p, N * 3 * C);
-    m->dlogits = take_f(p, N * m->V);
-    m->dF1 = take_f(p, NK * F);
-    m->dF2 = take_f(p, NK * F);
+    m->lnf = qs_plan_f(p, N * C);
+    m->lnf_mean = qs_plan_f(p, N);
+    m->lnf_rstd = qs_plan_f(p, N);
+    m->logits = qs_plan_f(p, N * m->V);
+    m->losses = qs_plan_f(p, N);
+    m->tok = qs_plan_i(p, N);
+    m->tgt = qs_plan_i(p, N);
+    m->dres = qs_plan_f(p, N * C);
+    m->dln = qs_plan_f(p, N * C);
+    m->dbranch = qs_plan_f(p, N * C);
+    m->datty = qs_plan_f(p, N * C);
+    m->dqkv = qs_plan_f(p, N * 3 * C);
+    m->dlogits = qs_plan_f(p, N * m->V);
+    m->dF1 = qs_plan_f(p, NK * F);
+    m->dF2 = qs_plan_f(p, NK * F);
     if (m->E > 0) {
-        m->dxe = take_f(p, NK * C);
-        m->dye = take_f(p, NK * C);
-        m->dgate = take_f(p, NK);
-        m->dh = take_f(p, N * E);
-        m->dclean = take_f(p, N * E);
-        m->dnoise = take_f(p, N * E);
+        m->dxe = qs_plan_f(p, NK * C);
+        m->dye = qs_plan_f(p, NK * C);
+        m->dgate = qs_plan_f(p, NK);
+        m->dh = qs_plan_f(p, N * E);
+        m->dclean = qs_plan_f(p, N * E);
+        m->dnoise = qs_plan_f(p, N * E);
     }
 }
 
@@ -276,7 +256,7 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     build_param_table(m);
     if (m->table_failed) goto oom;
 
-    plan p = {0};
+    qs_plan p = {0};
     carve(m, &p);
     m->act_floats = p.nf;
     int prc = qs_params_alloc(&m->ps, be, true);
@@ -288,7 +268,7 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
         return qs_error("cannot allocate the model: %.1f MiB needed for parameters, gradients "
                         "and activations", need / 1048576.0);
     }
-    plan q = {.fbase = m->act_mem, .ibase = m->int_mem};
+    qs_plan q = {.fbase = m->act_mem, .ibase = m->int_mem};
     carve(m, &q);
     *out = m;
     return 0;
@@ -322,7 +302,8 @@ void qs_gpt_free(qs_gpt *m) {
 
 /* ---- init ---- */
 
-static float init_std(const qs_gpt *m, const qs_param_info *p) {
+static float init_value(const qs_param_info *p, const void *ctx) {
+    const qs_gpt *m = ctx;
     const qs_model_config *c = &m->cfg;
     if (p->role == QS_ROLE_EMBEDDING) return c->init_std;
     switch (c->init) {
@@ -334,24 +315,7 @@ static float init_std(const qs_gpt *m, const qs_param_info *p) {
     return p->residual_proj ? c->init_std / sqrtf(2.0f * (float)m->L) : c->init_std;
 }
 
-int qs_gpt_init(qs_gpt *m, uint64_t seed) {
-    float *host = malloc(m->ps.n * sizeof(float));
-    if (!host) return qs_error("out of memory initialising %zu parameters", m->ps.n);
-    for (int i = 0; i < m->ps.n_tensors; i++) {
-        const qs_param_info *p = &m->ps.info[i];
-        float *w = host + p->offset;
-        if (p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING) {
-            float std = init_std(m, p);
-            for (size_t j = 0; j < p->numel; j++) w[j] = std * qs_rng_normal(seed, (uint64_t)i, j);
-        } else {
-            float v = p->role == QS_ROLE_NORM_WEIGHT ? 1.0f : 0.0f;
-            for (size_t j = 0; j < p->numel; j++) w[j] = v;
-        }
-    }
-    qs_params_upload(&m->ps, host);
-    free(host);
-    return 0;
-}
+int qs_gpt_init(qs_gpt *m, uint64_t seed) { return qs_params_init(&m->ps, seed, init_value, m); }
 
 /* ---- accessors ---- */
 

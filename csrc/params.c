@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "quasar/error.h"
+#include "quasar/rng.h"
 
 int qs_params_add(qs_params *ps, const char *name, int ndim, const int64_t *shape,
                   qs_param_role role, int fan_in, int fan_out, bool residual_proj) {
@@ -68,3 +69,22 @@ void qs_params_zero_grad(qs_params *ps) {
 }
 void qs_params_download(const qs_params *ps, float *host) { ps->be->download(host, ps->data, ps->n * sizeof(float)); }
 void qs_params_upload(qs_params *ps, const float *host) { ps->be->upload(ps->data, host, ps->n * sizeof(float)); }
+
+int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const void *ctx) {
+    float *host = malloc(ps->n * sizeof(float));
+    if (!host) return qs_error("out of memory initialising %zu parameters", ps->n);
+    for (int i = 0; i < ps->n_tensors; i++) {
+        const qs_param_info *p = &ps->info[i];
+        float *w = host + p->offset;
+        if (p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING) {
+            float std = value(p, ctx);
+            for (size_t j = 0; j < p->numel; j++) w[j] = std * qs_rng_normal(seed, (uint64_t)i, j);
+        } else {
+            float v = p->role == QS_ROLE_SCALE ? value(p, ctx) : p->role == QS_ROLE_NORM_WEIGHT ? 1.0f : 0.0f;
+            for (size_t j = 0; j < p->numel; j++) w[j] = v;
+        }
+    }
+    qs_params_upload(ps, host);
+    free(host);
+    return 0;
+}

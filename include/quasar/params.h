@@ -52,6 +52,11 @@ int qs_params_find(const qs_params *ps, const char *name);
 float *qs_params_value(const qs_params *ps, int i);
 float *qs_params_grad(const qs_params *ps, int i);
 
+/* Initial values: WEIGHT and EMBEDDING tensors draw N(0, value(p)^2) from the counter
+ * RNG (stream = tensor index), SCALE tensors are value(p), norm weights 1, biases 0. */
+typedef float (*qs_init_value_fn)(const qs_param_info *p, const void *ctx);
+int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const void *ctx);
+
 void qs_params_zero_grad(qs_params *ps);
 /* Copies all values between the backend and host[n]. */
 void qs_params_download(const qs_params *ps, float *host);

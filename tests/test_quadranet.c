@@ -1,0 +1,170 @@
+/* QuadraNet: the whole model's gradient against finite differences (stochastic depth
+ * on, fixed by seed), the accuracy count, and the train/eval difference of drop path. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quasar/config.h"
+#include "quasar/quadranet.h"
+#include "quasar/rng.h"
+#include "test_seed.h"
+
+static uint64_t seed;
+
+/* Tiny but complete: four stages (one empty), awkward widths, 3x3 quadconv. */
+static qs_model_config tiny_config(void) {
+    qs_config c;
+    qs_config_defaults(&c);
+    qs_model_config m = c.model;
+    m.type = QS_MODEL_QUADRANET;
+    m.ffn_mult = 2;
+    m.init_std = 0.3f;
+    qs_quadra_config *q = &m.quadra;
+    q->in_channels = 2;
+    q->image_size = 8;
+    q->stem_patch = 1;
+    q->num_classes = 5;
+    const int w[4] = {3, 5, 4, 6}, d[4] = {2, 0, 1, 1};
+    memcpy(q->widths, w, sizeof w);
+    memcpy(q->depths, d, sizeof d);
+    q->kernel_size = 3;
+    q->layer_scale_init = 0.5f;
+    q->drop_path = 0.4f;
+    return m;
+}
+
+static void draw_batch(const qs_model_config *c, int B, float *x, int *y) {
+    const size_t n = (size_t)B * c->quadra.image_size * c->quadra.image_size * c->quadra.in_channels;
+    for (size_t i = 0; i < n; i++) x[i] = 2.0f * qs_rng_uniform(seed, 11, i) - 1.0f;
+    for (int b = 0; b < B; b++) y[b] = (int)qs_rng_below(seed, 12, (uint64_t)b, (uint64_t)c->quadra.num_classes);
+}
+
+static void test_gradcheck(void **state) {
+    (void)state;
+    const qs_model_config cfg = tiny_config();
+    const int B = 4;
+    qs_quadranet *m;
+    assert_int_equal(qs_quadranet_create(&m, &cfg, qs_backend_cpu(), B), 0);
+    assert_int_equal(qs_quadranet_init(m, seed), 0);
+    float x[4 * 8 * 8 * 2];
+    int y[4];
+    draw_batch(&cfg, B, x, y);
+    qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed};
+    qs_params *ps = qs_quadranet_params(m);
+    qs_params_zero_grad(ps);
+    qs_quadranet_forward(m, x, y, B, &mode, NULL);
+    qs_quadranet_backward(m, 1.0f);
+    float *grad = malloc(ps->n * sizeof(float));
+    memcpy(grad, ps->grad, ps->n * sizeof(float));
+
+    double num = 0, den = 0, worst = 0;
+    char worst_name[2 * QS_PARAM_NAME_MAX] = "";
+    int zero_tensors = 0;
+    for (int t = 0; t < ps->n_tensors; t++) {
+        const qs_param_info *pi = &ps->info[t];
+        size_t pick[3] = {0, qs_rng_below(seed, 3, (uint64_t)t, pi->numel), qs_rng_below(seed, 4, (uint64_t)t, pi->numel)};
+        double mag = 0;
+        for (size_t j = 0; j < pi->numel; j++) {
+            mag += fabsf(grad[pi->offset + j]);
+            if (fabsf(grad[pi->offset + j]) > fabsf(grad[pi->offset + pick[0]])) pick[0] = j;
+        }
+        zero_tensors += mag == 0.0;
+        for (int k = 0; k < 3; k++) {
+            float *p = ps->data + pi->offset + pick[k], orig = *p;
+            double fd[3];
+            for (int e = 0; e < 2; e++) { /* two steps and their Richardson extrapolation */
+                float eps = e ? 1e-3f : 3e-3f;
+                *p = orig + eps;
+                double lp = qs_quadranet_forward(m, x, y, B, &mode, NULL);
+                *p = orig - eps;
+                double lm = qs_quadranet_forward(m, x, y, B, &mode, NULL);
+                *p = orig;
+                fd[e] = (lp - lm) / (2.0 * eps);
+            }
+            fd[2] = (9.0 * fd[1] - fd[0]) / 8.0;
+            double an = grad[pi->offset + pick[k]], best = fd[0];
+            for (int e = 1; e < 3; e++)
+                if (fabs(fd[e] - an) < fabs(best - an)) best = fd[e];
+            double err = fabs(best - an) / (fabs(an) + 1e-3);
+            if (err > worst) {
+                worst = err;
+                snprintf(worst_name, sizeof worst_name, "%s[%zu] fd %.6g an %.6g", pi->name, pick[k], best, an);
+            }
+            num += (best - an) * (best - an);
+            den += an * an;
+        }
+    }
+    double agg = sqrt(num / den);
+    print_message("  quadranet: %d tensors, aggregate rel err %.2e, worst %.2e at %s\n", ps->n_tensors, agg, worst,
+                  worst_name);
+    assert_int_equal(zero_tensors, 0); /* every tensor takes part */
+    assert_true(agg < 1e-2);
+    assert_true(worst < 5e-2);
+    free(grad);
+    qs_quadranet_free(m);
+}
+
+static void test_accuracy_and_modes(void **state) {
+    (void)state;
+    const qs_model_config cfg = tiny_config();
+    const int B = 4, K = cfg.quadra.num_classes;
+    qs_quadranet *m;
+    assert_int_equal(qs_quadranet_create(&m, &cfg, qs_backend_cpu(), B), 0);
+    assert_int_equal(qs_quadranet_init(m, seed), 0);
+    float x[4 * 8 * 8 * 2], logits[4 * 5], eval_logits[4 * 5];
+    int y[4], correct = -1;
+    draw_batch(&cfg, B, x, y);
+    qs_forward_mode eval = {.train = false}, train = {.train = true, .rng_seed = seed};
+    double loss = qs_quadranet_forward(m, x, y, B, &eval, &correct);
+    memcpy(eval_logits, qs_quadranet_logits(m), sizeof eval_logits);
+    /* the count and the loss, recomputed from the logits */
+    int hits = 0;
+    double want = 0;
+    for (int b = 0; b < B; b++) {
+        const float *r = eval_logits + b * K;
+        int best = 0;
+        double mx = r[0], z = 0;
+        for (int k = 1; k < K; k++) {
+            if (r[k] > r[best]) best = k;
+            mx = fmax(mx, r[k]);
+        }
+        for (int k = 0; k < K; k++) z += exp(r[k] - mx);
+        want += (log(z) + mx - r[y[b]]) / B;
+        hits += best == y[b];
+    }
+    assert_int_equal(correct, hits);
+    assert_true(fabs(loss - want) < 1e-5);
+    /* labels made to match the argmax score B hits */
+    for (int b = 0; b < B; b++) {
+        const float *r = eval_logits + b * K;
+        y[b] = 0;
+        for (int k = 1; k < K; k++)
+            if (r[k] > r[y[b]]) y[b] = k;
+    }
+    qs_quadranet_forward(m, x, y, B, &eval, &correct);
+    assert_int_equal(correct, B);
+    assert_true(isnan(qs_quadranet_forward(m, x, NULL, B, &eval, NULL)));
+    /* drop path changes training outputs only; eval is deterministic */
+    qs_quadranet_forward(m, x, y, B, &train, NULL);
+    memcpy(logits, qs_quadranet_logits(m), sizeof logits);
+    assert_memory_not_equal(logits, eval_logits, sizeof logits);
+    qs_quadranet_forward(m, x, y, B, &eval, NULL);
+    assert_memory_equal(qs_quadranet_logits(m), eval_logits, sizeof logits);
+    qs_quadranet_free(m);
+}
+
+int main(void) {
+    seed = qs_test_seed("test_quadranet");
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_gradcheck),
+        cmocka_unit_test(test_accuracy_and_modes),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
