@@ -38,8 +38,8 @@ void qs_image_dataset_free(qs_image_dataset *d);
  * TRAIN: sample i = first + b is image perm(i % n) of epoch i / n, where perm is a
  * bijection of [0, n) keyed by (seed, epoch); its shift and flip are keyed by (seed, i).
  * TEST: sample i is image i % n, in order, never augmented (aug->size still sets the
- * padding). A part of the image shifted past the canvas is cut off, so size >= h, w plus
- * 2 * max_shift keeps every pixel. */
+ * padding). A part of the image shifted past the canvas is cut off, so
+ * size >= max(h, w) + 2 * max_shift keeps every pixel. */
 void qs_image_batch(const qs_image_dataset *d, qs_image_split split, const qs_augment *aug, uint64_t seed,
                     uint64_t first, int B, float *x, int *y);
 
