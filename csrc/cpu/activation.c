@@ -8,19 +8,20 @@
 #define GELU_A 0.044715f
 
 /* GELU's tanh form rewritten with 0.5 (1 + tanh(u)) = sigmoid(2u): the same
- * function, but expf is several times cheaper than tanhf, and for very negative
- * x it returns tiny values instead of cancelling 1 + tanh(u) to zero. */
+ * function, but exp is several times cheaper than tanhf (and vectorises), and for
+ * very negative x it returns tiny values instead of cancelling 1 + tanh(u) to zero. */
+#pragma omp declare simd
 static inline float gelu_sigmoid(float x) {
-    return 1.0f / (1.0f + expf(-2.0f * GELU_K * (x + GELU_A * x * x * x)));
+    return 1.0f / (1.0f + qs_cpu_expf(-2.0f * GELU_K * (x + GELU_A * x * x * x)));
 }
 
 void qs_cpu_gelu_forward(float *out, const float *inp, size_t n) {
-#pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= QS_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++) out[i] = inp[i] * gelu_sigmoid(inp[i]);
 }
 
 void qs_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
-#pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= QS_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         const float x = inp[i], s = gelu_sigmoid(x);
         /* d/dx [x s(2u)] = s + x * 2 s (1 - s) * du/dx */
