@@ -284,10 +284,13 @@ int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg
     if (read_safetensors(f, step_dir, "model.safetensors", path, sizeof path)) return -1;
     const char *cj = qs_st_meta_get(f, META_CONFIG), *vj = qs_st_meta_get(f, META_VOCAB);
     qs_config_defaults(cfg);
-    const char *problem = !cj                                                  ? "lacks " META_CONFIG
-                          : qs_config_load_string(cfg, cj, path) || qs_config_validate(cfg) ? qs_error_last()
-                          : !strcmp(cfg->data.tokenizer, "char") && !vj        ? "lacks " META_VOCAB
-                                                                               : NULL;
+    const char *problem = NULL;
+    if (!cj)
+        problem = "lacks " META_CONFIG;
+    else if (qs_config_load_string(cfg, cj, path) || qs_config_validate(cfg))
+        problem = qs_error_last();
+    else if (cfg->model.type == QS_MODEL_GPT && !strcmp(cfg->data.tokenizer, "char") && !vj)
+        problem = "lacks " META_VOCAB; /* only char-level GPTs carry their vocabulary */
     if (problem) {
         qs_error("%s: not a usable Quasar checkpoint: %s", path, problem);
         qs_st_free(f);

@@ -14,6 +14,7 @@
 #include "quasar/error.h"
 #include "quasar/sample.h"
 #include "quasar/tokenizer.h"
+#include "quasar/task.h"
 #include "quasar/train.h"
 
 /* ---- option parsing: --flag VALUE pairs, each flag known per command ---- */
@@ -138,42 +139,61 @@ static int cmd_train(int argc, char **argv) {
 
 /* ---- loading a trained model ---- */
 
-typedef struct loaded_model {
-    qs_config cfg;
-    qs_codec codec;
-    qs_gpt *m;
-    int step;
-    char step_dir[QS_PATH_MAX + 64];
-} loaded_model;
-
 static int micro_batch(const qs_config *c) {
     return c->train.micro_batch_size > 0 ? c->train.micro_batch_size : c->train.batch_size;
 }
 
-/* Opens the checkpoint in dir, applies --config/--set overrides to everything but the
- * architecture, and builds the model for micro-batches of max_B (0 = the config's). */
-static int load_model(loaded_model *lm, const char *dir, const char *config, const str_list *sets, int max_B) {
+/* A checkpoint opened for use: its config with --config/--set applied to everything but
+ * the architecture, its tensors, and its char vocabulary if it has one. */
+typedef struct opened_ckpt {
+    qs_config cfg;
     qs_st_file f;
-    char *chars_json = NULL;
-    if (qs_checkpoint_find(dir, lm->step_dir, sizeof lm->step_dir) ||
-        qs_checkpoint_open_model(&f, lm->step_dir, &lm->cfg, &chars_json))
+    char *chars_json;
+    int step;
+    char step_dir[QS_PATH_MAX + 64];
+} opened_ckpt;
+
+static int open_checkpoint(opened_ckpt *o, const char *dir, const char *config, const str_list *sets) {
+    if (qs_checkpoint_find(dir, o->step_dir, sizeof o->step_dir) ||
+        qs_checkpoint_open_model(&o->f, o->step_dir, &o->cfg, &o->chars_json))
         return -1;
-    qs_model_config arch = lm->cfg.model;
-    int rc = config ? qs_config_load_file(&lm->cfg, config) : 0;
-    for (int i = 0; !rc && sets && i < sets->n; i++) rc = qs_config_set(&lm->cfg, sets->items[i]);
-    lm->cfg.model = arch;
-    if (!rc) rc = qs_config_validate(&lm->cfg);
+    qs_model_config arch = o->cfg.model;
+    int rc = config ? qs_config_load_file(&o->cfg, config) : 0;
+    for (int i = 0; !rc && sets && i < sets->n; i++) rc = qs_config_set(&o->cfg, sets->items[i]);
+    o->cfg.model = arch;
+    if (!rc) rc = qs_config_validate(&o->cfg);
+    const char *base = strrchr(o->step_dir, '/');
+    o->step = base && !strncmp(base + 1, "step_", 5) ? atoi(base + 6) : -1;
+    return rc;
+}
+
+static void close_checkpoint(opened_ckpt *o) {
+    qs_st_free(&o->f);
+    free(o->chars_json);
+    o->chars_json = NULL;
+}
+
+typedef struct loaded_model {
+    qs_config cfg;
+    qs_codec codec;
+    qs_gpt *m;
+} loaded_model;
+
+/* A language model from the checkpoint in dir, for micro-batches of max_B. */
+static int load_model(loaded_model *lm, const char *dir, int max_B) {
+    opened_ckpt o = {0};
+    int rc = open_checkpoint(&o, dir, NULL, NULL);
+    lm->cfg = o.cfg;
+    const qs_model_config *arch = &o.cfg.model;
+    if (!rc && arch->type != QS_MODEL_GPT) rc = qs_error("%s: not a language model (model.type is not gpt)", o.step_dir);
     /* the codec after the overrides: data.vocab_dir may differ on this machine */
-    if (!rc) rc = qs_codec_open(&lm->codec, &lm->cfg.data, chars_json);
-    if (!rc && qs_codec_vocab_size(&lm->codec) > arch.vocab_size)
-        rc = qs_error("%s: the vocabulary (%d) is larger than model.vocab_size (%d)", lm->step_dir,
-                      qs_codec_vocab_size(&lm->codec), arch.vocab_size);
-    if (!rc) rc = qs_gpt_create(&lm->m, &arch, qs_backend_cpu(), max_B ? max_B : micro_batch(&lm->cfg), arch.seq_len);
-    if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &f, lm->step_dir);
-    qs_st_free(&f);
-    free(chars_json);
-    const char *base = strrchr(lm->step_dir, '/');
-    lm->step = base && !strncmp(base + 1, "step_", 5) ? atoi(base + 6) : -1;
+    if (!rc) rc = qs_codec_open(&lm->codec, &o.cfg.data, o.chars_json);
+    if (!rc && qs_codec_vocab_size(&lm->codec) > arch->vocab_size)
+        rc = qs_error("%s: the vocabulary (%d) is larger than model.vocab_size (%d)", o.step_dir,
+                      qs_codec_vocab_size(&lm->codec), arch->vocab_size);
+    if (!rc) rc = qs_gpt_create(&lm->m, arch, qs_backend_cpu(), max_B, arch->seq_len);
+    if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &o.f, o.step_dir);
+    close_checkpoint(&o);
     return rc;
 }
 
@@ -219,7 +239,7 @@ static int cmd_generate(int argc, char **argv) {
     if (adapter) return qs_cli_usage_error("%s", "--adapter: LoRA adapters are not supported by this build yet");
     if (!*prompt) return qs_cli_usage_error("%s", "--prompt must not be empty");
     loaded_model lm = {0};
-    if (load_model(&lm, model, NULL, NULL, 1)) {
+    if (load_model(&lm, model, 1)) {
         free_loaded(&lm);
         return qs_cli_fail();
     }
@@ -245,7 +265,8 @@ static int cmd_generate(int argc, char **argv) {
 
 static const char *EVAL_HELP =
     "usage: quasar eval --model CKPT_DIR [--config FILE] [--set key=value]...\n"
-    "  Prints {\"step\", \"val_loss\", \"eval_iters\", \"tokens\"} as JSON on stdout. The data and\n"
+    "  Prints {\"step\", \"val_loss\", \"eval_iters\", \"tokens\"} as JSON on stdout (classifiers:\n"
+    "  {\"step\", \"val_loss\", \"val_acc\"} over the whole test split). The data and\n"
     "  train.eval_iters come from the checkpoint's config unless --config/--set change them.\n";
 
 static int cmd_eval(int argc, char **argv) {
@@ -260,19 +281,24 @@ static int cmd_eval(int argc, char **argv) {
         return rc;
     }
     if (!model) return qs_cli_usage_error("%s", "eval needs --model CKPT_DIR");
-    loaded_model lm = {0};
-    qs_dataset data = {0};
-    rc = load_model(&lm, model, config, &sets, 0) || qs_dataset_open(&data, &lm.cfg, &lm.codec);
+    opened_ckpt o = {0};
+    qs_task task = {0};
+    rc = open_checkpoint(&o, model, config, &sets) || qs_task_open(&task, &o.cfg, o.chars_json, micro_batch(&o.cfg)) ||
+         qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
+    double vl = NAN, acc = NAN;
+    if (!rc) rc = task.evaluate(task.self, o.cfg.train.eval_iters, &vl, &acc);
     if (!rc) {
-        const qs_config *c = &lm.cfg;
-        double vl = qs_evaluate(lm.m, &data, c, c->train.eval_iters);
+        const qs_config *c = &o.cfg;
         char loss[32] = "null"; /* JSON has no NaN */
         if (isfinite(vl)) snprintf(loss, sizeof loss, "%.6f", vl);
-        printf("{\"step\": %d, \"val_loss\": %s, \"eval_iters\": %d, \"tokens\": %lld}\n", lm.step, loss,
-               c->train.eval_iters, (long long)c->train.eval_iters * micro_batch(c) * c->model.seq_len);
+        if (task.codec)
+            printf("{\"step\": %d, \"val_loss\": %s, \"eval_iters\": %d, \"tokens\": %lld}\n", o.step, loss,
+                   c->train.eval_iters, (long long)c->train.eval_iters * micro_batch(c) * c->model.seq_len);
+        else
+            printf("{\"step\": %d, \"val_loss\": %s, \"val_acc\": %.6f}\n", o.step, loss, acc);
     }
-    qs_dataset_free(&data);
-    free_loaded(&lm);
+    qs_task_free(&task);
+    close_checkpoint(&o);
     return rc ? qs_cli_fail() : 0;
 }
 

@@ -1,0 +1,153 @@
+/* The language-model task: a GPT over char-level text or GPT-2 token shards. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "quasar/error.h"
+#include "quasar/fileio.h"
+#include "quasar/model.h"
+#include "quasar/sample.h"
+#include "quasar/task.h"
+
+typedef struct lm_task {
+    qs_config cfg;
+    qs_codec codec;
+    qs_dataset data;
+    qs_gpt *m;
+    int B, T;
+    int *x, *y;
+} lm_task;
+
+static int lm_init(void *self, uint64_t seed) { return qs_gpt_init(((lm_task *)self)->m, seed); }
+
+static double lm_train_micro(void *self, uint64_t micro, uint64_t rng_seed, float grad_scale) {
+    lm_task *t = self;
+    qs_dataset_batch(&t->data, QS_SPLIT_TRAIN, t->cfg.train.seed, micro * t->B, t->B, t->T, t->x, t->y);
+    qs_forward_mode mode = {.train = true, .rng_seed = rng_seed};
+    double loss = qs_gpt_forward(t->m, t->x, t->y, t->B, t->T, &mode);
+    qs_gpt_backward(t->m, grad_scale);
+    return loss;
+}
+
+/* The same validation windows every call. */
+static int lm_evaluate(void *self, int iters, double *loss, double *acc) {
+    lm_task *t = self;
+    qs_forward_mode mode = {.train = false};
+    double sum = 0.0;
+    for (int i = 0; i < iters; i++) {
+        qs_dataset_batch(&t->data, QS_SPLIT_VAL, t->cfg.train.seed, (uint64_t)i * t->B, t->B, t->T, t->x, t->y);
+        sum += qs_gpt_forward(t->m, t->x, t->y, t->B, t->T, &mode);
+    }
+    *loss = sum / iters;
+    *acc = NAN;
+    return 0;
+}
+
+static void lm_step_begin(void *self) { qs_gpt_moe_stats_reset(((lm_task *)self)->m); }
+
+static void lm_log_fields(void *self, FILE *mf) {
+    lm_task *t = self;
+    const qs_model_config *c = &t->cfg.model;
+    if (c->moe.n_experts == 0) return;
+    const qs_moe_stats *s = qs_gpt_moe_stats(t->m);
+    qs_metrics_num(mf, "aux_loss", s->balance, "%.6g");
+    qs_metrics_num(mf, "z_loss", s->z, "%.6g");
+    fprintf(mf, ", \"expert_tokens\": [");
+    for (int e = 0; e < c->moe.n_experts; e++) fprintf(mf, "%s%lld", e ? ", " : "", (long long)s->expert_tokens[e]);
+    int64_t total = s->kept + s->dropped;
+    fprintf(mf, "], \"dropped_frac\": %.6g", total ? (double)s->dropped / total : 0.0);
+}
+
+typedef struct sample_sink {
+    const qs_codec *codec;
+    FILE *fp;
+} sample_sink;
+
+static void emit_token(int token, void *user) {
+    sample_sink *s = user;
+    qs_codec_put(s->codec, token, s->fp);
+}
+
+/* samples.txt: train.sample_tokens sampled from the start token. */
+static int lm_finish(void *self, const char *run_dir) {
+    lm_task *t = self;
+    int n_new = t->cfg.train.sample_tokens;
+    if (n_new <= 0) return 0;
+    int *ctx = malloc(((size_t)n_new + 1) * sizeof(int));
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *mem = open_memstream(&buf, &len);
+    if (!ctx || !mem) {
+        free(ctx);
+        if (mem) fclose(mem);
+        return qs_error("out of memory sampling");
+    }
+    ctx[0] = qs_codec_start_token(&t->codec);
+    qs_sample_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = t->cfg.train.seed};
+    sample_sink sink = {&t->codec, mem};
+    int rc = qs_generate(t->m, ctx, 1, n_new, &sp, emit_token, &sink) < 0 ? -1 : 0;
+    fputc('\n', mem);
+    fclose(mem);
+    char path[QS_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/samples.txt", run_dir);
+    if (!rc) rc = qs_file_write_atomic(path, buf, len);
+    free(buf);
+    free(ctx);
+    return rc;
+}
+
+static void lm_free(void *self) {
+    lm_task *t = self;
+    if (!t) return;
+    qs_gpt_free(t->m);
+    qs_dataset_free(&t->data);
+    qs_codec_free(&t->codec);
+    free(t->x);
+    free(t->y);
+    free(t);
+}
+
+int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B) {
+    lm_task *t = calloc(1, sizeof *t);
+    if (!t) return qs_error("out of memory");
+    int rc = qs_codec_open(&t->codec, &cfg->data, chars_json);
+    if (!rc) {
+        int v = 0;
+        rc = t->codec.bpe ? qs_dataset_load_shards(&t->data, &cfg->data, cfg->model.seq_len,
+                                                   cfg->model.vocab_size ? cfg->model.vocab_size
+                                                                         : qs_codec_vocab_size(&t->codec))
+                          : qs_dataset_load(&t->data, &t->codec.chars, &cfg->data, cfg->model.seq_len);
+        if (!rc) v = qs_codec_vocab_size(&t->codec);
+        if (!rc && cfg->model.vocab_size == 0) cfg->model.vocab_size = v;
+        if (!rc && cfg->model.vocab_size < v)
+            rc = qs_error("model.vocab_size %d is smaller than the vocabulary (%d)", cfg->model.vocab_size, v);
+    }
+    t->cfg = *cfg;
+    t->B = micro_B;
+    t->T = cfg->model.seq_len;
+    if (!rc) rc = qs_gpt_create(&t->m, &cfg->model, qs_backend_cpu(), t->B, t->T);
+    if (!rc) {
+        t->x = malloc((size_t)t->B * t->T * sizeof(int));
+        t->y = malloc((size_t)t->B * t->T * sizeof(int));
+        if (!t->x || !t->y) rc = qs_error("out of memory");
+    }
+    if (rc) {
+        lm_free(t);
+        return -1;
+    }
+    *task = (qs_task){.self = t,
+                      .params = qs_gpt_params(t->m),
+                      .codec = &t->codec,
+                      .micro_B = t->B,
+                      .items_per_sample = t->T,
+                      .item = "tok",
+                      .activation_bytes = qs_gpt_activation_bytes(t->m),
+                      .init = lm_init,
+                      .train_micro = lm_train_micro,
+                      .evaluate = lm_evaluate,
+                      .step_begin = lm_step_begin,
+                      .log_fields = lm_log_fields,
+                      .finish = lm_finish,
+                      .free = lm_free};
+    return 0;
+}

@@ -1,0 +1,51 @@
+/* What the training loop trains: a model family together with its data. The loop
+ * (csrc/train.c), `quasar eval` and checkpoints work through this interface, so a
+ * language model and an image classifier share one loop, one optimizer path and one
+ * checkpoint format. */
+#ifndef QUASAR_TASK_H
+#define QUASAR_TASK_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "quasar/codec.h"
+#include "quasar/config.h"
+#include "quasar/params.h"
+
+typedef struct qs_task {
+    void *self;
+    qs_params *params;          /* what the optimizer updates and checkpoints hold */
+    const qs_codec *codec;      /* saved with checkpoints; NULL for classifiers */
+    int micro_B;                /* samples per forward pass */
+    int items_per_sample;       /* tokens per sequence; 1 per image */
+    const char *item;           /* "tok" | "img", for the progress line */
+    size_t activation_bytes;
+
+    int (*init)(void *self, uint64_t seed);
+    /* Forward and backward of micro-batch `micro` of the training stream (its samples
+     * are micro * micro_B ...), gradients accumulated with grad_scale; returns its loss. */
+    double (*train_micro)(void *self, uint64_t micro, uint64_t rng_seed, float grad_scale);
+    /* Mean validation loss over `iters` micro-batches (LMs) or the whole test split
+     * (classifiers, whose *acc is the accuracy; NAN for LMs). */
+    int (*evaluate)(void *self, int iters, double *loss, double *acc);
+    void (*step_begin)(void *self);                 /* may be NULL */
+    void (*log_fields)(void *self, FILE *metrics);  /* extra metrics.jsonl fields; may be NULL */
+    int (*finish)(void *self, const char *run_dir); /* after the last step; may be NULL */
+    void (*free)(void *self);
+} qs_task;
+
+/* Builds cfg's model (model.type) for micro-batches of micro_B and loads its data;
+ * chars_json is a checkpoint's char vocabulary (NULL when new). May fill in
+ * model.vocab_size from the data. */
+int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B);
+void qs_task_free(qs_task *t);
+
+/* Writes `, "key": value` to a metrics line; JSON has no NaN or infinity, so a
+ * non-finite value is written as null. */
+void qs_metrics_num(FILE *f, const char *key, double v, const char *fmt);
+
+/* The two families (csrc/task_lm.c, csrc/task_image.c). */
+int qs_task_open_lm(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B);
+int qs_task_open_image(qs_task *t, qs_config *cfg, int micro_B);
+
+#endif
