@@ -313,7 +313,10 @@ int qs_convert_to_hf(const char *ckpt_dir, const char *out_dir) {
     free(chars_json);
     const qs_model_config *mc = &cfg.model;
     qs_gpt *m = NULL;
-    int rc = mc->moe.n_experts > 0 ? qs_error("%s: a Mixture-of-Experts model (model.moe.n_experts = %d) has no "
+    int rc = mc->type != QS_MODEL_GPT ? qs_error("%s: only GPT models have a Hugging Face GPT-2 form", step_dir)
+             : mc->mixer != QS_MIXER_ATTENTION ? qs_error("%s: a quadconv token mixer (model.mixer) has no Hugging Face "
+                                                          "GPT-2 form", step_dir)
+             : mc->moe.n_experts > 0 ? qs_error("%s: a Mixture-of-Experts model (model.moe.n_experts = %d) has no "
                                               "Hugging Face GPT-2 form", step_dir, mc->moe.n_experts)
              : !mc->tie_embeddings ? qs_error("%s: model.tie_embeddings = false is not supported by the GPT-2 export", step_dir)
              : !mc->bias           ? qs_error("%s: model.bias = false has no GPT-2 form (its linear layers have biases)", step_dir)

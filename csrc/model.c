@@ -15,6 +15,7 @@
 /* Indices into the parameter table; -1 where the config has no such tensor. */
 typedef struct layer_params {
     int ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b;
+    int qc_w, qc_b; /* causal quadratic conv of a "quadconv" mixer (then no qkv) */
     int fc_w, fc_b, fcproj_w, fcproj_b; /* dense, or [E, ...] stacked experts */
     int router_w, router_b, noise_w, noise_b;
 } layer_params;
@@ -22,6 +23,7 @@ typedef struct layer_params {
 /* Saved forward activations of one block. */
 typedef struct layer_acts {
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *attproj, *res_mid;
+    float *fa, *fb; /* quadconv mixer: the two factors (inside qkv's room) */
     float *ln2, *ln2_mean, *ln2_rstd;
     float *fch, *fch_act;             /* dense: [N,F]; MoE: packed [N*K,F] */
     float *ffout;                     /* [N,C] */
@@ -57,8 +59,10 @@ struct qs_gpt {
     float *dxe, *dye, *dgate; /* MoE packed */
     float *dh, *dclean, *dnoise;
 
-    /* KV cache for decoding: [L][max_B][NH][seq_len][hs] each, made on first prefill */
-    float *kcache, *vcache;
+    /* KV cache for decoding: [L][max_B][NH][seq_len][hs] each, made on first prefill.
+     * A quadconv mixer keeps its layer's LayerNorm outputs [max_B][seq_len][C] in kcache
+     * instead, and convolves the last k of them per new token (conv_tmp: 3 rows of k*C). */
+    float *kcache, *vcache, *conv_tmp;
 
     /* last forward */
     int B, T, n_valid;
@@ -120,8 +124,18 @@ static void build_param_table(qs_gpt *m) {
         layer_params *p = &m->lp[l];
         snprintf(pre, sizeof pre, "h.%d.ln_1", l);
         add_layernorm(m, pre, &p->ln1_w, &p->ln1_b);
-        snprintf(pre, sizeof pre, "h.%d.attn.c_attn", l);
-        add_linear(m, pre, 0, m->C, 3 * m->C, c->bias, false, &p->qkv_w, &p->qkv_b);
+        p->qkv_w = p->qkv_b = p->qc_w = p->qc_b = -1;
+        if (c->mixer == QS_MIXER_QUADCONV) {
+            const int k = c->quadra.kernel_size;
+            int64_t ws[4] = {3, 1, k, m->C}, bs[2] = {3, m->C};
+            snprintf(pre, sizeof pre, "h.%d.attn.quadconv.weight", l);
+            p->qc_w = add_param(m, pre, 4, ws, QS_ROLE_WEIGHT, k, k, false);
+            snprintf(pre, sizeof pre, "h.%d.attn.quadconv.bias", l);
+            p->qc_b = add_param(m, pre, 2, bs, QS_ROLE_BIAS, k, k, false);
+        } else {
+            snprintf(pre, sizeof pre, "h.%d.attn.c_attn", l);
+            add_linear(m, pre, 0, m->C, 3 * m->C, c->bias, false, &p->qkv_w, &p->qkv_b);
+        }
         snprintf(pre, sizeof pre, "h.%d.attn.c_proj", l);
         add_linear(m, pre, 0, m->C, m->C, c->bias, true, &p->proj_w, &p->proj_b);
         snprintf(pre, sizeof pre, "h.%d.ln_2", l);
@@ -169,7 +183,12 @@ static void carve(qs_gpt *m, qs_plan *p) {
         a->ln1_mean = qs_plan_f(p, N);
         a->ln1_rstd = qs_plan_f(p, N);
         a->qkv = qs_plan_f(p, N * 3 * C);
-        a->att = qs_plan_f(p, (size_t)m->max_B * m->NH * m->max_T * m->max_T);
+        if (m->cfg.mixer == QS_MIXER_QUADCONV) {
+            a->fa = a->qkv;
+            a->fb = a->qkv ? a->qkv + N * C : NULL;
+        } else {
+            a->att = qs_plan_f(p, (size_t)m->max_B * m->NH * m->max_T * m->max_T);
+        }
         a->atty = qs_plan_f(p, N * C);
         a->attproj = qs_plan_f(p, N * C);
         a->res_mid = qs_plan_f(p, N * C);
@@ -284,6 +303,7 @@ void qs_gpt_free(qs_gpt *m) {
     be->free(m->act_mem);
     be->free(m->int_mem);
     be->free(m->kcache);
+    be->free(m->conv_tmp);
     be->free(m->vcache);
     if (m->la)
         for (int l = 0; l < m->L; l++) {
@@ -434,6 +454,36 @@ static float *cache_of(const qs_gpt *m, float *cache, int l) {
     return cache + (size_t)l * m->max_B * m->NH * m->cfg.seq_len * (m->C / m->NH);
 }
 
+/* The causal conv over one sequence of T steps (b-th of B when batched). */
+static qs_conv_shape mixer_shape(const qs_gpt *m, int B, int T) {
+    const int k = m->cfg.quadra.kernel_size;
+    return (qs_conv_shape){B, 1, T, m->C, 1, k, 0, k - 1};
+}
+
+/* Quadconv token mixing of layer l into atty: over the whole sequences, or when
+ * decoding (pos0 > 0) for the one new position against the LayerNorm rows cached. */
+static void mixer_conv_forward(qs_gpt *m, int l, int B, int T, int pos0) {
+    const qs_ops *ops = m->be->ops;
+    const layer_params *p = &m->lp[l];
+    layer_acts *a = &m->la[l];
+    const int C = m->C, k = m->cfg.quadra.kernel_size, S = m->cfg.seq_len;
+    if (pos0 == 0) {
+        qs_conv_shape s = mixer_shape(m, B, T);
+        ops->quadconv_forward(a->atty, a->fa, a->fb, a->ln1, P(m, p->qc_w), P(m, p->qc_b), &s);
+        return;
+    }
+    float *rows = cache_of(m, m->kcache, l);
+    const int first = pos0 - k + 1 > 0 ? pos0 - k + 1 : 0, w = pos0 - first + 1;
+    qs_conv_shape s = mixer_shape(m, 1, w);
+    float *y = m->conv_tmp, *fa = y + (size_t)k * C, *fb = fa + (size_t)k * C;
+    for (int b = 0; b < B; b++) {
+        float *hist = rows + (size_t)b * S * C;
+        m->be->copy(hist + (size_t)pos0 * C, a->ln1 + (size_t)b * C, (size_t)C * sizeof(float));
+        ops->quadconv_forward(y, fa, fb, hist + (size_t)first * C, P(m, p->qc_w), P(m, p->qc_b), &s);
+        m->be->copy(a->atty + (size_t)b * C, y + (size_t)(w - 1) * C, (size_t)C * sizeof(float));
+    }
+}
+
 /* Embeddings through logits for B sequences of T tokens at positions pos0.. (pos0 > 0
  * only when decoding one token against the KV cache). */
 static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, const qs_forward_mode *mode) {
@@ -454,12 +504,16 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, 
         layer_acts *a = &m->la[l];
         ops->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], P(m, p->ln1_w),
                                P(m, p->ln1_b), N, C);
-        ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, 3 * C, QS_W_IN_OUT);
-        if (pos0 > 0)
-            ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
-                                  m->NH, pos0, m->cfg.seq_len);
-        else
-            ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
+        if (p->qc_w >= 0) {
+            mixer_conv_forward(m, l, B, T, pos0);
+        } else {
+            ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, 3 * C, QS_W_IN_OUT);
+            if (pos0 > 0)
+                ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
+                                      m->NH, pos0, m->cfg.seq_len);
+            else
+                ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
+        }
         ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
         drop_forward(m, a->attproj, NC, l, SITE_ATTN);
         ops->add_forward(a->res_mid, m->res[l], a->attproj, NC);
@@ -482,9 +536,19 @@ int qs_gpt_prefill(qs_gpt *m, const int *tokens, int B, int T) {
     if (!m->vcache && !(m->vcache = m->be->alloc(per))) return -1;
     qs_forward_mode mode = {.train = false};
     trunk_forward(m, tokens, B, T, 0, &mode);
-    for (int l = 0; l < m->L; l++)
+    if (m->cfg.mixer == QS_MIXER_QUADCONV && !m->conv_tmp &&
+        !(m->conv_tmp = m->be->alloc(3 * (size_t)m->cfg.quadra.kernel_size * m->C * sizeof(float))))
+        return -1;
+    for (int l = 0; l < m->L; l++) {
+        if (m->lp[l].qc_w >= 0) { /* the rows the next tokens' convolutions read */
+            for (int b = 0; b < B; b++)
+                m->be->copy(cache_of(m, m->kcache, l) + (size_t)b * m->cfg.seq_len * m->C,
+                              m->la[l].ln1 + (size_t)b * T * m->C, (size_t)T * m->C * sizeof(float));
+            continue;
+        }
         m->be->ops->kv_cache_fill(cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), m->la[l].qkv, B, T, m->C,
                                   m->NH, m->cfg.seq_len);
+    }
     m->n_valid = 0;
     return 0;
 }
@@ -612,11 +676,17 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
         zero_f(m, m->datty, NC);
         ops->matmul_backward(m->datty, G(m, p->proj_w), G(m, p->proj_b), dy, a->atty,
                              P(m, p->proj_w), N, C, C, QS_W_IN_OUT);
-        zero_f(m, m->dqkv, 3 * NC);
-        ops->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, m->NH);
         zero_f(m, m->dln, NC);
-        ops->matmul_backward(m->dln, G(m, p->qkv_w), G(m, p->qkv_b), m->dqkv, a->ln1,
-                             P(m, p->qkv_w), N, C, 3 * C, QS_W_IN_OUT);
+        if (p->qc_w >= 0) {
+            qs_conv_shape s = mixer_shape(m, B, T);
+            ops->quadconv_backward(m->dln, G(m, p->qc_w), G(m, p->qc_b), m->datty, a->ln1, P(m, p->qc_w), a->fa,
+                                   a->fb, &s);
+        } else {
+            zero_f(m, m->dqkv, 3 * NC);
+            ops->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, m->NH);
+            ops->matmul_backward(m->dln, G(m, p->qkv_w), G(m, p->qkv_b), m->dqkv, a->ln1, P(m, p->qkv_w), N, C,
+                                 3 * C, QS_W_IN_OUT);
+        }
         ops->layernorm_backward(m->dres, G(m, p->ln1_w), G(m, p->ln1_b), m->dln, m->res[l],
                                 P(m, p->ln1_w), a->ln1_mean, a->ln1_rstd, N, C);
     }

@@ -177,6 +177,24 @@ static double init_std_of(qs_gpt *m, const char *name) {
 }
 
 /* Each init scheme gives its documented scale (fan_in 64 / fan_out 192 for c_attn). */
+/* The hybrid LM: a causal quadratic conv as the token mixer (k = 3 < T, so the window
+ * both fills and slides), with an MoE feed-forward for good measure. */
+static qs_model_config quadconv_config(void) {
+    qs_model_config c = tiny_config();
+    c.mixer = QS_MIXER_QUADCONV;
+    c.quadra.kernel_size = 3;
+    return c;
+}
+
+static void test_quadconv_mixer(void **state) {
+    (void)state;
+    qs_model_config c = quadconv_config();
+    gradcheck(&c, "quadconv mixer");
+    c.moe.n_experts = 3;
+    c.moe.top_k = 2;
+    gradcheck(&c, "quadconv mixer + moe");
+}
+
 static void test_init_schemes(void **state) {
     (void)state;
     qs_model_config c = tiny_config();
@@ -319,6 +337,7 @@ static void test_kv_cache(void **state) {
     (void)state;
     kv_cache_matches_recompute(tiny_config(), "dense");
     kv_cache_matches_recompute(moe_config(), "moe");
+    kv_cache_matches_recompute(quadconv_config(), "quadconv mixer");
 }
 
 int main(void) {
@@ -326,6 +345,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense_gelu_tied),
         cmocka_unit_test(test_dense_untied_nobias),
+        cmocka_unit_test(test_quadconv_mixer),
         cmocka_unit_test(test_init_schemes),
         cmocka_unit_test(test_moe_noisy_capacity),
         cmocka_unit_test(test_moe_topk_dropless),

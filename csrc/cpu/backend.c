@@ -84,6 +84,7 @@ static const qs_backend cpu_backend = {
     .zero = cpu_zero,
     .upload = cpu_copy,
     .download = cpu_copy,
+    .copy = cpu_copy,
     .ops = &cpu_ops,
 };
 

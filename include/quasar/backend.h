@@ -15,6 +15,8 @@ typedef struct qs_backend {
     /* Host <-> backend copies. */
     void (*upload)(void *dst, const void *host_src, size_t bytes);
     void (*download)(void *host_dst, const void *src, size_t bytes);
+    /* Within backend memory. */
+    void (*copy)(void *dst, const void *src, size_t bytes);
     const qs_ops *ops;
 } qs_backend;
 
