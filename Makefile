@@ -1,6 +1,8 @@
 # Quasar build. `make` -> build/quasar; `make test` -> the CPU suite under ASan/UBSan.
-# Non-standard installs: make CUDA_HOME=... NCCL_HOME=... CJSON_HOME=... OPENBLAS_HOME=...
+# Non-standard installs: make CUDA_HOME=... NCCL_HOME=... MPI_HOME=... CJSON_HOME=... OPENBLAS_HOME=...
 # CUDA=0 skips the CUDA backend; by default it is built whenever nvcc is found.
+# MPI=0 skips the MPI backend (built whenever mpicc is found); NCCL=0 the NCCL one (built
+# with CUDA whenever nccl.h is found).
 
 CC        ?= cc
 CUDA_HOME ?= /usr/local/cuda
@@ -15,21 +17,60 @@ ifeq ($(origin CUDA),undefined)
   CUDA := $(if $(wildcard $(NVCC)),1,0)
 endif
 
-CFLAGS_COMMON = -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -fopenmp -Iinclude \
+# MPI: the flags come from MPI_HOME, else from the mpicc wrapper (Open MPI answers
+# --showme:*, MPICH and Intel MPI print their whole command line for -show).
+MPICC    ?= mpicc
+MPI_HOME ?=
+ifeq ($(origin MPI),undefined)
+  MPI := $(if $(MPI_HOME)$(shell command -v $(MPICC) 2>/dev/null),1,0)
+endif
+ifeq ($(MPI),1)
+  ifneq ($(MPI_HOME),)
+    MPI_CFLAGS := -I$(MPI_HOME)/include
+    MPI_LIBS   := -L$(MPI_HOME)/lib -Wl,-rpath,$(MPI_HOME)/lib -lmpi
+  else ifneq ($(shell command -v $(MPICC) 2>/dev/null),)
+    MPI_CFLAGS := $(or $(shell $(MPICC) --showme:compile 2>/dev/null),$(filter -I% -D%,$(shell $(MPICC) -show 2>/dev/null)))
+    MPI_LIBS   := $(or $(shell $(MPICC) --showme:link 2>/dev/null),$(filter -L% -l% -Wl%,$(shell $(MPICC) -show 2>/dev/null)))
+  else
+    $(error MPI=1 but $(MPICC) is not on the PATH; set MPI_HOME)
+  endif
+  MPI_CFLAGS += -DQS_HAVE_MPI
+endif
+
+# NCCL rides on CUDA: its header from NCCL_HOME, else CUDA_HOME or /usr.
+NCCL_H = $(firstword $(wildcard $(if $(NCCL_HOME),$(NCCL_HOME)/include/nccl.h,$(CUDA_HOME)/include/nccl.h /usr/include/nccl.h)))
+ifneq ($(CUDA),1)
+  override NCCL := 0
+else ifeq ($(origin NCCL),undefined)
+  NCCL := $(if $(NCCL_H),1,0)
+endif
+ifeq ($(NCCL),1)
+  ifeq ($(NCCL_H),)
+    $(error NCCL=1 but nccl.h is not in $(or $(NCCL_HOME),$(CUDA_HOME) or /usr)/include; set NCCL_HOME)
+  endif
+  NCCL_LIBDIRS = $(if $(filter /usr/include/nccl.h,$(NCCL_H)),,$(wildcard $(NCCL_H:%/include/nccl.h=%)/lib $(NCCL_H:%/include/nccl.h=%)/lib64))
+  NCCL_CFLAGS  = -DQS_HAVE_NCCL -I$(CUDA_HOME)/include $(if $(NCCL_HOME),-I$(NCCL_HOME)/include)
+  NCCL_LIBS    = $(foreach d,$(sort $(NCCL_LIBDIRS) $(CUDA_HOME)/lib64),-L$(d) -Wl$(comma)-rpath$(comma)$(d)) \
+                 -lnccl -lcudart
+endif
+
+CFLAGS_COMMON = -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -fopenmp -Iinclude $(MPI_CFLAGS) \
                 $(if $(CJSON_HOME),-I$(CJSON_HOME)/include) \
                 $(if $(OPENBLAS_HOME),-I$(OPENBLAS_HOME)/include,-I/usr/include/x86_64-linux-gnu)
 LDLIBS_COMMON = $(if $(CJSON_HOME),-L$(CJSON_HOME)/lib -Wl$(comma)-rpath$(comma)$(CJSON_HOME)/lib) -lcjson \
                 $(if $(OPENBLAS_HOME),-L$(OPENBLAS_HOME)/lib -Wl$(comma)-rpath$(comma)$(OPENBLAS_HOME)/lib) -lopenblas \
-                -lpcre2-8 -lz -fopenmp -lm
+                -lpcre2-8 -lz -fopenmp -lm $(MPI_LIBS)
 comma := ,
 
 SRC      = $(wildcard csrc/*.c csrc/cpu/*.c)
-LIB_SRC  = $(filter-out csrc/main.c,$(SRC))
+# The CPU trees (ASan, fuzz) never hold NCCL; only the release tree does.
+LIB_SRC  = $(filter-out csrc/main.c csrc/comm_nccl.c $(if $(filter 1,$(MPI)),,csrc/comm_mpi.c),$(SRC))
+REL_SRC  = $(LIB_SRC) $(if $(filter 1,$(NCCL)),csrc/comm_nccl.c)
 CU_SRC   = $(wildcard kernels/*.cu)
 TEST_SRC = $(wildcard tests/test_*.c)
 
 # Release tree (build/) and sanitizer tree (build/asan/) share the rules below.
-REL_CFLAGS  = $(CFLAGS_COMMON) -O3 $(ARCH) -g
+REL_CFLAGS  = $(CFLAGS_COMMON) -O3 $(ARCH) -g $(NCCL_CFLAGS)
 ASAN_CFLAGS = $(CFLAGS_COMMON) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,float-cast-overflow \
               -fno-sanitize-recover=all
 
@@ -49,14 +90,20 @@ $(BUILD)/obj/%.o: %.c
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
-$(BUILD)/libquasar.a: $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CU_OBJ)
+$(BUILD)/libquasar.a: $(REL_SRC:%.c=$(BUILD)/obj/%.o) $(CU_OBJ)
 	ar rcs $@ $^
 $(BUILD)/quasar: $(BUILD)/obj/csrc/main.o $(BUILD)/libquasar.a
-	$(CC) $^ -o $@ $(LDLIBS_COMMON) $(CUDA_LIBS)
+	$(CC) $^ -o $@ $(LDLIBS_COMMON) $(NCCL_LIBS) $(CUDA_LIBS)
 # Benchmark programs (bench/*.c) against the release library.
 $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(BUILD)/libquasar.a
 	@mkdir -p $(dir $@)
-	$(CC) $^ -o $@ $(LDLIBS_COMMON) $(CUDA_LIBS)
+	$(CC) $^ -o $@ $(LDLIBS_COMMON) $(NCCL_LIBS) $(CUDA_LIBS)
+
+# Turning MPI or NCCL on or off changes what the comm sources compile to.
+COMM_STAMP := $(BUILD)/comm-config
+COMM_CONFIG = MPI=$(MPI) $(MPI_CFLAGS) NCCL=$(NCCL) $(NCCL_CFLAGS)
+$(shell mkdir -p $(BUILD) && echo '$(COMM_CONFIG)' | cmp -s - $(COMM_STAMP) || echo '$(COMM_CONFIG)' >$(COMM_STAMP))
+$(foreach t,obj asan/obj fuzz/obj,$(foreach f,comm comm_mpi comm_nccl,$(BUILD)/$(t)/csrc/$(f).o)): $(COMM_STAMP)
 
 $(BUILD)/asan/obj/%.o: %.c
 	@mkdir -p $(dir $@)
