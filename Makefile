@@ -117,6 +117,8 @@ $(BUILD)/asan/tests/%: $(BUILD)/asan/obj/tests/%.o $(BUILD)/asan/libquasar.a
 	$(CC) $(ASAN_CFLAGS) $^ -o $@ $(LDLIBS_COMMON) -lcmocka
 
 ASAN_TESTS = $(TEST_SRC:tests/%.c=$(BUILD)/asan/tests/%)
+# The comm checks: single-process always, over MPI ranks when MPI is built (tests/mpi/).
+COMM_TEST  = $(BUILD)/asan/tests/mpi/comm_test
 
 # Fuzzing (tests/fuzz/README.md). `make fuzz`: libFuzzer targets in $(BUILD)/fuzz/ (clang).
 # `make test` replays each target's corpus and regressions through a gcc build of it.
@@ -152,9 +154,10 @@ fuzz-smoke: $(FUZZ_BINS)
 	    -artifact_prefix=$(BUILD)/fuzz/$$t- $$dir; \
 	done
 
-# The one test command: every CPU test (unit tests and CLI scripts) under ASan+UBSan.
-test: $(BUILD)/asan/quasar $(ASAN_TESTS) $(FUZZ_REPLAYS)
-	tests/run.sh $(BUILD)/asan
+# The one test command: every CPU test (unit tests, CLI scripts, the comm layer over MPI
+# ranks) under ASan+UBSan.
+test: $(BUILD)/asan/quasar $(ASAN_TESTS) $(FUZZ_REPLAYS) $(COMM_TEST)
+	QS_MPI=$(MPI) tests/run.sh $(BUILD)/asan
 test-asan: test
 
 # A short train / resume / generate under valgrind (portable -march so valgrind knows

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the CPU suite from a build tree: every cmocka program in BUILD/tests and every
-# tests/cli/*.sh script (with QUASAR=BUILD/quasar). Prints "N passed, N failed" last.
+# Runs the CPU suite from a build tree: every cmocka program in BUILD/tests, every
+# tests/cli/*.sh script (with QUASAR=BUILD/quasar) and tests/mpi/run.sh. Prints
+# "N passed, N failed" last.
 set -u
 build=${1:?usage: tests/run.sh BUILD_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,10 +23,11 @@ for t in "$build"/tests/test_*; do
   if [ "$rc" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then failed=$((failed + 1)); broken+=("$name (exit $rc)"); fi
 done
 
-for s in "$root"/tests/cli/*.sh; do
-  name=$(basename "$s")
+# tests/mpi/run.sh: the comm layer in one process, then over MPI ranks when built with MPI.
+for s in "$root"/tests/cli/*.sh "$root"/tests/mpi/run.sh; do
+  name=${s#"$root"/tests/}
   echo "# $name"
-  bash "$s" >"$log" 2>&1; rc=$?
+  bash "$s" "$build" >"$log" 2>&1; rc=$?
   cat "$log"
   p=$(grep -c '^ok ' "$log"); f=$(grep -c '^not ok ' "$log")
   passed=$((passed + p)); failed=$((failed + f))
