@@ -10,7 +10,6 @@
 /* GELU's tanh form rewritten with 0.5 (1 + tanh(u)) = sigmoid(2u): the same
  * function, but exp is several times cheaper than tanhf (and vectorises), and for
  * very negative x it returns tiny values instead of cancelling 1 + tanh(u) to zero. */
-#pragma omp declare simd
 static inline float gelu_sigmoid(float x) {
     return 1.0f / (1.0f + qs_cpu_expf(-2.0f * GELU_K * (x + GELU_A * x * x * x)));
 }

@@ -15,14 +15,15 @@
  * costs more than the work. */
 #define QS_CPU_PAR_MIN ((size_t)1 << 15)
 
-/* e^x in plain arithmetic, so `omp simd` loops vectorise it (libm's expf is a call
+/* e^x in plain arithmetic, so loops over it vectorise (libm's expf is a call
  * per element). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6
- * Taylor polynomial (error < 2e-7 relative) scaled by 2^n through the exponent bits.
+ * Taylor polynomial (measured worst 2.4e-7 relative over [-87, 88]) scaled by 2^n through the exponent bits.
  * x is clamped to [-87, 88]: below, the result is ~0 (1.6e-38) instead of a denormal. */
-#pragma omp declare simd
 static inline float qs_cpu_expf(float x) {
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
-    const float n = nearbyintf(x * 1.44269504088896341f);
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x; /* not fminf/fmaxf: libm calls without -ffast-math */
+    /* round to nearest by the 1.5 * 2^23 trick: floorf/nearbyintf do not vectorise
+     * without -fno-trapping-math */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
     float p = 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
@@ -51,6 +52,8 @@ void qs_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *d
 /* matmul.c */
 void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N,
                            int n_in, int n_out, qs_weight_layout layout);
+void qs_cpu_matmul_acc(float *out, const float *inp, const float *w, float alpha, int N, int n_in, int n_out,
+                       qs_weight_layout layout);
 void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                             const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout);
