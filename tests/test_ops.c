@@ -345,6 +345,16 @@ static void test_matmul(void **state) {
                 }
             check_close(layout == QS_W_IN_OUT ? "matmul [in,out]" : "matmul [out,in]", c.out, want,
                         (size_t)N * O, 1e-5, 1e-5);
+            /* matmul_acc adds alpha * inp @ W on top of what out holds (here the product
+             * with bias just checked): out = (1 + alpha) inp @ W + bias. */
+            const float alpha = (float)rnd_uniform(-2, 2);
+            ops->matmul_acc(c.out, c.inp, c.w, alpha, N, I, O, (qs_weight_layout)layout);
+            for (int r = 0; r < N; r++)
+                for (int o = 0; o < O; o++) {
+                    double b = with_bias ? c.bias[o] : 0.0;
+                    want[(size_t)r * O + o] = b + (1.0 + alpha) * (want[(size_t)r * O + o] - b);
+                }
+            check_close("matmul_acc", c.out, want, (size_t)N * O, 1e-5, 1e-5);
             const param ps[] = {
                 {"inp", c.inp, (size_t)N * I}, {"w", c.w, (size_t)I * O}, {"bias", c.bias, O}};
             check_gradients(layout == QS_W_IN_OUT ? "matmul in,out" : "matmul out,in", mm_loss,
@@ -355,6 +365,7 @@ static void test_matmul(void **state) {
     float w = 1.0f, dw = 0.5f, db = 0.25f;
     ops->matmul_forward(NULL, NULL, &w, &w, 0, 1, 1, QS_W_IN_OUT);
     ops->matmul_backward(NULL, &dw, &db, NULL, NULL, &w, 0, 1, 1, QS_W_IN_OUT);
+    ops->matmul_acc(NULL, NULL, &w, 1.0f, 0, 1, 1, QS_W_IN_OUT);
     assert_true(dw == 0.5f && db == 0.25f);
 }
 

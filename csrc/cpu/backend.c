@@ -41,6 +41,7 @@ static const qs_ops cpu_ops = {
     .layernorm_backward = qs_cpu_layernorm_backward,
     .matmul_forward = qs_cpu_matmul_forward,
     .matmul_backward = qs_cpu_matmul_backward,
+    .matmul_acc = qs_cpu_matmul_acc,
     .attention_forward = qs_cpu_attention_forward,
     .attention_backward = qs_cpu_attention_backward,
     .kv_cache_fill = qs_cpu_kv_cache_fill,

@@ -13,7 +13,7 @@ void qs_cpu_blas_init(void) { openblas_set_num_threads(1); }
 
 /* C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, row-major, split over the larger of
  * M and N into one block per thread. */
-static void par_sgemm(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B,
+static void par_sgemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B,
                       int ldb, float beta, float *C, int ldc) {
     enum CBLAS_TRANSPOSE TA = ta ? CblasTrans : CblasNoTrans, TB = tb ? CblasTrans : CblasNoTrans;
     int split_rows = M >= N, len = split_rows ? M : N;
@@ -25,10 +25,10 @@ static void par_sgemm(int ta, int tb, int M, int N, int K, const float *A, int l
     for (int s = 0; s < len; s += chunk) {
         int n = len - s < chunk ? len - s : chunk;
         if (split_rows) /* rows of C need rows of op(A) */
-            cblas_sgemm(CblasRowMajor, TA, TB, n, N, K, 1.0f, ta ? A + s : A + (size_t)s * lda, lda, B, ldb,
+            cblas_sgemm(CblasRowMajor, TA, TB, n, N, K, alpha, ta ? A + s : A + (size_t)s * lda, lda, B, ldb,
                         beta, C + (size_t)s * ldc, ldc);
         else /* columns of C need columns of op(B) */
-            cblas_sgemm(CblasRowMajor, TA, TB, M, n, K, 1.0f, A, lda, tb ? B + (size_t)s * ldb : B + s, ldb,
+            cblas_sgemm(CblasRowMajor, TA, TB, M, n, K, alpha, A, lda, tb ? B + (size_t)s * ldb : B + s, ldb,
                         beta, C + s, ldc);
     }
 }
@@ -37,7 +37,7 @@ void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const f
                            int n_in, int n_out, qs_weight_layout layout) {
     if (N <= 0) return;
     const int out_in = layout == QS_W_OUT_IN;
-    par_sgemm(0, out_in, N, n_out, n_in, inp, n_in, w, out_in ? n_in : n_out, 0.0f, out, n_out);
+    par_sgemm(0, out_in, N, n_out, n_in, 1.0f, inp, n_in, w, out_in ? n_in : n_out, 0.0f, out, n_out);
     if (!bias) return;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -46,18 +46,25 @@ void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const f
     }
 }
 
+void qs_cpu_matmul_acc(float *out, const float *inp, const float *w, float alpha, int N, int n_in, int n_out,
+                       qs_weight_layout layout) {
+    if (N <= 0) return;
+    const int out_in = layout == QS_W_OUT_IN;
+    par_sgemm(0, out_in, N, n_out, n_in, alpha, inp, n_in, w, out_in ? n_in : n_out, 1.0f, out, n_out);
+}
+
 void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                             const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout) {
     if (N <= 0) return;
     const int out_in = layout == QS_W_OUT_IN;
     /* dinp[N,n_in] += dout[N,n_out] @ W^T, where W^T is [n_out,n_in] (already so for [out,in]). */
-    if (dinp) par_sgemm(0, !out_in, N, n_in, n_out, dout, n_out, w, out_in ? n_in : n_out, 1.0f, dinp, n_in);
+    if (dinp) par_sgemm(0, !out_in, N, n_in, n_out, 1.0f, dout, n_out, w, out_in ? n_in : n_out, 1.0f, dinp, n_in);
     if (dw) {
         if (out_in) /* dW[n_out,n_in] += dout^T @ inp */
-            par_sgemm(1, 0, n_out, n_in, N, dout, n_out, inp, n_in, 1.0f, dw, n_in);
+            par_sgemm(1, 0, n_out, n_in, N, 1.0f, dout, n_out, inp, n_in, 1.0f, dw, n_in);
         else /* dW[n_in,n_out] += inp^T @ dout */
-            par_sgemm(1, 0, n_in, n_out, N, inp, n_in, dout, n_out, 1.0f, dw, n_out);
+            par_sgemm(1, 0, n_in, n_out, N, 1.0f, inp, n_in, dout, n_out, 1.0f, dw, n_out);
     }
     if (dbias) {
         /* Column sums: each thread owns a range of columns and streams the rows, so

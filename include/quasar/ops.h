@@ -47,6 +47,10 @@ typedef struct qs_ops {
     void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
                             const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout);
+    /* out[N,n_out] += alpha * inp[N,n_in] @ W, W laid out as for matmul_forward: a GEMM
+     * with beta = 1 (LoRA's low-rank path adds into the base layer's output with it). */
+    void (*matmul_acc)(float *out, const float *inp, const float *w, float alpha, int N, int n_in,
+                       int n_out, qs_weight_layout layout);
 
     /* Causal multi-head attention. qkv is [B,T,3C]: q, k, v each C = NH * hs wide,
      * head h using columns [h*hs, (h+1)*hs) of each. Scale 1/sqrt(hs).
