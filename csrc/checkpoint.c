@@ -71,10 +71,13 @@ done:
     return rc;
 }
 
-/* host is scratch of o->n floats. */
-static int save_optim(const char *path, const qs_adamw *o, float *host) {
-    float *host_v = malloc(o->n * sizeof(float));
-    if (!host_v) return qs_error("out of memory writing '%s'", path);
+static int save_optim(const char *path, const qs_adamw *o) {
+    float *host = malloc(o->n * sizeof(float)), *host_v = malloc(o->n * sizeof(float));
+    if (!host || !host_v) {
+        free(host);
+        free(host_v);
+        return qs_error("out of memory writing '%s'", path);
+    }
     o->be->download(host, o->m, o->n * sizeof(float));
     o->be->download(host_v, o->v, o->n * sizeof(float));
     char t[32];
@@ -83,6 +86,7 @@ static int save_optim(const char *path, const qs_adamw *o, float *host) {
                         {.name = "exp_avg_sq", .dtype = QS_DT_F32, .ndim = 1, .shape = {(int64_t)o->n}, .data = host_v}};
     qs_st_meta meta[1] = {{"adamw.t", t}};
     int rc = qs_st_write(path, e, 2, meta, 1);
+    free(host);
     free(host_v);
     return rc;
 }
@@ -107,19 +111,18 @@ static int save_state(const char *path, const qs_train_state *st) {
 
 /* checksums.json: size and CRC-32C of every file of the checkpoint, written last, so
  * a truncated, bit-flipped or half-written file is refused when loaded. */
-static const char *const CKPT_FILES[] = {"model.safetensors", "optim.safetensors", "state.json"};
-#define N_CKPT_FILES (int)(sizeof CKPT_FILES / sizeof *CKPT_FILES)
+#define MAX_CKPT_FILES (QS_CKPT_MAX_WEIGHT_FILES + 2)
 
-static int write_manifest(const char *dir) {
-    char path[QS_PATH_MAX + 96], buf[1024];
+static int write_manifest(const char *dir, const char *const *files, int n_files) {
+    char path[QS_PATH_MAX + 96], buf[2048];
     int len = snprintf(buf, sizeof buf, "{");
-    for (int i = 0; i < N_CKPT_FILES; i++) {
+    for (int i = 0; i < n_files; i++) {
         char *data;
         size_t n;
-        snprintf(path, sizeof path, "%s/%s", dir, CKPT_FILES[i]);
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
         if (qs_file_read(path, &data, &n)) return -1; /* read back: checks what reached the disk */
         len += snprintf(buf + len, sizeof buf - (size_t)len, "%s\n  \"%s\": {\"bytes\": %zu, \"crc32c\": \"%08x\"}",
-                        i ? "," : "", CKPT_FILES[i], n, qs_crc32c(0, data, n));
+                        i ? "," : "", files[i], n, qs_crc32c(0, data, n));
         free(data);
     }
     len += snprintf(buf + len, sizeof buf - (size_t)len, "\n}\n");
@@ -128,7 +131,7 @@ static int write_manifest(const char *dir) {
 }
 
 /* Reads <dir>/<name> and checks it against the folder's checksums.json. */
-static int read_verified(const char *dir, const char *name, char **data, size_t *size) {
+int qs_checkpoint_read(const char *dir, const char *name, char **data, size_t *size) {
     char path[QS_PATH_MAX + 96], mpath[QS_PATH_MAX + 96];
     snprintf(mpath, sizeof mpath, "%s/checksums.json", dir);
     char *mtext;
@@ -193,8 +196,34 @@ static int prune(const char *ckpt, int keep) {
     return rc;
 }
 
+/* The model.safetensors writer of a full checkpoint. */
+typedef struct model_file {
+    const qs_config *cfg;
+    const qs_codec *codec;
+    const qs_params *ps;
+} model_file;
+
+static int write_model_file(const void *self, const char *dir) {
+    const model_file *mf = self;
+    char path[QS_PATH_MAX + 96];
+    float *host = malloc(mf->ps->n * sizeof(float));
+    if (!host) return qs_error("out of memory writing a checkpoint");
+    qs_params_download(mf->ps, host);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    int rc = save_model(path, mf->cfg, mf->codec, mf->ps, host);
+    free(host);
+    return rc;
+}
+
 int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, const qs_params *ps,
                        const qs_adamw *opt, const qs_train_state *st) {
+    model_file mf = {cfg, codec, ps};
+    qs_ckpt_files w = {.names = {"model.safetensors"}, .n = 1, .write = write_model_file, .self = &mf};
+    return qs_checkpoint_save_files(run_dir, cfg, &w, opt, st);
+}
+
+int qs_checkpoint_save_files(const char *run_dir, const qs_config *cfg, const qs_ckpt_files *w, const qs_adamw *opt,
+                             const qs_train_state *st) {
     char ckpt[QS_PATH_MAX + 8], name[32], tmp[QS_PATH_MAX + 64], final[QS_PATH_MAX + 64],
         old[QS_PATH_MAX + 64], path[QS_PATH_MAX + 96];
     snprintf(ckpt, sizeof ckpt, "%s/ckpt", run_dir);
@@ -204,22 +233,21 @@ int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec
     snprintf(old, sizeof old, "%s/.old-%s", ckpt, name);
     if (qs_mkdirs(ckpt) || remove_flat_dir(tmp) || qs_mkdirs(tmp)) return -1;
 
-    float *host = malloc(ps->n * sizeof(float));
-    if (!host) return qs_error("out of memory writing a checkpoint");
-    qs_params_download(ps, host);
-    int rc = 0;
-    snprintf(path, sizeof path, "%s/model.safetensors", tmp);
-    rc = save_model(path, cfg, codec, ps, host);
+    const char *files[MAX_CKPT_FILES];
+    int n_files = 0;
+    for (int i = 0; i < w->n; i++) files[n_files++] = w->names[i];
+    files[n_files++] = "optim.safetensors";
+    files[n_files++] = "state.json";
+    int rc = w->write(w->self, tmp);
     if (!rc) {
         snprintf(path, sizeof path, "%s/optim.safetensors", tmp);
-        rc = save_optim(path, opt, host);
+        rc = save_optim(path, opt);
     }
-    free(host);
     if (!rc) {
         snprintf(path, sizeof path, "%s/state.json", tmp);
         rc = save_state(path, st);
     }
-    if (!rc) rc = write_manifest(tmp);
+    if (!rc) rc = write_manifest(tmp, files, n_files);
     if (rc) {
         char why[1024];
         snprintf(why, sizeof why, "%s", qs_error_last());
@@ -238,9 +266,9 @@ int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec
     return cfg->train.keep_checkpoints > 0 ? prune(ckpt, cfg->train.keep_checkpoints) : 0;
 }
 
-int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
+int qs_checkpoint_find_file(const char *dir, const char *marker, char *step_dir, size_t cap) {
     char p[QS_PATH_MAX + 64];
-    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    snprintf(p, sizeof p, "%s/%s", dir, marker);
     if (is_file(p)) {
         snprintf(step_dir, cap, "%s", dir);
         return 0;
@@ -252,7 +280,7 @@ int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
         snprintf(ckpt, sizeof ckpt, "%s/ckpt", dir);
         snprintf(p, sizeof p, "%s/latest", ckpt);
         ckpt_dir = ckpt;
-        if (!is_file(p)) return qs_error("no checkpoint in '%s' (no model.safetensors, latest or ckpt/latest)", dir);
+        if (!is_file(p)) return qs_error("no checkpoint in '%s' (no %s, latest or ckpt/latest)", dir, marker);
     }
     char *name;
     size_t n;
@@ -262,9 +290,13 @@ int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
     if (!bad) snprintf(step_dir, cap, "%s/%s", ckpt_dir, name);
     free(name);
     if (bad) return qs_error("'%s' does not name a checkpoint folder", p);
-    snprintf(p, sizeof p, "%s/model.safetensors", step_dir);
-    if (!is_file(p)) return qs_error("'%s' names '%s', which holds no model.safetensors", ckpt_dir, step_dir);
+    snprintf(p, sizeof p, "%s/%s", step_dir, marker);
+    if (!is_file(p)) return qs_error("'%s' names '%s', which holds no %s", ckpt_dir, step_dir, marker);
     return 0;
+}
+
+int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
+    return qs_checkpoint_find_file(dir, "model.safetensors", step_dir, cap);
 }
 
 /* A checkpoint's safetensors file, checked against checksums.json, then parsed. */
@@ -272,7 +304,7 @@ static int read_safetensors(qs_st_file *f, const char *dir, const char *name, ch
     char *data;
     size_t n;
     snprintf(path, cap, "%s/%s", dir, name);
-    if (read_verified(dir, name, &data, &n)) return -1;
+    if (qs_checkpoint_read(dir, name, &data, &n)) return -1;
     int rc = qs_st_parse(f, data, n, path);
     free(data);
     return rc;
@@ -384,7 +416,7 @@ int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state
     snprintf(path, sizeof path, "%s/state.json", step_dir);
     char *text;
     size_t len;
-    if (read_verified(step_dir, "state.json", &text, &len)) return -1;
+    if (qs_checkpoint_read(step_dir, "state.json", &text, &len)) return -1;
     int rc = qs_state_parse(text, len, st, path);
     free(text);
     if (rc) return rc;

@@ -121,6 +121,11 @@ static const field fields[] = {
     STRING(data.vocab_dir, GE(0), NULL, "../shared/data/gpt2"),
     INT(data.augment_shift, IN(0, 64), 0),
     BOOL(data.augment_flip, false),
+    INT(lora.r, IN(1, 4096), 8),
+    FLOAT(lora.alpha, GT(0), 16),
+    FLOAT(lora.dropout, CO(0, 1), 0),
+    STRING(lora.targets, GE(1), NULL, "q,v"),
+    BOOL(lora.rslora, false),
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 #define MAX_PATH_LEN 128 /* longer keys cannot name a field */
@@ -481,12 +486,31 @@ int qs_config_validate(const qs_config *c) {
     }
     if (!strcmp(c->data.tokenizer, "gpt2") && (!c->data.train_shards[0] || !c->data.val_shards[0]))
         return qs_error("data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");
+    unsigned targets;
+    if (qs_config_lora_targets(&c->lora, &targets)) return -1;
     if (t->min_lr > t->lr) {
         char a[32], b[32];
         format_number(a, sizeof a, t->min_lr, true);
         format_number(b, sizeof b, t->lr, true);
         return qs_error("train.min_lr (%s) must be <= train.lr (%s)", a, b);
     }
+    return 0;
+}
+
+int qs_config_lora_targets(const qs_lora_config *l, unsigned *mask) {
+    static const char *const names[] = {"q", "k", "v", "proj", "fc", "fc_proj", "experts", NULL};
+    *mask = 0;
+    for (const char *p = l->targets; *p;) {
+        size_t n = strcspn(p, ",");
+        int i = 0;
+        while (names[i] && (strlen(names[i]) != n || strncmp(names[i], p, n))) i++;
+        if (!names[i])
+            return qs_error("lora.targets: unknown target '%.*s' (expected a comma-separated list of q, k, v, "
+                            "proj, fc, fc_proj, experts)", (int)(n < 64 ? n : 64), p);
+        *mask |= 1u << i;
+        p += n + (p[n] == ',');
+    }
+    if (!*mask) return qs_error("lora.targets: names no target");
     return 0;
 }
 
@@ -514,6 +538,18 @@ static cJSON *field_to_json(const qs_config *c, const field *f) {
         format_value(c, f, num, sizeof num);
         return cJSON_CreateRaw(num); /* exact digits, not cJSON's double formatting */
     }
+}
+
+bool qs_config_same(const qs_config *a, const qs_config *b, const char *section) {
+    char *ja = qs_config_to_json(a), *jb = qs_config_to_json(b);
+    cJSON *pa = cJSON_Parse(ja), *pb = cJSON_Parse(jb);
+    bool same = pa && pb &&
+                cJSON_Compare(cJSON_GetObjectItem(pa, section), cJSON_GetObjectItem(pb, section), true);
+    cJSON_Delete(pa);
+    cJSON_Delete(pb);
+    free(ja);
+    free(jb);
+    return same;
 }
 
 char *qs_config_to_json(const qs_config *c) {

@@ -1,6 +1,7 @@
 /* quasar: one CLI, subcommands per DESIGN.md. Every failure prints one
  * "error: ..." line and exits non-zero. */
 #include <errno.h>
+#include <unistd.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -12,6 +13,8 @@
 #include "quasar/config.h"
 #include "quasar/convert.h"
 #include "quasar/error.h"
+#include "quasar/fileio.h"
+#include "quasar/lora.h"
 #include "quasar/sample.h"
 #include "quasar/tokenizer.h"
 #include "quasar/task.h"
@@ -137,6 +140,67 @@ static int cmd_train(int argc, char **argv) {
     return qs_train(&cfg, &opt) ? qs_cli_fail() : 0;
 }
 
+static const char *FINETUNE_HELP =
+    "usage: quasar finetune --config FILE --base CKPT_DIR [--set key=value]... [--out DIR]\n"
+    "                       [--resume DIR] [--until STEP]\n"
+    "  LoRA: trains low-rank adapters (config section lora: r, alpha, dropout, targets, rslora)\n"
+    "  over the frozen base model; the base checkpoint is only read.\n"
+    "  --config FILE   JSON config with train, data and lora sections (the model is the base's;\n"
+    "                  only model.dropout may be set); optional with --resume\n"
+    "  --base DIR      the base: a run folder, its ckpt/ folder or one checkpoint folder\n"
+    "  --set k=v       override a key, e.g. --set lora.r=16 (repeatable)\n"
+    "  --out DIR       run folder (default runs/finetune); its checkpoints hold\n"
+    "                  adapter_model.safetensors + adapter_config.json (PEFT style)\n"
+    "  --resume DIR    continue the finetune run in DIR (with the same --base)\n"
+    "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
+
+static int cmd_finetune(int argc, char **argv) {
+    const char *config = NULL, *out = NULL, *resume = NULL, *base = NULL;
+    int until = 0, help;
+    str_list sets = {0};
+    opt_spec specs[] = {
+        {"--config", OPT_STR, &config, 0, 0}, {"--set", OPT_LIST, &sets, 0, 0},
+        {"--out", OPT_STR, &out, 0, 0},       {"--resume", OPT_STR, &resume, 0, 0},
+        {"--base", OPT_STR, &base, 0, 0},     {"--until", OPT_INT, &until, 1, INT_MAX},
+    };
+    int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
+    if (rc || help) {
+        if (help) fputs(FINETUNE_HELP, stdout);
+        return rc;
+    }
+    if (!base) return qs_cli_usage_error("%s", "finetune needs --base CKPT_DIR");
+    if (!config && !resume) return qs_cli_usage_error("%s", "finetune needs --config FILE (or --resume DIR)");
+    if (resume && out && strcmp(resume, out)) return qs_cli_usage_error("%s", "--resume DIR continues in DIR; drop --out");
+    char base_step[QS_PATH_MAX + 64], run_cfg[QS_PATH_MAX + 16];
+    qs_config base_cfg, cfg;
+    qs_st_file f = {0};
+    char *chars = NULL;
+    if (qs_checkpoint_find(base, base_step, sizeof base_step) ||
+        qs_checkpoint_open_model(&f, base_step, &base_cfg, &chars))
+        return qs_error("--base: %s", qs_error_last()), qs_cli_fail();
+    /* The architecture and tokenizer are the base's; the rest comes from the config. */
+    qs_config_defaults(&cfg);
+    cfg.model = base_cfg.model;
+    snprintf(cfg.data.tokenizer, sizeof cfg.data.tokenizer, "%s", base_cfg.data.tokenizer);
+    snprintf(cfg.data.vocab_dir, sizeof cfg.data.vocab_dir, "%s", base_cfg.data.vocab_dir);
+    if (resume) snprintf(run_cfg, sizeof run_cfg, "%s/config.json", resume);
+    rc = (resume && qs_config_load_file(&cfg, run_cfg)) || (config && qs_config_load_file(&cfg, config));
+    for (int i = 0; !rc && i < sets.n; i++) rc = qs_config_set(&cfg, sets.items[i]);
+    qs_config arch = base_cfg;
+    arch.model.dropout = cfg.model.dropout;
+    if (!rc && !qs_config_same(&arch, &cfg, "model"))
+        rc = qs_error("model: the architecture is the base checkpoint's (%s); only model.dropout may be set", base_step);
+    else if (!rc && strcmp(cfg.data.tokenizer, base_cfg.data.tokenizer))
+        rc = qs_error("data.tokenizer: must be the base's (%s), got '%s'", base_cfg.data.tokenizer, cfg.data.tokenizer);
+    if (!rc) rc = qs_config_validate(&cfg);
+    qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/finetune", .resume = resume != NULL,
+                            .until_step = until, .base_dir = base_step, .base = &f, .base_chars = chars};
+    if (!rc) rc = qs_train(&cfg, &opt);
+    qs_st_free(&f);
+    free(chars);
+    return rc ? qs_cli_fail() : 0;
+}
+
 /* ---- loading a trained model ---- */
 
 static int micro_batch(const qs_config *c) {
@@ -177,10 +241,12 @@ typedef struct loaded_model {
     qs_config cfg;
     qs_codec codec;
     qs_gpt *m;
+    qs_lora *lora;
 } loaded_model;
 
-/* A language model from the checkpoint in dir, for micro-batches of max_B. */
-static int load_model(loaded_model *lm, const char *dir, int max_B) {
+/* A language model from the checkpoint in dir, for micro-batches of max_B, with the
+ * LoRA adapter in adapter_dir when that is not NULL. Nothing trains it: no gradients. */
+static int load_model(loaded_model *lm, const char *dir, int max_B, const char *adapter_dir) {
     opened_ckpt o = {0};
     int rc = open_checkpoint(&o, dir, NULL, NULL);
     lm->cfg = o.cfg;
@@ -191,21 +257,26 @@ static int load_model(loaded_model *lm, const char *dir, int max_B) {
     if (!rc && qs_codec_vocab_size(&lm->codec) > arch->vocab_size)
         rc = qs_error("%s: the vocabulary (%d) is larger than model.vocab_size (%d)", o.step_dir,
                       qs_codec_vocab_size(&lm->codec), arch->vocab_size);
-    if (!rc) rc = qs_gpt_create(&lm->m, arch, qs_backend_cpu(), max_B, arch->seq_len);
+    if (!rc) rc = qs_gpt_create_frozen(&lm->m, arch, qs_backend_cpu(), max_B, arch->seq_len);
     if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &o.f, o.step_dir);
+    char adapter_step[QS_PATH_MAX + 64];
+    if (!rc && adapter_dir) rc = qs_lora_open(&lm->lora, adapter_dir, lm->m, adapter_step, sizeof adapter_step);
+    if (!rc) qs_gpt_set_lora(lm->m, lm->lora);
     close_checkpoint(&o);
     return rc;
 }
 
 static void free_loaded(loaded_model *lm) {
     qs_gpt_free(lm->m);
+    qs_lora_free(lm->lora);
     qs_codec_free(&lm->codec);
 }
 
 static const char *GENERATE_HELP =
-    "usage: quasar generate --model CKPT_DIR [--prompt TEXT] [--max-tokens N]\n"
+    "usage: quasar generate --model CKPT_DIR [--adapter DIR] [--prompt TEXT] [--max-tokens N]\n"
     "                       [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "  --model DIR     a run folder, its ckpt/ folder or one checkpoint folder\n"
+    "  --adapter DIR   a LoRA adapter for that model (a finetune run, ckpt or checkpoint folder)\n"
     "  --prompt TEXT   text to continue (default: a newline)\n"
     "  --max-tokens N  tokens to generate (default 500)\n"
     "  --temperature T 0 = greedy (default 1.0); --top-k K (0 = all); --top-p P (1 = all)\n"
@@ -236,10 +307,9 @@ static int cmd_generate(int argc, char **argv) {
         return rc;
     }
     if (!model) return qs_cli_usage_error("%s", "generate needs --model CKPT_DIR");
-    if (adapter) return qs_cli_usage_error("%s", "--adapter: LoRA adapters are not supported by this build yet");
     if (!*prompt) return qs_cli_usage_error("%s", "--prompt must not be empty");
     loaded_model lm = {0};
-    if (load_model(&lm, model, 1)) {
+    if (load_model(&lm, model, 1, adapter)) {
         free_loaded(&lm);
         return qs_cli_fail();
     }
@@ -264,17 +334,18 @@ static int cmd_generate(int argc, char **argv) {
 }
 
 static const char *EVAL_HELP =
-    "usage: quasar eval --model CKPT_DIR [--config FILE] [--set key=value]...\n"
+    "usage: quasar eval --model CKPT_DIR [--adapter DIR] [--config FILE] [--set key=value]...\n"
+    "  --adapter DIR   evaluate the model with this LoRA adapter\n"
     "  Prints {\"step\", \"val_loss\", \"eval_iters\", \"tokens\"} as JSON on stdout (classifiers:\n"
     "  {\"step\", \"val_loss\", \"val_acc\"} over the whole test split). The data and\n"
     "  train.eval_iters come from the checkpoint's config unless --config/--set change them.\n";
 
 static int cmd_eval(int argc, char **argv) {
-    const char *model = NULL, *config = NULL;
+    const char *model = NULL, *config = NULL, *adapter = NULL;
     str_list sets = {0};
     int help;
     opt_spec specs[] = {{"--model", OPT_STR, &model, 0, 0}, {"--config", OPT_STR, &config, 0, 0},
-                        {"--set", OPT_LIST, &sets, 0, 0}};
+                        {"--set", OPT_LIST, &sets, 0, 0}, {"--adapter", OPT_STR, &adapter, 0, 0}};
     int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
     if (rc || help) {
         if (help) fputs(EVAL_HELP, stdout);
@@ -283,8 +354,15 @@ static int cmd_eval(int argc, char **argv) {
     if (!model) return qs_cli_usage_error("%s", "eval needs --model CKPT_DIR");
     opened_ckpt o = {0};
     qs_task task = {0};
-    rc = open_checkpoint(&o, model, config, &sets) || qs_task_open(&task, &o.cfg, o.chars_json, micro_batch(&o.cfg)) ||
-         qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
+    char adapter_step[QS_PATH_MAX + 64];
+    rc = open_checkpoint(&o, model, config, &sets);
+    if (!rc && adapter)
+        rc = qs_checkpoint_find_file(adapter, QS_LORA_WEIGHTS, adapter_step, sizeof adapter_step)
+                 ? qs_error("--adapter: %s", qs_error_last())
+                 : qs_task_open_lora(&task, &o.cfg, o.chars_json, &o.f, o.step_dir, adapter_step, micro_batch(&o.cfg));
+    else if (!rc)
+        rc = qs_task_open(&task, &o.cfg, o.chars_json, micro_batch(&o.cfg)) ||
+             qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
     double vl = NAN, acc = NAN;
     if (!rc) rc = task.evaluate(task.self, o.cfg.train.eval_iters, &vl, &acc);
     if (!rc) {
@@ -332,9 +410,61 @@ static int cmd_convert(int argc, char **argv) {
     return rc ? qs_cli_fail() : 0;
 }
 
+static const char *MERGE_HELP =
+    "usage: quasar merge --model CKPT_DIR --adapter DIR --out RUN_DIR [--unmerge]\n"
+    "  Folds a LoRA adapter into the weights, W += s * (B A)^T, and writes the result as a new\n"
+    "  run (checkpoint step_00000000, fresh optimizer state); the model and adapter are only read.\n"
+    "  --unmerge       subtract the adapter instead (undoes a merge, up to float rounding)\n"
+    "  --out DIR       the folder to write; it must not already hold a run\n";
+
+static int cmd_merge(int argc, char **argv) {
+    const char *model = NULL, *adapter = NULL, *out = NULL, *unmerge = NULL;
+    int help;
+    opt_spec specs[] = {{"--model", OPT_STR, &model, 0, 0}, {"--adapter", OPT_STR, &adapter, 0, 0},
+                        {"--out", OPT_STR, &out, 0, 0}};
+    /* --unmerge is a bare flag; take it out before the --flag VALUE parser */
+    char *args[64];
+    int n = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--unmerge")) unmerge = argv[i];
+        else if (n < 64) args[n++] = argv[i];
+        else return qs_cli_usage_error("%s", "too many arguments");
+    }
+    int rc = parse_opts(n, args, specs, sizeof specs / sizeof *specs, &help);
+    if (rc || help) {
+        if (help) fputs(MERGE_HELP, stdout);
+        return rc;
+    }
+    if (!model || !adapter || !out) return qs_cli_usage_error("%s", "merge needs --model CKPT_DIR, --adapter DIR and --out DIR");
+    char path[QS_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/ckpt/latest", out);
+    if (!access(path, F_OK)) return qs_error("'%s' already holds a run; --out must name a new folder", out), qs_cli_fail();
+    loaded_model lm = {0};
+    qs_adamw opt = {0};
+    rc = load_model(&lm, model, 1, adapter);
+    qs_params *ps = rc ? NULL : qs_gpt_params(lm.m);
+    if (!rc) rc = qs_lora_merge(lm.lora, ps, unmerge ? -1 : 1);
+    if (!rc) rc = qs_adamw_create(&opt, qs_backend_cpu(), ps->n);
+    if (!rc) {
+        qs_train_state st = {.step = 0, .seed = lm.cfg.train.seed};
+        qs_guard_init(&st.guard, lm.cfg.train.outlier_zscore, lm.cfg.train.max_bad_steps);
+        rc = qs_checkpoint_save(out, &lm.cfg, &lm.codec, ps, &opt, &st);
+    }
+    char *json = rc ? NULL : qs_config_to_json(&lm.cfg);
+    if (!rc && !json) rc = qs_error("out of memory");
+    snprintf(path, sizeof path, "%s/config.json", out);
+    if (!rc) rc = qs_file_write_atomic(path, json, strlen(json));
+    free(json);
+    qs_adamw_free(&opt);
+    free_loaded(&lm);
+    return rc ? qs_cli_fail() : 0;
+}
+
 static const char *MAIN_HELP =
     "usage: quasar <command> [options]   (quasar <command> --help for details)\n"
     "  train      train a model from a JSON config\n"
+    "  finetune   train LoRA adapters over a frozen checkpoint\n"
+    "  merge      fold a LoRA adapter into a checkpoint's weights (or --unmerge it)\n"
     "  generate   sample text from a checkpoint\n"
     "  eval       validation loss of a checkpoint, as JSON\n"
     "  tokenize   UTF-8 text on stdin -> GPT-2 token ids on stdout\n"
@@ -354,6 +484,8 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "train")) return cmd_train(argc - 2, argv + 2);
+    if (!strcmp(cmd, "finetune")) return cmd_finetune(argc - 2, argv + 2);
+    if (!strcmp(cmd, "merge")) return cmd_merge(argc - 2, argv + 2);
     if (!strcmp(cmd, "generate")) return cmd_generate(argc - 2, argv + 2);
     if (!strcmp(cmd, "eval")) return cmd_eval(argc - 2, argv + 2);
     if (!strcmp(cmd, "tokenize")) return qs_cli_tokenize(argc - 2, argv + 2);

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "quasar/error.h"
+#include "quasar/lora.h"
 #include "quasar/rng.h"
 #include "plan.h"
 
@@ -40,7 +41,8 @@ struct qs_gpt {
     int max_B, max_T;
     int V, C, L, NH, F, E, K;
 
-    qs_params ps;
+    qs_params ps;       /* no gradient buffer when frozen (a LoRA base) */
+    qs_lora *lora;      /* adapters on the linear layers, or NULL */
     bool table_failed; /* an add_param ran out of memory */
     int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
     layer_params *lp;
@@ -234,8 +236,8 @@ static void carve(qs_gpt *m, qs_plan *p) {
     }
 }
 
-int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
-                  int max_T) {
+static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
+                  bool trainable) {
     *out = NULL;
     if (cfg->vocab_size < 1) return qs_error("model.vocab_size must be set (got %d)", cfg->vocab_size);
     if (max_T < 1 || max_T > cfg->seq_len)
@@ -278,14 +280,14 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     qs_plan p = {0};
     carve(m, &p);
     m->act_floats = p.nf;
-    int prc = qs_params_alloc(&m->ps, be, true);
+    int prc = qs_params_alloc(&m->ps, be, trainable);
     m->act_mem = be->alloc(p.nf * sizeof(float));
     m->int_mem = be->alloc(p.ni * sizeof(int));
     if (prc || !m->act_mem || !m->int_mem) {
-        size_t need = (2 * m->ps.n + p.nf) * sizeof(float) + p.ni * sizeof(int);
+        size_t need = ((trainable ? 2 : 1) * m->ps.n + p.nf) * sizeof(float) + p.ni * sizeof(int);
         qs_gpt_free(m);
-        return qs_error("cannot allocate the model: %.1f MiB needed for parameters, gradients "
-                        "and activations", need / 1048576.0);
+        return qs_error("cannot allocate the model: %.1f MiB needed for parameters, %sactivations",
+                        need / 1048576.0, trainable ? "gradients and " : "");
     }
     qs_plan q = {.fbase = m->act_mem, .ibase = m->int_mem};
     carve(m, &q);
@@ -294,6 +296,14 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
 oom:
     qs_gpt_free(m);
     return qs_error("out of memory creating the model");
+}
+
+int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T) {
+    return create(out, cfg, be, max_B, max_T, true);
+}
+
+int qs_gpt_create_frozen(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T) {
+    return create(out, cfg, be, max_B, max_T, false);
 }
 
 void qs_gpt_free(qs_gpt *m) {
@@ -342,6 +352,8 @@ int qs_gpt_init(qs_gpt *m, uint64_t seed) { return qs_params_init(&m->ps, seed, 
 const qs_model_config *qs_gpt_config(const qs_gpt *m) { return &m->cfg; }
 qs_params *qs_gpt_params(qs_gpt *m) { return &m->ps; }
 size_t qs_gpt_activation_bytes(const qs_gpt *m) { return m->act_floats * sizeof(float); }
+int qs_gpt_max_tokens(const qs_gpt *m) { return m->max_B * m->max_T; }
+void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora) { m->lora = lora; }
 const float *qs_gpt_logits(const qs_gpt *m) { return m->logits; }
 void qs_gpt_logits_row(const qs_gpt *m, int row, float *out) {
     m->be->download(out, m->logits + (size_t)row * m->V, (size_t)m->V * sizeof(float));
@@ -388,6 +400,19 @@ static void act_backward(const qs_gpt *m, float *din, const float *in, const flo
     else m->be->ops->relu_backward(din, in, dout, n);
 }
 
+/* The LoRA path of linear layer `site` (rows row0.. of expert e's packed rows for a
+ * stacked MoE site), added into y after the base layer: y += s * drop(x) A^T B^T. */
+static void lora_forward(const qs_gpt *m, int l, qs_lora_site site, int e, size_t row0, int n, float *y,
+                         const float *x) {
+    if (m->lora) qs_lora_forward(m->lora, l, site, e, (int)row0, n, y, x, &m->mode);
+}
+
+/* Its backward: adapter gradients, and dx += the path's input gradient. */
+static void lora_backward(const qs_gpt *m, int l, qs_lora_site site, int e, size_t row0, int n, float *dx,
+                          const float *dy, const float *x) {
+    if (m->lora) qs_lora_backward(m->lora, l, site, e, (int)row0, n, dx, dy, x, &m->mode);
+}
+
 /* Expert e's slice of a stacked [E, a, b] tensor (NULL stays NULL). */
 static float *expert_slice(float *base, int e, size_t a, size_t b) {
     return base ? base + (size_t)e * a * b : NULL;
@@ -429,10 +454,12 @@ static void moe_forward(qs_gpt *m, int l, int N) {
         size_t r0 = (size_t)a->offsets[e];
         ops->matmul_forward(a->fch + r0 * F, a->xe + r0 * C, expert_slice(P(m, p->fc_w), e, C, F),
                             expert_slice(P(m, p->fc_b), e, 1, F), n, C, F, QS_W_IN_OUT);
+        lora_forward(m, l, QS_LORA_SITE_FC, e, r0, n, a->fch + r0 * F, a->xe + r0 * C);
         act_forward(m, a->fch_act + r0 * F, a->fch + r0 * F, (size_t)n * F);
         ops->matmul_forward(a->ye + r0 * C, a->fch_act + r0 * F,
                             expert_slice(P(m, p->fcproj_w), e, F, C),
                             expert_slice(P(m, p->fcproj_b), e, 1, C), n, F, C, QS_W_IN_OUT);
+        lora_forward(m, l, QS_LORA_SITE_FC_PROJ, e, r0, n, a->ye + r0 * C, a->fch_act + r0 * F);
     }
     ops->moe_combine_forward(a->ffout, a->ye, a->gate, a->slot, N, K, C);
 }
@@ -442,9 +469,11 @@ static void dense_ffn_forward(qs_gpt *m, int l, int N) {
     const layer_params *p = &m->lp[l];
     layer_acts *a = &m->la[l];
     ops->matmul_forward(a->fch, a->ln2, P(m, p->fc_w), P(m, p->fc_b), N, m->C, m->F, QS_W_IN_OUT);
+    lora_forward(m, l, QS_LORA_SITE_FC, 0, 0, N, a->fch, a->ln2);
     act_forward(m, a->fch_act, a->fch, (size_t)N * m->F);
     ops->matmul_forward(a->ffout, a->fch_act, P(m, p->fcproj_w), P(m, p->fcproj_b), N, m->F, m->C,
                         QS_W_IN_OUT);
+    lora_forward(m, l, QS_LORA_SITE_FC_PROJ, 0, 0, N, a->ffout, a->fch_act);
 }
 
 static qs_weight_layout lm_head_layout(void) { return QS_W_OUT_IN; /* [V, C], as wte */ }
@@ -508,6 +537,7 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, 
             mixer_conv_forward(m, l, B, T, pos0);
         } else {
             ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, 3 * C, QS_W_IN_OUT);
+            lora_forward(m, l, QS_LORA_SITE_QKV, 0, 0, N, a->qkv, a->ln1);
             if (pos0 > 0)
                 ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
                                       m->NH, pos0, m->cfg.seq_len);
@@ -515,6 +545,7 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, 
                 ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
         }
         ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
+        lora_forward(m, l, QS_LORA_SITE_PROJ, 0, 0, N, a->attproj, a->atty);
         drop_forward(m, a->attproj, NC, l, SITE_ATTN);
         ops->add_forward(a->res_mid, m->res[l], a->attproj, NC);
         ops->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, P(m, p->ln2_w),
@@ -594,10 +625,12 @@ static void dense_ffn_backward(qs_gpt *m, int l, int N, const float *dy) {
     zero_f(m, m->dF1, NF);
     ops->matmul_backward(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act,
                          P(m, p->fcproj_w), N, m->F, m->C, QS_W_IN_OUT);
+    lora_backward(m, l, QS_LORA_SITE_FC_PROJ, 0, 0, N, m->dF1, dy, a->fch_act);
     zero_f(m, m->dF2, NF);
     act_backward(m, m->dF2, a->fch, m->dF1, NF);
     ops->matmul_backward(m->dln, G(m, p->fc_w), G(m, p->fc_b), m->dF2, a->ln2, P(m, p->fc_w), N,
                          m->C, m->F, QS_W_IN_OUT);
+    lora_backward(m, l, QS_LORA_SITE_FC, 0, 0, N, m->dln, m->dF2, a->ln2);
 }
 
 static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) {
@@ -620,10 +653,12 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
                              expert_slice(G(m, p->fcproj_b), e, 1, C), m->dye + r0 * C,
                              a->fch_act + r0 * F, expert_slice(P(m, p->fcproj_w), e, F, C), n, F, C,
                              QS_W_IN_OUT);
+        lora_backward(m, l, QS_LORA_SITE_FC_PROJ, e, r0, n, m->dF1 + r0 * F, m->dye + r0 * C, a->fch_act + r0 * F);
         act_backward(m, m->dF2 + r0 * F, a->fch + r0 * F, m->dF1 + r0 * F, (size_t)n * F);
         ops->matmul_backward(m->dxe + r0 * C, expert_slice(G(m, p->fc_w), e, C, F),
                              expert_slice(G(m, p->fc_b), e, 1, F), m->dF2 + r0 * F, a->xe + r0 * C,
                              expert_slice(P(m, p->fc_w), e, C, F), n, C, F, QS_W_IN_OUT);
+        lora_backward(m, l, QS_LORA_SITE_FC, e, r0, n, m->dxe + r0 * C, m->dF2 + r0 * F, a->xe + r0 * C);
     }
     ops->moe_dispatch_backward(m->dln, m->dxe, a->slot, N, K, C);
 
@@ -676,6 +711,7 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
         zero_f(m, m->datty, NC);
         ops->matmul_backward(m->datty, G(m, p->proj_w), G(m, p->proj_b), dy, a->atty,
                              P(m, p->proj_w), N, C, C, QS_W_IN_OUT);
+        lora_backward(m, l, QS_LORA_SITE_PROJ, 0, 0, N, m->datty, dy, a->atty);
         zero_f(m, m->dln, NC);
         if (p->qc_w >= 0) {
             qs_conv_shape s = mixer_shape(m, B, T);
@@ -686,10 +722,12 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
             ops->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, m->NH);
             ops->matmul_backward(m->dln, G(m, p->qkv_w), G(m, p->qkv_b), m->dqkv, a->ln1, P(m, p->qkv_w), N, C,
                                  3 * C, QS_W_IN_OUT);
+            lora_backward(m, l, QS_LORA_SITE_QKV, 0, 0, N, m->dln, m->dqkv, a->ln1);
         }
         ops->layernorm_backward(m->dres, G(m, p->ln1_w), G(m, p->ln1_b), m->dln, m->res[l],
                                 P(m, p->ln1_w), a->ln1_mean, a->ln1_rstd, N, C);
     }
+    if (!m->ps.grad) return; /* a frozen base: no embedding gradients to take */
     const float *demb = drop_backward(m, m->dres, NC, m->L, SITE_EMBED);
     ops->embed_backward(G(m, m->wte), G(m, m->wpe), demb, m->tok, B, T, C);
 }

@@ -1,10 +1,12 @@
-/* The language-model task: a GPT over char-level text or GPT-2 token shards. */
+/* The language-model task: a GPT over char-level text or GPT-2 token shards; or, for
+ * LoRA fine-tuning, adapters over a frozen GPT (the adapters are what it trains). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "quasar/error.h"
 #include "quasar/fileio.h"
+#include "quasar/lora.h"
 #include "quasar/model.h"
 #include "quasar/sample.h"
 #include "quasar/task.h"
@@ -16,9 +18,18 @@ typedef struct lm_task {
     qs_gpt *m;
     int B, T;
     int *x, *y;
+    qs_lora *lora;         /* LoRA: the adapters on m, whose own weights are frozen */
+    char base_dir[QS_PATH_MAX + 64];
+    qs_ckpt_files files;   /* LoRA: checkpoints hold the adapter's files */
 } lm_task;
 
 static int lm_init(void *self, uint64_t seed) { return qs_gpt_init(((lm_task *)self)->m, seed); }
+static int lora_init(void *self, uint64_t seed) { return qs_lora_init(((lm_task *)self)->lora, seed); }
+
+static int write_adapter(const void *self, const char *dir) {
+    const lm_task *t = self;
+    return qs_lora_write(t->lora, dir, t->base_dir);
+}
 
 static double lm_train_micro(void *self, uint64_t micro, uint64_t rng_seed, float grad_scale) {
     lm_task *t = self;
@@ -100,6 +111,7 @@ static void lm_free(void *self) {
     lm_task *t = self;
     if (!t) return;
     qs_gpt_free(t->m);
+    qs_lora_free(t->lora);
     qs_dataset_free(&t->data);
     qs_codec_free(&t->codec);
     free(t->x);
@@ -107,7 +119,7 @@ static void lm_free(void *self) {
     free(t);
 }
 
-int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B) {
+static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B, bool frozen) {
     lm_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
     int rc = qs_codec_open(&t->codec, &cfg->data, chars_json);
@@ -125,7 +137,7 @@ int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int m
     t->cfg = *cfg;
     t->B = micro_B;
     t->T = cfg->model.seq_len;
-    if (!rc) rc = qs_gpt_create(&t->m, &cfg->model, qs_backend_cpu(), t->B, t->T);
+    if (!rc) rc = (frozen ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, qs_backend_cpu(), t->B, t->T);
     if (!rc) {
         t->x = malloc((size_t)t->B * t->T * sizeof(int));
         t->y = malloc((size_t)t->B * t->T * sizeof(int));
@@ -149,5 +161,31 @@ int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int m
                       .log_fields = lm_log_fields,
                       .finish = lm_finish,
                       .free = lm_free};
+    return 0;
+}
+
+int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B) {
+    return open_lm(task, cfg, chars_json, micro_B, false);
+}
+
+int qs_task_open_lora(qs_task *task, qs_config *cfg, const char *chars_json, const qs_st_file *base,
+                      const char *base_dir, const char *adapter_dir, int micro_B) {
+    if (cfg->model.type != QS_MODEL_GPT) return qs_error("%s: LoRA fine-tunes GPT models only", base_dir);
+    if (adapter_dir && qs_lora_read_config(adapter_dir, &cfg->lora)) return -1;
+    if (open_lm(task, cfg, chars_json, micro_B, true)) return -1;
+    lm_task *t = task->self;
+    snprintf(t->base_dir, sizeof t->base_dir, "%s", base_dir);
+    int rc = qs_checkpoint_load_weights(qs_gpt_params(t->m), base, base_dir);
+    if (!rc) rc = qs_lora_create(&t->lora, &cfg->lora, t->m);
+    if (!rc && adapter_dir) rc = qs_lora_load(t->lora, adapter_dir);
+    if (rc) {
+        qs_task_free(task);
+        return -1;
+    }
+    qs_gpt_set_lora(t->m, t->lora);
+    t->files = (qs_ckpt_files){.names = {QS_LORA_WEIGHTS, QS_LORA_CONFIG}, .n = 2, .write = write_adapter, .self = t};
+    task->params = qs_lora_params(t->lora);
+    task->init = lora_init;
+    task->weights = &t->files;
     return 0;
 }

@@ -7,11 +7,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <cjson/cJSON.h>
-
 #include "quasar/checkpoint.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
+#include "quasar/lora.h"
 #include "quasar/optim.h"
 #include "quasar/rng.h"
 #include "quasar/task.h"
@@ -81,18 +80,6 @@ static void log_train_line(FILE *mf, int step, double loss, float lr, double nor
     fflush(mf);
 }
 
-static bool same_model(const qs_config *a, const qs_config *b) {
-    char *ja = qs_config_to_json(a), *jb = qs_config_to_json(b);
-    cJSON *pa = cJSON_Parse(ja), *pb = cJSON_Parse(jb);
-    bool same = pa && pb &&
-                cJSON_Compare(cJSON_GetObjectItem(pa, "model"), cJSON_GetObjectItem(pb, "model"), true);
-    cJSON_Delete(pa);
-    cJSON_Delete(pb);
-    free(ja);
-    free(jb);
-    return same;
-}
-
 int qs_train(qs_config *cfg, const qs_train_options *opt) {
     const qs_backend *be = qs_backend_cpu();
     qs_train_config *tc = &cfg->train;
@@ -102,14 +89,21 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     qs_st_file mf_st = {0};
     int rc = -1;
 
-    if (opt->resume) {
+    if (opt->resume && opt->base) {
+        qs_config stored = *cfg;
+        if (qs_checkpoint_find_file(run, QS_LORA_WEIGHTS, step_dir, sizeof step_dir) ||
+            qs_lora_read_config(step_dir, &stored.lora))
+            return -1;
+        if (!qs_config_same(&stored, cfg, "lora"))
+            return qs_error("--resume: the lora section differs from the checkpoint's in '%s'", step_dir);
+    } else if (opt->resume) {
         qs_config stored;
         if (qs_checkpoint_find(run, step_dir, sizeof step_dir) ||
             qs_checkpoint_open_model(&mf_st, step_dir, &stored, &chars_json))
             return -1;
         /* The architecture is the checkpoint's; training settings may change on resume. */
         if (cfg->model.vocab_size == 0) cfg->model.vocab_size = stored.model.vocab_size;
-        if (!same_model(&stored, cfg)) {
+        if (!qs_config_same(&stored, cfg, "model")) {
             qs_st_free(&mf_st);
             free(chars_json);
             return qs_error("--resume: the model section differs from the checkpoint's in '%s'", step_dir);
@@ -117,7 +111,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     }
     int B = micro_size(tc), accum = tc->batch_size / B;
     qs_task task;
-    int trc = qs_task_open(&task, cfg, chars_json, B);
+    int trc = opt->base ? qs_task_open_lora(&task, cfg, opt->base_chars, opt->base, opt->base_dir,
+                                            opt->resume ? step_dir : NULL, B)
+                        : qs_task_open(&task, cfg, chars_json, B);
     free(chars_json);
     if (trc) {
         qs_st_free(&mf_st);
@@ -138,7 +134,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     qs_train_state st = {.step = 0, .seed = tc->seed};
     qs_guard_init(&st.guard, tc->outlier_zscore, tc->max_bad_steps);
     if (opt->resume) {
-        if (qs_checkpoint_load_weights(ps, &mf_st, step_dir) || qs_checkpoint_load_optim(step_dir, &optim, &st))
+        /* a LoRA task loaded its adapter from step_dir when it opened */
+        if ((!task.weights && qs_checkpoint_load_weights(ps, &mf_st, step_dir)) ||
+            qs_checkpoint_load_optim(step_dir, &optim, &st))
             goto out;
         if (st.seed != tc->seed) {
             qs_error("--resume: train.seed %llu differs from the checkpoint's %llu", (unsigned long long)tc->seed,
@@ -214,7 +212,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             fputc('\n', stderr);
         }
         if ((tc->checkpoint_interval > 0 && st.step % tc->checkpoint_interval == 0) || last) {
-            if (qs_checkpoint_save(run, cfg, task.codec, ps, &optim, &st)) goto out;
+            if (task.weights ? qs_checkpoint_save_files(run, cfg, task.weights, &optim, &st)
+                             : qs_checkpoint_save(run, cfg, task.codec, ps, &optim, &st))
+                goto out;
         }
     }
     if (tty) fputc('\n', stderr);

@@ -26,9 +26,27 @@ typedef struct qs_train_state {
 int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, const qs_params *ps,
                        const qs_adamw *opt, const qs_train_state *st);
 
+/* A checkpoint whose weights are other files than model.safetensors (a LoRA run's
+ * adapter): write() puts names[0..n) into the temporary folder dir; optim.safetensors,
+ * state.json and checksums.json (covering every file) follow as for any checkpoint. */
+#define QS_CKPT_MAX_WEIGHT_FILES 4
+typedef struct qs_ckpt_files {
+    const char *names[QS_CKPT_MAX_WEIGHT_FILES];
+    int n;
+    int (*write)(const void *self, const char *dir);
+    const void *self;
+} qs_ckpt_files;
+int qs_checkpoint_save_files(const char *run_dir, const qs_config *cfg, const qs_ckpt_files *w, const qs_adamw *opt,
+                             const qs_train_state *st);
+
 /* dir may be a step folder (holds model.safetensors), a ckpt folder (holds latest) or a
  * run folder (holds ckpt/latest); writes the step folder's path. */
 int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap);
+/* The same for checkpoints whose weights file is `marker` (adapter_model.safetensors). */
+int qs_checkpoint_find_file(const char *dir, const char *marker, char *step_dir, size_t cap);
+/* Reads <dir>/<name> (malloc'd, NUL-terminated) after checking it against the folder's
+ * checksums.json; a missing, truncated or corrupted file is an error. */
+int qs_checkpoint_read(const char *dir, const char *name, char **data, size_t *size);
 
 /* Opens <step_dir>/model.safetensors and reads the config stored in its metadata, and
  * for char-level models the vocabulary as JSON (*chars_json, malloc'd; NULL for gpt2),

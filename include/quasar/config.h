@@ -1,6 +1,6 @@
 /* Run configuration: JSON (cJSON) into typed structs with defaults.
  * One schema table (csrc/config.c) drives parsing, --set overrides, validation and
- * serialisation, so a key exists in exactly one place. Sections: model, train, data. */
+ * serialisation, so a key exists in exactly one place. Sections: model, train, data, lora. */
 #ifndef QUASAR_CONFIG_H
 #define QUASAR_CONFIG_H
 
@@ -90,10 +90,25 @@ typedef struct qs_data_config {
     bool augment_flip;              /* images: random horizontal flips */
 } qs_data_config;
 
+/* LoRA fine-tuning (`quasar finetune`): which linear layers get adapters and their shape. */
+typedef struct qs_lora_config {
+    int r;              /* rank */
+    float alpha;        /* scale = alpha / r, or alpha / sqrt(r) with rslora */
+    float dropout;      /* on the adapter's input only */
+    char targets[128];  /* comma-separated: q, k, v, proj, fc, fc_proj, experts */
+    bool rslora;
+} qs_lora_config;
+
+/* Bits of lora.targets: q/k/v are column blocks of attn.c_attn, proj attn.c_proj, fc and
+ * fc_proj the dense mlp.c_fc / mlp.c_proj, experts both stacked MoE expert linears. */
+enum { QS_LORA_Q = 1, QS_LORA_K = 2, QS_LORA_V = 4, QS_LORA_PROJ = 8, QS_LORA_FC = 16, QS_LORA_FC_PROJ = 32,
+       QS_LORA_EXPERTS = 64 };
+
 typedef struct qs_config {
     qs_model_config model;
     qs_train_config train;
     qs_data_config data;
+    qs_lora_config lora;
 } qs_config;
 
 void qs_config_defaults(qs_config *c);
@@ -106,6 +121,10 @@ int qs_config_load_string(qs_config *c, const char *json, const char *what);
 int qs_config_set(qs_config *c, const char *assignment);
 /* Cross-field checks, e.g. "model.n_embd (100) must be divisible by model.n_head (8)". */
 int qs_config_validate(const qs_config *c);
+/* lora.targets as QS_LORA_* bits; an empty list or an unknown name is an error naming the key. */
+int qs_config_lora_targets(const qs_lora_config *l, unsigned *mask);
+/* Whether a and b have the same values throughout `section` ("model", "lora"). */
+bool qs_config_same(const qs_config *a, const qs_config *b, const char *section);
 /* The whole resolved config as pretty JSON (malloc'd; caller frees). */
 char *qs_config_to_json(const qs_config *c);
 

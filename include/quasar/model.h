@@ -14,6 +14,7 @@
 #include "quasar/params.h"
 
 typedef struct qs_gpt qs_gpt;
+typedef struct qs_lora qs_lora; /* lora.h */
 
 /* What one forward pass does besides computing the loss. */
 typedef struct qs_forward_mode {
@@ -24,13 +25,22 @@ typedef struct qs_forward_mode {
 /* Sizes activations for micro-batches of up to max_B sequences of up to max_T tokens. */
 int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
                   int max_T);
+/* The same without a gradient buffer: a frozen base for LoRA, or inference. Backward
+ * then yields only the gradients of attached adapters. */
+int qs_gpt_create_frozen(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
+                         int max_T);
 void qs_gpt_free(qs_gpt *m);
+/* Attaches LoRA adapters (built for this model, see lora.h) to the linear layers; NULL
+ * detaches. The model does not own them. */
+void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora);
 int qs_gpt_init(qs_gpt *m, uint64_t seed);
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m);
 /* The parameter table (values and gradients). */
 qs_params *qs_gpt_params(qs_gpt *m);
 size_t qs_gpt_activation_bytes(const qs_gpt *m);
+/* Tokens of the largest micro-batch (max_B * max_T). */
+int qs_gpt_max_tokens(const qs_gpt *m);
 
 /* tokens/targets are host arrays [B*T]; targets may be NULL (no loss), and a
  * negative target is ignored. Returns the mean cross-entropy over valid targets. */

@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "quasar/checkpoint.h"
 #include "quasar/codec.h"
 #include "quasar/config.h"
 #include "quasar/params.h"
@@ -20,6 +21,7 @@ typedef struct qs_task {
     int items_per_sample;       /* tokens per sequence; 1 per image */
     const char *item;           /* "tok" | "img", for the progress line */
     size_t activation_bytes;
+    const qs_ckpt_files *weights; /* what checkpoints hold for params; NULL: model.safetensors */
 
     int (*init)(void *self, uint64_t seed);
     /* Forward and backward of micro-batch `micro` of the training stream (its samples
@@ -47,5 +49,11 @@ void qs_metrics_num(FILE *f, const char *key, double v, const char *fmt);
 /* The two families (csrc/task_lm.c, csrc/task_image.c). */
 int qs_task_open_lm(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B);
 int qs_task_open_image(qs_task *t, qs_config *cfg, int micro_B);
+/* LoRA: the GPT of cfg->model with the tensors of base (the opened model.safetensors of
+ * the checkpoint base_dir) frozen, and adapters per cfg->lora as task.params: new ones,
+ * or with adapter_dir those of that adapter checkpoint (whose lora settings then replace
+ * cfg->lora). */
+int qs_task_open_lora(qs_task *t, qs_config *cfg, const char *chars_json, const qs_st_file *base,
+                      const char *base_dir, const char *adapter_dir, int micro_B);
 
 #endif

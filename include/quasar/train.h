@@ -6,11 +6,17 @@
 #include <stdbool.h>
 
 #include "quasar/config.h"
+#include "quasar/safetensors.h"
 
 typedef struct qs_train_options {
     const char *out_dir;    /* the run folder */
     bool resume;            /* continue from out_dir/ckpt/latest */
     int until_step;         /* stop (with a checkpoint) after this step; 0 = train.max_steps */
+    /* LoRA fine-tuning (quasar finetune): the frozen base, its checkpoint folder, opened
+     * model.safetensors and char vocabulary (NULL for GPT-2 tokens); NULL base: train all */
+    const char *base_dir;
+    const qs_st_file *base;
+    const char *base_chars;
 } qs_train_options;
 
 int qs_train(qs_config *cfg, const qs_train_options *opt);

@@ -1,0 +1,548 @@
+/* LoRA: the adapter path against a naive reference and by finite differences (alone and
+ * inside whole dense, MoE and quadconv-mixer GPTs, dropout on), the frozen base, the
+ * q/k/v column mask of c_attn, merge/unmerge against the unmerged logits and greedy
+ * generation, the adapter files (round trip, size against r), and refused targets. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "quasar/checkpoint.h"
+#include "quasar/checksum.h"
+#include "quasar/config.h"
+#include "quasar/error.h"
+#include "quasar/fileio.h"
+#include "quasar/lora.h"
+#include "quasar/model.h"
+#include "quasar/rng.h"
+#include "quasar/sample.h"
+#include "test_seed.h"
+
+static uint64_t seed;
+
+static qs_config tiny(const char *targets) {
+    qs_config c;
+    qs_config_defaults(&c);
+    c.model.vocab_size = 11;
+    c.model.seq_len = 7;
+    c.model.n_layer = 2;
+    c.model.n_head = 2;
+    c.model.n_embd = 6;
+    c.model.ffn_mult = 2;
+    c.model.dropout = 0.1f;
+    c.model.init_std = 0.3f;
+    c.lora.r = 3;
+    c.lora.alpha = 5.0f;
+    c.lora.dropout = 0.2f;
+    snprintf(c.lora.targets, sizeof c.lora.targets, "%s", targets);
+    return c;
+}
+
+/* Adapter values drawn at random, B included (B = 0 would hide half the gradient),
+ * except the c_attn column blocks of B that the targets leave out: those are always zero
+ * (init makes them so and their gradient is masked). */
+static void randomise(qs_lora *lo, uint64_t stream) {
+    qs_params *ps = qs_lora_params(lo);
+    const qs_lora_config *lc = qs_lora_config_of(lo);
+    for (size_t j = 0; j < ps->n; j++) ps->data[j] = 0.5f * qs_rng_normal(seed, stream, j);
+    unsigned t;
+    assert_int_equal(qs_config_lora_targets(lc, &t), 0);
+    for (int i = 0; i < ps->n_tensors; i++) {
+        const qs_param_info *p = &ps->info[i];
+        if (!strstr(p->name, "c_attn.lora_B")) continue;
+        size_t block = p->numel / 3;
+        for (int b = 0; b < 3; b++)
+            if (!(t & (1u << b))) memset(ps->data + p->offset + b * block, 0, block * sizeof(float));
+    }
+}
+
+typedef struct built {
+    qs_gpt *m;
+    qs_lora *lo;
+} built;
+
+static built build(const qs_config *c, int B, int T) {
+    built b;
+    assert_int_equal(qs_gpt_create_frozen(&b.m, &c->model, qs_backend_cpu(), B, T), 0);
+    qs_gpt_init(b.m, seed);
+    assert_int_equal(qs_lora_create(&b.lo, &c->lora, b.m), 0);
+    randomise(b.lo, 99);
+    qs_gpt_set_lora(b.m, b.lo);
+    return b;
+}
+
+static void drop(built *b) {
+    qs_gpt_free(b->m);
+    qs_lora_free(b->lo);
+}
+
+/* ---- the LoRA linear alone ---- */
+
+typedef struct lin_ctx {
+    qs_lora *lo;
+    qs_lora_site site;
+    int n, in, out;
+    float *x, *y, *R;
+    qs_forward_mode mode;
+} lin_ctx;
+
+static double lin_loss(lin_ctx *c) {
+    memset(c->y, 0, (size_t)c->n * c->out * sizeof(float));
+    qs_lora_forward(c->lo, 1, c->site, 0, 0, c->n, c->y, c->x, &c->mode);
+    double s = 0;
+    for (size_t i = 0; i < (size_t)c->n * c->out; i++) s += (double)c->R[i] * c->y[i];
+    return s;
+}
+
+/* Central differences at two step sizes and their Richardson extrapolation; the best of
+ * the three against the analytic value (as tests/test_model.c). */
+static double fd_error(double (*f)(void *), void *ctx, float *p, double an) {
+    double fd[3];
+    for (int e = 0; e < 2; e++) {
+        float eps = e == 0 ? 3e-3f : 1e-3f, orig = *p;
+        *p = orig + eps;
+        double lp = f(ctx);
+        *p = orig - eps;
+        double lm = f(ctx);
+        *p = orig;
+        fd[e] = (lp - lm) / (2.0 * eps);
+    }
+    fd[2] = (9.0 * fd[1] - fd[0]) / 8.0;
+    double best = fd[0];
+    for (int e = 1; e < 3; e++)
+        if (fabs(fd[e] - an) < fabs(best - an)) best = fd[e];
+    return fabs(best - an) / (fabs(an) + 1e-3);
+}
+
+static double lin_loss_v(void *c) { return lin_loss(c); }
+
+static void test_linear_forward_and_gradients(void **state) {
+    (void)state;
+    for (int rs = 0; rs <= 1; rs++) {
+        qs_config c = tiny("fc_proj");
+        c.lora.rslora = rs;
+        built b = build(&c, 2, 5);
+        const int n = 9, in = 12, out = 6, r = c.lora.r; /* mlp.c_proj: F = 12 -> C = 6 */
+        lin_ctx lc = {b.lo, QS_LORA_SITE_FC_PROJ, n, in, out, malloc(n * in * sizeof(float)),
+                      malloc(n * out * sizeof(float)), malloc(n * out * sizeof(float)),
+                      {.train = true, .rng_seed = seed ^ 5}};
+        for (int i = 0; i < n * in; i++) lc.x[i] = qs_rng_normal(seed, 1, (uint64_t)i);
+        for (int i = 0; i < n * out; i++) lc.R[i] = qs_rng_normal(seed, 2, (uint64_t)i);
+        qs_params *ps = qs_lora_params(b.lo);
+        int ia = qs_params_find(ps, "base_model.model.transformer.h.1.mlp.c_proj.lora_A.weight");
+        int ib = qs_params_find(ps, "base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight");
+        assert_true(ia >= 0 && ib >= 0);
+        const float *A = qs_params_value(ps, ia), *B = qs_params_value(ps, ib);
+
+        /* forward against y = s * drop(x) A^T B^T, the mask read back from dropout itself */
+        lin_loss(&lc);
+        const double s = rs ? c.lora.alpha / sqrt(r) : c.lora.alpha / r;
+        float *xd = malloc(n * in * sizeof(float));
+        qs_backend_cpu()->ops->dropout_forward(xd, lc.x, c.lora.dropout, lc.mode.rng_seed,
+                                               (1ull << 40) + (1ull * QS_LORA_N_SITES + QS_LORA_SITE_FC_PROJ),
+                                               (size_t)n * in);
+        int dropped = 0;
+        for (int i = 0; i < n * in; i++) dropped += xd[i] == 0.0f;
+        assert_true(dropped > 0 && dropped < n * in); /* the mask is really on */
+        for (int row = 0; row < n; row++)
+            for (int o = 0; o < out; o++) {
+                double want = 0;
+                for (int k = 0; k < r; k++) {
+                    double h = 0;
+                    for (int i = 0; i < in; i++) h += (double)xd[row * in + i] * A[k * in + i];
+                    want += h * B[o * r + k];
+                }
+                assert_float_equal(lc.y[row * out + o], s * want, 1e-4 * (1 + fabs(s * want)));
+            }
+
+        /* gradients of A, B and x */
+        qs_params_zero_grad(ps);
+        float *dx = calloc((size_t)n * in, sizeof(float));
+        lin_loss(&lc);
+        qs_lora_backward(b.lo, 1, QS_LORA_SITE_FC_PROJ, 0, 0, n, dx, lc.R, lc.x, &lc.mode);
+        double worst = 0;
+        for (int k = 0; k < 6; k++) {
+            size_t ja = qs_rng_below(seed, 10, (uint64_t)k, (uint64_t)r * in);
+            size_t jb = qs_rng_below(seed, 11, (uint64_t)k, (uint64_t)out * r);
+            size_t jx = qs_rng_below(seed, 12, (uint64_t)k, (uint64_t)n * in);
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)A + ja, qs_params_grad(ps, ia)[ja]));
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)B + jb, qs_params_grad(ps, ib)[jb]));
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, lc.x + jx, dx[jx]));
+        }
+        printf("# lora linear (rslora %d): worst rel err %.2e\n", rs, worst);
+        assert_true(worst < 1e-2);
+        free(xd), free(dx), free(lc.x), free(lc.y), free(lc.R);
+        drop(&b);
+    }
+}
+
+/* ---- whole GPTs with adapters ---- */
+
+typedef struct gpt_ctx {
+    qs_gpt *m;
+    int x[10], y[10];
+    qs_forward_mode mode;
+    const int *route0; /* MoE: the routing of the unperturbed pass */
+    size_t nr;
+    bool flipped;      /* a pass since the last reset routed differently */
+} gpt_ctx;
+
+static double gpt_loss(void *p) {
+    gpt_ctx *c = p;
+    double loss = qs_gpt_forward(c->m, c->x, c->y, 2, 5, &c->mode);
+    if (c->nr && memcmp(c->route0, qs_gpt_moe_routing(c->m), c->nr * sizeof(int))) c->flipped = true;
+    const qs_model_config *mc = qs_gpt_config(c->m);
+    if (mc->moe.n_experts > 0) {
+        const qs_moe_stats *s = qs_gpt_moe_stats(c->m);
+        loss += mc->moe.aux_loss_coef * s->balance + mc->moe.z_loss_coef * s->z;
+    }
+    return loss;
+}
+
+static void gpt_gradcheck(const qs_config *c, const char *label) {
+    built b = build(c, 2, 6);
+    assert_null(qs_gpt_params(b.m)->grad); /* the base is frozen: no gradient buffer at all */
+    gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed ^ 77}};
+    for (int i = 0; i < 10; i++) {
+        g.x[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, 11);
+        g.y[i] = (int)qs_rng_below(seed, 21, (uint64_t)i, 11);
+    }
+    qs_params *ps = qs_lora_params(b.lo);
+    qs_params_zero_grad(ps);
+    gpt_loss(&g);
+    qs_gpt_backward(b.m, 1.0f);
+    size_t nr = c->model.moe.n_experts ? (size_t)c->model.n_layer * 10 * c->model.moe.top_k : 0;
+    int *route0 = malloc(nr * sizeof(int) + 1);
+    if (nr) memcpy(route0, qs_gpt_moe_routing(b.m), nr * sizeof(int));
+    g.route0 = route0;
+    g.nr = nr;
+    double worst = 0;
+    int checked = 0, skipped = 0;
+    char worst_at[2 * QS_PARAM_NAME_MAX] = "";
+    unsigned targets;
+    assert_int_equal(qs_config_lora_targets(&c->lora, &targets), 0);
+    for (int t = 0; t < ps->n_tensors; t++) {
+        const qs_param_info *pi = &ps->info[t];
+        size_t pick[3] = {0, qs_rng_below(seed, 30, (uint64_t)t, pi->numel), qs_rng_below(seed, 31, (uint64_t)t, pi->numel)};
+        for (size_t j = 0; j < pi->numel; j++)
+            if (fabsf(ps->grad[pi->offset + j]) > fabsf(ps->grad[pi->offset + pick[0]])) pick[0] = j;
+        const bool qkv_b = strstr(pi->name, "c_attn.lora_B") != NULL;
+        for (int k = 0; k < 3; k++) {
+            size_t i = pi->offset + pick[k];
+            if (qkv_b && !(targets & (1u << (pick[k] / (pi->numel / 3))))) {
+                assert_true(ps->grad[i] == 0.0f); /* a block left out: held at zero */
+                continue;
+            }
+            g.flipped = false;
+            double err = fd_error(gpt_loss, &g, ps->data + i, ps->grad[i]);
+            if (g.flipped) { /* top-k routing changed: the loss is discontinuous there */
+                skipped++;
+                continue;
+            }
+            if (err > worst) snprintf(worst_at, sizeof worst_at, "%s[%zu] an %.4g", pi->name, pick[k], ps->grad[i]);
+            worst = fmax(worst, err);
+            checked++;
+        }
+    }
+    printf("# %s: %d adapter coordinates (%d skipped for routing flips), worst rel err %.2e at %s\n", label,
+           checked, skipped, worst, worst_at);
+    assert_true(checked > 2 * ps->n_tensors);
+    assert_true(worst < 5e-2);
+    free(route0);
+    drop(&b);
+}
+
+static void test_gpt_dense(void **state) {
+    (void)state;
+    qs_config c = tiny("q,k,v,proj,fc,fc_proj");
+    gpt_gradcheck(&c, "dense gpt + lora");
+}
+
+static void test_gpt_moe(void **state) {
+    (void)state;
+    qs_config c = tiny("q,v,proj,experts");
+    c.model.moe.n_experts = 3;
+    c.model.moe.top_k = 2;
+    gpt_gradcheck(&c, "moe gpt + lora");
+}
+
+static void test_gpt_quadconv_mixer(void **state) {
+    (void)state;
+    qs_config c = tiny("proj,fc");
+    c.model.mixer = QS_MIXER_QUADCONV;
+    c.model.quadra.kernel_size = 3;
+    gpt_gradcheck(&c, "quadconv-mixer gpt + lora");
+}
+
+/* targets q only: the k and v blocks of c_attn's B get no gradient and stay zero, and a
+ * merge touches only the q columns of c_attn. The base buffer is untouched by training. */
+static void test_q_mask_and_frozen_base(void **state) {
+    (void)state;
+    qs_config c = tiny("q");
+    built b = build(&c, 2, 6);
+    qs_params *ps = qs_lora_params(b.lo), *base = qs_gpt_params(b.m);
+    qs_lora_init(b.lo, seed);
+    float *before = malloc(base->n * sizeof(float));
+    memcpy(before, base->data, base->n * sizeof(float));
+    gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed}};
+    for (int i = 0; i < 10; i++) g.x[i] = g.y[(i + 1) % 10] = (int)qs_rng_below(seed, 40, (uint64_t)i, 11);
+    const int C = c.model.n_embd, r = c.lora.r;
+    int ib = qs_params_find(ps, "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight");
+    for (int step = 0; step < 3; step++) { /* plain SGD on the adapters */
+        qs_params_zero_grad(ps);
+        gpt_loss(&g);
+        qs_gpt_backward(b.m, 1.0f);
+        for (size_t j = 0; j < ps->n; j++) ps->data[j] -= 0.5f * ps->grad[j];
+    }
+    const float *B = qs_params_value(ps, ib);
+    double q_norm = 0, kv_norm = 0;
+    for (int j = 0; j < 3 * C * r; j++) *(j < C * r ? &q_norm : &kv_norm) += fabs(B[j]);
+    assert_true(q_norm > 0);
+    assert_true(kv_norm == 0);
+    assert_memory_equal(before, base->data, base->n * sizeof(float));
+    assert_int_equal(qs_lora_merge(b.lo, base, 1), 0);
+    int iw = qs_params_find(base, "h.0.attn.c_attn.weight");
+    const float *W = qs_params_value(base, iw), *W0 = before + base->info[iw].offset;
+    int q_changed = 0;
+    for (int i = 0; i < C; i++)
+        for (int j = 0; j < 3 * C; j++) {
+            if (j >= C) assert_true(W[i * 3 * C + j] == W0[i * 3 * C + j]);
+            else q_changed += W[i * 3 * C + j] != W0[i * 3 * C + j];
+        }
+    assert_true(q_changed > 0);
+    free(before);
+    drop(&b);
+}
+
+/* Merged weights without the adapter give the adapted model's logits (<= 1e-5) and its
+ * greedy continuation; unmerging restores the base up to rounding. Dense and MoE. */
+static void merge_check(const qs_config *c, const char *label) {
+    const int T = 7;
+    built b = build(c, 1, T);
+    qs_params *ad = qs_lora_params(b.lo); /* trained-adapter magnitudes, not the gradient checks' */
+    for (size_t j = 0; j < ad->n; j++) ad->data[j] *= 0.1f;
+    qs_params *base = qs_gpt_params(b.m);
+    float *orig = malloc(base->n * sizeof(float));
+    memcpy(orig, base->data, base->n * sizeof(float));
+    int x[7];
+    for (int i = 0; i < T; i++) x[i] = (int)qs_rng_below(seed, 50, (uint64_t)i, 11);
+    qs_forward_mode eval = {.train = false};
+    const size_t nl = (size_t)T * c->model.vocab_size;
+    float *with = malloc(nl * sizeof(float)), *merged = malloc(nl * sizeof(float));
+    qs_gpt_forward(b.m, x, NULL, 1, T, &eval);
+    memcpy(with, qs_gpt_logits(b.m), nl * sizeof(float));
+    qs_sample_params greedy = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = seed};
+    int ctx_a[40] = {x[0], x[1]}, ctx_b[40] = {x[0], x[1]};
+    assert_true(qs_generate(b.m, ctx_a, 2, 20, &greedy, NULL, NULL) >= 0);
+
+    assert_int_equal(qs_lora_merge(b.lo, base, 1), 0);
+    qs_gpt_set_lora(b.m, NULL);
+    qs_gpt_forward(b.m, x, NULL, 1, T, &eval);
+    memcpy(merged, qs_gpt_logits(b.m), nl * sizeof(float));
+    double worst = 0;
+    for (size_t i = 0; i < nl; i++) worst = fmax(worst, fabs(with[i] - merged[i]));
+    printf("# %s: merged vs adapter logits max diff %.2e\n", label, worst);
+    assert_true(worst <= 1e-5);
+    assert_true(qs_generate(b.m, ctx_b, 2, 20, &greedy, NULL, NULL) >= 0);
+    assert_memory_equal(ctx_a, ctx_b, sizeof ctx_a);
+
+    assert_int_equal(qs_lora_merge(b.lo, base, -1), 0);
+    double back = 0;
+    for (size_t j = 0; j < base->n; j++) back = fmax(back, fabs(base->data[j] - orig[j]));
+    assert_true(back <= 1e-5);
+    free(orig), free(with), free(merged);
+    drop(&b);
+}
+
+static void test_merge_unmerge(void **state) {
+    (void)state;
+    qs_config c = tiny("q,k,v,proj,fc,fc_proj");
+    c.model.init_std = 0.02f; /* GPT-2's: logits of order 1, where 1e-5 is meaningful in fp32 */
+    c.lora.dropout = 0.0f;
+    merge_check(&c, "dense");
+    c = tiny("k,proj,experts");
+    c.model.init_std = 0.02f;
+    c.model.moe.n_experts = 4;
+    c.model.moe.top_k = 2;
+    c.lora.rslora = true;
+    merge_check(&c, "moe");
+}
+
+/* ---- files ---- */
+
+static char tmpdir[] = "/tmp/qs_test_lora_XXXXXX";
+
+/* checksums.json over the two adapter files, as the checkpoint writer makes it; returns
+ * the size of adapter_model.safetensors. */
+static long write_checksums(const char *dir) {
+    const char *names[2] = {QS_LORA_WEIGHTS, QS_LORA_CONFIG};
+    char path[700], *data;
+    size_t n[2];
+    unsigned crc[2];
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        assert_int_equal(qs_file_read(path, &data, &n[i]), 0);
+        crc[i] = qs_crc32c(0, data, n[i]);
+        free(data);
+    }
+    snprintf(path, sizeof path, "%s/checksums.json", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "{\"%s\": {\"bytes\": %zu, \"crc32c\": \"%08x\"}, \"%s\": {\"bytes\": %zu, \"crc32c\": \"%08x\"}}",
+            names[0], n[0], crc[0], names[1], n[1], crc[1]);
+    fclose(f);
+    return (long)n[0];
+}
+
+static long write_adapter(qs_lora *lo, const char *dir) {
+    char cmd[700];
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", dir, dir);
+    assert_int_equal(system(cmd), 0);
+    assert_int_equal(qs_lora_write(lo, dir, "base/dir"), 0);
+    return write_checksums(dir);
+}
+
+/* Round trip; the tensor bytes are exactly proportional to r; another base shape, a
+ * flipped byte and a bad adapter_config.json are refused. */
+static void test_files(void **state) {
+    (void)state;
+    char dir[600], dir2[600];
+    snprintf(dir, sizeof dir, "%s/a", tmpdir);
+    snprintf(dir2, sizeof dir2, "%s/b", tmpdir);
+    qs_config c = tiny("q,v,fc");
+    long size[3];
+    for (int k = 0; k < 3; k++) {
+        c.lora.r = 1 << k; /* 1, 2, 4 */
+        built b = build(&c, 1, 4);
+        size[k] = write_adapter(b.lo, dir);
+        if (k == 2) { /* round trip into a fresh table */
+            qs_lora *lo2;
+            qs_lora_config lc;
+            assert_int_equal(qs_lora_read_config(dir, &lc), 0);
+            assert_int_equal(lc.r, 4);
+            assert_string_equal(lc.targets, "q,v,fc");
+            assert_true(lc.alpha == c.lora.alpha && lc.dropout == c.lora.dropout && !lc.rslora);
+            assert_int_equal(qs_lora_create(&lo2, &lc, b.m), 0);
+            assert_int_equal(qs_lora_load(lo2, dir), 0);
+            assert_memory_equal(qs_lora_params(lo2)->data, qs_lora_params(b.lo)->data,
+                                qs_lora_params(b.lo)->n * sizeof(float));
+            qs_lora_free(lo2);
+        }
+        drop(&b);
+    }
+    /* data = r * (floats per rank) * 4 bytes; the JSON header changes by a few bytes only */
+    const long per_r = 2L * (6 * 1 + 18 * 1) * 4 + 2L * (6 + 12) * 4; /* c_attn A+B, mlp.c_fc A+B, per layer */
+    for (int k = 0; k < 3; k++) {
+        long data = (long)(1 << k) * per_r;
+        printf("# adapter file, r = %d: %ld bytes (%ld of tensors)\n", 1 << k, size[k], data);
+        assert_true(size[k] > data && size[k] < data + 1024);
+    }
+    assert_true(size[2] - size[1] > size[1] - size[0]);
+
+    /* the r = 4 adapter on a wider base: refused, naming the tensor */
+    qs_config wide = tiny("q,v,fc");
+    wide.model.n_embd = 8;
+    built w = build(&wide, 1, 4);
+    qs_lora *lo3;
+    char step[700];
+    assert_int_equal(qs_lora_open(&lo3, dir, w.m, step, sizeof step), -1);
+    printf("# %s\n", qs_error_last());
+    assert_non_null(strstr(qs_error_last(), "does not fit this base model"));
+    assert_non_null(strstr(qs_error_last(), "lora_A.weight"));
+    assert_null(lo3);
+    drop(&w);
+
+    /* a flipped byte in the tensors */
+    char path[700], cmd[1500];
+    snprintf(path, sizeof path, "%s/" QS_LORA_WEIGHTS, dir);
+    FILE *f = fopen(path, "r+b");
+    fseek(f, -3, SEEK_END);
+    int ch = fgetc(f);
+    fseek(f, -3, SEEK_END);
+    fputc(ch ^ 0x10, f);
+    fclose(f);
+    qs_config c4 = tiny("q,v,fc");
+    c4.lora.r = 4;
+    built b4 = build(&c4, 1, 4);
+    qs_lora *lo4 = NULL;
+    assert_int_equal(qs_lora_open(&lo4, dir, b4.m, step, sizeof step), -1);
+    assert_non_null(strstr(qs_error_last(), "checksum"));
+    /* an adapter_config.json with r out of range, its checksum updated: the schema's error */
+    write_adapter(b4.lo, dir2);
+    snprintf(cmd, sizeof cmd, "sed -i 's/\"r\":.*4,/\"r\": 0,/' %s/" QS_LORA_CONFIG, dir2);
+    assert_int_equal(system(cmd), 0);
+    write_checksums(dir2);
+    qs_lora_config lc;
+    assert_int_equal(qs_lora_read_config(dir2, &lc), -1);
+    printf("# %s\n", qs_error_last());
+    assert_non_null(strstr(qs_error_last(), "'r': --set: lora.r: must be in [1, 4096], got 0"));
+    drop(&b4);
+}
+
+/* Targets a model does not have, and bad lora settings, are errors naming the key. */
+static void test_refused_targets(void **state) {
+    (void)state;
+    struct {
+        const char *targets;
+        int mixer, experts, r;
+        const char *want;
+    } cases[] = {
+        {"q,proj", QS_MIXER_QUADCONV, 0, 2, "model.mixer quadconv"},
+        {"fc", QS_MIXER_ATTENTION, 3, 2, "use experts"},
+        {"experts", QS_MIXER_ATTENTION, 0, 2, "needs an MoE model"},
+        {"q", QS_MIXER_ATTENTION, 0, 7, "lora.r (7) must be <= model.n_embd (6)"},
+        {"q,x", QS_MIXER_ATTENTION, 0, 2, "lora.targets: unknown target 'x'"},
+        {"", QS_MIXER_ATTENTION, 0, 2, "lora.targets"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        qs_config c = tiny(cases[i].targets);
+        c.model.mixer = cases[i].mixer;
+        c.model.quadra.kernel_size = 3;
+        c.model.moe.n_experts = cases[i].experts;
+        c.lora.r = cases[i].r;
+        qs_gpt *m;
+        qs_lora *lo = (qs_lora *)&c; /* must come back NULL */
+        assert_int_equal(qs_gpt_create_frozen(&m, &c.model, qs_backend_cpu(), 1, 4), 0);
+        assert_int_equal(qs_lora_create(&lo, &c.lora, m), -1);
+        assert_null(lo);
+        printf("# %s\n", qs_error_last());
+        assert_non_null(strstr(qs_error_last(), cases[i].want));
+        qs_gpt_free(m);
+    }
+    qs_config c;
+    qs_config_defaults(&c);
+    assert_int_equal(qs_config_set(&c, "lora.r=0"), -1);
+    assert_non_null(strstr(qs_error_last(), "lora.r"));
+    assert_int_equal(qs_config_set(&c, "lora.targets=q,up"), 0);
+    assert_int_equal(qs_config_validate(&c), -1);
+    assert_non_null(strstr(qs_error_last(), "lora.targets: unknown target 'up'"));
+}
+
+int main(void) {
+    seed = qs_test_seed("test_lora");
+    assert_non_null(mkdtemp(tmpdir));
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_linear_forward_and_gradients),
+        cmocka_unit_test(test_gpt_dense),
+        cmocka_unit_test(test_gpt_moe),
+        cmocka_unit_test(test_gpt_quadconv_mixer),
+        cmocka_unit_test(test_q_mask_and_frozen_base),
+        cmocka_unit_test(test_merge_unmerge),
+        cmocka_unit_test(test_files),
+        cmocka_unit_test(test_refused_targets),
+    };
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
+    if (system(cmd)) rc = 1;
+    return rc;
+}
