@@ -481,6 +481,13 @@ static void test_gelu_relu(void **state) {
         want[i] = 0.5 * x * (1.0 + tanh(sqrt(2.0 / acos(-1.0)) * (x + 0.044715 * x * x * x)));
     }
     check_close("gelu", c.out, want, n, 1e-5, 1e-6);
+    /* a diverging run's NaN passes through (and under UBSan, without undefined casts) */
+    const float bad[3] = {NAN, INFINITY, -INFINITY};
+    float bad_out[3], bad_grad[3] = {0, 0, 0}, ones[3] = {1, 1, 1};
+    ops->gelu_forward(bad_out, bad, 3);
+    ops->gelu_backward(bad_grad, bad, ones, 3);
+    assert_true(isnan(bad_out[0]) && isnan(bad_grad[0]));
+    assert_true(bad_out[1] == INFINITY);
     const param ps[] = {{"inp", c.inp, n}};
     check_gradients("gelu", ew_loss, ew_backward, &c, ps, 1, 1e-3);
 
@@ -1161,6 +1168,13 @@ static void test_layer_scale(void **state) {
         c.inp = rnd_tensor(img_in(&c), -1, 1), c.resid = rnd_tensor(img_in(&c), -1, 1);
         c.gamma = rnd_tensor((size_t)c.C, -1, 1), c.out = alloc_f(img_in(&c)), c.R = rnd_tensor(img_in(&c), -1, 1);
         c.drop = drops[d];
+        /* a seed whose mask keeps some samples and drops others (all-or-none has
+         * probability 2^(1-B) per draw) */
+        for (int kept = 0; c.drop > 0 && (kept == 0 || kept == c.B);) {
+            c.seed = rnd_u64();
+            kept = 0;
+            for (int b = 0; b < c.B; b++) kept += qs_rng_uniform(c.seed, 5, (uint64_t)b) >= c.drop;
+        }
         img_loss(&c);
         const size_t n = img_in(&c), per = (size_t)c.H * c.W * c.C;
         double *want = alloc_d(n);

@@ -20,7 +20,11 @@
  * Taylor polynomial (measured worst 2.4e-7 relative over [-87, 88]) scaled by 2^n through the exponent bits.
  * x is clamped to [-87, 88]: below, the result is ~0 (1.6e-38) instead of a denormal. */
 static inline float qs_cpu_expf(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x; /* not fminf/fmaxf: libm calls without -ffast-math */
+    /* ternaries, not fminf/fmaxf (libm calls without -ffast-math); NaN compares false and
+     * becomes -87, so the int conversion below is always defined (callers such as GELU
+     * still return NaN for a NaN input through their other factor) */
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
     /* round to nearest by the 1.5 * 2^23 trick: floorf/nearbyintf do not vectorise
      * without -fno-trapping-math */
     const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
