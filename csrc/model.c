@@ -43,7 +43,6 @@ struct qs_gpt {
 
     qs_params ps;       /* no gradient buffer when frozen (a LoRA base) */
     qs_lora *lora;      /* adapters on the linear layers, or NULL */
-    bool table_failed; /* an add_param ran out of memory */
     int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
     layer_params *lp;
 
@@ -77,12 +76,6 @@ struct qs_gpt {
 
 /* ---- parameter table ---- */
 
-static int add_param(qs_gpt *m, const char *name, int ndim, const int64_t *shape,
-                     qs_param_role role, int fan_in, int fan_out, bool residual_proj) {
-    int i = qs_params_add(&m->ps, name, ndim, shape, role, fan_in, fan_out, residual_proj);
-    if (i < 0) m->table_failed = true;
-    return i;
-}
 
 /* A linear layer [in, out] (optionally stacked over n_stack experts) plus its bias. */
 static void add_linear(qs_gpt *m, const char *prefix, int n_stack, int in, int out,
@@ -98,11 +91,11 @@ static void add_linear(qs_gpt *m, const char *prefix, int n_stack, int in, int o
     ws[wd++] = out;
     bs[bd++] = out;
     snprintf(name, sizeof name, "%s.weight", prefix);
-    *w = add_param(m, name, wd, ws, QS_ROLE_WEIGHT, in, out, residual_proj);
+    *w = qs_params_add(&m->ps, name, wd, ws, QS_ROLE_WEIGHT, in, out, residual_proj);
     *b = -1;
     if (bias) {
         snprintf(name, sizeof name, "%s.bias", prefix);
-        *b = add_param(m, name, bd, bs, QS_ROLE_BIAS, in, out, false);
+        *b = qs_params_add(&m->ps, name, bd, bs, QS_ROLE_BIAS, in, out, false);
     }
 }
 
@@ -110,18 +103,18 @@ static void add_layernorm(qs_gpt *m, const char *prefix, int *w, int *b) {
     char name[QS_PARAM_NAME_MAX];
     int64_t s[1] = {m->C};
     snprintf(name, sizeof name, "%s.weight", prefix);
-    *w = add_param(m, name, 1, s, QS_ROLE_NORM_WEIGHT, 0, 0, false);
+    *w = qs_params_add(&m->ps, name, 1, s, QS_ROLE_NORM_WEIGHT, 0, 0, false);
     snprintf(name, sizeof name, "%s.bias", prefix);
-    *b = add_param(m, name, 1, s, QS_ROLE_NORM_BIAS, 0, 0, false);
+    *b = qs_params_add(&m->ps, name, 1, s, QS_ROLE_NORM_BIAS, 0, 0, false);
 }
 
 static void build_param_table(qs_gpt *m) {
     const qs_model_config *c = &m->cfg;
     char pre[64];
     int64_t s[2] = {m->V, m->C};
-    m->wte = add_param(m, "wte.weight", 2, s, QS_ROLE_EMBEDDING, m->C, m->V, false);
+    m->wte = qs_params_add(&m->ps, "wte.weight", 2, s, QS_ROLE_EMBEDDING, m->C, m->V, false);
     s[0] = c->seq_len;
-    m->wpe = add_param(m, "wpe.weight", 2, s, QS_ROLE_EMBEDDING, m->C, c->seq_len, false);
+    m->wpe = qs_params_add(&m->ps, "wpe.weight", 2, s, QS_ROLE_EMBEDDING, m->C, c->seq_len, false);
     for (int l = 0; l < m->L; l++) {
         layer_params *p = &m->lp[l];
         snprintf(pre, sizeof pre, "h.%d.ln_1", l);
@@ -131,9 +124,9 @@ static void build_param_table(qs_gpt *m) {
             const int k = c->quadra.kernel_size;
             int64_t ws[4] = {3, 1, k, m->C}, bs[2] = {3, m->C};
             snprintf(pre, sizeof pre, "h.%d.attn.quadconv.weight", l);
-            p->qc_w = add_param(m, pre, 4, ws, QS_ROLE_WEIGHT, k, k, false);
+            p->qc_w = qs_params_add(&m->ps, pre, 4, ws, QS_ROLE_WEIGHT, k, k, false);
             snprintf(pre, sizeof pre, "h.%d.attn.quadconv.bias", l);
-            p->qc_b = add_param(m, pre, 2, bs, QS_ROLE_BIAS, k, k, false);
+            p->qc_b = qs_params_add(&m->ps, pre, 2, bs, QS_ROLE_BIAS, k, k, false);
         } else {
             snprintf(pre, sizeof pre, "h.%d.attn.c_attn", l);
             add_linear(m, pre, 0, m->C, 3 * m->C, c->bias, false, &p->qkv_w, &p->qkv_b);
@@ -168,7 +161,7 @@ static void build_param_table(qs_gpt *m) {
     } else {
         s[0] = m->V;
         s[1] = m->C;
-        m->lm_head = add_param(m, "lm_head.weight", 2, s, QS_ROLE_WEIGHT, m->C, m->V, false);
+        m->lm_head = qs_params_add(&m->ps, "lm_head.weight", 2, s, QS_ROLE_WEIGHT, m->C, m->V, false);
     }
 }
 
@@ -275,7 +268,6 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
         }
     }
     build_param_table(m);
-    if (m->table_failed) goto oom;
 
     qs_plan p = {0};
     carve(m, &p);
@@ -336,11 +328,7 @@ static float init_value(const qs_param_info *p, const void *ctx) {
     const qs_gpt *m = ctx;
     const qs_model_config *c = &m->cfg;
     if (p->role == QS_ROLE_EMBEDDING) return c->init_std;
-    switch (c->init) {
-    case QS_INIT_KAIMING: return sqrtf(2.0f / (float)p->fan_in);
-    case QS_INIT_XAVIER: return sqrtf(2.0f / (float)(p->fan_in + p->fan_out));
-    case QS_INIT_NORMAL: break;
-    }
+    if (c->init != QS_INIT_NORMAL) return qs_params_init_std(c->init, c->init_std, p);
     /* GPT-2: scale projections into the residual stream by depth. */
     return p->residual_proj ? c->init_std / sqrtf(2.0f * (float)m->L) : c->init_std;
 }

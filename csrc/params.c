@@ -1,5 +1,6 @@
 #include "quasar/params.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,7 +13,10 @@ int qs_params_add(qs_params *ps, const char *name, int ndim, const int64_t *shap
     if (ps->n_tensors == ps->cap) {
         int cap = ps->cap ? 2 * ps->cap : 32;
         qs_param_info *info = realloc(ps->info, (size_t)cap * sizeof *info);
-        if (!info) return qs_error("out of memory building the parameter table");
+        if (!info) {
+            ps->broken = true;
+            return qs_error("out of memory building the parameter table");
+        }
         ps->info = info;
         ps->cap = cap;
     }
@@ -35,6 +39,7 @@ int qs_params_add(qs_params *ps, const char *name, int ndim, const int64_t *shap
 }
 
 int qs_params_alloc(qs_params *ps, const qs_backend *be, bool trainable) {
+    if (ps->broken) return qs_error("out of memory building the parameter table");
     ps->be = be;
     ps->data = be->alloc(ps->n * sizeof(float));
     if (trainable) ps->grad = be->alloc(ps->n * sizeof(float));
@@ -87,4 +92,13 @@ int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const v
     qs_params_upload(ps, host);
     free(host);
     return 0;
+}
+
+float qs_params_init_std(qs_init scheme, float normal_std, const qs_param_info *p) {
+    switch (scheme) {
+    case QS_INIT_KAIMING: return sqrtf(2.0f / (float)p->fan_in);
+    case QS_INIT_XAVIER: return sqrtf(2.0f / (float)(p->fan_in + p->fan_out));
+    case QS_INIT_NORMAL: break;
+    }
+    return normal_std;
 }

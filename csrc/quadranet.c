@@ -34,7 +34,6 @@ struct qs_quadranet {
     const qs_backend *be;
     int max_B, S, P;           /* image side, stem patch */
     qs_params ps;
-    bool table_failed;
     int stem_w, stem_b, stem_ln_w, stem_ln_b, head_ln_w, head_ln_b, head_w, head_b;
     stage st[NS];
 
@@ -62,9 +61,7 @@ static int add(qs_quadranet *m, const char *prefix, const char *name, int ndim, 
     char full[2 * QS_PARAM_NAME_MAX]; /* names are short; qs_params_add truncates to fit */
     int64_t shape[4] = {d0, d1, d2, d3};
     snprintf(full, sizeof full, "%s%s", prefix, name);
-    int i = qs_params_add(&m->ps, full, ndim, shape, role, fan_in, fan_out, false);
-    if (i < 0) m->table_failed = true;
-    return i;
+    return qs_params_add(&m->ps, full, ndim, shape, role, fan_in, fan_out, false);
 }
 
 static void add_norm(qs_quadranet *m, const char *prefix, const char *name, int C, int *w, int *b) {
@@ -204,7 +201,6 @@ int qs_quadranet_create(qs_quadranet **out, const qs_model_config *cfg, const qs
     m->host_losses = malloc((size_t)max_B * sizeof(float));
     if (!m->host_logits || !m->host_losses) goto oom;
     build_param_table(m);
-    if (m->table_failed) goto oom;
     qs_plan p = {0};
     carve(m, &p);
     m->act_floats = p.nf;
@@ -243,12 +239,7 @@ void qs_quadranet_free(qs_quadranet *m) {
 static float init_value(const qs_param_info *p, const void *ctx) {
     const qs_model_config *c = ctx;
     if (p->role == QS_ROLE_SCALE) return c->quadra.layer_scale_init;
-    switch (c->init) {
-    case QS_INIT_KAIMING: return sqrtf(2.0f / (float)p->fan_in);
-    case QS_INIT_XAVIER: return sqrtf(2.0f / (float)(p->fan_in + p->fan_out));
-    case QS_INIT_NORMAL: break;
-    }
-    return c->init_std;
+    return qs_params_init_std(c->init, c->init_std, p);
 }
 
 int qs_quadranet_init(qs_quadranet *m, uint64_t seed) { return qs_params_init(&m->ps, seed, init_value, &m->cfg); }

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "quasar/backend.h"
+#include "quasar/config.h"
 
 #define QS_PARAM_NAME_MAX 96
 #define QS_PARAM_MAX_DIM 4
@@ -35,11 +36,13 @@ typedef struct qs_params {
     qs_param_info *info;
     int n_tensors, cap;
     size_t n;            /* floats in all tensors */
+    bool broken;         /* an add ran out of memory; alloc then refuses the table */
     float *data, *grad;  /* backend memory; grad is NULL for a frozen set */
 } qs_params;
 
 /* Appends a tensor to the table (before qs_params_alloc); returns its index, or -1
- * (qs_error set) when out of memory. */
+ * (qs_error set) when out of memory, which also makes qs_params_alloc fail, so builders
+ * need not check each add. */
 int qs_params_add(qs_params *ps, const char *name, int ndim, const int64_t *shape,
                   qs_param_role role, int fan_in, int fan_out, bool residual_proj);
 /* Allocates the zeroed data (and, if trainable, gradient) buffers on be. */
@@ -56,6 +59,9 @@ float *qs_params_grad(const qs_params *ps, int i);
  * RNG (stream = tensor index), SCALE tensors are value(p), norm weights 1, biases 0. */
 typedef float (*qs_init_value_fn)(const qs_param_info *p, const void *ctx);
 int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const void *ctx);
+/* The std of a weight under model.init: normal_std, Kaiming sqrt(2/fan_in) or Xavier
+ * sqrt(2/(fan_in+fan_out)). Models add their own exceptions around it. */
+float qs_params_init_std(qs_init scheme, float normal_std, const qs_param_info *p);
 
 void qs_params_zero_grad(qs_params *ps);
 /* Copies all values between the backend and host[n]. */
