@@ -25,6 +25,7 @@
 #include "quasar/model.h"
 #include "quasar/rng.h"
 #include "quasar/sample.h"
+#include "gradcheck.h"
 #include "test_seed.h"
 
 static uint64_t seed;
@@ -103,27 +104,14 @@ static double lin_loss(lin_ctx *c) {
     return s;
 }
 
-/* Central differences at two step sizes and their Richardson extrapolation; the best of
- * the three against the analytic value (as tests/test_model.c). */
-static double fd_error(double (*f)(void *), void *ctx, float *p, double an) {
-    double fd[3];
-    for (int e = 0; e < 2; e++) {
-        float eps = e == 0 ? 3e-3f : 1e-3f, orig = *p;
-        *p = orig + eps;
-        double lp = f(ctx);
-        *p = orig - eps;
-        double lm = f(ctx);
-        *p = orig;
-        fd[e] = (lp - lm) / (2.0 * eps);
-    }
-    fd[2] = (9.0 * fd[1] - fd[0]) / 8.0;
-    double best = fd[0];
-    for (int e = 1; e < 3; e++)
-        if (fabs(fd[e] - an) < fabs(best - an)) best = fd[e];
-    return fabs(best - an) / (fabs(an) + 1e-3);
+static double lin_loss_v(void *c, bool *same) {
+    (void)same;
+    return lin_loss(c);
 }
 
-static double lin_loss_v(void *c) { return lin_loss(c); }
+static double fd_error(gc_loss_fn f, void *ctx, float *p, double an, bool *same) {
+    return gc_rel_err(gc_nearest_fd(f, ctx, p, an, same), an, 1e-3);
+}
 
 static void test_linear_forward_and_gradients(void **state) {
     (void)state;
@@ -174,9 +162,9 @@ static void test_linear_forward_and_gradients(void **state) {
             size_t ja = qs_rng_below(seed, 10, (uint64_t)k, (uint64_t)r * in);
             size_t jb = qs_rng_below(seed, 11, (uint64_t)k, (uint64_t)out * r);
             size_t jx = qs_rng_below(seed, 12, (uint64_t)k, (uint64_t)n * in);
-            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)A + ja, qs_params_grad(ps, ia)[ja]));
-            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)B + jb, qs_params_grad(ps, ib)[jb]));
-            worst = fmax(worst, fd_error(lin_loss_v, &lc, lc.x + jx, dx[jx]));
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)A + ja, qs_params_grad(ps, ia)[ja], &(bool){true}));
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)B + jb, qs_params_grad(ps, ib)[jb], &(bool){true}));
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, lc.x + jx, dx[jx], &(bool){true}));
         }
         printf("# lora linear (rslora %d): worst rel err %.2e\n", rs, worst);
         assert_true(worst < 1e-2);
@@ -193,13 +181,13 @@ typedef struct gpt_ctx {
     qs_forward_mode mode;
     const int *route0; /* MoE: the routing of the unperturbed pass */
     size_t nr;
-    bool flipped;      /* a pass since the last reset routed differently */
 } gpt_ctx;
 
-static double gpt_loss(void *p) {
+/* *same is cleared when MoE routing differs from route0's. */
+static double gpt_loss(void *p, bool *same) {
     gpt_ctx *c = p;
     double loss = qs_gpt_forward(c->m, c->x, c->y, 2, 5, &c->mode);
-    if (c->nr && memcmp(c->route0, qs_gpt_moe_routing(c->m), c->nr * sizeof(int))) c->flipped = true;
+    if (c->nr && memcmp(c->route0, qs_gpt_moe_routing(c->m), c->nr * sizeof(int))) *same = false;
     const qs_model_config *mc = qs_gpt_config(c->m);
     if (mc->moe.n_experts > 0) {
         const qs_moe_stats *s = qs_gpt_moe_stats(c->m);
@@ -218,7 +206,7 @@ static void gpt_gradcheck(const qs_config *c, const char *label) {
     }
     qs_params *ps = qs_lora_params(b.lo);
     qs_params_zero_grad(ps);
-    gpt_loss(&g);
+    gpt_loss(&g, &(bool){true});
     qs_gpt_backward(b.m, 1.0f);
     size_t nr = c->model.moe.n_experts ? (size_t)c->model.n_layer * 10 * c->model.moe.top_k : 0;
     int *route0 = malloc(nr * sizeof(int) + 1);
@@ -242,9 +230,9 @@ static void gpt_gradcheck(const qs_config *c, const char *label) {
                 assert_true(ps->grad[i] == 0.0f); /* a block left out: held at zero */
                 continue;
             }
-            g.flipped = false;
-            double err = fd_error(gpt_loss, &g, ps->data + i, ps->grad[i]);
-            if (g.flipped) { /* top-k routing changed: the loss is discontinuous there */
+            bool same = true;
+            double err = fd_error(gpt_loss, &g, ps->data + i, ps->grad[i], &same);
+            if (!same) { /* top-k routing changed: the loss is discontinuous there */
                 skipped++;
                 continue;
             }
@@ -299,7 +287,7 @@ static void test_q_mask_and_frozen_base(void **state) {
     int ib = qs_params_find(ps, "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight");
     for (int step = 0; step < 3; step++) { /* plain SGD on the adapters */
         qs_params_zero_grad(ps);
-        gpt_loss(&g);
+        gpt_loss(&g, &(bool){true});
         qs_gpt_backward(b.m, 1.0f);
         for (size_t j = 0; j < ps->n; j++) ps->data[j] -= 0.5f * ps->grad[j];
     }

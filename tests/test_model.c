@@ -19,6 +19,7 @@
 #include "quasar/model.h"
 #include "quasar/rng.h"
 #include "quasar/sample.h"
+#include "gradcheck.h"
 #include "test_seed.h"
 
 static uint64_t seed;
@@ -53,6 +54,23 @@ static size_t routing_len(const qs_model_config *c, int N) {
     return c->moe.n_experts > 0 ? (size_t)c->n_layer * N * c->moe.top_k : 0;
 }
 
+/* One perturbed evaluation of the objective; routing must match the unperturbed pass. */
+typedef struct objective_ctx {
+    qs_gpt *m;
+    const int *x, *y;
+    int B, T;
+    const qs_forward_mode *mode;
+    const int *route0;
+    size_t nr;
+} objective_ctx;
+
+static double perturbed_objective(void *p, bool *same) {
+    objective_ctx *c = p;
+    double loss = objective(c->m, c->x, c->y, c->B, c->T, c->mode);
+    if (c->nr && memcmp(c->route0, qs_gpt_moe_routing(c->m), c->nr * sizeof(int))) *same = false;
+    return loss;
+}
+
 /* One check on inputs drawn from `draw`; asserts accuracy on the coordinates it could
  * check and returns whether routing flips left too few of them. */
 static bool gradcheck_draw(const qs_model_config *cfg, const char *label, uint64_t draw) {
@@ -78,9 +96,9 @@ static bool gradcheck_draw(const qs_model_config *cfg, const char *label, uint64
     if (nr) memcpy(route0, qs_gpt_moe_routing(m), nr * sizeof(int));
 
     float *p = qs_gpt_params(m)->data;
-    double num = 0, den = 0, worst = 0;
-    int checked = 0, skipped = 0;
-    char worst_name[2 * QS_PARAM_NAME_MAX] = "";
+    objective_ctx oc = {m, x, y, B, T, &mode, route0, nr};
+    gc_score sc = {0};
+    int skipped = 0;
     for (int t = 0; t < qs_gpt_params(m)->n_tensors; t++) {
         const qs_param_info *pi = &qs_gpt_params(m)->info[t];
         /* the largest-gradient coordinate of each tensor, plus two random ones */
@@ -89,51 +107,25 @@ static bool gradcheck_draw(const qs_model_config *cfg, const char *label, uint64
             if (fabsf(grad[pi->offset + j]) > fabsf(grad[pi->offset + pick[0]])) pick[0] = j;
         for (int k = 0; k < 3; k++) {
             size_t i = pi->offset + pick[k];
-            /* Two step sizes (fp32 rounding limits how small) and their Richardson
-             * extrapolation, which cancels the O(h^2) curvature term. A wrong gradient
-             * is wrong at every step size, so scoring by the best of the three stays
-             * sound while curved regions stop producing false alarms. */
-            double fd[3];
-            int same = 1;
-            for (int e = 0; e < 2; e++) {
-                float eps = e == 0 ? 3e-3f : 1e-3f, orig = p[i];
-                p[i] = orig + eps;
-                double lp = objective(m, x, y, B, T, &mode);
-                same = same && (!nr || !memcmp(route0, qs_gpt_moe_routing(m), nr * sizeof(int)));
-                p[i] = orig - eps;
-                double lm = objective(m, x, y, B, T, &mode);
-                same = same && (!nr || !memcmp(route0, qs_gpt_moe_routing(m), nr * sizeof(int)));
-                p[i] = orig;
-                fd[e] = (lp - lm) / (2.0 * eps);
-            }
+            bool same = true;
+            gc_fd fd = gc_nearest_fd(perturbed_objective, &oc, p + i, grad[i], &same);
             if (!same) { /* top-k selection flipped: the loss is discontinuous here */
                 skipped++;
                 continue;
             }
-            fd[2] = (9.0 * fd[1] - fd[0]) / 8.0;
-            double an = grad[i], best = fd[0];
-            for (int e = 1; e < 3; e++)
-                if (fabs(fd[e] - an) < fabs(best - an)) best = fd[e];
-            double err = fabs(best - an) / (fabs(an) + 1e-3);
-            if (err > worst) {
-                worst = err;
-                snprintf(worst_name, sizeof worst_name, "%s[%zu] fd %.6g an %.6g", pi->name, pick[k], best, an);
-            }
-            num += (best - an) * (best - an);
-            den += an * an;
-            checked++;
+            gc_score_add(&sc, pi->name, pick[k], fd, grad[i]);
         }
     }
-    double rel = sqrt(num / den);
+    double rel = gc_score_rel(&sc);
     printf("# %s: %d coordinates (%d skipped for routing flips), rel err %.2e, worst %.2e at %s\n", label,
-           checked, skipped, rel, worst, worst_name);
-    assert_true(checked > 0);
+           sc.checked, skipped, rel, sc.worst, sc.worst_at);
+    assert_true(sc.checked > 0);
     assert_true(rel < 1e-2);
-    assert_true(worst < 5e-2);
+    assert_true(sc.worst < 5e-2);
     free(grad);
     free(route0);
     qs_gpt_free(m);
-    return skipped > checked / 10;
+    return skipped > sc.checked / 10;
 }
 
 /* A token whose router logits are nearly tied flips its routing under any upstream

@@ -14,6 +14,7 @@
 #include "quasar/config.h"
 #include "quasar/quadranet.h"
 #include "quasar/rng.h"
+#include "gradcheck.h"
 #include "test_seed.h"
 
 static uint64_t seed;
@@ -57,15 +58,31 @@ static void randomize_biases(qs_params *ps) {
     }
 }
 
+typedef struct loss_ctx {
+    qs_quadranet *m;
+    const float *x;
+    const int *y;
+    int B;
+    const qs_forward_mode *mode;
+} loss_ctx;
+
+static double loss_at(void *p, bool *same) {
+    (void)same; /* no discrete choices in QuadraNet */
+    loss_ctx *c = p;
+    return qs_quadranet_forward(c->m, c->x, c->y, c->B, c->mode, NULL);
+}
+
 static void test_gradcheck(void **state) {
     (void)state;
     const qs_model_config cfg = tiny_config();
-    const int B = 4;
+    /* 8 images: with drop path up to 0.4, every block then keeps some sample's branch
+     * (all 8 dropped: 0.4^8 per block; at 4 it happened in about 1 run in 25) */
+    const int B = 8;
     qs_quadranet *m;
     assert_int_equal(qs_quadranet_create(&m, &cfg, qs_backend_cpu(), B), 0);
     assert_int_equal(qs_quadranet_init(m, seed), 0);
-    float x[4 * 8 * 8 * 2];
-    int y[4];
+    float x[8 * 8 * 8 * 2];
+    int y[8];
     draw_batch(&cfg, B, x, y);
     qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed};
     qs_params *ps = qs_quadranet_params(m);
@@ -76,8 +93,11 @@ static void test_gradcheck(void **state) {
     float *grad = malloc(ps->n * sizeof(float));
     memcpy(grad, ps->grad, ps->n * sizeof(float));
 
-    double num = 0, den = 0, worst = 0;
-    char worst_name[2 * QS_PARAM_NAME_MAX] = "";
+    loss_ctx lc = {m, x, y, B, &mode};
+    /* Its per-coordinate gradients (a mean over 8 images through a deep net) are often
+     * 1e-4..1e-3, where the fp32 forward's rounding moves the difference quotients by
+     * ~1e-4: a 3e-3 floor keeps those coordinates from failing on noise alone. */
+    gc_score sc = {.floor = 3e-3};
     int zero_tensors = 0;
     for (int t = 0; t < ps->n_tensors; t++) {
         const qs_param_info *pi = &ps->info[t];
@@ -89,36 +109,17 @@ static void test_gradcheck(void **state) {
         }
         zero_tensors += mag == 0.0;
         for (int k = 0; k < 3; k++) {
-            float *p = ps->data + pi->offset + pick[k], orig = *p;
-            double fd[3];
-            for (int e = 0; e < 2; e++) { /* two steps and their Richardson extrapolation */
-                float eps = e ? 1e-3f : 3e-3f;
-                *p = orig + eps;
-                double lp = qs_quadranet_forward(m, x, y, B, &mode, NULL);
-                *p = orig - eps;
-                double lm = qs_quadranet_forward(m, x, y, B, &mode, NULL);
-                *p = orig;
-                fd[e] = (lp - lm) / (2.0 * eps);
-            }
-            fd[2] = (9.0 * fd[1] - fd[0]) / 8.0;
-            double an = grad[pi->offset + pick[k]], best = fd[0];
-            for (int e = 1; e < 3; e++)
-                if (fabs(fd[e] - an) < fabs(best - an)) best = fd[e];
-            double err = fabs(best - an) / (fabs(an) + 1e-3);
-            if (err > worst) {
-                worst = err;
-                snprintf(worst_name, sizeof worst_name, "%s[%zu] fd %.6g an %.6g", pi->name, pick[k], best, an);
-            }
-            num += (best - an) * (best - an);
-            den += an * an;
+            const size_t i = pi->offset + pick[k];
+            bool same = true;
+            gc_score_add(&sc, pi->name, pick[k], gc_nearest_fd(loss_at, &lc, ps->data + i, grad[i], &same), grad[i]);
         }
     }
-    double agg = sqrt(num / den);
-    print_message("  quadranet: %d tensors, aggregate rel err %.2e, worst %.2e at %s\n", ps->n_tensors, agg, worst,
-                  worst_name);
+    double agg = gc_score_rel(&sc);
+    print_message("  quadranet: %d tensors, aggregate rel err %.2e, worst %.2e at %s\n", ps->n_tensors, agg, sc.worst,
+                  sc.worst_at);
     assert_int_equal(zero_tensors, 0); /* every tensor takes part */
     assert_true(agg < 1e-2);
-    assert_true(worst < 5e-2);
+    assert_true(sc.worst < 5e-2);
     free(grad);
     qs_quadranet_free(m);
 }
