@@ -71,6 +71,7 @@ done:
     return rc;
 }
 
+/* A whole table's state (a ZeRO-1 shard is gathered into one first). */
 static int save_optim(const char *path, const qs_adamw *o) {
     float *host = malloc(o->n * sizeof(float)), *host_v = malloc(o->n * sizeof(float));
     if (!host || !host_v) {
@@ -423,7 +424,7 @@ int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state
 
     qs_st_file f;
     if (read_safetensors(&f, step_dir, "optim.safetensors", path, sizeof path)) return -1;
-    int64_t shape[1] = {(int64_t)opt->n};
+    int64_t shape[1] = {(int64_t)opt->total};
     const qs_st_tensor *m = find_f32(&f, path, "exp_avg", 1, shape);
     const qs_st_tensor *v = m ? find_f32(&f, path, "exp_avg_sq", 1, shape) : NULL;
     const char *t = qs_st_meta_get(&f, "adamw.t");
@@ -433,8 +434,15 @@ int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state
     if (!m || !v) rc = -1;
     else if (!t || *end || tv < 0 || tv > 2147483647L) rc = qs_error("%s: metadata 'adamw.t' missing or invalid", path);
     else {
-        opt->be->upload(opt->m, m->data, m->nbytes);
-        opt->be->upload(opt->v, v->data, v->nbytes);
+        /* a ZeRO-1 shard takes its spans of the whole table's moments */
+        size_t k = 0;
+        for (int s = 0; s < opt->n_own; s++) {
+            const qs_span sp = opt->own[s];
+            const size_t bytes = (sp.end - sp.begin) * sizeof(float);
+            opt->be->upload(opt->m + k, (const float *)m->data + sp.begin, bytes);
+            opt->be->upload(opt->v + k, (const float *)v->data + sp.begin, bytes);
+            k += sp.end - sp.begin;
+        }
         opt->t = (int)tv;
     }
     qs_st_free(&f);

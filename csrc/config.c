@@ -126,6 +126,8 @@ static const field fields[] = {
     FLOAT(lora.dropout, CO(0, 1), 0),
     STRING(lora.targets, GE(1), NULL, "q,v"),
     BOOL(lora.rslora, false),
+    INT(parallel.sp, IN(1, 1 << 12), 1),
+    INT(parallel.zero, IN(0, 1), 0),
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 #define MAX_PATH_LEN 128 /* longer keys cannot name a field */

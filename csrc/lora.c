@@ -176,10 +176,10 @@ static uint64_t stream_of(const qs_lora *lo, int layer, qs_lora_site site, int e
 /* The adapter's input: x itself, or its dropped copy in the xd scratch (the same mask
  * in forward and backward, drawn by counter). */
 static const float *adapter_input(const qs_lora *lo, const lora_module *md, int layer, qs_lora_site site, int e,
-                                  int n, const float *x, const qs_forward_mode *mode) {
+                                  int n, const float *x, const int64_t *row_ids, const qs_forward_mode *mode) {
     if (!dropout_on(lo, mode)) return x;
-    lo->be->ops->dropout_forward(lo->xd, x, lo->cfg.dropout, mode->rng_seed, stream_of(lo, layer, site, e),
-                                 (size_t)n * md->in);
+    lo->be->ops->dropout_forward(lo->xd, x, lo->cfg.dropout, mode->rng_seed, stream_of(lo, layer, site, e), row_ids,
+                                 (size_t)n, (size_t)md->in);
     return lo->xd;
 }
 
@@ -187,7 +187,7 @@ static const float *adapter_input(const qs_lora *lo, const lora_module *md, int 
 static float *slice(float *base, int e, size_t numel_per) { return base ? base + (size_t)e * numel_per : NULL; }
 
 void qs_lora_forward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0, int n, float *y, const float *x,
-                     const qs_forward_mode *mode) {
+                     const int64_t *row_ids, const qs_forward_mode *mode) {
     const lora_module *md = module(lo, layer, site);
     if (!md || n <= 0) return;
     const qs_ops *ops = lo->be->ops;
@@ -195,14 +195,14 @@ void qs_lora_forward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0,
     const float *A = slice(qs_params_value(&lo->ps, md->a), e, (size_t)r * md->in);
     const float *B = slice(qs_params_value(&lo->ps, md->b), e, (size_t)md->out * r);
     float *u = md->u + (size_t)row0 * r;
-    const float *xin = adapter_input(lo, md, layer, site, e, n, x, mode);
+    const float *xin = adapter_input(lo, md, layer, site, e, n, x, row_ids, mode);
     lo->be->zero(u, (size_t)n * r * sizeof(float));
     ops->matmul_acc(u, xin, A, lo->scale, n, md->in, r, QS_W_OUT_IN); /* u = s x A^T */
     ops->matmul_acc(y, u, B, 1.0f, n, r, md->out, QS_W_OUT_IN);        /* y += u B^T */
 }
 
 void qs_lora_backward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0, int n, float *dx, const float *dy,
-                      const float *x, const qs_forward_mode *mode) {
+                      const float *x, const int64_t *row_ids, const qs_forward_mode *mode) {
     const lora_module *md = module(lo, layer, site);
     if (!md || n <= 0) return;
     const qs_ops *ops = lo->be->ops;
@@ -218,7 +218,7 @@ void qs_lora_backward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0
     lo->be->zero(lo->ds, (size_t)n * r * sizeof(float));
     ops->matmul_acc(lo->ds, dy, B, lo->scale, n, md->out, r, QS_W_IN_OUT);
     /* dA += ds^T drop(x); dx += drop'(ds A) */
-    const float *xin = adapter_input(lo, md, layer, site, e, n, x, mode);
+    const float *xin = adapter_input(lo, md, layer, site, e, n, x, row_ids, mode);
     if (!dropout_on(lo, mode)) {
         ops->matmul_backward(dx, dA, NULL, lo->ds, xin, A, n, md->in, r, QS_W_OUT_IN);
         return;
@@ -226,7 +226,8 @@ void qs_lora_backward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0
     const size_t nx = (size_t)n * md->in;
     lo->be->zero(lo->dxd, nx * sizeof(float));
     ops->matmul_backward(lo->dxd, dA, NULL, lo->ds, xin, A, n, md->in, r, QS_W_OUT_IN);
-    ops->dropout_backward(dx, lo->dxd, lo->cfg.dropout, mode->rng_seed, stream_of(lo, layer, site, e), nx);
+    ops->dropout_backward(dx, lo->dxd, lo->cfg.dropout, mode->rng_seed, stream_of(lo, layer, site, e), row_ids,
+                          (size_t)n, (size_t)md->in);
 }
 
 /* ---- merging ---- */

@@ -10,6 +10,7 @@
 
 #include "cli.h"
 #include "quasar/checkpoint.h"
+#include "quasar/comm.h"
 #include "quasar/config.h"
 #include "quasar/convert.h"
 #include "quasar/error.h"
@@ -114,6 +115,15 @@ static int check_device(const char *device) {
     return qs_error("--device: expected cpu or cuda, got '%s'", device);
 }
 
+/* qs_train over the ranks the launcher started (mpirun, srun), or this process alone. */
+static int train_on_world(qs_config *cfg, qs_train_options *opt) {
+    if (qs_comm_init(&opt->world, QS_COMM_AUTO)) return -1;
+    int rc = qs_train(cfg, opt);
+    qs_comm_free(opt->world);
+    opt->world = NULL;
+    return qs_comm_finalize() || rc ? -1 : 0;
+}
+
 static int cmd_train(int argc, char **argv) {
     const char *config = NULL, *out = NULL, *resume = NULL, *device = "cpu";
     int until = 0, help;
@@ -137,7 +147,7 @@ static int cmd_train(int argc, char **argv) {
     if (build_config(&cfg, resume ? base : NULL, config, &sets)) return qs_cli_fail();
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/default",
                             .resume = resume != NULL, .until_step = until};
-    return qs_train(&cfg, &opt) ? qs_cli_fail() : 0;
+    return train_on_world(&cfg, &opt) ? qs_cli_fail() : 0;
 }
 
 static const char *FINETUNE_HELP =
@@ -195,7 +205,7 @@ static int cmd_finetune(int argc, char **argv) {
     if (!rc) rc = qs_config_validate(&cfg);
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/finetune", .resume = resume != NULL,
                             .until_step = until, .base_dir = base_step, .base = &f, .base_chars = chars};
-    if (!rc) rc = qs_train(&cfg, &opt);
+    if (!rc) rc = train_on_world(&cfg, &opt);
     qs_st_free(&f);
     free(chars);
     return rc ? qs_cli_fail() : 0;
@@ -364,7 +374,7 @@ static int cmd_eval(int argc, char **argv) {
         rc = qs_task_open(&task, &o.cfg, o.chars_json, micro_batch(&o.cfg)) ||
              qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
     double vl = NAN, acc = NAN;
-    if (!rc) rc = task.evaluate(task.self, o.cfg.train.eval_iters, &vl, &acc);
+    if (!rc) rc = qs_task_evaluate(&task, o.cfg.train.eval_iters, NULL, &vl, &acc);
     if (!rc) {
         const qs_config *c = &o.cfg;
         char loss[32] = "null"; /* JSON has no NaN */

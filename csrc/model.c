@@ -68,6 +68,11 @@ struct qs_gpt {
     /* last forward */
     int B, T, n_valid;
     qs_forward_mode mode;
+    /* global row of each token (see qs_forward_mode.sample0), and of each layer's packed
+     * MoE rows for the experts' adapters: backend [max_B*max_T] and [L][max_B*max_T*K];
+     * host_ids holds the token rows, then one layer's packed rows */
+    int64_t *row_ids, *packed_ids, *host_ids;
+    int *host_slot;
     bool noisy_used;
     float *host_losses;
     int *routing; /* host [L][N*K] */
@@ -254,7 +259,13 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->res = calloc((size_t)m->L + 1, sizeof *m->res);
     size_t N = (size_t)max_B * max_T;
     m->host_losses = malloc(N * sizeof(float));
-    if (!m->lp || !m->la || !m->res || !m->host_losses) goto oom;
+    m->host_ids = malloc(N * (m->K + 1) * sizeof(int64_t));
+    m->host_slot = malloc(N * m->K * sizeof(int));
+    m->row_ids = be->alloc(N * sizeof(int64_t));
+    m->packed_ids = m->E > 0 ? be->alloc((size_t)m->L * N * m->K * sizeof(int64_t)) : NULL;
+    if (!m->lp || !m->la || !m->res || !m->host_losses || !m->host_ids || !m->host_slot || !m->row_ids ||
+        (m->E > 0 && !m->packed_ids))
+        goto oom;
     if (m->E > 0) {
         m->routing = malloc((size_t)m->L * N * m->K * sizeof(int));
         m->stats.expert_tokens = calloc((size_t)m->E, sizeof(int64_t));
@@ -307,6 +318,10 @@ void qs_gpt_free(qs_gpt *m) {
     be->free(m->kcache);
     be->free(m->conv_tmp);
     be->free(m->vcache);
+    be->free(m->row_ids);
+    be->free(m->packed_ids);
+    free(m->host_ids);
+    free(m->host_slot);
     if (m->la)
         for (int l = 0; l < m->L; l++) {
             free(m->la[l].counts);
@@ -365,7 +380,8 @@ static bool dropout_on(const qs_gpt *m) { return m->mode.train && m->cfg.dropout
 
 static void drop_forward(qs_gpt *m, float *x, size_t n, int layer, int site) {
     if (dropout_on(m))
-        m->be->ops->dropout_forward(x, x, m->cfg.dropout, m->mode.rng_seed, stream_of(layer, site), n);
+        m->be->ops->dropout_forward(x, x, m->cfg.dropout, m->mode.rng_seed, stream_of(layer, site), m->row_ids,
+                                    n / m->C, m->C);
 }
 
 /* Gradient through a dropout site: dres itself when dropout is off, else the masked
@@ -374,7 +390,7 @@ static const float *drop_backward(qs_gpt *m, const float *dres, size_t n, int la
     if (!dropout_on(m)) return dres;
     m->be->zero(m->dbranch, n * sizeof(float));
     m->be->ops->dropout_backward(m->dbranch, dres, m->cfg.dropout, m->mode.rng_seed,
-                                 stream_of(layer, site), n);
+                                 stream_of(layer, site), m->row_ids, n / m->C, m->C);
     return m->dbranch;
 }
 
@@ -388,22 +404,45 @@ static void act_backward(const qs_gpt *m, float *din, const float *in, const flo
     else m->be->ops->relu_backward(din, in, dout, n);
 }
 
+/* Layer l's packed MoE rows' global ids. */
+static int64_t *packed_ids_of(const qs_gpt *m, int l) {
+    return m->packed_ids + (size_t)l * m->max_B * m->max_T * m->K;
+}
+
+/* The global rows of an adapter's input rows row0..: tokens, or packed expert rows. */
+static const int64_t *lora_row_ids(const qs_gpt *m, int l, qs_lora_site site, size_t row0) {
+    bool expert = m->E > 0 && (site == QS_LORA_SITE_FC || site == QS_LORA_SITE_FC_PROJ);
+    return (expert ? packed_ids_of(m, l) : m->row_ids) + row0;
+}
+
 /* The LoRA path of linear layer `site` (rows row0.. of expert e's packed rows for a
  * stacked MoE site), added into y after the base layer: y += s * drop(x) A^T B^T. */
 static void lora_forward(const qs_gpt *m, int l, qs_lora_site site, int e, size_t row0, int n, float *y,
                          const float *x) {
-    if (m->lora) qs_lora_forward(m->lora, l, site, e, (int)row0, n, y, x, &m->mode);
+    if (m->lora) qs_lora_forward(m->lora, l, site, e, (int)row0, n, y, x, lora_row_ids(m, l, site, row0), &m->mode);
 }
 
 /* Its backward: adapter gradients, and dx += the path's input gradient. */
 static void lora_backward(const qs_gpt *m, int l, qs_lora_site site, int e, size_t row0, int n, float *dx,
                           const float *dy, const float *x) {
-    if (m->lora) qs_lora_backward(m->lora, l, site, e, (int)row0, n, dx, dy, x, &m->mode);
+    if (m->lora) qs_lora_backward(m->lora, l, site, e, (int)row0, n, dx, dy, x, lora_row_ids(m, l, site, row0), &m->mode);
 }
 
 /* Expert e's slice of a stacked [E, a, b] tensor (NULL stays NULL). */
 static float *expert_slice(float *base, int e, size_t a, size_t b) {
     return base ? base + (size_t)e * a * b : NULL;
+}
+
+/* Packed row slot[i] holds token i / K, so it draws as that token's row (each token
+ * reaches an expert at most once, and adapter streams are per expert). */
+static void set_packed_ids(qs_gpt *m, int l, const int *slot, int N) {
+    const size_t NK = (size_t)N * m->K;
+    const int64_t *tok = m->host_ids;
+    int64_t *packed = m->host_ids + N;
+    m->be->download(m->host_slot, slot, NK * sizeof(int));
+    for (size_t i = 0; i < NK; i++)
+        if (m->host_slot[i] >= 0) packed[m->host_slot[i]] = tok[i / (size_t)m->K];
+    m->be->upload(packed_ids_of(m, l), packed, NK * sizeof(int64_t));
 }
 
 static void moe_forward(qs_gpt *m, int l, int N) {
@@ -415,8 +454,8 @@ static void moe_forward(qs_gpt *m, int l, int N) {
     a->route_logits = a->rlogit;
     if (m->noisy_used) {
         ops->matmul_forward(a->nlogit, a->ln2, P(m, p->noise_w), P(m, p->noise_b), N, C, E, QS_W_IN_OUT);
-        ops->noisy_gate_forward(a->hlogit, a->rlogit, a->nlogit, m->mode.rng_seed,
-                                stream_of(l, SITE_NOISE), (size_t)N * E);
+        ops->noisy_gate_forward(a->hlogit, a->rlogit, a->nlogit, m->mode.rng_seed, stream_of(l, SITE_NOISE),
+                                m->row_ids, N, E);
         a->route_logits = a->hlogit;
     }
     ops->moe_topk_forward(a->idx, a->gate, a->route_logits, N, E, K);
@@ -434,6 +473,7 @@ static void moe_forward(qs_gpt *m, int l, int N) {
         m->stats.kept += a->counts[e];
     }
     m->be->download(m->routing + (size_t)l * N * K, a->idx, (size_t)N * K * sizeof(int));
+    if (m->lora && m->mode.train) set_packed_ids(m, l, a->slot, N);
 
     ops->moe_dispatch_forward(a->xe, a->ln2, a->slot, N, K, C);
     for (int e = 0; e < E; e++) {
@@ -513,6 +553,12 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, 
     m->noisy_used = m->E > 0 && mode->train && m->cfg.moe.gating == QS_GATING_NOISY_TOPK;
     m->stats.balance = m->stats.z = 0.0;
     m->be->upload(m->tok, tokens, (size_t)N * sizeof(int));
+    if (mode->train) {
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++)
+                m->host_ids[b * T + t] = (int64_t)((mode->sample0 + (uint64_t)b) * (uint64_t)m->cfg.seq_len) + pos0 + t;
+        m->be->upload(m->row_ids, m->host_ids, (size_t)N * sizeof(int64_t));
+    }
 
     ops->embed_forward(m->res[0], m->tok, P(m, m->wte), P(m, m->wpe) + (size_t)pos0 * C, B, T, C);
     drop_forward(m, m->res[0], NC, m->L, SITE_EMBED);
@@ -660,7 +706,7 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
         zero_f(m, m->dclean, NE);
         zero_f(m, m->dnoise, NE);
         ops->noisy_gate_backward(m->dclean, m->dnoise, m->dh, a->nlogit, m->mode.rng_seed,
-                                 stream_of(l, SITE_NOISE), NE);
+                                 stream_of(l, SITE_NOISE), m->row_ids, N, E);
         ops->matmul_backward(m->dln, G(m, p->noise_w), G(m, p->noise_b), m->dnoise, a->ln2,
                              P(m, p->noise_w), N, C, E, QS_W_IN_OUT);
         dclean = m->dclean;

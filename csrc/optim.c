@@ -4,17 +4,25 @@
 
 #include "quasar/error.h"
 
-int qs_adamw_create(qs_adamw *o, const qs_backend *be, size_t n) {
-    o->be = be;
-    o->n = n;
-    o->t = 0;
-    o->m = be->alloc(n * sizeof(float));
-    o->v = be->alloc(n * sizeof(float));
+int qs_adamw_create_spans(qs_adamw *o, const qs_backend *be, size_t total, const qs_span *own, int n_own) {
+    *o = (qs_adamw){.be = be, .n_own = n_own, .total = total};
+    for (int i = 0; i < n_own; i++) {
+        o->own[i] = own[i];
+        o->n += own[i].end - own[i].begin;
+    }
+    /* at least one float each, so an empty shard is still a valid allocation */
+    o->m = be->alloc((o->n ? o->n : 1) * sizeof(float));
+    o->v = be->alloc((o->n ? o->n : 1) * sizeof(float));
     if (!o->m || !o->v) {
         qs_adamw_free(o);
-        return qs_error("cannot allocate optimizer state (%.1f MiB)", 2.0 * n * sizeof(float) / 1048576.0);
+        return qs_error("cannot allocate optimizer state (%.1f MiB)", 2.0 * o->n * sizeof(float) / 1048576.0);
     }
     return 0;
+}
+
+int qs_adamw_create(qs_adamw *o, const qs_backend *be, size_t n) {
+    qs_span all = {0, n};
+    return qs_adamw_create_spans(o, be, n, &all, 1);
 }
 
 void qs_adamw_free(qs_adamw *o) {
@@ -28,20 +36,27 @@ int qs_adamw_decays(const qs_train_config *tc, const qs_param_info *p) {
     return tc->decay_all || p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING;
 }
 
-double qs_adamw_grad_norm(const qs_adamw *o, const qs_params *ps) {
-    return sqrt(o->be->ops->sumsq(ps->grad, o->n));
-}
+double qs_adamw_grad_norm(const qs_params *ps) { return sqrt(ps->be->ops->sumsq(ps->grad, ps->n)); }
 
 void qs_adamw_apply(qs_adamw *o, qs_params *ps, const qs_train_config *tc, float lr, double norm) {
     const qs_ops *ops = o->be->ops;
     float scale = 1.0f;
     if (tc->grad_clip > 0.0f && norm > tc->grad_clip) scale = (float)(tc->grad_clip / norm);
     o->t++;
-    for (int i = 0; i < ps->n_tensors; i++) {
-        const qs_param_info *p = &ps->info[i];
-        float wd = qs_adamw_decays(tc, p) ? tc->weight_decay : 0.0f;
-        ops->adamw_update(ps->data + p->offset, ps->grad + p->offset, o->m + p->offset, o->v + p->offset,
-                          p->numel, lr, tc->beta1, tc->beta2, tc->eps, wd, o->t, scale);
+    size_t state = 0; /* where span s's moments start */
+    for (int s = 0; s < o->n_own; s++) {
+        const qs_span sp = o->own[s];
+        for (int i = 0; i < ps->n_tensors; i++) {
+            const qs_param_info *p = &ps->info[i];
+            size_t a = p->offset > sp.begin ? p->offset : sp.begin;
+            size_t b = p->offset + p->numel < sp.end ? p->offset + p->numel : sp.end;
+            if (a >= b) continue;
+            float wd = qs_adamw_decays(tc, p) ? tc->weight_decay : 0.0f;
+            size_t k = state + (a - sp.begin);
+            ops->adamw_update(ps->data + a, ps->grad + a, o->m + k, o->v + k, b - a, lr, tc->beta1, tc->beta2, tc->eps,
+                              wd, o->t, scale);
+        }
+        state += sp.end - sp.begin;
     }
 }
 

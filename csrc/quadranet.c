@@ -270,14 +270,14 @@ static void block_forward(qs_quadranet *m, int s, int j, const float *x) {
     const float p = drop_rate(m, b);
     ops->layernorm_forward(b->ln1, b->mean1, b->rstd1, x, P(m, b->ln1_w), P(m, b->ln1_b), N, C);
     ops->quadconv_forward(b->q, b->fa, b->fb, b->ln1, P(m, b->qc_w), P(m, b->qc_b), &cs);
-    ops->layer_scale_forward(b->mid, x, b->q, P(m, b->gamma1), p, m->mode.rng_seed, drop_stream(s, j, 0), m->B,
-                             st->H * st->H, C);
+    ops->layer_scale_forward(b->mid, x, b->q, P(m, b->gamma1), p, m->mode.rng_seed, drop_stream(s, j, 0),
+                             m->mode.sample0, m->B, st->H * st->H, C);
     ops->layernorm_forward(b->ln2, b->mean2, b->rstd2, b->mid, P(m, b->ln2_w), P(m, b->ln2_b), N, C);
     ops->matmul_forward(b->h, b->ln2, P(m, b->fc1_w), P(m, b->fc1_b), N, C, F, QS_W_IN_OUT);
     ops->gelu_forward(b->g, b->h, (size_t)N * F);
     ops->matmul_forward(b->v, b->g, P(m, b->fc2_w), P(m, b->fc2_b), N, F, C, QS_W_IN_OUT);
-    ops->layer_scale_forward(b->out, b->mid, b->v, P(m, b->gamma2), p, m->mode.rng_seed, drop_stream(s, j, 1), m->B,
-                             st->H * st->H, C);
+    ops->layer_scale_forward(b->out, b->mid, b->v, P(m, b->gamma2), p, m->mode.rng_seed, drop_stream(s, j, 1),
+                             m->mode.sample0, m->B, st->H * st->H, C);
 }
 
 double qs_quadranet_forward(qs_quadranet *m, const float *images, const int *labels, int B,
@@ -352,7 +352,7 @@ static void block_backward(qs_quadranet *m, int s, int j, const float *x, float 
     /* channel MLP branch; d(mid) = dx + what flows back through it */
     zero_f(m, m->dt1, nc);
     ops->layer_scale_backward(m->dt1, G(m, b->gamma2), dx, b->v, P(m, b->gamma2), p, seed, drop_stream(s, j, 1),
-                              m->B, HW, C);
+                              m->mode.sample0, m->B, HW, C);
     zero_f(m, m->dF1, nf);
     ops->matmul_backward(m->dF1, G(m, b->fc2_w), G(m, b->fc2_b), m->dt1, b->g, P(m, b->fc2_w), N, F, C, QS_W_IN_OUT);
     zero_f(m, m->dF2, nf);
@@ -363,8 +363,8 @@ static void block_backward(qs_quadranet *m, int s, int j, const float *x, float 
                             C);
     /* spatial branch */
     zero_f(m, m->dt1, nc);
-    ops->layer_scale_backward(m->dt1, G(m, b->gamma1), dx, b->q, P(m, b->gamma1), p, seed, drop_stream(s, j, 0), m->B,
-                              HW, C);
+    ops->layer_scale_backward(m->dt1, G(m, b->gamma1), dx, b->q, P(m, b->gamma1), p, seed, drop_stream(s, j, 0),
+                              m->mode.sample0, m->B, HW, C);
     zero_f(m, m->dt2, nc);
     ops->quadconv_backward(m->dt2, G(m, b->qc_w), G(m, b->qc_b), m->dt1, b->ln1, P(m, b->qc_w), b->fa, b->fb, &cs);
     ops->layernorm_backward(dx, G(m, b->ln1_w), G(m, b->ln1_b), m->dt2, x, P(m, b->ln1_w), b->mean1, b->rstd1, N, C);

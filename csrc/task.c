@@ -14,6 +14,16 @@ void qs_task_free(qs_task *t) {
     memset(t, 0, sizeof *t);
 }
 
+int qs_task_evaluate(qs_task *t, int iters, qs_comm *dp, double *loss, double *acc) {
+    double sums[3] = {0.0, 0.0, 0.0};
+    if (t->evaluate(t->self, iters, dp ? qs_comm_rank(dp) : 0, dp ? qs_comm_size(dp) : 1, sums) ||
+        (dp && qs_comm_allreduce_f64(dp, sums, 3, QS_SUM)))
+        return -1;
+    *loss = sums[0] / sums[2];
+    *acc = t->has_accuracy ? sums[1] / sums[2] : NAN;
+    return 0;
+}
+
 void qs_metrics_num(FILE *f, const char *key, double v, const char *fmt) {
     fprintf(f, ", \"%s\": ", key);
     if (isfinite(v)) fprintf(f, fmt, v);

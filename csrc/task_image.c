@@ -19,31 +19,28 @@ typedef struct image_task {
 
 static int image_init(void *self, uint64_t seed) { return qs_quadranet_init(((image_task *)self)->m, seed); }
 
-static double image_train_micro(void *self, uint64_t micro, uint64_t rng_seed, float grad_scale) {
+static double image_train_micro(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale) {
     image_task *t = self;
-    qs_image_batch(&t->data, QS_IMG_TRAIN, &t->aug, t->cfg.train.seed, micro * t->B, t->B, t->x, t->y);
-    qs_forward_mode mode = {.train = true, .rng_seed = rng_seed};
+    qs_image_batch(&t->data, QS_IMG_TRAIN, &t->aug, t->cfg.train.seed, sample0, t->B, t->x, t->y);
+    qs_forward_mode mode = {.train = true, .rng_seed = rng_seed, .sample0 = sample0};
     double loss = qs_quadranet_forward(t->m, t->x, t->y, t->B, &mode, NULL);
     qs_quadranet_backward(t->m, grad_scale);
     return loss;
 }
 
-/* The whole test split, in order; iters does not apply. */
-static int image_evaluate(void *self, int iters, double *loss, double *acc) {
+/* The whole test split in micro-batches, part takes every parts-th; iters does not apply. */
+static int image_evaluate(void *self, int iters, int part, int parts, double sums[3]) {
     (void)iters;
     image_task *t = self;
     qs_forward_mode mode = {.train = false};
     const int n = t->data.n[QS_IMG_TEST];
-    double sum = 0.0;
-    int64_t hits = 0;
-    for (int i = 0; i < n; i += t->B) {
+    for (int i = part * t->B; i < n; i += parts * t->B) {
         int b = n - i < t->B ? n - i : t->B, correct = 0;
         qs_image_batch(&t->data, QS_IMG_TEST, &t->aug, t->cfg.train.seed, (uint64_t)i, b, t->x, t->y);
-        sum += qs_quadranet_forward(t->m, t->x, t->y, b, &mode, &correct) * b;
-        hits += correct;
+        sums[0] += qs_quadranet_forward(t->m, t->x, t->y, b, &mode, &correct) * b;
+        sums[1] += correct;
+        sums[2] += b;
     }
-    *loss = sum / n;
-    *acc = (double)hits / n;
     return 0;
 }
 
@@ -90,6 +87,7 @@ int qs_task_open_image(qs_task *task, qs_config *cfg, int micro_B) {
                       .micro_B = t->B,
                       .items_per_sample = 1,
                       .item = "img",
+                      .has_accuracy = true,
                       .activation_bytes = qs_quadranet_activation_bytes(t->m),
                       .init = image_init,
                       .train_micro = image_train_micro,

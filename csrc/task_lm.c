@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "quasar/error.h"
 #include "quasar/fileio.h"
@@ -21,6 +22,10 @@ typedef struct lm_task {
     qs_lora *lora;         /* LoRA: the adapters on m, whose own weights are frozen */
     char base_dir[QS_PATH_MAX + 64];
     qs_ckpt_files files;   /* LoRA: checkpoints hold the adapter's files */
+    /* MoE step statistics over all ranks: tokens per expert, kept, dropped; and the last
+     * forward's balance and z losses, averaged over the ranks */
+    int64_t *counts;
+    double losses[2];
 } lm_task;
 
 static int lm_init(void *self, uint64_t seed) { return qs_gpt_init(((lm_task *)self)->m, seed); }
@@ -31,42 +36,62 @@ static int write_adapter(const void *self, const char *dir) {
     return qs_lora_write(t->lora, dir, t->base_dir);
 }
 
-static double lm_train_micro(void *self, uint64_t micro, uint64_t rng_seed, float grad_scale) {
+static double lm_train_micro(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale) {
     lm_task *t = self;
-    qs_dataset_batch(&t->data, QS_SPLIT_TRAIN, t->cfg.train.seed, micro * t->B, t->B, t->T, t->x, t->y);
-    qs_forward_mode mode = {.train = true, .rng_seed = rng_seed};
+    qs_dataset_batch(&t->data, QS_SPLIT_TRAIN, t->cfg.train.seed, sample0, t->B, t->T, t->x, t->y);
+    qs_forward_mode mode = {.train = true, .rng_seed = rng_seed, .sample0 = sample0};
     double loss = qs_gpt_forward(t->m, t->x, t->y, t->B, t->T, &mode);
     qs_gpt_backward(t->m, grad_scale);
     return loss;
 }
 
-/* The same validation windows every call. */
-static int lm_evaluate(void *self, int iters, double *loss, double *acc) {
+/* The same validation windows every call, on any number of ranks: iters batches of
+ * train.micro_batch_size (or train.batch_size) windows, each part a contiguous share
+ * of them in passes of up to B. */
+static int lm_evaluate(void *self, int iters, int part, int parts, double sums[3]) {
     lm_task *t = self;
+    const qs_train_config *tc = &t->cfg.train;
+    const uint64_t total = (uint64_t)iters * (uint64_t)(tc->micro_batch_size > 0 ? tc->micro_batch_size : tc->batch_size);
+    const uint64_t end = total * (uint64_t)(part + 1) / (uint64_t)parts;
     qs_forward_mode mode = {.train = false};
-    double sum = 0.0;
-    for (int i = 0; i < iters; i++) {
-        qs_dataset_batch(&t->data, QS_SPLIT_VAL, t->cfg.train.seed, (uint64_t)i * t->B, t->B, t->T, t->x, t->y);
-        sum += qs_gpt_forward(t->m, t->x, t->y, t->B, t->T, &mode);
+    for (uint64_t s = total * (uint64_t)part / (uint64_t)parts; s < end; s += (uint64_t)t->B) {
+        const int b = end - s < (uint64_t)t->B ? (int)(end - s) : t->B;
+        qs_dataset_batch(&t->data, QS_SPLIT_VAL, tc->seed, s, b, t->T, t->x, t->y);
+        sums[0] += qs_gpt_forward(t->m, t->x, t->y, b, t->T, &mode) * b;
+        sums[2] += b;
     }
-    *loss = sum / iters;
-    *acc = NAN;
     return 0;
 }
 
 static void lm_step_begin(void *self) { qs_gpt_moe_stats_reset(((lm_task *)self)->m); }
 
+static int lm_reduce_stats(void *self, qs_comm *dp) {
+    lm_task *t = self;
+    const int E = t->cfg.model.moe.n_experts;
+    if (E == 0) return 0;
+    const qs_moe_stats *s = qs_gpt_moe_stats(t->m);
+    memcpy(t->counts, s->expert_tokens, (size_t)E * sizeof(int64_t));
+    t->counts[E] = s->kept;
+    t->counts[E + 1] = s->dropped;
+    t->losses[0] = s->balance;
+    t->losses[1] = s->z;
+    if (!dp) return 0;
+    if (qs_comm_allreduce_i64(dp, t->counts, (size_t)E + 2, QS_SUM) || qs_comm_allreduce_f64(dp, t->losses, 2, QS_SUM))
+        return -1;
+    for (int i = 0; i < 2; i++) t->losses[i] /= qs_comm_size(dp);
+    return 0;
+}
+
 static void lm_log_fields(void *self, FILE *mf) {
     lm_task *t = self;
-    const qs_model_config *c = &t->cfg.model;
-    if (c->moe.n_experts == 0) return;
-    const qs_moe_stats *s = qs_gpt_moe_stats(t->m);
-    qs_metrics_num(mf, "aux_loss", s->balance, "%.6g");
-    qs_metrics_num(mf, "z_loss", s->z, "%.6g");
+    const int E = t->cfg.model.moe.n_experts;
+    if (E == 0) return;
+    qs_metrics_num(mf, "aux_loss", t->losses[0], "%.6g");
+    qs_metrics_num(mf, "z_loss", t->losses[1], "%.6g");
     fprintf(mf, ", \"expert_tokens\": [");
-    for (int e = 0; e < c->moe.n_experts; e++) fprintf(mf, "%s%lld", e ? ", " : "", (long long)s->expert_tokens[e]);
-    int64_t total = s->kept + s->dropped;
-    fprintf(mf, "], \"dropped_frac\": %.6g", total ? (double)s->dropped / total : 0.0);
+    for (int e = 0; e < E; e++) fprintf(mf, "%s%lld", e ? ", " : "", (long long)t->counts[e]);
+    int64_t total = t->counts[E] + t->counts[E + 1];
+    fprintf(mf, "], \"dropped_frac\": %.6g", total ? (double)t->counts[E + 1] / total : 0.0);
 }
 
 typedef struct sample_sink {
@@ -116,6 +141,7 @@ static void lm_free(void *self) {
     qs_codec_free(&t->codec);
     free(t->x);
     free(t->y);
+    free(t->counts);
     free(t);
 }
 
@@ -141,7 +167,8 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int mi
     if (!rc) {
         t->x = malloc((size_t)t->B * t->T * sizeof(int));
         t->y = malloc((size_t)t->B * t->T * sizeof(int));
-        if (!t->x || !t->y) rc = qs_error("out of memory");
+        t->counts = malloc(((size_t)cfg->model.moe.n_experts + 2) * sizeof(int64_t));
+        if (!t->x || !t->y || !t->counts) rc = qs_error("out of memory");
     }
     if (rc) {
         lm_free(t);
@@ -158,6 +185,7 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int mi
                       .train_micro = lm_train_micro,
                       .evaluate = lm_evaluate,
                       .step_begin = lm_step_begin,
+                      .reduce_stats = lm_reduce_stats,
                       .log_fields = lm_log_fields,
                       .finish = lm_finish,
                       .free = lm_free};

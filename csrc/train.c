@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "quasar/checkpoint.h"
+#include "quasar/data_parallel.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
 #include "quasar/lora.h"
@@ -23,8 +24,11 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int micro_size(const qs_train_config *t) {
-    return t->micro_batch_size > 0 ? t->micro_batch_size : t->batch_size;
+/* Samples per forward pass: train.micro_batch_size, or else a data-parallel rank's
+ * whole share of the batch. */
+static int micro_size(const qs_train_config *t, int dp_size) {
+    if (t->micro_batch_size > 0) return t->micro_batch_size;
+    return t->batch_size / dp_size > 0 ? t->batch_size / dp_size : 1;
 }
 
 /* Keeps the lines of metrics.jsonl up to `step`, so a resumed run's log reads as if it
@@ -80,6 +84,29 @@ static void log_train_line(FILE *mf, int step, double loss, float lr, double nor
     fflush(mf);
 }
 
+/* The ranks' verdict on a step that may fail on some of them: -1 everywhere if it failed
+ * anywhere, so that no rank waits forever in a collective the others left. */
+static int agree(qs_comm *world, int rc) {
+    if (!world || qs_comm_size(world) == 1) return rc;
+    int64_t failed = rc != 0;
+    if (qs_comm_allreduce_i64(world, &failed, 1, QS_MAX)) return -1;
+    if (failed && !rc) qs_error("stopping: another rank failed (its error is above)");
+    return failed ? -1 : 0;
+}
+
+/* Rank 0 writes the checkpoint; a ZeRO-1 shard's optimizer state is gathered first. */
+static int save_checkpoint(qs_dp *dp, bool writer, const char *run, const qs_config *cfg, qs_task *task,
+                           const qs_adamw *optim, const qs_train_state *st) {
+    qs_adamw full;
+    bool owned;
+    int rc = qs_dp_gather_optim(dp, optim, &full, &owned);
+    if (!rc && writer)
+        rc = task->weights ? qs_checkpoint_save_files(run, cfg, task->weights, &full, st)
+                           : qs_checkpoint_save(run, cfg, task->codec, task->params, &full, st);
+    if (owned) qs_adamw_free(&full);
+    return rc;
+}
+
 int qs_train(qs_config *cfg, const qs_train_options *opt) {
     const qs_backend *be = qs_backend_cpu();
     qs_train_config *tc = &cfg->train;
@@ -88,6 +115,19 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     char *chars_json = NULL;
     qs_st_file mf_st = {0};
     int rc = -1;
+
+    qs_comm *world = opt->world;
+    const int world_size = world ? qs_comm_size(world) : 1;
+    const bool writer = !world || qs_comm_rank(world) == 0; /* rank 0 writes the run folder */
+    if (cfg->parallel.sp != 1)
+        return qs_error("parallel.sp %d: sequence parallelism is not wired into training yet; use 1",
+                        cfg->parallel.sp);
+    const int dp_size = world_size;
+    const int B = micro_size(tc, dp_size);
+    if (tc->batch_size % (dp_size * B))
+        return qs_error("train.batch_size %d must be a multiple of the %d data-parallel rank(s) x "
+                        "train.micro_batch_size %d", tc->batch_size, dp_size, B);
+    const int accum = tc->batch_size / (dp_size * B); /* micro-batches per rank and step */
 
     if (opt->resume && opt->base) {
         qs_config stored = *cfg;
@@ -109,7 +149,6 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             return qs_error("--resume: the model section differs from the checkpoint's in '%s'", step_dir);
         }
     }
-    int B = micro_size(tc), accum = tc->batch_size / B;
     qs_task task;
     int trc = opt->base ? qs_task_open_lora(&task, cfg, opt->base_chars, opt->base, opt->base_dir,
                                             opt->resume ? step_dir : NULL, B)
@@ -120,77 +159,93 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         return -1;
     }
     qs_params *ps = task.params;
+    qs_dp dp;
+    qs_dp_init(&dp, world, cfg->parallel.zero, ps->n);
     qs_adamw optim = {0};
     FILE *mf = NULL;
-    if (qs_mkdirs(run)) goto out;
-    char *cfg_json = qs_config_to_json(cfg);
-    snprintf(path, sizeof path, "%s/config.json", run);
-    rc = cfg_json ? qs_file_write_atomic(path, cfg_json, strlen(cfg_json)) : qs_error("out of memory");
-    free(cfg_json);
-    if (rc) goto out;
+    if (writer) {
+        char *cfg_json = qs_config_to_json(cfg);
+        snprintf(path, sizeof path, "%s/config.json", run);
+        rc = qs_mkdirs(run) ? -1
+             : cfg_json     ? qs_file_write_atomic(path, cfg_json, strlen(cfg_json))
+                            : qs_error("out of memory");
+        free(cfg_json);
+    } else {
+        rc = 0;
+    }
+    if (agree(world, rc)) goto fail;
     rc = -1;
 
-    if (qs_adamw_create(&optim, be, ps->n)) goto out;
     qs_train_state st = {.step = 0, .seed = tc->seed};
     qs_guard_init(&st.guard, tc->outlier_zscore, tc->max_bad_steps);
-    if (opt->resume) {
+    int src = qs_dp_create_optim(&dp, be, &optim);
+    if (!src && opt->resume) {
         /* a LoRA task loaded its adapter from step_dir when it opened */
-        if ((!task.weights && qs_checkpoint_load_weights(ps, &mf_st, step_dir)) ||
-            qs_checkpoint_load_optim(step_dir, &optim, &st))
-            goto out;
-        if (st.seed != tc->seed) {
-            qs_error("--resume: train.seed %llu differs from the checkpoint's %llu", (unsigned long long)tc->seed,
-                     (unsigned long long)st.seed);
-            goto out;
-        }
-        qs_st_free(&mf_st);
-    } else if (task.init(task.self, tc->seed)) {
-        goto out;
+        src = (!task.weights && qs_checkpoint_load_weights(ps, &mf_st, step_dir)) ||
+              qs_checkpoint_load_optim(step_dir, &optim, &st);
+        if (!src && st.seed != tc->seed)
+            src = qs_error("--resume: train.seed %llu differs from the checkpoint's %llu",
+                           (unsigned long long)tc->seed, (unsigned long long)st.seed);
+    } else if (!src) {
+        src = task.init(task.self, tc->seed);
     }
-    snprintf(path, sizeof path, "%s/metrics.jsonl", run);
-    if (trim_metrics(path, st.step)) goto out;
-    if (!(mf = fopen(path, "a"))) {
-        qs_error("cannot open '%s' for writing", path);
-        goto out;
+    qs_st_free(&mf_st);
+    if (!src && writer) {
+        snprintf(path, sizeof path, "%s/metrics.jsonl", run);
+        if (!(src = trim_metrics(path, st.step)) && !(mf = fopen(path, "a")))
+            src = qs_error("cannot open '%s' for writing", path);
     }
+    if (agree(world, src)) goto fail;
 
     const int T = task.items_per_sample;
     int until = opt->until_step > 0 && opt->until_step < tc->max_steps ? opt->until_step : tc->max_steps;
-    fprintf(stderr, "quasar: %zu parameters (%.1f MiB), activations %.1f MiB, optimizer %.1f MiB; ", ps->n,
-            ps->n * 4 / 1048576.0, task.activation_bytes / 1048576.0, ps->n * 8 / 1048576.0);
-    if (task.codec) fprintf(stderr, "vocab %d; %d x %d tokens", cfg->model.vocab_size, tc->batch_size, T);
-    else fprintf(stderr, "%d images", tc->batch_size);
-    fprintf(stderr, " per step (%d micro-batches of %d)%s\n", accum, B, opt->resume ? " -- resuming" : "");
-    if (opt->resume) fprintf(stderr, "quasar: resumed from %s at step %d\n", step_dir, st.step);
+    if (writer) {
+        fprintf(stderr, "quasar: %zu parameters (%.1f MiB), activations %.1f MiB, optimizer %.1f MiB%s; ", ps->n,
+                ps->n * 4 / 1048576.0, task.activation_bytes / 1048576.0, optim.n * 8 / 1048576.0,
+                dp.zero && dp_size > 1 ? " per rank (ZeRO-1)" : "");
+        if (task.codec) fprintf(stderr, "vocab %d; %d x %d tokens", cfg->model.vocab_size, tc->batch_size, T);
+        else fprintf(stderr, "%d images", tc->batch_size);
+        fprintf(stderr, " per step (%d rank(s) x %d micro-batches of %d)%s\n", dp_size, accum, B,
+                opt->resume ? " -- resuming" : "");
+        if (opt->resume) fprintf(stderr, "quasar: resumed from %s at step %d\n", step_dir, st.step);
+    }
 
-    int tty = isatty(STDERR_FILENO), start_step = st.step;
+    int tty = writer && isatty(STDERR_FILENO), start_step = st.step;
     double t_start = now_s();
     while (st.step < until) {
         double t0 = now_s();
         float lr = qs_lr_at(tc, st.step);
+        /* this rank's slice of the global batch: samples keyed by their global index and
+         * randomness by step, so the run is the same on any number of ranks */
+        const uint64_t first = (uint64_t)st.step * tc->batch_size + (uint64_t)dp.rank * accum * B;
+        const uint64_t rng_seed = qs_rng_u64(tc->seed, STREAM_FORWARD, (uint64_t)st.step);
+        const float share = (float)B / (float)tc->batch_size;
         qs_params_zero_grad(ps);
         if (task.step_begin) task.step_begin(task.self);
-        double loss = 0.0;
-        for (int a = 0; a < accum; a++) {
-            uint64_t micro = (uint64_t)st.step * accum + (uint64_t)a;
-            loss += task.train_micro(task.self, micro, qs_rng_u64(tc->seed, STREAM_FORWARD, micro), 1.0f / (float)accum) /
-                    accum;
-        }
-        double norm = qs_adamw_grad_norm(&optim, ps);
+        double loss = 0.0, norm;
+        for (int a = 0; a < accum; a++)
+            loss += task.train_micro(task.self, first + (uint64_t)a * B, rng_seed, share) * share;
+        if (qs_dp_reduce_grads(&dp, ps) || qs_dp_grad_norm(&dp, ps, &norm) ||
+            (world && qs_comm_allreduce_f64(dp.comm, &loss, 1, QS_SUM)) ||
+            (task.reduce_stats && task.reduce_stats(task.self, dp.comm)))
+            goto fail;
         qs_step_verdict verdict = qs_guard_check(&st.guard, loss, norm);
-        if (verdict == QS_STEP_OK) qs_adamw_apply(&optim, ps, tc, lr, norm);
+        if (verdict == QS_STEP_OK) {
+            qs_adamw_apply(&optim, ps, tc, lr, norm);
+            if (qs_dp_gather_params(&dp, ps)) goto fail;
+        }
         st.step++;
         st.tokens_seen += (int64_t)tc->batch_size * T;
         double dt = now_s() - t0, items_s = tc->batch_size * T / dt;
-        log_train_line(mf, st.step, loss, lr, norm, items_s, &task, &st.guard, verdict);
+        if (mf) log_train_line(mf, st.step, loss, lr, norm, items_s, &task, &st.guard, verdict);
         if (qs_guard_should_stop(&st.guard)) {
             char latest[QS_PATH_MAX + 64];
             qs_error("%d steps in a row skipped for a non-finite or outlier loss/gradient norm (step %d); "
                      "stopping with the last checkpoint kept (%s)", st.guard.bad_in_row, st.step,
                      qs_checkpoint_find(run, latest, sizeof latest) ? "none written yet" : latest);
-            goto out;
+            goto fail;
         }
-        if (tty || st.step % tc->log_interval == 0 || st.step == until) {
+        if (writer && (tty || st.step % tc->log_interval == 0 || st.step == until)) {
             double elapsed = now_s() - t_start;
             char eta[32];
             fmt_duration(eta, sizeof eta, elapsed / (st.step - start_step) * (until - st.step));
@@ -201,30 +256,30 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         int last = st.step == until;
         if ((tc->eval_interval > 0 && st.step % tc->eval_interval == 0) || st.step == tc->max_steps) {
             double vl, acc;
-            if (task.evaluate(task.self, tc->eval_iters, &vl, &acc)) goto out;
-            fprintf(mf, "{\"step\": %d", st.step);
-            qs_metrics_num(mf, "val_loss", vl, "%.6f");
-            if (!isnan(acc)) qs_metrics_num(mf, "val_acc", acc, "%.6f");
-            fprintf(mf, "}\n");
-            fflush(mf);
-            fprintf(stderr, "%sstep %d: val loss %.4f", tty ? "\r\033[K" : "", st.step, vl);
-            if (!isnan(acc)) fprintf(stderr, " | val acc %.4f", acc);
-            fputc('\n', stderr);
+            if (agree(world, qs_task_evaluate(&task, tc->eval_iters, dp.comm, &vl, &acc))) goto fail;
+            if (mf) {
+                fprintf(mf, "{\"step\": %d", st.step);
+                qs_metrics_num(mf, "val_loss", vl, "%.6f");
+                if (!isnan(acc)) qs_metrics_num(mf, "val_acc", acc, "%.6f");
+                fprintf(mf, "}\n");
+                fflush(mf);
+                fprintf(stderr, "%sstep %d: val loss %.4f", tty ? "\r\033[K" : "", st.step, vl);
+                if (!isnan(acc)) fprintf(stderr, " | val acc %.4f", acc);
+                fputc('\n', stderr);
+            }
         }
         if ((tc->checkpoint_interval > 0 && st.step % tc->checkpoint_interval == 0) || last) {
-            if (task.weights ? qs_checkpoint_save_files(run, cfg, task.weights, &optim, &st)
-                             : qs_checkpoint_save(run, cfg, task.codec, ps, &optim, &st))
-                goto out;
+            if (agree(world, save_checkpoint(&dp, writer, run, cfg, &task, &optim, &st))) goto fail;
         }
     }
     if (tty) fputc('\n', stderr);
-    if (st.step == tc->max_steps && task.finish && task.finish(task.self, run)) goto out;
-    fprintf(stderr, "quasar: done in %.1f s; run folder %s\n", now_s() - t_start, run);
+    if (agree(world, st.step == tc->max_steps && writer && task.finish ? task.finish(task.self, run) : 0)) goto fail;
+    if (writer) fprintf(stderr, "quasar: done in %.1f s; run folder %s\n", now_s() - t_start, run);
     rc = 0;
-out:
+fail:
+    qs_st_free(&mf_st);
     if (mf) fclose(mf);
     qs_adamw_free(&optim);
     qs_task_free(&task);
-    qs_st_free(&mf_st);
     return rc;
 }

@@ -94,11 +94,12 @@ typedef struct lin_ctx {
     int n, in, out;
     float *x, *y, *R;
     qs_forward_mode mode;
+    const int64_t *ids; /* the rows' global ids, for the dropout mask */
 } lin_ctx;
 
 static double lin_loss(lin_ctx *c) {
     memset(c->y, 0, (size_t)c->n * c->out * sizeof(float));
-    qs_lora_forward(c->lo, 1, c->site, 0, 0, c->n, c->y, c->x, &c->mode);
+    qs_lora_forward(c->lo, 1, c->site, 0, 0, c->n, c->y, c->x, c->ids, &c->mode);
     double s = 0;
     for (size_t i = 0; i < (size_t)c->n * c->out; i++) s += (double)c->R[i] * c->y[i];
     return s;
@@ -120,9 +121,11 @@ static void test_linear_forward_and_gradients(void **state) {
         c.lora.rslora = rs;
         built b = build(&c, 2, 5);
         const int n = 9, in = 12, out = 6, r = c.lora.r; /* mlp.c_proj: F = 12 -> C = 6 */
+        int64_t ids[9];
+        for (int i = 0; i < n; i++) ids[i] = 1000 + 7 * i;
         lin_ctx lc = {b.lo, QS_LORA_SITE_FC_PROJ, n, in, out, malloc(n * in * sizeof(float)),
                       malloc(n * out * sizeof(float)), malloc(n * out * sizeof(float)),
-                      {.train = true, .rng_seed = seed ^ 5}};
+                      {.train = true, .rng_seed = seed ^ 5}, ids};
         for (int i = 0; i < n * in; i++) lc.x[i] = qs_rng_normal(seed, 1, (uint64_t)i);
         for (int i = 0; i < n * out; i++) lc.R[i] = qs_rng_normal(seed, 2, (uint64_t)i);
         qs_params *ps = qs_lora_params(b.lo);
@@ -136,8 +139,8 @@ static void test_linear_forward_and_gradients(void **state) {
         const double s = rs ? c.lora.alpha / sqrt(r) : c.lora.alpha / r;
         float *xd = malloc(n * in * sizeof(float));
         qs_backend_cpu()->ops->dropout_forward(xd, lc.x, c.lora.dropout, lc.mode.rng_seed,
-                                               (1ull << 40) + (1ull * QS_LORA_N_SITES + QS_LORA_SITE_FC_PROJ),
-                                               (size_t)n * in);
+                                               (1ull << 40) + (1ull * QS_LORA_N_SITES + QS_LORA_SITE_FC_PROJ), ids,
+                                               (size_t)n, (size_t)in);
         int dropped = 0;
         for (int i = 0; i < n * in; i++) dropped += xd[i] == 0.0f;
         assert_true(dropped > 0 && dropped < n * in); /* the mask is really on */
@@ -156,7 +159,7 @@ static void test_linear_forward_and_gradients(void **state) {
         qs_params_zero_grad(ps);
         float *dx = calloc((size_t)n * in, sizeof(float));
         lin_loss(&lc);
-        qs_lora_backward(b.lo, 1, QS_LORA_SITE_FC_PROJ, 0, 0, n, dx, lc.R, lc.x, &lc.mode);
+        qs_lora_backward(b.lo, 1, QS_LORA_SITE_FC_PROJ, 0, 0, n, dx, lc.R, lc.x, ids, &lc.mode);
         double worst = 0;
         for (int k = 0; k < 6; k++) {
             size_t ja = qs_rng_below(seed, 10, (uint64_t)k, (uint64_t)r * in);

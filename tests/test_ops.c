@@ -452,14 +452,14 @@ static double ew_loss(void *p) {
     poison(c->out, c->n);
     if (c->kind == EW_GELU) ops->gelu_forward(c->out, c->inp, c->n);
     else if (c->kind == EW_RELU) ops->relu_forward(c->out, c->inp, c->n);
-    else ops->dropout_forward(c->out, c->inp, c->p, c->seed, c->stream, c->n);
+    else ops->dropout_forward(c->out, c->inp, c->p, c->seed, c->stream, NULL, c->n, 1);
     return weighted_sum(c->out, c->R, c->n);
 }
 static void ew_backward(void *p, float **g) {
     ew_ctx *c = p;
     if (c->kind == EW_GELU) ops->gelu_backward(g[0], c->inp, c->R, c->n);
     else if (c->kind == EW_RELU) ops->relu_backward(g[0], c->inp, c->R, c->n);
-    else ops->dropout_backward(g[0], c->R, c->p, c->seed, c->stream, c->n);
+    else ops->dropout_backward(g[0], c->R, c->p, c->seed, c->stream, NULL, c->n, 1);
 }
 
 /* Inputs in [-3, 3] but at least 0.05 from zero (ReLU's kink). */
@@ -518,21 +518,21 @@ static void test_add(void **state) {
 
 static void test_dropout(void **state) {
     (void)state;
-    const size_t n = 200003;
+    const size_t W = (size_t)rnd_int(3, 40), N = 200003 / W, n = N * W;
     const float p = 0.3f;
     const uint64_t seed = rnd_u64(), stream = 7;
     float *inp = ew_inputs(n), *out = alloc_f(n), *same = copy_tensor(inp, n);
 
     /* p = 0 copies, also in place. */
     poison(out, n);
-    ops->dropout_forward(out, inp, 0.0f, seed, stream, n);
+    ops->dropout_forward(out, inp, 0.0f, seed, stream, NULL, N, W);
     assert_memory_equal(out, inp, n * sizeof *out);
-    ops->dropout_forward(same, same, 0.0f, seed, stream, n);
+    ops->dropout_forward(same, same, 0.0f, seed, stream, NULL, N, W);
     assert_memory_equal(same, inp, n * sizeof *out);
 
     /* The documented mask rule, the 1/(1-p) scale, and the drop rate. */
     poison(out, n);
-    ops->dropout_forward(out, inp, p, seed, stream, n);
+    ops->dropout_forward(out, inp, p, seed, stream, NULL, N, W);
     size_t dropped = 0;
     const float scale = 1.0f / (1.0f - p);
     for (size_t i = 0; i < n; i++) {
@@ -546,12 +546,26 @@ static void test_dropout(void **state) {
     if (fabs(rate - p) > 0.01) fail_msg("dropout rate %g, want %g", rate, (double)p);
 
     /* In place gives the same result. */
-    ops->dropout_forward(same, same, p, seed, stream, n);
+    ops->dropout_forward(same, same, p, seed, stream, NULL, N, W);
     assert_memory_equal(same, out, n * sizeof *out);
+
+    /* Rows named by global ids draw those rows' masks wherever they sit: a few rows
+     * picked out of the tensor, in another order, come out as they did in it. */
+    enum { PICK = 5 };
+    int64_t ids[PICK];
+    float *rows = alloc_f(PICK * W);
+    for (int r = 0; r < PICK; r++) {
+        ids[r] = (int64_t)rnd_int(0, (int)N - 1);
+        memcpy(rows + r * W, inp + (size_t)ids[r] * W, W * sizeof(float));
+    }
+    ops->dropout_forward(rows, rows, p, seed, stream, ids, PICK, W);
+    for (int r = 0; r < PICK; r++)
+        assert_memory_equal(rows + r * W, out + (size_t)ids[r] * W, W * sizeof(float));
+    free(rows);
 
     /* Another stream draws another mask. */
     float *other = alloc_f(n);
-    ops->dropout_forward(other, inp, p, seed, stream + 1, n);
+    ops->dropout_forward(other, inp, p, seed, stream + 1, NULL, N, W);
     size_t differ = 0;
     for (size_t i = 0; i < n; i++) differ += (other[i] == 0.0f) != (out[i] == 0.0f);
     if (differ < n / 10) fail_msg("dropout masks of two streams barely differ (%zu)", differ);
@@ -559,7 +573,7 @@ static void test_dropout(void **state) {
     /* Backward applies the forward's mask: dropped elements get no gradient. */
     float *dout = rnd_tensor(n, 0.5f, 1.5f), *dinp = rnd_tensor(n, -1, 1);
     float *pre = copy_tensor(dinp, n);
-    ops->dropout_backward(dinp, dout, p, seed, stream, n);
+    ops->dropout_backward(dinp, dout, p, seed, stream, NULL, N, W);
     for (size_t i = 0; i < n; i++) {
         const float want = pre[i] + (out[i] != 0.0f ? dout[i] * scale : 0.0f);
         if (!(fabs(dinp[i] - want) <= 1e-6f * (1.0f + fabsf(want))))
@@ -635,35 +649,40 @@ static void test_xent(void **state) {
 /* ---- MoE: noisy gate ---- */
 
 typedef struct {
-    size_t n;
+    size_t n; /* [n / 5, 5] */
     uint64_t seed, stream;
     float *clean, *noise, *h, *R;
+    const int64_t *ids;
 } gate_ctx;
 
 static double gate_loss(void *p) {
     gate_ctx *c = p;
     poison(c->h, c->n);
-    ops->noisy_gate_forward(c->h, c->clean, c->noise, c->seed, c->stream, c->n);
+    ops->noisy_gate_forward(c->h, c->clean, c->noise, c->seed, c->stream, c->ids, (int)(c->n / 5), 5);
     return weighted_sum(c->h, c->R, c->n);
 }
 static void gate_backward(void *p, float **g) {
     gate_ctx *c = p;
-    ops->noisy_gate_backward(g[0], g[1], c->R, c->noise, c->seed, c->stream, c->n);
+    ops->noisy_gate_backward(g[0], g[1], c->R, c->noise, c->seed, c->stream, c->ids, (int)(c->n / 5), 5);
 }
 
 static void test_noisy_gate(void **state) {
     (void)state;
     const size_t n = (size_t)rnd_int(7, 37) * 5;
+    /* rows carry global ids (a token's noise follows it to any rank or batch position) */
+    int64_t *ids = malloc(n / 5 * sizeof(int64_t));
+    for (size_t r = 0; r < n / 5; r++) ids[r] = (int64_t)(rnd_u64() >> 20);
     gate_ctx c = {n, rnd_u64(), 3, rnd_tensor(n, -2, 2), rnd_tensor(n, -4, 4), alloc_f(n),
-                  rnd_tensor(n, -1, 1)};
+                  rnd_tensor(n, -1, 1), ids};
     gate_loss(&c);
     double *want = alloc_d(n);
     for (size_t i = 0; i < n; i++)
-        want[i] = c.clean[i] + qs_rng_normal(c.seed, c.stream, i) * log1p(exp((double)c.noise[i]));
+        want[i] = c.clean[i] + qs_rng_normal(c.seed, c.stream, (uint64_t)ids[i / 5] * 5 + i % 5) *
+                                   log1p(exp((double)c.noise[i]));
     check_close("noisy gate", c.h, want, n, 1e-5, 1e-6);
     const param ps[] = {{"clean", c.clean, n}, {"noise", c.noise, n}};
     check_gradients("noisy gate", gate_loss, gate_backward, &c, ps, 2, 1e-3);
-    free(want), free(c.clean), free(c.noise), free(c.h), free(c.R);
+    free(want), free(c.clean), free(c.noise), free(c.h), free(c.R), free(ids);
 }
 
 /* ---- MoE: top-k ---- */
@@ -1090,6 +1109,7 @@ typedef struct {
     float drop;
     uint64_t seed;
     float *inp, *resid, *gamma, *out, *R;
+    uint64_t sample0; /* layer scale: global index of sample 0 */
 } img_ctx;
 enum { IMG_S2D, IMG_POOL, IMG_LSCALE };
 
@@ -1101,19 +1121,21 @@ static double img_loss(void *p) {
     poison(c->out, img_out(c));
     if (c->kind == IMG_S2D) ops->space_to_depth_forward(c->out, c->inp, c->B, c->H, c->W, c->C, c->p);
     else if (c->kind == IMG_POOL) ops->avgpool_forward(c->out, c->inp, c->B, c->H * c->W, c->C);
-    else ops->layer_scale_forward(c->out, c->resid, c->inp, c->gamma, c->drop, c->seed, 5, c->B, c->H * c->W, c->C);
+    else ops->layer_scale_forward(c->out, c->resid, c->inp, c->gamma, c->drop, c->seed, 5, c->sample0, c->B, c->H * c->W,
+                                  c->C);
     return weighted_sum(c->out, c->R, img_out(c));
 }
 static void img_backward(void *p, float **g) {
     img_ctx *c = p;
     if (c->kind == IMG_S2D) ops->space_to_depth_backward(g[0], c->R, c->B, c->H, c->W, c->C, c->p);
     else if (c->kind == IMG_POOL) ops->avgpool_backward(g[0], c->R, c->B, c->H * c->W, c->C);
-    else ops->layer_scale_backward(g[0], g[1], c->R, c->inp, c->gamma, c->drop, c->seed, 5, c->B, c->H * c->W, c->C);
+    else ops->layer_scale_backward(g[0], g[1], c->R, c->inp, c->gamma, c->drop, c->seed, 5, c->sample0, c->B,
+                                   c->H * c->W, c->C);
 }
 
 static img_ctx img_make(int kind, int p) {
     img_ctx c = {kind, rnd_int(1, 4), p * rnd_int(1, 5), p * rnd_int(1, 5), rnd_int(1, 9), p, 0.0f, rnd_u64(),
-                 NULL, NULL, NULL, NULL, NULL};
+                 NULL, NULL, NULL, NULL, NULL, 0};
     c.inp = rnd_tensor(img_in(&c), -1, 1);
     c.resid = rnd_tensor(img_in(&c), -1, 1);
     c.gamma = rnd_tensor((size_t)c.C, -1, 1);
@@ -1168,19 +1190,20 @@ static void test_layer_scale(void **state) {
         c.inp = rnd_tensor(img_in(&c), -1, 1), c.resid = rnd_tensor(img_in(&c), -1, 1);
         c.gamma = rnd_tensor((size_t)c.C, -1, 1), c.out = alloc_f(img_in(&c)), c.R = rnd_tensor(img_in(&c), -1, 1);
         c.drop = drops[d];
+        c.sample0 = rnd_u64() >> 16;
         /* a seed whose mask keeps some samples and drops others (all-or-none has
          * probability 2^(1-B) per draw) */
         for (int kept = 0; c.drop > 0 && (kept == 0 || kept == c.B);) {
             c.seed = rnd_u64();
             kept = 0;
-            for (int b = 0; b < c.B; b++) kept += qs_rng_uniform(c.seed, 5, (uint64_t)b) >= c.drop;
+            for (int b = 0; b < c.B; b++) kept += qs_rng_uniform(c.seed, 5, c.sample0 + (uint64_t)b) >= c.drop;
         }
         img_loss(&c);
         const size_t n = img_in(&c), per = (size_t)c.H * c.W * c.C;
         double *want = alloc_d(n);
         int dropped = 0;
         for (int b = 0; b < c.B; b++) {
-            const int keep = qs_rng_uniform(c.seed, 5, (uint64_t)b) >= c.drop;
+            const int keep = qs_rng_uniform(c.seed, 5, c.sample0 + (uint64_t)b) >= c.drop;
             dropped += !keep;
             for (size_t i = 0; i < per; i++) {
                 const size_t o = b * per + i;
@@ -1191,7 +1214,7 @@ static void test_layer_scale(void **state) {
         if (c.drop > 0) assert_true(dropped > 0 && dropped < c.B);
         /* in place over the residual */
         float *res = copy_tensor(c.resid, n);
-        ops->layer_scale_forward(res, res, c.inp, c.gamma, c.drop, c.seed, 5, c.B, c.H * c.W, c.C);
+        ops->layer_scale_forward(res, res, c.inp, c.gamma, c.drop, c.seed, 5, c.sample0, c.B, c.H * c.W, c.C);
         check_close("layer_scale in place", res, want, n, 1e-6, 1e-6);
         const param ps[] = {{"inp", c.inp, n}, {"gamma", c.gamma, (size_t)c.C}};
         check_gradients("layer_scale", img_loss, img_backward, &c, ps, 2, 1e-3);

@@ -44,28 +44,30 @@ void qs_cpu_add_forward(float *out, const float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* Factor applied to element i: 1/(1-p) if kept, 0 if dropped. */
+/* Factor applied to element i = r*W + c: 1/(1-p) if kept, 0 if dropped. */
 static inline float dropout_factor(float p, float scale, uint64_t seed, uint64_t stream,
-                                   size_t i) {
-    return qs_rng_uniform(seed, stream, i) >= p ? scale : 0.0f;
+                                   const int64_t *row_ids, size_t i, size_t W) {
+    return qs_rng_uniform(seed, stream, qs_rng_counter(row_ids, i / W, W, i % W)) >= p ? scale : 0.0f;
 }
 
 void qs_cpu_dropout_forward(float *out, const float *inp, float p, uint64_t seed, uint64_t stream,
-                            size_t n) {
+                            const int64_t *row_ids, size_t N, size_t W) {
+    const size_t n = N * W;
     if (p == 0.0f) {
         if (out != inp) memcpy(out, inp, n * sizeof *out);
         return;
     }
     const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
 #pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++) out[i] = inp[i] * dropout_factor(p, scale, seed, stream, i);
+    for (size_t i = 0; i < n; i++) out[i] = inp[i] * dropout_factor(p, scale, seed, stream, row_ids, i, W);
 }
 
 void qs_cpu_dropout_backward(float *dinp, const float *dout, float p, uint64_t seed,
-                             uint64_t stream, size_t n) {
+                             uint64_t stream, const int64_t *row_ids, size_t N, size_t W) {
+    const size_t n = N * W;
     const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
     /* At p == 0 every factor is 1; skipping the generator only saves time. */
 #pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++)
-        dinp[i] += p == 0.0f ? dout[i] : dout[i] * dropout_factor(p, scale, seed, stream, i);
+        dinp[i] += p == 0.0f ? dout[i] : dout[i] * dropout_factor(p, scale, seed, stream, row_ids, i, W);
 }

@@ -78,9 +78,9 @@ void qs_cpu_relu_forward(float *out, const float *inp, size_t n);
 void qs_cpu_relu_backward(float *dinp, const float *inp, const float *dout, size_t n);
 void qs_cpu_add_forward(float *out, const float *a, const float *b, size_t n);
 void qs_cpu_dropout_forward(float *out, const float *inp, float p, uint64_t seed, uint64_t stream,
-                            size_t n);
+                            const int64_t *row_ids, size_t N, size_t W);
 void qs_cpu_dropout_backward(float *dinp, const float *dout, float p, uint64_t seed,
-                             uint64_t stream, size_t n);
+                             uint64_t stream, const int64_t *row_ids, size_t N, size_t W);
 
 /* xent.c */
 void qs_cpu_xent_forward(float *losses, const float *logits, const int *targets, int N, int V);
@@ -89,10 +89,10 @@ void qs_cpu_xent_backward(float *dlogits, const float *logits, const int *target
 
 /* moe.c */
 void qs_cpu_noisy_gate_forward(float *h, const float *clean, const float *noise_logits,
-                               uint64_t seed, uint64_t stream, size_t n);
+                               uint64_t seed, uint64_t stream, const int64_t *row_ids, int N, int E);
 void qs_cpu_noisy_gate_backward(float *dclean, float *dnoise, const float *dh,
                                 const float *noise_logits, uint64_t seed, uint64_t stream,
-                                size_t n);
+                                const int64_t *row_ids, int N, int E);
 void qs_cpu_moe_topk_forward(int *idx, float *gate, const float *logits, int N, int E, int K);
 void qs_cpu_moe_topk_backward(float *dlogits, const float *dgate, const int *idx,
                               const float *gate, int N, int E, int K);
@@ -126,10 +126,11 @@ void qs_cpu_avgpool_backward(float *dinp, const float *dout, int B, int N, int C
 
 /* residual.c */
 void qs_cpu_layer_scale_forward(float *out, const float *resid, const float *inp, const float *gamma,
-                                float p, uint64_t seed, uint64_t stream, int B, int N, int C);
+                                float p, uint64_t seed, uint64_t stream, uint64_t sample0, int B, int N,
+                                int C);
 void qs_cpu_layer_scale_backward(float *dinp, float *dgamma, const float *dout, const float *inp,
-                                 const float *gamma, float p, uint64_t seed, uint64_t stream, int B,
-                                 int N, int C);
+                                 const float *gamma, float p, uint64_t seed, uint64_t stream,
+                                 uint64_t sample0, int B, int N, int C);
 /* optim.c */
 double qs_cpu_sumsq(const float *g, size_t n);
 void qs_cpu_adamw_update(float *p, const float *grad, float *m, float *v, size_t n, float lr,

@@ -10,20 +10,26 @@ static inline float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fab
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+static float gate_noise(uint64_t seed, uint64_t stream, const int64_t *row_ids, size_t i, int E) {
+    return qs_rng_normal(seed, stream, qs_rng_counter(row_ids, i / (size_t)E, (size_t)E, i % (size_t)E));
+}
+
 void qs_cpu_noisy_gate_forward(float *h, const float *clean, const float *noise_logits,
-                               uint64_t seed, uint64_t stream, size_t n) {
+                               uint64_t seed, uint64_t stream, const int64_t *row_ids, int N, int E) {
+    const size_t n = (size_t)N * E;
 #pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++)
-        h[i] = clean[i] + qs_rng_normal(seed, stream, i) * softplus(noise_logits[i]);
+        h[i] = clean[i] + gate_noise(seed, stream, row_ids, i, E) * softplus(noise_logits[i]);
 }
 
 void qs_cpu_noisy_gate_backward(float *dclean, float *dnoise, const float *dh,
                                 const float *noise_logits, uint64_t seed, uint64_t stream,
-                                size_t n) {
+                                const int64_t *row_ids, int N, int E) {
+    const size_t n = (size_t)N * E;
 #pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         if (dclean) dclean[i] += dh[i];
-        if (dnoise) dnoise[i] += dh[i] * qs_rng_normal(seed, stream, i) * sigmoid(noise_logits[i]);
+        if (dnoise) dnoise[i] += dh[i] * gate_noise(seed, stream, row_ids, i, E) * sigmoid(noise_logits[i]);
     }
 }
 

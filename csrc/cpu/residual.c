@@ -3,15 +3,16 @@
 #include "quasar/rng.h"
 
 /* The whole branch of sample b is kept (and scaled up) or dropped. */
-static float keep_scale(float p, uint64_t seed, uint64_t stream, int b) {
+static float keep_scale(float p, uint64_t seed, uint64_t stream, uint64_t sample) {
     if (p <= 0.0f) return 1.0f;
-    return qs_rng_uniform(seed, stream, (uint64_t)b) >= p ? 1.0f / (1.0f - p) : 0.0f;
+    return qs_rng_uniform(seed, stream, sample) >= p ? 1.0f / (1.0f - p) : 0.0f;
 }
 
 void qs_cpu_layer_scale_forward(float *out, const float *resid, const float *inp, const float *gamma,
-                                float p, uint64_t seed, uint64_t stream, int B, int N, int C) {
+                                float p, uint64_t seed, uint64_t stream, uint64_t sample0, int B, int N,
+                                int C) {
     for (int b = 0; b < B; b++) {
-        const float k = keep_scale(p, seed, stream, b);
+        const float k = keep_scale(p, seed, stream, sample0 + (uint64_t)b);
         const size_t base = (size_t)b * N * C;
 #pragma omp parallel for schedule(static) if ((size_t)N * C >= QS_CPU_PAR_MIN)
         for (int n = 0; n < N; n++) {
@@ -22,10 +23,10 @@ void qs_cpu_layer_scale_forward(float *out, const float *resid, const float *inp
 }
 
 void qs_cpu_layer_scale_backward(float *dinp, float *dgamma, const float *dout, const float *inp,
-                                 const float *gamma, float p, uint64_t seed, uint64_t stream, int B,
-                                 int N, int C) {
+                                 const float *gamma, float p, uint64_t seed, uint64_t stream,
+                                 uint64_t sample0, int B, int N, int C) {
     for (int b = 0; b < B; b++) {
-        const float k = keep_scale(p, seed, stream, b);
+        const float k = keep_scale(p, seed, stream, sample0 + (uint64_t)b);
         if (k == 0.0f) continue;
         const size_t base = (size_t)b * N * C;
         for (int n = 0; n < N; n++) {

@@ -55,6 +55,7 @@ int qs_checkpoint_read(const char *dir, const char *name, char **data, size_t *s
 int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg, char **chars_json);
 /* Every model tensor must be present with dtype F32 and its exact shape; nothing else. */
 int qs_checkpoint_load_weights(qs_params *ps, const qs_st_file *f, const char *what);
+/* The state of step_dir into opt (all of it, or a ZeRO-1 shard's spans) and st. */
 int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state *st);
 /* Parses state.json text (len bytes, need not be NUL-terminated); `what` names it in errors. */
 int qs_state_parse(const char *json, size_t len, qs_train_state *st, const char *what);

@@ -104,11 +104,18 @@ typedef struct qs_lora_config {
 enum { QS_LORA_Q = 1, QS_LORA_K = 2, QS_LORA_V = 4, QS_LORA_PROJ = 8, QS_LORA_FC = 16, QS_LORA_FC_PROJ = 32,
        QS_LORA_EXPERTS = 64 };
 
+/* How a run spreads over ranks (world size = dp x sp; see docs/SCALING.md). */
+typedef struct qs_parallel_config {
+    int sp;   /* sequence-parallel degree: ranks that split each sequence */
+    int zero; /* ZeRO stage: 0 = replicated optimizer state, 1 = sharded over dp ranks */
+} qs_parallel_config;
+
 typedef struct qs_config {
     qs_model_config model;
     qs_train_config train;
     qs_data_config data;
     qs_lora_config lora;
+    qs_parallel_config parallel;
 } qs_config;
 
 void qs_config_defaults(qs_config *c);

@@ -47,13 +47,14 @@ int qs_lora_init(qs_lora *lo, uint64_t seed);
 
 /* Called by the model (csrc/model.c) right after linear layer `site` of block `layer`
  * (for an MoE site: expert e, whose n packed rows start at row0; else e = row0 = 0):
- * y[n, out] += s * drop(x) A^T B^T. Dropout (lora.dropout) only when mode->train. */
+ * y[n, out] += s * drop(x) A^T B^T. Dropout (lora.dropout) only when mode->train, its
+ * mask keyed by the rows' global ids row_ids[n] (backend memory; see ops.h). */
 void qs_lora_forward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0, int n, float *y, const float *x,
-                     const qs_forward_mode *mode);
+                     const int64_t *row_ids, const qs_forward_mode *mode);
 /* Its backward, after the base layer's: accumulates the adapter's gradients and
  * dx[n, in] += the adapter path's input gradient, given dy[n, out]. */
 void qs_lora_backward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0, int n, float *dx, const float *dy,
-                      const float *x, const qs_forward_mode *mode);
+                      const float *x, const int64_t *row_ids, const qs_forward_mode *mode);
 
 /* W += sign * s * (B A)^T for every adapted weight of base (a table with the model's
  * names): sign +1 merges, -1 unmerges (equal up to float rounding). */

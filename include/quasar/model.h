@@ -20,6 +20,9 @@ typedef struct qs_lora qs_lora; /* lora.h */
 typedef struct qs_forward_mode {
     bool train;        /* dropout and router noise on */
     uint64_t rng_seed; /* seed of this pass's dropout masks and router noise */
+    uint64_t sample0;  /* global index of the batch's first sequence: token t of sequence b
+                        * draws its masks and noise as global row (sample0 + b) * seq_len + t,
+                        * the same on any number of ranks or micro-batches */
 } qs_forward_mode;
 
 /* Sizes activations for micro-batches of up to max_B sequences of up to max_T tokens. */

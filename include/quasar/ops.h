@@ -6,7 +6,10 @@
  * - Every backward ACCUMULATES (+=) into its gradient outputs, parameter and
  *   activation gradients alike; callers zero them. A NULL gradient output is skipped.
  * - Randomness (dropout, router noise) is counter-based: the same (seed, stream)
- *   reproduces the same mask/noise in forward and backward, nothing is stored.
+ *   reproduces the same mask/noise in forward and backward, nothing is stored. Row r of
+ *   an [N, W] tensor is global row row_ids[r] (backend memory; NULL: r), and element
+ *   (r, c) draws counter row_ids[r] * W + c (qs_rng_counter), so a token's mask is the
+ *   same whichever rank, micro-batch or sequence block holds it.
  * - Matrix weights use the [in, out] layout (Hugging Face GPT-2's Conv1D), so
  *   y = x @ W + b. QS_W_OUT_IN selects [out, in] (nn.Linear, tied lm head).
  */
@@ -79,13 +82,13 @@ typedef struct qs_ops {
     /* out = a + b (out may alias a or b). */
     void (*add_forward)(float *out, const float *a, const float *b, size_t n);
 
-    /* Inverted dropout with drop probability p: element i is kept iff
-     * qs_rng_uniform(seed, stream, i) >= p, and kept values are scaled by 1/(1-p).
-     * out may alias inp; backward applies the same mask and scale. p == 0 copies. */
+    /* Inverted dropout with drop probability p over [N, W]: element (r, c) is kept iff
+     * qs_rng_uniform(seed, stream, its counter) >= p, and kept values are scaled by
+     * 1/(1-p). out may alias inp; backward applies the same mask and scale. p == 0 copies. */
     void (*dropout_forward)(float *out, const float *inp, float p, uint64_t seed,
-                            uint64_t stream, size_t n);
+                            uint64_t stream, const int64_t *row_ids, size_t N, size_t W);
     void (*dropout_backward)(float *dinp, const float *dout, float p, uint64_t seed,
-                             uint64_t stream, size_t n);
+                             uint64_t stream, const int64_t *row_ids, size_t N, size_t W);
 
     /* Fused softmax + cross-entropy over rows of logits [N,V].
      * losses[n] = -log softmax(logits[n])[targets[n]]; a negative target is ignored
@@ -96,13 +99,14 @@ typedef struct qs_ops {
                           int N, int V);
 
     /* Noisy gating (Shazeer et al.): h = clean + z * softplus(noise_logits), with
-     * z = qs_rng_normal(seed, stream, i) for element i of the [N,E] tensors.
+     * z = qs_rng_normal(seed, stream, counter) for each element of the [N,E] tensors.
      * Backward: dclean += dh; dnoise += dh * z * sigmoid(noise_logits). */
     void (*noisy_gate_forward)(float *h, const float *clean, const float *noise_logits,
-                               uint64_t seed, uint64_t stream, size_t n);
+                               uint64_t seed, uint64_t stream, const int64_t *row_ids, int N,
+                               int E);
     void (*noisy_gate_backward)(float *dclean, float *dnoise, const float *dh,
                                 const float *noise_logits, uint64_t seed, uint64_t stream,
-                                size_t n);
+                                const int64_t *row_ids, int N, int E);
 
     /* Top-k routing over logits [N,E]: idx[N,K] holds the K largest experts per
      * token in descending logit order (ties: lower index first); gate[N,K] is the
@@ -171,14 +175,15 @@ typedef struct qs_ops {
 
     /* Residual branch with layer scale and stochastic depth:
      *   out[b,n,c] = resid[b,n,c] + gamma[c] * keep_b * inp[b,n,c]
-     * keep_b = (qs_rng_uniform(seed, stream, b) >= p) / (1 - p) drops sample b's whole
+     * keep_b = (qs_rng_uniform(seed, stream, sample0 + b) >= p) / (1 - p) drops sample b's whole
      * branch (p = 0: keep all). out may alias resid. The residual's gradient is dout
      * itself; backward accumulates dinp and dgamma. */
     void (*layer_scale_forward)(float *out, const float *resid, const float *inp, const float *gamma,
-                                float p, uint64_t seed, uint64_t stream, int B, int N, int C);
+                                float p, uint64_t seed, uint64_t stream, uint64_t sample0, int B,
+                                int N, int C);
     void (*layer_scale_backward)(float *dinp, float *dgamma, const float *dout, const float *inp,
-                                 const float *gamma, float p, uint64_t seed, uint64_t stream, int B,
-                                 int N, int C);
+                                 const float *gamma, float p, uint64_t seed, uint64_t stream,
+                                 uint64_t sample0, int B, int N, int C);
 
     /* Sum of squares of g[0..n), accumulated in double. */
     double (*sumsq)(const float *g, size_t n);

@@ -5,6 +5,7 @@
 #define QUASAR_RNG_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 static inline uint64_t qs_rng_mix(uint64_t z) {
@@ -17,6 +18,12 @@ static inline uint64_t qs_rng_mix(uint64_t z) {
 
 static inline uint64_t qs_rng_u64(uint64_t seed, uint64_t stream, uint64_t counter) {
     return qs_rng_mix(qs_rng_mix(qs_rng_mix(seed) ^ stream) ^ counter);
+}
+
+/* The counter of element (r, c) of an [N, W] tensor whose row r is global row ids[r]
+ * (NULL: r); see the randomness convention in ops.h. */
+static inline uint64_t qs_rng_counter(const int64_t *ids, size_t r, size_t W, size_t c) {
+    return (uint64_t)(ids ? ids[r] : (int64_t)r) * W + c;
 }
 
 /* Uniform in [0, 1) with 24 bits. */

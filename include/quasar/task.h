@@ -5,10 +5,12 @@
 #ifndef QUASAR_TASK_H
 #define QUASAR_TASK_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
 #include "quasar/checkpoint.h"
+#include "quasar/comm.h"
 #include "quasar/codec.h"
 #include "quasar/config.h"
 #include "quasar/params.h"
@@ -23,14 +25,20 @@ typedef struct qs_task {
     size_t activation_bytes;
     const qs_ckpt_files *weights; /* what checkpoints hold for params; NULL: model.safetensors */
 
+    bool has_accuracy;          /* classifiers: evaluation counts correct answers */
+
     int (*init)(void *self, uint64_t seed);
-    /* Forward and backward of micro-batch `micro` of the training stream (its samples
-     * are micro * micro_B ...), gradients accumulated with grad_scale; returns its loss. */
-    double (*train_micro)(void *self, uint64_t micro, uint64_t rng_seed, float grad_scale);
-    /* Mean validation loss over `iters` micro-batches (LMs) or the whole test split
-     * (classifiers, whose *acc is the accuracy; NAN for LMs). */
-    int (*evaluate)(void *self, int iters, double *loss, double *acc);
+    /* Forward and backward of the training stream's samples sample0 .. sample0 +
+     * micro_B - 1 with this step's rng_seed, gradients accumulated with grad_scale;
+     * returns their mean loss. */
+    double (*train_micro)(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale);
+    /* Adds part `part` of `parts` of the validation set to sums: {loss, correct, weight},
+     * loss weighted (so the mean is sums[0] / sums[2]). The set is eval_iters
+     * micro-batches (LMs) or the whole test split (classifiers). */
+    int (*evaluate)(void *self, int iters, int part, int parts, double sums[3]);
     void (*step_begin)(void *self);                 /* may be NULL */
+    /* Sums the step's statistics for log_fields over the data-parallel group; may be NULL. */
+    int (*reduce_stats)(void *self, qs_comm *dp);
     void (*log_fields)(void *self, FILE *metrics);  /* extra metrics.jsonl fields; may be NULL */
     int (*finish)(void *self, const char *run_dir); /* after the last step; may be NULL */
     void (*free)(void *self);
@@ -41,6 +49,10 @@ typedef struct qs_task {
  * model.vocab_size from the data. */
 int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B);
 void qs_task_free(qs_task *t);
+
+/* Validation loss and accuracy (NAN without has_accuracy) over `iters` micro-batches or
+ * the test split, the work split over the ranks of dp (NULL: this process alone). */
+int qs_task_evaluate(qs_task *t, int iters, qs_comm *dp, double *loss, double *acc);
 
 /* Writes `, "key": value` to a metrics line; JSON has no NaN or infinity, so a
  * non-finite value is written as null. */

@@ -5,6 +5,7 @@
 
 #include <stdbool.h>
 
+#include "quasar/comm.h"
 #include "quasar/config.h"
 #include "quasar/safetensors.h"
 
@@ -17,6 +18,8 @@ typedef struct qs_train_options {
     const char *base_dir;
     const qs_st_file *base;
     const char *base_chars;
+    qs_comm *world;         /* the ranks of this run (train.batch_size is over all of them);
+                             * NULL: this process alone */
 } qs_train_options;
 
 int qs_train(qs_config *cfg, const qs_train_options *opt);

@@ -1,0 +1,81 @@
+#include "quasar/data_parallel.h"
+
+#include <math.h>
+
+#include "quasar/error.h"
+
+void qs_dp_init(qs_dp *dp, qs_comm *comm, int zero, size_t n) {
+    *dp = (qs_dp){.comm = comm, .rank = comm ? qs_comm_rank(comm) : 0, .size = comm ? qs_comm_size(comm) : 1,
+                  .zero = zero, .n = n};
+    dp->chunk = n / (size_t)dp->size;
+}
+
+static bool sharded(const qs_dp *dp) { return dp->zero == 1 && dp->size > 1; }
+
+/* This rank's chunk, then the tail every rank owns. */
+static int own_spans(const qs_dp *dp, qs_span own[2]) {
+    const size_t tail = dp->chunk * (size_t)dp->size;
+    own[0] = (qs_span){dp->chunk * (size_t)dp->rank, dp->chunk * (size_t)(dp->rank + 1)};
+    own[1] = (qs_span){tail, dp->n};
+    return 2;
+}
+
+int qs_dp_create_optim(const qs_dp *dp, const qs_backend *be, qs_adamw *o) {
+    if (!sharded(dp)) return qs_adamw_create(o, be, dp->n);
+    qs_span own[2];
+    return qs_adamw_create_spans(o, be, dp->n, own, own_spans(dp, own));
+}
+
+/* Sums buf[tail..n) over the group: the few elements the chunks leave over. */
+static int reduce_tail(qs_dp *dp, float *buf) {
+    const size_t tail = dp->chunk * (size_t)dp->size;
+    return tail < dp->n ? qs_comm_allreduce(dp->comm, buf + tail, dp->n - tail, QS_SUM) : 0;
+}
+
+int qs_dp_reduce_grads(qs_dp *dp, qs_params *ps) {
+    if (dp->size == 1) return 0;
+    if (!sharded(dp)) return qs_comm_allreduce(dp->comm, ps->grad, dp->n, QS_SUM);
+    if (dp->chunk && qs_comm_reduce_scatter(dp->comm, ps->grad, ps->grad + dp->chunk * (size_t)dp->rank, dp->chunk,
+                                            QS_SUM))
+        return -1;
+    return reduce_tail(dp, ps->grad);
+}
+
+int qs_dp_grad_norm(qs_dp *dp, const qs_params *ps, double *norm) {
+    if (!sharded(dp)) {
+        *norm = qs_adamw_grad_norm(ps);
+        return 0;
+    }
+    /* the chunks' squares summed over the ranks, the shared tail's counted once */
+    qs_span own[2];
+    own_spans(dp, own);
+    const qs_ops *ops = ps->be->ops;
+    double chunk_sq = ops->sumsq(ps->grad + own[0].begin, own[0].end - own[0].begin);
+    if (qs_comm_allreduce_f64(dp->comm, &chunk_sq, 1, QS_SUM)) return -1;
+    *norm = sqrt(chunk_sq + ops->sumsq(ps->grad + own[1].begin, own[1].end - own[1].begin));
+    return 0;
+}
+
+int qs_dp_gather_params(qs_dp *dp, qs_params *ps) {
+    if (!sharded(dp) || !dp->chunk) return 0;
+    return qs_comm_allgather(dp->comm, ps->data + dp->chunk * (size_t)dp->rank, ps->data, dp->chunk);
+}
+
+int qs_dp_gather_optim(qs_dp *dp, const qs_adamw *o, qs_adamw *full, bool *owned) {
+    *owned = false;
+    if (!sharded(dp)) {
+        *full = *o;
+        return 0;
+    }
+    if (qs_adamw_create(full, o->be, dp->n)) return -1;
+    *owned = true;
+    full->t = o->t;
+    /* the shard's moments are [chunk | tail]: chunks gathered in rank order, tail copied */
+    const size_t tail = dp->chunk * (size_t)dp->size, n_tail = dp->n - tail;
+    float *const parts[2][2] = {{o->m, full->m}, {o->v, full->v}};
+    for (int i = 0; i < 2; i++) {
+        if (dp->chunk && qs_comm_allgather(dp->comm, parts[i][0], parts[i][1], dp->chunk)) return -1;
+        o->be->copy(parts[i][1] + tail, parts[i][0] + dp->chunk, n_tail * sizeof(float));
+    }
+    return 0;
+}

@@ -1,0 +1,105 @@
+# Data parallelism over MPI ranks on the CPU: a run is the same run on any number of
+# ranks. 2, 3 and 4 ranks (plain and ZeRO-1) must give 1 rank's losses, gradient norms
+# and final weights (<= 1e-5 relative) for the same global batch, with dropout and MoE
+# router noise on (their draws are keyed by global sample, not by rank); checkpoints
+# written by N ranks resume on M; a batch that does not split fails on every rank.
+here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/cli_lib.sh"
+mpi=${QS_MPI:-$(ldd "$QUASAR" | grep -q libmpi && echo 1 || echo 0)}
+if [ "$mpi" != 1 ]; then
+  echo "# skipped: this build has no MPI (mpicc not found, or MPI=0)"
+  exit 0
+fi
+command -v mpirun >/dev/null || { not_ok "the build has MPI but mpirun is not on the PATH"; exit 0; }
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
+export LSAN_OPTIONS=suppressions=$here/mpi/lsan.supp:fast_unwind_on_malloc=0:print_suppressions=0
+ranks() { local n=$1; shift; timeout -k 10 300 mpirun --oversubscribe -np "$n" "$@"; }
+
+make_corpus corpus.txt
+# batch 24 in micro-batches of 2 splits over 1, 2, 3 and 4 ranks
+moe='"moe": {"n_experts": 4, "top_k": 2, "gating": "noisy_topk", "z_loss_coef": 0.001}'
+tiny_config moe.json "$moe"
+sets=(--set train.batch_size=24 --set train.max_steps=4 --set train.eval_interval=2 --set train.eval_iters=3
+      --set train.checkpoint_interval=2)
+
+# same RUN_A RUN_B: train/val losses, grad norms and every weight within 1e-5 relative
+same() {
+  python3 - "$1" "$2" <<'PY'
+import json, struct, sys
+from array import array
+def metrics(run):
+    return [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
+def weights(run):
+    step = open(f"{run}/ckpt/latest").read().strip()
+    with open(f"{run}/ckpt/{step}/model.safetensors", "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        head = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for k, v in head.items():
+        if k == "__metadata__": continue
+        a, b = v["data_offsets"]
+        out[k] = array("f", data[a:b])
+    return out
+def close(x, y, what):
+    if abs(x - y) > 1e-5 * max(1.0, abs(x), abs(y)):
+        sys.exit(f"{what}: {x} vs {y}")
+a, b = (metrics(r) for r in sys.argv[1:3])
+if len(a) != len(b) or not a: sys.exit(f"{len(a)} vs {len(b)} metric lines")
+for x, y in zip(a, b):
+    for k in ("train_loss", "grad_norm", "val_loss"):
+        if (k in x) != (k in y): sys.exit(f"step {x['step']}: {k} in one run only")
+        if k in x: close(x[k], y[k], f"step {x['step']} {k}")
+    if x.get("expert_tokens") != y.get("expert_tokens"): sys.exit(f"step {x['step']}: expert_tokens differ")
+wa, wb = weights(sys.argv[1]), weights(sys.argv[2])
+if wa.keys() != wb.keys(): sys.exit("different tensors")
+for k in wa:
+    scale = max(1.0, max(abs(v) for v in wa[k]))
+    worst = max(abs(p - q) for p, q in zip(wa[k], wb[k]))
+    if worst > 1e-5 * scale: sys.exit(f"{k}: weights differ by {worst}")
+PY
+}
+
+expect_ok "1 rank" "$QUASAR" train --config moe.json --out one "${sets[@]}"
+for run in "2 plain" "3 plain" "4 plain" "2 zero" "3 zero" "4 zero"; do
+  set -- $run
+  z=0; [ "$2" = zero ] && z=1
+  expect_ok "$1 ranks ($2) run" ranks "$1" "$QUASAR" train --config moe.json --out r$1_$2 "${sets[@]}" \
+    --set parallel.zero=$z || continue
+  msg=$(same one r$1_$2 2>&1) && ok "$1 ranks ($2): losses, grad norms, expert counts and weights equal 1 rank's" \
+    || not_ok "$1 ranks ($2): losses, grad norms, expert counts and weights equal 1 rank's" "$msg"
+done
+grep -q "per rank (ZeRO-1)" "$WORK/err" && ok "ZeRO-1 reports its per-rank optimizer memory" \
+  || not_ok "ZeRO-1 reports its per-rank optimizer memory" "$(head -2 "$WORK/err")"
+[ -f r4_zero/samples.txt ] && [ ! -e r4_zero/ckpt/step_00000004.tmp ] && [ "$(grep -c '"train_loss"' r4_zero/metrics.jsonl)" -eq 4 ] \
+  && ok "4 ranks write one run folder: one metrics line per step, samples.txt" \
+  || not_ok "4 ranks write one run folder: one metrics line per step, samples.txt"
+
+# Without a micro-batch size each rank runs its whole share in one pass (24, 12, 8, 6
+# rows): a dense model's dropout masks follow the samples, so the steps still agree.
+tiny_config dense.json
+expect_ok "dense, 1 rank, one pass of 24" "$QUASAR" train --config dense.json --out d1 "${sets[@]}" --set train.micro_batch_size=0
+expect_ok "dense, 4 ranks, one pass of 6 each" ranks 4 "$QUASAR" train --config dense.json --out d4 "${sets[@]}" \
+  --set train.micro_batch_size=0 && { msg=$(same d1 d4 2>&1) && ok "dense: 4 ranks of 6 equal 1 rank of 24" \
+  || not_ok "dense: 4 ranks of 6 equal 1 rank of 24" "$msg"; }
+
+# Checkpoints are whole (a ZeRO-1 run gathers its optimizer shards), so N ranks resume on M.
+expect_ok "2 ranks (ZeRO-1) stop at step 2" ranks 2 "$QUASAR" train --config moe.json --out n2m "${sets[@]}" \
+  --set parallel.zero=1 --until 2
+expect_ok "...resume on 1 rank" "$QUASAR" train --resume n2m && { msg=$(same one n2m 2>&1) \
+  && ok "2-rank checkpoint resumed on 1 rank equals the 1-rank run" || not_ok "2-rank checkpoint resumed on 1 rank equals the 1-rank run" "$msg"; }
+expect_ok "1 rank stops at step 2" "$QUASAR" train --config moe.json --out m2n "${sets[@]}" --until 2
+expect_ok "...resume on 3 ranks (ZeRO-1)" ranks 3 "$QUASAR" train --resume m2n --set parallel.zero=1 && { msg=$(same one m2n 2>&1) \
+  && ok "1-rank checkpoint resumed on 3 ranks (ZeRO-1) equals the 1-rank run" \
+  || not_ok "1-rank checkpoint resumed on 3 ranks (ZeRO-1) equals the 1-rank run" "$msg"; }
+
+# A global batch that does not split: a clear error (the launcher may stop the other
+# ranks before they print theirs), non-zero exit, no run.
+ranks 4 "$QUASAR" train --config moe.json --out bad "${sets[@]}" --set train.batch_size=6 >out 2>err; rc=$?
+if [ $rc -ne 0 ] && [ "$(grep -c '^error: ' err)" -ge 1 ] \
+   && [ "$(grep -c '^error: train.batch_size 6 must be a multiple of the 4 data-parallel' err)" -eq "$(grep -c '^error: ' err)" ] \
+   && ! sanitizer_report err && [ ! -e bad/metrics.jsonl ]; then
+  ok "an unsplittable batch fails on every rank with one clear error"
+else
+  not_ok "an unsplittable batch fails on every rank with one clear error" "exit $rc" "$(head -5 err)"
+fi
