@@ -140,6 +140,48 @@ static void test_nonfinite_norm(void **state) {
     qs_gpt_free(m);
 }
 
+/* A ZeRO-1 shard: an optimizer over two spans that cut through tensors (decayed and not)
+ * updates exactly those parameters, as the whole-table optimizer does over three steps,
+ * and leaves the rest alone. */
+static void test_shard_spans(void **state) {
+    (void)state;
+    qs_gpt *whole_m = tiny_model(), *shard_m = tiny_model();
+    qs_params *pw = qs_gpt_params(whole_m), *ps = qs_gpt_params(shard_m);
+    const size_t n = pw->n;
+    const size_t a = 1 + qs_rng_below(seed, 20, 0, n / 3), b = a + 1 + qs_rng_below(seed, 21, 0, n / 3);
+    const size_t c = b + 1 + qs_rng_below(seed, 22, 0, n / 4);
+    const qs_span own[2] = {{a, b}, {c, n}};
+    qs_train_config t = train_config();
+    t.weight_decay = 0.3f;
+    qs_adamw whole, shard;
+    assert_int_equal(qs_adamw_create(&whole, qs_backend_cpu(), n), 0);
+    assert_int_equal(qs_adamw_create_spans(&shard, qs_backend_cpu(), n, own, 2), 0);
+    assert_int_equal(shard.n, (b - a) + (n - c));
+    float *before = malloc(n * sizeof(float));
+    memcpy(before, ps->data, n * sizeof(float));
+    for (int step = 0; step < 3; step++) {
+        for (size_t i = 0; i < n; i++) pw->grad[i] = ps->grad[i] = qs_rng_normal(seed, 23 + step, i);
+        qs_adamw_apply(&whole, pw, &t, 1e-2f, 10.0);
+        qs_adamw_apply(&shard, ps, &t, 1e-2f, 10.0); /* the same (whole-table) norm */
+    }
+    size_t moved = 0;
+    for (size_t i = 0; i < n; i++) {
+        const bool owned = (i >= a && i < b) || i >= c;
+        if (owned) {
+            moved += ps->data[i] != before[i];
+            if (ps->data[i] != pw->data[i]) fail_msg("owned parameter %zu: %g vs %g", i, ps->data[i], pw->data[i]);
+        } else if (ps->data[i] != before[i]) {
+            fail_msg("parameter %zu outside the shard moved", i);
+        }
+    }
+    assert_true(moved > (b - a) / 2);
+    free(before);
+    qs_adamw_free(&whole);
+    qs_adamw_free(&shard);
+    qs_gpt_free(whole_m);
+    qs_gpt_free(shard_m);
+}
+
 int main(void) {
     seed = qs_test_seed("test_optim");
     const struct CMUnitTest tests[] = {
@@ -147,6 +189,7 @@ int main(void) {
         cmocka_unit_test(test_decay_selection),
         cmocka_unit_test(test_norm_and_clip),
         cmocka_unit_test(test_nonfinite_norm),
+        cmocka_unit_test(test_shard_spans),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
