@@ -53,7 +53,7 @@ struct qs_gpt {
     float **res; /* [L+1] residual stream [N,C] */
     layer_acts *la;
     float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses;
-    int *tok, *tgt;
+    int *tok, *pos, *tgt; /* per row: token, position, target */
     /* backward scratch */
     float *dres, *dln, *dbranch, *datty, *dqkv, *dlogits;
     float *dF1, *dF2;        /* [max(N, N*K), F] */
@@ -72,7 +72,7 @@ struct qs_gpt {
      * MoE rows for the experts' adapters: backend [max_B*max_T] and [L][max_B*max_T*K];
      * host_ids holds the token rows, then one layer's packed rows */
     int64_t *row_ids, *packed_ids, *host_ids;
-    int *host_slot;
+    int *host_slot, *host_pos;
     bool noisy_used;
     float *host_losses;
     int *routing; /* host [L][N*K] */
@@ -215,6 +215,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
     m->logits = qs_plan_f(p, N * m->V);
     m->losses = qs_plan_f(p, N);
     m->tok = qs_plan_i(p, N);
+    m->pos = qs_plan_i(p, N);
     m->tgt = qs_plan_i(p, N);
     m->dres = qs_plan_f(p, N * C);
     m->dln = qs_plan_f(p, N * C);
@@ -261,9 +262,10 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->host_losses = malloc(N * sizeof(float));
     m->host_ids = malloc(N * (m->K + 1) * sizeof(int64_t));
     m->host_slot = malloc(N * m->K * sizeof(int));
+    m->host_pos = malloc(N * sizeof(int));
     m->row_ids = be->alloc(N * sizeof(int64_t));
     m->packed_ids = m->E > 0 ? be->alloc((size_t)m->L * N * m->K * sizeof(int64_t)) : NULL;
-    if (!m->lp || !m->la || !m->res || !m->host_losses || !m->host_ids || !m->host_slot || !m->row_ids ||
+    if (!m->lp || !m->la || !m->res || !m->host_losses || !m->host_ids || !m->host_slot || !m->host_pos || !m->row_ids ||
         (m->E > 0 && !m->packed_ids))
         goto oom;
     if (m->E > 0) {
@@ -322,6 +324,7 @@ void qs_gpt_free(qs_gpt *m) {
     be->free(m->packed_ids);
     free(m->host_ids);
     free(m->host_slot);
+    free(m->host_pos);
     if (m->la)
         for (int l = 0; l < m->L; l++) {
             free(m->la[l].counts);
@@ -553,14 +556,15 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, 
     m->noisy_used = m->E > 0 && mode->train && m->cfg.moe.gating == QS_GATING_NOISY_TOPK;
     m->stats.balance = m->stats.z = 0.0;
     m->be->upload(m->tok, tokens, (size_t)N * sizeof(int));
+    for (int r = 0; r < N; r++) m->host_pos[r] = pos0 + r % T;
+    m->be->upload(m->pos, m->host_pos, (size_t)N * sizeof(int));
     if (mode->train) {
-        for (int b = 0; b < B; b++)
-            for (int t = 0; t < T; t++)
-                m->host_ids[b * T + t] = (int64_t)((mode->sample0 + (uint64_t)b) * (uint64_t)m->cfg.seq_len) + pos0 + t;
+        for (int r = 0; r < N; r++)
+            m->host_ids[r] = (int64_t)((mode->sample0 + (uint64_t)(r / T)) * (uint64_t)m->cfg.seq_len) + m->host_pos[r];
         m->be->upload(m->row_ids, m->host_ids, (size_t)N * sizeof(int64_t));
     }
 
-    ops->embed_forward(m->res[0], m->tok, P(m, m->wte), P(m, m->wpe) + (size_t)pos0 * C, B, T, C);
+    ops->embed_forward(m->res[0], m->tok, m->pos, P(m, m->wte), P(m, m->wpe), N, C);
     drop_forward(m, m->res[0], NC, m->L, SITE_EMBED);
     for (int l = 0; l < m->L; l++) {
         const layer_params *p = &m->lp[l];
@@ -763,5 +767,5 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
     }
     if (!m->ps.grad) return; /* a frozen base: no embedding gradients to take */
     const float *demb = drop_backward(m, m->dres, NC, m->L, SITE_EMBED);
-    ops->embed_backward(G(m, m->wte), G(m, m->wpe), demb, m->tok, B, T, C);
+    ops->embed_backward(G(m, m->wte), G(m, m->wpe), demb, m->tok, m->pos, B * T, C);
 }

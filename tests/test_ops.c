@@ -214,41 +214,42 @@ static void test_backend_memory(void **state) {
 /* ---- embedding ---- */
 
 typedef struct {
-    int B, T, C;
-    const int *tok;
+    int N, C;
+    const int *tok, *pos;
     float *wte, *wpe, *out, *R;
 } embed_ctx;
 
 static double embed_loss(void *p) {
     embed_ctx *c = p;
-    const size_t n = (size_t)c->B * c->T * c->C;
+    const size_t n = (size_t)c->N * c->C;
     poison(c->out, n);
-    ops->embed_forward(c->out, c->tok, c->wte, c->wpe, c->B, c->T, c->C);
+    ops->embed_forward(c->out, c->tok, c->pos, c->wte, c->wpe, c->N, c->C);
     return weighted_sum(c->out, c->R, n);
 }
 static void embed_backward(void *p, float **g) {
     embed_ctx *c = p;
-    ops->embed_backward(g[0], g[1], c->R, c->tok, c->B, c->T, c->C);
+    ops->embed_backward(g[0], g[1], c->R, c->tok, c->pos, c->N, c->C);
 }
 
 static void test_embed(void **state) {
     (void)state;
-    /* A small vocabulary, so tokens repeat and their gradients must add up. */
-    const int B = 3, T = 11, C = 13, V = 5, N = B * T;
-    int *tok = alloc_i(N);
-    for (int i = 0; i < N; i++) tok[i] = rnd_int(0, V - 1);
-    embed_ctx c = {B, T, C, tok, rnd_tensor((size_t)V * C, -1, 1), rnd_tensor((size_t)T * C, -1, 1),
+    /* A small vocabulary and positions in any order, repeating, some unused: tokens and
+     * positions repeat, so their gradients must add up. */
+    const int N = 33, C = 13, V = 5, P = 11;
+    int *tok = alloc_i(N), *pos = alloc_i(N);
+    for (int i = 0; i < N; i++) tok[i] = rnd_int(0, V - 1), pos[i] = rnd_int(0, P - 2);
+    embed_ctx c = {N, C, tok, pos, rnd_tensor((size_t)V * C, -1, 1), rnd_tensor((size_t)P * C, -1, 1),
                    alloc_f((size_t)N * C), rnd_tensor((size_t)N * C, -1, 1)};
     embed_loss(&c);
     double *want = alloc_d((size_t)N * C);
     for (int r = 0; r < N; r++)
         for (int j = 0; j < C; j++)
-            want[(size_t)r * C + j] = (double)c.wte[tok[r] * C + j] + c.wpe[(r % T) * C + j];
+            want[(size_t)r * C + j] = (double)c.wte[tok[r] * C + j] + c.wpe[pos[r] * C + j];
     check_close("embed out", c.out, want, (size_t)N * C, 1e-6, 0.0);
 
-    const param ps[] = {{"wte", c.wte, (size_t)V * C}, {"wpe", c.wpe, (size_t)T * C}};
+    const param ps[] = {{"wte", c.wte, (size_t)V * C}, {"wpe", c.wpe, (size_t)P * C}};
     check_gradients("embed", embed_loss, embed_backward, &c, ps, 2, 1e-3);
-    free(want), free(tok), free(c.wte), free(c.wpe), free(c.out), free(c.R);
+    free(want), free(tok), free(pos), free(c.wte), free(c.wpe), free(c.out), free(c.R);
 }
 
 /* ---- layernorm ---- */

@@ -41,10 +41,10 @@ static inline float qs_cpu_expf(float x) {
 }
 
 /* embed.c */
-void qs_cpu_embed_forward(float *out, const int *tok, const float *wte, const float *wpe, int B,
-                          int T, int C);
-void qs_cpu_embed_backward(float *dwte, float *dwpe, const float *dout, const int *tok, int B,
-                           int T, int C);
+void qs_cpu_embed_forward(float *out, const int *tok, const int *pos, const float *wte,
+                          const float *wpe, int N, int C);
+void qs_cpu_embed_backward(float *dwte, float *dwpe, const float *dout, const int *tok,
+                           const int *pos, int N, int C);
 
 /* layernorm.c */
 void qs_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,

@@ -30,11 +30,13 @@ typedef struct qs_conv_shape {
 } qs_conv_shape;
 
 typedef struct qs_ops {
-    /* out[b,t,:] = wte[tok[b,t],:] + wpe[t,:]; tok values are in [0, V). */
-    void (*embed_forward)(float *out, const int *tok, const float *wte, const float *wpe,
-                          int B, int T, int C);
+    /* out[r,:] = wte[tok[r],:] + wpe[pos[r],:] over N rows: each row's token (in [0, V))
+     * and position (a prefill's 0..T-1 per sequence, a decode step's own position, a
+     * sequence-parallel rank's block positions). Backward scatters into both tables. */
+    void (*embed_forward)(float *out, const int *tok, const int *pos, const float *wte,
+                          const float *wpe, int N, int C);
     void (*embed_backward)(float *dwte, float *dwpe, const float *dout, const int *tok,
-                           int B, int T, int C);
+                           const int *pos, int N, int C);
 
     /* LayerNorm over the last dim (eps 1e-5); saves mean[N], rstd[N]. */
     void (*layernorm_forward)(float *out, float *mean, float *rstd, const float *inp,
