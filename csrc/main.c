@@ -287,24 +287,60 @@ static const char *GENERATE_HELP =
     "                       [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "  --model DIR     a run folder, its ckpt/ folder or one checkpoint folder\n"
     "  --adapter DIR   a LoRA adapter for that model (a finetune run, ckpt or checkpoint folder)\n"
-    "  --prompt TEXT   text to continue (default: a newline)\n"
-    "  --max-tokens N  tokens to generate (default 500)\n"
+    "  --prompt TEXT   text to continue (default: a newline); repeat it to generate for several\n"
+    "                  prompts in one batch, printed when done as JSON lines {\"prompt\", \"text\"}\n"
+    "  --max-tokens N  tokens to generate (per prompt; default 500)\n"
     "  --temperature T 0 = greedy (default 1.0); --top-k K (0 = all); --top-p P (1 = all)\n"
     "  --seed S        sampling seed (default 1337)\n";
 
-static void emit_stdout(int token, void *user) {
+static void emit_stdout(int prompt, int token, void *user) {
+    (void)prompt;
     qs_codec_put(user, token, stdout);
     fflush(stdout);
 }
 
+/* s[0..n) as a JSON string (UTF-8 passes through; quotes, backslashes and control
+ * bytes escaped). */
+static void put_json_string(const char *s, size_t n, FILE *f) {
+    fputc('"', f);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c == '\n') fputs("\\n", f);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+/* One JSON line per prompt: its index and the prompt's text with what followed it. */
+static int print_completions(const qs_codec *codec, const str_list *prompts, int *const *ctx, const int *n_prompt,
+                             const int *lens) {
+    for (int b = 0; b < prompts->n; b++) {
+        char *text = NULL;
+        size_t len = 0;
+        FILE *mem = open_memstream(&text, &len);
+        if (!mem) return qs_error("out of memory");
+        fputs(prompts->items[b], mem);
+        for (int i = n_prompt[b]; i < lens[b]; i++) qs_codec_put(codec, ctx[b][i], mem);
+        fclose(mem);
+        printf("{\"prompt\": %d, \"text\": ", b);
+        put_json_string(text, len, stdout);
+        printf("}\n");
+        free(text);
+    }
+    return 0;
+}
+
 static int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *prompt = "\n", *adapter = NULL;
+    const char *model = NULL, *adapter = NULL;
+    str_list prompts = {0};
     int max_tokens = 500, help;
     qs_sample_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = 1337};
     opt_spec specs[] = {
         {"--model", OPT_STR, &model, 0, 0},
         {"--adapter", OPT_STR, &adapter, 0, 0},
-        {"--prompt", OPT_STR, &prompt, 0, 0},
+        {"--prompt", OPT_LIST, &prompts, 0, 0},
         {"--max-tokens", OPT_INT, &max_tokens, 0, 1 << 24},
         {"--temperature", OPT_FLOAT, &sp.temperature, 0, 100},
         {"--top-k", OPT_INT, &sp.top_k, 0, INT_MAX},
@@ -317,28 +353,37 @@ static int cmd_generate(int argc, char **argv) {
         return rc;
     }
     if (!model) return qs_cli_usage_error("%s", "generate needs --model CKPT_DIR");
-    if (!*prompt) return qs_cli_usage_error("%s", "--prompt must not be empty");
+    if (prompts.n == 0) prompts.items[prompts.n++] = "\n";
+    for (int b = 0; b < prompts.n; b++)
+        if (!*prompts.items[b]) return qs_cli_usage_error("%s", "--prompt must not be empty");
+    const int B = prompts.n;
     loaded_model lm = {0};
-    if (load_model(&lm, model, 1, adapter)) {
+    if (load_model(&lm, model, B, adapter)) {
         free_loaded(&lm);
         return qs_cli_fail();
     }
-    size_t n = strlen(prompt), n_ids = 0;
-    int *ctx = malloc((n + 1 + (size_t)max_tokens) * sizeof(int));
-    rc = !ctx ? qs_error("out of memory")
-         : qs_codec_encode(&lm.codec, prompt, n, ctx, &n_ids) ? qs_error("--prompt: %s", qs_error_last())
-         : n_ids == 0 ? qs_error("--prompt encodes to no tokens")
-                      : 0;
+    int *ctx[64] = {0}, n_prompt[64], lens[64];
+    for (int b = 0; b < B && !rc; b++) {
+        size_t n = strlen(prompts.items[b]), n_ids = 0;
+        ctx[b] = malloc((n + 1 + (size_t)max_tokens) * sizeof(int));
+        rc = !ctx[b] ? qs_error("out of memory")
+             : qs_codec_encode(&lm.codec, prompts.items[b], n, ctx[b], &n_ids) ? qs_error("--prompt: %s", qs_error_last())
+             : n_ids == 0 ? qs_error("--prompt encodes to no tokens")
+                          : 0;
+        n_prompt[b] = (int)n_ids;
+    }
     if (!rc) {
-        fputs(prompt, stdout);
         if (lm.codec.bpe) { /* a GPT-2 model ends its text with <|endoftext|> */
             sp.stop_at_token = true;
             sp.stop_token = qs_tokenizer_eot(lm.codec.bpe);
         }
-        rc = qs_generate(lm.m, ctx, (int)n_ids, max_tokens, &sp, emit_stdout, &lm.codec) < 0 ? -1 : 0;
-        fputc('\n', stdout);
+        if (B == 1) fputs(prompts.items[0], stdout); /* one prompt streams its tokens as they come */
+        rc = qs_generate_batch(lm.m, ctx, n_prompt, B, max_tokens, &sp, lens, B == 1 ? emit_stdout : NULL,
+                               &lm.codec) < 0 ? -1 : 0;
+        if (B == 1) fputc('\n', stdout);
+        else if (!rc) rc = print_completions(&lm.codec, &prompts, ctx, n_prompt, lens);
     }
-    free(ctx);
+    for (int b = 0; b < B; b++) free(ctx[b]);
     free_loaded(&lm);
     return rc ? qs_cli_fail() : 0;
 }

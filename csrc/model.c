@@ -54,6 +54,7 @@ struct qs_gpt {
     layer_acts *la;
     float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses;
     int *tok, *pos, *tgt; /* per row: token, position, target */
+    int *slots;           /* decoding: each row's KV-cache slot */
     /* backward scratch */
     float *dres, *dln, *dbranch, *datty, *dqkv, *dlogits;
     float *dF1, *dF2;        /* [max(N, N*K), F] */
@@ -216,6 +217,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
     m->losses = qs_plan_f(p, N);
     m->tok = qs_plan_i(p, N);
     m->pos = qs_plan_i(p, N);
+    m->slots = qs_plan_i(p, m->max_B);
     m->tgt = qs_plan_i(p, N);
     m->dres = qs_plan_f(p, N * C);
     m->dln = qs_plan_f(p, N * C);
@@ -521,32 +523,35 @@ static qs_conv_shape mixer_shape(const qs_gpt *m, int B, int T) {
 }
 
 /* Quadconv token mixing of layer l into atty: over the whole sequences, or when
- * decoding (pos0 > 0) for the one new position against the LayerNorm rows cached. */
-static void mixer_conv_forward(qs_gpt *m, int l, int B, int T, int pos0) {
+ * decoding (slots given) for each row's one new position against the LayerNorm rows
+ * cached in its slot. */
+static void mixer_conv_forward(qs_gpt *m, int l, int B, int T, const int *slots) {
     const qs_ops *ops = m->be->ops;
     const layer_params *p = &m->lp[l];
     layer_acts *a = &m->la[l];
     const int C = m->C, k = m->cfg.quadra.kernel_size, S = m->cfg.seq_len;
-    if (pos0 == 0) {
+    if (!slots) {
         qs_conv_shape s = mixer_shape(m, B, T);
         ops->quadconv_forward(a->atty, a->fa, a->fb, a->ln1, P(m, p->qc_w), P(m, p->qc_b), &s);
         return;
     }
     float *rows = cache_of(m, m->kcache, l);
-    const int first = pos0 - k + 1 > 0 ? pos0 - k + 1 : 0, w = pos0 - first + 1;
-    qs_conv_shape s = mixer_shape(m, 1, w);
     float *y = m->conv_tmp, *fa = y + (size_t)k * C, *fb = fa + (size_t)k * C;
     for (int b = 0; b < B; b++) {
-        float *hist = rows + (size_t)b * S * C;
-        m->be->copy(hist + (size_t)pos0 * C, a->ln1 + (size_t)b * C, (size_t)C * sizeof(float));
+        const int pos = m->host_pos[b], first = pos - k + 1 > 0 ? pos - k + 1 : 0, w = pos - first + 1;
+        const qs_conv_shape s = mixer_shape(m, 1, w);
+        float *hist = rows + (size_t)slots[b] * S * C;
+        m->be->copy(hist + (size_t)pos * C, a->ln1 + (size_t)b * C, (size_t)C * sizeof(float));
         ops->quadconv_forward(y, fa, fb, hist + (size_t)first * C, P(m, p->qc_w), P(m, p->qc_b), &s);
         m->be->copy(a->atty + (size_t)b * C, y + (size_t)(w - 1) * C, (size_t)C * sizeof(float));
     }
 }
 
-/* Embeddings through logits for B sequences of T tokens at positions pos0.. (pos0 > 0
- * only when decoding one token against the KV cache). */
-static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, const qs_forward_mode *mode) {
+/* Embeddings through logits for B sequences of T tokens at positions 0..T-1; or, when
+ * decoding (T = 1), row b's token at position pos[b] against the KV cache of slot
+ * slots[b] (host arrays). */
+static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int *slots, const int *pos,
+                          const qs_forward_mode *mode) {
     const qs_ops *ops = m->be->ops;
     int N = B * T, C = m->C;
     size_t NC = (size_t)N * C;
@@ -556,8 +561,9 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, 
     m->noisy_used = m->E > 0 && mode->train && m->cfg.moe.gating == QS_GATING_NOISY_TOPK;
     m->stats.balance = m->stats.z = 0.0;
     m->be->upload(m->tok, tokens, (size_t)N * sizeof(int));
-    for (int r = 0; r < N; r++) m->host_pos[r] = pos0 + r % T;
+    for (int r = 0; r < N; r++) m->host_pos[r] = pos ? pos[r] : r % T;
     m->be->upload(m->pos, m->host_pos, (size_t)N * sizeof(int));
+    if (slots) m->be->upload(m->slots, slots, (size_t)N * sizeof(int));
     if (mode->train) {
         for (int r = 0; r < N; r++)
             m->host_ids[r] = (int64_t)((mode->sample0 + (uint64_t)(r / T)) * (uint64_t)m->cfg.seq_len) + m->host_pos[r];
@@ -572,13 +578,13 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, 
         ops->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], P(m, p->ln1_w),
                                P(m, p->ln1_b), N, C);
         if (p->qc_w >= 0) {
-            mixer_conv_forward(m, l, B, T, pos0);
+            mixer_conv_forward(m, l, B, T, slots);
         } else {
             ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, 3 * C, QS_W_IN_OUT);
             lora_forward(m, l, QS_LORA_SITE_QKV, 0, 0, N, a->qkv, a->ln1);
-            if (pos0 > 0)
+            if (slots)
                 ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
-                                      m->NH, pos0, m->cfg.seq_len);
+                                      m->NH, m->slots, m->pos, m->cfg.seq_len);
             else
                 ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
         }
@@ -598,35 +604,50 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, int pos0, 
     ops->matmul_forward(m->logits, m->lnf, P(m, m->lm_head), NULL, N, C, m->V, lm_head_layout());
 }
 
-int qs_gpt_prefill(qs_gpt *m, const int *tokens, int B, int T) {
-    if (B > m->max_B || T > m->max_T || T < 1) return qs_error("prefill of %d x %d exceeds the model's %d x %d", B, T, m->max_B, m->max_T);
+/* B prompts of T tokens into KV-cache slots slot0.. */
+static int prefill(qs_gpt *m, const int *tokens, int B, int T, int slot0) {
+    if (slot0 < 0 || slot0 + B > m->max_B || T > m->max_T || T < 1)
+        return qs_error("prefill of %d x %d tokens into slot %d exceeds the model's %d x %d", B, T, slot0, m->max_B,
+                        m->max_T);
     size_t per = (size_t)m->L * m->max_B * m->cfg.seq_len * m->C * sizeof(float);
     if (!m->kcache && !(m->kcache = m->be->alloc(per))) return -1;
     if (!m->vcache && !(m->vcache = m->be->alloc(per))) return -1;
-    qs_forward_mode mode = {.train = false};
-    trunk_forward(m, tokens, B, T, 0, &mode);
     if (m->cfg.mixer == QS_MIXER_QUADCONV && !m->conv_tmp &&
         !(m->conv_tmp = m->be->alloc(3 * (size_t)m->cfg.quadra.kernel_size * m->C * sizeof(float))))
         return -1;
+    qs_forward_mode mode = {.train = false};
+    trunk_forward(m, tokens, B, T, NULL, NULL, &mode);
+    const int hs = m->C / m->NH, S = m->cfg.seq_len;
     for (int l = 0; l < m->L; l++) {
         if (m->lp[l].qc_w >= 0) { /* the rows the next tokens' convolutions read */
             for (int b = 0; b < B; b++)
-                m->be->copy(cache_of(m, m->kcache, l) + (size_t)b * m->cfg.seq_len * m->C,
-                              m->la[l].ln1 + (size_t)b * T * m->C, (size_t)T * m->C * sizeof(float));
+                m->be->copy(cache_of(m, m->kcache, l) + (size_t)(slot0 + b) * S * m->C,
+                            m->la[l].ln1 + (size_t)b * T * m->C, (size_t)T * m->C * sizeof(float));
             continue;
         }
-        m->be->ops->kv_cache_fill(cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), m->la[l].qkv, B, T, m->C,
-                                  m->NH, m->cfg.seq_len);
+        const size_t slot_off = (size_t)slot0 * m->NH * S * hs;
+        m->be->ops->kv_cache_fill(cache_of(m, m->kcache, l) + slot_off, cache_of(m, m->vcache, l) + slot_off,
+                                  m->la[l].qkv, B, T, m->C, m->NH, S);
     }
     m->n_valid = 0;
     return 0;
 }
 
-int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, int pos) {
-    if (!m->kcache || B > m->max_B || pos < 1 || pos >= m->cfg.seq_len)
-        return qs_error("decode at position %d needs a prefill and a position in [1, %d)", pos, m->cfg.seq_len);
+int qs_gpt_prefill(qs_gpt *m, const int *tokens, int B, int T) { return prefill(m, tokens, B, T, 0); }
+
+int qs_gpt_prefill_slot(qs_gpt *m, const int *tokens, int T, int slot) { return prefill(m, tokens, 1, T, slot); }
+
+int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, const int *slots, const int *pos) {
+    if (!m->kcache || B < 1 || B > m->max_B) return qs_error("decode of %d rows needs a prefill and at most %d rows", B, m->max_B);
+    for (int b = 0; b < B; b++) {
+        if (pos[b] < 1 || pos[b] >= m->cfg.seq_len || slots[b] < 0 || slots[b] >= m->max_B)
+            return qs_error("decode row %d: position %d must be in [1, %d) and slot %d in [0, %d)", b, pos[b],
+                            m->cfg.seq_len, slots[b], m->max_B);
+        for (int c = 0; c < b; c++)
+            if (slots[c] == slots[b]) return qs_error("decode: rows %d and %d share KV-cache slot %d", c, b, slots[b]);
+    }
     qs_forward_mode mode = {.train = false};
-    trunk_forward(m, tokens, B, 1, pos, &mode);
+    trunk_forward(m, tokens, B, 1, slots, pos, &mode);
     m->n_valid = 0;
     return 0;
 }
@@ -635,7 +656,7 @@ double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, i
                       const qs_forward_mode *mode) {
     const qs_ops *ops = m->be->ops;
     int N = B * T;
-    trunk_forward(m, tokens, B, T, 0, mode);
+    trunk_forward(m, tokens, B, T, NULL, NULL, mode);
     m->n_valid = 0;
     if (!targets) return 0.0;
     m->be->upload(m->tgt, targets, (size_t)N * sizeof(int));

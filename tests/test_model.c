@@ -304,7 +304,8 @@ static void kv_cache_matches_recompute(qs_model_config c, const char *label) {
             in_cache = T;
             row = T - 1;
         } else {
-            assert_int_equal(qs_gpt_decode(cached, ctx + n - 1, 1, in_cache++), 0);
+            const int slot = 0, pos = in_cache++;
+            assert_int_equal(qs_gpt_decode(cached, ctx + n - 1, 1, &slot, &pos), 0);
         }
         qs_gpt_logits_row(cached, row, a);
         qs_gpt_forward(full, ctx + n - T, NULL, 1, T, &eval);
@@ -332,6 +333,66 @@ static void test_kv_cache(void **state) {
     kv_cache_matches_recompute(quadconv_config(), "quadconv mixer");
 }
 
+/* Prompts of different lengths generated in one batch: greedy, each comes out as it
+ * does alone (windows sliding at different steps); sampled with a stop token, prompt 0
+ * is qs_generate's, and changing another prompt changes nothing in the rest (no
+ * cross-talk between KV-cache slots, also once finished prompts leave the batch). */
+static void batch_matches_alone(qs_model_config c, const char *label) {
+    c.dropout = 0.0f;
+    enum { B = 4, NEW = 12, CAP = 32 };
+    const int len[B] = {1, 5, 3, 7}; /* seq_len 7: the last slides at once */
+    qs_gpt *m;
+    assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), B, c.seq_len), 0);
+    qs_gpt_init(m, seed);
+    int buf[B][CAP], solo[CAP], *ctx[B], lens[B];
+    for (int b = 0; b < B; b++) ctx[b] = buf[b];
+    const qs_sample_params greedy = {.temperature = 0};
+    qs_sample_params sampled = {.temperature = 1.0f, .top_k = 5, .seed = seed};
+    for (int pass = 0; pass < 2; pass++) {
+        const qs_sample_params *sp = pass ? &sampled : &greedy;
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < len[b]; i++) buf[b][i] = (int)qs_rng_below(seed, 30 + b, (uint64_t)i, (uint64_t)c.vocab_size);
+        if (pass) { /* stop at prompt 0's fourth sampled token: at least one prompt ends early */
+            memcpy(solo, buf[0], (size_t)len[0] * sizeof(int));
+            assert_int_equal(qs_generate(m, solo, len[0], 4, sp, NULL, NULL), 4);
+            sampled.stop_at_token = true;
+            sampled.stop_token = solo[len[0] + 3];
+        }
+        int made = qs_generate_batch(m, ctx, len, B, NEW, sp, lens, NULL, NULL);
+        int total = 0;
+        for (int b = 0; b < B; b++) total += lens[b] - len[b];
+        assert_int_equal(made, total);
+        for (int b = 0; b < (pass ? 1 : B); b++) {
+            memcpy(solo, buf[b], (size_t)len[b] * sizeof(int));
+            int k = qs_generate(m, solo, len[b], NEW, sp, NULL, NULL);
+            assert_int_equal(len[b] + k, lens[b]);
+            assert_memory_equal(solo, buf[b], (size_t)lens[b] * sizeof(int));
+        }
+        if (!pass) continue;
+        int saved[B][CAP], saved_lens[B], stopped = 0;
+        memcpy(saved, buf, sizeof buf);
+        memcpy(saved_lens, lens, sizeof lens);
+        for (int b = 0; b < B; b++) stopped += lens[b] < len[b] + NEW;
+        assert_true(stopped >= 1);
+        for (int i = 0; i < len[2]; i++) buf[2][i] = (buf[2][i] + 1) % c.vocab_size;
+        assert_true(qs_generate_batch(m, ctx, len, B, NEW, sp, lens, NULL, NULL) >= 0);
+        for (int b = 0; b < B; b++) {
+            if (b == 2) continue;
+            assert_int_equal(lens[b], saved_lens[b]);
+            assert_memory_equal(buf[b], saved[b], (size_t)lens[b] * sizeof(int));
+        }
+        printf("# %s: batch of %d = alone (greedy); sampled: %d of %d stopped early\n", label, B, stopped, B);
+    }
+    qs_gpt_free(m);
+}
+
+static void test_batched_generation(void **state) {
+    (void)state;
+    batch_matches_alone(tiny_config(), "dense");
+    batch_matches_alone(moe_config(), "moe");
+    batch_matches_alone(quadconv_config(), "quadconv mixer");
+}
+
 int main(void) {
     seed = qs_test_seed("test_model");
     const struct CMUnitTest tests[] = {
@@ -344,6 +405,7 @@ int main(void) {
         cmocka_unit_test(test_moe_stats),
         cmocka_unit_test(test_modes),
         cmocka_unit_test(test_kv_cache),
+        cmocka_unit_test(test_batched_generation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -69,7 +69,7 @@ void qs_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
                                const float *att, int B, int T, int C, int NH);
 void qs_cpu_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int max_T);
 void qs_cpu_attention_decode(float *out, float *kcache, float *vcache, const float *qkv, int B, int C, int NH,
-                             int pos, int max_T);
+                             const int *slots, const int *pos, int max_T);
 
 /* activation.c */
 void qs_cpu_gelu_forward(float *out, const float *inp, size_t n);

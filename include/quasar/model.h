@@ -49,12 +49,16 @@ int qs_gpt_max_tokens(const qs_gpt *m);
  * negative target is ignored. Returns the mean cross-entropy over valid targets. */
 double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
                       const qs_forward_mode *mode);
-/* KV-cache inference (eval mode). prefill runs B prompts of T tokens (T <= max_T) and
- * keeps every layer's keys and values; decode then runs one new token per sequence at
- * position pos (1 <= pos < model.seq_len) against the cache. Logits of either, as for
- * forward: [B*T, V] after prefill, [B, V] after decode. */
+/* KV-cache inference (eval mode); the cache has max_B slots of model.seq_len positions.
+ * prefill runs B prompts of T tokens (T <= max_T) into slots 0..B-1, prefill_slot one
+ * prompt into slot `slot` (prompts of different lengths, a slot's window refilled);
+ * both keep every layer's keys and values. decode then runs one new token per row b at
+ * position pos[b] (1 <= pos < model.seq_len) against the cache of slot slots[b]
+ * (distinct; host arrays), appending to it. Logits as for forward: [B*T, V] after a
+ * prefill, [B, V] after a decode. */
 int qs_gpt_prefill(qs_gpt *m, const int *tokens, int B, int T);
-int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, int pos);
+int qs_gpt_prefill_slot(qs_gpt *m, const int *tokens, int T, int slot);
+int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, const int *slots, const int *pos);
 
 /* Accumulates into the gradient buffer the gradient of
  *   scale * (mean cross-entropy + aux_loss_coef * balance + z_loss_coef * z)

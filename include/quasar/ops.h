@@ -66,14 +66,15 @@ typedef struct qs_ops {
     void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
                                const float *att, int B, int T, int C, int NH);
 
-    /* KV cache for decoding, caches [B,NH,max_T,hs]. kv_cache_fill copies the k and v of
-     * qkv [B,T,3C] (a prefill's) into positions 0..T-1. attention_decode appends the
-     * new token's k, v (qkv [B,3C]) at position pos and writes out[B,C], its causal
-     * attention over positions 0..pos (same scale and head layout as above). */
+    /* KV cache for decoding, caches [slots,NH,max_T,hs]. kv_cache_fill copies the k and v
+     * of qkv [B,T,3C] (a prefill's) into positions 0..T-1 of slots 0..B-1. For each row b
+     * of qkv [B,3C], attention_decode appends its new token's k, v at position pos[b] of
+     * slot slots[b] and writes out[b,:], its causal attention over positions 0..pos[b]
+     * of that slot (same scale and head layout as above; slots distinct). */
     void (*kv_cache_fill)(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH,
                           int max_T);
     void (*attention_decode)(float *out, float *kcache, float *vcache, const float *qkv, int B, int C,
-                             int NH, int pos, int max_T);
+                             int NH, const int *slots, const int *pos, int max_T);
 
     /* GELU (tanh approximation, as GPT-2) and ReLU, elementwise over n. */
     void (*gelu_forward)(float *out, const float *inp, size_t n);

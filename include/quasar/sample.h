@@ -29,4 +29,14 @@ int qs_sample_token(const float *logits, int V, const qs_sample_params *sp, floa
 int qs_generate(qs_gpt *m, int *ctx, int n, int max_new, const qs_sample_params *sp,
                 void (*emit)(int token, void *user), void *user);
 
+/* The same for B prompts at once (B <= the model's micro-batch size), each in its own
+ * KV-cache slot so their lengths may differ: ctx[b] holds n[b] >= 1 tokens and room for
+ * max_new more, and lens[b] (if not NULL) gets its final length. Each step decodes
+ * every running prompt in one pass; a prompt whose window must slide is refilled on its
+ * own. emit gets the prompt's index. Prompt b's draws are keyed by (seed, b, step), so
+ * prompt 0 comes out as qs_generate would make it and every prompt is reproducible
+ * for the same batch and seed. Returns the tokens made over all prompts, or -1. */
+int qs_generate_batch(qs_gpt *m, int *const *ctx, const int *n, int B, int max_new, const qs_sample_params *sp,
+                      int *lens, void (*emit)(int prompt, int token, void *user), void *user);
+
 #endif

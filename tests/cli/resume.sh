@@ -42,6 +42,20 @@ cp "$WORK/out" gen1
 [ "$(head -c 5 gen1)" = First ] && [ "$(wc -c <gen1)" -eq 36 ] && cmp -s gen1 gen2 \
   && ok "generate: prompt + 30 tokens, same output for the same seed" || not_ok "generate: prompt + 30 tokens, same output for the same seed"
 expect_ok "generate greedy" "$QUASAR" generate --model one_dense --temperature 0 --max-tokens 10
+# several prompts in one batch: JSON lines in prompt order, prompt 0 as it comes alone
+expect_ok "generate a batch of 3 prompts" "$QUASAR" generate --model one_dense --prompt "First" --prompt 'All: speak' \
+  --prompt "S" --max-tokens 30 --seed 3 --top-k 5 --top-p 0.9
+if python3 - "$WORK/out" gen1 <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+assert [l["prompt"] for l in lines] == [0, 1, 2], lines
+assert lines[0]["text"] == open(sys.argv[2]).read().rstrip("\n"), (lines[0], open(sys.argv[2]).read())
+assert lines[1]["text"].startswith('All: speak') and lines[2]["text"].startswith("S")
+assert all(len(l["text"]) > 20 for l in lines)
+PY
+then ok "batch: JSON lines per prompt; prompt 0 equals its single-prompt generation"
+else not_ok "batch: JSON lines per prompt; prompt 0 equals its single-prompt generation" "$(head -3 "$WORK/out")"; fi
+expect_error "batch: an empty prompt is refused" "--prompt must not be empty" "$QUASAR" generate --model one_dense --prompt a --prompt ""
 expect_ok "eval prints JSON" "$QUASAR" eval --model one_moe
 grep -qE '^\{"step": 6, "val_loss": [0-9.]+' "$WORK/out" && ok "eval: step and val_loss" || not_ok "eval: step and val_loss" "$(cat "$WORK/out")"
 
