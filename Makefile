@@ -117,8 +117,9 @@ $(BUILD)/asan/tests/%: $(BUILD)/asan/obj/tests/%.o $(BUILD)/asan/libquasar.a
 	$(CC) $(ASAN_CFLAGS) $^ -o $@ $(LDLIBS_COMMON) -lcmocka
 
 ASAN_TESTS = $(TEST_SRC:tests/%.c=$(BUILD)/asan/tests/%)
-# The comm checks: single-process always, over MPI ranks when MPI is built (tests/mpi/).
-COMM_TEST  = $(BUILD)/asan/tests/mpi/comm_test
+# The multi-rank checks (the comm layer, ring attention): single-process always, over MPI
+# ranks when MPI is built (tests/mpi/).
+COMM_TEST  = $(BUILD)/asan/tests/mpi/comm_test $(BUILD)/asan/tests/mpi/ring_test
 
 # Fuzzing (tests/fuzz/README.md). `make fuzz`: libFuzzer targets in $(BUILD)/fuzz/ (clang).
 # `make test` replays each target's corpus and regressions through a gcc build of it.

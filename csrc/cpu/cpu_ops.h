@@ -71,6 +71,19 @@ void qs_cpu_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B,
 void qs_cpu_attention_decode(float *out, float *kcache, float *vcache, const float *qkv, int B, int C, int NH,
                              const int *slots, const int *pos, int max_T);
 
+/* attention_block.c */
+void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, const float *kv,
+                                    const qs_attn_block *blk);
+void qs_cpu_attention_merge(float *out, float *lse, const float *out_b, const float *lse_b,
+                            const qs_attn_block *blk);
+void qs_cpu_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int C,
+                            int NH);
+void qs_cpu_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q,
+                                     const float *kv, const float *lse, const float *delta,
+                                     const qs_attn_block *blk);
+void qs_cpu_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C);
+void qs_cpu_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C);
+
 /* activation.c */
 void qs_cpu_gelu_forward(float *out, const float *inp, size_t n);
 void qs_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
@@ -164,6 +177,40 @@ static inline float qs_cpu_dot(const float *a, const float *b, int n) {
 /* y += a * x */
 static inline void qs_cpu_axpy(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* out[j] += sum_{i<len} x[i] * m[i*stride + j] for j < w (w <= 32). The w sums
+ * stay in registers over all i when w is a compile-time constant. */
+static inline void qs_cpu_vec_mat_block(float *out, const float *x, int len, const float *m,
+                                        size_t stride, int w) {
+    float acc[32] = {0};
+    for (int i = 0; i < len; i++)
+        for (int j = 0; j < w; j++) acc[j] += x[i] * m[i * stride + j];
+    for (int j = 0; j < w; j++) out[j] += acc[j];
+}
+
+/* out[j] += sum_{i<len} x[i] * m[i*stride + j] for j < n (a row vector times a matrix
+ * whose rows are contiguous), in constant-width blocks so each is unrolled into vector
+ * registers: the attention ops phrase every product this way. */
+static inline void qs_cpu_vec_mat(float *out, const float *x, int len, const float *m, size_t stride,
+                                  int n) {
+    int j = 0;
+    for (; n - j >= 32; j += 32) qs_cpu_vec_mat_block(out + j, x, len, m + j, stride, 32);
+    if (n - j >= 16) {
+        qs_cpu_vec_mat_block(out + j, x, len, m + j, stride, 16);
+        j += 16;
+    }
+    if (n - j >= 8) {
+        qs_cpu_vec_mat_block(out + j, x, len, m + j, stride, 8);
+        j += 8;
+    }
+    if (n > j) qs_cpu_vec_mat_block(out + j, x, len, m + j, stride, n - j);
+}
+
+/* dst[i*T + u] = src[u*stride + i]: the [T, hs] head slice at src, transposed. */
+static inline void qs_cpu_transpose_head(float *dst, const float *src, size_t stride, int T, int hs) {
+    for (int u = 0; u < T; u++)
+        for (int i = 0; i < hs; i++) dst[(size_t)i * T + u] = src[u * stride + i];
 }
 
 /* Max of x[0..n) and, in *sum, sum of exp(x - max): softmax is exp(x - max) / sum,

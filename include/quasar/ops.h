@@ -29,6 +29,24 @@ typedef struct qs_conv_shape {
     int B, H, W, C, KH, KW, pad_top, pad_left;
 } qs_conv_shape;
 
+/* One block of blockwise attention (the pieces of ring attention): Tq query rows of each
+ * of B sequences against Tk key/value rows, both cut out of longer buffers. Row t of
+ * sequence b of the block lies (b * q_len + t) rows past the q pointer given (row stride
+ * q_stride; dq alike), (b * q_len + t) * C floats past out / dout, and its head-h
+ * statistic (b * NH + h) * q_len + t past lse / delta; key row j lies (b * kv_len + j)
+ * rows of kv_stride past kv (dkv alike), k in its columns [0, C) and v in [C, 2C). So q
+ * can point into the model's qkv [B,T,3C] (stride 3C) with kv at its column C, or kv at a
+ * packed [B,Tk,2C] block that travels around a ring (stride 2C). Heads as in
+ * attention_forward: hs = C / NH, scale 1/sqrt(hs). */
+typedef struct qs_attn_block {
+    int B, C, NH;
+    int Tq, Tk;              /* query and key/value rows of the block */
+    int q_len, kv_len;       /* rows per sequence of the buffers it is cut from */
+    int q_stride, kv_stride; /* floats from one row of q (dq) / kv (dkv) to the next */
+    int q_pos0, k_pos0;      /* global positions of query row 0 and key row 0 */
+    int causal;              /* 1: key j is visible to query i iff k_pos0 + j <= q_pos0 + i */
+} qs_attn_block;
+
 typedef struct qs_ops {
     /* out[r,:] = wte[tok[r],:] + wpe[pos[r],:] over N rows: each row's token (in [0, V))
      * and position (a prefill's 0..T-1 per sequence, a decode step's own position, a
@@ -65,6 +83,34 @@ typedef struct qs_ops {
                               int NH);
     void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
                                const float *att, int B, int T, int C, int NH);
+
+    /* Blockwise attention over a qs_attn_block (layouts there). attention_block_forward
+     * writes the block-normalised output out [B,Tq,C] and lse [B,NH,Tq], the natural log
+     * of the sum of exp(scaled score) over the keys each query sees; a query that sees
+     * none gets out = 0, lse = -inf. attention_merge folds a block's (out_b, lse_b) into
+     * a running (out, lse) over the same query rows, in place: lse' = logaddexp(lse,
+     * lse_b), out' = out exp(lse - lse') + out_b exp(lse_b - lse'); a -inf side adds
+     * nothing (both -inf leaves the row as it is). Merging every key block's result gives
+     * attention over all of them, with memory linear in the block sizes. */
+    void (*attention_block_forward)(float *out, float *lse, const float *q, const float *kv,
+                                    const qs_attn_block *blk);
+    void (*attention_merge)(float *out, float *lse, const float *out_b, const float *lse_b,
+                            const qs_attn_block *blk);
+    /* delta[B,NH,T] = the per-head row sums of dout * out over [B,T,C], out the final
+     * (merged) output: the softmax backward's row term, computed once for all blocks. */
+    void (*attention_delta)(float *delta, const float *dout, const float *out, int B, int T,
+                            int C, int NH);
+    /* One block's share of the attention backward, given dout and the FINAL lse and delta:
+     * P = exp(S - lse) over the visible keys (S the scaled scores), dv += P^T dout,
+     * dS = P * (dout V^T - delta), dq += scale dS K, dk += scale dS^T Q. dq has q's layout,
+     * dkv kv's. Summed over the key blocks it is the whole attention's backward. */
+    void (*attention_block_backward)(float *dq, float *dkv, const float *dout, const float *q,
+                                     const float *kv, const float *lse, const float *delta,
+                                     const qs_attn_block *blk);
+    /* kv [B,T,2C] = the k and v columns of qkv [B,T,3C] (a block to send around a ring);
+     * backward: dqkv's k and v columns += dkv. */
+    void (*kv_pack_forward)(float *kv, const float *qkv, int B, int T, int C);
+    void (*kv_pack_backward)(float *dqkv, const float *dkv, int B, int T, int C);
 
     /* KV cache for decoding, caches [slots,NH,max_T,hs]. kv_cache_fill copies the k and v
      * of qkv [B,T,3C] (a prefill's) into positions 0..T-1 of slots 0..B-1. For each row b

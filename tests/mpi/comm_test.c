@@ -6,70 +6,14 @@
  *
  * usage: comm_test KIND   KIND: the backend QS_COMM_AUTO must pick here (single, mpi) */
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#include "quasar/comm.h"
-#include "quasar/error.h"
 #include "quasar/rng.h"
-
-static qs_comm *world;
-static int rank, size;
-static char label[32];
-static uint64_t seed;
-static int bad, failed_lines; /* failed checks on this rank in the current line; lines failed */
-static char why[512];
-
-static void fail(const char *fmt, ...) QS_PRINTF(1, 2);
-static void fail(const char *fmt, ...) {
-    if (bad++) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-}
-
-#define CHECK(cond, ...) \
-    do {                 \
-        if (!(cond)) fail(__VA_ARGS__); \
-    } while (0)
-
-/* A comm call that must succeed. */
-static void ok_call(int rc, const char *what) {
-    if (rc) fail("%s failed: %s", what, qs_error_last());
-}
-
-/* A call that must fail with one line starting with `prefix`. */
-static void err_call(int rc, const char *what, const char *prefix) {
-    const char *msg = qs_error_last();
-    if (rc != -1) fail("%s: returned %d, expected -1", what, rc);
-    else if (strncmp(msg, prefix, strlen(prefix)) || strchr(msg, '\n'))
-        fail("%s: error '%s', expected one line starting '%s'", what, msg, prefix);
-}
-
-/* Ends a check: all ranks learn whether any failed it; rank 0 prints the line. */
-static void report(const char *fmt, ...) QS_PRINTF(1, 2);
-static void report(const char *fmt, ...) {
-    char name[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
-    int64_t n = bad;
-    if (qs_comm_allreduce_i64(world, &n, 1, QS_SUM)) n = 1 + bad;
-    if (bad) printf("# %s rank %d: %s\n", label, rank, why);
-    fflush(stdout);
-    qs_comm_barrier(world); /* the reasons first, then the verdict */
-    if (rank == 0) printf("%sok - %s %s\n", n ? "not " : "", label, name);
-    fflush(stdout);
-    failed_lines += n != 0;
-    bad = 0;
-}
+#include "tap.h"
 
 /* Rank r's value at index i for check `tag`: an integer in [-1000, 1000], so sums over
  * a few ranks are exact in float and any reduction order gives the same bits. */
@@ -84,15 +28,6 @@ static float reduce_val(int tag, qs_comm_op op, size_t i) {
         acc = op == QS_SUM ? acc + v : (v > acc ? v : acc);
     }
     return acc;
-}
-
-static float *alloc_floats(size_t n) {
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    if (!p) {
-        fprintf(stderr, "out of memory\n");
-        exit(2);
-    }
-    return p;
 }
 
 static const char *op_name(qs_comm_op op) { return op == QS_SUM ? "sum" : "max"; }
@@ -376,17 +311,7 @@ static void init(const char *kind) {
     CHECK(qs_comm_local_rank(world) == want_lr && qs_comm_local_size(world) == want_ls,
           "local rank %d of %d, the launcher says %d of %d", qs_comm_local_rank(world), qs_comm_local_size(world),
           want_lr, want_ls);
-    /* One seed for all: rank 0's, from QS_TEST_SEED or the clock. */
-    int64_t s = 0;
-    if (rank == 0) {
-        const char *env = getenv("QS_TEST_SEED");
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        s = env && *env ? strtoll(env, NULL, 10) : (int64_t)(ts.tv_nsec + ts.tv_sec % 1000000 * 1000000000LL);
-        printf("# comm_test: seed %" PRId64 " (QS_TEST_SEED=%" PRId64 " reproduces)\n", s, s);
-    }
-    ok_call(qs_comm_allreduce_i64(world, &s, 1, QS_SUM), "sharing the seed");
-    seed = (uint64_t)s;
+    share_seed("comm_test");
     report("init: auto picks %s, rank %d..%d, local ranks from the launcher", kind, 0, size - 1);
 }
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The comm layer's checks (comm_test.c): one process always, then 1, 2, 3 and 4 MPI
-# ranks when the build has MPI (QS_MPI=1; without QS_MPI, whether the binary links MPI).
+# The multi-rank checks (comm_test.c: the comm layer; ring_test.c: ring attention): one
+# process always, then 1, 2, 3 and 4 MPI ranks when the build has MPI (QS_MPI=1; without
+# QS_MPI, whether the binaries link MPI).
 # Prints TAP lines ("ok - ...", "not ok - ...") for tests/run.sh.
 set -u
 build=${1:?usage: tests/mpi/run.sh BUILD_DIR}
 here=$(cd "$(dirname "$0")" && pwd)
-bin=$build/tests/mpi/comm_test
-if [ ! -x "$bin" ]; then echo "not ok - $bin is not built"; exit 1; fi
+bins=("$build/tests/mpi/comm_test" "$build/tests/mpi/ring_test")
+for bin in "${bins[@]}"; do
+  if [ ! -x "$bin" ]; then echo "not ok - $bin is not built"; exit 1; fi
+done
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
@@ -21,7 +24,7 @@ run() {
   [ $rc -eq 0 ] || failed=1
 }
 
-run single "$bin" single
+for bin in "${bins[@]}"; do run "${bin##*/} single" "$bin" single; done
 
 mpi=${QS_MPI:-$(ldd "$bin" | grep -q libmpi && echo 1 || echo 0)}
 if [ "$mpi" != 1 ]; then
@@ -35,6 +38,6 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # the slow unwinder finds their libraries): suppressed by library, ours still reported.
 export LSAN_OPTIONS=suppressions=$here/lsan.supp:fast_unwind_on_malloc=0:print_suppressions=0
 for np in 1 2 3 4; do
-  run "mpi np=$np" mpirun --oversubscribe -np "$np" "$bin" mpi
+  for bin in "${bins[@]}"; do run "${bin##*/} mpi np=$np" mpirun --oversubscribe -np "$np" "$bin" mpi; done
 done
 exit $failed

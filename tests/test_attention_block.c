@@ -1,0 +1,420 @@
+/* The blockwise attention ops behind ring attention (ops.h attention_block_forward,
+ * attention_merge, attention_delta, attention_block_backward, kv_pack_*): a causal
+ * attention cut into query x key tiles and merged by log-sum-exp reproduces
+ * attention_forward and attention_backward; single blocks with arbitrary positions,
+ * strides and masks match a double-precision reference and leave everything outside the
+ * block alone; merge is exact at -inf on either side; block_backward agrees with finite
+ * differences of a merged forward. Inputs and sizes are fresh every run (the seed is
+ * printed; QS_TEST_SEED replays a failure). */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gradcheck.h"
+#include "quasar/backend.h"
+#include "quasar/rng.h"
+#include "test_seed.h"
+
+static const qs_ops *ops;
+static uint64_t seed, draws;
+
+static float uni(float lo, float hi) { return lo + (hi - lo) * qs_rng_uniform(seed, 0xb10c, draws++); }
+static int irand(int lo, int hi) { return lo + (int)qs_rng_below(seed, 0xb10c, draws++, (uint64_t)(hi - lo + 1)); }
+
+static float *floats(size_t n, float fill) {
+    float *p = malloc((n ? n : 1) * sizeof *p);
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++) p[i] = fill;
+    return p;
+}
+static float *randoms(size_t n, float lo, float hi) {
+    float *p = floats(n, 0.0f);
+    for (size_t i = 0; i < n; i++) p[i] = uni(lo, hi);
+    return p;
+}
+static float *copy_of(const float *x, size_t n) {
+    float *p = floats(n, 0);
+    memcpy(p, x, n * sizeof *p);
+    return p;
+}
+
+/* The double twin of a float buffer, starting from its contents. */
+static double *widen(const float *x, size_t n) {
+    double *p = malloc((n ? n : 1) * sizeof *p);
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++) p[i] = x[i];
+    return p;
+}
+
+/* Fails unless |got - want| <= rtol |want| + atol everywhere; NaN fails, equal
+ * infinities pass. */
+static void expect_close(const char *what, const float *got, const double *want, size_t n, double rtol,
+                         double atol) {
+    for (size_t i = 0; i < n; i++)
+        if ((double)got[i] != want[i] && !(fabs(got[i] - want[i]) <= rtol * fabs(want[i]) + atol))
+            fail_msg("%s[%zu]: got %.9g, want %.9g", what, i, (double)got[i], want[i]);
+}
+
+/* Outputs the ops overwrite are fed NaN first: an element they fail to write shows. */
+static void poison(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = NAN;
+}
+
+/* ---- a double-precision reference for one block ---- */
+
+static int visible(const qs_attn_block *k, int i, int j) { return !k->causal || k->k_pos0 + j <= k->q_pos0 + i; }
+
+/* Over the op's own buffer layouts: writes the block's rows of out and lse (0 and -inf
+ * where a query sees no key) and, given dout, adds its gradients into dq and dkv as if
+ * this block were the whole attention (its lse final). */
+static void ref_block(double *out, double *lse, double *dq, double *dkv, const float *dout, const float *q,
+                      const float *kv, const qs_attn_block *k) {
+    const int hs = k->C / k->NH;
+    const double scale = 1.0 / sqrt(hs);
+    double *p = malloc(((size_t)k->Tk + 1) * sizeof *p), *o = malloc((size_t)hs * sizeof *o);
+    assert_non_null(p), assert_non_null(o);
+    for (int b = 0; b < k->B; b++)
+        for (int h = 0; h < k->NH; h++)
+            for (int i = 0; i < k->Tq; i++) {
+                const size_t qi = ((size_t)b * k->q_len + i) * k->q_stride + (size_t)h * hs,
+                             oi = ((size_t)b * k->q_len + i) * k->C + (size_t)h * hs,
+                             si = ((size_t)b * k->NH + h) * k->q_len + i;
+                double mx = -INFINITY, sum = 0.0;
+                for (int j = 0; j < k->Tk; j++) {
+                    const float *kj = kv + ((size_t)b * k->kv_len + j) * k->kv_stride + (size_t)h * hs;
+                    double s = 0.0;
+                    for (int c = 0; c < hs; c++) s += (double)q[qi + c] * kj[c];
+                    p[j] = visible(k, i, j) ? s * scale : -INFINITY;
+                    mx = fmax(mx, p[j]);
+                }
+                memset(o, 0, (size_t)hs * sizeof *o);
+                if (mx == -INFINITY) {
+                    lse[si] = -INFINITY;
+                    memcpy(out + oi, o, (size_t)hs * sizeof *o);
+                    continue;
+                }
+                for (int j = 0; j < k->Tk; j++) sum += p[j] = exp(p[j] - mx);
+                lse[si] = mx + log(sum);
+                for (int j = 0; j < k->Tk; j++) {
+                    p[j] /= sum;
+                    for (int c = 0; c < hs; c++)
+                        o[c] += p[j] * kv[((size_t)b * k->kv_len + j) * k->kv_stride + k->C + (size_t)h * hs + c];
+                }
+                memcpy(out + oi, o, (size_t)hs * sizeof *o);
+                if (!dout) continue;
+                double D = 0.0;
+                for (int c = 0; c < hs; c++) D += (double)dout[oi + c] * o[c];
+                for (int j = 0; j < k->Tk; j++) {
+                    if (!visible(k, i, j)) continue;
+                    const size_t kj = ((size_t)b * k->kv_len + j) * k->kv_stride + (size_t)h * hs;
+                    double dp = 0.0;
+                    for (int c = 0; c < hs; c++) dp += (double)dout[oi + c] * kv[kj + k->C + c];
+                    const double ds = p[j] * (dp - D) * scale;
+                    for (int c = 0; c < hs; c++) {
+                        dkv[kj + k->C + c] += p[j] * dout[oi + c];
+                        dq[qi + c] += ds * kv[kj + c];
+                        dkv[kj + c] += ds * q[qi + c];
+                    }
+                }
+            }
+    free(p), free(o);
+}
+
+/* ---- causal attention cut into tiles = attention_forward / attention_backward ---- */
+
+/* n >= 1 blocks covering [0, T): starts[0] = 0 < starts[1] < ... < starts[n] = T. */
+static int random_cuts(int *starts, int T) {
+    const int n = irand(1, T < 4 ? T : 4);
+    starts[0] = 0;
+    for (int i = 1; i < n; i++) starts[i] = irand(starts[i - 1] + 1, T - (n - i));
+    starts[n] = T;
+    return n;
+}
+
+/* Query rows [q0, q1) against key rows [k0, k1) of one [B,T] sequence batch. */
+static qs_attn_block tile(int B, int T, int C, int NH, int kv_stride, int q0, int q1, int k0, int k1) {
+    return (qs_attn_block){.B = B, .C = C, .NH = NH, .Tq = q1 - q0, .Tk = k1 - k0, .q_len = T, .kv_len = T,
+                           .q_stride = 3 * C, .kv_stride = kv_stride, .q_pos0 = q0, .k_pos0 = k0, .causal = 1};
+}
+
+/* K/V read in place from qkv (stride 3C, dk/dv straight into dqkv), or packed [B,T,2C]
+ * as a ring carries them (then unpacked into dqkv). */
+static void check_tiles(int B, int T, int NH, int hs, int packed) {
+    const int C = NH * hs;
+    const size_t nqkv = (size_t)B * T * 3 * C, nout = (size_t)B * T * C, nst = (size_t)B * NH * T;
+    float *qkv = randoms(nqkv, -2, 2), *dout = randoms(nout, -1, 1), *pre = randoms(nqkv, -1, 1);
+    float *ref = floats(nout, NAN), *att = floats((size_t)B * NH * T * T, NAN), *dref = floats(nqkv, 0);
+    ops->attention_forward(ref, att, qkv, B, T, C, NH);
+    ops->attention_backward(dref, dout, qkv, att, B, T, C, NH);
+
+    float *kvp = packed ? floats((size_t)B * T * 2 * C, NAN) : NULL, *dkvp = packed ? floats((size_t)B * T * 2 * C, 0) : NULL;
+    if (packed) ops->kv_pack_forward(kvp, qkv, B, T, C);
+    const float *kv = packed ? kvp : qkv + C;
+    const int kvs = packed ? 2 * C : 3 * C;
+
+    int qs[5], ks[5], order[4];
+    const int nq = random_cuts(qs, T), nk = random_cuts(ks, T);
+    float *out = floats(nout, NAN), *lse = floats(nst, NAN), *ob = floats(nout, NAN), *lb = floats(nst, NAN);
+    for (int a = 0; a < nq; a++) {
+        /* key blocks in a random order: a first block wholly in the future leaves -inf
+         * rows for the merges to fill */
+        for (int c = 0; c < nk; c++) order[c] = c;
+        for (int c = nk - 1; c > 0; c--) {
+            const int j = irand(0, c), t = order[c];
+            order[c] = order[j], order[j] = t;
+        }
+        for (int i = 0; i < nk; i++) {
+            const int c = order[i], q0 = qs[a];
+            const qs_attn_block blk = tile(B, T, C, NH, kvs, q0, qs[a + 1], ks[c], ks[c + 1]);
+            const float *qv = qkv + (size_t)q0 * 3 * C, *kvv = kv + (size_t)ks[c] * kvs;
+            if (i == 0) {
+                ops->attention_block_forward(out + (size_t)q0 * C, lse + q0, qv, kvv, &blk);
+                continue;
+            }
+            poison(ob, nout), poison(lb, nst);
+            ops->attention_block_forward(ob + (size_t)q0 * C, lb + q0, qv, kvv, &blk);
+            ops->attention_merge(out + (size_t)q0 * C, lse + q0, ob + (size_t)q0 * C, lb + q0, &blk);
+        }
+    }
+    double *want = widen(ref, nout), *wlse = malloc(nst * sizeof *wlse), *wout = malloc(nout * sizeof *wout);
+    assert_non_null(wlse), assert_non_null(wout);
+    const qs_attn_block whole = tile(B, T, C, NH, 3 * C, 0, T, 0, T);
+    ref_block(wout, wlse, NULL, NULL, NULL, qkv, qkv + C, &whole);
+    expect_close("tiled out vs attention_forward", out, want, nout, 1e-5, 1e-6);
+    expect_close("tiled lse vs double", lse, wlse, nst, 1e-5, 1e-6);
+
+    float *delta = floats(nst, NAN);
+    ops->attention_delta(delta, dout, out, B, T, C, NH);
+    double *wdelta = malloc(nst * sizeof *wdelta);
+    assert_non_null(wdelta);
+    for (size_t r = 0; r < (size_t)B * T; r++)
+        for (int h = 0; h < NH; h++) {
+            double d = 0.0;
+            for (int c = 0; c < hs; c++) d += (double)dout[r * C + (size_t)h * hs + c] * wout[r * C + (size_t)h * hs + c];
+            wdelta[((r / T) * NH + h) * T + r % T] = d;
+        }
+    expect_close("delta", delta, wdelta, nst, 1e-5, 1e-6);
+
+    /* Gradients accumulate onto a random prefill. */
+    float *dqkv = copy_of(pre, nqkv);
+    float *dkv = packed ? dkvp : dqkv + C;
+    for (int a = 0; a < nq; a++)
+        for (int c = 0; c < nk; c++) {
+            const int q0 = qs[a], k0 = ks[c];
+            const qs_attn_block blk = tile(B, T, C, NH, kvs, q0, qs[a + 1], k0, ks[c + 1]);
+            ops->attention_block_backward(dqkv + (size_t)q0 * 3 * C, dkv + (size_t)k0 * kvs, dout + (size_t)q0 * C,
+                                          qkv + (size_t)q0 * 3 * C, kv + (size_t)k0 * kvs, lse + q0, delta + q0,
+                                          &blk);
+        }
+    if (packed) ops->kv_pack_backward(dqkv, dkvp, B, T, C);
+    double *wd = widen(pre, nqkv);
+    for (size_t i = 0; i < nqkv; i++) wd[i] += dref[i];
+    expect_close("tiled dqkv vs attention_backward", dqkv, wd, nqkv, 1e-5, 1e-6);
+    print_message("  B=%d T=%d NH=%d hs=%d %s: %d x %d tiles\n", B, T, NH, hs, packed ? "packed K/V" : "K/V in qkv",
+                  nq, nk);
+
+    free(qkv), free(dout), free(pre), free(ref), free(att), free(dref), free(kvp), free(dkvp);
+    free(out), free(lse), free(ob), free(lb), free(want), free(wlse), free(wout), free(delta), free(wdelta);
+    free(dqkv), free(wd);
+}
+
+static void test_tiles_reproduce_attention(void **state) {
+    (void)state;
+    const int fixed[][4] = {{1, 1, 1, 3}, {2, 37, 3, 5}, {1, 41, 2, 37}, {3, 24, 4, 8}};
+    for (int i = 0; i < 4; i++) check_tiles(fixed[i][0], fixed[i][1], fixed[i][2], fixed[i][3], i % 2);
+    for (int i = 0; i < 4; i++) {
+        const int B = irand(1, 3), T = irand(1, 40), NH = irand(1, 4), hs = irand(1, 20);
+        check_tiles(B, T, NH, hs, i % 2);
+    }
+}
+
+/* ---- single blocks: positions, strides, offsets and both masks against double ---- */
+
+static void check_block(int causal) {
+    const int B = irand(1, 3), NH = irand(1, 3), hs = irand(1, 9), C = NH * hs, Tq = irand(1, 12), Tk = irand(1, 12);
+    /* the block sits inside longer buffers whose rows are padded */
+    const int q_len = Tq + irand(0, 3), kv_len = Tk + irand(0, 3);
+    const int qoff = irand(0, q_len - Tq), koff = irand(0, kv_len - Tk);
+    const qs_attn_block blk = {.B = B, .C = C, .NH = NH, .Tq = Tq, .Tk = Tk, .q_len = q_len, .kv_len = kv_len,
+                               .q_stride = C + irand(0, 4), .kv_stride = 2 * C + irand(0, 4),
+                               .q_pos0 = irand(0, 20), .k_pos0 = irand(0, 20), .causal = causal};
+    const size_t nq = (size_t)B * q_len * blk.q_stride, nkv = (size_t)B * kv_len * blk.kv_stride,
+                 nout = (size_t)B * q_len * C, nst = (size_t)B * NH * q_len;
+    const size_t qo = (size_t)qoff * blk.q_stride, ko = (size_t)koff * blk.kv_stride;
+    float *q = randoms(nq, -2, 2), *kv = randoms(nkv, -2, 2), *dout = randoms(nout, -1, 1);
+    /* outside the block out and lse keep what they hold; inside they start as NaN */
+    float *out = randoms(nout, 5, 6), *lse = randoms(nst, 5, 6);
+    double *wout = widen(out, nout), *wlse = widen(lse, nst);
+    for (int b = 0; b < B; b++) {
+        poison(out + ((size_t)b * q_len + qoff) * C, (size_t)Tq * C);
+        for (int h = 0; h < NH; h++) poison(lse + ((size_t)b * NH + h) * q_len + qoff, (size_t)Tq);
+    }
+    float *dq = randoms(nq, -1, 1), *dkv = randoms(nkv, -1, 1);
+    double *wdq = widen(dq, nq), *wdkv = widen(dkv, nkv);
+    ref_block(wout + (size_t)qoff * C, wlse + qoff, wdq + qo, wdkv + ko, dout + (size_t)qoff * C, q + qo, kv + ko, &blk);
+
+    ops->attention_block_forward(out + (size_t)qoff * C, lse + qoff, q + qo, kv + ko, &blk);
+    expect_close("block out", out, wout, nout, 1e-5, 1e-6);
+    expect_close("block lse", lse, wlse, nst, 1e-5, 1e-6);
+    int empty = 0;
+    for (size_t i = 0; i < nst; i++) empty += lse[i] == -INFINITY;
+
+    float *delta = floats(nst, NAN), *dq0 = copy_of(dq, nq), *dkv0 = copy_of(dkv, nkv);
+    ops->attention_delta(delta, dout, out, B, q_len, C, NH);
+    ops->attention_block_backward(dq + qo, dkv + ko, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
+                                  delta + qoff, &blk);
+    expect_close("block dq", dq, wdq, nq, 1e-5, 1e-6);
+    expect_close("block dkv", dkv, wdkv, nkv, 1e-5, 1e-6);
+    /* A NULL gradient output is skipped and changes nothing about the other. */
+    float *dq1 = copy_of(dq0, nq), *dkv1 = copy_of(dkv0, nkv);
+    ops->attention_block_backward(dq1 + qo, NULL, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
+                                  delta + qoff, &blk);
+    ops->attention_block_backward(NULL, dkv1 + ko, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
+                                  delta + qoff, &blk);
+    assert_memory_equal(dq1, dq, nq * sizeof *dq);
+    assert_memory_equal(dkv1, dkv, nkv * sizeof *dkv);
+    print_message("  %s B=%d NH=%d hs=%d Tq=%d at %d, Tk=%d at %d: %d query rows see no key\n",
+                  causal ? "causal" : "full", B, NH, hs, Tq, blk.q_pos0, Tk, blk.k_pos0, empty);
+
+    free(q), free(kv), free(dout), free(out), free(lse), free(wout), free(wlse), free(dq), free(dkv);
+    free(wdq), free(wdkv), free(delta), free(dq0), free(dkv0), free(dq1), free(dkv1);
+}
+
+static void test_block_vs_double(void **state) {
+    (void)state;
+    for (int i = 0; i < 12; i++) check_block(i % 3 != 0);
+}
+
+/* ---- merge at the edges ---- */
+
+static void test_merge_infinities(void **state) {
+    (void)state;
+    /* (running, block) lse pairs: close, far beyond float exp's range, one side -inf, both */
+    static const float pairs[][2] = {{0.3f, -1.2f},      {-2.0f, 0.5f},      {90.0f, 80.0f}, {-1000.0f, 1000.0f},
+                                     {-INFINITY, 0.7f}, {0.4f, -INFINITY}, {-INFINITY, -INFINITY}};
+    const int NP = 7, B = 2, NH = 3, hs = irand(1, 7), C = NH * hs, len = NP + 2;
+    /* the block's rows are 1..NP of buffers of len rows: rows 0 and len-1 stay as they are */
+    const qs_attn_block blk = {.B = B, .C = C, .NH = NH, .Tq = NP, .Tk = 1, .q_len = len, .kv_len = 1,
+                               .q_stride = 3 * C, .kv_stride = 2 * C, .causal = 1};
+    const size_t nout = (size_t)B * len * C, nst = (size_t)B * NH * len;
+    float *out = randoms(nout, -1, 1), *ob = randoms(nout, -1, 1), *lse = randoms(nst, -1, 1), *lb = randoms(nst, -1, 1);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int i = 0; i < NP; i++) {
+                const float *pr = pairs[(i + b + h) % NP];
+                const size_t s = ((size_t)b * NH + h) * len + 1 + (size_t)i;
+                lse[s] = pr[0], lb[s] = pr[1];
+                /* a -inf row's output is 0, as block_forward writes it */
+                for (int c = 0; c < hs; c++) {
+                    const size_t o = ((size_t)b * len + 1 + (size_t)i) * C + (size_t)h * hs + (size_t)c;
+                    if (pr[0] == -INFINITY) out[o] = 0.0f;
+                    if (pr[1] == -INFINITY) ob[o] = 0.0f;
+                }
+            }
+    double *wout = widen(out, nout), *wlse = widen(lse, nst);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int i = 1; i <= NP; i++) {
+                const size_t s = ((size_t)b * NH + h) * len + (size_t)i;
+                const double la = lse[s], lbv = lb[s], m = fmax(la, lbv);
+                if (m == -INFINITY) continue; /* both empty: stays empty */
+                const double l = m + log(exp(la - m) + exp(lbv - m));
+                for (int c = 0; c < hs; c++) {
+                    const size_t o = ((size_t)b * len + (size_t)i) * C + (size_t)h * hs + (size_t)c;
+                    wout[o] = out[o] * exp(la - l) + ob[o] * exp(lbv - l);
+                }
+                wlse[s] = l;
+            }
+    ops->attention_merge(out + C, lse + 1, ob + C, lb + 1, &blk);
+    expect_close("merged out", out, wout, nout, 1e-5, 1e-6);
+    expect_close("merged lse", lse, wlse, nst, 1e-6, 1e-6);
+    free(out), free(ob), free(lse), free(lb), free(wout), free(wlse);
+}
+
+/* ---- block_backward by finite differences of a merged forward ---- */
+
+typedef struct {
+    qs_attn_block blk[4]; /* the key blocks, over one packed K/V */
+    int nb, koff[4];
+    float *q, *kv, *R, *out, *lse, *ob, *lb;
+    size_t nq, nkv, nout, nst;
+} merged_ctx;
+
+/* L = sum(R * out), out merged over the key blocks. */
+static double merged_loss(void *p, bool *same) {
+    (void)same;
+    merged_ctx *c = p;
+    poison(c->out, c->nout), poison(c->lse, c->nst);
+    for (int i = 0; i < c->nb; i++) {
+        const float *kv = c->kv + (size_t)c->koff[i] * c->blk[i].kv_stride;
+        if (i == 0) {
+            ops->attention_block_forward(c->out, c->lse, c->q, kv, &c->blk[i]);
+        } else {
+            ops->attention_block_forward(c->ob, c->lb, c->q, kv, &c->blk[i]);
+            ops->attention_merge(c->out, c->lse, c->ob, c->lb, &c->blk[i]);
+        }
+    }
+    double L = 0.0;
+    for (size_t i = 0; i < c->nout; i++) L += (double)c->out[i] * c->R[i];
+    return L;
+}
+
+static void test_block_backward_gradcheck(void **state) {
+    (void)state;
+    const int B = 2, NH = 2, hs = 3, C = NH * hs, Tq = irand(4, 7), Tk = irand(6, 10);
+    const qs_attn_block whole = {.B = B, .C = C, .NH = NH, .Tq = Tq, .Tk = Tk, .q_len = Tq, .kv_len = Tk,
+                                 .q_stride = C + 1, .kv_stride = 2 * C + 1, .q_pos0 = irand(2, 6),
+                                 .k_pos0 = irand(0, 4), .causal = 1};
+    merged_ctx c = {.nq = (size_t)B * Tq * whole.q_stride, .nkv = (size_t)B * Tk * whole.kv_stride,
+                    .nout = (size_t)B * Tq * C, .nst = (size_t)B * NH * Tq};
+    int starts[5];
+    c.nb = random_cuts(starts, Tk);
+    for (int i = 0; i < c.nb; i++) {
+        c.blk[i] = whole;
+        c.blk[i].Tk = starts[i + 1] - starts[i];
+        c.blk[i].k_pos0 = whole.k_pos0 + starts[i];
+        c.koff[i] = starts[i];
+    }
+    c.q = randoms(c.nq, -1.5f, 1.5f), c.kv = randoms(c.nkv, -1.5f, 1.5f), c.R = randoms(c.nout, -1, 1);
+    c.out = floats(c.nout, 0), c.ob = floats(c.nout, 0), c.lse = floats(c.nst, 0), c.lb = floats(c.nst, 0);
+
+    bool same = true;
+    merged_loss(&c, &same);
+    float *delta = floats(c.nst, NAN), *dq = floats(c.nq, 0), *dkv = floats(c.nkv, 0);
+    ops->attention_delta(delta, c.R, c.out, B, Tq, C, NH);
+    for (int i = 0; i < c.nb; i++) {
+        const size_t ko = (size_t)c.koff[i] * whole.kv_stride;
+        ops->attention_block_backward(dq, dkv + ko, c.R, c.q, c.kv + ko, c.lse, delta, &c.blk[i]);
+    }
+    gc_score sc = {0};
+    for (size_t j = 0; j < c.nq; j++) gc_score_add(&sc, "q", j, gc_nearest_fd(merged_loss, &c, c.q + j, dq[j], &same), dq[j]);
+    for (size_t j = 0; j < c.nkv; j++)
+        gc_score_add(&sc, "kv", j, gc_nearest_fd(merged_loss, &c, c.kv + j, dkv[j], &same), dkv[j]);
+    print_message("  %d key blocks, Tq=%d at %d, Tk=%d at %d: %d coordinates, rel err %.2e, worst %.2e at %s\n",
+                  c.nb, Tq, whole.q_pos0, Tk, whole.k_pos0, sc.checked, gc_score_rel(&sc), sc.worst, sc.worst_at);
+    assert_true(gc_score_rel(&sc) < 5e-3);
+    assert_true(sc.worst < 5e-2);
+    free(c.q), free(c.kv), free(c.R), free(c.out), free(c.ob), free(c.lse), free(c.lb);
+    free(delta), free(dq), free(dkv);
+}
+
+int main(void) {
+    seed = qs_test_seed("test_attention_block");
+    /* Three threads unless told otherwise, as test_ops: uneven splits over (b, h). */
+    if (!getenv("OMP_NUM_THREADS")) omp_set_num_threads(3);
+    ops = qs_backend_cpu()->ops;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tiles_reproduce_attention),
+        cmocka_unit_test(test_block_vs_double),
+        cmocka_unit_test(test_merge_infinities),
+        cmocka_unit_test(test_block_backward_gradcheck),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
