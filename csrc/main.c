@@ -414,12 +414,12 @@ static int cmd_eval(int argc, char **argv) {
     if (!rc && adapter)
         rc = qs_checkpoint_find_file(adapter, QS_LORA_WEIGHTS, adapter_step, sizeof adapter_step)
                  ? qs_error("--adapter: %s", qs_error_last())
-                 : qs_task_open_lora(&task, &o.cfg, o.chars_json, &o.f, o.step_dir, adapter_step, micro_batch(&o.cfg));
+                 : qs_task_open_lora(&task, &o.cfg, o.chars_json, &o.f, o.step_dir, adapter_step, micro_batch(&o.cfg), NULL);
     else if (!rc)
-        rc = qs_task_open(&task, &o.cfg, o.chars_json, micro_batch(&o.cfg)) ||
+        rc = qs_task_open(&task, &o.cfg, o.chars_json, micro_batch(&o.cfg), NULL) ||
              qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
     double vl = NAN, acc = NAN;
-    if (!rc) rc = qs_task_evaluate(&task, o.cfg.train.eval_iters, NULL, &vl, &acc);
+    if (!rc) rc = qs_task_evaluate(&task, o.cfg.train.eval_iters, NULL, 0, 1, &vl, &acc);
     if (!rc) {
         const qs_config *c = &o.cfg;
         char loss[32] = "null"; /* JSON has no NaN */

@@ -10,6 +10,7 @@
 
 #include "quasar/error.h"
 #include "quasar/lora.h"
+#include "quasar/ring_attention.h"
 #include "quasar/rng.h"
 #include "plan.h"
 
@@ -74,6 +75,12 @@ struct qs_gpt {
      * host_ids holds the token rows, then one layer's packed rows */
     int64_t *row_ids, *packed_ids, *host_ids;
     int *host_slot, *host_pos;
+
+    /* sequence parallelism: the ring over the group, and each local row's global
+     * position (0..max_T-1 without it) */
+    qs_ring_attention *ring;
+    int *seq_pos;
+    bool failed;
     bool noisy_used;
     float *host_losses;
     int *routing; /* host [L][N*K] */
@@ -265,11 +272,14 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->host_ids = malloc(N * (m->K + 1) * sizeof(int64_t));
     m->host_slot = malloc(N * m->K * sizeof(int));
     m->host_pos = malloc(N * sizeof(int));
+    m->seq_pos = malloc((size_t)max_T * sizeof(int));
     m->row_ids = be->alloc(N * sizeof(int64_t));
     m->packed_ids = m->E > 0 ? be->alloc((size_t)m->L * N * m->K * sizeof(int64_t)) : NULL;
-    if (!m->lp || !m->la || !m->res || !m->host_losses || !m->host_ids || !m->host_slot || !m->host_pos || !m->row_ids ||
+    if (!m->lp || !m->la || !m->res || !m->host_losses || !m->host_ids || !m->host_slot || !m->host_pos ||
+        !m->seq_pos || !m->row_ids ||
         (m->E > 0 && !m->packed_ids))
         goto oom;
+    for (int t = 0; t < max_T; t++) m->seq_pos[t] = t;
     if (m->E > 0) {
         m->routing = malloc((size_t)m->L * N * m->K * sizeof(int));
         m->stats.expert_tokens = calloc((size_t)m->E, sizeof(int64_t));
@@ -327,6 +337,8 @@ void qs_gpt_free(qs_gpt *m) {
     free(m->host_ids);
     free(m->host_slot);
     free(m->host_pos);
+    free(m->seq_pos);
+    qs_ring_attention_free(m->ring);
     if (m->la)
         for (int l = 0; l < m->L; l++) {
             free(m->la[l].counts);
@@ -362,6 +374,22 @@ qs_params *qs_gpt_params(qs_gpt *m) { return &m->ps; }
 size_t qs_gpt_activation_bytes(const qs_gpt *m) { return m->act_floats * sizeof(float); }
 int qs_gpt_max_tokens(const qs_gpt *m) { return m->max_B * m->max_T; }
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora) { m->lora = lora; }
+const int *qs_gpt_sequence_positions(const qs_gpt *m) { return m->seq_pos; }
+bool qs_gpt_failed(const qs_gpt *m) { return m->failed; }
+
+int qs_gpt_set_sequence_parallel(qs_gpt *m, qs_comm *group) {
+    const int sp = qs_comm_size(group), T = m->cfg.seq_len;
+    if (m->cfg.mixer != QS_MIXER_ATTENTION)
+        return qs_error("parallel.sp %d: sequence parallelism needs the attention mixer (model.mixer)", sp);
+    if (T % (2 * sp) || m->max_T != T / sp)
+        return qs_error("parallel.sp %d: model.seq_len %d must be a multiple of 2 x sp, and the model sized for "
+                        "%d of its rows (is %d)", sp, T, T / sp, m->max_T);
+    if (m->ring) return qs_error("sequence parallelism is already set up");
+    if (qs_ring_attention_positions(sp, qs_comm_rank(group), T, m->seq_pos) ||
+        qs_ring_attention_create(&m->ring, m->be, group, m->max_B, m->max_T, m->C, m->NH, 1))
+        return -1;
+    return 0;
+}
 const float *qs_gpt_logits(const qs_gpt *m) { return m->logits; }
 void qs_gpt_logits_row(const qs_gpt *m, int row, float *out) {
     m->be->download(out, m->logits + (size_t)row * m->V, (size_t)m->V * sizeof(float));
@@ -547,6 +575,14 @@ static void mixer_conv_forward(qs_gpt *m, int l, int B, int T, const int *slots)
     }
 }
 
+/* Ring attention of a layer (att keeps its log-sum-exp [B,NH,T]); the ring's workspace
+ * is for the full micro-batch. */
+static void ring_forward(qs_gpt *m, layer_acts *a, int B) {
+    if (m->failed) return;
+    if (B != m->max_B) m->failed = qs_error("a sequence-parallel forward takes %d sequences, not %d", m->max_B, B) != 0;
+    else m->failed = qs_ring_attention_forward(m->ring, a->atty, a->att, a->qkv) != 0;
+}
+
 /* Embeddings through logits for B sequences of T tokens at positions 0..T-1; or, when
  * decoding (T = 1), row b's token at position pos[b] against the KV cache of slot
  * slots[b] (host arrays). */
@@ -561,7 +597,7 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
     m->noisy_used = m->E > 0 && mode->train && m->cfg.moe.gating == QS_GATING_NOISY_TOPK;
     m->stats.balance = m->stats.z = 0.0;
     m->be->upload(m->tok, tokens, (size_t)N * sizeof(int));
-    for (int r = 0; r < N; r++) m->host_pos[r] = pos ? pos[r] : r % T;
+    for (int r = 0; r < N; r++) m->host_pos[r] = pos ? pos[r] : m->seq_pos[r % T];
     m->be->upload(m->pos, m->host_pos, (size_t)N * sizeof(int));
     if (slots) m->be->upload(m->slots, slots, (size_t)N * sizeof(int));
     if (mode->train) {
@@ -585,6 +621,8 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
             if (slots)
                 ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
                                       m->NH, m->slots, m->pos, m->cfg.seq_len);
+            else if (m->ring)
+                ring_forward(m, a, B);
             else
                 ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
         }
@@ -606,6 +644,7 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
 
 /* B prompts of T tokens into KV-cache slots slot0.. */
 static int prefill(qs_gpt *m, const int *tokens, int B, int T, int slot0) {
+    if (m->ring) return qs_error("KV-cache inference does not run sequence-parallel");
     if (slot0 < 0 || slot0 + B > m->max_B || T > m->max_T || T < 1)
         return qs_error("prefill of %d x %d tokens into slot %d exceeds the model's %d x %d", B, T, slot0, m->max_B,
                         m->max_T);
@@ -744,10 +783,11 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
     const qs_ops *ops = m->be->ops;
     int B = m->B, T = m->T, N = B * T, C = m->C;
     size_t NC = (size_t)N * C;
-    if (m->n_valid == 0) return; /* nothing to learn from */
+    /* nothing to learn from; but a ring's backward is collective, so its ranks all run it */
+    if (m->n_valid == 0 && !m->ring) return;
 
     zero_f(m, m->dlogits, (size_t)N * m->V);
-    ops->xent_backward(m->dlogits, m->logits, m->tgt, scale / (float)m->n_valid, N, m->V);
+    ops->xent_backward(m->dlogits, m->logits, m->tgt, m->n_valid ? scale / (float)m->n_valid : 0.0f, N, m->V);
     zero_f(m, m->dln, NC);
     ops->matmul_backward(m->dln, G(m, m->lm_head), NULL, m->dlogits, m->lnf, P(m, m->lm_head), N,
                          C, m->V, lm_head_layout());
@@ -778,7 +818,10 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
                                    a->fb, &s);
         } else {
             zero_f(m, m->dqkv, 3 * NC);
-            ops->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, m->NH);
+            if (m->ring && !m->failed)
+                m->failed = qs_ring_attention_backward(m->ring, m->dqkv, m->datty, a->qkv, a->atty, a->att) != 0;
+            else if (!m->ring)
+                ops->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, m->NH);
             ops->matmul_backward(m->dln, G(m, p->qkv_w), G(m, p->qkv_b), m->dqkv, a->ln1, P(m, p->qkv_w), N, C,
                                  3 * C, QS_W_IN_OUT);
             lora_backward(m, l, QS_LORA_SITE_QKV, 0, 0, N, m->dln, m->dqkv, a->ln1);

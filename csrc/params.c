@@ -102,3 +102,7 @@ float qs_params_init_std(qs_init scheme, float normal_std, const qs_param_info *
     }
     return normal_std;
 }
+
+void qs_params_copy(qs_params *dst, const qs_params *src) {
+    dst->be->copy(dst->data, src->data, src->n * sizeof(float));
+}

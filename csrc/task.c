@@ -3,10 +3,13 @@
 #include <math.h>
 #include <string.h>
 
-int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B) {
+#include "quasar/error.h"
+
+int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B, qs_comm *sp) {
     memset(t, 0, sizeof *t);
-    return cfg->model.type == QS_MODEL_QUADRANET ? qs_task_open_image(t, cfg, micro_B)
-                                                  : qs_task_open_lm(t, cfg, chars_json, micro_B);
+    if (cfg->model.type != QS_MODEL_QUADRANET) return qs_task_open_lm(t, cfg, chars_json, micro_B, sp);
+    if (sp && qs_comm_size(sp) > 1) return qs_error("parallel.sp %d: only language models split sequences", qs_comm_size(sp));
+    return qs_task_open_image(t, cfg, micro_B);
 }
 
 void qs_task_free(qs_task *t) {
@@ -14,10 +17,9 @@ void qs_task_free(qs_task *t) {
     memset(t, 0, sizeof *t);
 }
 
-int qs_task_evaluate(qs_task *t, int iters, qs_comm *dp, double *loss, double *acc) {
+int qs_task_evaluate(qs_task *t, int iters, qs_comm *ranks, int part, int parts, double *loss, double *acc) {
     double sums[3] = {0.0, 0.0, 0.0};
-    if (t->evaluate(t->self, iters, dp ? qs_comm_rank(dp) : 0, dp ? qs_comm_size(dp) : 1, sums) ||
-        (dp && qs_comm_allreduce_f64(dp, sums, 3, QS_SUM)))
+    if (t->evaluate(t->self, iters, part, parts, sums) || (ranks && qs_comm_allreduce_f64(ranks, sums, 3, QS_SUM)))
         return -1;
     *loss = sums[0] / sums[2];
     *acc = t->has_accuracy ? sums[1] / sums[2] : NAN;

@@ -19,13 +19,13 @@ typedef struct image_task {
 
 static int image_init(void *self, uint64_t seed) { return qs_quadranet_init(((image_task *)self)->m, seed); }
 
-static double image_train_micro(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale) {
+static int image_train_micro(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale, double *loss) {
     image_task *t = self;
     qs_image_batch(&t->data, QS_IMG_TRAIN, &t->aug, t->cfg.train.seed, sample0, t->B, t->x, t->y);
     qs_forward_mode mode = {.train = true, .rng_seed = rng_seed, .sample0 = sample0};
-    double loss = qs_quadranet_forward(t->m, t->x, t->y, t->B, &mode, NULL);
+    *loss = qs_quadranet_forward(t->m, t->x, t->y, t->B, &mode, NULL);
     qs_quadranet_backward(t->m, grad_scale);
-    return loss;
+    return 0;
 }
 
 /* The whole test split in micro-batches, part takes every parts-th; iters does not apply. */

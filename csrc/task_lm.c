@@ -9,6 +9,7 @@
 #include "quasar/fileio.h"
 #include "quasar/lora.h"
 #include "quasar/model.h"
+#include "quasar/ring_attention.h"
 #include "quasar/sample.h"
 #include "quasar/task.h"
 
@@ -17,8 +18,10 @@ typedef struct lm_task {
     qs_codec codec;
     qs_dataset data;
     qs_gpt *m;
-    int B, T;
-    int *x, *y;
+    int B, T;    /* micro-batch; local rows per sequence (model.seq_len / sp) */
+    int *x, *y;  /* the model's rows of each window */
+    int *xf, *yf; /* sequence parallel: the whole windows, whose rows this rank gathers */
+    qs_comm *sp;
     qs_lora *lora;         /* LoRA: the adapters on m, whose own weights are frozen */
     char base_dir[QS_PATH_MAX + 64];
     qs_ckpt_files files;   /* LoRA: checkpoints hold the adapter's files */
@@ -36,13 +39,31 @@ static int write_adapter(const void *self, const char *dir) {
     return qs_lora_write(t->lora, dir, t->base_dir);
 }
 
-static double lm_train_micro(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale) {
+/* Windows first .. first + b - 1 of a split into the model's rows (B of them: under
+ * sequence parallelism the ring needs a full micro-batch, so rows past b repeat window
+ * 0 with their targets ignored). */
+static void load_windows(lm_task *t, qs_split split, uint64_t first, int b) {
+    if (!t->sp) {
+        qs_dataset_batch(&t->data, split, t->cfg.train.seed, first, b, t->T, t->x, t->y);
+        return;
+    }
+    const int T = t->cfg.model.seq_len, sp = qs_comm_size(t->sp), rank = qs_comm_rank(t->sp);
+    qs_dataset_batch(&t->data, split, t->cfg.train.seed, first, b, T, t->xf, t->yf);
+    for (int r = b; r < t->B; r++) {
+        memcpy(t->xf + (size_t)r * T, t->xf, (size_t)T * sizeof(int));
+        for (int i = 0; i < T; i++) t->yf[(size_t)r * T + i] = -1;
+    }
+    qs_ring_attention_gather(t->x, t->xf, sizeof(int), sp, rank, t->B, T);
+    qs_ring_attention_gather(t->y, t->yf, sizeof(int), sp, rank, t->B, T);
+}
+
+static int lm_train_micro(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale, double *loss) {
     lm_task *t = self;
-    qs_dataset_batch(&t->data, QS_SPLIT_TRAIN, t->cfg.train.seed, sample0, t->B, t->T, t->x, t->y);
+    load_windows(t, QS_SPLIT_TRAIN, sample0, t->B);
     qs_forward_mode mode = {.train = true, .rng_seed = rng_seed, .sample0 = sample0};
-    double loss = qs_gpt_forward(t->m, t->x, t->y, t->B, t->T, &mode);
+    *loss = qs_gpt_forward(t->m, t->x, t->y, t->B, t->T, &mode);
     qs_gpt_backward(t->m, grad_scale);
-    return loss;
+    return qs_gpt_failed(t->m) ? -1 : 0;
 }
 
 /* The same validation windows every call, on any number of ranks: iters batches of
@@ -56,9 +77,10 @@ static int lm_evaluate(void *self, int iters, int part, int parts, double sums[3
     qs_forward_mode mode = {.train = false};
     for (uint64_t s = total * (uint64_t)part / (uint64_t)parts; s < end; s += (uint64_t)t->B) {
         const int b = end - s < (uint64_t)t->B ? (int)(end - s) : t->B;
-        qs_dataset_batch(&t->data, QS_SPLIT_VAL, tc->seed, s, b, t->T, t->x, t->y);
-        sums[0] += qs_gpt_forward(t->m, t->x, t->y, b, t->T, &mode) * b;
+        load_windows(t, QS_SPLIT_VAL, s, b);
+        sums[0] += qs_gpt_forward(t->m, t->x, t->y, t->sp ? t->B : b, t->T, &mode) * b;
         sums[2] += b;
+        if (qs_gpt_failed(t->m)) return -1;
     }
     return 0;
 }
@@ -121,7 +143,12 @@ static int lm_finish(void *self, const char *run_dir) {
     ctx[0] = qs_codec_start_token(&t->codec);
     qs_sample_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = t->cfg.train.seed};
     sample_sink sink = {&t->codec, mem};
-    int rc = qs_generate(t->m, ctx, 1, n_new, &sp, emit_token, &sink) < 0 ? -1 : 0;
+    /* a sequence-parallel model holds part of each sequence: sample from a whole copy */
+    qs_gpt *whole = NULL;
+    int rc = t->sp ? qs_gpt_create_frozen(&whole, &t->cfg.model, qs_backend_cpu(), 1, t->cfg.model.seq_len) : 0;
+    if (whole) qs_params_copy(qs_gpt_params(whole), qs_gpt_params(t->m));
+    if (!rc) rc = qs_generate(whole ? whole : t->m, ctx, 1, n_new, &sp, emit_token, &sink) < 0 ? -1 : 0;
+    qs_gpt_free(whole);
     fputc('\n', mem);
     fclose(mem);
     char path[QS_PATH_MAX + 32];
@@ -141,11 +168,13 @@ static void lm_free(void *self) {
     qs_codec_free(&t->codec);
     free(t->x);
     free(t->y);
+    free(t->xf);
+    free(t->yf);
     free(t->counts);
     free(t);
 }
 
-static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B, bool frozen) {
+static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B, bool frozen, qs_comm *sp) {
     lm_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
     int rc = qs_codec_open(&t->codec, &cfg->data, chars_json);
@@ -162,8 +191,15 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int mi
     }
     t->cfg = *cfg;
     t->B = micro_B;
-    t->T = cfg->model.seq_len;
+    t->sp = sp && qs_comm_size(sp) > 1 ? sp : NULL;
+    t->T = cfg->model.seq_len / (t->sp ? qs_comm_size(sp) : 1);
     if (!rc) rc = (frozen ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, qs_backend_cpu(), t->B, t->T);
+    if (!rc && t->sp) rc = qs_gpt_set_sequence_parallel(t->m, t->sp);
+    if (!rc && t->sp) {
+        t->xf = malloc((size_t)t->B * cfg->model.seq_len * sizeof(int));
+        t->yf = malloc((size_t)t->B * cfg->model.seq_len * sizeof(int));
+        if (!t->xf || !t->yf) rc = qs_error("out of memory");
+    }
     if (!rc) {
         t->x = malloc((size_t)t->B * t->T * sizeof(int));
         t->y = malloc((size_t)t->B * t->T * sizeof(int));
@@ -178,7 +214,7 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int mi
                       .params = qs_gpt_params(t->m),
                       .codec = &t->codec,
                       .micro_B = t->B,
-                      .items_per_sample = t->T,
+                      .items_per_sample = cfg->model.seq_len,
                       .item = "tok",
                       .activation_bytes = qs_gpt_activation_bytes(t->m),
                       .init = lm_init,
@@ -192,15 +228,18 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int mi
     return 0;
 }
 
-int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B) {
-    return open_lm(task, cfg, chars_json, micro_B, false);
+int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B, qs_comm *sp) {
+    return open_lm(task, cfg, chars_json, micro_B, false, sp);
 }
 
 int qs_task_open_lora(qs_task *task, qs_config *cfg, const char *chars_json, const qs_st_file *base,
-                      const char *base_dir, const char *adapter_dir, int micro_B) {
+                      const char *base_dir, const char *adapter_dir, int micro_B, qs_comm *sp) {
     if (cfg->model.type != QS_MODEL_GPT) return qs_error("%s: LoRA fine-tunes GPT models only", base_dir);
     if (adapter_dir && qs_lora_read_config(adapter_dir, &cfg->lora)) return -1;
-    if (open_lm(task, cfg, chars_json, micro_B, true)) return -1;
+    if (sp && qs_comm_size(sp) > 1)
+        return qs_error("parallel.sp %d: LoRA fine-tuning does not split sequences; use parallel.sp 1",
+                        qs_comm_size(sp));
+    if (open_lm(task, cfg, chars_json, micro_B, true, sp)) return -1;
     lm_task *t = task->self;
     snprintf(t->base_dir, sizeof t->base_dir, "%s", base_dir);
     int rc = qs_checkpoint_load_weights(qs_gpt_params(t->m), base, base_dir);

@@ -94,6 +94,11 @@ static int agree(qs_comm *world, int rc) {
     return failed ? -1 : 0;
 }
 
+static void free_groups(qs_comm *dp, qs_comm *sp) {
+    qs_comm_free(sp);
+    qs_comm_free(dp);
+}
+
 /* Rank 0 writes the checkpoint; a ZeRO-1 shard's optimizer state is gathered first. */
 static int save_checkpoint(qs_dp *dp, bool writer, const char *run, const qs_config *cfg, qs_task *task,
                            const qs_adamw *optim, const qs_train_state *st) {
@@ -116,46 +121,58 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     qs_st_file mf_st = {0};
     int rc = -1;
 
-    qs_comm *world = opt->world;
-    const int world_size = world ? qs_comm_size(world) : 1;
+    qs_comm *world = opt->world, *dp_group = NULL, *sp_group = NULL;
+    const int world_size = world ? qs_comm_size(world) : 1, sp = cfg->parallel.sp;
     const bool writer = !world || qs_comm_rank(world) == 0; /* rank 0 writes the run folder */
-    if (cfg->parallel.sp != 1)
-        return qs_error("parallel.sp %d: sequence parallelism is not wired into training yet; use 1",
-                        cfg->parallel.sp);
-    const int dp_size = world_size;
+    if (world_size % sp)
+        return qs_error("parallel.sp %d does not divide the %d rank(s) of this run", sp, world_size);
+    /* data-parallel x sequence-parallel: the sp ranks of a group share each sequence */
+    const int dp_size = world_size / sp;
+    int dp_rank = 0;
+    if (sp > 1) {
+        if (qs_comm_mesh(world, sp, &dp_group, &sp_group)) return -1;
+        dp_rank = qs_comm_rank(dp_group);
+    } else if (world) {
+        dp_rank = qs_comm_rank(world);
+    }
     const int B = micro_size(tc, dp_size);
-    if (tc->batch_size % (dp_size * B))
+    if (tc->batch_size % (dp_size * B)) {
+        free_groups(dp_group, sp_group);
         return qs_error("train.batch_size %d must be a multiple of the %d data-parallel rank(s) x "
                         "train.micro_batch_size %d", tc->batch_size, dp_size, B);
+    }
     const int accum = tc->batch_size / (dp_size * B); /* micro-batches per rank and step */
 
     if (opt->resume && opt->base) {
         qs_config stored = *cfg;
         if (qs_checkpoint_find_file(run, QS_LORA_WEIGHTS, step_dir, sizeof step_dir) ||
             qs_lora_read_config(step_dir, &stored.lora))
-            return -1;
+            return free_groups(dp_group, sp_group), -1;
         if (!qs_config_same(&stored, cfg, "lora"))
-            return qs_error("--resume: the lora section differs from the checkpoint's in '%s'", step_dir);
+            return free_groups(dp_group, sp_group),
+                   qs_error("--resume: the lora section differs from the checkpoint's in '%s'", step_dir);
     } else if (opt->resume) {
         qs_config stored;
         if (qs_checkpoint_find(run, step_dir, sizeof step_dir) ||
             qs_checkpoint_open_model(&mf_st, step_dir, &stored, &chars_json))
-            return -1;
+            return free_groups(dp_group, sp_group), -1;
         /* The architecture is the checkpoint's; training settings may change on resume. */
         if (cfg->model.vocab_size == 0) cfg->model.vocab_size = stored.model.vocab_size;
         if (!qs_config_same(&stored, cfg, "model")) {
             qs_st_free(&mf_st);
             free(chars_json);
+            free_groups(dp_group, sp_group);
             return qs_error("--resume: the model section differs from the checkpoint's in '%s'", step_dir);
         }
     }
     qs_task task;
     int trc = opt->base ? qs_task_open_lora(&task, cfg, opt->base_chars, opt->base, opt->base_dir,
-                                            opt->resume ? step_dir : NULL, B)
-                        : qs_task_open(&task, cfg, chars_json, B);
+                                            opt->resume ? step_dir : NULL, B, sp_group)
+                        : qs_task_open(&task, cfg, chars_json, B, sp_group);
     free(chars_json);
     if (trc) {
         qs_st_free(&mf_st);
+        free_groups(dp_group, sp_group);
         return -1;
     }
     qs_params *ps = task.params;
@@ -205,8 +222,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
                 dp.zero && dp_size > 1 ? " per rank (ZeRO-1)" : "");
         if (task.codec) fprintf(stderr, "vocab %d; %d x %d tokens", cfg->model.vocab_size, tc->batch_size, T);
         else fprintf(stderr, "%d images", tc->batch_size);
-        fprintf(stderr, " per step (%d rank(s) x %d micro-batches of %d)%s\n", dp_size, accum, B,
-                opt->resume ? " -- resuming" : "");
+        fprintf(stderr, " per step (%d data-parallel rank(s)", dp_size);
+        if (sp > 1) fprintf(stderr, " x %d sequence-parallel of %d tokens", sp, T / sp);
+        fprintf(stderr, "; %d micro-batch(es) of %d)%s\n", accum, B, opt->resume ? " -- resuming" : "");
         if (opt->resume) fprintf(stderr, "quasar: resumed from %s at step %d\n", step_dir, st.step);
     }
 
@@ -217,14 +235,19 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         float lr = qs_lr_at(tc, st.step);
         /* this rank's slice of the global batch: samples keyed by their global index and
          * randomness by step, so the run is the same on any number of ranks */
-        const uint64_t first = (uint64_t)st.step * tc->batch_size + (uint64_t)dp.rank * accum * B;
+        const uint64_t first = (uint64_t)st.step * tc->batch_size + (uint64_t)dp_rank * accum * B;
         const uint64_t rng_seed = qs_rng_u64(tc->seed, STREAM_FORWARD, (uint64_t)st.step);
-        const float share = (float)B / (float)tc->batch_size;
+        /* a micro-batch's part of the global mean; an sp rank's loss covers 1/sp of its rows */
+        const float share = (float)B / (float)tc->batch_size / (float)sp;
         qs_params_zero_grad(ps);
         if (task.step_begin) task.step_begin(task.self);
         double loss = 0.0, norm;
-        for (int a = 0; a < accum; a++)
-            loss += task.train_micro(task.self, first + (uint64_t)a * B, rng_seed, share) * share;
+        for (int a = 0; a < accum; a++) {
+            double l;
+            if (task.train_micro(task.self, first + (uint64_t)a * B, rng_seed, share, &l)) goto fail;
+            loss += l * share;
+        }
+        /* every rank's gradients are partial sums of the global mean: summed over all */
         if (qs_dp_reduce_grads(&dp, ps) || qs_dp_grad_norm(&dp, ps, &norm) ||
             (world && qs_comm_allreduce_f64(dp.comm, &loss, 1, QS_SUM)) ||
             (task.reduce_stats && task.reduce_stats(task.self, dp.comm)))
@@ -256,7 +279,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         int last = st.step == until;
         if ((tc->eval_interval > 0 && st.step % tc->eval_interval == 0) || st.step == tc->max_steps) {
             double vl, acc;
-            if (agree(world, qs_task_evaluate(&task, tc->eval_iters, dp.comm, &vl, &acc))) goto fail;
+            if (agree(world, qs_task_evaluate(&task, tc->eval_iters, world, dp_rank, dp_size, &vl, &acc))) goto fail;
             if (mf) {
                 fprintf(mf, "{\"step\": %d", st.step);
                 qs_metrics_num(mf, "val_loss", vl, "%.6f");
@@ -281,5 +304,6 @@ fail:
     if (mf) fclose(mf);
     qs_adamw_free(&optim);
     qs_task_free(&task);
+    free_groups(dp_group, sp_group);
     return rc;
 }

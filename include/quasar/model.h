@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "quasar/backend.h"
+#include "quasar/comm.h"
 #include "quasar/config.h"
 #include "quasar/params.h"
 
@@ -33,6 +34,18 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
 int qs_gpt_create_frozen(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
                          int max_T);
 void qs_gpt_free(qs_gpt *m);
+/* Sequence parallelism: this model (created with max_T = model.seq_len / sp) holds the
+ * zig-zag share of every sequence of the sp ranks of group (ring_attention.h) and
+ * attends over the whole sequence with ring attention. Its forward then takes a rank's
+ * local rows (qs_gpt_sequence_positions) and its loss is the mean over them; forward and
+ * backward are collective over the group, and qs_gpt_failed tells whether one failed.
+ * Attention-mixer models only; no KV-cache inference. The group is not owned. */
+int qs_gpt_set_sequence_parallel(qs_gpt *m, qs_comm *group);
+/* The global position of each of the max_T local rows (0..max_T-1 without sequence
+ * parallelism). */
+const int *qs_gpt_sequence_positions(const qs_gpt *m);
+/* Whether a forward or backward failed (a sequence-parallel exchange); qs_error says why. */
+bool qs_gpt_failed(const qs_gpt *m);
 /* Attaches LoRA adapters (built for this model, see lora.h) to the linear layers; NULL
  * detaches. The model does not own them. */
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora);

@@ -64,6 +64,8 @@ int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const v
 float qs_params_init_std(qs_init scheme, float normal_std, const qs_param_info *p);
 
 void qs_params_zero_grad(qs_params *ps);
+/* dst's values = src's (tables of the same layout; backend to backend). */
+void qs_params_copy(qs_params *dst, const qs_params *src);
 /* Copies all values between the backend and host[n]. */
 void qs_params_download(const qs_params *ps, float *host);
 void qs_params_upload(qs_params *ps, const float *host);

@@ -30,8 +30,9 @@ typedef struct qs_task {
     int (*init)(void *self, uint64_t seed);
     /* Forward and backward of the training stream's samples sample0 .. sample0 +
      * micro_B - 1 with this step's rng_seed, gradients accumulated with grad_scale;
-     * returns their mean loss. */
-    double (*train_micro)(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale);
+     * *loss = their mean loss (over this rank's rows under sequence parallelism).
+     * Fails only when a collective does. */
+    int (*train_micro)(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale, double *loss);
     /* Adds part `part` of `parts` of the validation set to sums: {loss, correct, weight},
      * loss weighted (so the mean is sums[0] / sums[2]). The set is eval_iters
      * micro-batches (LMs) or the whole test split (classifiers). */
@@ -46,26 +47,29 @@ typedef struct qs_task {
 
 /* Builds cfg's model (model.type) for micro-batches of micro_B and loads its data;
  * chars_json is a checkpoint's char vocabulary (NULL when new). May fill in
- * model.vocab_size from the data. */
-int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B);
+ * model.vocab_size from the data. sp: the sequence-parallel group this rank shares
+ * every sequence with (GPT only; NULL or a group of one: whole sequences). */
+int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B, qs_comm *sp);
 void qs_task_free(qs_task *t);
 
 /* Validation loss and accuracy (NAN without has_accuracy) over `iters` micro-batches or
- * the test split, the work split over the ranks of dp (NULL: this process alone). */
-int qs_task_evaluate(qs_task *t, int iters, qs_comm *dp, double *loss, double *acc);
+ * the test split: this rank evaluates part `part` of `parts` (its data-parallel share)
+ * and the sums are added over `ranks` (all of them, so sequence-parallel ranks average
+ * their rows; NULL: this process alone). */
+int qs_task_evaluate(qs_task *t, int iters, qs_comm *ranks, int part, int parts, double *loss, double *acc);
 
 /* Writes `, "key": value` to a metrics line; JSON has no NaN or infinity, so a
  * non-finite value is written as null. */
 void qs_metrics_num(FILE *f, const char *key, double v, const char *fmt);
 
 /* The two families (csrc/task_lm.c, csrc/task_image.c). */
-int qs_task_open_lm(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B);
+int qs_task_open_lm(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B, qs_comm *sp);
 int qs_task_open_image(qs_task *t, qs_config *cfg, int micro_B);
 /* LoRA: the GPT of cfg->model with the tensors of base (the opened model.safetensors of
  * the checkpoint base_dir) frozen, and adapters per cfg->lora as task.params: new ones,
  * or with adapter_dir those of that adapter checkpoint (whose lora settings then replace
  * cfg->lora). */
 int qs_task_open_lora(qs_task *t, qs_config *cfg, const char *chars_json, const qs_st_file *base,
-                      const char *base_dir, const char *adapter_dir, int micro_B);
+                      const char *base_dir, const char *adapter_dir, int micro_B, qs_comm *sp);
 
 #endif

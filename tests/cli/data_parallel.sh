@@ -1,8 +1,10 @@
-# Data parallelism over MPI ranks on the CPU: a run is the same run on any number of
-# ranks. 2, 3 and 4 ranks (plain and ZeRO-1) must give 1 rank's losses, gradient norms
-# and final weights (<= 1e-5 relative) for the same global batch, with dropout and MoE
-# router noise on (their draws are keyed by global sample, not by rank); checkpoints
-# written by N ranks resume on M; a batch that does not split fails on every rank.
+# Data and sequence parallelism over MPI ranks on the CPU: a run is the same run on any
+# number of ranks. 2, 3 and 4 data-parallel ranks (plain and ZeRO-1), and 2 and 4
+# sequence-parallel ranks (ring attention; also 2 x 2 with ZeRO-1), must give 1 rank's
+# losses, gradient norms and final weights (<= 1e-5 relative) for the same global batch,
+# with dropout and MoE router noise on (their draws are keyed by global sample and
+# position, not by rank); checkpoints written by N ranks resume on M; a batch that does
+# not split fails on every rank.
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/cli_lib.sh"
 mpi=${QS_MPI:-$(ldd "$QUASAR" | grep -q libmpi && echo 1 || echo 0)}
@@ -78,10 +80,33 @@ grep -q "per rank (ZeRO-1)" "$WORK/err" && ok "ZeRO-1 reports its per-rank optim
 # Without a micro-batch size each rank runs its whole share in one pass (24, 12, 8, 6
 # rows): a dense model's dropout masks follow the samples, so the steps still agree.
 tiny_config dense.json
+expect_ok "dense, 1 rank" "$QUASAR" train --config dense.json --out dense1 "${sets[@]}"
 expect_ok "dense, 1 rank, one pass of 24" "$QUASAR" train --config dense.json --out d1 "${sets[@]}" --set train.micro_batch_size=0
 expect_ok "dense, 4 ranks, one pass of 6 each" ranks 4 "$QUASAR" train --config dense.json --out d4 "${sets[@]}" \
   --set train.micro_batch_size=0 && { msg=$(same d1 d4 2>&1) && ok "dense: 4 ranks of 6 equal 1 rank of 24" \
   || not_ok "dense: 4 ranks of 6 equal 1 rank of 24" "$msg"; }
+
+# Sequence parallel: each sequence of 16 split over 2 or 4 ranks in zig-zag blocks, the
+# attention a ring; dense (the MoE balance loss would be taken per block).
+for run in "2 1 0" "4 1 0" "4 2 1"; do
+  set -- $run
+  sp=$(( $1 / $2 )); label="$2 data x $sp sequence-parallel ranks"; [ "$3" = 1 ] && label="$label, ZeRO-1"
+  expect_ok "$label run" ranks "$1" "$QUASAR" train --config dense.json --out sp$1_$2 "${sets[@]}" \
+    --set parallel.sp=$sp --set parallel.zero=$3 || continue
+  msg=$(same dense1 sp$1_$2 2>&1) && ok "$label: losses, grad norms and weights equal 1 rank's" \
+    || not_ok "$label: losses, grad norms and weights equal 1 rank's" "$msg"
+  cmp -s dense1/samples.txt sp$1_$2/samples.txt && ok "$label: samples.txt as 1 rank's" \
+    || not_ok "$label: samples.txt as 1 rank's"
+done
+grep -q "(2 data-parallel rank(s) x 2 sequence-parallel of 8 tokens" "$WORK/err" \
+  && ok "the run reports its data x sequence-parallel layout" || not_ok "the run reports its data x sequence-parallel layout" "$(head -2 "$WORK/err")"
+ranks 3 "$QUASAR" train --config dense.json --out bad_sp "${sets[@]}" --set parallel.sp=2 >out 2>err
+[ $? -ne 0 ] && grep -q "^error: parallel.sp 2 does not divide the 3 rank(s)" err && ! sanitizer_report err \
+  && ok "parallel.sp must divide the ranks" || not_ok "parallel.sp must divide the ranks" "$(head -3 err)"
+ranks 2 "$QUASAR" train --config dense.json --out bad_sp2 "${sets[@]}" --set parallel.sp=2 --set model.seq_len=18 >out 2>err
+[ $? -ne 0 ] && grep -q "^error: parallel.sp 2: model.seq_len 18 must be a multiple of 2 x sp" err && ! sanitizer_report err \
+  && ok "a sequence that does not cut into 2 x sp blocks is refused" \
+  || not_ok "a sequence that does not cut into 2 x sp blocks is refused" "$(head -3 err)"
 
 # Checkpoints are whole (a ZeRO-1 run gathers its optimizer shards), so N ranks resume on M.
 expect_ok "2 ranks (ZeRO-1) stop at step 2" ranks 2 "$QUASAR" train --config moe.json --out n2m "${sets[@]}" \
