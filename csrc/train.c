@@ -128,42 +128,40 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         return qs_error("parallel.sp %d does not divide the %d rank(s) of this run", sp, world_size);
     /* data-parallel x sequence-parallel: the sp ranks of a group share each sequence */
     const int dp_size = world_size / sp;
-    int dp_rank = 0;
-    if (sp > 1) {
-        if (qs_comm_mesh(world, sp, &dp_group, &sp_group)) return -1;
-        dp_rank = qs_comm_rank(dp_group);
-    } else if (world) {
-        dp_rank = qs_comm_rank(world);
-    }
     const int B = micro_size(tc, dp_size);
-    if (tc->batch_size % (dp_size * B)) {
-        free_groups(dp_group, sp_group);
+    if (tc->batch_size % (dp_size * B))
         return qs_error("train.batch_size %d must be a multiple of the %d data-parallel rank(s) x "
                         "train.micro_batch_size %d", tc->batch_size, dp_size, B);
-    }
     const int accum = tc->batch_size / (dp_size * B); /* micro-batches per rank and step */
 
     if (opt->resume && opt->base) {
         qs_config stored = *cfg;
         if (qs_checkpoint_find_file(run, QS_LORA_WEIGHTS, step_dir, sizeof step_dir) ||
             qs_lora_read_config(step_dir, &stored.lora))
-            return free_groups(dp_group, sp_group), -1;
+            return -1;
         if (!qs_config_same(&stored, cfg, "lora"))
-            return free_groups(dp_group, sp_group),
-                   qs_error("--resume: the lora section differs from the checkpoint's in '%s'", step_dir);
+            return qs_error("--resume: the lora section differs from the checkpoint's in '%s'", step_dir);
     } else if (opt->resume) {
         qs_config stored;
         if (qs_checkpoint_find(run, step_dir, sizeof step_dir) ||
             qs_checkpoint_open_model(&mf_st, step_dir, &stored, &chars_json))
-            return free_groups(dp_group, sp_group), -1;
+            return -1;
         /* The architecture is the checkpoint's; training settings may change on resume. */
         if (cfg->model.vocab_size == 0) cfg->model.vocab_size = stored.model.vocab_size;
         if (!qs_config_same(&stored, cfg, "model")) {
             qs_st_free(&mf_st);
             free(chars_json);
-            free_groups(dp_group, sp_group);
             return qs_error("--resume: the model section differs from the checkpoint's in '%s'", step_dir);
         }
+    }
+    int dp_rank = world ? qs_comm_rank(world) : 0;
+    if (sp > 1) {
+        if (qs_comm_mesh(world, sp, &dp_group, &sp_group)) {
+            qs_st_free(&mf_st);
+            free(chars_json);
+            return -1;
+        }
+        dp_rank = qs_comm_rank(dp_group);
     }
     qs_task task;
     int trc = opt->base ? qs_task_open_lora(&task, cfg, opt->base_chars, opt->base, opt->base_dir,
