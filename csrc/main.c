@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "quasar/bench.h"
 #include "quasar/checkpoint.h"
 #include "quasar/comm.h"
 #include "quasar/config.h"
@@ -526,7 +527,8 @@ static const char *MAIN_HELP =
     "  detokenize token ids on stdin -> the exact text on stdout\n"
     "  shard      text on stdin -> GPT-2 token shards (llm.c format) for training\n"
     "  bpe-train  text on stdin -> a new byte-level BPE vocabulary (GPT-2's files)\n"
-    "  convert    Hugging Face GPT-2 folder <-> Quasar checkpoint\n";
+    "  convert    Hugging Face GPT-2 folder <-> Quasar checkpoint\n"
+    "  bench      time training steps, core ops or generation (train|kernels|generate)\n";
 
 int main(int argc, char **argv) {
     if (argc < 2) {
@@ -548,5 +550,6 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "shard")) return qs_cli_shard(argc - 2, argv + 2);
     if (!strcmp(cmd, "bpe-train")) return qs_cli_bpe_train(argc - 2, argv + 2);
     if (!strcmp(cmd, "convert")) return cmd_convert(argc - 2, argv + 2);
+    if (!strcmp(cmd, "bench")) return qs_cli_bench(argc - 2, argv + 2);
     return qs_cli_usage_error("unknown command '%s'", cmd);
 }

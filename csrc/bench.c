@@ -1,0 +1,688 @@
+/* `quasar bench train` and `quasar bench generate`, the ceilings and the FLOP formula,
+ * the JSON record every bench command prints, and the bench command line.
+ * `bench kernels` lives in csrc/bench_kernels.c. */
+#include "quasar/bench.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bench_impl.h"
+#include "cli.h"
+#include "quasar/checkpoint.h"
+#include "quasar/error.h"
+#include "quasar/model.h"
+#include "quasar/optim.h"
+#include "quasar/rng.h"
+#include "quasar/sample.h"
+#include "quasar/task.h"
+
+enum { TRAIN_GEMM_N = 2048, CEILING_RUNS = 5, STREAM_BENCH = 0xbe };
+
+/* ---- the FLOP formula ---- */
+
+/* Model FLOPs of training on one item, the numerator of MFU. A multiply-add is 2 FLOPs
+ * and training is 3 forwards (the backward does twice the forward's multiply-adds), so
+ * this is 6 x the forward's multiply-adds in the layers that do them; embedding lookups,
+ * biases, norms, activations and the softmaxes are left out (PaLM's appendix B,
+ * nanoGPT's estimate_mfu).
+ * GPT, per token (T = model.seq_len, C = n_embd, F = ffn_mult C, V = vocab_size):
+ *   6 N + 12 L T C (attention layers) + 18 L k C (quadconv-mixer layers), where N, the
+ *   matrix weights a token passes through, is per layer c_attn 3C^2 (attention only),
+ *   c_proj C^2, the feed-forward 2CF (top_k of them for MoE, plus the router CE, and
+ *   the noise projection CE when noisy), plus the LM head VC. Attention counts QK^T
+ *   and AV over the whole T x T (causal masking's saving is not credited, as in PaLM);
+ *   a quadconv mixer does 3 k C multiply-adds per token (three k-tap filters).
+ * QuadraNet, per image (n_s = ((S / p) >> s)^2 positions in stage s, F_s = ffn_mult C_s):
+ *   6 [n_0 p^2 c_in C_0 (stem) + sum_s (n_s 4 C_{s-1} C_s (downsampling, s > 0)
+ *      + depth_s n_s (3 k^2 C_s (quadconv) + 2 C_s F_s (fc1, fc2))) + C_3 classes]. */
+double qs_bench_train_flops_per_item(const qs_model_config *c) {
+    double macs = 0.0;
+    if (c->type == QS_MODEL_QUADRANET) {
+        const qs_quadra_config *q = &c->quadra;
+        const double k2 = (double)q->kernel_size * q->kernel_size, p2 = (double)q->stem_patch * q->stem_patch;
+        const int side0 = q->image_size / q->stem_patch;
+        macs = (double)side0 * side0 * p2 * q->in_channels * q->widths[0];
+        for (int s = 0; s < QS_QUADRA_STAGES; s++) {
+            const double side = side0 >> s, n = side * side, C = q->widths[s], F = (double)c->ffn_mult * C;
+            if (s > 0) macs += n * 4.0 * q->widths[s - 1] * C;
+            macs += q->depths[s] * n * (3.0 * k2 * C + 2.0 * C * F);
+        }
+        macs += (double)q->widths[QS_QUADRA_STAGES - 1] * q->num_classes;
+    } else {
+        const double C = c->n_embd, T = c->seq_len, F = (double)c->ffn_mult * C, E = c->moe.n_experts;
+        double layer = C * C + (E > 0 ? c->moe.top_k : 1) * 2.0 * C * F;
+        if (E > 0) layer += C * E * (c->moe.gating == QS_GATING_NOISY_TOPK ? 2 : 1);
+        layer += c->mixer == QS_MIXER_QUADCONV ? 3.0 * c->quadra.kernel_size * C : 3.0 * C * C + 2.0 * T * C;
+        macs = c->n_layer * layer + (double)c->vocab_size * C;
+    }
+    return 6.0 * macs;
+}
+
+/* ---- timing, statistics, inputs ---- */
+
+double qs_bench_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+qs_bench_stats qs_bench_stats_of(double *x, int n) {
+    qsort(x, (size_t)n, sizeof *x, cmp_double);
+    /* nearest-rank percentiles */
+    return (qs_bench_stats){.median = n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]),
+                            .p10 = x[(int)(0.1 * (n - 1) + 0.5)],
+                            .p90 = x[(int)(0.9 * (n - 1) + 0.5)],
+                            .min = x[0],
+                            .max = x[n - 1]};
+}
+
+void qs_bench_fill(float *p, size_t n, uint64_t stream) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) p[i] = qs_rng_uniform(0x5eed, stream, i) - 0.5f;
+}
+
+/* ---- ceilings ---- */
+
+/* One gemm_n^3 product, its rows split over the threads with OpenBLAS on one thread
+ * each: how csrc/cpu/matmul.c runs every GEMM, so the ceiling is the engine's best case. */
+static double gemm_seconds(int n, const float *a, const float *b, float *c) {
+    const int nt = omp_get_max_threads(), rows = (n + nt - 1) / nt;
+    double t0 = qs_bench_now();
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < nt; t++) {
+        int r0 = t * rows, m = n - r0 < rows ? n - r0 : rows;
+        if (m > 0)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, n, 1.0f, a + (size_t)r0 * n, n, b, n, 0.0f,
+                        c + (size_t)r0 * n, n);
+    }
+    return qs_bench_now() - t0;
+}
+
+static double copy_seconds(char *dst, const char *src, size_t bytes) {
+    const int nt = omp_get_max_threads();
+    const size_t chunk = (bytes + nt - 1) / nt;
+    double t0 = qs_bench_now();
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < nt; t++) {
+        size_t s = (size_t)t * chunk, len = s >= bytes ? 0 : bytes - s < chunk ? bytes - s : chunk;
+        memcpy(dst + s, src + s, len);
+    }
+    return qs_bench_now() - t0;
+}
+
+/* Best of CEILING_RUNS after one warm-up run (which also pages the buffers in). */
+int qs_bench_ceilings_measure(qs_bench_ceilings *c, int gemm_n, size_t copy_bytes) {
+    qs_backend_cpu(); /* OpenBLAS on one thread, as the engine runs it */
+    const size_t nn = (size_t)gemm_n * gemm_n;
+    float *a = malloc(nn * sizeof *a), *b = malloc(nn * sizeof *b), *out = malloc(nn * sizeof *out);
+    char *src = copy_bytes ? malloc(copy_bytes) : NULL, *dst = copy_bytes ? malloc(copy_bytes) : NULL;
+    int rc = !a || !b || !out || (copy_bytes && (!src || !dst)) ? qs_error("out of memory measuring the ceilings") : 0;
+    *c = (qs_bench_ceilings){.gemm_n = gemm_n, .copy_bytes = copy_bytes};
+    if (!rc) {
+        qs_bench_fill(a, nn, 1);
+        qs_bench_fill(b, nn, 2);
+        double best = INFINITY;
+        for (int r = 0; r <= CEILING_RUNS; r++) {
+            double s = gemm_seconds(gemm_n, a, b, out);
+            if (r > 0 && s < best) best = s;
+        }
+        c->gemm_flop_s = 2.0 * (double)nn * gemm_n / best;
+    }
+    if (!rc && copy_bytes) {
+        qs_bench_fill((float *)src, copy_bytes / sizeof(float), 3);
+        double best = INFINITY;
+        for (int r = 0; r <= CEILING_RUNS; r++) {
+            double s = copy_seconds(dst, src, copy_bytes);
+            if (r > 0 && s < best) best = s;
+        }
+        c->copy_byte_s = 2.0 * (double)copy_bytes / best;
+    }
+    free(a);
+    free(b);
+    free(out);
+    free(src);
+    free(dst);
+    return rc;
+}
+
+/* ---- the JSON record ---- */
+
+void qs_bench_json_str(FILE *out, const char *s) {
+    fputc('"', out);
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') fprintf(out, "\\%c", ch);
+        else if (ch < 0x20) fprintf(out, "\\u%04x", ch);
+        else fputc(ch, out);
+    }
+    fputc('"', out);
+}
+
+void qs_bench_json_num(FILE *out, const char *key, double v) {
+    fprintf(out, ", \"%s\": ", key);
+    if (isfinite(v)) fprintf(out, "%.6g", v);
+    else fputs("null", out);
+}
+
+void qs_bench_json_result(FILE *out, bool first, const char *name, const char *metric, double value) {
+    fprintf(out, "%s\n    {\"name\": ", first ? "" : ",");
+    qs_bench_json_str(out, name);
+    fputs(", \"metric\": ", out);
+    qs_bench_json_str(out, metric);
+    qs_bench_json_num(out, "quasar", value);
+    fputs(", \"peer\": null, \"peer_value\": null, \"ratio\": null}", out);
+}
+
+/* ---- how busy the rest of the machine was ---- */
+
+/* CPU time since boot from /proc/stat's first line: busy (user, nice, system, irq,
+ * softirq, steal) and in all, in clock ticks; and this process's own, in ticks too. */
+typedef struct cpu_ticks {
+    double busy, total, self;
+} cpu_ticks;
+
+static cpu_ticks cpu_now(void) {
+    cpu_ticks t = {NAN, NAN, NAN};
+    unsigned long long v[8] = {0};
+    FILE *f = fopen("/proc/stat", "r");
+    if (f && fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                    &v[6], &v[7]) == 8) {
+        t.busy = (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]);
+        t.total = t.busy + (double)(v[3] + v[4]);
+    }
+    if (f) fclose(f);
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    t.self = ((double)u.ru_utime.tv_sec + (double)u.ru_stime.tv_sec +
+              1e-6 * (double)(u.ru_utime.tv_usec + u.ru_stime.tv_usec)) * (double)sysconf(_SC_CLK_TCK);
+    return t;
+}
+
+static cpu_ticks bench_start;
+
+double qs_bench_others_cpu(void) {
+    cpu_ticks t = cpu_now();
+    double others = (t.busy - bench_start.busy - (t.self - bench_start.self)) / (t.total - bench_start.total);
+    return others < 0 ? 0 : others; /* tick rounding */
+}
+
+/* The first line of `cmd`'s output without its newline, or "" . */
+static void first_line_of(const char *cmd, char *buf, size_t cap) {
+    buf[0] = 0;
+    FILE *p = popen(cmd, "r");
+    if (!p) return;
+    if (!fgets(buf, (int)cap, p)) buf[0] = 0;
+    buf[strcspn(buf, "\n")] = 0;
+    pclose(p);
+}
+
+void qs_bench_json_head(FILE *out, int argc, char **argv, const qs_bench_ceilings *c) {
+    char cpu[128] = "unknown CPU", line[256], device[192], commit[64], date[16];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        char *colon = strchr(line, ':');
+        if (colon && !strncmp(line, "model name", 10)) {
+            snprintf(cpu, sizeof cpu, "%s", colon + 2);
+            cpu[strcspn(cpu, "\n")] = 0;
+            break;
+        }
+    }
+    if (f) fclose(f);
+    snprintf(device, sizeof device, "cpu-%ldcore (%s)", sysconf(_SC_NPROCESSORS_ONLN), cpu);
+    /* the checkout the command runs in; benchmarks are run from the source tree */
+    first_line_of("git describe --always --dirty 2>/dev/null", commit, sizeof commit);
+    time_t now = time(NULL);
+    struct tm tm;
+    strftime(date, sizeof date, "%Y-%m-%d", gmtime_r(&now, &tm));
+    fputs("{\"device\": ", out);
+    qs_bench_json_str(out, device);
+    fprintf(out, ", \"date\": \"%s\", \"commit\": ", date);
+    if (commit[0]) qs_bench_json_str(out, commit);
+    else fputs("null", out);
+    char *cmd = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&cmd, &len);
+    if (m) {
+        fputs("quasar bench", m);
+        for (int i = 0; i < argc; i++) fprintf(m, " %s", argv[i]);
+        fclose(m);
+    }
+    fputs(", \"command\": ", out);
+    qs_bench_json_str(out, cmd ? cmd : "quasar bench");
+    free(cmd);
+    /* timings on a shared machine mean little without how busy it was */
+    double load = NAN;
+    if ((f = fopen("/proc/loadavg", "r"))) {
+        if (fscanf(f, "%lf", &load) != 1) load = NAN;
+        fclose(f);
+    }
+    fprintf(out, ", \"threads\": %d", omp_get_max_threads());
+    qs_bench_json_num(out, "load_avg_1m", load);
+    qs_bench_json_num(out, "others_cpu", qs_bench_others_cpu());
+    fputs(", \"ceilings\": ", out);
+    if (!c) {
+        fputs("null", out);
+        return;
+    }
+    fprintf(out, "{\"gemm\": \"%d^3 sgemm, best of %d\"", c->gemm_n, CEILING_RUNS);
+    qs_bench_json_num(out, "gemm_gflop_per_s", c->gemm_flop_s / 1e9);
+    if (c->copy_bytes) {
+        fprintf(out, ", \"copy\": \"memcpy of %zu MiB, bytes read + written, best of %d\"", c->copy_bytes >> 20,
+                CEILING_RUNS);
+        qs_bench_json_num(out, "copy_gb_per_s", c->copy_byte_s / 1e9);
+    }
+    fputc('}', out);
+}
+
+/* ---- the command line ---- */
+
+typedef struct bench_args {
+    const char *config, *ckpt;
+    const char *sets[64];
+    int n_sets;
+    int steps, warmup, repeats, prompt_tokens, new_tokens;
+    bool json, quick;
+    int argc; /* the arguments after "bench", for the record's "command" */
+    char **argv;
+} bench_args;
+
+typedef enum { ARG_STR, ARG_INT, ARG_FLAG, ARG_SET } arg_kind;
+
+typedef struct arg_spec {
+    const char *flag;
+    arg_kind kind;
+    void *dst; /* const char **, int *, bool *; ARG_SET: the bench_args */
+    int lo, hi;
+} arg_spec;
+
+/* Reads argv into the specs' destinations. Returns -1 to go on, else the exit code
+ * (0 after --help). */
+static int parse_args(int argc, char **argv, const arg_spec *spec, int n_spec, const char *help) {
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            fputs(help, stdout);
+            return 0;
+        }
+        const arg_spec *o = NULL;
+        for (int j = 0; j < n_spec && !o; j++)
+            if (!strcmp(argv[i], spec[j].flag)) o = &spec[j];
+        if (!o) return qs_cli_usage_error("unknown option '%s'", argv[i]);
+        if (o->kind == ARG_FLAG) {
+            *(bool *)o->dst = true;
+            continue;
+        }
+        if (i + 1 >= argc) return qs_cli_usage_error("%s needs a value", argv[i]);
+        const char *v = argv[++i];
+        if (o->kind == ARG_STR) {
+            *(const char **)o->dst = v;
+        } else if (o->kind == ARG_SET) {
+            bench_args *a = o->dst;
+            if (a->n_sets == 64) return qs_cli_usage_error("too many %s options", o->flag);
+            a->sets[a->n_sets++] = v;
+        } else {
+            char *end;
+            long x = strtol(v, &end, 10);
+            if (end == v || *end || x < o->lo || x > o->hi) {
+                fprintf(stderr, "error: %s: invalid value '%s' (expected an integer in [%d, %d])\n", o->flag, v, o->lo,
+                        o->hi);
+                return QS_EXIT_USAGE;
+            }
+            *(int *)o->dst = (int)x;
+        }
+    }
+    return -1;
+}
+
+static int build_config(qs_config *cfg, const bench_args *a) {
+    qs_config_defaults(cfg);
+    if (qs_config_load_file(cfg, a->config)) return -1;
+    for (int i = 0; i < a->n_sets; i++)
+        if (qs_config_set(cfg, a->sets[i])) return -1;
+    return qs_config_validate(cfg);
+}
+
+/* ---- bench train ---- */
+
+/* Starts the peak-RSS count afresh (Linux: "5" into /proc/self/clear_refs), so that the
+ * ceiling's buffers, freed by then, do not count as the model's memory. */
+static bool reset_peak_rss(void) {
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (!f) return false;
+    bool ok = fputs("5", f) >= 0;
+    return fclose(f) == 0 && ok;
+}
+
+static double peak_rss_mib(void) {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return (double)u.ru_maxrss / 1024.0; /* KiB on Linux */
+}
+
+/* One optimizer step of one process as the training loop takes it (csrc/train.c): zero
+ * the gradients, forward + backward over the micro-batches, the global norm, AdamW.
+ * Returns the loss. */
+static double train_step(qs_task *t, qs_adamw *opt, const qs_train_config *tc, int step) {
+    const int B = t->micro_B, accum = tc->batch_size / B;
+    const uint64_t first = (uint64_t)step * tc->batch_size, rng_seed = qs_rng_u64(tc->seed, STREAM_BENCH, (uint64_t)step);
+    const float share = (float)B / (float)tc->batch_size;
+    qs_params_zero_grad(t->params);
+    if (t->step_begin) t->step_begin(t->self);
+    double loss = 0.0;
+    for (int i = 0; i < accum; i++) {
+        double l = 0.0;
+        t->train_micro(t->self, first + (uint64_t)i * B, rng_seed, share, &l); /* fails only in a collective */
+        loss += l * share;
+    }
+    qs_adamw_apply(opt, t->params, tc, qs_lr_at(tc, step), qs_adamw_grad_norm(t->params));
+    return loss;
+}
+
+static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, const qs_task *t,
+                        const qs_bench_ceilings *c, const qs_bench_stats *ms, double flops_item, double rss,
+                        bool rss_reset, double loss0, double loss1) {
+    const qs_train_config *tc = &cfg->train;
+    const bool lm = t->items_per_sample > 1;
+    const double items = (double)tc->batch_size * t->items_per_sample, flops_step = flops_item * items;
+    const double per_s = items / (ms->median / 1e3), flop_s = flops_step / (ms->median / 1e3);
+    const char *unit = lm ? "tokens" : "images";
+    char metric[256], name[64];
+    if (!a->json) {
+        fprintf(out, "quasar bench train: %s (%s, %zu parameters), %d threads\n", a->config,
+                cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n, omp_get_max_threads());
+        char batch[64];
+        if (lm) snprintf(batch, sizeof batch, "%d x %d tokens", tc->batch_size, t->items_per_sample);
+        else snprintf(batch, sizeof batch, "%d images", tc->batch_size);
+        fprintf(out, "  batch       %s per step (micro-batches of %d); %d timed steps after %d warm-up\n", batch,
+                t->micro_B, a->steps, a->warmup);
+        fprintf(out, "  step time   median %.2f ms (p10 %.2f, p90 %.2f, min %.2f, max %.2f)\n", ms->median, ms->p10,
+                ms->p90, ms->min, ms->max);
+        fprintf(out, "  throughput  %.1f %s/s\n", per_s, unit);
+        fprintf(out, "  compute     %.4g MFLOP per %s, %.2f GFLOP/s: MFU %.3f of the %d^3 sgemm ceiling (%.1f GFLOP/s)\n",
+                flops_item / 1e6, lm ? "token" : "image", flop_s / 1e9, flop_s / c->gemm_flop_s, c->gemm_n,
+                c->gemm_flop_s / 1e9);
+        fprintf(out, "  memory      peak RSS %.1f MiB%s\n", rss, rss_reset ? "" : " (the ceiling's buffers included)");
+        fprintf(out, "  loss        %.4f at the first warm-up step, %.4f at the last step\n", loss0, loss1);
+        fprintf(out, "  machine     other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
+        return;
+    }
+    qs_bench_json_head(out, a->argc, a->argv, c);
+    fprintf(out, ", \"model\": {\"type\": \"%s\", \"params\": %zu, \"batch_size\": %d, \"micro_batch_size\": %d, "
+                 "\"items_per_sample\": %d}",
+            cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n, tc->batch_size, t->micro_B,
+            t->items_per_sample);
+    fprintf(out, ", \"steps\": %d, \"warmup\": %d, \"flops_per_item\": %.0f, \"flops_per_step\": %.0f", a->steps,
+            a->warmup, flops_item, flops_step);
+    fprintf(out, ", \"step_ms\": {\"median\": %.4f, \"p10\": %.4f, \"p90\": %.4f, \"min\": %.4f, \"max\": %.4f}",
+            ms->median, ms->p10, ms->p90, ms->min, ms->max);
+    qs_bench_json_num(out, "loss_first", loss0);
+    qs_bench_json_num(out, "loss_last", loss1);
+    fprintf(out, ", \"peak_rss_excludes_ceiling\": %s, \"results\": [", rss_reset ? "true" : "false");
+    snprintf(name, sizeof name, "train_%s_per_s", unit);
+    snprintf(metric, sizeof metric, "training %s/s at the median step time (batch %d)", unit, tc->batch_size);
+    qs_bench_json_result(out, true, name, metric, per_s);
+    snprintf(metric, sizeof metric, "ms per optimizer step, median of %d (p10 %.2f, p90 %.2f, min %.2f, max %.2f)",
+             a->steps, ms->p10, ms->p90, ms->min, ms->max);
+    qs_bench_json_result(out, false, "train_ms_per_step", metric, ms->median);
+    snprintf(metric, sizeof metric, "model GFLOP/s (%.6g FLOP per %s, docs/ARCHITECTURE.md)", flops_item,
+             lm ? "token" : "image");
+    qs_bench_json_result(out, false, "train_gflop_per_s", metric, flop_s / 1e9);
+    snprintf(metric, sizeof metric, "MFU: model FLOP/s over the measured %d^3 sgemm ceiling (%.1f GFLOP/s)", c->gemm_n,
+             c->gemm_flop_s / 1e9);
+    qs_bench_json_result(out, false, "train_mfu", metric, flop_s / c->gemm_flop_s);
+    qs_bench_json_result(out, false, "train_peak_rss_mib", "peak resident memory, MiB (getrusage max RSS)", rss);
+    fputs("\n  ]}\n", out);
+}
+
+static int bench_train(const bench_args *a) {
+    qs_config cfg;
+    qs_bench_ceilings c;
+    if (!a->config) return qs_cli_usage_error("%s", "bench train needs --config FILE");
+    if (build_config(&cfg, a) || qs_bench_ceilings_measure(&c, TRAIN_GEMM_N, 0)) return qs_cli_fail();
+    const bool rss_reset = reset_peak_rss();
+    const qs_train_config *tc = &cfg.train;
+    const int B = tc->micro_batch_size > 0 ? tc->micro_batch_size : tc->batch_size;
+    qs_task task;
+    qs_adamw opt = {0};
+    double *step_ms = malloc((size_t)a->steps * sizeof *step_ms), loss0 = NAN, loss1 = NAN;
+    if (qs_task_open(&task, &cfg, NULL, B, NULL)) {
+        free(step_ms);
+        return qs_cli_fail();
+    }
+    int rc = !step_ms ? qs_error("out of memory") : 0;
+    if (!rc) rc = task.init(task.self, tc->seed);
+    if (!rc) rc = qs_adamw_create(&opt, qs_backend_cpu(), task.params->n);
+    for (int s = 0; !rc && s < a->warmup + a->steps; s++) {
+        double t0 = qs_bench_now(), loss = train_step(&task, &opt, tc, s);
+        if (s == 0) loss0 = loss;
+        loss1 = loss;
+        if (s >= a->warmup) step_ms[s - a->warmup] = (qs_bench_now() - t0) * 1e3;
+    }
+    if (!rc) {
+        qs_bench_stats ms = qs_bench_stats_of(step_ms, a->steps);
+        /* the config as the task resolved it (model.vocab_size from the data) */
+        print_train(stdout, a, &cfg, &task, &c, &ms, qs_bench_train_flops_per_item(&cfg.model), peak_rss_mib(),
+                    rss_reset, loss0, loss1);
+    }
+    free(step_ms);
+    qs_adamw_free(&opt);
+    qs_task_free(&task);
+    return rc ? qs_cli_fail() : 0;
+}
+
+/* ---- bench generate ---- */
+
+/* The time each new token reaches the caller. */
+typedef struct token_clock {
+    double *t;
+    int n;
+} token_clock;
+
+static void stamp(int token, void *user) {
+    (void)token;
+    token_clock *c = user;
+    c->t[c->n++] = qs_bench_now();
+}
+
+/* The model to generate with: a checkpoint's, or a new one of the config's shape with
+ * random weights (vocabulary from the data when model.vocab_size is 0, as training
+ * resolves it). */
+static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
+    const qs_backend *be = qs_backend_cpu();
+    const char *what = a->config;
+    char step_dir[QS_PATH_MAX + 64];
+    if (a->ckpt) {
+        qs_st_file f = {0};
+        char *chars = NULL;
+        int rc = qs_checkpoint_find(a->ckpt, step_dir, sizeof step_dir) ||
+                 qs_checkpoint_open_model(&f, step_dir, cfg, &chars);
+        what = step_dir;
+        if (!rc && cfg->model.type != QS_MODEL_GPT) rc = qs_error("%s: not a language model (model.type is not gpt)", what);
+        if (!rc) rc = qs_gpt_create_frozen(m, &cfg->model, be, 1, cfg->model.seq_len);
+        if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(*m), &f, step_dir);
+        qs_st_free(&f);
+        free(chars);
+        return rc ? -1 : 0;
+    }
+    if (build_config(cfg, a)) return -1;
+    if (cfg->model.type != QS_MODEL_GPT) return qs_error("%s: not a language model (model.type is not gpt)", what);
+    if (cfg->model.vocab_size == 0) {
+        qs_task t;
+        if (qs_task_open(&t, cfg, NULL, 1, NULL)) return -1;
+        qs_task_free(&t);
+    }
+    if (qs_gpt_create_frozen(m, &cfg->model, be, 1, cfg->model.seq_len)) return -1;
+    return qs_gpt_init(*m, cfg->train.seed);
+}
+
+/* Runs qs_generate (the KV-cache path `quasar generate` takes) 1 + repeats times, the
+ * first as warm-up; fills the prefill times [repeats] and the gaps between consecutive
+ * new tokens, one decode step each [repeats * (new - 1)], in seconds. */
+static int time_generation(qs_gpt *m, const bench_args *a, int V, double *prefill, double *gaps) {
+    const int P = a->prompt_tokens, n_new = a->new_tokens;
+    int *ctx = malloc((size_t)(P + n_new) * sizeof *ctx);
+    double *t = malloc((size_t)n_new * sizeof *t);
+    if (!ctx || !t) {
+        free(ctx);
+        free(t);
+        return qs_error("out of memory");
+    }
+    qs_sample_params sp = {.temperature = 0.0f, .top_p = 1.0f}; /* greedy: the pick costs next to nothing */
+    int rc = 0;
+    for (int r = 0; !rc && r <= a->repeats; r++) {
+        for (int i = 0; i < P; i++) ctx[i] = (int)qs_rng_below(0x5eed, STREAM_BENCH, (uint64_t)i, (uint64_t)V);
+        token_clock clock = {t, 0};
+        double t0 = qs_bench_now();
+        int made = qs_generate(m, ctx, P, n_new, &sp, stamp, &clock);
+        if (made != n_new) rc = made < 0 ? -1 : qs_error("generation stopped after %d of %d tokens", made, n_new);
+        if (rc || r == 0) continue;
+        prefill[r - 1] = t[0] - t0;
+        for (int k = 1; k < n_new; k++) gaps[(size_t)(r - 1) * (n_new - 1) + k - 1] = t[k] - t[k - 1];
+    }
+    free(ctx);
+    free(t);
+    return rc;
+}
+
+static int bench_generate(bench_args *a) {
+    if (!a->ckpt == !a->config) return qs_cli_usage_error("%s", "bench generate needs one of --ckpt DIR or --config FILE");
+    if (a->ckpt && a->n_sets) return qs_cli_usage_error("%s", "--set applies to --config only");
+    qs_config cfg;
+    qs_gpt *m = NULL;
+    if (open_generator(&m, &cfg, a)) {
+        qs_gpt_free(m);
+        return qs_cli_fail();
+    }
+    const int T = cfg.model.seq_len, V = cfg.model.vocab_size;
+    if (!a->prompt_tokens) a->prompt_tokens = T / 2 > 0 ? T / 2 : 1;
+    if (!a->new_tokens) a->new_tokens = T - a->prompt_tokens;
+    int rc = a->new_tokens < 2 || a->prompt_tokens + a->new_tokens > T
+                 ? qs_error("--prompt-tokens (%d) + --new-tokens (%d) must fit model.seq_len (%d) with at least 2 "
+                            "new tokens: past the window every token re-runs it, and bench generate measures the "
+                            "KV-cache path", a->prompt_tokens, a->new_tokens, T)
+                 : 0;
+    const size_t n_gaps = (size_t)a->repeats * (a->new_tokens - 1);
+    double *prefill = malloc((size_t)a->repeats * sizeof *prefill), *gaps = malloc(n_gaps * sizeof *gaps);
+    if (!rc && (!prefill || !gaps)) rc = qs_error("out of memory");
+    if (!rc) rc = time_generation(m, a, V, prefill, gaps);
+    if (!rc) {
+        qs_bench_stats pre = qs_bench_stats_of(prefill, a->repeats), dec = qs_bench_stats_of(gaps, (int)n_gaps);
+        const double prefill_tok_s = a->prompt_tokens / pre.median, decode_tok_s = 1.0 / dec.median;
+        char metric[256];
+        if (!a->json) {
+            printf("quasar bench generate: %s (%zu parameters, seq_len %d, vocab %d), one sequence\n",
+                   a->ckpt ? a->ckpt : a->config, qs_gpt_params(m)->n, T, V);
+            printf("  prompt %d tokens, %d new tokens (greedy), median of %d runs after 1 warm-up\n", a->prompt_tokens,
+                   a->new_tokens, a->repeats);
+            printf("  prefill   %.1f tokens/s (%.3f ms for the prompt and its first token)\n", prefill_tok_s,
+                   pre.median * 1e3);
+            printf("  decode    %.1f tokens/s; latency per token median %.3f ms (p10 %.3f, p90 %.3f)\n", decode_tok_s,
+                   dec.median * 1e3, dec.p10 * 1e3, dec.p90 * 1e3);
+            printf("  machine   other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
+        } else {
+            qs_bench_json_head(stdout, a->argc, a->argv, NULL);
+            printf(", \"model\": {\"params\": %zu, \"seq_len\": %d, \"vocab_size\": %d}, \"prompt_tokens\": %d, "
+                   "\"new_tokens\": %d, \"runs\": %d",
+                   qs_gpt_params(m)->n, T, V, a->prompt_tokens, a->new_tokens, a->repeats);
+            printf(", \"decode_ms\": {\"median\": %.5f, \"p10\": %.5f, \"p90\": %.5f, \"min\": %.5f, \"max\": %.5f}",
+                   dec.median * 1e3, dec.p10 * 1e3, dec.p90 * 1e3, dec.min * 1e3, dec.max * 1e3);
+            fputs(", \"results\": [", stdout);
+            snprintf(metric, sizeof metric, "prefill tokens/s: a %d-token prompt and its first new token, median of %d",
+                     a->prompt_tokens, a->repeats);
+            qs_bench_json_result(stdout, true, "generate_prefill_tokens_per_s", metric, prefill_tok_s);
+            snprintf(metric, sizeof metric, "decode tokens/s, one sequence, KV cache: 1 / the median gap between "
+                     "new tokens (%zu gaps)", n_gaps);
+            qs_bench_json_result(stdout, false, "generate_decode_tokens_per_s", metric, decode_tok_s);
+            snprintf(metric, sizeof metric, "ms per new token, median (p10 %.4f, p90 %.4f)", dec.p10 * 1e3,
+                     dec.p90 * 1e3);
+            qs_bench_json_result(stdout, false, "generate_decode_ms_per_token", metric, dec.median * 1e3);
+            fputs("\n  ]}\n", stdout);
+        }
+    }
+    free(prefill);
+    free(gaps);
+    qs_gpt_free(m);
+    return rc ? qs_cli_fail() : 0;
+}
+
+/* ---- dispatch ---- */
+
+static const char *BENCH_HELP =
+    "usage: quasar bench train|kernels|generate [options] [--json]   (quasar bench CMD --help)\n"
+    "  train      time the training step of a config: tokens/s (images/s), ms/step, MFU, peak memory\n"
+    "  kernels    time each core op of the CPU backend: FLOP/s and bytes/s against measured ceilings\n"
+    "  generate   prefill and decode tokens/s and latency per token through the KV cache\n"
+    "  --json prints one record in bench/results' format (DESIGN.md) instead of a table.\n";
+
+static const char *TRAIN_HELP =
+    "usage: quasar bench train --config FILE [--set key=value]... [--steps N] [--warmup N] [--json]\n"
+    "  Runs --warmup untimed, then --steps timed optimizer steps (forward + backward over the\n"
+    "  micro-batches, global norm, AdamW) of the config's model on its data; nothing is written.\n"
+    "  MFU = model FLOP/s (formula: docs/ARCHITECTURE.md) / a 2048^3 sgemm measured at start.\n"
+    "  --steps N    timed steps (default 20)     --warmup N   untimed steps first (default 3)\n";
+
+static const char *KERNELS_HELP =
+    "usage: quasar bench kernels [--repeats N] [--quick] [--json]\n"
+    "  Times each core op of the CPU backend at a realistic shape (attention, MoE routing and\n"
+    "  dispatch, MoE experts, quadratic conv, layernorm, softmax cross-entropy, GEMM): median\n"
+    "  of --repeats calls over input sets rotated past the last-level cache, as FLOP/s and\n"
+    "  bytes/s and as fractions of the GEMM and memcpy ceilings measured at start.\n"
+    "  --repeats N  timed calls per op (default 30)\n"
+    "  --quick      tiny shapes, small ceilings, no rotation: a smoke run, not a measurement\n";
+
+static const char *GENERATE_HELP =
+    "usage: quasar bench generate --ckpt DIR | --config FILE [--set key=value]...\n"
+    "                             [--prompt-tokens N] [--new-tokens N] [--repeats N] [--json]\n"
+    "  Generates one sequence through the KV cache (what quasar generate runs): prefill\n"
+    "  tokens/s, decode tokens/s and the latency per new token. With --config the weights are\n"
+    "  random. Prompt + new tokens must fit model.seq_len (default: half and half).\n"
+    "  --repeats N  timed generations after one warm-up (default 5)\n";
+
+int qs_cli_bench(int argc, char **argv) {
+    if (argc < 1) return qs_cli_usage_error("%s", "bench needs train, kernels or generate");
+    const char *what = argv[0];
+    if (!strcmp(what, "--help") || !strcmp(what, "-h")) {
+        fputs(BENCH_HELP, stdout);
+        return 0;
+    }
+    bench_start = cpu_now();
+    bench_args a = {.steps = 20, .warmup = 3, .repeats = 30, .argc = argc, .argv = argv};
+    if (!strcmp(what, "train")) {
+        const arg_spec spec[] = {{"--config", ARG_STR, &a.config, 0, 0}, {"--set", ARG_SET, &a, 0, 0},
+                                 {"--steps", ARG_INT, &a.steps, 1, 1000000}, {"--warmup", ARG_INT, &a.warmup, 0, 1000000},
+                                 {"--json", ARG_FLAG, &a.json, 0, 0}};
+        int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, TRAIN_HELP);
+        return rc >= 0 ? rc : bench_train(&a);
+    }
+    if (!strcmp(what, "kernels")) {
+        const arg_spec spec[] = {{"--repeats", ARG_INT, &a.repeats, 1, 100000}, {"--quick", ARG_FLAG, &a.quick, 0, 0},
+                                 {"--json", ARG_FLAG, &a.json, 0, 0}};
+        int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, KERNELS_HELP);
+        return rc >= 0 ? rc : qs_bench_kernels(a.json, a.quick, a.repeats, argc, argv) ? qs_cli_fail() : 0;
+    }
+    if (!strcmp(what, "generate")) {
+        a.repeats = 5;
+        const arg_spec spec[] = {{"--ckpt", ARG_STR, &a.ckpt, 0, 0},
+                                 {"--config", ARG_STR, &a.config, 0, 0},
+                                 {"--set", ARG_SET, &a, 0, 0},
+                                 {"--prompt-tokens", ARG_INT, &a.prompt_tokens, 1, 1 << 20},
+                                 {"--new-tokens", ARG_INT, &a.new_tokens, 1, 1 << 20},
+                                 {"--repeats", ARG_INT, &a.repeats, 1, 10000},
+                                 {"--json", ARG_FLAG, &a.json, 0, 0}};
+        int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, GENERATE_HELP);
+        return rc >= 0 ? rc : bench_generate(&a);
+    }
+    return qs_cli_usage_error("bench: unknown benchmark '%s' (train, kernels or generate)", what);
+}

@@ -1,0 +1,37 @@
+/* What csrc/bench.c and csrc/bench_kernels.c share: random inputs and the JSON record. */
+#ifndef QUASAR_BENCH_IMPL_H
+#define QUASAR_BENCH_IMPL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "quasar/bench.h"
+
+/* Uniform values in [-0.5, 0.5) from the counter RNG, filled by all threads: benchmarks
+ * never run on zeros, which can hide work and run faster than real data. */
+void qs_bench_fill(float *p, size_t n, uint64_t stream);
+
+/* The share of the machine's CPU time that other processes took since the bench
+ * command started (/proc/stat's busy time less this process's own): timings from a
+ * shared machine mean little without it. */
+double qs_bench_others_cpu(void);
+
+/* The JSON record's head, per DESIGN.md's bench format: {"device", "date", "commit",
+ * "command", "threads", "load_avg_1m", "others_cpu", "ceilings" (null when c is NULL);
+ * the caller goes on with `, "key": value` fields and then "results". */
+void qs_bench_json_head(FILE *out, int argc, char **argv, const qs_bench_ceilings *c);
+/* `, "key": v`, or null for a non-finite v (JSON has no NaN). */
+void qs_bench_json_num(FILE *out, const char *key, double v);
+/* One entry of "results" with no peer (peer, peer_value and ratio null); the first one
+ * gets no leading comma. */
+void qs_bench_json_result(FILE *out, bool first, const char *name, const char *metric, double value);
+/* s as a JSON string, quotes included. */
+void qs_bench_json_str(FILE *out, const char *s);
+
+/* `quasar bench kernels`: each core op of the CPU backend at a realistic shape (tiny
+ * shapes with quick), as a table on stdout or one JSON record. */
+int qs_bench_kernels(bool json, bool quick, int repeats, int argc, char **argv);
+
+#endif

@@ -1,0 +1,384 @@
+/* `quasar bench kernels`: each core op of the CPU backend at a realistic shape, timed
+ * call by call (median of many) over input sets rotated past the last-level cache, as
+ * FLOP/s and bytes/s and as fractions of the GEMM and memcpy ceilings measured at start.
+ * The ops are the rows of one table (CASES); a row says what one call reads, writes and
+ * computes, and how to call it. */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bench_impl.h"
+#include "quasar/backend.h"
+#include "quasar/error.h"
+#include "quasar/rng.h"
+
+enum { MAX_BUF = 8, WARMUP_CALLS = 2, GEMM_N = 2048, QUICK_GEMM_N = 256 };
+
+/* The sizes an op is timed at; each case reads the ones it needs. */
+typedef struct kdims {
+    int B, T, C, NH; /* batch, sequence, width, heads */
+    int N, F;        /* rows, hidden width (GEMM: N x C -> N x F) */
+    int E, K, V;     /* experts, experts per token, classes */
+    int H, k;        /* quadconv: H x H maps, k x k taps */
+} kdims;
+
+/* One call's buffers and cost. The float buffers make one rotation set; the int
+ * buffers (indices in and out) are shared by the sets. Bytes count each input read
+ * once and each output written once, an accumulated (+=) output both. */
+typedef struct kplan {
+    int nf, ni;
+    size_t f[MAX_BUF], i[MAX_BUF]; /* lengths in elements */
+    double flops, bytes;
+    char shape[96];
+} kplan;
+
+typedef struct kcase {
+    const char *name;
+    kdims full, quick;
+    void (*plan)(kplan *p, const kdims *d);
+    void (*prepare)(const kdims *d, int *const *ib); /* index inputs; NULL: none */
+    void (*run)(const qs_ops *ops, const kdims *d, float *const *f, int *const *ib);
+} kcase;
+
+static void bufs(kplan *p, int nf, const size_t *f, int ni, const size_t *i) {
+    p->nf = nf;
+    p->ni = ni;
+    memcpy(p->f, f, (size_t)nf * sizeof *f);
+    if (ni) memcpy(p->i, i, (size_t)ni * sizeof *i);
+}
+
+/* ---- GEMM: out[N,F] = inp[N,C] W[C,F] (GPT-2 small's c_fc on 2 x 1024 tokens) ---- */
+
+static void gemm_fwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C, F = d->F;
+    bufs(p, 3, (size_t[]){N * C, C * F, N * F}, 0, NULL);
+    p->flops = 2.0 * N * C * F;
+    p->bytes = 4.0 * (N * C + C * F + N * F);
+    snprintf(p->shape, sizeof p->shape, "N=%d in=%d out=%d", d->N, d->C, d->F);
+}
+static void gemm_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->matmul_forward(f[2], f[0], f[1], NULL, d->N, d->C, d->F, QS_W_IN_OUT);
+}
+
+static void gemm_bwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C, F = d->F;
+    bufs(p, 5, (size_t[]){N * F, N * C, C * F, N * C, C * F}, 0, NULL);
+    p->flops = 4.0 * N * C * F; /* dinp and dW */
+    p->bytes = 4.0 * (N * F + N * C + C * F + 2 * N * C + 2 * C * F);
+    snprintf(p->shape, sizeof p->shape, "N=%d in=%d out=%d", d->N, d->C, d->F);
+}
+static void gemm_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->matmul_backward(f[3], f[4], NULL, f[0], f[1], f[2], d->N, d->C, d->F, QS_W_IN_OUT);
+}
+
+/* ---- causal attention: QK^T and AV over the T(T+1)/2 visible pairs of each head ---- */
+
+static double att_pairs(const kdims *d) { return (double)d->B * d->T * (d->T + 1) / 2.0; }
+
+static void att_fwd_plan(kplan *p, const kdims *d) {
+    const size_t BTC = (size_t)d->B * d->T * d->C, att = (size_t)d->B * d->NH * d->T * d->T;
+    bufs(p, 3, (size_t[]){3 * BTC, BTC, att}, 0, NULL);
+    p->flops = 4.0 * att_pairs(d) * d->C;
+    p->bytes = 4.0 * (4 * BTC + att);
+    snprintf(p->shape, sizeof p->shape, "B=%d T=%d C=%d NH=%d", d->B, d->T, d->C, d->NH);
+}
+static void att_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->attention_forward(f[1], f[2], f[0], d->B, d->T, d->C, d->NH);
+}
+
+static void att_bwd_plan(kplan *p, const kdims *d) {
+    const size_t BTC = (size_t)d->B * d->T * d->C, att = (size_t)d->B * d->NH * d->T * d->T;
+    bufs(p, 4, (size_t[]){3 * BTC, BTC, 3 * BTC, att}, 0, NULL);
+    p->flops = 8.0 * att_pairs(d) * d->C; /* dV, dP, dQ, dK */
+    p->bytes = 4.0 * (10 * BTC + att);
+    snprintf(p->shape, sizeof p->shape, "B=%d T=%d C=%d NH=%d", d->B, d->T, d->C, d->NH);
+}
+static void att_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->attention_backward(f[0], f[1], f[2], f[3], d->B, d->T, d->C, d->NH);
+}
+
+/* ---- MoE: router GEMM + top-k + capacity assignment + dispatch into packed rows ---- */
+
+static void moe_route_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C, E = d->E, K = d->K;
+    bufs(p, 5, (size_t[]){N * C, C * E, N * E, N * K, N * K * C}, 5, (size_t[]){N * K, N * K, E, E + 1, E});
+    p->flops = 2.0 * N * C * E; /* the rest moves data */
+    p->bytes = 4.0 * (2 * N * C + C * E + 2 * N * E + 4 * N * K + N * K * C + 3 * E);
+    snprintf(p->shape, sizeof p->shape, "N=%d C=%d E=%d top-%d dropless", d->N, d->C, d->E, d->K);
+}
+static void moe_route_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    o->matmul_forward(f[2], f[0], f[1], NULL, d->N, d->C, d->E, QS_W_IN_OUT);
+    o->moe_topk_forward(ib[0], f[3], f[2], d->N, d->E, d->K);
+    o->moe_assign(ib[1], ib[2], ib[3], ib[4], ib[0], d->N, d->E, d->K, 0);
+    o->moe_dispatch_forward(f[4], f[0], ib[1], d->N, d->K, d->C);
+}
+
+/* ---- MoE experts: Linear-GELU-Linear per expert over its packed rows ---- */
+
+static void moe_experts_plan(kplan *p, const kdims *d) {
+    const size_t R = (size_t)d->N * d->K, C = d->C, F = d->F, E = d->E;
+    bufs(p, 6, (size_t[]){R * C, E * C * F, R * F, R * F, E * F * C, R * C}, 1, (size_t[]){E + 1});
+    p->flops = 4.0 * R * C * F;
+    p->bytes = 4.0 * (2 * R * C + 2 * E * C * F + 4 * R * F);
+    snprintf(p->shape, sizeof p->shape, "%d rows (N=%d top-%d) over E=%d, C=%d F=%d", d->N * d->K, d->N, d->K, d->E,
+             d->C, d->F);
+}
+/* Balanced routing: expert e holds rows [R e / E, R (e+1) / E). */
+static void moe_experts_prepare(const kdims *d, int *const *ib) {
+    const long R = (long)d->N * d->K;
+    for (int e = 0; e <= d->E; e++) ib[0][e] = (int)(R * e / d->E);
+}
+static void moe_experts_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    const int *off = ib[0];
+    const size_t C = d->C, F = d->F;
+    for (int e = 0; e < d->E; e++)
+        o->matmul_forward(f[2] + off[e] * F, f[0] + off[e] * C, f[1] + e * C * F, NULL, off[e + 1] - off[e], d->C,
+                          d->F, QS_W_IN_OUT);
+    o->gelu_forward(f[3], f[2], (size_t)off[d->E] * F);
+    for (int e = 0; e < d->E; e++)
+        o->matmul_forward(f[5] + off[e] * C, f[3] + off[e] * F, f[4] + e * F * C, NULL, off[e + 1] - off[e], d->F,
+                          d->C, QS_W_IN_OUT);
+}
+
+/* ---- quadratic depthwise conv, 2D "same" (issue 7's shape, batch cut for a CPU) ---- */
+
+static qs_conv_shape conv_shape(const kdims *d) {
+    return (qs_conv_shape){d->B, d->H, d->H, d->C, d->k, d->k, d->k / 2, d->k / 2};
+}
+
+static void qconv_fwd_plan(kplan *p, const kdims *d) {
+    const size_t NC = (size_t)d->B * d->H * d->H * d->C, W = 3 * (size_t)d->k * d->k * d->C, C3 = 3 * (size_t)d->C;
+    bufs(p, 6, (size_t[]){NC, W, C3, NC, NC, NC}, 0, NULL);
+    p->flops = (6.0 * d->k * d->k + 2) * NC; /* bench/NOTES.md */
+    p->bytes = 4.0 * (4 * NC + W + C3);
+    snprintf(p->shape, sizeof p->shape, "B=%d %dx%d C=%d k=%d", d->B, d->H, d->H, d->C, d->k);
+}
+static void qconv_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    const qs_conv_shape s = conv_shape(d);
+    o->quadconv_forward(f[3], f[4], f[5], f[0], f[1], f[2], &s);
+}
+
+static void qconv_bwd_plan(kplan *p, const kdims *d) {
+    const size_t NC = (size_t)d->B * d->H * d->H * d->C, W = 3 * (size_t)d->k * d->k * d->C, C3 = 3 * (size_t)d->C;
+    bufs(p, 8, (size_t[]){NC, W, C3, NC, NC, W, NC, NC}, 0, NULL);
+    p->flops = 11.0 * d->k * d->k * NC; /* dW 6, dx 5 per tap (bench/NOTES.md) */
+    p->bytes = 4.0 * (6 * NC + 3 * W + 2 * C3);
+    snprintf(p->shape, sizeof p->shape, "B=%d %dx%d C=%d k=%d", d->B, d->H, d->H, d->C, d->k);
+}
+static void qconv_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    const qs_conv_shape s = conv_shape(d);
+    o->quadconv_backward(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], &s);
+}
+
+/* ---- layernorm over rows of C (elementwise FLOPs: mean 1, variance 3, normalise 2,
+ *      affine 2; backward about 14) ---- */
+
+static void ln_fwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C;
+    bufs(p, 6, (size_t[]){N * C, N, N, N * C, C, C}, 0, NULL);
+    p->flops = 8.0 * N * C;
+    p->bytes = 4.0 * (2 * N * C + 2 * C + 2 * N);
+    snprintf(p->shape, sizeof p->shape, "N=%d C=%d", d->N, d->C);
+}
+static void ln_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->layernorm_forward(f[0], f[1], f[2], f[3], f[4], f[5], d->N, d->C);
+}
+
+static void ln_bwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C;
+    bufs(p, 8, (size_t[]){N * C, C, C, N * C, N * C, C, N, N}, 0, NULL);
+    p->flops = 14.0 * N * C;
+    p->bytes = 4.0 * (4 * N * C + 5 * C + 2 * N);
+    snprintf(p->shape, sizeof p->shape, "N=%d C=%d", d->N, d->C);
+}
+static void ln_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->layernorm_backward(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], d->N, d->C);
+}
+
+/* ---- classifier: softmax cross-entropy over V classes (per logit, exp = 1 FLOP:
+ *      forward max, subtract, exp, sum = 4; backward recomputes them, then scales and
+ *      accumulates = 7) ---- */
+
+static void xent_targets(const kdims *d, int *const *ib) {
+    for (int n = 0; n < d->N; n++) ib[0][n] = (int)qs_rng_below(0x5eed, 0x7a, (uint64_t)n, (uint64_t)d->V);
+}
+
+static void xent_fwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, V = d->V;
+    bufs(p, 2, (size_t[]){N, N * V}, 1, (size_t[]){N});
+    p->flops = 4.0 * N * V;
+    p->bytes = 4.0 * (N * V + 2 * N);
+    snprintf(p->shape, sizeof p->shape, "N=%d V=%d", d->N, d->V);
+}
+static void xent_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    o->xent_forward(f[0], f[1], ib[0], d->N, d->V);
+}
+
+static void xent_bwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, V = d->V;
+    bufs(p, 2, (size_t[]){N * V, N * V}, 1, (size_t[]){N});
+    p->flops = 7.0 * N * V;
+    p->bytes = 4.0 * (3 * N * V + N);
+    snprintf(p->shape, sizeof p->shape, "N=%d V=%d", d->N, d->V);
+}
+static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    o->xent_backward(f[0], f[1], ib[0], 1.0f / (float)d->N, d->N, d->V);
+}
+
+#define GEMM_DIMS {.N = 2048, .C = 768, .F = 3072}, {.N = 64, .C = 32, .F = 48}
+#define ATT_DIMS {.B = 4, .T = 256, .C = 384, .NH = 6}, {.B = 1, .T = 16, .C = 16, .NH = 2}
+#define MOE_DIMS {.N = 2048, .C = 384, .E = 8, .K = 2, .F = 1536}, {.N = 32, .C = 16, .E = 4, .K = 2, .F = 32}
+#define QCONV_DIMS {.B = 8, .H = 56, .C = 64, .k = 7}, {.B = 1, .H = 8, .C = 8, .k = 3}
+#define LN_DIMS {.N = 8192, .C = 768}, {.N = 16, .C = 32}
+#define XENT_DIMS {.N = 1024, .V = 50257}, {.N = 8, .V = 64}
+
+static const kcase CASES[] = {
+    {"gemm_fwd", GEMM_DIMS, gemm_fwd_plan, NULL, gemm_fwd_run},
+    {"gemm_bwd", GEMM_DIMS, gemm_bwd_plan, NULL, gemm_bwd_run},
+    {"attention_fwd", ATT_DIMS, att_fwd_plan, NULL, att_fwd_run},
+    {"attention_bwd", ATT_DIMS, att_bwd_plan, NULL, att_bwd_run},
+    {"moe_route_dispatch", MOE_DIMS, moe_route_plan, NULL, moe_route_run},
+    {"moe_experts_fwd", MOE_DIMS, moe_experts_plan, moe_experts_prepare, moe_experts_run},
+    {"quadconv_fwd", QCONV_DIMS, qconv_fwd_plan, NULL, qconv_fwd_run},
+    {"quadconv_bwd", QCONV_DIMS, qconv_bwd_plan, NULL, qconv_bwd_run},
+    {"layernorm_fwd", LN_DIMS, ln_fwd_plan, NULL, ln_fwd_run},
+    {"layernorm_bwd", LN_DIMS, ln_bwd_plan, NULL, ln_bwd_run},
+    {"xent_fwd", XENT_DIMS, xent_fwd_plan, xent_targets, xent_fwd_run},
+    {"xent_bwd", XENT_DIMS, xent_bwd_plan, xent_targets, xent_bwd_run},
+};
+enum { N_CASES = sizeof CASES / sizeof *CASES };
+
+typedef struct kresult {
+    kplan p;
+    int sets;
+    qs_bench_stats ms;
+} kresult;
+
+static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte aligned pieces */
+
+/* Times WARMUP_CALLS + repeats calls, call c on set c mod sets, where enough sets are
+ * made for them to span `rotate` bytes, so that a call finds its inputs in memory
+ * rather than in the cache the previous call warmed. */
+static int time_case(const kcase *c, const kdims *d, size_t rotate, int repeats, kresult *r) {
+    const qs_ops *ops = qs_backend_cpu()->ops;
+    kplan *p = &r->p;
+    memset(p, 0, sizeof *p);
+    c->plan(p, d);
+    size_t set_floats = 0;
+    for (int j = 0; j < p->nf; j++) set_floats += round16(p->f[j]);
+    r->sets = (int)((rotate + set_floats * sizeof(float) - 1) / (set_floats * sizeof(float)));
+    if (r->sets < 1) r->sets = 1;
+    float *pool = malloc((size_t)r->sets * set_floats * sizeof *pool);
+    double *ms = malloc((size_t)repeats * sizeof *ms);
+    int *ib[MAX_BUF] = {0}, rc = !pool || !ms ? -1 : 0;
+    for (int j = 0; j < p->ni; j++)
+        if (!(ib[j] = calloc(p->i[j], sizeof **ib))) rc = -1;
+    if (!rc) {
+        qs_bench_fill(pool, (size_t)r->sets * set_floats, 0x6b);
+        if (c->prepare) c->prepare(d, ib);
+        for (int call = 0; call < WARMUP_CALLS + repeats; call++) {
+            float *f[MAX_BUF], *base = pool + (size_t)(call % r->sets) * set_floats;
+            for (int j = 0; j < p->nf; j++) {
+                f[j] = base;
+                base += round16(p->f[j]);
+            }
+            double t0 = qs_bench_now();
+            c->run(ops, d, f, ib);
+            if (call >= WARMUP_CALLS) ms[call - WARMUP_CALLS] = (qs_bench_now() - t0) * 1e3;
+        }
+        r->ms = qs_bench_stats_of(ms, repeats);
+    }
+    free(pool);
+    free(ms);
+    for (int j = 0; j < p->ni; j++) free(ib[j]);
+    return rc ? qs_error("out of memory for %s (%d input sets of %zu MiB)", c->name, r->sets,
+                         set_floats * sizeof(float) >> 20)
+              : 0;
+}
+
+/* Twice the last-level cache (sysconf; 32 MiB when it does not say), within [64 MiB,
+ * 1 GiB]. */
+static size_t rotation_bytes(void) {
+    long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    size_t r = 2 * (llc > 0 ? (size_t)llc : (size_t)32 << 20);
+    return r < ((size_t)64 << 20) ? (size_t)64 << 20 : r > ((size_t)1 << 30) ? (size_t)1 << 30 : r;
+}
+
+static void print_table(const kresult *res, const qs_bench_ceilings *c, size_t rotate, int repeats, bool quick) {
+    printf("quasar bench kernels: %d threads, median of %d calls%s\n", omp_get_max_threads(), repeats,
+           quick ? " (--quick: tiny shapes, a smoke run, not a measurement)" : "");
+    printf("  ceilings: %d^3 sgemm %.1f GFLOP/s; memcpy of %zu MiB %.1f GB/s (read + write); inputs rotated over "
+           "%zu MiB\n",
+           c->gemm_n, c->gemm_flop_s / 1e9, c->copy_bytes >> 20, c->copy_byte_s / 1e9, rotate >> 20);
+    printf("%-19s %-36s %10s %9s %7s %8s %7s %5s\n", "op", "shape", "ms", "GFLOP/s", "of GEMM", "GB/s", "of copy",
+           "sets");
+    for (int i = 0; i < N_CASES; i++) {
+        const kresult *r = &res[i];
+        const double s = r->ms.median / 1e3;
+        printf("%-19s %-36s %10.4f %9.2f %7.3f %8.2f %7.3f %5d\n", CASES[i].name, r->p.shape, r->ms.median,
+               r->p.flops / s / 1e9, r->p.flops / s / c->gemm_flop_s, r->p.bytes / s / 1e9,
+               r->p.bytes / s / c->copy_byte_s, r->sets);
+    }
+    printf("  other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
+}
+
+static void print_json(const kresult *res, const qs_bench_ceilings *c, size_t rotate, int repeats, bool quick,
+                       int argc, char **argv) {
+    qs_bench_json_head(stdout, argc, argv, c);
+    printf(", \"quick\": %s, \"repeats\": %d, \"rotate_mib\": %zu, \"kernels\": [", quick ? "true" : "false", repeats,
+           rotate >> 20);
+    for (int i = 0; i < N_CASES; i++) {
+        const kresult *r = &res[i];
+        const double s = r->ms.median / 1e3;
+        printf("%s\n    {\"name\": \"%s\", \"shape\": \"%s\", \"sets\": %d", i ? "," : "", CASES[i].name, r->p.shape,
+               r->sets);
+        qs_bench_json_num(stdout, "ms_median", r->ms.median);
+        qs_bench_json_num(stdout, "ms_p10", r->ms.p10);
+        qs_bench_json_num(stdout, "ms_p90", r->ms.p90);
+        qs_bench_json_num(stdout, "flops", r->p.flops);
+        qs_bench_json_num(stdout, "bytes", r->p.bytes);
+        qs_bench_json_num(stdout, "gflop_per_s", r->p.flops / s / 1e9);
+        qs_bench_json_num(stdout, "gb_per_s", r->p.bytes / s / 1e9);
+        qs_bench_json_num(stdout, "frac_gemm", r->p.flops / s / c->gemm_flop_s);
+        qs_bench_json_num(stdout, "frac_copy", r->p.bytes / s / c->copy_byte_s);
+        fputc('}', stdout);
+    }
+    fputs("\n  ], \"results\": [", stdout);
+    for (int i = 0; i < N_CASES; i++) {
+        const kresult *r = &res[i];
+        const double s = r->ms.median / 1e3;
+        char name[64], metric[256];
+        snprintf(name, sizeof name, "kernel_%s_gflop_per_s", CASES[i].name);
+        snprintf(metric, sizeof metric, "GFLOP/s, median of %d calls (%s, %.4f ms); %.3f of the GEMM ceiling",
+                 repeats, r->p.shape, r->ms.median, r->p.flops / s / c->gemm_flop_s);
+        qs_bench_json_result(stdout, i == 0, name, metric, r->p.flops / s / 1e9);
+        snprintf(name, sizeof name, "kernel_%s_gb_per_s", CASES[i].name);
+        snprintf(metric, sizeof metric, "GB/s moved, median of %d calls (%s); %.3f of the memcpy ceiling", repeats,
+                 r->p.shape, r->p.bytes / s / c->copy_byte_s);
+        qs_bench_json_result(stdout, false, name, metric, r->p.bytes / s / 1e9);
+    }
+    fputs("\n  ]}\n", stdout);
+}
+
+int qs_bench_kernels(bool json, bool quick, int repeats, int argc, char **argv) {
+    const size_t rotate = quick ? 0 : rotation_bytes();
+    qs_bench_ceilings c;
+    kresult res[N_CASES];
+    if (qs_bench_ceilings_measure(&c, quick ? QUICK_GEMM_N : GEMM_N, quick ? (size_t)8 << 20 : rotate / 2)) return -1;
+    for (int i = 0; i < N_CASES; i++)
+        if (time_case(&CASES[i], quick ? &CASES[i].quick : &CASES[i].full, rotate, repeats, &res[i])) return -1;
+    if (json) print_json(res, &c, rotate, repeats, quick, argc, argv);
+    else print_table(res, &c, rotate, repeats, quick);
+    return 0;
+}

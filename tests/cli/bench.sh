@@ -1,0 +1,113 @@
+# `quasar bench train|kernels|generate`: a short smoke of each on a tiny model whose
+# --json record must parse, carry DESIGN.md's fields and positive, finite numbers (MFU
+# in (0, 1], the FLOP formula's count for the tiny GPT); bad flags fail with one error
+# line; bench/plot.sh turns a metrics.jsonl and a results file into PNGs (with gnuplot).
+root=$(cd "$(dirname "$0")/../.." && pwd)
+. "$root/tests/cli_lib.sh"
+make_corpus corpus.txt
+tiny_config tiny.json '"vocab_size": 64'
+
+# json_check NAME FILE CHECK: FILE holds one JSON record in DESIGN.md's bench format with
+# positive, finite "quasar" values, and CHECK (Python over the record r and v, its
+# results by name) holds. Without python3 only the record's shape is checked, with grep.
+json_check() {
+  local name=$1 file=$2 check=$3 out
+  if ! command -v python3 >/dev/null; then
+    grep -q '^{"device": ' "$file" && grep -q '"results": \[' "$file" && ! grep -qE '"quasar": (null|-|0[,}])' "$file" \
+      && ok "$name (shape only: no python3)" || not_ok "$name" "$(head -c 300 "$file")"
+    return
+  fi
+  if out=$(python3 - "$file" "$check" 2>&1 <<'PY'
+import json, math, sys
+r = json.load(open(sys.argv[1]))
+def pos(x): return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+for k in ("device", "date", "commit", "command", "results"):
+    assert k in r, "no " + k
+assert r["results"], "no results"
+for e in r["results"]:
+    assert set(e) >= {"name", "metric", "quasar", "peer", "peer_value", "ratio"}, e
+    assert pos(e["quasar"]), e
+v = {e["name"]: e["quasar"] for e in r["results"]}
+exec(sys.argv[2])
+PY
+  ); then ok "$name"; else not_ok "$name" "$out"; fi
+}
+
+Q=$QUASAR
+# 6 N + 12 L T C for 2 layers of 16, T 16, V 64, 4x MLP, tied (docs/ARCHITECTURE.md):
+# N = 2 (3*256 + 256 + 2*1024) + 64*16 = 7168 -> 43008 + 6144
+expect_ok "bench train: tiny GPT, --json" $Q bench train --config tiny.json --steps 3 --warmup 1 --json
+cp "$WORK/out" train.json
+json_check "bench train: the record parses; MFU in (0, 1]; FLOP formula gives 49152 per token" train.json '
+assert 0 < v["train_mfu"] <= 1, v
+assert r["flops_per_item"] == 49152, r["flops_per_item"]
+assert r["flops_per_step"] == 49152 * 4 * 16, r["flops_per_step"]
+assert set(v) == {"train_tokens_per_s", "train_ms_per_step", "train_gflop_per_s", "train_mfu", "train_peak_rss_mib"}, v
+s = r["step_ms"]
+assert 0 < s["min"] <= s["p10"] <= s["median"] <= s["p90"] <= s["max"], s
+assert abs(v["train_tokens_per_s"] - 64 / (s["median"] / 1e3)) < 1e-3 * v["train_tokens_per_s"], v
+assert r["ceilings"]["gemm_gflop_per_s"] > 0 and math.isfinite(r["loss_last"])'
+
+expect_ok "bench train: table output" $Q bench train --config tiny.json --steps 2 --warmup 0
+grep -q 'MFU' "$WORK/out" && ok "bench train: the table reports MFU" || not_ok "bench train: the table reports MFU" "$(cat "$WORK/out")"
+
+expect_ok "bench kernels: --quick --json" $Q bench kernels --quick --repeats 3 --json
+cp "$WORK/out" kernels.json
+json_check "bench kernels: every op has positive FLOP/s, bytes/s and fractions of the ceilings" kernels.json '
+names = [k["name"] for k in r["kernels"]]
+for op in ("gemm_fwd", "attention_fwd", "attention_bwd", "moe_route_dispatch", "moe_experts_fwd", "quadconv_fwd",
+           "quadconv_bwd", "layernorm_fwd", "xent_fwd", "xent_bwd"):
+    assert op in names, op
+for k in r["kernels"]:
+    for f in ("ms_median", "gflop_per_s", "gb_per_s", "frac_gemm", "frac_copy"):
+        assert pos(k[f]), (k["name"], f, k[f])
+assert len(r["results"]) == 2 * len(names)
+assert r["quick"] is True and pos(r["ceilings"]["copy_gb_per_s"])'
+
+expect_ok "bench generate: random weights from --config" $Q bench generate --config tiny.json --repeats 2 --json
+cp "$WORK/out" gen.json
+json_check "bench generate: prefill and decode tokens/s, latency per token" gen.json '
+assert r["prompt_tokens"] == 8 and r["new_tokens"] == 8, r
+assert set(v) == {"generate_prefill_tokens_per_s", "generate_decode_tokens_per_s", "generate_decode_ms_per_token"}
+assert abs(v["generate_decode_tokens_per_s"] * v["generate_decode_ms_per_token"] - 1e3) < 1e-4 * 1e3, v'
+expect_ok "a checkpoint to generate from" $Q train --config tiny.json --out run
+expect_ok "bench generate: --ckpt" $Q bench generate --ckpt run --prompt-tokens 4 --new-tokens 12 --repeats 1 --json
+cp "$WORK/out" gen_ckpt.json
+json_check "bench generate: --ckpt record" gen_ckpt.json 'assert r["prompt_tokens"] == 4 and r["new_tokens"] == 12, r'
+
+# bad input: one error line each
+expect_error "bench: no benchmark named" "bench needs train, kernels or generate" $Q bench
+expect_error "bench: unknown benchmark" "unknown benchmark 'fly'" $Q bench fly
+expect_error "bench train: no config" "bench train needs --config" $Q bench train --steps 2
+expect_error "bench train: --steps 0" "--steps: invalid value '0'" $Q bench train --config tiny.json --steps 0
+expect_error "bench train: --warmup not a number" "--warmup: invalid value 'x'" $Q bench train --config tiny.json --warmup x
+expect_error "bench train: flag without value" "--steps needs a value" $Q bench train --config tiny.json --steps
+expect_error "bench train: missing config file" "nope.json" $Q bench train --config nope.json
+expect_error "bench train: bad --set" "unknown key 'train.stepz'" $Q bench train --config tiny.json --set train.stepz=1
+expect_error "bench kernels: unknown flag" "unknown option '--fast'" $Q bench kernels --fast
+expect_error "bench generate: neither --ckpt nor --config" "one of --ckpt DIR or --config FILE" $Q bench generate
+expect_error "bench generate: both --ckpt and --config" "one of --ckpt DIR or --config FILE" \
+  $Q bench generate --ckpt run --config tiny.json
+expect_error "bench generate: past the window" "must fit model.seq_len \(16\)" \
+  $Q bench generate --config tiny.json --prompt-tokens 10 --new-tokens 10
+expect_error "bench generate: no checkpoint" "no checkpoint in 'nowhere'" $Q bench generate --ckpt nowhere
+expect_ok "bench --help" $Q bench --help
+expect_ok "bench generate --help" $Q bench generate --help
+
+# plots
+if ! command -v gnuplot >/dev/null; then
+  echo "# bench/plot.sh: gnuplot not installed, plot checks skipped"
+  exit 0
+fi
+is_png() { [ -s "$1" ] && [ "$(head -c 8 "$1" | od -An -tx1 | tr -d ' \n')" = 89504e470d0a1a0a ]; }
+mkdir plotrun
+cp "$root/tests/fixtures/bench/metrics.jsonl" plotrun/
+expect_ok "plot: loss curve from a metrics.jsonl" "$root/bench/plot.sh" loss plotrun
+is_png plotrun/loss.png && grep -qx "plotrun/loss.png" "$WORK/out" && ok "plot: loss.png is a PNG, its path printed" \
+  || not_ok "plot: loss.png is a PNG, its path printed" "$(cat "$WORK/out")"
+expect_ok "plot: bars from a results file" "$root/bench/plot.sh" bars -o bars.png "$root/tests/fixtures/bench/results.json"
+is_png bars.png && ok "plot: bars.png is a PNG" || not_ok "plot: bars.png is a PNG"
+mkdir empty
+expect_error "plot: no metrics.jsonl" "empty/metrics.jsonl: no such file" "$root/bench/plot.sh" loss empty
+echo '{"results": [{"name": "x", "ratio": null}]}' >noratio.json
+expect_error "plot: no numeric ratio" "no result with a numeric ratio" "$root/bench/plot.sh" bars -o n.png noratio.json
