@@ -123,47 +123,6 @@ static int hf_read_config(qs_config *c, const char *path, const char *vocab_dir)
 
 /* ---- tensors ---- */
 
-static float half_to_float(uint16_t h) {
-    int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    float v = exp == 0    ? ldexpf((float)man, -24) /* zero and subnormals */
-              : exp == 31 ? (man ? NAN : INFINITY)
-                          : ldexpf((float)(man | 0x400), exp - 25);
-    return h & 0x8000 ? -v : v;
-}
-
-/* Widens an F32/F16/BF16 tensor (little-endian, possibly unaligned) into dst. */
-static int to_f32(const qs_st_tensor *t, float *dst, const char *path) {
-    const unsigned char *s = t->data;
-    size_t n = t->nbytes / qs_dtype_size(t->dtype);
-    uint16_t h;
-    uint32_t bits;
-    switch (t->dtype) {
-    case QS_DT_F32: memcpy(dst, s, t->nbytes); return 0;
-    case QS_DT_F16:
-        for (size_t i = 0; i < n; i++) {
-            memcpy(&h, s + 2 * i, 2);
-            dst[i] = half_to_float(h);
-        }
-        return 0;
-    case QS_DT_BF16: /* the top half of an F32 */
-        for (size_t i = 0; i < n; i++) {
-            memcpy(&h, s + 2 * i, 2);
-            bits = (uint32_t)h << 16;
-            memcpy(&dst[i], &bits, 4);
-        }
-        return 0;
-    default:
-        return qs_error("%s: tensor '%s' is %s (only F32, F16 and BF16 convert)", path, t->name,
-                        qs_dtype_name(t->dtype));
-    }
-}
-
-static void shape_str(char *buf, size_t cap, int ndim, const int64_t *shape) {
-    int k = snprintf(buf, cap, "[");
-    for (int d = 0; d < ndim && (size_t)k < cap; d++) k += snprintf(buf + k, cap - k, "%s%lld", d ? "," : "", (long long)shape[d]);
-    if ((size_t)k < cap) snprintf(buf + k, cap - k, "]");
-}
-
 static bool ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), k = strlen(suffix);
     return n >= k && !strcmp(s + n - k, suffix);
@@ -174,8 +133,8 @@ static int check_shape(const qs_st_tensor *t, const qs_param_info *p, const char
     for (int d = 0; same && d < p->ndim; d++) same = t->shape[d] == p->shape[d];
     if (same) return 0;
     char got[96], want[96];
-    shape_str(got, sizeof got, t->ndim, t->shape);
-    shape_str(want, sizeof want, p->ndim, p->shape);
+    qs_st_shape_str(got, sizeof got, t->ndim, t->shape);
+    qs_st_shape_str(want, sizeof want, p->ndim, p->shape);
     return qs_error("%s: tensor '%s' is %s, but config.json makes it %s", path, t->name, got, want);
 }
 
@@ -200,7 +159,7 @@ static int hf_load_tensors(const qs_params *ps, const qs_st_file *f, const char 
         else if (seen[i]) rc = qs_error("%s: tensor '%s' appears twice", path, name);
         else if (!(rc = check_shape(t, &ps->info[i], path))) {
             seen[i] = true;
-            rc = to_f32(t, host + ps->info[i].offset, path);
+            rc = qs_st_to_f32(t, host + ps->info[i].offset, path);
         }
     }
     for (int i = 0; i < n && !rc; i++)
@@ -212,7 +171,7 @@ static int hf_load_tensors(const qs_params *ps, const qs_st_file *f, const char 
     float *head = malloc(p->numel * sizeof *head);
     if (!head) return qs_error("out of memory");
     rc = check_shape(lm_head, p, path);
-    if (!rc) rc = to_f32(lm_head, head, path);
+    if (!rc) rc = qs_st_to_f32(lm_head, head, path);
     if (!rc && memcmp(head, host + p->offset, p->numel * sizeof *head))
         rc = qs_error("%s: lm_head.weight differs from wte.weight; untied output heads are not supported", path);
     free(head);

@@ -1,15 +1,22 @@
 /* LoRA adapters: the table, the two-GEMM forward/backward the model calls around its
- * linear layers, merging into base weights, and the PEFT-style files. */
+ * linear layers, merging into base weights, the PEFT-style files and the import of
+ * adapters that Hugging Face peft wrote. */
 #include "quasar/lora.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 
 #include "quasar/checkpoint.h"
+#include "quasar/checksum.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
 #include "quasar/rng.h"
@@ -17,6 +24,12 @@
 #define PEFT_PREFIX "base_model.model.transformer."
 /* Dropout streams of the adapters, clear of the model's (layer * sites + site). */
 #define LORA_STREAM ((uint64_t)1 << 40)
+
+/* Each site's module in a block, as PEFT names it: [0] dense models (GPT-2's names), [1]
+ * MoE models (the stacked expert linears). */
+static const char *const SITE_MODULE[2][QS_LORA_N_SITES] = {
+    {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+    {"attn.c_attn", "attn.c_proj", "mlp.experts.c_fc", "mlp.experts.c_proj"}};
 
 typedef struct lora_module {
     int a, b;          /* parameter indices; a < 0: no adapter here */
@@ -36,6 +49,7 @@ struct qs_lora {
     qs_params ps;
     float *act;        /* every module's u, then the scratch below */
     float *ds, *xd, *dxd; /* [rows, r]; dropped input and its gradient [rows, max in] */
+    char base_sha256[65]; /* the base's weights when the table was made (see base_fingerprint) */
 };
 
 static lora_module *module(const qs_lora *lo, int layer, qs_lora_site site) {
@@ -43,11 +57,12 @@ static lora_module *module(const qs_lora *lo, int layer, qs_lora_site site) {
     return md->a >= 0 ? md : NULL;
 }
 
-/* Adds lora_A [stack?, r, in] and lora_B [stack?, out, r] for module `path` of layer l. */
-static int add_module(qs_lora *lo, int l, qs_lora_site site, const char *path, int in, int out, int stack,
-                      unsigned keep) {
+/* Adds lora_A [stack?, r, in] and lora_B [stack?, out, r] for the module of `site` in
+ * layer l (stack > 0: an MoE layer's experts). */
+static int add_module(qs_lora *lo, int l, qs_lora_site site, int in, int out, int stack, unsigned keep) {
     lora_module *md = &lo->mods[l * QS_LORA_N_SITES + site];
     const int r = lo->cfg.r, nd = stack ? 3 : 2;
+    const char *path = SITE_MODULE[stack > 0][site];
     char name[QS_PARAM_NAME_MAX];
     int64_t sa[3], sb[3];
     int d = 0;
@@ -79,7 +94,21 @@ static int check_targets(const qs_lora_config *lc, const qs_model_config *mc, un
     return 0;
 }
 
-int qs_lora_create(qs_lora **out, const qs_lora_config *lc, const qs_gpt *m) {
+/* SHA-256 of the base's weights as F32 in table order, which is the data section of its
+ * Quasar model.safetensors; read back in slices, so backend memory needs no host copy. */
+static void base_fingerprint(const qs_params *ps, char hex[65]) {
+    float slice[4096];
+    qs_sha256 s;
+    qs_sha256_init(&s);
+    for (size_t i = 0; i < ps->n; i += 4096) {
+        const size_t k = ps->n - i < 4096 ? ps->n - i : 4096;
+        ps->be->download(slice, ps->data + i, k * sizeof(float));
+        qs_sha256_update(&s, slice, k * sizeof(float));
+    }
+    qs_sha256_hex(&s, hex);
+}
+
+int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
     *out = NULL;
     const qs_model_config *mc = qs_gpt_config(m);
     unsigned t;
@@ -97,13 +126,13 @@ int qs_lora_create(qs_lora **out, const qs_lora_config *lc, const qs_gpt *m) {
     int rc = 0;
     for (int l = 0; l < lo->L && !rc; l++) {
         if (t & (QS_LORA_Q | QS_LORA_K | QS_LORA_V))
-            rc = add_module(lo, l, QS_LORA_SITE_QKV, "attn.c_attn", C, 3 * C, 0, t & 7u);
-        if (!rc && (t & QS_LORA_PROJ)) rc = add_module(lo, l, QS_LORA_SITE_PROJ, "attn.c_proj", C, C, 0, 0);
-        if (!rc && (t & QS_LORA_FC)) rc = add_module(lo, l, QS_LORA_SITE_FC, "mlp.c_fc", C, F, 0, 0);
-        if (!rc && (t & QS_LORA_FC_PROJ)) rc = add_module(lo, l, QS_LORA_SITE_FC_PROJ, "mlp.c_proj", F, C, 0, 0);
+            rc = add_module(lo, l, QS_LORA_SITE_QKV, C, 3 * C, 0, t & 7u);
+        if (!rc && (t & QS_LORA_PROJ)) rc = add_module(lo, l, QS_LORA_SITE_PROJ, C, C, 0, 0);
+        if (!rc && (t & QS_LORA_FC)) rc = add_module(lo, l, QS_LORA_SITE_FC, C, F, 0, 0);
+        if (!rc && (t & QS_LORA_FC_PROJ)) rc = add_module(lo, l, QS_LORA_SITE_FC_PROJ, F, C, 0, 0);
         if (!rc && (t & QS_LORA_EXPERTS)) {
-            rc = add_module(lo, l, QS_LORA_SITE_FC, "mlp.experts.c_fc", C, F, E, 0);
-            if (!rc) rc = add_module(lo, l, QS_LORA_SITE_FC_PROJ, "mlp.experts.c_proj", F, C, E, 0);
+            rc = add_module(lo, l, QS_LORA_SITE_FC, C, F, E, 0);
+            if (!rc) rc = add_module(lo, l, QS_LORA_SITE_FC_PROJ, F, C, E, 0);
         }
     }
     if (rc) goto oom;
@@ -129,6 +158,7 @@ int qs_lora_create(qs_lora **out, const qs_lora_config *lc, const qs_gpt *m) {
         lo->xd = p;
         lo->dxd = p + rows * max_in;
     }
+    base_fingerprint(qs_gpt_params(m), lo->base_sha256);
     *out = lo;
     return 0;
 oom:
@@ -272,6 +302,8 @@ int qs_lora_merge(const qs_lora *lo, qs_params *base, int sign) {
 
 /* ---- files ---- */
 
+#define BASE_SHA_KEY "quasar_base_sha256"
+
 int qs_lora_write(const qs_lora *lo, const char *dir, const char *base_path) {
     char path[QS_PATH_MAX + 64];
     float *host = malloc((lo->ps.n ? lo->ps.n : 1) * sizeof(float));
@@ -293,13 +325,10 @@ int qs_lora_write(const qs_lora *lo, const char *dir, const char *base_path) {
 
     /* PEFT matches target_modules by module-name suffix, so "attn.c_proj" does not also
      * catch mlp.c_proj. */
-    static const char *const modules[QS_LORA_N_SITES][2] = {
-        {"attn.c_attn", "attn.c_attn"}, {"attn.c_proj", "attn.c_proj"},
-        {"mlp.c_fc", "mlp.experts.c_fc"}, {"mlp.c_proj", "mlp.experts.c_proj"}};
     cJSON *root = cJSON_CreateObject(), *tm = cJSON_AddArrayToObject(root, "target_modules");
     for (int s = 0; s < QS_LORA_N_SITES; s++)
         if (lo->L > 0 && module(lo, 0, (qs_lora_site)s))
-            cJSON_AddItemToArray(tm, cJSON_CreateString(modules[s][lo->E > 0]));
+            cJSON_AddItemToArray(tm, cJSON_CreateString(SITE_MODULE[lo->E > 0][s]));
     cJSON_AddStringToObject(root, "peft_type", "LORA");
     cJSON_AddStringToObject(root, "task_type", "CAUSAL_LM");
     cJSON_AddStringToObject(root, "base_model_name_or_path", base_path);
@@ -311,6 +340,7 @@ int qs_lora_write(const qs_lora *lo, const char *dir, const char *base_path) {
     cJSON_AddStringToObject(root, "bias", "none");
     cJSON_AddBoolToObject(root, "inference_mode", true);
     cJSON_AddStringToObject(root, "quasar_targets", lo->cfg.targets);
+    cJSON_AddStringToObject(root, BASE_SHA_KEY, lo->base_sha256);
     char *json = cJSON_Print(root);
     cJSON_Delete(root);
     if (!json) {
@@ -326,66 +356,405 @@ done:
     return rc;
 }
 
-/* Sets lora.<key> from the adapter config's JSON value, through the schema's checks. */
-static int set_from(qs_config *c, const cJSON *root, const char *json_key, const char *key, const char *path) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, json_key);
-    if (!v) return qs_error("%s: missing '%s'", path, json_key);
+/* A file of an adapter folder: checked against checksums.json in Quasar's checkpoints;
+ * a folder without one (as peft writes it) is read as it is. */
+static int read_adapter_file(const char *dir, const char *name, char **data, size_t *n) {
+    char path[QS_PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/checksums.json", dir);
+    if (!access(path, F_OK)) return qs_checkpoint_read(dir, name, data, n);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return qs_file_read(path, data, n);
+}
+
+static int open_weights(const char *dir, qs_st_file *f, char *path, size_t cap) {
+    char *data;
+    size_t n;
+    snprintf(path, cap, "%s/" QS_LORA_WEIGHTS, dir);
+    if (read_adapter_file(dir, QS_LORA_WEIGHTS, &data, &n)) return -1;
+    int rc = qs_st_parse(f, data, n, path);
+    free(data);
+    return rc;
+}
+
+/* Layer, site and A (0) or B (1) of a tensor named as peft names the LoRA weights of a
+ * GPT-2 linear layer, base_model.model.transformer.h.<l>.<module>.lora_<A|B>.weight;
+ * -1 for any other name. */
+static int peft_name(const char *name, int *layer, int *site, int *is_b) {
+    const size_t np = strlen(PEFT_PREFIX "h.");
+    if (strncmp(name, PEFT_PREFIX "h.", np) || !isdigit((unsigned char)name[np])) return -1;
+    char *end;
+    const long l = strtol(name + np, &end, 10);
+    if (*end != '.' || l > 1000000 || (name[np] == '0' && end - (name + np) > 1)) return -1;
+    for (int s = 0; s < QS_LORA_N_SITES; s++) {
+        const size_t k = strlen(SITE_MODULE[0][s]);
+        const char *tail = end + 1 + k;
+        if (strncmp(end + 1, SITE_MODULE[0][s], k) || (strcmp(tail, ".lora_A.weight") && strcmp(tail, ".lora_B.weight")))
+            continue;
+        *layer = (int)l, *site = s, *is_b = tail[6] == 'B';
+        return 0;
+    }
+    return -1;
+}
+
+static int unexpected_tensor(const char *path, const char *name) {
+    return qs_error("%s: unexpected tensor '%s' (Quasar imports the lora_A / lora_B weights of "
+                    PEFT_PREFIX "h.N.{attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj})", path, name);
+}
+
+/* ---- adapter_config.json ---- */
+
+typedef struct adapter_cfg {
+    cJSON *root;
+    bool foreign; /* written by peft: no quasar_targets, tensors in any float dtype */
+    char path[QS_PATH_MAX + 64];
+} adapter_cfg;
+
+static const cJSON *item(const adapter_cfg *ac, const char *key) { return cJSON_GetObjectItemCaseSensitive(ac->root, key); }
+
+/* null, false, "", [] or {}: how peft writes a feature that is not in use */
+static bool is_off(const cJSON *v) {
+    return !v || cJSON_IsNull(v) || cJSON_IsFalse(v) || ((cJSON_IsArray(v) || cJSON_IsObject(v)) && !v->child) ||
+           (cJSON_IsString(v) && !*v->valuestring);
+}
+
+static bool in_list(const char *s, const char *const *list) {
+    while (*list && strcmp(s, *list)) list++;
+    return *list != NULL;
+}
+
+/* rank_pattern / alpha_pattern: accepted while every module keeps the global value. */
+static bool uniform_pattern(const cJSON *pattern, const cJSON *global) {
+    if (!cJSON_IsObject(pattern) || !cJSON_IsNumber(global)) return false;
+    for (const cJSON *e = pattern->child; e; e = e->next)
+        if (!cJSON_IsNumber(e) || e->valuedouble != global->valuedouble) return false;
+    return true;
+}
+
+/* layers_to_transform: a layer index or a list of them */
+static bool layer_spec(const cJSON *v) {
+    if (cJSON_IsNumber(v)) return v->valuedouble >= 0 && v->valuedouble == (double)(int)v->valuedouble;
+    if (!cJSON_IsArray(v)) return false;
+    for (const cJSON *e = v->child; e; e = e->next)
+        if (!layer_spec(e) || cJSON_IsArray(e)) return false;
+    return true;
+}
+
+static bool selects_layer(const cJSON *layers, int l) {
+    if (cJSON_IsNumber(layers)) return layers->valueint == l;
+    for (const cJSON *e = layers->child; e; e = e->next)
+        if (e->valueint == l) return true;
+    return false;
+}
+
+/* layers_pattern: GPT-2's blocks are transformer.h.N */
+static bool pattern_is_h(const cJSON *v) {
+    if (cJSON_IsString(v)) return !strcmp(v->valuestring, "h");
+    for (const cJSON *e = cJSON_IsArray(v) ? v->child : NULL; e; e = e->next)
+        if (cJSON_IsString(e) && !strcmp(e->valuestring, "h")) return true;
+    return false;
+}
+
+/* Keys that leave a loaded adapter's computation plain LoRA: read elsewhere, bookkeeping,
+ * or settings of the initialisation only. Other keys must be off (null, false, empty). */
+static const char *const PLAIN_KEYS[] = {
+    "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
+    "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config", "quasar_targets",
+    BASE_SHA_KEY, NULL};
+/* Initialisations that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ rewrite them). */
+static const char *const PLAIN_INITS[] = {"gaussian", "eva", "orthogonal", NULL};
+
+/* Every setting the file makes that Quasar's LoRA cannot reproduce is refused by name. */
+static int check_options(const adapter_cfg *ac) {
+    for (const cJSON *it = ac->root->child; it; it = it->next) {
+        const char *k = it->string, *why;
+        bool ok;
+        if (!strcmp(k, "bias")) {
+            ok = cJSON_IsString(it) && !strcmp(it->valuestring, "none");
+            why = "only \"none\": Quasar trains and imports no biases";
+        } else if (!strcmp(k, "init_lora_weights")) {
+            ok = cJSON_IsBool(it) || (cJSON_IsString(it) && in_list(it->valuestring, PLAIN_INITS));
+            why = "this initialisation rewrites the base weights; save the adapter converted to plain LoRA";
+        } else if (!strcmp(k, "rank_pattern") || !strcmp(k, "alpha_pattern")) {
+            ok = is_off(it) || uniform_pattern(it, item(ac, k[0] == 'r' ? "r" : "lora_alpha"));
+            why = "Quasar gives every module the one r and lora_alpha";
+        } else if (!strcmp(k, "layers_to_transform")) {
+            ok = is_off(it) || layer_spec(it);
+            why = "expected a layer index or a list of them";
+        } else if (!strcmp(k, "layers_pattern")) {
+            ok = is_off(it) || pattern_is_h(it);
+            why = "GPT-2's layers are transformer.h.N";
+        } else if (!strcmp(k, "fan_in_fan_out")) {
+            /* GPT-2's linears are Conv1D, for which peft always sets it; lora_A is [r, in]
+             * and lora_B [out, r] either way. */
+            ok = cJSON_IsBool(it);
+            why = "expected true or false";
+        } else {
+            ok = in_list(k, PLAIN_KEYS) || is_off(it);
+            why = !strcmp(k, "use_dora") ? "DoRA: Quasar imports plain LoRA adapters only"
+                                         : "Quasar imports plain LoRA adapters only";
+        }
+        if (ok) continue;
+        char *v = cJSON_PrintUnformatted(it);
+        qs_error("%s: '%s' = %.60s%s is not supported (%s)", ac->path, k, v ? v : "?", v && strlen(v) > 60 ? "..." : "",
+                 why);
+        free(v);
+        return -1;
+    }
+    return 0;
+}
+
+static int open_config(adapter_cfg *ac, const char *dir) {
+    char *text;
+    size_t n;
+    snprintf(ac->path, sizeof ac->path, "%s/" QS_LORA_CONFIG, dir);
+    ac->root = NULL;
+    if (read_adapter_file(dir, QS_LORA_CONFIG, &text, &n)) return -1;
+    ac->root = cJSON_ParseWithLength(text, n);
+    free(text);
+    const cJSON *type = item(ac, "peft_type");
+    int rc = !cJSON_IsObject(ac->root) ? qs_error("%s: not a JSON object", ac->path)
+             : !cJSON_IsString(type)   ? qs_error("%s: 'peft_type' must be \"LORA\"", ac->path)
+             : strcmp(type->valuestring, "LORA")
+                 ? qs_error("%s: 'peft_type' is \"%.40s\": only LORA adapters are supported", ac->path, type->valuestring)
+                 : check_options(ac);
+    if (rc) {
+        cJSON_Delete(ac->root);
+        return -1;
+    }
+    ac->foreign = !item(ac, "quasar_targets");
+    return 0;
+}
+
+/* Sets lora.<key> from the adapter config's value, through the schema's checks; an
+ * optional key left out keeps the default, which is peft's too (dropout 0, no rslora). */
+static int set_from(qs_config *c, const adapter_cfg *ac, const char *json_key, const char *key, bool required) {
+    const cJSON *v = item(ac, json_key);
+    if (!v) return required ? qs_error("%s: missing '%s'", ac->path, json_key) : 0;
     char *text = cJSON_PrintUnformatted(v), a[256];
     if (!text) return qs_error("out of memory");
     snprintf(a, sizeof a, "lora.%s=%s", key, text);
     free(text);
     /* JSON strings go in quoted, so "q,v" stays one string */
-    if (qs_config_set(c, a)) return qs_error("%s: '%s': %s", path, json_key, qs_error_last());
+    if (qs_config_set(c, a)) return qs_error("%s: '%s': %s", ac->path, json_key, qs_error_last());
     return 0;
 }
 
+/* lora.targets of a peft adapter: the sites its tensors cover (attn.c_attn: q, k and v). */
+static int foreign_targets(const char *dir, char *targets, size_t cap) {
+    static const char *const names[QS_LORA_N_SITES] = {"q,k,v", "proj", "fc", "fc_proj"};
+    char path[QS_PATH_MAX + 64];
+    qs_st_file f;
+    if (open_weights(dir, &f, path, sizeof path)) return -1;
+    unsigned sites = 0;
+    int rc = 0, l, s, b;
+    for (int i = 0; i < f.n_tensors && !rc; i++) {
+        if (peft_name(f.tensors[i].name, &l, &s, &b)) rc = unexpected_tensor(path, f.tensors[i].name);
+        else sites |= 1u << s;
+    }
+    qs_st_free(&f);
+    if (!rc && !sites) rc = qs_error("%s: holds no LoRA weights", path);
+    size_t k = 0;
+    for (s = 0; s < QS_LORA_N_SITES && !rc; s++)
+        if (sites & (1u << s)) k += (size_t)snprintf(targets + k, cap - k, "%s%s", k ? "," : "", names[s]);
+    return rc;
+}
+
 int qs_lora_read_config(const char *step_dir, qs_lora_config *lc) {
-    char path[QS_PATH_MAX + 64], *text;
-    size_t n;
-    snprintf(path, sizeof path, "%s/" QS_LORA_CONFIG, step_dir);
-    if (qs_checkpoint_read(step_dir, QS_LORA_CONFIG, &text, &n)) return -1;
-    cJSON *root = cJSON_ParseWithLength(text, n);
-    free(text);
+    adapter_cfg ac;
+    if (open_config(&ac, step_dir)) return -1;
     qs_config c;
     qs_config_defaults(&c);
-    const cJSON *type = cJSON_GetObjectItemCaseSensitive(root, "peft_type");
-    int rc = !cJSON_IsObject(root) ? qs_error("%s: not a JSON object", path)
-             : !cJSON_IsString(type) || strcmp(type->valuestring, "LORA")
-                 ? qs_error("%s: 'peft_type' must be \"LORA\"", path)
-             : set_from(&c, root, "r", "r", path) || set_from(&c, root, "lora_alpha", "alpha", path) ||
-                     set_from(&c, root, "lora_dropout", "dropout", path) ||
-                     set_from(&c, root, "use_rslora", "rslora", path) ||
-                     set_from(&c, root, "quasar_targets", "targets", path)
+    int rc = set_from(&c, &ac, "r", "r", true) || set_from(&c, &ac, "lora_alpha", "alpha", true) ||
+                     set_from(&c, &ac, "lora_dropout", "dropout", false) ||
+                     set_from(&c, &ac, "use_rslora", "rslora", false)
                  ? -1
                  : 0;
-    cJSON_Delete(root);
+    if (!rc) /* peft's files name modules, Quasar's also its targets (q, k, v separately) */
+        rc = ac.foreign ? foreign_targets(step_dir, c.lora.targets, sizeof c.lora.targets)
+                        : set_from(&c, &ac, "quasar_targets", "targets", true);
     unsigned t;
-    if (!rc && qs_config_lora_targets(&c.lora, &t)) rc = qs_error("%s: %s", path, qs_error_last());
+    if (!rc && qs_config_lora_targets(&c.lora, &t)) rc = qs_error("%s: %s", ac.path, qs_error_last());
+    cJSON_Delete(ac.root);
     if (!rc) *lc = c.lora;
     return rc;
 }
 
-int qs_lora_load(qs_lora *lo, const char *step_dir) {
-    char path[QS_PATH_MAX + 64], *data;
-    size_t n;
-    snprintf(path, sizeof path, "%s/" QS_LORA_WEIGHTS, step_dir);
-    if (qs_checkpoint_read(step_dir, QS_LORA_WEIGHTS, &data, &n)) return -1;
-    qs_st_file f;
-    int rc = qs_st_parse(&f, data, n, path);
-    free(data);
-    if (rc) return -1;
-    rc = qs_checkpoint_load_weights(&lo->ps, &f, path);
-    qs_st_free(&f);
-    if (rc) return qs_error("the adapter does not fit this base model: %s", qs_error_last());
+/* ---- which modules a peft adapter covers ---- */
+
+/* target_modules / exclude_modules as peft reads them (check_target_module_exists): a
+ * string is a regular expression the whole module name must match ("all-linear": every
+ * linear layer but the output head), a list names modules exactly or by dotted suffix. */
+typedef struct module_spec {
+    const cJSON *list;
+    pcre2_code *re;
+    pcre2_match_data *md;
+    bool all_linear;
+} module_spec;
+
+static int spec_open(module_spec *sp, const adapter_cfg *ac, const char *key) {
+    const cJSON *v = item(ac, key);
+    *sp = (module_spec){0};
+    if (is_off(v)) return 0;
+    if (cJSON_IsArray(v)) {
+        for (const cJSON *e = v->child; e; e = e->next)
+            if (!cJSON_IsString(e)) return qs_error("%s: '%s' must be a string or a list of strings", ac->path, key);
+        sp->list = v;
+        return 0;
+    }
+    if (!cJSON_IsString(v)) return qs_error("%s: '%s' must be a string or a list of strings", ac->path, key);
+    if (!strcmp(key, "target_modules") && !strcasecmp(v->valuestring, "all-linear")) {
+        sp->all_linear = true;
+        return 0;
+    }
+    int err;
+    PCRE2_SIZE at;
+    sp->re = pcre2_compile((PCRE2_SPTR)v->valuestring, PCRE2_ZERO_TERMINATED, PCRE2_ANCHORED | PCRE2_ENDANCHORED, &err,
+                           &at, NULL);
+    if (!sp->re) {
+        PCRE2_UCHAR msg[160];
+        pcre2_get_error_message(err, msg, sizeof msg);
+        return qs_error("%s: '%s' is not a regular expression Quasar can read: %s at offset %zu", ac->path, key,
+                        (const char *)msg, (size_t)at);
+    }
+    if (!(sp->md = pcre2_match_data_create_from_pattern(sp->re, NULL))) return qs_error("out of memory");
     return 0;
 }
 
-int qs_lora_open(qs_lora **out, const char *dir, const qs_gpt *m, char *step_dir, size_t cap) {
+static void spec_close(module_spec *sp) {
+    pcre2_match_data_free(sp->md);
+    pcre2_code_free(sp->re);
+}
+
+/* 0: not selected; 1: by the whole name or the expression; 2: by a dotted suffix, the one
+ * case where peft applies layers_to_transform. */
+static int spec_match(const module_spec *sp, const char *name) {
+    if (sp->all_linear) return !strncmp(name, "transformer.h.", 14); /* the blocks' Conv1D layers */
+    if (sp->re) return pcre2_match(sp->re, (PCRE2_SPTR)name, PCRE2_ZERO_TERMINATED, 0, 0, sp->md, NULL) >= 0;
+    const size_t n = strlen(name);
+    int how = 0;
+    for (const cJSON *e = sp->list ? sp->list->child : NULL; e && how != 1; e = e->next) {
+        const size_t k = strlen(e->valuestring);
+        if (!strcmp(name, e->valuestring)) how = 1;
+        else if (n > k && name[n - k - 1] == '.' && !strcmp(name + n - k, e->valuestring)) how = 2;
+    }
+    return how;
+}
+
+/* sel[l]: the sites of layer l that peft put adapters on, matching target_modules,
+ * exclude_modules and layers_to_transform against GPT2LMHeadModel's module names;
+ * selecting a module Quasar does not adapt (embeddings, lm_head) is an error. */
+static int select_modules(const adapter_cfg *ac, int L, unsigned *sel) {
+    static const char *const others[] = {"transformer.wte", "transformer.wpe", "lm_head"};
+    const cJSON *layers = item(ac, "layers_to_transform");
+    module_spec tm, ex = {0};
+    int rc = spec_open(&tm, ac, "target_modules") || spec_open(&ex, ac, "exclude_modules") ? -1 : 0;
+    if (!rc && !tm.list && !tm.re && !tm.all_linear) rc = qs_error("%s: 'target_modules' is missing", ac->path);
+    char name[128];
+    for (int l = 0; l < L && !rc; l++) {
+        sel[l] = 0;
+        for (int s = 0; s < QS_LORA_N_SITES; s++) {
+            snprintf(name, sizeof name, "transformer.h.%d.%s", l, SITE_MODULE[0][s]);
+            const int how = spec_match(&tm, name);
+            if (how && (how == 1 || is_off(layers) || selects_layer(layers, l)) && !spec_match(&ex, name))
+                sel[l] |= 1u << s;
+        }
+    }
+    for (size_t i = 0; i < sizeof others / sizeof *others && !rc; i++) {
+        const int how = spec_match(&tm, others[i]); /* they have no layer index for layers_to_transform */
+        if (how && (how == 1 || is_off(layers)) && !spec_match(&ex, others[i]))
+            rc = qs_error("%s: target_modules selects '%s', which Quasar does not adapt (only the blocks' attn.c_attn, "
+                          "attn.c_proj, mlp.c_fc and mlp.c_proj)", ac->path, others[i]);
+    }
+    spec_close(&tm);
+    spec_close(&ex);
+    return rc;
+}
+
+/* A peft adapter's tensors: each the lora_A [r, in] or lora_B [out, r] of a module its
+ * config selects, every selected module with both, F16 and BF16 widened to F32. Modules
+ * of the table that the config leaves out (a layer not transformed) stay zero. */
+static int load_foreign(qs_lora *lo, const adapter_cfg *ac, const qs_st_file *f, const char *path) {
+    const int L = lo->L;
+    unsigned *sel = calloc((size_t)L + 1, sizeof *sel), *seen = calloc((size_t)L * QS_LORA_N_SITES + 1, sizeof *seen);
+    float *host = calloc(lo->ps.n + 1, sizeof *host);
+    int rc = !sel || !seen || !host ? qs_error("out of memory loading the adapter") : select_modules(ac, L, sel);
+    for (int i = 0; i < f->n_tensors && !rc; i++) {
+        const qs_st_tensor *t = &f->tensors[i];
+        const lora_module *md = NULL;
+        int l, s, b;
+        if (peft_name(t->name, &l, &s, &b)) {
+            rc = unexpected_tensor(path, t->name);
+            break;
+        }
+        if (l >= L || !(sel[l] & (1u << s)) || !(md = module(lo, l, s))) {
+            rc = qs_error("%s: tensor '%s' is for a module that target_modules does not select in this %d-layer base",
+                          path, t->name, L);
+            break;
+        }
+        const qs_param_info *p = &lo->ps.info[b ? md->b : md->a];
+        bool same = t->ndim == p->ndim;
+        for (int d = 0; same && d < p->ndim; d++) same = t->shape[d] == p->shape[d];
+        if (!same) {
+            char got[96], want[96];
+            qs_st_shape_str(got, sizeof got, t->ndim, t->shape);
+            qs_st_shape_str(want, sizeof want, p->ndim, p->shape);
+            rc = qs_error("%s: tensor '%s' is %s, but r = %d and this base make it %s", path, t->name, got, lo->cfg.r,
+                          want);
+        } else if (!(rc = qs_st_to_f32(t, host + p->offset, path))) {
+            seen[l * QS_LORA_N_SITES + s] |= 1u << b;
+        }
+    }
+    for (int i = 0; i < L * QS_LORA_N_SITES && !rc; i++)
+        if ((sel[i / QS_LORA_N_SITES] & (1u << (i % QS_LORA_N_SITES))) && seen[i] != 3)
+            rc = qs_error("%s: missing tensor '" PEFT_PREFIX "h.%d.%s.lora_%c.weight' (target_modules selects that module)",
+                          path, i / QS_LORA_N_SITES, SITE_MODULE[0][i % QS_LORA_N_SITES], seen[i] & 1 ? 'B' : 'A');
+    if (!rc) qs_params_upload(&lo->ps, host);
+    free(sel);
+    free(seen);
+    free(host);
+    return rc;
+}
+
+/* The base fingerprint an adapter records must be this table's base's. peft's adapters
+ * carry none: for them the shape checks are all there is. */
+static int check_base(const qs_lora *lo, const adapter_cfg *ac) {
+    const cJSON *fp = item(ac, BASE_SHA_KEY), *name = item(ac, "base_model_name_or_path");
+    if (!fp) return 0;
+    if (!cJSON_IsString(fp) || strlen(fp->valuestring) != 64)
+        return qs_error("%s: '" BASE_SHA_KEY "' must be 64 hex digits", ac->path);
+    if (!strcmp(fp->valuestring, lo->base_sha256)) return 0;
+    return qs_error("%s: the adapter was made for the base '%s' (weights sha256 %.16s...), not for this base "
+                    "(weights sha256 %.16s...)", ac->path, cJSON_IsString(name) ? name->valuestring : "?",
+                    fp->valuestring, lo->base_sha256);
+}
+
+static int load_adapter(qs_lora *lo, const char *step_dir, bool base_check) {
+    char path[QS_PATH_MAX + 64];
+    adapter_cfg ac;
+    qs_st_file f;
+    if (open_config(&ac, step_dir)) return -1;
+    int rc = open_weights(step_dir, &f, path, sizeof path);
+    if (!rc) {
+        rc = ac.foreign ? load_foreign(lo, &ac, &f, path)
+             : qs_checkpoint_load_weights(&lo->ps, &f, path)
+                 ? qs_error("the adapter does not fit this base model: %s", qs_error_last())
+                 : 0;
+        qs_st_free(&f);
+    }
+    if (!rc && base_check) rc = check_base(lo, &ac);
+    cJSON_Delete(ac.root);
+    return rc;
+}
+
+int qs_lora_load(qs_lora *lo, const char *step_dir) { return load_adapter(lo, step_dir, true); }
+
+int qs_lora_open(qs_lora **out, const char *dir, qs_gpt *m, bool base_check, char *step_dir, size_t cap) {
     qs_lora_config lc;
     *out = NULL;
     if (qs_checkpoint_find_file(dir, QS_LORA_WEIGHTS, step_dir, cap) || qs_lora_read_config(step_dir, &lc))
         return qs_error("--adapter: %s", qs_error_last());
-    if (qs_lora_create(out, &lc, m) || qs_lora_load(*out, step_dir)) {
+    if (qs_lora_create(out, &lc, m) || load_adapter(*out, step_dir, base_check)) {
         qs_lora_free(*out);
         *out = NULL;
         return qs_error("--adapter %s: %s", step_dir, qs_error_last());

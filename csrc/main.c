@@ -256,8 +256,9 @@ typedef struct loaded_model {
 } loaded_model;
 
 /* A language model from the checkpoint in dir, for micro-batches of max_B, with the
- * LoRA adapter in adapter_dir when that is not NULL. Nothing trains it: no gradients. */
-static int load_model(loaded_model *lm, const char *dir, int max_B, const char *adapter_dir) {
+ * LoRA adapter in adapter_dir when that is not NULL (base_check: it must have been made
+ * for these weights). Nothing trains it: no gradients. */
+static int load_model(loaded_model *lm, const char *dir, int max_B, const char *adapter_dir, bool base_check) {
     opened_ckpt o = {0};
     int rc = open_checkpoint(&o, dir, NULL, NULL);
     lm->cfg = o.cfg;
@@ -271,7 +272,8 @@ static int load_model(loaded_model *lm, const char *dir, int max_B, const char *
     if (!rc) rc = qs_gpt_create_frozen(&lm->m, arch, qs_backend_cpu(), max_B, arch->seq_len);
     if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &o.f, o.step_dir);
     char adapter_step[QS_PATH_MAX + 64];
-    if (!rc && adapter_dir) rc = qs_lora_open(&lm->lora, adapter_dir, lm->m, adapter_step, sizeof adapter_step);
+    if (!rc && adapter_dir)
+        rc = qs_lora_open(&lm->lora, adapter_dir, lm->m, base_check, adapter_step, sizeof adapter_step);
     if (!rc) qs_gpt_set_lora(lm->m, lm->lora);
     close_checkpoint(&o);
     return rc;
@@ -287,7 +289,8 @@ static const char *GENERATE_HELP =
     "usage: quasar generate --model CKPT_DIR [--adapter DIR] [--prompt TEXT] [--max-tokens N]\n"
     "                       [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "  --model DIR     a run folder, its ckpt/ folder or one checkpoint folder\n"
-    "  --adapter DIR   a LoRA adapter for that model (a finetune run, ckpt or checkpoint folder)\n"
+    "  --adapter DIR   a LoRA adapter for that model (a finetune run, ckpt or checkpoint folder,\n"
+    "                  or a folder Hugging Face peft saved)\n"
     "  --prompt TEXT   text to continue (default: a newline); repeat it to generate for several\n"
     "                  prompts in one batch, printed when done as JSON lines {\"prompt\", \"text\"}\n"
     "  --max-tokens N  tokens to generate (per prompt; default 500)\n"
@@ -359,7 +362,7 @@ static int cmd_generate(int argc, char **argv) {
         if (!*prompts.items[b]) return qs_cli_usage_error("%s", "--prompt must not be empty");
     const int B = prompts.n;
     loaded_model lm = {0};
-    if (load_model(&lm, model, B, adapter)) {
+    if (load_model(&lm, model, B, adapter, true)) {
         free_loaded(&lm);
         return qs_cli_fail();
     }
@@ -470,7 +473,8 @@ static const char *MERGE_HELP =
     "usage: quasar merge --model CKPT_DIR --adapter DIR --out RUN_DIR [--unmerge]\n"
     "  Folds a LoRA adapter into the weights, W += s * (B A)^T, and writes the result as a new\n"
     "  run (checkpoint step_00000000, fresh optimizer state); the model and adapter are only read.\n"
-    "  --unmerge       subtract the adapter instead (undoes a merge, up to float rounding)\n"
+    "  --unmerge       subtract the adapter instead (undoes a merge, up to float rounding; the\n"
+    "                  model is then a merged one, so the adapter's base fingerprint is not checked)\n"
     "  --out DIR       the folder to write; it must not already hold a run\n";
 
 static int cmd_merge(int argc, char **argv) {
@@ -497,7 +501,7 @@ static int cmd_merge(int argc, char **argv) {
     if (!access(path, F_OK)) return qs_error("'%s' already holds a run; --out must name a new folder", out), qs_cli_fail();
     loaded_model lm = {0};
     qs_adamw opt = {0};
-    rc = load_model(&lm, model, 1, adapter);
+    rc = load_model(&lm, model, 1, adapter, !unmerge); /* a merged model is not the adapter's base */
     qs_params *ps = rc ? NULL : qs_gpt_params(lm.m);
     if (!rc) rc = qs_lora_merge(lm.lora, ps, unmerge ? -1 : 1);
     if (!rc) rc = qs_adamw_create(&opt, qs_backend_cpu(), ps->n);

@@ -431,6 +431,48 @@ static int write_file(const char *path, const char *json, const qs_st_entry *ent
     return qs_atomic_commit(&af);
 }
 
+void qs_st_shape_str(char *buf, size_t cap, int ndim, const int64_t *shape) {
+    int k = snprintf(buf, cap, "[");
+    for (int d = 0; d < ndim && (size_t)k < cap; d++) k += snprintf(buf + k, cap - k, "%s%lld", d ? "," : "", (long long)shape[d]);
+    if ((size_t)k < cap) snprintf(buf + k, cap - k, "]");
+}
+
+/* ---- widening to F32 ---- */
+
+static float half_to_float(uint16_t h) {
+    int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    float v = exp == 0    ? ldexpf((float)man, -24) /* zero and subnormals */
+              : exp == 31 ? (man ? NAN : INFINITY)
+                          : ldexpf((float)(man | 0x400), exp - 25);
+    return h & 0x8000 ? -v : v;
+}
+
+int qs_st_to_f32(const qs_st_tensor *t, float *dst, const char *what) {
+    const unsigned char *s = t->data;
+    size_t n = t->nbytes / qs_dtype_size(t->dtype);
+    uint16_t h;
+    uint32_t bits;
+    switch (t->dtype) {
+    case QS_DT_F32: memcpy(dst, s, t->nbytes); return 0;
+    case QS_DT_F16:
+        for (size_t i = 0; i < n; i++) {
+            memcpy(&h, s + 2 * i, 2);
+            dst[i] = half_to_float(h);
+        }
+        return 0;
+    case QS_DT_BF16: /* the top half of an F32 */
+        for (size_t i = 0; i < n; i++) {
+            memcpy(&h, s + 2 * i, 2);
+            bits = (uint32_t)h << 16;
+            memcpy(&dst[i], &bits, 4);
+        }
+        return 0;
+    default:
+        return qs_error("%s: tensor '%s' is %s (only F32, F16 and BF16 convert)", what, t->name,
+                        qs_dtype_name(t->dtype));
+    }
+}
+
 int qs_st_write(const char *path, const qs_st_entry *entries, int n_entries, const qs_st_meta *meta,
                 int n_meta) {
     if (n_entries < 0 || n_meta < 0 || (n_entries && !entries) || (n_meta && !meta))

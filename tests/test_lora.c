@@ -1,13 +1,17 @@
 /* LoRA: the adapter path against a naive reference and by finite differences (alone and
  * inside whole dense, MoE and quadconv-mixer GPTs, dropout on), the frozen base, the
  * q/k/v column mask of c_attn, merge/unmerge against the unmerged logits and greedy
- * generation, the adapter files (round trip, size against r), and refused targets. */
+ * generation, the adapter files (round trip, size against r, the base fingerprint),
+ * refused targets, and adapters written by Hugging Face peft (tests/make_peft_fixture.py)
+ * over the converted GPT-2 fixture: peft's own logits with the adapter and merged (also
+ * through `quasar merge`), and every refused setting. Runs from the repository root. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -19,6 +23,7 @@
 #include "quasar/checkpoint.h"
 #include "quasar/checksum.h"
 #include "quasar/config.h"
+#include "quasar/convert.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
 #include "quasar/lora.h"
@@ -445,7 +450,7 @@ static void test_files(void **state) {
     built w = build(&wide, 1, 4);
     qs_lora *lo3;
     char step[700];
-    assert_int_equal(qs_lora_open(&lo3, dir, w.m, step, sizeof step), -1);
+    assert_int_equal(qs_lora_open(&lo3, dir, w.m, true, step, sizeof step), -1);
     printf("# %s\n", qs_error_last());
     assert_non_null(strstr(qs_error_last(), "does not fit this base model"));
     assert_non_null(strstr(qs_error_last(), "lora_A.weight"));
@@ -465,7 +470,7 @@ static void test_files(void **state) {
     c4.lora.r = 4;
     built b4 = build(&c4, 1, 4);
     qs_lora *lo4 = NULL;
-    assert_int_equal(qs_lora_open(&lo4, dir, b4.m, step, sizeof step), -1);
+    assert_int_equal(qs_lora_open(&lo4, dir, b4.m, true, step, sizeof step), -1);
     assert_non_null(strstr(qs_error_last(), "checksum"));
     /* an adapter_config.json with r out of range, its checksum updated: the schema's error */
     write_adapter(b4.lo, dir2);
@@ -518,6 +523,330 @@ static void test_refused_targets(void **state) {
     assert_non_null(strstr(qs_error_last(), "lora.targets: unknown target 'up'"));
 }
 
+/* ---- the base fingerprint ---- */
+
+static void sha256_of(const void *data, size_t n, char hex[65]) {
+    qs_sha256 s;
+    qs_sha256_init(&s);
+    qs_sha256_update(&s, data, n);
+    qs_sha256_hex(&s, hex);
+}
+
+/* FIPS 180-4's examples, and a long input fed in uneven pieces. */
+static void test_sha256(void **state) {
+    (void)state;
+    char hex[65];
+    sha256_of("", 0, hex);
+    assert_string_equal(hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    sha256_of("abc", 3, hex);
+    assert_string_equal(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    const char *two = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+    sha256_of(two, strlen(two), hex);
+    assert_string_equal(hex, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    static char a[1000000];
+    memset(a, 'a', sizeof a);
+    qs_sha256 s;
+    qs_sha256_init(&s);
+    for (size_t i = 0, k = 1; i < sizeof a; i += k, k = k * 7 % 997 + 1)
+        qs_sha256_update(&s, a + i, i + k < sizeof a ? k : sizeof a - i);
+    qs_sha256_hex(&s, hex);
+    assert_string_equal(hex, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+static cJSON *read_json(const char *path) {
+    char *text;
+    size_t n;
+    assert_int_equal(qs_file_read(path, &text, &n), 0);
+    cJSON *j = cJSON_ParseWithLength(text, n);
+    free(text);
+    assert_non_null(j);
+    return j;
+}
+
+/* An adapter records the SHA-256 of its base's weights (their F32 bytes in table order)
+ * and loads over that base only; a merged model (base_check false) skips the check. */
+static void test_base_fingerprint(void **state) {
+    (void)state;
+    char dir[600], path[700], step[700], want[65];
+    snprintf(dir, sizeof dir, "%s/fp", tmpdir);
+    qs_config c = tiny("q,fc");
+    built b = build(&c, 1, 4);
+    write_adapter(b.lo, dir);
+    const qs_params *base = qs_gpt_params(b.m);
+    sha256_of(base->data, base->n * sizeof(float), want);
+    snprintf(path, sizeof path, "%s/" QS_LORA_CONFIG, dir);
+    cJSON *cfg = read_json(path);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(cfg, "quasar_base_sha256")), want);
+    cJSON_Delete(cfg);
+
+    qs_lora *lo = NULL;
+    assert_int_equal(qs_lora_open(&lo, dir, b.m, true, step, sizeof step), 0);
+    qs_lora_free(lo);
+    /* the same shape, other weights (one value moved by one ulp) */
+    base->data[base->n / 2] = nextafterf(base->data[base->n / 2], INFINITY);
+    char other[65];
+    sha256_of(base->data, base->n * sizeof(float), other);
+    assert_int_equal(qs_lora_open(&lo, dir, b.m, true, step, sizeof step), -1);
+    printf("# %s\n", qs_error_last());
+    assert_null(lo);
+    char both[200];
+    snprintf(both, sizeof both, "made for the base 'base/dir' (weights sha256 %.16s...), not for this base (weights "
+             "sha256 %.16s...)", want, other);
+    assert_non_null(strstr(qs_error_last(), both));
+    assert_int_equal(qs_lora_open(&lo, dir, b.m, false, step, sizeof step), 0);
+    qs_lora_free(lo);
+    drop(&b);
+}
+
+/* ---- adapters written by peft ---- */
+
+#define HF_FIXTURE "tests/fixtures/hf_gpt2_tiny"
+#define PEFT_FIXTURE "tests/fixtures/peft_gpt2_tiny"
+#define VOCAB "../shared/data/gpt2"
+
+/* The converted HF fixture, made once: the base of every peft adapter here. */
+static const char *hf_run(void) {
+    static char run[600];
+    if (!run[0]) {
+        snprintf(run, sizeof run, "%s/hf_run", tmpdir);
+        assert_int_equal(qs_convert_from_hf(HF_FIXTURE, run, VOCAB), 0);
+    }
+    return run;
+}
+
+/* A frozen GPT with the checkpoint in run, sized for one sequence of T tokens. */
+static qs_gpt *load_gpt(const char *run, int T) {
+    char step[700], *chars;
+    qs_config cfg;
+    qs_st_file f;
+    qs_gpt *m;
+    assert_int_equal(qs_checkpoint_find(run, step, sizeof step), 0);
+    assert_int_equal(qs_checkpoint_open_model(&f, step, &cfg, &chars), 0);
+    assert_int_equal(qs_gpt_create_frozen(&m, &cfg.model, qs_backend_cpu(), 1, T), 0);
+    assert_int_equal(qs_checkpoint_load_weights(qs_gpt_params(m), &f, step), 0);
+    qs_st_free(&f);
+    free(chars);
+    return m;
+}
+
+typedef struct expected {
+    cJSON *root;
+    int ids[64], T, cols;
+} expected;
+
+static expected read_expected(const char *dir) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/expected_logits.json", dir);
+    expected e = {.root = read_json(path)};
+    const cJSON *tokens = cJSON_GetObjectItem(e.root, "tokens");
+    e.T = cJSON_GetArraySize(tokens);
+    e.cols = cJSON_GetObjectItem(e.root, "columns")->valueint;
+    assert_true(e.T > 0 && e.T <= 64);
+    for (int t = 0; t < e.T; t++) e.ids[t] = cJSON_GetArrayItem(tokens, t)->valueint;
+    return e;
+}
+
+/* The largest difference of m's logits for e's tokens from the recorded ones of `which`
+ * ("adapter", "merged"), relative to their largest magnitude; with whole_rows, the argmax
+ * and log-sum-exp of every whole row are checked on the way. */
+static double logits_error(qs_gpt *m, const expected *e, const char *which, bool whole_rows) {
+    const cJSON *rec = cJSON_GetObjectItem(e->root, which), *logits = cJSON_GetObjectItem(rec, "logits");
+    const cJSON *argmax = cJSON_GetObjectItem(rec, "argmax"), *lse = cJSON_GetObjectItem(rec, "logsumexp");
+    const int V = qs_gpt_config(m)->vocab_size;
+    qs_forward_mode mode = {.train = false};
+    qs_gpt_forward(m, e->ids, NULL, 1, e->T, &mode);
+    float *row = malloc((size_t)V * sizeof *row);
+    assert_non_null(row);
+    double err = 0, scale = 0;
+    for (int t = 0; t < e->T; t++) {
+        qs_gpt_logits_row(m, t, row);
+        for (int v = 0; v < e->cols; v++) {
+            double want = cJSON_GetArrayItem(cJSON_GetArrayItem(logits, t), v)->valuedouble;
+            err = fmax(err, fabs(row[v] - want));
+            scale = fmax(scale, fabs(want));
+        }
+        if (!whole_rows) continue;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best]) best = v;
+        double sum = 0, want_lse = cJSON_GetArrayItem(lse, t)->valuedouble;
+        for (int v = 0; v < V; v++) sum += exp((double)row[v] - row[best]);
+        assert_int_equal(best, cJSON_GetArrayItem(argmax, t)->valueint);
+        assert_true(fabs(row[best] + log(sum) - want_lse) <= 1e-4 * fmax(1, fabs(want_lse)));
+    }
+    free(row);
+    return err / scale;
+}
+
+/* Each peft adapter (list, regex, all-linear; F32, F16, BF16; rslora; layers_to_transform)
+ * over the converted base gives peft's logits, and merged, peft's merged logits; the
+ * adapter moves the logits by far more than the tolerance. */
+static void test_peft_logits(void **state) {
+    (void)state;
+    static const char *const variants[] = {"", "/bf16_rslora_layer", "/f16_regex", "/all_linear"};
+    for (size_t i = 0; i < sizeof variants / sizeof *variants; i++) {
+        char dir[300], step[700];
+        snprintf(dir, sizeof dir, PEFT_FIXTURE "%s", variants[i]);
+        expected e = read_expected(dir);
+        qs_gpt *m = load_gpt(hf_run(), e.T);
+        const double base_err = logits_error(m, &e, "adapter", false); /* the base alone */
+        qs_lora *lo;
+        assert_int_equal(qs_lora_open(&lo, dir, m, true, step, sizeof step), 0);
+        qs_gpt_set_lora(m, lo);
+        const double err = logits_error(m, &e, "adapter", true);
+        assert_int_equal(qs_lora_merge(lo, qs_gpt_params(m), 1), 0);
+        qs_gpt_set_lora(m, NULL);
+        const double merged = logits_error(m, &e, "merged", true);
+        printf("# peft adapter %s (targets %s): relative logit error %.2e, merged %.2e (the base alone: %.2e)\n", dir,
+               qs_lora_config_of(lo)->targets, err, merged, base_err);
+        assert_true(err <= 1e-4 && merged <= 1e-4);
+        assert_true(base_err > 100 * 1e-4);
+        qs_lora_free(lo);
+        qs_gpt_free(m);
+        cJSON_Delete(e.root);
+    }
+}
+
+/* `quasar merge` of the peft adapter (the binary tests/run.sh names in QUASAR) writes a
+ * run whose logits are peft's merged ones. */
+static void test_peft_cli_merge(void **state) {
+    (void)state;
+    const char *quasar = getenv("QUASAR");
+    if (!quasar) {
+        printf("# QUASAR is not set (tests/run.sh sets it): skipped\n");
+        skip();
+    }
+    char out[600], cmd[2000];
+    snprintf(out, sizeof out, "%s/peft_merged", tmpdir);
+    snprintf(cmd, sizeof cmd, "'%s' merge --model '%s' --adapter " PEFT_FIXTURE " --out '%s'", quasar, hf_run(), out);
+    assert_int_equal(system(cmd), 0);
+    expected e = read_expected(PEFT_FIXTURE);
+    qs_gpt *m = load_gpt(out, e.T);
+    const double err = logits_error(m, &e, "merged", true);
+    printf("# quasar merge of the peft adapter: relative logit error %.2e against peft's merged model\n", err);
+    assert_true(err <= 1e-4);
+    qs_gpt_free(m);
+    cJSON_Delete(e.root);
+}
+
+/* A copy of the main peft fixture under tmpdir/name with adapter_config.json's key set to
+ * the JSON value (NULL: removed); the weights as they are, or from `weights`. */
+static void peft_variant(char *dir, size_t cap, const char *name, const char *key, const char *value,
+                         const char *weights) {
+    char path[700], cmd[2000];
+    snprintf(dir, cap, "%s/%s", tmpdir, name);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s' && cp %s '%s/" QS_LORA_WEIGHTS "'", dir, dir,
+             weights ? weights : PEFT_FIXTURE "/" QS_LORA_WEIGHTS, dir);
+    assert_int_equal(system(cmd), 0);
+    cJSON *cfg = read_json(PEFT_FIXTURE "/" QS_LORA_CONFIG);
+    cJSON_DeleteItemFromObjectCaseSensitive(cfg, key);
+    if (value) {
+        cJSON *v = cJSON_Parse(value);
+        assert_non_null(v);
+        cJSON_AddItemToObject(cfg, key, v);
+    }
+    char *text = cJSON_Print(cfg);
+    snprintf(path, sizeof path, "%s/" QS_LORA_CONFIG, dir);
+    assert_int_equal(qs_file_write_atomic(path, text, strlen(text)), 0);
+    free(text);
+    cJSON_Delete(cfg);
+}
+
+/* The main fixture's tensors written to path, plus one extra tensor (name, dtype) of
+ * [4, 16] when name is not NULL, or with that tensor's dtype changed when it exists. */
+static void peft_weights(const char *path, const char *name, qs_dtype dtype) {
+    qs_st_file f;
+    assert_int_equal(qs_st_read(&f, PEFT_FIXTURE "/" QS_LORA_WEIGHTS), 0);
+    qs_st_entry e[64];
+    static const int32_t zeros[64];
+    int n = 0;
+    bool found = false;
+    for (int i = 0; i < f.n_tensors; i++, n++) {
+        const qs_st_tensor *t = &f.tensors[i];
+        e[n] = (qs_st_entry){.name = t->name, .dtype = t->dtype, .ndim = t->ndim, .data = t->data};
+        memcpy(e[n].shape, t->shape, sizeof t->shape);
+        if (!strcmp(t->name, name)) e[n].dtype = dtype, found = true; /* same size: F32 -> I32 */
+    }
+    if (!found) e[n++] = (qs_st_entry){.name = name, .dtype = dtype, .ndim = 2, .shape = {4, 16}, .data = zeros};
+    assert_int_equal(qs_st_write(path, e, n, NULL, 0), 0);
+    qs_st_free(&f);
+}
+
+/* Settings plain LoRA cannot reproduce, and tensors that do not fit the config or the
+ * base, are one error naming the key or the tensor; settings equal to plain LoRA load. */
+static void test_peft_refused(void **state) {
+    (void)state;
+    char odd[600];
+    snprintf(odd, sizeof odd, "%s/odd.safetensors", tmpdir);
+    struct {
+        const char *key, *value, *want;
+        const char *tensor; /* the config as it is, with weights where this tensor is added or made I32 */
+    } cases[] = {
+        {"use_dora", "true", "'use_dora' = true is not supported (DoRA: Quasar imports plain LoRA adapters only)", NULL},
+        {"bias", "\"lora_only\"", "'bias' = \"lora_only\" is not supported (only \"none\"", NULL},
+        {"peft_type", "\"IA3\"", "'peft_type' is \"IA3\": only LORA adapters are supported", NULL},
+        {"rank_pattern", "{\"c_attn\": 8}", "'rank_pattern' = {\"c_attn\":8} is not supported", NULL},
+        {"alpha_pattern", "{\"c_proj\": 2}", "'alpha_pattern' = {\"c_proj\":2} is not supported", NULL},
+        {"layers_pattern", "\"layers\"", "'layers_pattern' = \"layers\" is not supported", NULL},
+        {"layers_to_transform", "\"all\"", "'layers_to_transform' = \"all\" is not supported", NULL},
+        {"modules_to_save", "[\"lm_head\"]", "'modules_to_save' = [\"lm_head\"] is not supported", NULL},
+        {"init_lora_weights", "\"pissa\"", "'init_lora_weights' = \"pissa\" is not supported", NULL},
+        {"lora_bias", "true", "'lora_bias' = true is not supported", NULL},
+        {"some_future_option", "{\"on\": 1}", "'some_future_option' = {\"on\":1} is not supported", NULL},
+        {"r", "2", "tensor 'base_model.model.transformer.h.0.attn.c_attn.lora_A.weight' is [4,16], but r = 2 and "
+                   "this base make it [2,16]", NULL},
+        {"r", NULL, "missing 'r'", NULL},
+        {"target_modules", "[\"c_attn\"]", "tensor 'base_model.model.transformer.h.0.attn.c_proj.lora_A.weight' is for "
+                                          "a module that target_modules does not select in this 2-layer base", NULL},
+        {"target_modules", "[\"c_attn\", \"c_proj\", \"c_fc\"]",
+         "missing tensor 'base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight' (target_modules selects that module)", NULL},
+        {"target_modules", "[\"c_attn\", \"c_proj\", \"lm_head\"]", "target_modules selects 'lm_head', which Quasar "
+                                                                   "does not adapt", NULL},
+        {"target_modules", "\"(c_attn\"", "'target_modules' is not a regular expression Quasar can read", NULL},
+        {"target_modules", "7", "'target_modules' must be a string or a list of strings", NULL},
+        {"target_modules", NULL, "'target_modules' is missing", NULL},
+        {"layers_to_transform", "[0]", "tensor 'base_model.model.transformer.h.1.attn.c_attn.lora_A.weight' is for a "
+                                       "module that target_modules does not select", NULL},
+        {"exclude_modules", "[\"mlp.c_proj\"]", "tensor 'base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight' "
+                                               "is for a module that target_modules does not select", NULL},
+        {"peft_version", "\"0.21.2\"", "unexpected tensor 'base_model.model.lm_head.lora_A.weight'",
+         "base_model.model.lm_head.lora_A.weight"},
+        {"peft_version", "\"0.21.2\"", "tensor 'base_model.model.transformer.h.0.attn.c_attn.lora_A.weight' is I32 (only "
+                                  "F32, F16 and BF16 convert)", "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"},
+    };
+    qs_gpt *m = load_gpt(hf_run(), 4);
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char dir[600], step[700], name[32];
+        snprintf(name, sizeof name, "refused_%zu", i);
+        if (cases[i].tensor) peft_weights(odd, cases[i].tensor, strstr(cases[i].tensor, ".h.0.") ? QS_DT_I32 : QS_DT_F32);
+        peft_variant(dir, sizeof dir, name, cases[i].key, cases[i].value, cases[i].tensor ? odd : NULL);
+        qs_lora *lo = (qs_lora *)dir; /* must come back NULL */
+        assert_int_equal(qs_lora_open(&lo, dir, m, true, step, sizeof step), -1);
+        printf("# %s\n", qs_error_last());
+        assert_null(lo);
+        assert_null(strchr(qs_error_last(), '\n'));
+        if (!strstr(qs_error_last(), cases[i].want)) fail_msg("wanted '%s'", cases[i].want);
+    }
+    /* equal to plain LoRA: a pattern repeating r, fan_in_fan_out false (peft sets it for
+     * Conv1D anyway), an unknown option left off, the layer filter naming every layer,
+     * an initialisation-only setting, exclusion of a module not targeted, bookkeeping */
+    struct {
+        const char *key, *value;
+    } fine[] = {{"rank_pattern", "{\"c_attn\": 4}"}, {"alpha_pattern", "{\"c_proj\": 8}"},
+                {"fan_in_fan_out", "false"}, {"some_future_option", "null"}, {"layers_to_transform", "[0, 1]"},
+                {"layers_pattern", "\"h\""}, {"init_lora_weights", "\"gaussian\""}, {"exclude_modules", "[\"mlp.c_fc\"]"},
+                {"peft_version", "\"9.9\""}};
+    for (size_t i = 0; i < sizeof fine / sizeof *fine; i++) {
+        char dir[600], step[700];
+        peft_variant(dir, sizeof dir, "fine", fine[i].key, fine[i].value, NULL);
+        qs_lora *lo = NULL;
+        if (qs_lora_open(&lo, dir, m, true, step, sizeof step)) fail_msg("%s = %s: %s", fine[i].key, fine[i].value, qs_error_last());
+        assert_string_equal(qs_lora_config_of(lo)->targets, "q,k,v,proj,fc_proj");
+        qs_lora_free(lo);
+    }
+    qs_gpt_free(m);
+}
+
 int main(void) {
     seed = qs_test_seed("test_lora");
     assert_non_null(mkdtemp(tmpdir));
@@ -530,6 +859,11 @@ int main(void) {
         cmocka_unit_test(test_merge_unmerge),
         cmocka_unit_test(test_files),
         cmocka_unit_test(test_refused_targets),
+        cmocka_unit_test(test_sha256),
+        cmocka_unit_test(test_base_fingerprint),
+        cmocka_unit_test(test_peft_logits),
+        cmocka_unit_test(test_peft_cli_merge),
+        cmocka_unit_test(test_peft_refused),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     char cmd[128];

@@ -1,4 +1,5 @@
-/* CRC-32C (Castagnoli), for detecting truncated or corrupted checkpoint files. */
+/* CRC-32C (Castagnoli), for detecting truncated or corrupted checkpoint files; SHA-256,
+ * for identities (a LoRA adapter records the digest of its base model's weights). */
 #ifndef QUASAR_CHECKSUM_H
 #define QUASAR_CHECKSUM_H
 
@@ -7,5 +8,16 @@
 
 /* Extends crc (start from 0) over n bytes. */
 uint32_t qs_crc32c(uint32_t crc, const void *data, size_t n);
+
+typedef struct qs_sha256 {
+    uint32_t h[8];
+    uint64_t len;           /* bytes hashed so far */
+    unsigned char buf[64];  /* a partial block */
+    size_t n;
+} qs_sha256;
+void qs_sha256_init(qs_sha256 *s);
+void qs_sha256_update(qs_sha256 *s, const void *data, size_t n);
+/* Finishes the digest as 64 lowercase hex digits (s is then spent). */
+void qs_sha256_hex(qs_sha256 *s, char hex[65]);
 
 #endif

@@ -15,7 +15,16 @@
  * adapter_model.safetensors (those tensors, F32) and adapter_config.json (PEFT's keys:
  * peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, use_rslora,
  * fan_in_fan_out true, base_model_name_or_path; plus quasar_targets, the lora.targets
- * list). */
+ * list, and quasar_base_sha256, the SHA-256 of the base's weights as F32 in table order,
+ * i.e. of the data section of the base's model.safetensors, checked on every load).
+ *
+ * Adapters written by Hugging Face peft for a GPT-2-shaped base (no quasar_targets, no
+ * checksums.json) load too: target_modules (names, dotted suffixes, a regex string,
+ * "all-linear"), exclude_modules and layers_to_transform pick the modules as peft does
+ * (c_attn = q, k and v; "c_proj" = attn.c_proj and mlp.c_proj), tensors may be F32, F16
+ * or BF16 and must have exactly the shapes r and the base give; settings plain LoRA
+ * cannot reproduce (DoRA, bias other than "none", per-module ranks, ...) are refused by
+ * name. They record no base fingerprint, so only shapes are checked. */
 #ifndef QUASAR_LORA_H
 #define QUASAR_LORA_H
 
@@ -36,8 +45,9 @@ typedef enum { QS_LORA_SITE_QKV, QS_LORA_SITE_PROJ, QS_LORA_SITE_FC, QS_LORA_SIT
 /* Adapters per lc for model m's architecture, with activations for m's largest
  * micro-batch. Errors (naming lora.*) for targets the model lacks: q/k/v without
  * attention (model.mixer quadconv), fc/fc_proj in an MoE model, experts in a dense one,
- * or r larger than model.n_embd. Values are zero until qs_lora_init or a load. */
-int qs_lora_create(qs_lora **out, const qs_lora_config *lc, const qs_gpt *m);
+ * or r larger than model.n_embd. Values are zero until qs_lora_init or a load. m's
+ * weights must be its base's by now: their fingerprint is taken here. */
+int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m);
 void qs_lora_free(qs_lora *lo);
 qs_params *qs_lora_params(qs_lora *lo);
 const qs_lora_config *qs_lora_config_of(const qs_lora *lo);
@@ -61,16 +71,20 @@ void qs_lora_backward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0
 int qs_lora_merge(const qs_lora *lo, qs_params *base, int sign);
 
 /* Writes adapter_model.safetensors and adapter_config.json into dir; base_path is
- * recorded as base_model_name_or_path. */
+ * recorded as base_model_name_or_path, the base's fingerprint as quasar_base_sha256. */
 int qs_lora_write(const qs_lora *lo, const char *dir, const char *base_path);
-/* Reads the lora settings of the adapter checkpoint in step_dir (checked against its
- * checksums.json; values through the config schema). */
+/* Reads the lora settings of the adapter in step_dir (checked against its checksums.json
+ * when it has one; values through the config schema; a peft adapter's targets are the
+ * modules its tensors cover). */
 int qs_lora_read_config(const char *step_dir, qs_lora_config *lc);
 /* Loads the adapter tensors of step_dir; every tensor must match this table's names and
- * shapes (an adapter made for another base shape is refused). */
+ * shapes (an adapter made for another base shape is refused), and a recorded base
+ * fingerprint must be this table's base's. */
 int qs_lora_load(qs_lora *lo, const char *step_dir);
-/* An adapter from DIR (a finetune run folder, its ckpt/ folder or one checkpoint
- * folder) built for m and loaded; writes the checkpoint folder's path to step_dir. */
-int qs_lora_open(qs_lora **out, const char *dir, const qs_gpt *m, char *step_dir, size_t cap);
+/* An adapter from DIR (a finetune run folder, its ckpt/ folder, one checkpoint folder
+ * or a folder peft saved) built for m and loaded; writes the adapter folder's path to
+ * step_dir. base_check false skips the fingerprint (m is a merged model, whose weights
+ * are by design not the adapter's base). */
+int qs_lora_open(qs_lora **out, const char *dir, qs_gpt *m, bool base_check, char *step_dir, size_t cap);
 
 #endif

@@ -53,6 +53,12 @@ void qs_st_free(qs_st_file *f);
 const qs_st_tensor *qs_st_find(const qs_st_file *f, const char *name);
 const char *qs_st_meta_get(const qs_st_file *f, const char *key); /* NULL if absent */
 
+/* "[2,3]": a shape for error messages. */
+void qs_st_shape_str(char *buf, size_t cap, int ndim, const int64_t *shape);
+/* Widens an F32, F16 or BF16 tensor (little-endian, possibly unaligned data) into dst
+ * (numel floats); other dtypes are an error naming `what` and the tensor. */
+int qs_st_to_f32(const qs_st_tensor *t, float *dst, const char *what);
+
 /* Writing: tensors are laid out in the order given. */
 typedef struct qs_st_entry {
     const char *name;
