@@ -65,7 +65,8 @@ comma := ,
 SRC      = $(wildcard csrc/*.c csrc/cpu/*.c)
 # The CPU trees (ASan, fuzz) never hold NCCL; only the release tree does.
 LIB_SRC  = $(filter-out csrc/main.c csrc/comm_nccl.c $(if $(filter 1,$(MPI)),,csrc/comm_mpi.c),$(SRC))
-REL_SRC  = $(LIB_SRC) $(if $(filter 1,$(NCCL)),csrc/comm_nccl.c)
+# The release tree links the CUDA backend when it is built, else its stub (the CPU trees always).
+REL_SRC  = $(filter-out $(if $(CU_OBJ),csrc/backend_cuda_stub.c),$(LIB_SRC)) $(if $(filter 1,$(NCCL)),csrc/comm_nccl.c)
 CU_SRC   = $(wildcard kernels/*.cu)
 TEST_SRC = $(wildcard tests/test_*.c)
 
@@ -76,11 +77,11 @@ ASAN_CFLAGS = $(CFLAGS_COMMON) -O1 -g -fno-omit-frame-pointer -fsanitize=address
 
 ifeq ($(CUDA)$(if $(CU_SRC),y),1y)
   CU_OBJ = $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
-  CUDA_LIBS = -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lstdc++
-  NVCCFLAGS ?= -O3 -std=c++17 -Iinclude -arch=sm_90 -Xcompiler -Wall,-Werror
+  CUDA_LIBS = -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+  NVCCFLAGS ?= -O3 -std=c++17 -Iinclude -arch=sm_90 -Xcompiler -Wall,-Werror -Werror all-warnings
 endif
 
-.PHONY: all test test-asan test-valgrind fuzz fuzz-smoke clean
+.PHONY: all test test-asan test-valgrind test-gpu test-gpu-sanitizer fuzz fuzz-smoke clean
 .SECONDARY:
 all: $(BUILD)/quasar
 
@@ -89,7 +90,7 @@ $(BUILD)/obj/%.o: %.c
 	$(CC) $(REL_CFLAGS) -MMD -MP -c $< -o $@
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
 $(BUILD)/libquasar.a: $(REL_SRC:%.c=$(BUILD)/obj/%.o) $(CU_OBJ)
 	ar rcs $@ $^
 $(BUILD)/quasar: $(BUILD)/obj/csrc/main.o $(BUILD)/libquasar.a
@@ -160,6 +161,23 @@ fuzz-smoke: $(FUZZ_BINS)
 test: $(BUILD)/asan/quasar $(ASAN_TESTS) $(FUZZ_REPLAYS) $(COMM_TEST)
 	QS_MPI=$(MPI) tests/run.sh $(BUILD)/asan
 test-asan: test
+
+# The CUDA backend against the CPU reference, on a GPU machine (tests/gpu/parity.c): every
+# op, whole models, a training run. Without a visible device it fails with one line.
+GPU_TEST = $(BUILD)/tests/gpu/parity
+COMPUTE_SANITIZER ?= $(CUDA_HOME)/bin/compute-sanitizer
+$(GPU_TEST): $(BUILD)/obj/tests/gpu/parity.o $(BUILD)/libquasar.a
+	@mkdir -p $(dir $@)
+	$(CC) $^ -o $@ $(LDLIBS_COMMON) $(NCCL_LIBS) $(CUDA_LIBS)
+test-gpu: $(GPU_TEST)
+	$(GPU_TEST)
+# The same under each compute-sanitizer tool, with a shorter training run (the tools
+# check every access of every kernel, which a longer run repeats).
+test-gpu-sanitizer: $(GPU_TEST)
+	@set -e; for tool in memcheck racecheck synccheck initcheck; do \
+	  echo "# compute-sanitizer --tool $$tool"; \
+	  QS_PARITY_STEPS=$${QS_PARITY_STEPS:-10} $(COMPUTE_SANITIZER) --tool $$tool --error-exitcode 1 $(GPU_TEST); \
+	done
 
 # A short train / resume / generate under valgrind (portable -march so valgrind knows
 # every instruction).

@@ -22,5 +22,8 @@ typedef struct qs_backend {
 
 /* The fp32 CPU reference backend (always present). */
 const qs_backend *qs_backend_cpu(void);
+/* The fp32 CUDA backend (kernels/) on the current device; NULL with a one-line qs_error
+ * when this build has no CUDA or no device is visible. */
+const qs_backend *qs_backend_cuda(void);
 
 #endif

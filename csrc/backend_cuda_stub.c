@@ -1,0 +1,9 @@
+/* qs_backend_cuda in a build without the CUDA backend (CUDA=0, or no nvcc): the ASan and
+ * fuzz trees always, the release tree when kernels/ is not compiled. */
+#include "quasar/backend.h"
+#include "quasar/error.h"
+
+const qs_backend *qs_backend_cuda(void) {
+    qs_error("this build has no CUDA (build with nvcc present, or make CUDA=1 CUDA_HOME=...)");
+    return NULL;
+}

@@ -1,0 +1,188 @@
+/* The CUDA backend: device memory, error checks, op scratch, the cuBLAS handle and the
+ * op table. One device (the current one, 0 unless a launcher chose another) and the
+ * legacy default stream (see cuda_ops.h). */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "cuda_ops.h"
+
+void qs_cuda_check(cudaError_t err, const char *call, const char *file, int line) {
+    if (err == cudaSuccess) return;
+    qs_error("%s failed: %s (%s:%d)", call, cudaGetErrorString(err), file, line);
+    fprintf(stderr, "quasar: %s\n", qs_error_last());
+    abort();
+}
+
+void qs_cublas_check(cublasStatus_t st, const char *call, const char *file, int line) {
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    qs_error("%s failed: %s (%s:%d)", call, cublasGetStatusString(st), file, line);
+    fprintf(stderr, "quasar: %s\n", qs_error_last());
+    abort();
+}
+
+int qs_cuda_failed(cudaError_t err, const char *call) {
+    if (err == cudaSuccess) return 0;
+    cudaGetLastError(); /* a failed allocation is not sticky: clear it, or the next launch check reports it */
+    return qs_error("%s failed: %s", call, cudaGetErrorString(err));
+}
+
+/* ---- memory ---- */
+
+static void *cuda_alloc(size_t bytes) {
+    void *p = NULL;
+    /* cudaMalloc(0) returns NULL, which callers would read as failure, hence the 1 */
+    if (qs_cuda_failed(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc")) {
+        qs_error("out of GPU memory allocating %zu bytes (%s)", bytes, qs_error_last());
+        return NULL;
+    }
+    if (qs_cuda_failed(cudaMemset(p, 0, bytes), "cudaMemset")) {
+        cudaFree(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_free(void *p) { QS_CUDA(cudaFree(p)); }
+
+static void cuda_zero(void *p, size_t bytes) { QS_CUDA(cudaMemsetAsync(p, 0, bytes, 0)); }
+
+void qs_cuda_upload(void *dst, const void *host_src, size_t bytes) {
+    QS_CUDA(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
+}
+
+void qs_cuda_download(void *host_dst, const void *src, size_t bytes) {
+    QS_CUDA(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+
+static void cuda_copy(void *dst, const void *src, size_t bytes) {
+    QS_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
+}
+
+void *qs_cuda_scratch(size_t bytes) {
+    static void *buf;
+    static size_t cap;
+    if (bytes > cap) {
+        /* cudaFree waits for the device, so no queued kernel still reads the old buffer */
+        QS_CUDA(cudaFree(buf));
+        cap = bytes > 2 * cap ? bytes : 2 * cap;
+        QS_CUDA(cudaMalloc(&buf, cap));
+    }
+    return buf;
+}
+
+void *qs_cuda_host_scratch(size_t bytes) {
+    static void *buf;
+    static size_t cap;
+    if (bytes > cap) {
+        free(buf);
+        cap = bytes > 2 * cap ? bytes : 2 * cap;
+        buf = malloc(cap);
+        if (!buf) {
+            fprintf(stderr, "quasar: out of memory allocating %zu bytes of CUDA op host scratch\n", cap);
+            abort();
+        }
+    }
+    return buf;
+}
+
+/* ---- cuBLAS ---- */
+
+static cublasHandle_t blas;
+
+cublasHandle_t qs_cuda_blas(void) { return blas; }
+
+/* ---- the backend ---- */
+
+static const qs_ops cuda_ops = {
+    .embed_forward = qs_cuda_embed_forward,
+    .embed_backward = qs_cuda_embed_backward,
+    .layernorm_forward = qs_cuda_layernorm_forward,
+    .layernorm_backward = qs_cuda_layernorm_backward,
+    .matmul_forward = qs_cuda_matmul_forward,
+    .matmul_backward = qs_cuda_matmul_backward,
+    .matmul_acc = qs_cuda_matmul_acc,
+    .attention_forward = qs_cuda_attention_forward,
+    .attention_backward = qs_cuda_attention_backward,
+    .attention_block_forward = qs_cuda_attention_block_forward,
+    .attention_merge = qs_cuda_attention_merge,
+    .attention_delta = qs_cuda_attention_delta,
+    .attention_block_backward = qs_cuda_attention_block_backward,
+    .kv_pack_forward = qs_cuda_kv_pack_forward,
+    .kv_pack_backward = qs_cuda_kv_pack_backward,
+    .kv_cache_fill = qs_cuda_kv_cache_fill,
+    .attention_decode = qs_cuda_attention_decode,
+    .gelu_forward = qs_cuda_gelu_forward,
+    .gelu_backward = qs_cuda_gelu_backward,
+    .relu_forward = qs_cuda_relu_forward,
+    .relu_backward = qs_cuda_relu_backward,
+    .add_forward = qs_cuda_add_forward,
+    .dropout_forward = qs_cuda_dropout_forward,
+    .dropout_backward = qs_cuda_dropout_backward,
+    .xent_forward = qs_cuda_xent_forward,
+    .xent_backward = qs_cuda_xent_backward,
+    .noisy_gate_forward = qs_cuda_noisy_gate_forward,
+    .noisy_gate_backward = qs_cuda_noisy_gate_backward,
+    .moe_topk_forward = qs_cuda_moe_topk_forward,
+    .moe_topk_backward = qs_cuda_moe_topk_backward,
+    .moe_assign = qs_cuda_moe_assign,
+    .moe_dispatch_forward = qs_cuda_moe_dispatch_forward,
+    .moe_dispatch_backward = qs_cuda_moe_dispatch_backward,
+    .moe_combine_forward = qs_cuda_moe_combine_forward,
+    .moe_combine_backward = qs_cuda_moe_combine_backward,
+    .moe_balance_forward = qs_cuda_moe_balance_forward,
+    .moe_balance_backward = qs_cuda_moe_balance_backward,
+    .quadconv_forward = qs_cuda_quadconv_forward,
+    .quadconv_backward = qs_cuda_quadconv_backward,
+    .space_to_depth_forward = qs_cuda_space_to_depth_forward,
+    .space_to_depth_backward = qs_cuda_space_to_depth_backward,
+    .avgpool_forward = qs_cuda_avgpool_forward,
+    .avgpool_backward = qs_cuda_avgpool_backward,
+    .layer_scale_forward = qs_cuda_layer_scale_forward,
+    .layer_scale_backward = qs_cuda_layer_scale_backward,
+    .sumsq = qs_cuda_sumsq,
+    .adamw_update = qs_cuda_adamw_update,
+};
+
+static const qs_backend cuda_backend = {
+    .name = "cuda",
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .zero = cuda_zero,
+    .upload = qs_cuda_upload,
+    .download = qs_cuda_download,
+    .copy = cuda_copy,
+    .ops = &cuda_ops,
+};
+
+/* The device context and the cuBLAS handle; -1 with qs_error set when there is no
+ * usable device. */
+static int init(void) {
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        return qs_error("no CUDA device is visible (cudaGetDeviceCount: %s)",
+                        err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
+    }
+    if (qs_cuda_failed(cudaFree(0), "creating the CUDA context (cudaFree(0))")) return -1;
+    cublasStatus_t st = cublasCreate(&blas);
+    if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasCreate failed: %s", cublasGetStatusString(st));
+    /* plain fp32 FMA: no TF32 tensor-core rounding, so GEMMs match the CPU to fp32 rounding */
+    st = cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH);
+    if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasSetMathMode failed: %s", cublasGetStatusString(st));
+    return 0;
+}
+
+extern "C" const qs_backend *qs_backend_cuda(void) {
+    static int state; /* 0 not tried, 1 ready, -1 failed (why) */
+    static char why[512];
+    if (state == 0) {
+        state = init() ? -1 : 1;
+        if (state < 0) snprintf(why, sizeof why, "%s", qs_error_last());
+    }
+    if (state < 0) {
+        qs_error("%s", why);
+        return NULL;
+    }
+    return &cuda_backend;
+}

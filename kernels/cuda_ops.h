@@ -1,0 +1,201 @@
+/* CUDA backend internals: one qs_cuda_<op> per qs_ops field (same signature, same
+ * semantics as documented in quasar/ops.h, and the same numbers as csrc/cpu up to
+ * float rounding), plus the host-side helpers the op files share.
+ *
+ * Every kernel and copy runs on the legacy default stream, in issue order: ops need no
+ * events, a download after an op sees its result, and the NCCL comm layer's blocking
+ * streams order themselves against it. */
+#ifndef QUASAR_CUDA_OPS_H
+#define QUASAR_CUDA_OPS_H
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+#include "quasar/backend.h"
+#include "quasar/error.h"
+}
+
+/* ---- errors ----
+ * A failing CUDA or cuBLAS call becomes a qs_error naming the call. Ops return void, so
+ * inside an op the failure is then fatal (message on stderr, abort), as the CPU backend
+ * treats running out of scratch: training on after a failed kernel would give wrong
+ * gradients silently. Allocation and set-up report it instead (qs_cuda_failed). */
+void qs_cuda_check(cudaError_t err, const char *call, const char *file, int line);
+void qs_cublas_check(cublasStatus_t st, const char *call, const char *file, int line);
+/* Records the failure as a qs_error and returns -1; 0 on success. */
+int qs_cuda_failed(cudaError_t err, const char *call);
+
+#define QS_CUDA(call) qs_cuda_check((call), #call, __FILE__, __LINE__)
+#define QS_CUBLAS(call) qs_cublas_check((call), #call, __FILE__, __LINE__)
+
+/* Threads per block of the element-wise kernels, and their grid for n elements (the
+ * kernels loop, so the grid may be capped). */
+#define QS_THREADS 256
+static inline unsigned qs_cuda_blocks(size_t n, unsigned threads) {
+    const size_t b = (n + threads - 1) / threads;
+    return b > 1048576 ? 1048576u : (unsigned)b;
+}
+
+/* Launches kernel over grid x block (with smem bytes of dynamic shared memory) and checks
+ * the launch. An empty grid (a zero size) launches nothing, so ops need no size guards. */
+#define QS_LAUNCH(kernel, grid, block, smem, ...)                                 \
+    do {                                                                          \
+        const dim3 qs_grid_ = (grid);                                             \
+        if (qs_grid_.x && qs_grid_.y && qs_grid_.z) {                             \
+            kernel<<<qs_grid_, (block), (smem)>>>(__VA_ARGS__);                   \
+            qs_cuda_check(cudaGetLastError(), #kernel, __FILE__, __LINE__);       \
+        }                                                                         \
+    } while (0)
+
+/* An element-wise kernel over n items: QS_THREADS a block, qs_cuda_blocks of them. */
+#define QS_LAUNCH_N(kernel, n, ...) QS_LAUNCH(kernel, qs_cuda_blocks((n), QS_THREADS), QS_THREADS, 0, __VA_ARGS__)
+/* A kernel with one warp per row: row blockIdx.x * QS_WARPS + threadIdx.x / 32. */
+#define QS_WARPS (QS_THREADS / 32)
+#define QS_LAUNCH_ROWS(kernel, rows, ...) \
+    QS_LAUNCH(kernel, ((rows) + QS_WARPS - 1) / QS_WARPS, QS_THREADS, 0, __VA_ARGS__)
+
+/* ---- memory ---- */
+/* Device scratch for one op's temporaries: grow-only, valid until the next call. Ops run
+ * in stream order, so the next op may take it over while this one's kernels are still
+ * queued. An op takes all its regions from one call (qs_cuda_carve). */
+void *qs_cuda_scratch(size_t bytes);
+/* The bytes a region takes: whole 256-byte units, so every region is aligned. */
+static inline size_t qs_cuda_room(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
+/* The next region of `bytes` from *at, advancing *at. */
+static inline void *qs_cuda_carve(char **at, size_t bytes) {
+    void *p = *at;
+    *at += qs_cuda_room(bytes);
+    return p;
+}
+/* Host scratch for ops that do bookkeeping on the host (aborts when out of memory). */
+void *qs_cuda_host_scratch(size_t bytes);
+void qs_cuda_upload(void *dst, const void *host_src, size_t bytes);
+void qs_cuda_download(void *host_dst, const void *src, size_t bytes);
+
+/* ---- GEMM (matmul.cu) ----
+ * Row-major C[M,N] = alpha op(A) op(B) + beta C for `batch` matrices strideA/B/C floats
+ * apart, op(A) [M,K] (A stored [K,M] when ta), op(B) [K,N] (B stored [N,K] when tb);
+ * lda/ldb/ldc are row strides, so heads cut out of a wider row are operands as they lie. */
+void qs_cuda_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, long long strideA,
+                  const float *B, int ldb, long long strideB, float beta, float *C, int ldc, long long strideC,
+                  int batch);
+cublasHandle_t qs_cuda_blas(void);
+
+/* ---- the ops ---- */
+
+/* embed.cu */
+void qs_cuda_embed_forward(float *out, const int *tok, const int *pos, const float *wte, const float *wpe, int N,
+                           int C);
+void qs_cuda_embed_backward(float *dwte, float *dwpe, const float *dout, const int *tok, const int *pos, int N,
+                            int C);
+
+/* layernorm.cu */
+void qs_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
+                               const float *b, int N, int C);
+void qs_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                                const float *w, const float *mean, const float *rstd, int N, int C);
+
+/* matmul.cu */
+void qs_cuda_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int n_in,
+                            int n_out, qs_weight_layout layout);
+void qs_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+                             const float *w, int N, int n_in, int n_out, qs_weight_layout layout);
+void qs_cuda_matmul_acc(float *out, const float *inp, const float *w, float alpha, int N, int n_in, int n_out,
+                        qs_weight_layout layout);
+
+/* attention.cu */
+void qs_cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
+void qs_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T,
+                                int C, int NH);
+
+/* kv_cache.cu */
+void qs_cuda_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int max_T);
+void qs_cuda_attention_decode(float *out, float *kcache, float *vcache, const float *qkv, int B, int C, int NH,
+                              const int *slots, const int *pos, int max_T);
+
+/* attention_block.cu */
+void qs_cuda_attention_block_forward(float *out, float *lse, const float *q, const float *kv,
+                                     const qs_attn_block *blk);
+void qs_cuda_attention_merge(float *out, float *lse, const float *out_b, const float *lse_b,
+                             const qs_attn_block *blk);
+void qs_cuda_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int C, int NH);
+void qs_cuda_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q, const float *kv,
+                                      const float *lse, const float *delta, const qs_attn_block *blk);
+void qs_cuda_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C);
+void qs_cuda_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C);
+/* The pieces attention.cu shares, for sequence b of a block with its NH heads batched;
+ * p, dp, ds are [NH][Tq][Tk] (the whole [B][NH][Tq][Tk] for qs_cuda_attn_softmax):
+ * p = scale Q K^T; out = P V; dp = dout V^T; dq += dS K, dk += dS^T Q, dv += P^T dout
+ * (dq, dkv NULL: skipped); scores -> probabilities over the visible keys (0 elsewhere)
+ * and, if lse is not NULL, their log-sum-exp. */
+void qs_cuda_attn_scores(float *p, const float *q, const float *kv, const qs_attn_block *k, int b);
+void qs_cuda_attn_apply(float *out, const float *p, const float *kv, const qs_attn_block *k, int b);
+void qs_cuda_attn_dprobs(float *dp, const float *dout, const float *kv, const qs_attn_block *k, int b);
+void qs_cuda_attn_grads(float *dq, float *dkv, const float *ds, const float *p, const float *dout, const float *q,
+                        const float *kv, const qs_attn_block *k, int b);
+void qs_cuda_attn_softmax(float *p, float *lse, const qs_attn_block *k, int rows);
+
+/* activation.cu */
+void qs_cuda_gelu_forward(float *out, const float *inp, size_t n);
+void qs_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+void qs_cuda_relu_forward(float *out, const float *inp, size_t n);
+void qs_cuda_relu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+void qs_cuda_add_forward(float *out, const float *a, const float *b, size_t n);
+void qs_cuda_dropout_forward(float *out, const float *inp, float p, uint64_t seed, uint64_t stream,
+                             const int64_t *row_ids, size_t N, size_t W);
+void qs_cuda_dropout_backward(float *dinp, const float *dout, float p, uint64_t seed, uint64_t stream,
+                              const int64_t *row_ids, size_t N, size_t W);
+
+/* xent.cu */
+void qs_cuda_xent_forward(float *losses, const float *logits, const int *targets, int N, int V);
+void qs_cuda_xent_backward(float *dlogits, const float *logits, const int *targets, float dloss, int N, int V);
+
+/* moe.cu */
+void qs_cuda_noisy_gate_forward(float *h, const float *clean, const float *noise_logits, uint64_t seed,
+                                uint64_t stream, const int64_t *row_ids, int N, int E);
+void qs_cuda_noisy_gate_backward(float *dclean, float *dnoise, const float *dh, const float *noise_logits,
+                                 uint64_t seed, uint64_t stream, const int64_t *row_ids, int N, int E);
+void qs_cuda_moe_topk_forward(int *idx, float *gate, const float *logits, int N, int E, int K);
+void qs_cuda_moe_topk_backward(float *dlogits, const float *dgate, const int *idx, const float *gate, int N, int E,
+                               int K);
+int qs_cuda_moe_assign(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N, int E, int K,
+                       int capacity);
+void qs_cuda_moe_dispatch_forward(float *xe, const float *x, const int *slot, int N, int K, int C);
+void qs_cuda_moe_dispatch_backward(float *dx, const float *dxe, const int *slot, int N, int K, int C);
+void qs_cuda_moe_combine_forward(float *y, const float *ye, const float *gate, const int *slot, int N, int K, int C);
+void qs_cuda_moe_combine_backward(float *dye, float *dgate, const float *dy, const float *ye, const float *gate,
+                                  const int *slot, int N, int K, int C);
+void qs_cuda_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed, int N, int E,
+                                 int K);
+void qs_cuda_moe_balance_backward(float *dlogits, const float *logits, const int *routed, float balance_coef,
+                                  float z_coef, int N, int E, int K);
+
+/* quadconv.cu */
+void qs_cuda_quadconv_forward(float *y, float *fa, float *fb, const float *x, const float *w, const float *bias,
+                              const qs_conv_shape *s);
+void qs_cuda_quadconv_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x, const float *w,
+                               const float *fa, const float *fb, const qs_conv_shape *s);
+
+/* spatial.cu */
+void qs_cuda_space_to_depth_forward(float *out, const float *inp, int B, int H, int W, int C, int p);
+void qs_cuda_space_to_depth_backward(float *dinp, const float *dout, int B, int H, int W, int C, int p);
+void qs_cuda_avgpool_forward(float *out, const float *inp, int B, int N, int C);
+void qs_cuda_avgpool_backward(float *dinp, const float *dout, int B, int N, int C);
+
+/* residual.cu */
+void qs_cuda_layer_scale_forward(float *out, const float *resid, const float *inp, const float *gamma, float p,
+                                 uint64_t seed, uint64_t stream, uint64_t sample0, int B, int N, int C);
+void qs_cuda_layer_scale_backward(float *dinp, float *dgamma, const float *dout, const float *inp,
+                                  const float *gamma, float p, uint64_t seed, uint64_t stream, uint64_t sample0,
+                                  int B, int N, int C);
+
+/* optim.cu */
+double qs_cuda_sumsq(const float *g, size_t n);
+void qs_cuda_adamw_update(float *p, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
+                          float beta2, float eps, float wd, int t, float grad_scale);
+
+#endif

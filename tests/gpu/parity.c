@@ -1,0 +1,935 @@
+/* Parity of the CUDA backend with the CPU reference (`make test-gpu`, GPU machines only).
+ *
+ * Every op of qs_ops runs on both backends over the same fresh random inputs (seed
+ * printed; QS_TEST_SEED replays it) at several awkward sizes (1, and none a multiple of
+ * 32, 64 or 128). Before each call the outputs an op overwrites are poisoned with NaN on
+ * both backends, and the ones it accumulates into get the same random values on both;
+ * an output element the reference leaves alone must stay NaN on the GPU too. Then whole
+ * models (GPT dense / MoE with noisy gating / quadconv mixer, all with dropout on; a
+ * QuadraNet with stochastic depth) built on both backends from the same init must give
+ * the same loss and gradients (and the GPTs the same bits when the CUDA pass is
+ * repeated, and the same logits through the KV cache), and a tiny GPT trained with AdamW on both must follow the
+ * same loss curve (QS_PARITY_STEPS steps, 200 by default).
+ *
+ * Tolerances (fp32): an element passes when |cuda - cpu| <= tol * max(|cpu|, rms), rms
+ * the root mean square of the reference tensor (so an element that cancels to nearly 0
+ * is judged against the tensor's scale); NaN and infinities must match exactly.
+ *   ELEM 1e-5: element-wise ops (activations, dropout, gating, layouts, AdamW);
+ *   RED  1e-4: anything that sums (norms, GEMMs, softmaxes, attention, convolutions),
+ *              and whole-model losses and every gradient tensor;
+ *   TRAIN 1e-3: each step's loss of the training run (rounding differences compound
+ *              through the updates; a first estimate, to be confirmed on a GPU).
+ * Integer outputs (top-k choices, slots, counts) must be equal.
+ *
+ * Output is TAP: one "ok - ..." or "not ok - ..." line per check (with a "# ..." line
+ * saying why), then the plan and a count. Exits non-zero if any check failed or no CUDA
+ * device is visible. */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../test_seed.h"
+#include "quasar/backend.h"
+#include "quasar/config.h"
+#include "quasar/error.h"
+#include "quasar/model.h"
+#include "quasar/optim.h"
+#include "quasar/quadranet.h"
+#include "quasar/rng.h"
+
+#define ELEM 1e-5
+#define RED 1e-4
+#define TRAIN 1e-3
+
+static const qs_backend *be[2]; /* 0: the CPU reference, 1: CUDA */
+static int side;                /* the backend BOTH is calling */
+static uint64_t seed, draws;    /* draws: the random stream of the next array */
+static int passed, failed;
+
+/* ---- checks: one TAP line each ---- */
+
+static char case_name[256], why[768];
+static int bad;
+
+static void fail(const char *fmt, ...) QS_PRINTF(1, 2);
+static void fail(const char *fmt, ...) {
+    if (bad++) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+}
+
+static void case_begin(const char *fmt, ...) QS_PRINTF(1, 2);
+static void case_begin(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(case_name, sizeof case_name, fmt, ap);
+    va_end(ap);
+    bad = 0;
+}
+
+static void release_tensors(void);
+
+static void case_end(void) {
+    release_tensors();
+    if (bad) printf("not ok - %s\n# %s\n", case_name, why);
+    else printf("ok - %s\n", case_name);
+    fflush(stdout);
+    bad ? failed++ : passed++;
+}
+
+static void *xmalloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) {
+        printf("Bail out! out of host memory\n");
+        exit(2);
+    }
+    return p;
+}
+
+/* c: the reference, g: the GPU's, n floats (see the header for the rule). */
+static void compare(const char *what, const float *c, const float *g, size_t n, double tol) {
+    double ss = 0.0;
+    size_t finite = 0;
+    for (size_t i = 0; i < n; i++)
+        if (isfinite(c[i])) {
+            ss += (double)c[i] * c[i];
+            finite++;
+        }
+    const double rms = finite ? sqrt(ss / (double)finite) : 0.0;
+    double worst = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(c[i]) || !isfinite(g[i])) {
+            if (!(isnan(c[i]) && isnan(g[i])) && c[i] != g[i]) {
+                fail("%s[%zu]: cpu %g, cuda %g", what, i, c[i], g[i]);
+                return;
+            }
+            continue;
+        }
+        const double ref = fabs(c[i]) > rms ? fabs(c[i]) : rms, diff = fabs((double)g[i] - c[i]);
+        const double err = ref > 0.0 ? diff / ref : diff;
+        if (err > worst) {
+            worst = err;
+            at = i;
+        }
+    }
+    if (worst > tol)
+        fail("%s[%zu]: cpu %.9g, cuda %.9g (error %.3g > %.0e, rms %.3g)", what, at, c[at], g[at], worst, tol, rms);
+}
+
+static void compare_scalar(const char *what, double c, double g, double tol) {
+    const float cf = (float)c, gf = (float)g;
+    compare(what, &cf, &gf, 1, tol);
+}
+
+/* ---- tensors: the same array on both backends, freed at the end of the check ---- */
+
+typedef struct tensor {
+    size_t n, elt;
+    void *p[2];
+} tensor;
+
+#define F(t) ((float *)(t).p[side])
+#define I(t) ((int *)(t).p[side])
+#define L(t) ((int64_t *)(t).p[side])
+
+/* Runs `call` once on each backend, CPU first; inside it `ops` is that backend's table
+ * and F/I/L(t) that backend's copy of t. */
+#define BOTH(call)                                     \
+    do {                                               \
+        for (side = 0; side < 2; side++) {             \
+            const qs_ops *ops = be[side]->ops;         \
+            (void)ops;                                 \
+            call;                                      \
+        }                                              \
+    } while (0)
+
+#define MAX_LIVE 32
+static tensor live[MAX_LIVE];
+static int n_live;
+
+static void release_tensors(void) {
+    for (int i = 0; i < n_live; i++)
+        for (int s = 0; s < 2; s++) be[s]->free(live[i].p[s]);
+    n_live = 0;
+}
+
+/* A tensor holding host[n] of elt bytes each on both backends. */
+static tensor t_host(const void *host, size_t n, size_t elt) {
+    if (n_live == MAX_LIVE) {
+        printf("Bail out! more than %d tensors in one check\n", MAX_LIVE);
+        exit(2);
+    }
+    tensor t = {n, elt, {NULL, NULL}};
+    for (int s = 0; s < 2; s++) {
+        t.p[s] = be[s]->alloc(n * elt);
+        if (!t.p[s]) {
+            printf("Bail out! %s\n", qs_error_last());
+            exit(2);
+        }
+        be[s]->upload(t.p[s], host, n * elt);
+    }
+    live[n_live++] = t;
+    return t;
+}
+
+static float urand(float lo, float hi) { return lo + (hi - lo) * qs_rng_uniform(seed, 1, draws++); }
+
+static tensor t_rand(size_t n, float lo, float hi) {
+    float *h = xmalloc(n * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = urand(lo, hi);
+    tensor t = t_host(h, n, sizeof *h);
+    free(h);
+    return t;
+}
+
+/* An output the op overwrites: NaN on both sides. */
+static tensor t_out(size_t n) {
+    float *h = xmalloc(n * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = NAN;
+    tensor t = t_host(h, n, sizeof *h);
+    free(h);
+    return t;
+}
+
+/* An output the op accumulates into: the same random values on both sides. */
+static tensor t_acc(size_t n) { return t_rand(n, -1.0f, 1.0f); }
+
+/* Ints in [lo, hi). */
+static tensor t_ints(size_t n, int lo, int hi) {
+    int *h = xmalloc(n * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = lo + (int)qs_rng_below(seed, 2, draws++, (uint64_t)(hi - lo));
+    tensor t = t_host(h, n, sizeof *h);
+    free(h);
+    return t;
+}
+
+static tensor t_int_out(size_t n) {
+    int *h = xmalloc(n * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = -12345;
+    tensor t = t_host(h, n, sizeof *h);
+    free(h);
+    return t;
+}
+
+/* Distinct global row ids, as a rank's rows of a larger batch have. */
+static tensor t_row_ids(size_t n) {
+    int64_t *h = xmalloc(n * sizeof *h);
+    const int64_t first = (int64_t)qs_rng_below(seed, 3, draws++, 1000000);
+    for (size_t i = 0; i < n; i++) h[i] = first + 3 * (int64_t)i + (int64_t)(i % 2);
+    tensor t = t_host(h, n, sizeof *h);
+    free(h);
+    return t;
+}
+
+/* Side s's values on the host (caller frees). */
+static void *t_get(tensor t, int s) {
+    void *h = xmalloc(t.n * t.elt);
+    be[s]->download(h, t.p[s], t.n * t.elt);
+    return h;
+}
+
+/* The reference's values of t on both sides: a backward's inputs that a forward made. */
+static void t_sync(tensor t) {
+    void *h = t_get(t, 0);
+    be[1]->upload(t.p[1], h, t.n * t.elt);
+    free(h);
+}
+
+static void check(const char *what, tensor t, double tol) {
+    float *c = t_get(t, 0), *g = t_get(t, 1);
+    compare(what, c, g, t.n, tol);
+    free(c);
+    free(g);
+}
+
+static void check_ints(const char *what, tensor t) {
+    int *c = t_get(t, 0), *g = t_get(t, 1);
+    for (size_t i = 0; i < t.n; i++)
+        if (c[i] != g[i]) {
+            fail("%s[%zu]: cpu %d, cuda %d", what, i, c[i], g[i]);
+            break;
+        }
+    free(c);
+    free(g);
+}
+
+static void check_host_ints(const char *what, const int *c, const int *g, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (c[i] != g[i]) {
+            fail("%s[%zu]: cpu %d, cuda %d", what, i, c[i], g[i]);
+            return;
+        }
+}
+
+/* ---- ops ---- */
+
+static void test_embed(int N, int C, int V, int P) {
+    case_begin("embed N=%d C=%d V=%d P=%d", N, C, V, P);
+    tensor tok = t_ints((size_t)N, 0, V), pos = t_ints((size_t)N, 0, P);
+    tensor wte = t_rand((size_t)V * C, -1, 1), wpe = t_rand((size_t)P * C, -1, 1), out = t_out((size_t)N * C);
+    BOTH(ops->embed_forward(F(out), I(tok), I(pos), F(wte), F(wpe), N, C));
+    check("out", out, ELEM);
+    tensor dout = t_rand((size_t)N * C, -1, 1), dwte = t_acc((size_t)V * C), dwpe = t_acc((size_t)P * C);
+    BOTH(ops->embed_backward(F(dwte), F(dwpe), F(dout), I(tok), I(pos), N, C));
+    check("dwte", dwte, RED);
+    check("dwpe", dwpe, RED);
+    case_end();
+}
+
+static void test_layernorm(int N, int C) {
+    case_begin("layernorm N=%d C=%d", N, C);
+    tensor x = t_rand((size_t)N * C, -2, 3), w = t_rand((size_t)C, 0.5f, 1.5f), b = t_rand((size_t)C, -1, 1);
+    tensor out = t_out((size_t)N * C), mean = t_out((size_t)N), rstd = t_out((size_t)N);
+    BOTH(ops->layernorm_forward(F(out), F(mean), F(rstd), F(x), F(w), F(b), N, C));
+    check("out", out, RED);
+    check("mean", mean, RED);
+    check("rstd", rstd, RED);
+    t_sync(mean);
+    t_sync(rstd);
+    tensor dout = t_rand((size_t)N * C, -1, 1), dx = t_acc((size_t)N * C), dw = t_acc((size_t)C), db = t_acc((size_t)C);
+    BOTH(ops->layernorm_backward(F(dx), F(dw), F(db), F(dout), F(x), F(w), F(mean), F(rstd), N, C));
+    check("dinp", dx, RED);
+    check("dw", dw, RED);
+    check("db", db, RED);
+    case_end();
+}
+
+static void test_matmul(int N, int n_in, int n_out, qs_weight_layout layout, int with_bias) {
+    case_begin("matmul N=%d in=%d out=%d %s%s", N, n_in, n_out, layout == QS_W_OUT_IN ? "[out,in]" : "[in,out]",
+               with_bias ? " bias" : "");
+    tensor x = t_rand((size_t)N * n_in, -1, 1), w = t_rand((size_t)n_in * n_out, -1, 1);
+    tensor b = t_rand((size_t)n_out, -1, 1);
+    tensor out = t_out((size_t)N * n_out);
+    BOTH(ops->matmul_forward(F(out), F(x), F(w), with_bias ? F(b) : NULL, N, n_in, n_out, layout));
+    check("out", out, RED);
+    tensor acc = t_acc((size_t)N * n_out);
+    const float alpha = urand(-2, 2);
+    BOTH(ops->matmul_acc(F(acc), F(x), F(w), alpha, N, n_in, n_out, layout));
+    check("matmul_acc out", acc, RED);
+    tensor dout = t_rand((size_t)N * n_out, -1, 1), dx = t_acc((size_t)N * n_in), dw = t_acc((size_t)n_in * n_out);
+    tensor db = t_acc((size_t)n_out);
+    /* without a bias, also without dinp (the QuadraNet stem's call) */
+    BOTH(ops->matmul_backward(with_bias ? F(dx) : NULL, F(dw), with_bias ? F(db) : NULL, F(dout), F(x), F(w), N, n_in,
+                              n_out, layout));
+    check("dinp", dx, RED);
+    check("dw", dw, RED);
+    check("dbias", db, RED);
+    case_end();
+}
+
+static void test_attention(int B, int T, int NH, int hs) {
+    const int C = NH * hs;
+    case_begin("attention B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
+    tensor qkv = t_rand((size_t)B * T * 3 * C, -1, 1), out = t_out((size_t)B * T * C);
+    tensor att = t_out((size_t)B * NH * T * T);
+    BOTH(ops->attention_forward(F(out), F(att), F(qkv), B, T, C, NH));
+    check("out", out, RED);
+    check("att", att, RED);
+    t_sync(att);
+    tensor dout = t_rand((size_t)B * T * C, -1, 1), dqkv = t_acc((size_t)B * T * 3 * C);
+    BOTH(ops->attention_backward(F(dqkv), F(dout), F(qkv), F(att), B, T, C, NH));
+    check("dqkv", dqkv, RED);
+    case_end();
+}
+
+/* A block cut out of longer buffers; `shared`: q and kv are columns of one qkv [.,3C]
+ * (a ring's own block), else kv is a packed [., 2C] block. */
+static void test_attention_block(const char *label, qs_attn_block k, int shared) {
+    case_begin("attention_block %s B=%d NH=%d C=%d Tq=%d Tk=%d pos %d/%d%s", label, k.B, k.NH, k.C, k.Tq, k.Tk,
+               k.q_pos0, k.k_pos0, k.causal ? " causal" : "");
+    const size_t nq = (size_t)k.B * k.q_len * k.q_stride, nkv = (size_t)k.B * k.kv_len * k.kv_stride;
+    const size_t no = (size_t)k.B * k.q_len * k.C, ns = (size_t)k.B * k.NH * k.q_len;
+    tensor q = t_rand(nq, -1.5f, 1.5f), kvb = shared ? q : t_rand(nkv, -1.5f, 1.5f);
+    const size_t kv_at = shared ? (size_t)k.C : 0;
+    tensor out = t_out(no), lse = t_out(ns);
+    BOTH(ops->attention_block_forward(F(out), F(lse), F(q), F(kvb) + kv_at, &k));
+    check("out", out, RED);
+    check("lse", lse, RED);
+    t_sync(out);
+    t_sync(lse);
+    /* merge a second block's result into this one; some of its rows saw no key */
+    float *h = xmalloc(ns * sizeof *h);
+    for (size_t i = 0; i < ns; i++) h[i] = i % 4 == 1 ? -INFINITY : urand(-3, 3);
+    tensor out_b = t_rand(no, -1, 1), lse_b = t_host(h, ns, sizeof *h);
+    free(h);
+    BOTH(ops->attention_merge(F(out), F(lse), F(out_b), F(lse_b), &k));
+    check("merged out", out, ELEM);
+    check("merged lse", lse, ELEM);
+    t_sync(out);
+    t_sync(lse);
+    tensor dout = t_rand(no, -1, 1), delta = t_rand(ns, -1, 1);
+    tensor dq = t_acc(nq), dkv = shared ? dq : t_acc(nkv);
+    BOTH(ops->attention_block_backward(F(dq), F(dkv) + kv_at, F(dout), F(q), F(kvb) + kv_at, F(lse), F(delta), &k));
+    check("dq", dq, RED);
+    if (!shared) check("dkv", dkv, RED);
+    tensor dkv_only = t_acc(nkv + kv_at);
+    BOTH(ops->attention_block_backward(NULL, F(dkv_only) + kv_at, F(dout), F(q), F(kvb) + kv_at, F(lse), F(delta),
+                                       &k));
+    check("dkv (dq NULL)", dkv_only, RED);
+    case_end();
+}
+
+static qs_attn_block block_of(int B, int NH, int hs, int Tq, int Tk, int q_len, int kv_len, int q_stride_c,
+                              int kv_stride_c, int q_pos0, int k_pos0, int causal) {
+    const int C = NH * hs;
+    return (qs_attn_block){.B = B, .C = C, .NH = NH, .Tq = Tq, .Tk = Tk, .q_len = q_len, .kv_len = kv_len,
+                           .q_stride = q_stride_c * C, .kv_stride = kv_stride_c * C, .q_pos0 = q_pos0,
+                           .k_pos0 = k_pos0, .causal = causal};
+}
+
+static void test_attention_delta_pack(int B, int T, int NH, int hs) {
+    const int C = NH * hs;
+    case_begin("attention_delta, kv_pack B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
+    tensor dout = t_rand((size_t)B * T * C, -1, 1), out = t_rand((size_t)B * T * C, -1, 1);
+    tensor delta = t_out((size_t)B * NH * T);
+    BOTH(ops->attention_delta(F(delta), F(dout), F(out), B, T, C, NH));
+    check("delta", delta, RED);
+    tensor qkv = t_rand((size_t)B * T * 3 * C, -1, 1), kv = t_out((size_t)B * T * 2 * C);
+    BOTH(ops->kv_pack_forward(F(kv), F(qkv), B, T, C));
+    check("kv", kv, ELEM);
+    tensor dqkv = t_acc((size_t)B * T * 3 * C), dkv = t_rand((size_t)B * T * 2 * C, -1, 1);
+    BOTH(ops->kv_pack_backward(F(dqkv), F(dkv), B, T, C));
+    check("dqkv", dqkv, ELEM);
+    case_end();
+}
+
+static void test_kv_cache(int B, int T, int NH, int hs, int S, int max_T) {
+    const int C = NH * hs;
+    case_begin("kv_cache_fill, attention_decode B=%d T=%d NH=%d hs=%d slots=%d max_T=%d", B, T, NH, hs, S, max_T);
+    const size_t ncache = (size_t)S * NH * max_T * hs;
+    tensor kc = t_out(ncache), vc = t_out(ncache), qkv = t_rand((size_t)B * T * 3 * C, -1, 1);
+    BOTH(ops->kv_cache_fill(F(kc), F(vc), F(qkv), B, T, C, NH, max_T));
+    check("kcache", kc, ELEM);
+    check("vcache", vc, ELEM);
+    /* decode: distinct slots (a rotation of 0..S-1), any position */
+    tensor kd = t_rand(ncache, -1, 1), vd = t_rand(ncache, -1, 1), q1 = t_rand((size_t)B * 3 * C, -1, 1);
+    int slots[64], pos[64];
+    const int rot = (int)qs_rng_below(seed, 4, draws++, (uint64_t)S);
+    for (int b = 0; b < B; b++) {
+        slots[b] = (b + rot) % S;
+        pos[b] = (int)qs_rng_below(seed, 5, draws++, (uint64_t)max_T);
+    }
+    tensor ts = t_host(slots, (size_t)B, sizeof(int)), tp = t_host(pos, (size_t)B, sizeof(int));
+    tensor out = t_out((size_t)B * C);
+    BOTH(ops->attention_decode(F(out), F(kd), F(vd), F(q1), B, C, NH, I(ts), I(tp), max_T));
+    check("out", out, RED);
+    check("kcache after", kd, ELEM);
+    check("vcache after", vd, ELEM);
+    case_end();
+}
+
+static void test_elementwise(size_t n) {
+    case_begin("gelu, relu, add n=%zu", n);
+    tensor x = t_rand(n, -6, 6), y = t_rand(n, -1, 1), out = t_out(n), dout = t_rand(n, -1, 1), dx = t_acc(n);
+    BOTH(ops->gelu_forward(F(out), F(x), n));
+    check("gelu", out, ELEM);
+    BOTH(ops->gelu_backward(F(dx), F(x), F(dout), n));
+    check("gelu backward", dx, ELEM);
+    BOTH(ops->relu_forward(F(out), F(x), n));
+    check("relu", out, ELEM);
+    BOTH(ops->relu_backward(F(dx), F(x), F(dout), n));
+    check("relu backward", dx, ELEM);
+    BOTH(ops->add_forward(F(out), F(x), F(y), n));
+    check("add", out, ELEM);
+    BOTH(ops->add_forward(F(x), F(x), F(y), n)); /* out aliasing a */
+    check("add in place", x, ELEM);
+    case_end();
+}
+
+static void test_dropout(size_t N, size_t W, float p, int with_ids) {
+    case_begin("dropout N=%zu W=%zu p=%g%s", N, W, p, with_ids ? " row_ids" : "");
+    const uint64_t s = qs_rng_u64(seed, 6, draws++), stream = qs_rng_below(seed, 7, draws++, 100);
+    tensor ids = t_row_ids(N), x = t_rand(N * W, -1, 1), out = t_out(N * W);
+    const int64_t *none = NULL;
+    BOTH(ops->dropout_forward(F(out), F(x), p, s, stream, with_ids ? L(ids) : none, N, W));
+    check("out", out, ELEM);
+    tensor dout = t_rand(N * W, -1, 1), dx = t_acc(N * W);
+    BOTH(ops->dropout_backward(F(dx), F(dout), p, s, stream, with_ids ? L(ids) : none, N, W));
+    check("dinp", dx, ELEM);
+    BOTH(ops->dropout_forward(F(x), F(x), p, s, stream, with_ids ? L(ids) : none, N, W)); /* in place */
+    check("in place", x, ELEM);
+    case_end();
+}
+
+static void test_xent(int N, int V) {
+    case_begin("xent N=%d V=%d", N, V);
+    int *tg = xmalloc((size_t)N * sizeof *tg);
+    for (int n = 0; n < N; n++) tg[n] = n % 3 == 2 ? -1 : (int)qs_rng_below(seed, 8, draws++, (uint64_t)V);
+    tensor targets = t_host(tg, (size_t)N, sizeof *tg);
+    free(tg);
+    tensor logits = t_rand((size_t)N * V, -8, 8), losses = t_out((size_t)N);
+    BOTH(ops->xent_forward(F(losses), F(logits), I(targets), N, V));
+    check("losses", losses, RED);
+    tensor dl = t_acc((size_t)N * V);
+    const float dloss = urand(0.1f, 2.0f);
+    BOTH(ops->xent_backward(F(dl), F(logits), I(targets), dloss, N, V));
+    check("dlogits", dl, RED);
+    case_end();
+}
+
+static void test_noisy_gate(int N, int E) {
+    case_begin("noisy_gate N=%d E=%d", N, E);
+    const uint64_t s = qs_rng_u64(seed, 9, draws++);
+    tensor ids = t_row_ids((size_t)N), clean = t_rand((size_t)N * E, -2, 2), noise = t_rand((size_t)N * E, -4, 4);
+    tensor h = t_out((size_t)N * E);
+    BOTH(ops->noisy_gate_forward(F(h), F(clean), F(noise), s, 5, L(ids), N, E));
+    check("h", h, ELEM);
+    tensor dh = t_rand((size_t)N * E, -1, 1), dc = t_acc((size_t)N * E), dn = t_acc((size_t)N * E);
+    BOTH(ops->noisy_gate_backward(F(dc), F(dn), F(dh), F(noise), s, 5, L(ids), N, E));
+    check("dclean", dc, ELEM);
+    check("dnoise", dn, ELEM);
+    case_end();
+}
+
+/* Routing: top-k (logits on a coarse grid, so ties occur), capacity assignment,
+ * dispatch, combine, the router losses; each backward with the reference's forward
+ * outputs as its inputs. */
+static void test_moe(int N, int E, int K, int C, int capacity) {
+    case_begin("moe N=%d E=%d K=%d C=%d capacity=%d", N, E, K, C, capacity);
+    const size_t NK = (size_t)N * K;
+    float *lg = xmalloc((size_t)N * E * sizeof *lg);
+    for (size_t i = 0; i < (size_t)N * E; i++) lg[i] = 0.25f * (float)qs_rng_below(seed, 10, draws++, 9) - 1.0f;
+    tensor logits = t_host(lg, (size_t)N * E, sizeof *lg);
+    free(lg);
+    tensor idx = t_int_out(NK), gate = t_out(NK);
+    BOTH(ops->moe_topk_forward(I(idx), F(gate), F(logits), N, E, K));
+    check_ints("idx", idx);
+    check("gate", gate, RED);
+    t_sync(idx);
+    t_sync(gate);
+    tensor dgate = t_rand(NK, -1, 1), dlog = t_acc((size_t)N * E);
+    BOTH(ops->moe_topk_backward(F(dlog), F(dgate), I(idx), F(gate), N, E, K));
+    check("topk dlogits", dlog, RED);
+
+    enum { EMAX = 64 };
+    int counts[2][EMAX], offsets[2][EMAX + 1], routed[2][EMAX], dropped[2];
+    tensor slot = t_int_out(NK);
+    BOTH(dropped[side] = ops->moe_assign(I(slot), counts[side], offsets[side], routed[side], I(idx), N, E, K,
+                                         capacity));
+    check_ints("slot", slot);
+    check_host_ints("counts", counts[0], counts[1], (size_t)E);
+    check_host_ints("offsets", offsets[0], offsets[1], (size_t)E + 1);
+    check_host_ints("routed", routed[0], routed[1], (size_t)E);
+    check_host_ints("dropped", &dropped[0], &dropped[1], 1);
+
+    tensor x = t_rand((size_t)N * C, -1, 1), xe = t_out(NK * C);
+    BOTH(ops->moe_dispatch_forward(F(xe), F(x), I(slot), N, K, C));
+    check("xe", xe, ELEM);
+    tensor dxe = t_rand(NK * C, -1, 1), dx = t_acc((size_t)N * C);
+    BOTH(ops->moe_dispatch_backward(F(dx), F(dxe), I(slot), N, K, C));
+    check("dispatch dx", dx, ELEM);
+    tensor ye = t_rand(NK * C, -1, 1), y = t_out((size_t)N * C);
+    BOTH(ops->moe_combine_forward(F(y), F(ye), F(gate), I(slot), N, K, C));
+    check("y", y, RED);
+    tensor dy = t_rand((size_t)N * C, -1, 1), dye = t_acc(NK * C), dg = t_acc(NK);
+    BOTH(ops->moe_combine_backward(F(dye), F(dg), F(dy), F(ye), F(gate), I(slot), N, K, C));
+    check("dye", dye, ELEM);
+    check("dgate", dg, RED);
+
+    float balance[2], z[2];
+    BOTH(ops->moe_balance_forward(&balance[side], &z[side], F(logits), routed[side], N, E, K));
+    compare_scalar("balance", balance[0], balance[1], RED);
+    compare_scalar("z", z[0], z[1], RED);
+    const float cb = urand(0.1f, 1.0f), cz = urand(0.1f, 1.0f);
+    BOTH(ops->moe_balance_backward(F(dlog), F(logits), routed[side], cb, cz, N, E, K));
+    check("balance dlogits", dlog, RED);
+    case_end();
+}
+
+static void test_quadconv(const char *label, qs_conv_shape s) {
+    case_begin("quadconv %s B=%d H=%d W=%d C=%d %dx%d pad %d,%d", label, s.B, s.H, s.W, s.C, s.KH, s.KW, s.pad_top,
+               s.pad_left);
+    const size_t n = (size_t)s.B * s.H * s.W * s.C, nw = 3 * (size_t)s.KH * s.KW * s.C;
+    tensor x = t_rand(n, -1, 1), w = t_rand(nw, -0.5f, 0.5f), bias = t_rand(3 * (size_t)s.C, -0.5f, 0.5f);
+    tensor y = t_out(n), fa = t_out(n), fb = t_out(n);
+    BOTH(ops->quadconv_forward(F(y), F(fa), F(fb), F(x), F(w), F(bias), &s));
+    check("y", y, RED);
+    check("fa", fa, RED);
+    check("fb", fb, RED);
+    t_sync(fa);
+    t_sync(fb);
+    tensor dy = t_rand(n, -1, 1), dx = t_acc(n), dw = t_acc(nw), db = t_acc(3 * (size_t)s.C);
+    BOTH(ops->quadconv_backward(F(dx), F(dw), F(db), F(dy), F(x), F(w), F(fa), F(fb), &s));
+    check("dx", dx, RED);
+    check("dw", dw, RED);
+    check("dbias", db, RED);
+    case_end();
+}
+
+static void test_spatial(int B, int H, int W, int C, int p) {
+    case_begin("space_to_depth, avgpool B=%d H=%d W=%d C=%d p=%d", B, H, W, C, p);
+    const size_t n = (size_t)B * H * W * C;
+    tensor x = t_rand(n, -1, 1), out = t_out(n);
+    BOTH(ops->space_to_depth_forward(F(out), F(x), B, H, W, C, p));
+    check("patches", out, ELEM);
+    tensor dout = t_rand(n, -1, 1), dx = t_acc(n);
+    BOTH(ops->space_to_depth_backward(F(dx), F(dout), B, H, W, C, p));
+    check("patches dinp", dx, ELEM);
+    tensor pooled = t_out((size_t)B * C);
+    BOTH(ops->avgpool_forward(F(pooled), F(x), B, H * W, C));
+    check("pooled", pooled, RED);
+    tensor dp = t_rand((size_t)B * C, -1, 1);
+    BOTH(ops->avgpool_backward(F(dx), F(dp), B, H * W, C));
+    check("pool dinp", dx, ELEM);
+    case_end();
+}
+
+static void test_layer_scale(int B, int N, int C, float p) {
+    case_begin("layer_scale B=%d N=%d C=%d p=%g", B, N, C, p);
+    const uint64_t s = qs_rng_u64(seed, 11, draws++), sample0 = qs_rng_below(seed, 12, draws++, 100000);
+    const size_t n = (size_t)B * N * C;
+    tensor resid = t_rand(n, -1, 1), x = t_rand(n, -1, 1), gamma = t_rand((size_t)C, -1, 1), out = t_out(n);
+    BOTH(ops->layer_scale_forward(F(out), F(resid), F(x), F(gamma), p, s, 3, sample0, B, N, C));
+    check("out", out, ELEM);
+    BOTH(ops->layer_scale_forward(F(resid), F(resid), F(x), F(gamma), p, s, 3, sample0, B, N, C)); /* in place */
+    check("in place", resid, ELEM);
+    tensor dout = t_rand(n, -1, 1), dx = t_acc(n), dgamma = t_acc((size_t)C);
+    BOTH(ops->layer_scale_backward(F(dx), F(dgamma), F(dout), F(x), F(gamma), p, s, 3, sample0, B, N, C));
+    check("dinp", dx, ELEM);
+    check("dgamma", dgamma, RED);
+    case_end();
+}
+
+static void test_optim(size_t n, int t) {
+    case_begin("sumsq, adamw n=%zu t=%d", n, t);
+    tensor g = t_rand(n, -3, 3), p = t_rand(n, -1, 1), m = t_rand(n, -0.1f, 0.1f), v = t_rand(n, 0.0f, 0.01f);
+    double ss[2];
+    BOTH(ss[side] = ops->sumsq(F(g), n));
+    compare_scalar("sumsq", ss[0], ss[1], RED);
+    if (fabs(ss[0] - ss[1]) > 1e-12 * ss[0]) fail("sumsq: cpu %.17g, cuda %.17g: not summed in double", ss[0], ss[1]);
+    BOTH(ops->adamw_update(F(p), F(g), F(m), F(v), n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f));
+    check("p", p, ELEM);
+    check("m", m, ELEM);
+    check("v", v, ELEM);
+    case_end();
+}
+
+static void test_ops(void) {
+    const int embed[][4] = {{1, 1, 1, 1}, {7, 5, 3, 4}, {67, 37, 11, 13}, {301, 97, 50, 33}};
+    for (size_t i = 0; i < sizeof embed / sizeof *embed; i++)
+        test_embed(embed[i][0], embed[i][1], embed[i][2], embed[i][3]);
+    const int ln[][2] = {{1, 1}, {5, 3}, {67, 97}, {300, 769}};
+    for (size_t i = 0; i < sizeof ln / sizeof *ln; i++) test_layernorm(ln[i][0], ln[i][1]);
+    const int mm[][3] = {{1, 1, 1}, {7, 5, 3}, {67, 37, 97}, {301, 129, 65}};
+    for (size_t i = 0; i < sizeof mm / sizeof *mm; i++)
+        for (int l = 0; l < 2; l++) test_matmul(mm[i][0], mm[i][1], mm[i][2], (qs_weight_layout)l, i != 1 || l);
+    const int at[][4] = {{1, 1, 1, 1}, {2, 7, 3, 5}, {3, 37, 2, 13}, {2, 130, 3, 11}};
+    for (size_t i = 0; i < sizeof at / sizeof *at; i++) test_attention(at[i][0], at[i][1], at[i][2], at[i][3]);
+    test_attention_block("1x1", block_of(1, 1, 1, 1, 1, 1, 1, 1, 2, 0, 0, 1), 0);
+    test_attention_block("non-causal packed", block_of(2, 2, 3, 5, 7, 9, 11, 3, 2, 0, 0, 0), 0);
+    test_attention_block("causal partial", block_of(2, 3, 5, 13, 17, 13, 17, 3, 2, 10, 3, 1), 0);
+    test_attention_block("causal, early queries see nothing", block_of(3, 2, 7, 11, 6, 11, 6, 3, 2, 0, 5, 1), 0);
+    test_attention_block("own block in qkv", block_of(2, 3, 9, 37, 37, 40, 40, 3, 3, 37, 37, 1), 1);
+    const int dp[][4] = {{1, 1, 1, 1}, {2, 9, 3, 5}, {3, 67, 2, 13}};
+    for (size_t i = 0; i < sizeof dp / sizeof *dp; i++)
+        test_attention_delta_pack(dp[i][0], dp[i][1], dp[i][2], dp[i][3]);
+    test_kv_cache(1, 1, 1, 1, 1, 1);
+    test_kv_cache(3, 5, 2, 7, 4, 9);
+    test_kv_cache(5, 37, 3, 11, 7, 131);
+    const size_t ew[] = {1, 7, 1000, 100003};
+    for (size_t i = 0; i < sizeof ew / sizeof *ew; i++) test_elementwise(ew[i]);
+    test_dropout(1, 1, 0.5f, 0);
+    test_dropout(7, 5, 0.0f, 1);
+    test_dropout(67, 37, 0.1f, 1);
+    test_dropout(301, 97, 0.5f, 0);
+    test_dropout(9, 13, 1.0f, 1);
+    const int xe[][2] = {{1, 1}, {7, 5}, {67, 1000}, {5, 50257}};
+    for (size_t i = 0; i < sizeof xe / sizeof *xe; i++) test_xent(xe[i][0], xe[i][1]);
+    test_noisy_gate(1, 1);
+    test_noisy_gate(67, 13);
+    test_moe(1, 1, 1, 1, 0);
+    test_moe(7, 5, 2, 3, 0);
+    test_moe(67, 13, 3, 37, 5);
+    test_moe(300, 8, 8, 97, 0);
+    test_moe(130, 6, 2, 9, 30);
+    test_quadconv("1x1", (qs_conv_shape){1, 1, 1, 1, 1, 1, 0, 0});
+    test_quadconv("same 3x3", (qs_conv_shape){2, 5, 7, 3, 3, 3, 1, 1});
+    test_quadconv("same 5x5", (qs_conv_shape){1, 9, 6, 37, 5, 5, 2, 2});
+    test_quadconv("same 7x7", (qs_conv_shape){3, 8, 8, 13, 7, 7, 3, 3});
+    test_quadconv("causal k=3", (qs_conv_shape){2, 1, 9, 5, 1, 3, 0, 2});
+    test_quadconv("causal k=4", (qs_conv_shape){3, 1, 40, 33, 1, 4, 0, 3});
+    test_spatial(1, 2, 2, 1, 2);
+    test_spatial(2, 6, 9, 5, 3);
+    test_spatial(3, 8, 8, 13, 2);
+    test_layer_scale(1, 1, 1, 0.0f);
+    test_layer_scale(5, 9, 37, 0.4f);
+    test_layer_scale(8, 49, 13, 0.5f);
+    test_optim(1, 1);
+    test_optim(1001, 7);
+    test_optim(1234567, 3);
+}
+
+/* ---- whole models ---- */
+
+/* Every gradient tensor of two parameter tables of one layout. */
+static void compare_grads(const qs_params *c, const qs_params *g) {
+    float *hc = xmalloc(c->n * sizeof(float)), *hg = xmalloc(c->n * sizeof(float));
+    c->be->download(hc, c->grad, c->n * sizeof(float));
+    g->be->download(hg, g->grad, g->n * sizeof(float));
+    for (int t = 0; t < c->n_tensors; t++) {
+        const qs_param_info *p = &c->info[t];
+        compare(p->name, hc + p->offset, hg + p->offset, p->numel, RED);
+    }
+    free(hc);
+    free(hg);
+}
+
+static qs_model_config gpt_config(void) {
+    qs_config c;
+    qs_config_defaults(&c);
+    qs_model_config m = c.model;
+    m.vocab_size = 37;
+    m.seq_len = 13;
+    m.n_layer = 2;
+    m.n_head = 3;
+    m.n_embd = 15;
+    m.ffn_mult = 2;
+    m.dropout = 0.1f;
+    m.init_std = 0.1f;
+    return m;
+}
+
+/* Loss, MoE statistics and routing, every gradient; then a prefill and one decode step. */
+static void test_gpt(const char *label, const qs_model_config *cfg) {
+    case_begin("gpt %s: loss and gradients, run-to-run bits, prefill and decode", label);
+    enum { B = 3, T = 11, N = B * T };
+    qs_gpt *m[2] = {NULL, NULL};
+    for (int s = 0; s < 2; s++)
+        if (qs_gpt_create(&m[s], cfg, be[s], B, T + 1) || qs_gpt_init(m[s], seed)) {
+            fail("creating the %s model: %s", be[s]->name, qs_error_last());
+            goto done;
+        }
+    int x[N], y[N];
+    for (int i = 0; i < N; i++) {
+        x[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, (uint64_t)cfg->vocab_size);
+        y[i] = i % 7 == 3 ? -1 : (int)qs_rng_below(seed, 21, (uint64_t)i, (uint64_t)cfg->vocab_size);
+    }
+    const qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed, .sample0 = 17};
+    double loss[2];
+    for (int s = 0; s < 2; s++) {
+        qs_params_zero_grad(qs_gpt_params(m[s]));
+        loss[s] = qs_gpt_forward(m[s], x, y, B, T, &mode);
+    }
+    compare_scalar("loss", loss[0], loss[1], RED);
+    if (cfg->moe.n_experts > 0) {
+        const qs_moe_stats *a = qs_gpt_moe_stats(m[0]), *b = qs_gpt_moe_stats(m[1]);
+        compare_scalar("balance", a->balance, b->balance, RED);
+        compare_scalar("z", a->z, b->z, RED);
+        if (a->kept != b->kept || a->dropped != b->dropped)
+            fail("kept/dropped: cpu %lld/%lld, cuda %lld/%lld", (long long)a->kept, (long long)a->dropped,
+                 (long long)b->kept, (long long)b->dropped);
+        check_host_ints("routing", qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(m[1]),
+                        (size_t)cfg->n_layer * N * cfg->moe.top_k);
+    }
+    for (int s = 0; s < 2; s++) qs_gpt_backward(m[s], 1.0f);
+    compare_grads(qs_gpt_params(m[0]), qs_gpt_params(m[1]));
+
+    /* run to run, the CUDA model gives the same bits: no atomics, fixed summation orders */
+    qs_params *pg = qs_gpt_params(m[1]);
+    float *g1 = xmalloc(pg->n * sizeof(float)), *g2 = xmalloc(pg->n * sizeof(float));
+    pg->be->download(g1, pg->grad, pg->n * sizeof(float));
+    qs_params_zero_grad(pg);
+    const double again = qs_gpt_forward(m[1], x, y, B, T, &mode);
+    qs_gpt_backward(m[1], 1.0f);
+    pg->be->download(g2, pg->grad, pg->n * sizeof(float));
+    if (again != loss[1] || memcmp(g1, g2, pg->n * sizeof(float)))
+        fail("a second identical forward and backward on CUDA gave other bits");
+    free(g1);
+    free(g2);
+
+    /* KV-cache inference: prompts of T - 2 tokens, then one token each at distinct slots */
+    const int V = cfg->vocab_size;
+    float *row[2] = {xmalloc((size_t)V * sizeof(float)), xmalloc((size_t)V * sizeof(float))};
+    const int slots[3] = {2, 0, 1}, pos[3] = {T - 2, T - 2, T - 2};
+    for (int s = 0; s < 2; s++)
+        if (qs_gpt_prefill(m[s], x, B, T - 2) || qs_gpt_decode(m[s], x + 1, B, slots, pos))
+            fail("%s inference: %s", be[s]->name, qs_error_last());
+    for (int b = 0; b < B && !bad; b++) {
+        for (int s = 0; s < 2; s++) qs_gpt_logits_row(m[s], b, row[s]);
+        compare("decode logits", row[0], row[1], (size_t)V, RED);
+    }
+    free(row[0]);
+    free(row[1]);
+done:
+    for (int s = 0; s < 2; s++) qs_gpt_free(m[s]);
+    case_end();
+}
+
+static qs_model_config quadranet_config(void) {
+    qs_config c;
+    qs_config_defaults(&c);
+    qs_model_config m = c.model;
+    m.type = QS_MODEL_QUADRANET;
+    m.ffn_mult = 2;
+    m.init_std = 0.3f;
+    qs_quadra_config *q = &m.quadra;
+    q->in_channels = 2;
+    q->image_size = 24;
+    q->stem_patch = 3; /* maps of 8, 4, 2, 1 */
+    q->num_classes = 5;
+    const int w[4] = {7, 5, 9, 6}, d[4] = {2, 0, 1, 1};
+    memcpy(q->widths, w, sizeof w);
+    memcpy(q->depths, d, sizeof d);
+    q->kernel_size = 3;
+    q->layer_scale_init = 0.5f;
+    q->drop_path = 0.4f;
+    return m;
+}
+
+static void test_quadranet(void) {
+    const qs_model_config cfg = quadranet_config();
+    const qs_quadra_config *q = &cfg.quadra;
+    const int B = 8;
+    case_begin("quadranet: loss, accuracy count and gradients (stochastic depth on)");
+    qs_quadranet *m[2] = {NULL, NULL};
+    for (int s = 0; s < 2; s++)
+        if (qs_quadranet_create(&m[s], &cfg, be[s], B) || qs_quadranet_init(m[s], seed)) {
+            fail("creating the %s model: %s", be[s]->name, qs_error_last());
+            goto done;
+        }
+    /* random biases, the same on both: with the zero init a near-constant row makes a
+     * LayerNorm amplify rounding without bound */
+    qs_params *ps0 = qs_quadranet_params(m[0]);
+    float *w = xmalloc(ps0->n * sizeof(float));
+    qs_params_download(ps0, w);
+    for (int t = 0; t < ps0->n_tensors; t++) {
+        const qs_param_info *p = &ps0->info[t];
+        if (p->role == QS_ROLE_BIAS || p->role == QS_ROLE_NORM_BIAS)
+            for (size_t j = 0; j < p->numel; j++) w[p->offset + j] = qs_rng_uniform(seed, 30 + (uint64_t)t, j) - 0.5f;
+    }
+    for (int s = 0; s < 2; s++) qs_params_upload(qs_quadranet_params(m[s]), w);
+    free(w);
+    const size_t npix = (size_t)B * q->image_size * q->image_size * q->in_channels;
+    float *img = xmalloc(npix * sizeof(float));
+    int labels[8];
+    for (size_t i = 0; i < npix; i++) img[i] = 2.0f * qs_rng_uniform(seed, 22, i) - 1.0f;
+    for (int b = 0; b < B; b++) labels[b] = (int)qs_rng_below(seed, 23, (uint64_t)b, (uint64_t)q->num_classes);
+    const qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x9a9a, .sample0 = 5};
+    double loss[2];
+    int correct[2];
+    for (int s = 0; s < 2; s++) {
+        qs_params_zero_grad(qs_quadranet_params(m[s]));
+        loss[s] = qs_quadranet_forward(m[s], img, labels, B, &mode, &correct[s]);
+        qs_quadranet_backward(m[s], 1.0f);
+    }
+    free(img);
+    compare_scalar("loss", loss[0], loss[1], RED);
+    check_host_ints("correct", &correct[0], &correct[1], 1);
+    compare_grads(qs_quadranet_params(m[0]), qs_quadranet_params(m[1]));
+done:
+    for (int s = 0; s < 2; s++) qs_quadranet_free(m[s]);
+    case_end();
+}
+
+/* Window b of step `step`: a noisy affine sequence (next = 3 x + 1 mod V, or a random
+ * token 30% of the time), so the loss falls and then levels off above 0. */
+static void training_batch(int step, int B, int T, int V, int *x, int *y) {
+    for (int b = 0; b < B; b++) {
+        const uint64_t row = (uint64_t)step * B + b;
+        int tok = (int)qs_rng_below(seed, 40, row, (uint64_t)V);
+        for (int t = 0; t <= T; t++) {
+            if (t < T) x[b * T + t] = tok;
+            if (t > 0) y[b * T + t - 1] = tok;
+            const uint64_t c = row * (uint64_t)(T + 1) + (uint64_t)t;
+            tok = qs_rng_uniform(seed, 41, c) < 0.3f ? (int)qs_rng_below(seed, 42, c, (uint64_t)V) : (3 * tok + 1) % V;
+        }
+    }
+}
+
+static void test_training(int steps) {
+    case_begin("training: %d AdamW steps of a tiny GPT, CUDA loss within %.0e of the CPU's at every step", steps,
+               TRAIN);
+    qs_config conf;
+    qs_config_defaults(&conf);
+    qs_model_config cfg = gpt_config();
+    cfg.vocab_size = 23;
+    qs_train_config tc = conf.train;
+    tc.lr = 3e-3f;
+    tc.lr_schedule = QS_LR_CONSTANT;
+    tc.warmup_steps = 0;
+    tc.grad_clip = 1.0f;
+    enum { B = 4, T = 12 };
+    qs_gpt *m[2] = {NULL, NULL};
+    qs_adamw opt[2];
+    memset(opt, 0, sizeof opt);
+    for (int s = 0; s < 2; s++)
+        if (qs_gpt_create(&m[s], &cfg, be[s], B, T) || qs_gpt_init(m[s], seed) ||
+            qs_adamw_create(&opt[s], be[s], qs_gpt_params(m[s])->n)) {
+            fail("creating the %s model: %s", be[s]->name, qs_error_last());
+            goto done;
+        }
+    int x[B * T], y[B * T];
+    double first = 0.0, last = 0.0, worst = 0.0;
+    int worst_at = 0;
+    for (int step = 0; step < steps; step++) {
+        training_batch(step, B, T, cfg.vocab_size, x, y);
+        const qs_forward_mode mode = {.train = true, .rng_seed = qs_rng_u64(seed, 43, (uint64_t)step),
+                                      .sample0 = (uint64_t)step * B};
+        double loss[2];
+        for (int s = 0; s < 2; s++) {
+            qs_params *ps = qs_gpt_params(m[s]);
+            qs_params_zero_grad(ps);
+            loss[s] = qs_gpt_forward(m[s], x, y, B, T, &mode);
+            qs_gpt_backward(m[s], 1.0f);
+            qs_adamw_apply(&opt[s], ps, &tc, qs_lr_at(&tc, step), qs_adamw_grad_norm(ps));
+        }
+        const double rel = fabs(loss[1] - loss[0]) / fabs(loss[0]);
+        if (!(rel <= worst)) { /* NaN counts as worst */
+            worst = rel;
+            worst_at = step;
+        }
+        if (step == 0) first = loss[0];
+        last = loss[0];
+    }
+    printf("# training: loss %.4f -> %.4f (cpu), largest relative difference %.3g at step %d\n", first, last, worst,
+           worst_at);
+    if (!(worst <= TRAIN)) fail("step %d: relative loss difference %.3g > %.0e", worst_at, worst, TRAIN);
+    if (steps >= 100 && !(last < 0.8 * first)) fail("the loss did not fall: %.4f -> %.4f", first, last);
+done:
+    for (int s = 0; s < 2; s++) {
+        qs_adamw_free(&opt[s]);
+        qs_gpt_free(m[s]);
+    }
+    case_end();
+}
+
+static void test_models(void) {
+    qs_model_config dense = gpt_config();
+    test_gpt("dense gelu, dropout", &dense);
+    qs_model_config moe = gpt_config();
+    moe.moe.n_experts = 4;
+    moe.moe.top_k = 2;
+    moe.moe.gating = QS_GATING_NOISY_TOPK;
+    moe.moe.capacity_factor = 1.0f;
+    moe.moe.aux_loss_coef = 0.01f;
+    moe.moe.z_loss_coef = 0.001f;
+    test_gpt("moe noisy top-2, capacity 1.0, dropout", &moe);
+    qs_model_config qc = gpt_config();
+    qc.mixer = QS_MIXER_QUADCONV;
+    qc.quadra.kernel_size = 4;
+    qc.activation = QS_ACT_RELU;
+    qc.tie_embeddings = false;
+    test_gpt("quadconv mixer k=4, relu, untied, dropout", &qc);
+    test_quadranet();
+    const char *env = getenv("QS_PARITY_STEPS");
+    test_training(env && *env ? atoi(env) : 200);
+}
+
+int main(void) {
+    seed = qs_test_seed("parity");
+    be[0] = qs_backend_cpu();
+    be[1] = qs_backend_cuda();
+    if (!be[1]) {
+        printf("Bail out! no CUDA backend: %s\n", qs_error_last());
+        return 1;
+    }
+    test_ops();
+    test_models();
+    printf("1..%d\n# %d passed, %d failed\n", passed + failed, passed, failed);
+    return failed ? 1 : 0;
+}
