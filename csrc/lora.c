@@ -116,7 +116,7 @@ int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
     qs_lora *lo = calloc(1, sizeof *lo);
     if (!lo) return qs_error("out of memory");
     lo->cfg = *lc;
-    lo->be = qs_backend_cpu();
+    lo->be = qs_gpt_backend(m); /* the adapters read and write the model's activations */
     lo->scale = lc->rslora ? lc->alpha / sqrtf((float)lc->r) : lc->alpha / (float)lc->r;
     lo->L = mc->n_layer, lo->E = mc->moe.n_experts, lo->C = mc->n_embd;
     const int C = mc->n_embd, F = mc->ffn_mult * mc->n_embd, E = lo->E;

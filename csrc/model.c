@@ -370,6 +370,7 @@ int qs_gpt_init(qs_gpt *m, uint64_t seed) { return qs_params_init(&m->ps, seed, 
 /* ---- accessors ---- */
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m) { return &m->cfg; }
+const qs_backend *qs_gpt_backend(const qs_gpt *m) { return m->be; }
 qs_params *qs_gpt_params(qs_gpt *m) { return &m->ps; }
 size_t qs_gpt_activation_bytes(const qs_gpt *m) { return m->act_floats * sizeof(float); }
 int qs_gpt_max_tokens(const qs_gpt *m) { return m->max_B * m->max_T; }

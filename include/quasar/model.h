@@ -52,6 +52,8 @@ void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora);
 int qs_gpt_init(qs_gpt *m, uint64_t seed);
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m);
+/* The backend the model's memory lives on (and its adapters must use). */
+const qs_backend *qs_gpt_backend(const qs_gpt *m);
 /* The parameter table (values and gradients). */
 qs_params *qs_gpt_params(qs_gpt *m);
 size_t qs_gpt_activation_bytes(const qs_gpt *m);

@@ -195,7 +195,8 @@ typedef struct qs_ops {
      *   balance = E * sum_i f_i * P_i, f_i = routed[i] / (N*K), P_i = mean_n softmax(logits[n])_i
      *   z       = mean_n logsumexp(logits[n])^2
      * f is treated as a constant. Backward accumulates
-     *   dlogits += balance_coef * d(balance) + z_coef * d(z). */
+     *   dlogits += balance_coef * d(balance) + z_coef * d(z).
+     * routed (moe_assign's output) and the scalars balance and z are HOST memory. */
     void (*moe_balance_forward)(float *balance, float *z, const float *logits, const int *routed,
                                 int N, int E, int K);
     void (*moe_balance_backward)(float *dlogits, const float *logits, const int *routed,
