@@ -115,8 +115,8 @@ static double lin_loss_v(void *c, bool *same) {
     return lin_loss(c);
 }
 
-static double fd_error(gc_loss_fn f, void *ctx, float *p, double an, bool *same) {
-    return gc_rel_err(gc_nearest_fd(f, ctx, p, an, same), an, 1e-3);
+static double fd_error(gc_loss_fn f, void *ctx, float *p, double an, bool *same, double floor) {
+    return gc_rel_err(gc_nearest_fd(f, ctx, p, an, same), an, floor);
 }
 
 static void test_linear_forward_and_gradients(void **state) {
@@ -165,14 +165,17 @@ static void test_linear_forward_and_gradients(void **state) {
         float *dx = calloc((size_t)n * in, sizeof(float));
         lin_loss(&lc);
         qs_lora_backward(b.lo, 1, QS_LORA_SITE_FC_PROJ, 0, 0, n, dx, lc.R, lc.x, ids, &lc.mode);
+        /* The loss sums float outputs of size ~10, so a difference quotient carries noise
+         * of ~1e-3 absolute: coordinates below the floor are held to it absolutely. */
+        const double floor = 5e-2;
         double worst = 0;
         for (int k = 0; k < 6; k++) {
             size_t ja = qs_rng_below(seed, 10, (uint64_t)k, (uint64_t)r * in);
             size_t jb = qs_rng_below(seed, 11, (uint64_t)k, (uint64_t)out * r);
             size_t jx = qs_rng_below(seed, 12, (uint64_t)k, (uint64_t)n * in);
-            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)A + ja, qs_params_grad(ps, ia)[ja], &(bool){true}));
-            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)B + jb, qs_params_grad(ps, ib)[jb], &(bool){true}));
-            worst = fmax(worst, fd_error(lin_loss_v, &lc, lc.x + jx, dx[jx], &(bool){true}));
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)A + ja, qs_params_grad(ps, ia)[ja], &(bool){true}, floor));
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, (float *)B + jb, qs_params_grad(ps, ib)[jb], &(bool){true}, floor));
+            worst = fmax(worst, fd_error(lin_loss_v, &lc, lc.x + jx, dx[jx], &(bool){true}, floor));
         }
         printf("# lora linear (rslora %d): worst rel err %.2e\n", rs, worst);
         assert_true(worst < 1e-2);
@@ -239,7 +242,7 @@ static void gpt_gradcheck(const qs_config *c, const char *label) {
                 continue;
             }
             bool same = true;
-            double err = fd_error(gpt_loss, &g, ps->data + i, ps->grad[i], &same);
+            double err = fd_error(gpt_loss, &g, ps->data + i, ps->grad[i], &same, 1e-3);
             if (!same) { /* top-k routing changed: the loss is discontinuous there */
                 skipped++;
                 continue;
