@@ -54,7 +54,8 @@ ifeq ($(NCCL),1)
                  -lnccl -lcudart
 endif
 
-CFLAGS_COMMON = -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -fopenmp -Iinclude $(MPI_CFLAGS) \
+# -fno-math-errno: sqrtf and friends then vectorise (nothing reads errno after math calls).
+CFLAGS_COMMON = -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -fopenmp -fno-math-errno -Iinclude $(MPI_CFLAGS) \
                 $(if $(CJSON_HOME),-I$(CJSON_HOME)/include) \
                 $(if $(OPENBLAS_HOME),-I$(OPENBLAS_HOME)/include,-I/usr/include/x86_64-linux-gnu)
 LDLIBS_COMMON = $(if $(CJSON_HOME),-L$(CJSON_HOME)/lib -Wl$(comma)-rpath$(comma)$(CJSON_HOME)/lib) -lcjson \
