@@ -457,7 +457,7 @@ static int bench_train(const bench_args *a) {
     qs_task task;
     qs_adamw opt = {0};
     double *step_ms = malloc((size_t)a->steps * sizeof *step_ms), loss0 = NAN, loss1 = NAN;
-    if (qs_task_open(&task, &cfg, NULL, B, NULL)) {
+    if (qs_task_open(&task, &cfg, NULL, &(qs_task_place){.micro_B = B, .be = qs_backend_cpu()})) {
         free(step_ms);
         return qs_cli_fail();
     }
@@ -520,7 +520,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
     if (cfg->model.type != QS_MODEL_GPT) return qs_error("%s: not a language model (model.type is not gpt)", what);
     if (cfg->model.vocab_size == 0) {
         qs_task t;
-        if (qs_task_open(&t, cfg, NULL, 1, NULL)) return -1;
+        if (qs_task_open(&t, cfg, NULL, &(qs_task_place){.micro_B = 1, .be = qs_backend_cpu()})) return -1;
         qs_task_free(&t);
     }
     if (qs_gpt_create_frozen(m, &cfg->model, be, 1, cfg->model.seq_len)) return -1;

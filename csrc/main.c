@@ -105,21 +105,29 @@ static const char *TRAIN_HELP =
     "  --set k=v       override a key, e.g. --set train.lr=3e-4 (repeatable)\n"
     "  --out DIR       run folder (default runs/default)\n"
     "  --resume DIR    continue the run in DIR from its latest checkpoint\n"
-    "  --device D      cpu (default) or cuda\n"
+    "  --device D      cpu (default) or cuda (the fp32 CUDA backend, one rank)\n"
     "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
 
-static int check_device(const char *device) {
-    if (!strcmp(device, "cpu")) return 0;
-    if (!strcmp(device, "cuda"))
-        return qs_error("--device cuda: this build trains on the CPU only; the CUDA training backend "
-                        "is not part of it yet");
-    return qs_error("--device: expected cpu or cuda, got '%s'", device);
+/* The backend --device names, or NULL with a one-line error. */
+static const qs_backend *device_backend(const char *device) {
+    if (!strcmp(device, "cpu")) return qs_backend_cpu();
+    if (!strcmp(device, "cuda")) {
+        const qs_backend *be = qs_backend_cuda();
+        if (!be) qs_error("--device cuda: %s", qs_error_last());
+        return be;
+    }
+    qs_error("--device: expected cpu or cuda, got '%s'", device);
+    return NULL;
 }
 
 /* qs_train over the ranks the launcher started (mpirun, srun), or this process alone. */
 static int train_on_world(qs_config *cfg, qs_train_options *opt) {
     if (qs_comm_init(&opt->world, QS_COMM_AUTO)) return -1;
-    int rc = qs_train(cfg, opt);
+    int rc = 0;
+    /* the MPI ranks exchange host buffers; CUDA ranks will talk over NCCL */
+    if (opt->be && opt->be != qs_backend_cpu() && qs_comm_size(opt->world) > 1)
+        rc = qs_error("--device cuda trains on one rank for now: multi-rank CUDA training (NCCL) is not wired in");
+    if (!rc) rc = qs_train(cfg, opt);
     qs_comm_free(opt->world);
     opt->world = NULL;
     return qs_comm_finalize() || rc ? -1 : 0;
@@ -141,13 +149,14 @@ static int cmd_train(int argc, char **argv) {
     }
     if (!config && !resume) return qs_cli_usage_error("%s", "train needs --config FILE (or --resume DIR)");
     if (resume && out && strcmp(resume, out)) return qs_cli_usage_error("%s", "--resume DIR continues in DIR; drop --out");
-    if (check_device(device)) return qs_cli_fail();
+    const qs_backend *be = device_backend(device);
+    if (!be) return qs_cli_fail();
     char base[QS_PATH_MAX + 16];
     if (resume) snprintf(base, sizeof base, "%s/config.json", resume);
     qs_config cfg;
     if (build_config(&cfg, resume ? base : NULL, config, &sets)) return qs_cli_fail();
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/default",
-                            .resume = resume != NULL, .until_step = until};
+                            .resume = resume != NULL, .until_step = until, .be = be};
     return train_on_world(&cfg, &opt) ? qs_cli_fail() : 0;
 }
 
@@ -415,12 +424,13 @@ static int cmd_eval(int argc, char **argv) {
     qs_task task = {0};
     char adapter_step[QS_PATH_MAX + 64];
     rc = open_checkpoint(&o, model, config, &sets);
+    const qs_task_place place = {.micro_B = micro_batch(&o.cfg), .be = qs_backend_cpu()};
     if (!rc && adapter)
         rc = qs_checkpoint_find_file(adapter, QS_LORA_WEIGHTS, adapter_step, sizeof adapter_step)
                  ? qs_error("--adapter: %s", qs_error_last())
-                 : qs_task_open_lora(&task, &o.cfg, o.chars_json, &o.f, o.step_dir, adapter_step, micro_batch(&o.cfg), NULL);
+                 : qs_task_open_lora(&task, &o.cfg, o.chars_json, &o.f, o.step_dir, adapter_step, &place);
     else if (!rc)
-        rc = qs_task_open(&task, &o.cfg, o.chars_json, micro_batch(&o.cfg), NULL) ||
+        rc = qs_task_open(&task, &o.cfg, o.chars_json, &place) ||
              qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
     double vl = NAN, acc = NAN;
     if (!rc) rc = qs_task_evaluate(&task, o.cfg.train.eval_iters, NULL, 0, 1, &vl, &acc);

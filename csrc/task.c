@@ -5,11 +5,12 @@
 
 #include "quasar/error.h"
 
-int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B, qs_comm *sp) {
+int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, const qs_task_place *place) {
     memset(t, 0, sizeof *t);
-    if (cfg->model.type != QS_MODEL_QUADRANET) return qs_task_open_lm(t, cfg, chars_json, micro_B, sp);
-    if (sp && qs_comm_size(sp) > 1) return qs_error("parallel.sp %d: only language models split sequences", qs_comm_size(sp));
-    return qs_task_open_image(t, cfg, micro_B);
+    if (cfg->model.type != QS_MODEL_QUADRANET) return qs_task_open_lm(t, cfg, chars_json, place);
+    if (place->sp && qs_comm_size(place->sp) > 1)
+        return qs_error("parallel.sp %d: only language models split sequences", qs_comm_size(place->sp));
+    return qs_task_open_image(t, cfg, place);
 }
 
 void qs_task_free(qs_task *t) {

@@ -54,12 +54,12 @@ static void image_free(void *self) {
     free(t);
 }
 
-int qs_task_open_image(qs_task *task, qs_config *cfg, int micro_B) {
+int qs_task_open_image(qs_task *task, qs_config *cfg, const qs_task_place *place) {
     const qs_quadra_config *q = &cfg->model.quadra;
     image_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
     t->cfg = *cfg;
-    t->B = micro_B;
+    t->B = place->micro_B;
     t->aug = (qs_augment){.size = q->image_size, .max_shift = cfg->data.augment_shift, .flip = cfg->data.augment_flip};
     int rc = qs_image_dataset_load(&t->data, cfg->data.path);
     if (!rc && q->in_channels != 1)
@@ -71,7 +71,7 @@ int qs_task_open_image(qs_task *task, qs_config *cfg, int micro_B) {
     if (!rc && t->data.n_classes > q->num_classes)
         rc = qs_error("model.quadra.num_classes (%d) is smaller than the %d classes in '%s'", q->num_classes,
                       t->data.n_classes, cfg->data.path);
-    if (!rc) rc = qs_quadranet_create(&t->m, &cfg->model, qs_backend_cpu(), t->B);
+    if (!rc) rc = qs_quadranet_create(&t->m, &cfg->model, place->be, t->B);
     if (!rc) {
         t->x = malloc((size_t)t->B * q->image_size * q->image_size * sizeof(float));
         t->y = malloc((size_t)t->B * sizeof(int));

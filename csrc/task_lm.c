@@ -145,7 +145,7 @@ static int lm_finish(void *self, const char *run_dir) {
     sample_sink sink = {&t->codec, mem};
     /* a sequence-parallel model holds part of each sequence: sample from a whole copy */
     qs_gpt *whole = NULL;
-    int rc = t->sp ? qs_gpt_create_frozen(&whole, &t->cfg.model, qs_backend_cpu(), 1, t->cfg.model.seq_len) : 0;
+    int rc = t->sp ? qs_gpt_create_frozen(&whole, &t->cfg.model, qs_gpt_backend(t->m), 1, t->cfg.model.seq_len) : 0;
     if (whole) qs_params_copy(qs_gpt_params(whole), qs_gpt_params(t->m));
     if (!rc) rc = qs_generate(whole ? whole : t->m, ctx, 1, n_new, &sp, emit_token, &sink) < 0 ? -1 : 0;
     qs_gpt_free(whole);
@@ -174,7 +174,7 @@ static void lm_free(void *self) {
     free(t);
 }
 
-static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B, bool frozen, qs_comm *sp) {
+static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const qs_task_place *place, bool frozen) {
     lm_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
     int rc = qs_codec_open(&t->codec, &cfg->data, chars_json);
@@ -190,10 +190,10 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int mi
             rc = qs_error("model.vocab_size %d is smaller than the vocabulary (%d)", cfg->model.vocab_size, v);
     }
     t->cfg = *cfg;
-    t->B = micro_B;
-    t->sp = sp && qs_comm_size(sp) > 1 ? sp : NULL;
-    t->T = cfg->model.seq_len / (t->sp ? qs_comm_size(sp) : 1);
-    if (!rc) rc = (frozen ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, qs_backend_cpu(), t->B, t->T);
+    t->B = place->micro_B;
+    t->sp = place->sp && qs_comm_size(place->sp) > 1 ? place->sp : NULL;
+    t->T = cfg->model.seq_len / (t->sp ? qs_comm_size(t->sp) : 1);
+    if (!rc) rc = (frozen ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, place->be, t->B, t->T);
     if (!rc && t->sp) rc = qs_gpt_set_sequence_parallel(t->m, t->sp);
     if (!rc && t->sp) {
         t->xf = malloc((size_t)t->B * cfg->model.seq_len * sizeof(int));
@@ -228,18 +228,18 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int mi
     return 0;
 }
 
-int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, int micro_B, qs_comm *sp) {
-    return open_lm(task, cfg, chars_json, micro_B, false, sp);
+int qs_task_open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const qs_task_place *place) {
+    return open_lm(task, cfg, chars_json, place, false);
 }
 
 int qs_task_open_lora(qs_task *task, qs_config *cfg, const char *chars_json, const qs_st_file *base,
-                      const char *base_dir, const char *adapter_dir, int micro_B, qs_comm *sp) {
+                      const char *base_dir, const char *adapter_dir, const qs_task_place *place) {
     if (cfg->model.type != QS_MODEL_GPT) return qs_error("%s: LoRA fine-tunes GPT models only", base_dir);
     if (adapter_dir && qs_lora_read_config(adapter_dir, &cfg->lora)) return -1;
-    if (sp && qs_comm_size(sp) > 1)
+    if (place->sp && qs_comm_size(place->sp) > 1)
         return qs_error("parallel.sp %d: LoRA fine-tuning does not split sequences; use parallel.sp 1",
-                        qs_comm_size(sp));
-    if (open_lm(task, cfg, chars_json, micro_B, true, sp)) return -1;
+                        qs_comm_size(place->sp));
+    if (open_lm(task, cfg, chars_json, place, true)) return -1;
     lm_task *t = task->self;
     snprintf(t->base_dir, sizeof t->base_dir, "%s", base_dir);
     int rc = qs_checkpoint_load_weights(qs_gpt_params(t->m), base, base_dir);

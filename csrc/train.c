@@ -113,7 +113,7 @@ static int save_checkpoint(qs_dp *dp, bool writer, const char *run, const qs_con
 }
 
 int qs_train(qs_config *cfg, const qs_train_options *opt) {
-    const qs_backend *be = qs_backend_cpu();
+    const qs_backend *be = opt->be ? opt->be : qs_backend_cpu();
     qs_train_config *tc = &cfg->train;
     const char *run = opt->out_dir;
     char path[QS_PATH_MAX + 64], step_dir[QS_PATH_MAX + 64];
@@ -164,9 +164,10 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         dp_rank = qs_comm_rank(dp_group);
     }
     qs_task task;
+    const qs_task_place place = {.micro_B = B, .sp = sp_group, .be = be};
     int trc = opt->base ? qs_task_open_lora(&task, cfg, opt->base_chars, opt->base, opt->base_dir,
-                                            opt->resume ? step_dir : NULL, B, sp_group)
-                        : qs_task_open(&task, cfg, chars_json, B, sp_group);
+                                            opt->resume ? step_dir : NULL, &place)
+                        : qs_task_open(&task, cfg, chars_json, &place);
     free(chars_json);
     if (trc) {
         qs_st_free(&mf_st);

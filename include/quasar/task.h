@@ -45,11 +45,19 @@ typedef struct qs_task {
     void (*free)(void *self);
 } qs_task;
 
-/* Builds cfg's model (model.type) for micro-batches of micro_B and loads its data;
- * chars_json is a checkpoint's char vocabulary (NULL when new). May fill in
- * model.vocab_size from the data. sp: the sequence-parallel group this rank shares
- * every sequence with (GPT only; NULL or a group of one: whole sequences). */
-int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B, qs_comm *sp);
+/* Where a task runs: samples per forward pass, the sequence-parallel group this rank
+ * shares every sequence with (GPT only; NULL or a group of one: whole sequences), and
+ * the backend its model lives on. */
+typedef struct qs_task_place {
+    int micro_B;
+    qs_comm *sp;
+    const qs_backend *be;
+} qs_task_place;
+
+/* Builds cfg's model (model.type) as placed and loads its data; chars_json is a
+ * checkpoint's char vocabulary (NULL when new). May fill in model.vocab_size from the
+ * data. */
+int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, const qs_task_place *place);
 void qs_task_free(qs_task *t);
 
 /* Validation loss and accuracy (NAN without has_accuracy) over `iters` micro-batches or
@@ -63,13 +71,13 @@ int qs_task_evaluate(qs_task *t, int iters, qs_comm *ranks, int part, int parts,
 void qs_metrics_num(FILE *f, const char *key, double v, const char *fmt);
 
 /* The two families (csrc/task_lm.c, csrc/task_image.c). */
-int qs_task_open_lm(qs_task *t, qs_config *cfg, const char *chars_json, int micro_B, qs_comm *sp);
-int qs_task_open_image(qs_task *t, qs_config *cfg, int micro_B);
+int qs_task_open_lm(qs_task *t, qs_config *cfg, const char *chars_json, const qs_task_place *place);
+int qs_task_open_image(qs_task *t, qs_config *cfg, const qs_task_place *place);
 /* LoRA: the GPT of cfg->model with the tensors of base (the opened model.safetensors of
  * the checkpoint base_dir) frozen, and adapters per cfg->lora as task.params: new ones,
  * or with adapter_dir those of that adapter checkpoint (whose lora settings then replace
  * cfg->lora). */
 int qs_task_open_lora(qs_task *t, qs_config *cfg, const char *chars_json, const qs_st_file *base,
-                      const char *base_dir, const char *adapter_dir, int micro_B, qs_comm *sp);
+                      const char *base_dir, const char *adapter_dir, const qs_task_place *place);
 
 #endif

@@ -5,6 +5,7 @@
 
 #include <stdbool.h>
 
+#include "quasar/backend.h"
 #include "quasar/comm.h"
 #include "quasar/config.h"
 #include "quasar/safetensors.h"
@@ -20,6 +21,7 @@ typedef struct qs_train_options {
     const char *base_chars;
     qs_comm *world;         /* the ranks of this run (train.batch_size is over all of them);
                              * NULL: this process alone */
+    const qs_backend *be;   /* where the model lives; NULL: the CPU */
 } qs_train_options;
 
 int qs_train(qs_config *cfg, const qs_train_options *opt);

@@ -13,6 +13,10 @@ expect_error "non-numeric value" "--max-tokens: invalid value 'many'" $Q generat
 expect_error "out-of-range value" "--top-p: invalid value '1.5'" $Q generate --model x --top-p 1.5
 expect_error "train without config" "needs --config" $Q train
 expect_error "bad device" "--device: expected cpu or cuda" $Q train --config good.json --device tpu
+# this tree has no CUDA (or no GPU): one line saying which, and no run folder
+expect_error "cuda without a GPU" "^error: --device cuda: (this build has no CUDA|no CUDA device is visible)" \
+  $Q train --config good.json --device cuda --out cuda_run
+[ ! -e cuda_run ] && ok "cuda without a GPU: no run folder" || not_ok "cuda without a GPU: no run folder"
 expect_ok "--help" $Q train --help
 expect_ok "top-level --help" $Q --help
 
