@@ -4,21 +4,10 @@
  * Prints {"B", "H", "W", "C", "k", "fwd_ms", "bwd_ms", "gflop_per_s", "gb_per_s"} (medians). */
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
 #include "quasar/backend.h"
+#include "quasar/bench.h"
 #include "quasar/rng.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static float *rnd(size_t n, uint64_t stream) {
     float *p = malloc(n * sizeof *p);
@@ -47,16 +36,15 @@ int main(int argc, char **argv) {
     ops->quadconv_forward(y, fa, fb, x, w, bias, &s); /* warm-up: page in every buffer */
     ops->quadconv_backward(dx, dw, db, dy, x, w, fa, fb, &s);
     for (int r = 0; r < reps; r++) {
-        double t0 = now();
+        double t0 = qs_bench_now();
         ops->quadconv_forward(y, fa, fb, x, w, bias, &s);
-        double t1 = now();
+        double t1 = qs_bench_now();
         ops->quadconv_backward(dx, dw, db, dy, x, w, fa, fb, &s);
         tf[r] = t1 - t0;
-        tb[r] = now() - t1;
+        tb[r] = qs_bench_now() - t1;
     }
-    qsort(tf, reps, sizeof *tf, cmp);
-    qsort(tb, reps, sizeof *tb, cmp);
-    const double f = tf[reps / 2], b = tb[reps / 2], k2nc = (double)s.KH * s.KW * n;
+    const double f = qs_bench_stats_of(tf, reps).median, b = qs_bench_stats_of(tb, reps).median;
+    const double k2nc = (double)s.KH * s.KW * n;
     /* forward 6 k^2 NC (three filters' multiply-adds), backward 11 k^2 NC (dW: 6, dx: 5);
      * bytes: forward reads x, writes y, fa, fb; backward reads dy, x, fa, fb, writes dx */
     const double flops = 17.0 * k2nc, bytes = 9.0 * n * sizeof(float);
