@@ -21,6 +21,7 @@
 #include "quasar/error.h"
 #include "quasar/model.h"
 #include "quasar/fileio.h"
+#include "test_json.h"
 
 #define FIXTURE "tests/fixtures/hf_gpt2_tiny"
 #define VOCAB "../shared/data/gpt2"
@@ -41,16 +42,6 @@ static int teardown(void **state) {
 }
 
 static void tmp_path(char *buf, size_t cap, const char *name) { snprintf(buf, cap, "%s/%s", tmp, name); }
-
-static cJSON *read_json(const char *path) {
-    char *text;
-    size_t n;
-    assert_int_equal(qs_file_read(path, &text, &n), 0);
-    cJSON *j = cJSON_ParseWithLength(text, n);
-    free(text);
-    assert_non_null(j);
-    return j;
-}
 
 /* Opens a converted run's checkpoint into a model sized for one sequence of T tokens. */
 static qs_gpt *load_run(const char *run, int T, qs_st_file *f) {

@@ -31,6 +31,7 @@
 #include "quasar/rng.h"
 #include "quasar/sample.h"
 #include "gradcheck.h"
+#include "test_json.h"
 #include "test_seed.h"
 
 static uint64_t seed;
@@ -554,16 +555,6 @@ static void test_sha256(void **state) {
         qs_sha256_update(&s, a + i, i + k < sizeof a ? k : sizeof a - i);
     qs_sha256_hex(&s, hex);
     assert_string_equal(hex, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
-}
-
-static cJSON *read_json(const char *path) {
-    char *text;
-    size_t n;
-    assert_int_equal(qs_file_read(path, &text, &n), 0);
-    cJSON *j = cJSON_ParseWithLength(text, n);
-    free(text);
-    assert_non_null(j);
-    return j;
 }
 
 /* An adapter records the SHA-256 of its base's weights (their F32 bytes in table order)
