@@ -4,6 +4,7 @@
  * token's assignments are visited in k order, as on the CPU. */
 #include "common.cuh"
 #include "quasar/rng.h"
+#include "quasar/topk.h"
 
 /* softplus(x) = log(1 + e^x), written so that neither branch overflows. */
 __device__ static inline float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
@@ -43,23 +44,14 @@ void qs_cuda_noisy_gate_backward(float *dclean, float *dnoise, const float *dh, 
                 N, E);
 }
 
-/* One thread per token: the CPU's insertion into a sorted list of the best K (an expert
- * goes after every kept one with an equal logit, so ties keep the lower index first),
- * then the softmax over the K kept logits. */
+/* One thread per token: the shared selection (quasar/topk.h), then the softmax over the
+ * K kept logits. */
 __global__ static void topk_forward_kernel(int *idx, float *gate, const float *logits, int N, int E, int K) {
     QS_GRID_LOOP(n, (size_t)N) {
         const float *x = logits + n * E;
         int *id = idx + n * K;
         float *g = gate + n * K;
-        int have = 0;
-        for (int e = 0; e < E; e++) {
-            int j = have;
-            while (j > 0 && x[e] > x[id[j - 1]]) j--;
-            if (j >= K) continue;
-            if (have < K) have++;
-            for (int m = have - 1; m > j; m--) id[m] = id[m - 1];
-            id[j] = e;
-        }
+        qs_topk_select(id, x, E, K);
         float mx = -INFINITY;
         for (int k = 0; k < K; k++) mx = fmaxf(mx, x[id[k]]);
         double sum = 0.0;

@@ -4,6 +4,7 @@
 
 #include "cpu_ops.h"
 #include "quasar/rng.h"
+#include "quasar/topk.h"
 
 /* softplus(x) = log(1 + e^x), written so that neither branch overflows. */
 static inline float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
@@ -39,17 +40,7 @@ void qs_cpu_moe_topk_forward(int *idx, float *gate, const float *logits, int N, 
         const float *x = logits + (size_t)n * E;
         int *id = idx + (size_t)n * K;
         float *g = gate + (size_t)n * K;
-        /* Insertion into a sorted list of the best K so far. An expert goes after
-         * every kept one with an equal logit, so ties keep the lower index first. */
-        int have = 0;
-        for (int e = 0; e < E; e++) {
-            int j = have;
-            while (j > 0 && x[e] > x[id[j - 1]]) j--;
-            if (j >= K) continue;
-            if (have < K) have++;
-            memmove(id + j + 1, id + j, (size_t)(have - 1 - j) * sizeof *id);
-            id[j] = e;
-        }
+        qs_topk_select(id, x, E, K);
         for (int k = 0; k < K; k++) g[k] = x[id[k]];
         double sum;
         const float mx = qs_cpu_softmax_stats(g, K, &sum);

@@ -10,11 +10,7 @@
 
 /* The same functions compile into CUDA kernels (kernels/), so a GPU draws the CPU's
  * numbers. */
-#ifdef __CUDACC__
-#define QS_HD __host__ __device__
-#else
-#define QS_HD
-#endif
+#include "quasar/hostdev.h"
 
 static inline QS_HD uint64_t qs_rng_mix(uint64_t z) {
     /* splitmix64 finalizer */
