@@ -13,17 +13,17 @@ void qs_dp_init(qs_dp *dp, qs_comm *comm, int zero, size_t n) {
 static bool sharded(const qs_dp *dp) { return dp->zero == 1 && dp->size > 1; }
 
 /* This rank's chunk, then the tail every rank owns. */
-static int own_spans(const qs_dp *dp, qs_span own[2]) {
+static void own_spans(const qs_dp *dp, qs_span own[2]) {
     const size_t tail = dp->chunk * (size_t)dp->size;
     own[0] = (qs_span){dp->chunk * (size_t)dp->rank, dp->chunk * (size_t)(dp->rank + 1)};
     own[1] = (qs_span){tail, dp->n};
-    return 2;
 }
 
 int qs_dp_create_optim(const qs_dp *dp, const qs_backend *be, qs_adamw *o) {
     if (!sharded(dp)) return qs_adamw_create(o, be, dp->n);
     qs_span own[2];
-    return qs_adamw_create_spans(o, be, dp->n, own, own_spans(dp, own));
+    own_spans(dp, own);
+    return qs_adamw_create_spans(o, be, dp->n, own, 2);
 }
 
 /* Sums buf[tail..n) over the group: the few elements the chunks leave over. */

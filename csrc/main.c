@@ -375,7 +375,8 @@ static int cmd_generate(int argc, char **argv) {
         free_loaded(&lm);
         return qs_cli_fail();
     }
-    int *ctx[64] = {0}, n_prompt[64], lens[64];
+    enum { MAX_PROMPTS = sizeof prompts.items / sizeof *prompts.items };
+    int *ctx[MAX_PROMPTS] = {0}, n_prompt[MAX_PROMPTS], lens[MAX_PROMPTS];
     for (int b = 0; b < B && !rc; b++) {
         size_t n = strlen(prompts.items[b]), n_ids = 0;
         ctx[b] = malloc((n + 1 + (size_t)max_tokens) * sizeof(int));
