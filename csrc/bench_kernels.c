@@ -76,32 +76,43 @@ static void gemm_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
     o->matmul_backward(f[3], f[4], NULL, f[0], f[1], f[2], d->N, d->C, d->F, QS_W_IN_OUT);
 }
 
-/* ---- causal attention: QK^T and AV over the T(T+1)/2 visible pairs of each head ---- */
+/* ---- causal attention as the model runs it: whole sequences as one block ----
+ * FLOPs over the T(T+1)/2 visible pairs of each head: forward QK^T and PV; backward
+ * FlashAttention's count, 2.5x the forward (QK^T recomputed, dP, dQ, dK, dV). */
 
 static double att_pairs(const kdims *d) { return (double)d->B * d->T * (d->T + 1) / 2.0; }
 
+static qs_attn_block att_whole(const kdims *d) {
+    return (qs_attn_block){.B = d->B, .C = d->C, .NH = d->NH, .Tq = d->T, .Tk = d->T, .q_len = d->T,
+                           .kv_len = d->T, .q_stride = 3 * d->C, .kv_stride = 3 * d->C, .causal = 1};
+}
+
 static void att_fwd_plan(kplan *p, const kdims *d) {
-    const size_t BTC = (size_t)d->B * d->T * d->C, att = (size_t)d->B * d->NH * d->T * d->T;
-    bufs(p, 3, (size_t[]){3 * BTC, BTC, att}, 0, NULL);
+    const size_t BTC = (size_t)d->B * d->T * d->C, st = (size_t)d->B * d->NH * d->T;
+    bufs(p, 3, (size_t[]){3 * BTC, BTC, st}, 0, NULL);
     p->flops = 4.0 * att_pairs(d) * d->C;
-    p->bytes = 4.0 * (4 * BTC + att);
+    p->bytes = 4.0 * (4 * BTC + st);
     snprintf(p->shape, sizeof p->shape, "B=%d T=%d C=%d NH=%d", d->B, d->T, d->C, d->NH);
 }
 static void att_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     (void)ib;
-    o->attention_forward(f[1], f[2], f[0], d->B, d->T, d->C, d->NH);
+    const qs_attn_block blk = att_whole(d);
+    o->attention_block_forward(f[1], f[2], f[0], f[0] + d->C, &blk);
 }
 
+/* dqkv, dout, qkv, out, lse, delta */
 static void att_bwd_plan(kplan *p, const kdims *d) {
-    const size_t BTC = (size_t)d->B * d->T * d->C, att = (size_t)d->B * d->NH * d->T * d->T;
-    bufs(p, 4, (size_t[]){3 * BTC, BTC, 3 * BTC, att}, 0, NULL);
-    p->flops = 8.0 * att_pairs(d) * d->C; /* dV, dP, dQ, dK */
-    p->bytes = 4.0 * (10 * BTC + att);
+    const size_t BTC = (size_t)d->B * d->T * d->C, st = (size_t)d->B * d->NH * d->T;
+    bufs(p, 6, (size_t[]){3 * BTC, BTC, 3 * BTC, BTC, st, st}, 0, NULL);
+    p->flops = 10.0 * att_pairs(d) * d->C;
+    p->bytes = 4.0 * (11 * BTC + 3 * st);
     snprintf(p->shape, sizeof p->shape, "B=%d T=%d C=%d NH=%d", d->B, d->T, d->C, d->NH);
 }
 static void att_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     (void)ib;
-    o->attention_backward(f[0], f[1], f[2], f[3], d->B, d->T, d->C, d->NH);
+    const qs_attn_block blk = att_whole(d);
+    o->attention_delta(f[5], f[1], f[3], d->B, d->T, d->C, d->NH);
+    o->attention_block_backward(f[0], f[0] + d->C, f[1], f[2], f[2] + d->C, f[4], f[5], &blk);
 }
 
 /* ---- MoE: router GEMM + top-k + capacity assignment + dispatch into packed rows ---- */

@@ -24,7 +24,7 @@ typedef struct layer_params {
 
 /* Saved forward activations of one block. */
 typedef struct layer_acts {
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *attproj, *res_mid;
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *attproj, *res_mid; /* lse [B,NH,T] */
     float *fa, *fb; /* quadconv mixer: the two factors (inside qkv's room) */
     float *ln2, *ln2_mean, *ln2_rstd;
     float *fch, *fch_act;             /* dense: [N,F]; MoE: packed [N*K,F] */
@@ -58,6 +58,7 @@ struct qs_gpt {
     int *slots;           /* decoding: each row's KV-cache slot */
     /* backward scratch */
     float *dres, *dln, *dbranch, *datty, *dqkv, *dlogits;
+    float *delta; /* attention's row term [B,NH,T] */
     float *dF1, *dF2;        /* [max(N, N*K), F] */
     float *dxe, *dye, *dgate; /* MoE packed */
     float *dh, *dclean, *dnoise;
@@ -195,7 +196,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
             a->fa = a->qkv;
             a->fb = a->qkv ? a->qkv + N * C : NULL;
         } else {
-            a->att = qs_plan_f(p, (size_t)m->max_B * m->NH * m->max_T * m->max_T);
+            a->lse = qs_plan_f(p, N * m->NH);
         }
         a->atty = qs_plan_f(p, N * C);
         a->attproj = qs_plan_f(p, N * C);
@@ -231,6 +232,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
     m->dbranch = qs_plan_f(p, N * C);
     m->datty = qs_plan_f(p, N * C);
     m->dqkv = qs_plan_f(p, N * 3 * C);
+    m->delta = qs_plan_f(p, N * m->NH);
     m->dlogits = qs_plan_f(p, N * m->V);
     m->dF1 = qs_plan_f(p, NK * F);
     m->dF2 = qs_plan_f(p, NK * F);
@@ -576,12 +578,31 @@ static void mixer_conv_forward(qs_gpt *m, int l, int B, int T, const int *slots)
     }
 }
 
-/* Ring attention of a layer (att keeps its log-sum-exp [B,NH,T]); the ring's workspace
- * is for the full micro-batch. */
+/* Ring attention of a layer; the ring's workspace is for the full micro-batch. */
+/* Causal self-attention of B whole sequences: one block of the blockwise ops, q, k and v
+ * read in place from qkv and their gradients written in place into dqkv. Saves only
+ * the log-sum-exp, so memory is linear in T. */
+static qs_attn_block whole_block(const qs_gpt *m, int B, int T) {
+    return (qs_attn_block){.B = B, .C = m->C, .NH = m->NH, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
+                           .q_stride = 3 * m->C, .kv_stride = 3 * m->C, .causal = 1};
+}
+
+static void whole_attention_forward(qs_gpt *m, layer_acts *a, int B, int T) {
+    const qs_attn_block blk = whole_block(m, B, T);
+    m->be->ops->attention_block_forward(a->atty, a->lse, a->qkv, a->qkv + m->C, &blk);
+}
+
+static void whole_attention_backward(qs_gpt *m, layer_acts *a, int B, int T) {
+    const qs_ops *ops = m->be->ops;
+    const qs_attn_block blk = whole_block(m, B, T);
+    ops->attention_delta(m->delta, m->datty, a->atty, B, T, m->C, m->NH);
+    ops->attention_block_backward(m->dqkv, m->dqkv + m->C, m->datty, a->qkv, a->qkv + m->C, a->lse, m->delta, &blk);
+}
+
 static void ring_forward(qs_gpt *m, layer_acts *a, int B) {
     if (m->failed) return;
     if (B != m->max_B) m->failed = qs_error("a sequence-parallel forward takes %d sequences, not %d", m->max_B, B) != 0;
-    else m->failed = qs_ring_attention_forward(m->ring, a->atty, a->att, a->qkv) != 0;
+    else m->failed = qs_ring_attention_forward(m->ring, a->atty, a->lse, a->qkv) != 0;
 }
 
 /* Embeddings through logits for B sequences of T tokens at positions 0..T-1; or, when
@@ -625,7 +646,7 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
             else if (m->ring)
                 ring_forward(m, a, B);
             else
-                ops->attention_forward(a->atty, a->att, a->qkv, B, T, C, m->NH);
+                whole_attention_forward(m, a, B, T);
         }
         ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
         lora_forward(m, l, QS_LORA_SITE_PROJ, 0, 0, N, a->attproj, a->atty);
@@ -820,9 +841,9 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
         } else {
             zero_f(m, m->dqkv, 3 * NC);
             if (m->ring && !m->failed)
-                m->failed = qs_ring_attention_backward(m->ring, m->dqkv, m->datty, a->qkv, a->atty, a->att) != 0;
+                m->failed = qs_ring_attention_backward(m->ring, m->dqkv, m->datty, a->qkv, a->atty, a->lse) != 0;
             else if (!m->ring)
-                ops->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, m->NH);
+                whole_attention_backward(m, a, B, T);
             ops->matmul_backward(m->dln, G(m, p->qkv_w), G(m, p->qkv_b), m->dqkv, a->ln1, P(m, p->qkv_w), N, C,
                                  3 * C, QS_W_IN_OUT);
             lora_backward(m, l, QS_LORA_SITE_QKV, 0, 0, N, m->dln, m->dqkv, a->ln1);

@@ -2,8 +2,7 @@
  * its log-sum-exp, the merge of two blocks' results, and one block's share of the
  * backward. The products run through cuBLAS, one sequence at a time with its heads as
  * a strided batch (a head is a column slice of the rows, so every operand is read where
- * it lies); the softmax rows run one warp each. attention.cu builds the materialised
- * attention out of the same pieces. */
+ * it lies); the softmax rows run one warp each. */
 #include "common.cuh"
 
 /* Keys query row i sees: a prefix of the block, as positions rise with the row. */
@@ -25,28 +24,28 @@ static const float *kv_of(const float *kv, const qs_attn_block *k, int b) {
 }
 static size_t o_at(const qs_attn_block *k, int b) { return (size_t)b * k->q_len * k->C; }
 
-void qs_cuda_attn_scores(float *p, const float *q, const float *kv, const qs_attn_block *k, int b) {
+static void qs_cuda_attn_scores(float *p, const float *q, const float *kv, const qs_attn_block *k, int b) {
     const int hs = k->C / k->NH;
     const long long pq = (long long)k->Tq * k->Tk;
     qs_cuda_gemm(0, 1, k->Tq, k->Tk, hs, scale_of(k), q_of(q, k, b), k->q_stride, hs, kv_of(kv, k, b), k->kv_stride,
                  hs, 0.0f, p, k->Tk, pq, k->NH);
 }
 
-void qs_cuda_attn_apply(float *out, const float *p, const float *kv, const qs_attn_block *k, int b) {
+static void qs_cuda_attn_apply(float *out, const float *p, const float *kv, const qs_attn_block *k, int b) {
     const int hs = k->C / k->NH;
     const long long pq = (long long)k->Tq * k->Tk;
     qs_cuda_gemm(0, 0, k->Tq, hs, k->Tk, 1.0f, p, k->Tk, pq, kv_of(kv, k, b) + k->C, k->kv_stride, hs, 0.0f,
                  out + o_at(k, b), k->C, hs, k->NH);
 }
 
-void qs_cuda_attn_dprobs(float *dp, const float *dout, const float *kv, const qs_attn_block *k, int b) {
+static void qs_cuda_attn_dprobs(float *dp, const float *dout, const float *kv, const qs_attn_block *k, int b) {
     const int hs = k->C / k->NH;
     const long long pq = (long long)k->Tq * k->Tk;
     qs_cuda_gemm(0, 1, k->Tq, k->Tk, hs, 1.0f, dout + o_at(k, b), k->C, hs, kv_of(kv, k, b) + k->C, k->kv_stride, hs,
                  0.0f, dp, k->Tk, pq, k->NH);
 }
 
-void qs_cuda_attn_grads(float *dq, float *dkv, const float *ds, const float *p, const float *dout, const float *q,
+static void qs_cuda_attn_grads(float *dq, float *dkv, const float *ds, const float *p, const float *dout, const float *q,
                         const float *kv, const qs_attn_block *k, int b) {
     const int hs = k->C / k->NH, Tq = k->Tq, Tk = k->Tk;
     const long long pq = (long long)Tq * Tk;
@@ -83,7 +82,7 @@ __global__ static void softmax_rows_kernel(float *p, float *lse, qs_attn_block k
     if (lse && lane == 0) lse[(size_t)(r / k.Tq) * k.q_len + i] = n ? mx + (float)log(sum) : -INFINITY;
 }
 
-void qs_cuda_attn_softmax(float *p, float *lse, const qs_attn_block *k, int rows) {
+static void qs_cuda_attn_softmax(float *p, float *lse, const qs_attn_block *k, int rows) {
     QS_LAUNCH_ROWS(softmax_rows_kernel, rows, p, lse, *k, rows);
 }
 

@@ -107,11 +107,6 @@ void qs_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *
 void qs_cuda_matmul_acc(float *out, const float *inp, const float *w, float alpha, int N, int n_in, int n_out,
                         qs_weight_layout layout);
 
-/* attention.cu */
-void qs_cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
-void qs_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T,
-                                int C, int NH);
-
 /* kv_cache.cu */
 void qs_cuda_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int max_T);
 void qs_cuda_attention_decode(float *out, float *kcache, float *vcache, const float *qkv, int B, int C, int NH,
@@ -127,17 +122,6 @@ void qs_cuda_attention_block_backward(float *dq, float *dkv, const float *dout, 
                                       const float *lse, const float *delta, const qs_attn_block *blk);
 void qs_cuda_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C);
 void qs_cuda_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C);
-/* The pieces attention.cu shares, for sequence b of a block with its NH heads batched;
- * p, dp, ds are [NH][Tq][Tk] (the whole [B][NH][Tq][Tk] for qs_cuda_attn_softmax):
- * p = scale Q K^T; out = P V; dp = dout V^T; dq += dS K, dk += dS^T Q, dv += P^T dout
- * (dq, dkv NULL: skipped); scores -> probabilities over the visible keys (0 elsewhere)
- * and, if lse is not NULL, their log-sum-exp. */
-void qs_cuda_attn_scores(float *p, const float *q, const float *kv, const qs_attn_block *k, int b);
-void qs_cuda_attn_apply(float *out, const float *p, const float *kv, const qs_attn_block *k, int b);
-void qs_cuda_attn_dprobs(float *dp, const float *dout, const float *kv, const qs_attn_block *k, int b);
-void qs_cuda_attn_grads(float *dq, float *dkv, const float *ds, const float *p, const float *dout, const float *q,
-                        const float *kv, const qs_attn_block *k, int b);
-void qs_cuda_attn_softmax(float *p, float *lse, const qs_attn_block *k, int rows);
 
 /* activation.cu */
 void qs_cuda_gelu_forward(float *out, const float *inp, size_t n);

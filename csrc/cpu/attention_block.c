@@ -1,25 +1,30 @@
 /* Blockwise attention: a query block against one key/value block, returning its
- * log-sum-exp so that blocks can be merged (ring attention), and that block's share of
- * the backward from the merged output's statistics. Laid out like attention.c: work is
- * split over (sequence, head) pairs, each owning its head's columns of every output
- * row, and every product is a qs_cpu_vec_mat with K or V transposed into scratch. */
+ * log-sum-exp so that blocks can be merged (ring attention, and the model's own
+ * attention as one whole block), and that block's share of the backward from the merged
+ * output's statistics.
+ *
+ * The algorithm of FlashAttention on the CPU: work is split over (sequence, head) pairs,
+ * each owning its head's columns of every output row, and the queries of a pair are taken
+ * QT rows at a time. A tile's scores against the keys it sees are the only T-long
+ * scratch (QT x Tk per thread), so memory is linear in the sequence; the backward
+ * recomputes them from the saved log-sum-exp instead of keeping probabilities. Every
+ * product is a single-threaded sgemm that reads q, k and v where they lie (BLAS runs on
+ * one thread in this engine; matmul.c). */
+#include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu_ops.h"
+
+/* Query rows per tile: large enough for BLAS to run at speed, small enough that the
+ * tile's scores stay in cache at the usual block lengths. */
+enum { QT = 64 };
 
 /* Keys query row i sees: a prefix of the block, as positions rise with the row. */
 static int visible_keys(const qs_attn_block *k, int i) {
     if (!k->causal) return k->Tk;
     const long long n = (long long)k->q_pos0 + i - k->k_pos0 + 1;
     return n < 0 ? 0 : n > k->Tk ? k->Tk : (int)n;
-}
-
-/* The first query row that sees key row j; all later rows see it too. */
-static int first_query(const qs_attn_block *k, int j) {
-    if (!k->causal) return 0;
-    const long long i = (long long)k->k_pos0 + j - k->q_pos0;
-    return i < 0 ? 0 : i > k->Tq ? k->Tq : (int)i;
 }
 
 /* Where (sequence b, head h) = bh starts in each of the block's tensors, in floats:
@@ -38,48 +43,64 @@ static head_at head_of(const qs_attn_block *k, int bh) {
     };
 }
 
-/* s[j] = scale * (x . column j of mt) for j < n, mt a head's K or V transposed [hs, Tk]. */
-static void row_times(float *s, const float *x, const float *mt, const qs_attn_block *k, int n,
-                      float scale) {
-    for (int j = 0; j < n; j++) s[j] = 0.0f;
-    qs_cpu_vec_mat(s, x, k->C / k->NH, mt, k->Tk, n);
-    for (int j = 0; j < n; j++) s[j] *= scale;
+/* One query tile of one head: rows [i0, i0 + m) see at most n keys (the last row's). */
+typedef struct {
+    head_at at;
+    int i0, m, n;
+} tile;
+
+static tile tile_of(const qs_attn_block *k, int bh, int i0) {
+    const int m = k->Tq - i0 < QT ? k->Tq - i0 : QT;
+    return (tile){head_of(k, bh), i0, m, visible_keys(k, i0 + m - 1)};
+}
+
+static int tiles_per_head(const qs_attn_block *k) { return (k->Tq + QT - 1) / QT; }
+
+/* s[m, n] = scale * (rows of x) (rows of y)^T for the tile: row r of x is x + r * ldx
+ * from the tile's first row, y's rows are its n keys. */
+static void tile_products(float *s, const float *x, int ldx, const float *y, int ldy, const tile *t, int hs,
+                          float scale) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t->m, t->n, hs, scale, x, ldx, y, ldy, 0.0f, s, t->n);
 }
 
 void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, const float *kv,
                                     const qs_attn_block *k) {
-    const int hs = k->C / k->NH;
+    const int hs = k->C / k->NH, nt = tiles_per_head(k);
     const float scale = 1.0f / sqrtf((float)hs);
 #pragma omp parallel
     {
-        /* K transposed [hs, Tk], then one row of probabilities [Tk]. */
-        float *kt = qs_cpu_scratch((size_t)(hs + 1) * k->Tk * sizeof *kt);
-        float *p = kt + (size_t)hs * k->Tk;
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < k->B * k->NH; bh++) {
-            const head_at at = head_of(k, bh);
-            const float *kb = kv + at.kv;
-            qs_cpu_transpose_head(kt, kb, k->kv_stride, k->Tk, hs);
-            for (int i = 0; i < k->Tq; i++) {
-                const int n = visible_keys(k, i);
-                float *o = out + at.o + (size_t)i * k->C;
-                memset(o, 0, (size_t)hs * sizeof *o);
-                if (n == 0) {
-                    lse[at.s + i] = -INFINITY;
-                    continue;
+        float *p = qs_cpu_scratch((size_t)QT * k->Tk * sizeof *p); /* a tile's probabilities */
+        /* tiles own disjoint rows; dynamic, as causal tiles grow with their position */
+#pragma omp for schedule(dynamic, 1)
+        for (long w = 0; w < (long)k->B * k->NH * nt; w++) {
+            const tile t = tile_of(k, (int)(w / nt), (int)(w % nt) * QT);
+            float *o = out + t.at.o + (size_t)t.i0 * k->C;
+            if (t.n == 0) { /* the whole tile sees no key */
+                for (int r = 0; r < t.m; r++) {
+                    memset(o + (size_t)r * k->C, 0, (size_t)hs * sizeof *o);
+                    lse[t.at.s + t.i0 + r] = -INFINITY;
                 }
-                row_times(p, q + at.q + (size_t)i * k->q_stride, kt, k, n, scale);
-                float mx = -INFINITY;
-                for (int j = 0; j < n; j++) mx = p[j] > mx ? p[j] : mx;
-                double sum = 0.0;
-                for (int j = 0; j < n; j++) sum += p[j] = expf(p[j] - mx);
-                lse[at.s + i] = mx + (float)log(sum);
-                const float inv = (float)(1.0 / sum);
-                for (int j = 0; j < n; j++) p[j] *= inv;
-                qs_cpu_vec_mat(o, p, n, kb + k->C, k->kv_stride, hs);
+                continue;
             }
+            tile_products(p, q + t.at.q + (size_t)t.i0 * k->q_stride, k->q_stride, kv + t.at.kv, k->kv_stride,
+                          &t, hs, scale);
+            for (int r = 0; r < t.m; r++) {
+                float *pr = p + (size_t)r * t.n;
+                const int n = visible_keys(k, t.i0 + r);
+                float mx = -INFINITY;
+                for (int j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
+                for (int j = 0; j < n; j++) pr[j] = qs_cpu_expf(pr[j] - mx);
+                double sum = 0.0;
+                for (int j = 0; j < n; j++) sum += pr[j];
+                lse[t.at.s + t.i0 + r] = n ? mx + (float)log(sum) : -INFINITY;
+                const float inv = n ? (float)(1.0 / sum) : 0.0f;
+                for (int j = 0; j < n; j++) pr[j] *= inv;
+                memset(pr + n, 0, (size_t)(t.n - n) * sizeof *pr);
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.m, hs, t.n, 1.0f, p, t.n, kv + t.at.kv + k->C,
+                        k->kv_stride, 0.0f, o, k->C);
         }
-        free(kt);
+        free(p);
     }
 }
 
@@ -119,47 +140,47 @@ void qs_cpu_attention_delta(float *delta, const float *dout, const float *out, i
 void qs_cpu_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q,
                                      const float *kv, const float *lse, const float *delta,
                                      const qs_attn_block *k) {
-    const int hs = k->C / k->NH, Tq = k->Tq, Tk = k->Tk;
+    if (!dq && !dkv) return;
+    const int hs = k->C / k->NH, nt = tiles_per_head(k);
     const float scale = 1.0f / sqrtf((float)hs);
 #pragma omp parallel
     {
-        /* K and V transposed [hs, Tk] each, P and dS [Tq, Tk] (the visible entries),
-         * one column of either [Tq]. */
-        const size_t kt_n = (size_t)hs * Tk, p_n = (size_t)Tq * Tk;
-        float *kt = qs_cpu_scratch((2 * kt_n + 2 * p_n + (size_t)Tq) * sizeof *kt);
-        float *vt = kt + kt_n, *p = vt + kt_n, *ds = p + p_n, *col = ds + p_n;
+        float *p = qs_cpu_scratch((size_t)2 * QT * k->Tk * sizeof *p), *ds = p + (size_t)QT * k->Tk;
+        /* A head's tiles all add into its dK/dV: one thread takes them in order. */
 #pragma omp for schedule(static)
-        for (int bh = 0; bh < k->B * k->NH; bh++) {
-            const head_at at = head_of(k, bh);
-            const float *qb = q + at.q, *kb = kv + at.kv, *dob = dout + at.o;
-            qs_cpu_transpose_head(kt, kb, k->kv_stride, Tk, hs);
-            qs_cpu_transpose_head(vt, kb + k->C, k->kv_stride, Tk, hs);
-            /* Row i: P from the final lse (so it is already normalised over every
-             * block), dP = dout_i . v_j, dS with the scale folded in; dq_i += dS_i K. */
-            for (int i = 0; i < Tq; i++) {
-                const int n = visible_keys(k, i);
-                if (n == 0) continue;
-                float *pi = p + (size_t)i * Tk, *di = ds + (size_t)i * Tk;
-                row_times(pi, qb + (size_t)i * k->q_stride, kt, k, n, scale);
-                row_times(di, dob + (size_t)i * k->C, vt, k, n, 1.0f);
-                const float l = lse[at.s + i], d = delta[at.s + i];
-                for (int j = 0; j < n; j++) pi[j] = expf(pi[j] - l);
-                for (int j = 0; j < n; j++) di[j] = scale * pi[j] * (di[j] - d);
-                if (dq) qs_cpu_vec_mat(dq + at.q + (size_t)i * k->q_stride, di, n, kb, k->kv_stride, hs);
+        for (int bh = 0; bh < k->B * k->NH; bh++)
+            for (int it = 0; it < nt; it++) {
+                const tile t = tile_of(k, bh, it * QT);
+                if (t.n == 0) continue;
+                const float *qt = q + t.at.q + (size_t)t.i0 * k->q_stride, *kb = kv + t.at.kv;
+                const float *dot = dout + t.at.o + (size_t)t.i0 * k->C;
+                /* P from the final lse (already normalised over every block), dP = dout V^T,
+                 * then dS = scale P (dP - delta), zero where a key is not visible */
+                tile_products(p, qt, k->q_stride, kb, k->kv_stride, &t, hs, scale);
+                tile_products(ds, dot, k->C, kb + k->C, k->kv_stride, &t, hs, 1.0f);
+                for (int r = 0; r < t.m; r++) {
+                    float *pr = p + (size_t)r * t.n, *dr = ds + (size_t)r * t.n;
+                    const int n = visible_keys(k, t.i0 + r);
+                    const float l = lse[t.at.s + t.i0 + r], d = delta[t.at.s + t.i0 + r];
+                    for (int j = 0; j < n; j++) {
+                        pr[j] = qs_cpu_expf(pr[j] - l);
+                        dr[j] = scale * pr[j] * (dr[j] - d);
+                    }
+                    memset(pr + n, 0, (size_t)(t.n - n) * sizeof *pr);
+                    memset(dr + n, 0, (size_t)(t.n - n) * sizeof *dr);
+                }
+                /* dq += dS K; dk += dS^T Q, dv += P^T dout over the tile's keys */
+                if (dq)
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.m, hs, t.n, 1.0f, ds, t.n, kb,
+                                k->kv_stride, 1.0f, dq + t.at.q + (size_t)t.i0 * k->q_stride, k->q_stride);
+                if (!dkv) continue;
+                float *dk = dkv + t.at.kv;
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, ds, t.n, qt, k->q_stride,
+                            1.0f, dk, k->kv_stride);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, p, t.n, dot, k->C, 1.0f,
+                            dk + k->C, k->kv_stride);
             }
-            if (!dkv) continue;
-            /* Key j collects from the queries i >= first_query(j) that see it:
-             * dk_j += sum_i dS[i,j] q_i, dv_j += sum_i P[i,j] dout_i. */
-            for (int j = 0; j < Tk; j++) {
-                const int i0 = first_query(k, j), m = Tq - i0;
-                float *dk = dkv + at.kv + (size_t)j * k->kv_stride;
-                for (int i = i0; i < Tq; i++) col[i - i0] = ds[(size_t)i * Tk + j];
-                qs_cpu_vec_mat(dk, col, m, qb + (size_t)i0 * k->q_stride, k->q_stride, hs);
-                for (int i = i0; i < Tq; i++) col[i - i0] = p[(size_t)i * Tk + j];
-                qs_cpu_vec_mat(dk + k->C, col, m, dob + (size_t)i0 * k->C, k->C, hs);
-            }
-        }
-        free(kt);
+        free(p);
     }
 }
 

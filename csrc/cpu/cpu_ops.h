@@ -62,11 +62,7 @@ void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
                             const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout);
 
-/* attention.c */
-void qs_cpu_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
-                              int NH);
-void qs_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                               const float *att, int B, int T, int C, int NH);
+/* kv_cache.c */
 void qs_cpu_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int max_T);
 void qs_cpu_attention_decode(float *out, float *kcache, float *vcache, const float *qkv, int B, int C, int NH,
                              const int *slots, const int *pos, int max_T);
@@ -177,40 +173,6 @@ static inline float qs_cpu_dot(const float *a, const float *b, int n) {
 /* y += a * x */
 static inline void qs_cpu_axpy(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
-}
-
-/* out[j] += sum_{i<len} x[i] * m[i*stride + j] for j < w (w <= 32). The w sums
- * stay in registers over all i when w is a compile-time constant. */
-static inline void qs_cpu_vec_mat_block(float *out, const float *x, int len, const float *m,
-                                        size_t stride, int w) {
-    float acc[32] = {0};
-    for (int i = 0; i < len; i++)
-        for (int j = 0; j < w; j++) acc[j] += x[i] * m[i * stride + j];
-    for (int j = 0; j < w; j++) out[j] += acc[j];
-}
-
-/* out[j] += sum_{i<len} x[i] * m[i*stride + j] for j < n (a row vector times a matrix
- * whose rows are contiguous), in constant-width blocks so each is unrolled into vector
- * registers: the attention ops phrase every product this way. */
-static inline void qs_cpu_vec_mat(float *out, const float *x, int len, const float *m, size_t stride,
-                                  int n) {
-    int j = 0;
-    for (; n - j >= 32; j += 32) qs_cpu_vec_mat_block(out + j, x, len, m + j, stride, 32);
-    if (n - j >= 16) {
-        qs_cpu_vec_mat_block(out + j, x, len, m + j, stride, 16);
-        j += 16;
-    }
-    if (n - j >= 8) {
-        qs_cpu_vec_mat_block(out + j, x, len, m + j, stride, 8);
-        j += 8;
-    }
-    if (n > j) qs_cpu_vec_mat_block(out + j, x, len, m + j, stride, n - j);
-}
-
-/* dst[i*T + u] = src[u*stride + i]: the [T, hs] head slice at src, transposed. */
-static inline void qs_cpu_transpose_head(float *dst, const float *src, size_t stride, int T, int hs) {
-    for (int u = 0; u < T; u++)
-        for (int i = 0; i < hs; i++) dst[(size_t)i * T + u] = src[u * stride + i];
 }
 
 /* Max of x[0..n) and, in *sum, sum of exp(x - max): softmax is exp(x - max) / sum,

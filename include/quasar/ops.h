@@ -29,15 +29,16 @@ typedef struct qs_conv_shape {
     int B, H, W, C, KH, KW, pad_top, pad_left;
 } qs_conv_shape;
 
-/* One block of blockwise attention (the pieces of ring attention): Tq query rows of each
+/* One block of blockwise attention, the form of every attention in the engine (a whole
+ * sequence is one block of itself; ring attention merges many): Tq query rows of each
  * of B sequences against Tk key/value rows, both cut out of longer buffers. Row t of
  * sequence b of the block lies (b * q_len + t) rows past the q pointer given (row stride
  * q_stride; dq alike), (b * q_len + t) * C floats past out / dout, and its head-h
  * statistic (b * NH + h) * q_len + t past lse / delta; key row j lies (b * kv_len + j)
  * rows of kv_stride past kv (dkv alike), k in its columns [0, C) and v in [C, 2C). So q
  * can point into the model's qkv [B,T,3C] (stride 3C) with kv at its column C, or kv at a
- * packed [B,Tk,2C] block that travels around a ring (stride 2C). Heads as in
- * attention_forward: hs = C / NH, scale 1/sqrt(hs). */
+ * packed [B,Tk,2C] block that travels around a ring (stride 2C). Head h uses columns
+ * [h*hs, (h+1)*hs) of q, k and v, hs = C / NH; scores are scaled by 1/sqrt(hs). */
 typedef struct qs_attn_block {
     int B, C, NH;
     int Tq, Tk;              /* query and key/value rows of the block */
@@ -74,15 +75,6 @@ typedef struct qs_ops {
      * with beta = 1 (LoRA's low-rank path adds into the base layer's output with it). */
     void (*matmul_acc)(float *out, const float *inp, const float *w, float alpha, int N, int n_in,
                        int n_out, qs_weight_layout layout);
-
-    /* Causal multi-head attention. qkv is [B,T,3C]: q, k, v each C = NH * hs wide,
-     * head h using columns [h*hs, (h+1)*hs) of each. Scale 1/sqrt(hs).
-     * out is [B,T,C]; att [B,NH,T,T] keeps the softmax probabilities for backward
-     * (entries above the diagonal are written as 0). */
-    void (*attention_forward)(float *out, float *att, const float *qkv, int B, int T, int C,
-                              int NH);
-    void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
-                               const float *att, int B, int T, int C, int NH);
 
     /* Blockwise attention over a qs_attn_block (layouts there). attention_block_forward
      * writes the block-normalised output out [B,Tq,C] and lse [B,NH,Tq], the natural log

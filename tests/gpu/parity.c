@@ -322,17 +322,25 @@ static void test_matmul(int N, int n_in, int n_out, qs_weight_layout layout, int
     case_end();
 }
 
+/* The model's causal self-attention: whole sequences as one block, q, k, v read from
+ * qkv in place and their gradients written into dqkv in place. */
 static void test_attention(int B, int T, int NH, int hs) {
     const int C = NH * hs;
     case_begin("attention B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
+    const qs_attn_block k = {.B = B, .C = C, .NH = NH, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
+                             .q_stride = 3 * C, .kv_stride = 3 * C, .causal = 1};
     tensor qkv = t_rand((size_t)B * T * 3 * C, -1, 1), out = t_out((size_t)B * T * C);
-    tensor att = t_out((size_t)B * NH * T * T);
-    BOTH(ops->attention_forward(F(out), F(att), F(qkv), B, T, C, NH));
+    tensor lse = t_out((size_t)B * NH * T), delta = t_out((size_t)B * NH * T);
+    BOTH(ops->attention_block_forward(F(out), F(lse), F(qkv), F(qkv) + C, &k));
     check("out", out, RED);
-    check("att", att, RED);
-    t_sync(att);
+    check("lse", lse, RED);
+    t_sync(out);
+    t_sync(lse);
     tensor dout = t_rand((size_t)B * T * C, -1, 1), dqkv = t_acc((size_t)B * T * 3 * C);
-    BOTH(ops->attention_backward(F(dqkv), F(dout), F(qkv), F(att), B, T, C, NH));
+    BOTH(ops->attention_delta(F(delta), F(dout), F(out), B, T, C, NH));
+    check("delta", delta, RED);
+    t_sync(delta);
+    BOTH(ops->attention_block_backward(F(dqkv), F(dqkv) + C, F(dout), F(qkv), F(qkv) + C, F(lse), F(delta), &k));
     check("dqkv", dqkv, RED);
     case_end();
 }

@@ -37,8 +37,8 @@ static void expect_rows(const char *what, const float *got, const float *want, c
     }
 }
 
-/* Attention over the whole sequence on this rank: out, lse, dqkv (from zero). Causal:
- * the plain attention ops (lse from one block of all of it); otherwise one block. */
+/* Attention over the whole sequence on this rank, one block of all of it (the model's
+ * own attention without sequence parallelism): out, lse, dqkv (from zero). */
 typedef struct {
     float *out, *lse, *dqkv;
 } whole_ref;
@@ -51,17 +51,10 @@ static whole_ref reference(const float *qkv, const float *dout, int B, int T, in
     const qs_attn_block all = {.B = B, .C = C, .NH = NH, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
                                .q_stride = 3 * C, .kv_stride = 3 * C, .causal = causal};
     ops->attention_block_forward(r.out, r.lse, qkv, qkv + C, &all);
-    if (causal) {
-        float *att = alloc_floats((size_t)B * NH * T * T);
-        ops->attention_forward(r.out, att, qkv, B, T, C, NH);
-        ops->attention_backward(r.dqkv, dout, qkv, att, B, T, C, NH);
-        free(att);
-    } else {
-        float *delta = alloc_floats(nst);
-        ops->attention_delta(delta, dout, r.out, B, T, C, NH);
-        ops->attention_block_backward(r.dqkv, r.dqkv + C, dout, qkv, qkv + C, r.lse, delta, &all);
-        free(delta);
-    }
+    float *delta = alloc_floats(nst);
+    ops->attention_delta(delta, dout, r.out, B, T, C, NH);
+    ops->attention_block_backward(r.dqkv, r.dqkv + C, dout, qkv, qkv + C, r.lse, delta, &all);
+    free(delta);
     return r;
 }
 
