@@ -253,6 +253,9 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     if (max_T < 1 || max_T > cfg->seq_len)
         return qs_error("sequence length %d is outside [1, model.seq_len=%d]", max_T, cfg->seq_len);
     if (max_B < 1) return qs_error("micro-batch size must be >= 1 (got %d)", max_B);
+    if (cfg->mixer == QS_MIXER_ATTENTION && be->max_head_size && cfg->n_embd / cfg->n_head > be->max_head_size)
+        return qs_error("model.n_embd / model.n_head = %d: the %s backend's attention takes heads of at most %d",
+                        cfg->n_embd / cfg->n_head, be->name, be->max_head_size);
     qs_gpt *m = calloc(1, sizeof *m);
     if (!m) return qs_error("out of memory");
     m->cfg = *cfg;

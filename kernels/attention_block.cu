@@ -1,9 +1,30 @@
-/* Blockwise attention (ops.h qs_attn_block): a query block against one key/value block,
- * its log-sum-exp, the merge of two blocks' results, and one block's share of the
- * backward. The products run through cuBLAS, one sequence at a time with its heads as
- * a strided batch (a head is a column slice of the rows, so every operand is read where
- * it lies); the softmax rows run one warp each. */
+/* Blockwise attention (ops.h qs_attn_block) on the GPU: FlashAttention's algorithm in
+ * fp32 on the CUDA cores, so no T x T matrix exists anywhere. A thread block takes 16
+ * query rows of one (sequence, head), 4 per warp, and walks the keys they see in tiles
+ * of 32, one key per lane: a lane computes its key's score against the row (q and k
+ * from shared memory), the warp reduces the row's running max and sum (online softmax),
+ * and then every lane, owning the head dimensions d = lane + 32 c, adds the tile's
+ * probabilities times V. The forward saves only the log-sum-exp.
+ *
+ * The backward recomputes P = exp(S - lse) and, to stay deterministic without atomics,
+ * runs as two kernels: dq (query tiles again, summing dS K over the key tiles in order)
+ * and dk/dv (each warp owning a few keys and summing over 32-row query chunks in order,
+ * the query chunk shared by the block). Every sum runs in an order fixed by the sizes.
+ *
+ * Head sizes up to 256, the register and shared-memory tiles sized by the next of 32,
+ * 64, 128, 256 (rows zero-padded to it). Tiles over 48 KiB opt in to more shared memory.
+ * The merge, delta and K/V packing are plain warp-per-row and element-wise kernels. */
 #include "common.cuh"
+
+enum {
+    FA_WARPS = 4,
+    FA_THREADS = FA_WARPS * 32,
+    FA_ROWS = 4,                    /* query rows per warp */
+    FA_QTILE = FA_WARPS * FA_ROWS,  /* query rows per block (forward, dq) */
+    FA_KEYS = 32,                   /* keys per tile: one per lane */
+    FA_QCHUNK = 32,                 /* query rows per chunk of the dk/dv kernel: one per lane */
+    FA_MAX_HEAD = 256,
+};
 
 /* Keys query row i sees: a prefix of the block, as positions rise with the row. */
 __device__ static inline int visible_keys(const qs_attn_block &k, int i) {
@@ -12,90 +33,294 @@ __device__ static inline int visible_keys(const qs_attn_block &k, int i) {
     return n < 0 ? 0 : n > k.Tk ? k.Tk : (int)n;
 }
 
+/* The first query row that sees key row j; all later rows see it too. */
+__device__ static inline int first_query(const qs_attn_block &k, int j) {
+    if (!k.causal) return 0;
+    const long long i = (long long)k.k_pos0 + j - k.q_pos0;
+    return i < 0 ? 0 : i > k.Tq ? k.Tq : (int)i;
+}
+
 static float scale_of(const qs_attn_block *k) { return 1.0f / sqrtf((float)(k->C / k->NH)); }
 
-/* ---- the head-batched products of sequence b; p, ds are [NH][Tq][Tk] ---- */
+/* Where (sequence, head) blockIdx.x starts in each tensor, in floats: q and dq; kv and
+ * dkv (v C further); out and dout; lse and delta. */
+struct fa_head {
+    size_t q, kv, o, s;
+    int hs;
+};
 
-static const float *q_of(const float *q, const qs_attn_block *k, int b) {
-    return q + (size_t)b * k->q_len * k->q_stride;
+__device__ static inline fa_head head_at(const qs_attn_block &k) {
+    const int bh = blockIdx.x, b = bh / k.NH, h = bh % k.NH, hs = k.C / k.NH;
+    return fa_head{(size_t)b * k.q_len * k.q_stride + (size_t)h * hs, (size_t)b * k.kv_len * k.kv_stride + (size_t)h * hs,
+                   (size_t)b * k.q_len * k.C + (size_t)h * hs, (size_t)bh * k.q_len, hs};
 }
-static const float *kv_of(const float *kv, const qs_attn_block *k, int b) {
-    return kv + (size_t)b * k->kv_len * k->kv_stride;
-}
-static size_t o_at(const qs_attn_block *k, int b) { return (size_t)b * k->q_len * k->C; }
 
-static void qs_cuda_attn_scores(float *p, const float *q, const float *kv, const qs_attn_block *k, int b) {
+/* Rows [r0, r0 + n) of a head's columns (row stride `stride`) into dst [n][pitch] times
+ * mul, by the whole block; rows at or past `rows` and columns past hs become 0, so the
+ * tiles' sums can run over the padded width. */
+__device__ static void load_rows(float *dst, int pitch, const float *src, int stride, int r0, int n, int rows, int hs,
+                                 float mul) {
+    for (int e = threadIdx.x; e < n * pitch; e += blockDim.x) {
+        const int r = e / pitch, d = e % pitch;
+        dst[e] = r0 + r < rows && d < hs ? mul * src[(size_t)(r0 + r) * stride + d] : 0.0f;
+    }
+}
+
+template <int D> __device__ static inline float dot(const float *a, const float *b) {
+    float s = 0.0f;
+#pragma unroll 8
+    for (int d = 0; d < D; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* The block's rows of the dq / forward kernels: this warp's FA_ROWS query rows, each with
+ * the number of keys it sees (0 past the block's end). */
+__device__ static inline void warp_rows(const qs_attn_block &k, int i0, int warp, int *n) {
+#pragma unroll
+    for (int r = 0; r < FA_ROWS; r++) {
+        const int i = i0 + warp * FA_ROWS + r;
+        n[r] = i < k.Tq ? visible_keys(k, i) : 0;
+    }
+}
+
+/* ---- forward: grid (B * NH, query tiles) ---- */
+
+template <int D> static size_t forward_smem() { return sizeof(float) * (FA_QTILE * D + FA_KEYS * (D + 1) + FA_KEYS * D); }
+
+template <int D>
+__global__ static void __launch_bounds__(FA_THREADS)
+    flash_forward_kernel(float *out, float *lse, const float *q, const float *kv, qs_attn_block k, float scale) {
+    extern __shared__ float smem[];
+    float *qs = smem, *ks = qs + FA_QTILE * D, *vs = ks + FA_KEYS * (D + 1); /* q pre-scaled; k padded */
+    const fa_head at = head_at(k);
+    const int i0 = blockIdx.y * FA_QTILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    load_rows(qs, D, q + at.q, k.q_stride, i0, FA_QTILE, k.Tq, at.hs, scale);
+    int n[FA_ROWS];
+    float m[FA_ROWS], l[FA_ROWS], o[FA_ROWS][D / 32];
+    warp_rows(k, i0, warp, n);
+#pragma unroll
+    for (int r = 0; r < FA_ROWS; r++) {
+        m[r] = -INFINITY, l[r] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < D / 32; c++) o[r][c] = 0.0f;
+    }
+    const int n_block = visible_keys(k, min(k.Tq, i0 + FA_QTILE) - 1); /* the block's last row sees the most */
+    for (int j0 = 0; j0 < n_block; j0 += FA_KEYS) {
+        __syncthreads(); /* the previous tile is used up */
+        load_rows(ks, D + 1, kv + at.kv, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
+        load_rows(vs, D, kv + at.kv + k.C, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < FA_ROWS; r++) {
+            if (j0 >= n[r]) continue; /* the row sees none of the tile (uniform over the warp) */
+            const bool seen = j0 + lane < n[r];
+            const float s = seen ? dot<D>(qs + (warp * FA_ROWS + r) * D, ks + lane * (D + 1)) : -INFINITY;
+            /* lane 0's key is seen, so the new max is finite */
+            const float m_new = fmaxf(m[r], qs_warp_reduce(s, qs_max_op()));
+            const float p = seen ? expf(s - m_new) : 0.0f, alpha = expf(m[r] - m_new);
+            l[r] = l[r] * alpha + qs_warp_reduce(p, qs_sum_op());
+            m[r] = m_new;
+#pragma unroll
+            for (int c = 0; c < D / 32; c++) o[r][c] *= alpha;
+            for (int t = 0; t < FA_KEYS; t++) {
+                const float pt = __shfl_sync(0xffffffffu, p, t);
+#pragma unroll
+                for (int c = 0; c < D / 32; c++) o[r][c] += pt * vs[t * D + c * 32 + lane];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < FA_ROWS; r++) {
+        const int i = i0 + warp * FA_ROWS + r;
+        if (i >= k.Tq) continue;
+        /* a row that sees no key: out 0, lse -inf */
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < D / 32; c++)
+            if (c * 32 + lane < at.hs) out[at.o + (size_t)i * k.C + c * 32 + lane] = o[r][c] * inv;
+        if (lane == 0) lse[at.s + i] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
+    }
+}
+
+/* ---- backward, dq: grid (B * NH, query tiles); dq += scale dS K ---- */
+
+template <int D> static size_t dq_smem() { return sizeof(float) * (2 * FA_QTILE * D + 2 * FA_KEYS * (D + 1)); }
+
+template <int D>
+__global__ static void __launch_bounds__(FA_THREADS)
+    flash_dq_kernel(float *dq, const float *dout, const float *q, const float *kv, const float *lse,
+                    const float *delta, qs_attn_block k, float scale) {
+    extern __shared__ float smem[];
+    float *qs = smem, *dos = qs + FA_QTILE * D, *ks = dos + FA_QTILE * D, *vs = ks + FA_KEYS * (D + 1);
+    const fa_head at = head_at(k);
+    const int i0 = blockIdx.y * FA_QTILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    load_rows(qs, D, q + at.q, k.q_stride, i0, FA_QTILE, k.Tq, at.hs, scale);
+    load_rows(dos, D, dout + at.o, k.C, i0, FA_QTILE, k.Tq, at.hs, 1.0f);
+    int n[FA_ROWS];
+    float acc[FA_ROWS][D / 32];
+    warp_rows(k, i0, warp, n);
+#pragma unroll
+    for (int r = 0; r < FA_ROWS; r++)
+#pragma unroll
+        for (int c = 0; c < D / 32; c++) acc[r][c] = 0.0f;
+    const int n_block = visible_keys(k, min(k.Tq, i0 + FA_QTILE) - 1);
+    for (int j0 = 0; j0 < n_block; j0 += FA_KEYS) {
+        __syncthreads();
+        load_rows(ks, D + 1, kv + at.kv, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
+        load_rows(vs, D + 1, kv + at.kv + k.C, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < FA_ROWS; r++) {
+            if (j0 >= n[r]) continue;
+            const int row = warp * FA_ROWS + r, i = i0 + row;
+            float ds = 0.0f;
+            if (j0 + lane < n[r]) {
+                const float p = expf(dot<D>(qs + row * D, ks + lane * (D + 1)) - lse[at.s + i]);
+                ds = scale * p * (dot<D>(dos + row * D, vs + lane * (D + 1)) - delta[at.s + i]);
+            }
+            for (int t = 0; t < FA_KEYS; t++) {
+                const float dst = __shfl_sync(0xffffffffu, ds, t);
+#pragma unroll
+                for (int c = 0; c < D / 32; c++) acc[r][c] += dst * ks[t * (D + 1) + c * 32 + lane];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < FA_ROWS; r++) {
+        const int i = i0 + warp * FA_ROWS + r;
+        if (i >= k.Tq) continue;
+#pragma unroll
+        for (int c = 0; c < D / 32; c++)
+            if (c * 32 + lane < at.hs) dq[at.q + (size_t)i * k.q_stride + c * 32 + lane] += acc[r][c];
+    }
+}
+
+/* ---- backward, dk and dv: grid (B * NH, key groups); a warp owns dkv_keys<D>() keys ----
+ * dv_j += sum_i P_ij dout_i, dk_j += sum_i scale dS_ij q_i over the rows i that see j. */
+
+template <int D> __host__ __device__ constexpr int dkv_keys() { return D >= 256 ? 2 : D >= 128 ? 4 : 8; }
+template <int D> __host__ __device__ constexpr int dkv_group() { return FA_WARPS * dkv_keys<D>(); }
+template <int D> static size_t dkv_smem() {
+    return sizeof(float) * (2 * dkv_group<D>() * D + 2 * FA_QCHUNK * (D + 1) + 2 * FA_QCHUNK);
+}
+
+template <int D>
+__global__ static void __launch_bounds__(FA_THREADS)
+    flash_dkv_kernel(float *dkv, const float *dout, const float *q, const float *kv, const float *lse,
+                     const float *delta, qs_attn_block k, float scale) {
+    constexpr int KW = dkv_keys<D>(), G = dkv_group<D>();
+    extern __shared__ float smem[];
+    float *ks = smem, *vs = ks + G * D, *qs = vs + G * D, *dos = qs + FA_QCHUNK * (D + 1);
+    float *ls = dos + FA_QCHUNK * (D + 1), *dl = ls + FA_QCHUNK;
+    const fa_head at = head_at(k);
+    const int j0 = blockIdx.y * G, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    load_rows(ks, D, kv + at.kv, k.kv_stride, j0, G, k.Tk, at.hs, 1.0f);
+    load_rows(vs, D, kv + at.kv + k.C, k.kv_stride, j0, G, k.Tk, at.hs, 1.0f);
+    float dk[KW][D / 32], dv[KW][D / 32];
+#pragma unroll
+    for (int w = 0; w < KW; w++)
+#pragma unroll
+        for (int c = 0; c < D / 32; c++) dk[w][c] = dv[w][c] = 0.0f;
+    /* rows before the first that sees the group's first key see none of the group */
+    for (int c0 = first_query(k, j0); c0 < k.Tq; c0 += FA_QCHUNK) {
+        __syncthreads(); /* the previous chunk is used up (and the keys are in) */
+        load_rows(qs, D + 1, q + at.q, k.q_stride, c0, FA_QCHUNK, k.Tq, at.hs, scale);
+        load_rows(dos, D + 1, dout + at.o, k.C, c0, FA_QCHUNK, k.Tq, at.hs, 1.0f);
+        for (int t = threadIdx.x; t < FA_QCHUNK; t += blockDim.x) {
+            ls[t] = c0 + t < k.Tq ? lse[at.s + c0 + t] : 0.0f;
+            dl[t] = c0 + t < k.Tq ? delta[at.s + c0 + t] : 0.0f;
+        }
+        __syncthreads();
+        const int i = c0 + lane;
+#pragma unroll
+        for (int w = 0; w < KW; w++) {
+            const int kj = warp * KW + w, j = j0 + kj;
+            if (j >= k.Tk) break; /* uniform over the warp */
+            /* lane = query row; q is pre-scaled, so q_i . k_j is the scaled score and
+             * dS q_i below already carries the scale */
+            float p = 0.0f, ds = 0.0f;
+            if (i < k.Tq && j < visible_keys(k, i)) {
+                p = expf(dot<D>(qs + lane * (D + 1), ks + kj * D) - ls[lane]);
+                ds = p * (dot<D>(dos + lane * (D + 1), vs + kj * D) - dl[lane]);
+            }
+            for (int t = 0; t < FA_QCHUNK; t++) {
+                const float pt = __shfl_sync(0xffffffffu, p, t), dst = __shfl_sync(0xffffffffu, ds, t);
+#pragma unroll
+                for (int c = 0; c < D / 32; c++) {
+                    dv[w][c] += pt * dos[t * (D + 1) + c * 32 + lane];
+                    dk[w][c] += dst * qs[t * (D + 1) + c * 32 + lane];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int w = 0; w < KW; w++) {
+        const int j = j0 + warp * KW + w;
+        if (j >= k.Tk) break;
+        float *row = dkv + at.kv + (size_t)j * k.kv_stride;
+#pragma unroll
+        for (int c = 0; c < D / 32; c++)
+            if (c * 32 + lane < at.hs) {
+                row[c * 32 + lane] += dk[w][c];
+                row[k.C + c * 32 + lane] += dv[w][c];
+            }
+    }
+}
+
+/* ---- launch: the kernels' instance for the block's head size ---- */
+
+/* Dynamic shared memory beyond the default 48 KiB needs the kernel's consent. */
+template <class Kern> static void allow_smem(Kern *kernel, size_t bytes) {
+    if (bytes > 48 * 1024) QS_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+struct fa_forward {
+    template <int D> static void run(float *out, float *lse, const float *q, const float *kv, const qs_attn_block *k) {
+        allow_smem(flash_forward_kernel<D>, forward_smem<D>());
+        QS_LAUNCH(flash_forward_kernel<D>, dim3(k->B * k->NH, (k->Tq + FA_QTILE - 1) / FA_QTILE), FA_THREADS,
+                  forward_smem<D>(), out, lse, q, kv, *k, scale_of(k));
+    }
+};
+
+struct fa_backward {
+    template <int D>
+    static void run(float *dq, float *dkv, const float *dout, const float *q, const float *kv, const float *lse,
+                    const float *delta, const qs_attn_block *k) {
+        if (dq) {
+            allow_smem(flash_dq_kernel<D>, dq_smem<D>());
+            QS_LAUNCH(flash_dq_kernel<D>, dim3(k->B * k->NH, (k->Tq + FA_QTILE - 1) / FA_QTILE), FA_THREADS,
+                      dq_smem<D>(), dq, dout, q, kv, lse, delta, *k, scale_of(k));
+        }
+        if (dkv) {
+            allow_smem(flash_dkv_kernel<D>, dkv_smem<D>());
+            QS_LAUNCH(flash_dkv_kernel<D>, dim3(k->B * k->NH, (k->Tk + dkv_group<D>() - 1) / dkv_group<D>()),
+                      FA_THREADS, dkv_smem<D>(), dkv, dout, q, kv, lse, delta, *k, scale_of(k));
+        }
+    }
+};
+
+/* F::run<D>(args) for the smallest tile width D >= the head size. */
+template <class F, class... A> static void at_head_size(const qs_attn_block *k, A... a) {
     const int hs = k->C / k->NH;
-    const long long pq = (long long)k->Tq * k->Tk;
-    qs_cuda_gemm(0, 1, k->Tq, k->Tk, hs, scale_of(k), q_of(q, k, b), k->q_stride, hs, kv_of(kv, k, b), k->kv_stride,
-                 hs, 0.0f, p, k->Tk, pq, k->NH);
+    if (hs > FA_MAX_HEAD) /* the model refuses such heads on this backend (max_head_size) */
+        qs_cuda_check(cudaErrorInvalidValue, "attention: a head size over 256", __FILE__, __LINE__);
+    if (hs <= 32) F::template run<32>(a...);
+    else if (hs <= 64) F::template run<64>(a...);
+    else if (hs <= 128) F::template run<128>(a...);
+    else F::template run<256>(a...);
 }
-
-static void qs_cuda_attn_apply(float *out, const float *p, const float *kv, const qs_attn_block *k, int b) {
-    const int hs = k->C / k->NH;
-    const long long pq = (long long)k->Tq * k->Tk;
-    qs_cuda_gemm(0, 0, k->Tq, hs, k->Tk, 1.0f, p, k->Tk, pq, kv_of(kv, k, b) + k->C, k->kv_stride, hs, 0.0f,
-                 out + o_at(k, b), k->C, hs, k->NH);
-}
-
-static void qs_cuda_attn_dprobs(float *dp, const float *dout, const float *kv, const qs_attn_block *k, int b) {
-    const int hs = k->C / k->NH;
-    const long long pq = (long long)k->Tq * k->Tk;
-    qs_cuda_gemm(0, 1, k->Tq, k->Tk, hs, 1.0f, dout + o_at(k, b), k->C, hs, kv_of(kv, k, b) + k->C, k->kv_stride, hs,
-                 0.0f, dp, k->Tk, pq, k->NH);
-}
-
-static void qs_cuda_attn_grads(float *dq, float *dkv, const float *ds, const float *p, const float *dout, const float *q,
-                        const float *kv, const qs_attn_block *k, int b) {
-    const int hs = k->C / k->NH, Tq = k->Tq, Tk = k->Tk;
-    const long long pq = (long long)Tq * Tk;
-    if (dq) /* dq += dS K */
-        qs_cuda_gemm(0, 0, Tq, hs, Tk, 1.0f, ds, Tk, pq, kv_of(kv, k, b), k->kv_stride, hs, 1.0f,
-                     dq + (size_t)b * k->q_len * k->q_stride, k->q_stride, hs, k->NH);
-    if (!dkv) return;
-    float *dkv_b = dkv + (size_t)b * k->kv_len * k->kv_stride;
-    /* dk += dS^T Q, dv += P^T dout */
-    qs_cuda_gemm(1, 0, Tk, hs, Tq, 1.0f, ds, Tk, pq, q_of(q, k, b), k->q_stride, hs, 1.0f, dkv_b, k->kv_stride, hs,
-                 k->NH);
-    qs_cuda_gemm(1, 0, Tk, hs, Tq, 1.0f, p, Tk, pq, dout + o_at(k, b), k->C, hs, 1.0f, dkv_b + k->C, k->kv_stride, hs,
-                 k->NH);
-}
-
-/* ---- softmax rows ---- */
-
-/* Row r of p [rows][Tk] (r = (b * NH + h) * Tq + i) holds query i's scaled scores; it
- * becomes its probabilities over the visible keys and 0 elsewhere, and lse (if not
- * NULL) gets the log-sum-exp, -inf for a query that sees no key. */
-__global__ static void softmax_rows_kernel(float *p, float *lse, qs_attn_block k, int rows) {
-    const int r = blockIdx.x * QS_WARPS + threadIdx.x / 32, lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    const int i = r % k.Tq, n = visible_keys(k, i);
-    float *s = p + (size_t)r * k.Tk;
-    float mx = -INFINITY;
-    for (int j = lane; j < n; j += 32) mx = fmaxf(mx, s[j]);
-    mx = qs_warp_reduce(mx, qs_max_op());
-    double sum = 0.0;
-    for (int j = lane; j < n; j += 32) sum += expf(s[j] - mx);
-    sum = qs_warp_reduce(sum, qs_sum_op());
-    const float inv = n ? (float)(1.0 / sum) : 0.0f;
-    for (int j = lane; j < k.Tk; j += 32) s[j] = j < n ? expf(s[j] - mx) * inv : 0.0f;
-    if (lse && lane == 0) lse[(size_t)(r / k.Tq) * k.q_len + i] = n ? mx + (float)log(sum) : -INFINITY;
-}
-
-static void qs_cuda_attn_softmax(float *p, float *lse, const qs_attn_block *k, int rows) {
-    QS_LAUNCH_ROWS(softmax_rows_kernel, rows, p, lse, *k, rows);
-}
-
-/* ---- the ops ---- */
 
 void qs_cuda_attention_block_forward(float *out, float *lse, const float *q, const float *kv,
                                      const qs_attn_block *k) {
-    const size_t pq = (size_t)k->Tq * k->Tk;
-    float *p = (float *)qs_cuda_scratch((size_t)k->B * k->NH * pq * sizeof(float));
-    for (int b = 0; b < k->B; b++) qs_cuda_attn_scores(p + (size_t)b * k->NH * pq, q, kv, k, b);
-    qs_cuda_attn_softmax(p, lse, k, k->B * k->NH * k->Tq);
-    for (int b = 0; b < k->B; b++) qs_cuda_attn_apply(out, p + (size_t)b * k->NH * pq, kv, k, b);
+    at_head_size<fa_forward>(k, out, lse, q, kv, k);
 }
+
+void qs_cuda_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q, const float *kv,
+                                      const float *lse, const float *delta, const qs_attn_block *k) {
+    at_head_size<fa_backward>(k, dq, dkv, dout, q, kv, lse, delta, k);
+}
+
+/* ---- merge, delta, K/V packing ---- */
 
 /* One warp per (sequence, head, query row). */
 __global__ static void merge_kernel(float *out, float *lse, const float *out_b, const float *lse_b, qs_attn_block k) {
@@ -136,39 +361,6 @@ __global__ static void delta_kernel(float *delta, const float *dout, const float
 void qs_cuda_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int C, int NH) {
     const int rows = B * NH * T;
     QS_LAUNCH_ROWS(delta_kernel, rows, delta, dout, out, B, T, C, NH);
-}
-
-/* Sequence b's rows [NH][Tq][Tk]: p holds the scaled scores and becomes P = exp(S - lse)
- * over the visible keys; ds holds dP = dout V^T and becomes dS = scale P (dP - delta);
- * both 0 where a key is not visible. */
-__global__ static void block_dscores_kernel(float *p, float *ds, const float *lse, const float *delta,
-                                            qs_attn_block k, int b, float scale) {
-    const size_t n_all = (size_t)k.NH * k.Tq * k.Tk;
-    QS_GRID_LOOP(e, n_all) {
-        const int j = (int)(e % k.Tk), row = (int)(e / k.Tk), i = row % k.Tq, h = row / k.Tq;
-        if (j >= visible_keys(k, i)) {
-            p[e] = ds[e] = 0.0f;
-            continue;
-        }
-        const size_t s = ((size_t)b * k.NH + h) * k.q_len + i;
-        const float pe = expf(p[e] - lse[s]);
-        p[e] = pe;
-        ds[e] = scale * pe * (ds[e] - delta[s]);
-    }
-}
-
-void qs_cuda_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q, const float *kv,
-                                      const float *lse, const float *delta, const qs_attn_block *k) {
-    if (!dq && !dkv) return;
-    const size_t pq = (size_t)k->NH * k->Tq * k->Tk;
-    char *at = (char *)qs_cuda_scratch(2 * qs_cuda_room(pq * sizeof(float)));
-    float *p = (float *)qs_cuda_carve(&at, pq * sizeof(float)), *ds = (float *)qs_cuda_carve(&at, pq * sizeof(float));
-    for (int b = 0; b < k->B; b++) {
-        qs_cuda_attn_scores(p, q, kv, k, b);
-        qs_cuda_attn_dprobs(ds, dout, kv, k, b);
-        QS_LAUNCH_N(block_dscores_kernel, pq, p, ds, lse, delta, *k, b, scale_of(k));
-        qs_cuda_attn_grads(dq, dkv, ds, p, dout, q, kv, k, b);
-    }
 }
 
 __global__ static void kv_pack_kernel(float *kv, const float *qkv, size_t rows, int C) {

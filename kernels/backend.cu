@@ -150,6 +150,7 @@ static const qs_backend cuda_backend = {
     .download = qs_cuda_download,
     .copy = cuda_copy,
     .ops = &cuda_ops,
+    .max_head_size = 256, /* attention_block.cu's widest tile */
 };
 
 /* The device context and the cuBLAS handle; -1 with qs_error set when there is no

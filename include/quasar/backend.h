@@ -18,6 +18,7 @@ typedef struct qs_backend {
     /* Within backend memory. */
     void (*copy)(void *dst, const void *src, size_t bytes);
     const qs_ops *ops;
+    int max_head_size; /* the largest attention head size its attention ops take; 0: any */
 } qs_backend;
 
 /* The fp32 CPU reference backend (always present). */

@@ -626,13 +626,18 @@ static void test_ops(void) {
     const int mm[][3] = {{1, 1, 1}, {7, 5, 3}, {67, 37, 97}, {301, 129, 65}};
     for (size_t i = 0; i < sizeof mm / sizeof *mm; i++)
         for (int l = 0; l < 2; l++) test_matmul(mm[i][0], mm[i][1], mm[i][2], (qs_weight_layout)l, i != 1 || l);
-    const int at[][4] = {{1, 1, 1, 1}, {2, 7, 3, 5}, {3, 37, 2, 13}, {2, 130, 3, 11}};
+    /* every tile width of the fused kernels (32, 64, 128, 256), T = 1 and T off every tile */
+    const int at[][4] = {{1, 1, 1, 1},    {2, 7, 3, 5},     {3, 37, 2, 13},  {2, 130, 3, 11},
+                         {1, 1, 2, 64},   {2, 77, 2, 64},   {1, 300, 2, 128}, {2, 45, 1, 200}};
     for (size_t i = 0; i < sizeof at / sizeof *at; i++) test_attention(at[i][0], at[i][1], at[i][2], at[i][3]);
     test_attention_block("1x1", block_of(1, 1, 1, 1, 1, 1, 1, 1, 2, 0, 0, 1), 0);
     test_attention_block("non-causal packed", block_of(2, 2, 3, 5, 7, 9, 11, 3, 2, 0, 0, 0), 0);
     test_attention_block("causal partial", block_of(2, 3, 5, 13, 17, 13, 17, 3, 2, 10, 3, 1), 0);
     test_attention_block("causal, early queries see nothing", block_of(3, 2, 7, 11, 6, 11, 6, 3, 2, 0, 5, 1), 0);
     test_attention_block("own block in qkv", block_of(2, 3, 9, 37, 37, 40, 40, 3, 3, 37, 37, 1), 1);
+    test_attention_block("hs 64, a later query block", block_of(2, 2, 64, 50, 70, 53, 75, 3, 2, 90, 40, 1), 0);
+    test_attention_block("hs 128 non-causal", block_of(1, 2, 128, 33, 100, 33, 100, 3, 2, 0, 0, 0), 0);
+    test_attention_block("hs 96, keys ahead of most queries", block_of(1, 1, 96, 40, 90, 40, 90, 3, 2, 20, 30, 1), 0);
     const int dp[][4] = {{1, 1, 1, 1}, {2, 9, 3, 5}, {3, 67, 2, 13}};
     for (size_t i = 0; i < sizeof dp / sizeof *dp; i++)
         test_attention_delta_pack(dp[i][0], dp[i][1], dp[i][2], dp[i][3]);
