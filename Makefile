@@ -118,7 +118,14 @@ $(BUILD)/asan/tests/%: $(BUILD)/asan/obj/tests/%.o $(BUILD)/asan/libquasar.a
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) $^ -o $@ $(LDLIBS_COMMON) -lcmocka
 
-ASAN_TESTS = $(TEST_SRC:tests/%.c=$(BUILD)/asan/tests/%)
+ASAN_TESTS = $(TEST_SRC:tests/%.c=$(BUILD)/asan/tests/%) $(BUILD)/asan/tests/test_cuda_emu
+
+# The CUDA attention kernels on the CPU, under a coroutine emulation of the CUDA they use
+# (tests/emu/cuda_emu.h), against the CPU ops: their logic is checked without a GPU.
+EMU_CXXFLAGS = $(filter-out -std=c11 -D_POSIX_C_SOURCE=200809L,$(ASAN_CFLAGS)) -std=c++17 -Wno-unknown-pragmas
+$(BUILD)/asan/tests/test_cuda_emu: tests/emu/test_cuda_emu.cpp $(BUILD)/asan/libquasar.a
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -MMD -MP $< $(BUILD)/asan/libquasar.a -o $@ $(LDLIBS_COMMON) -lcmocka
 # The multi-rank checks (the comm layer, ring attention): single-process always, over MPI
 # ranks when MPI is built (tests/mpi/).
 COMM_TEST  = $(BUILD)/asan/tests/mpi/comm_test $(BUILD)/asan/tests/mpi/ring_test
