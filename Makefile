@@ -118,14 +118,24 @@ $(BUILD)/asan/tests/%: $(BUILD)/asan/obj/tests/%.o $(BUILD)/asan/libquasar.a
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) $^ -o $@ $(LDLIBS_COMMON) -lcmocka
 
-ASAN_TESTS = $(TEST_SRC:tests/%.c=$(BUILD)/asan/tests/%) $(BUILD)/asan/tests/test_cuda_emu
+ASAN_TESTS = $(TEST_SRC:tests/%.c=$(BUILD)/asan/tests/%)
 
-# The CUDA attention kernels on the CPU, under a coroutine emulation of the CUDA they use
-# (tests/emu/cuda_emu.h), against the CPU ops: their logic is checked without a GPU.
-EMU_CXXFLAGS = $(filter-out -std=c11 -D_POSIX_C_SOURCE=200809L,$(ASAN_CFLAGS)) -std=c++17 -Wno-unknown-pragmas
-$(BUILD)/asan/tests/test_cuda_emu: tests/emu/test_cuda_emu.cpp $(BUILD)/asan/libquasar.a
+# The CUDA backend on the CPU: kernels/ compiled as C++ by the host compiler against an
+# emulated CUDA runtime, cuBLAS and CUB (tests/emu/include), under ASan/UBSan, and linked
+# with the CPU library (less its CUDA stub) into tests/gpu/parity.c's harness and the
+# CLI. tests/cli/cuda_emulated.sh runs both in `make test`: no GPU or nvcc needed.
+EMU_CXXFLAGS = $(filter-out -std=c11 -D_POSIX_C_SOURCE=200809L,$(ASAN_CFLAGS)) -std=c++17 -Wno-unknown-pragmas \
+               -Itests/emu/include
+EMU_OBJ = $(CU_SRC:%.cu=$(BUILD)/asan/emu/%.o) \
+          $(filter-out %/backend_cuda_stub.o,$(LIB_SRC:%.c=$(BUILD)/asan/obj/%.o))
+EMU_BINS = $(BUILD)/asan/emu/parity $(BUILD)/asan/emu/quasar
+$(BUILD)/asan/emu/%.o: %.cu
 	@mkdir -p $(dir $@)
-	$(CXX) $(EMU_CXXFLAGS) -MMD -MP $< $(BUILD)/asan/libquasar.a -o $@ $(LDLIBS_COMMON) -lcmocka
+	$(CXX) $(EMU_CXXFLAGS) -x c++ -MMD -MP -c $< -o $@
+$(BUILD)/asan/emu/parity: $(BUILD)/asan/obj/tests/gpu/parity.o $(EMU_OBJ)
+	$(CXX) $(EMU_CXXFLAGS) $^ -o $@ $(LDLIBS_COMMON)
+$(BUILD)/asan/emu/quasar: $(BUILD)/asan/obj/csrc/main.o $(EMU_OBJ)
+	$(CXX) $(EMU_CXXFLAGS) $^ -o $@ $(LDLIBS_COMMON)
 # The multi-rank checks (the comm layer, ring attention): single-process always, over MPI
 # ranks when MPI is built (tests/mpi/).
 COMM_TEST  = $(BUILD)/asan/tests/mpi/comm_test $(BUILD)/asan/tests/mpi/ring_test
@@ -166,7 +176,7 @@ fuzz-smoke: $(FUZZ_BINS)
 
 # The one test command: every CPU test (unit tests, CLI scripts, the comm layer over MPI
 # ranks) under ASan+UBSan.
-test: $(BUILD)/asan/quasar $(ASAN_TESTS) $(FUZZ_REPLAYS) $(COMM_TEST)
+test: $(BUILD)/asan/quasar $(ASAN_TESTS) $(FUZZ_REPLAYS) $(COMM_TEST) $(EMU_BINS)
 	QS_MPI=$(MPI) tests/run.sh $(BUILD)/asan
 test-asan: test
 

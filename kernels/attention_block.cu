@@ -90,7 +90,7 @@ template <int D> static size_t forward_smem() { return sizeof(float) * (FA_QTILE
 template <int D>
 __global__ static void __launch_bounds__(FA_THREADS)
     flash_forward_kernel(float *out, float *lse, const float *q, const float *kv, qs_attn_block k, float scale) {
-    extern __shared__ float smem[];
+    QS_DYNAMIC_SMEM(float, smem);
     float *qs = smem, *ks = qs + FA_QTILE * D, *vs = ks + FA_KEYS * (D + 1); /* q pre-scaled; k padded */
     const fa_head at = head_at(k);
     const int i0 = blockIdx.y * FA_QTILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -150,7 +150,7 @@ template <int D>
 __global__ static void __launch_bounds__(FA_THREADS)
     flash_dq_kernel(float *dq, const float *dout, const float *q, const float *kv, const float *lse,
                     const float *delta, qs_attn_block k, float scale) {
-    extern __shared__ float smem[];
+    QS_DYNAMIC_SMEM(float, smem);
     float *qs = smem, *dos = qs + FA_QTILE * D, *ks = dos + FA_QTILE * D, *vs = ks + FA_KEYS * (D + 1);
     const fa_head at = head_at(k);
     const int i0 = blockIdx.y * FA_QTILE, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -209,7 +209,7 @@ __global__ static void __launch_bounds__(FA_THREADS)
     flash_dkv_kernel(float *dkv, const float *dout, const float *q, const float *kv, const float *lse,
                      const float *delta, qs_attn_block k, float scale) {
     constexpr int KW = dkv_keys<D>(), G = dkv_group<D>();
-    extern __shared__ float smem[];
+    QS_DYNAMIC_SMEM(float, smem);
     float *ks = smem, *vs = ks + G * D, *qs = vs + G * D, *dos = qs + FA_QCHUNK * (D + 1);
     float *ls = dos + FA_QCHUNK * (D + 1), *dl = ls + FA_QCHUNK;
     const fa_head at = head_at(k);

@@ -40,13 +40,21 @@ static inline unsigned qs_cuda_blocks(size_t n, unsigned threads) {
     return b > 1048576 ? 1048576u : (unsigned)b;
 }
 
+/* The two pieces of CUDA syntax the kernels use, here so that an emulated runtime
+ * (tests/emu/include/cuda_runtime.h, which defines them first) can run the kernels on
+ * the host: a launch, and the block's dynamic shared memory. */
+#ifndef QS_LAUNCH_KERNEL
+#define QS_LAUNCH_KERNEL(kernel, grid, block, smem, ...) kernel<<<(grid), (block), (smem)>>>(__VA_ARGS__)
+#define QS_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
+
 /* Launches kernel over grid x block (with smem bytes of dynamic shared memory) and checks
  * the launch. An empty grid (a zero size) launches nothing, so ops need no size guards. */
 #define QS_LAUNCH(kernel, grid, block, smem, ...)                                 \
     do {                                                                          \
         const dim3 qs_grid_ = (grid);                                             \
         if (qs_grid_.x && qs_grid_.y && qs_grid_.z) {                             \
-            kernel<<<qs_grid_, (block), (smem)>>>(__VA_ARGS__);                   \
+            QS_LAUNCH_KERNEL(kernel, qs_grid_, (block), (smem), __VA_ARGS__);     \
             qs_cuda_check(cudaGetLastError(), #kernel, __FILE__, __LINE__);       \
         }                                                                         \
     } while (0)

@@ -1,0 +1,280 @@
+/* An emulated CUDA runtime: with tests/emu/include first on the include path, the CUDA
+ * backend (the files of kernels/, compiled as C++ by the host compiler) runs on the CPU, so
+ * tests/gpu/parity.c checks it in `make test` on machines without a GPU. It provides
+ * the part of CUDA the kernels use: device memory (host memory, fresh allocations filled
+ * with 0xff bytes, so an unwritten float reads as NaN), copies, the launch and the
+ * dynamic shared memory hooks of kernels/cuda_ops.h, __syncthreads / __syncwarp / warp
+ * shuffles, and cudaFuncSetAttribute's shared-memory opt-in.
+ *
+ * Each thread of a block is a coroutine (ucontext) with its own stack. A block's threads
+ * run one at a time, each until its next synchronisation point, in a seeded random order
+ * (QS_EMU_SEED, else the clock; printed on stderr at the first launch); a warp's shuffle
+ * or __syncwarp completes when all 32 lanes reach it, a barrier when every live thread of
+ * the block does. So a warp can run ahead of the others up to the next barrier, and a
+ * missing barrier between warps shows as a wrong result. Shuffles with a lane that has
+ * exited, threads waiting at different kinds of barrier, and dynamic shared memory over
+ * the launch limit (48 KiB, or 227 KiB after cudaFuncSetAttribute) abort with a message.
+ * Blocks run one after another, in order, so one arena is every block's dynamic shared
+ * memory (refilled with NaN per block), and a `__shared__` array is a function-local
+ * static, shared by the block's threads.
+ *
+ * What it does not model: the memory model beyond barriers, the device's float rounding
+ * (expf is the host's), concurrency between blocks, timing. It checks the kernels' logic;
+ * a GPU checks the kernels. */
+#ifndef QUASAR_EMU_CUDA_RUNTIME_H
+#define QUASAR_EMU_CUDA_RUNTIME_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <ucontext.h>
+
+#include <functional>
+#include <map>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __launch_bounds__(n)
+#define __shared__ static
+
+/* ---- errors, streams, memory ---- */
+
+typedef enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 } cudaError_t;
+typedef enum { cudaFuncAttributeMaxDynamicSharedMemorySize } cudaFuncAttribute;
+typedef enum {
+    cudaMemcpyHostToHost,
+    cudaMemcpyHostToDevice,
+    cudaMemcpyDeviceToHost,
+    cudaMemcpyDeviceToDevice,
+    cudaMemcpyDefault
+} cudaMemcpyKind;
+typedef struct emu_stream *cudaStream_t;
+
+static inline const char *cudaGetErrorString(cudaError_t e) {
+    return e == cudaSuccess ? "no error" : e == cudaErrorInvalidValue ? "invalid argument" : "out of memory";
+}
+static inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+static inline cudaError_t cudaGetDeviceCount(int *n) {
+    *n = 1;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMalloc(void **p, size_t bytes) {
+    if (!(*p = malloc(bytes ? bytes : 1))) return cudaErrorMemoryAllocation;
+    memset(*p, 0xff, bytes); /* NaN floats, -1 ints: a read before any write shows */
+    return cudaSuccess;
+}
+static inline cudaError_t cudaFree(void *p) {
+    free(p);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemset(void *p, int v, size_t bytes) {
+    memset(p, v, bytes);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t) { return cudaMemset(p, v, bytes); }
+static inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind) {
+    memmove(dst, src, bytes);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind k, cudaStream_t) {
+    return cudaMemcpy(dst, src, bytes, k);
+}
+
+/* ---- the launch geometry ---- */
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline dim3 gridDim, blockDim, blockIdx, threadIdx;
+
+enum {
+    EMU_STACK = 256 << 10,       /* bytes per thread (sanitizers enlarge frames) */
+    EMU_SMEM_DEFAULT = 48 << 10, /* dynamic shared memory without opting in */
+    EMU_SMEM_MAX = 227 << 10,    /* an H100's opt-in limit per block */
+};
+
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+
+[[noreturn]] static inline void emu_fail(const char *what) {
+    fprintf(stderr, "cuda emulator: %s\n", what);
+    abort();
+}
+
+/* ---- the scheduler ---- */
+
+typedef enum { EMU_RUNNING, EMU_AT_BARRIER, EMU_AT_WARP, EMU_EXITED } emu_state;
+
+struct emu_thread {
+    ucontext_t ctx;
+    emu_state state;
+    unsigned shuffles; /* shuffles so far in this block: picks the exchange buffer */
+    std::vector<char> stack;
+};
+
+struct emu_scheduler {
+    std::vector<emu_thread> th;
+    ucontext_t sched;
+    int cur = 0;
+    std::function<void()> body;
+    uint64_t seed = 0, draws = 0; /* the scheduling order */
+    bool seeded = false;
+    /* a warp's shuffle values [warp][lane], in two buffers used in turn: a lane writes
+     * shuffle k + 1's only after every lane has passed shuffle k, so after every lane has
+     * read shuffle k - 1's */
+    uint64_t xchg[2][32][32];
+    std::vector<float> smem = std::vector<float>(EMU_SMEM_MAX / sizeof(float));
+    std::map<const void *, int> smem_allowed; /* cudaFuncSetAttribute's opt-ins */
+};
+inline emu_scheduler emu;
+
+/* A random index below n from the scheduling stream (splitmix64 of seed + draw). */
+static inline unsigned emu_below(unsigned n) {
+    uint64_t z = emu.seed + 0x9e3779b97f4a7c15ull * ++emu.draws;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return (unsigned)((z ^ (z >> 31)) % n);
+}
+
+static inline void emu_yield(emu_state s) {
+    emu.th[(size_t)emu.cur].state = s;
+    swapcontext(&emu.th[(size_t)emu.cur].ctx, &emu.sched);
+}
+
+static inline void emu_entry(void) {
+    emu.body();
+    emu.th[(size_t)emu.cur].state = EMU_EXITED; /* uc_link returns to the scheduler */
+}
+
+static inline void emu_resume(int t) {
+    emu.cur = t;
+    const unsigned bx = blockDim.x, by = blockDim.y;
+    threadIdx = dim3((unsigned)t % bx, (unsigned)t / bx % by, (unsigned)t / (bx * by));
+    swapcontext(&emu.sched, &emu.th[(size_t)t].ctx);
+}
+
+/* Runs one block of n threads (linear ids; warps are 32 consecutive ids) to the end. */
+static inline void emu_run_block(int n) {
+    if (n % 32 || n > 1024) emu_fail("blocks must be whole warps, at most 1024 threads");
+    if ((int)emu.th.size() < n) emu.th.resize((size_t)n);
+    for (int t = 0; t < n; t++) {
+        emu_thread *e = &emu.th[(size_t)t];
+        e->stack.resize(EMU_STACK);
+        getcontext(&e->ctx);
+        e->ctx.uc_stack.ss_sp = e->stack.data();
+        e->ctx.uc_stack.ss_size = EMU_STACK;
+        e->ctx.uc_link = &emu.sched;
+        makecontext(&e->ctx, emu_entry, 0);
+        e->state = EMU_RUNNING;
+        e->shuffles = 0;
+    }
+    std::vector<int> order((size_t)n);
+    for (;;) {
+        /* every running thread, in a random order, to its next synchronisation point */
+        int m = 0;
+        for (int t = 0; t < n; t++)
+            if (emu.th[(size_t)t].state == EMU_RUNNING) order[(size_t)m++] = t;
+        for (int i = m - 1; i > 0; i--) {
+            const int j = (int)emu_below((unsigned)i + 1), x = order[(size_t)i];
+            order[(size_t)i] = order[(size_t)j], order[(size_t)j] = x;
+        }
+        for (int i = 0; i < m; i++) emu_resume(order[(size_t)i]);
+        /* release the warps whose 32 lanes all wait at a shuffle or __syncwarp */
+        bool released = false;
+        for (int w = 0; w < n / 32; w++) {
+            int at_warp = 0, exited = 0;
+            for (int l = 0; l < 32; l++) {
+                const emu_state s = emu.th[(size_t)(w * 32 + l)].state;
+                at_warp += s == EMU_AT_WARP;
+                exited += s == EMU_EXITED;
+            }
+            if (at_warp && exited) emu_fail("a warp synchronises with lanes that have exited");
+            if (at_warp == 32) {
+                for (int l = 0; l < 32; l++) emu.th[(size_t)(w * 32 + l)].state = EMU_RUNNING;
+                released = true;
+            }
+        }
+        if (released) continue;
+        int live = 0, at_barrier = 0;
+        for (int t = 0; t < n; t++) {
+            live += emu.th[(size_t)t].state != EMU_EXITED;
+            at_barrier += emu.th[(size_t)t].state == EMU_AT_BARRIER;
+        }
+        if (!live) return;
+        if (at_barrier != live) emu_fail("deadlock: some threads wait at a warp sync, others at __syncthreads");
+        for (int t = 0; t < n; t++)
+            if (emu.th[(size_t)t].state == EMU_AT_BARRIER) emu.th[(size_t)t].state = EMU_RUNNING;
+    }
+}
+
+template <class K> static inline cudaError_t cudaFuncSetAttribute(K *kernel, cudaFuncAttribute, int bytes) {
+    if (bytes > EMU_SMEM_MAX) return cudaErrorInvalidValue;
+    emu.smem_allowed[(const void *)kernel] = bytes;
+    return cudaSuccess;
+}
+
+template <class... P, class... A>
+static inline void emu_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A... a) {
+    if (!emu.seeded) {
+        const char *env = getenv("QS_EMU_SEED");
+        emu.seed = env && *env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL);
+        emu.seeded = true;
+        fprintf(stderr, "# cuda emulator: thread order seed %llu (QS_EMU_SEED=%llu reproduces)\n",
+                (unsigned long long)emu.seed, (unsigned long long)emu.seed);
+    }
+    const auto it = emu.smem_allowed.find((const void *)kernel);
+    const size_t limit = it != emu.smem_allowed.end() && it->second > EMU_SMEM_DEFAULT ? (size_t)it->second
+                                                                                        : (size_t)EMU_SMEM_DEFAULT;
+    if (smem_bytes > limit) emu_fail("dynamic shared memory over the launch limit");
+    gridDim = grid, blockDim = block;
+    emu.body = [&] { kernel(a...); };
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                for (size_t i = 0; i < smem_bytes / sizeof(float); i++) emu.smem[i] = NAN;
+                blockIdx = dim3(x, y, z);
+                emu_run_block((int)(block.x * block.y * block.z));
+            }
+}
+
+/* kernels/cuda_ops.h's hooks */
+#define QS_LAUNCH_KERNEL(kernel, grid, block, smem, ...) \
+    emu_launch(kernel, dim3(grid), dim3(block), (size_t)(smem), __VA_ARGS__)
+#define QS_DYNAMIC_SMEM(type, name) type *name = (type *)emu.smem.data()
+
+/* ---- device intrinsics ---- */
+
+static inline unsigned emu_linear_tid(void) {
+    return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+
+static inline void __syncthreads(void) { emu_yield(EMU_AT_BARRIER); }
+static inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    if (mask != 0xffffffffu) emu_fail("only whole-warp __syncwarp is emulated");
+    emu_yield(EMU_AT_WARP);
+}
+
+/* Lane `src` of the warp's v, once all 32 lanes have offered theirs. */
+template <class T> static inline T __shfl_sync(unsigned mask, T v, int src) {
+    static_assert(sizeof(T) <= sizeof(uint64_t), "shuffled values fit 8 bytes");
+    if (mask != 0xffffffffu) emu_fail("only whole-warp shuffles are emulated");
+    const unsigned tid = emu_linear_tid(), w = tid / 32, lane = tid % 32;
+    const unsigned buf = emu.th[tid].shuffles++ % 2;
+    memcpy(&emu.xchg[buf][w][lane], &v, sizeof v);
+    emu_yield(EMU_AT_WARP); /* every lane has written */
+    T r;
+    memcpy(&r, &emu.xchg[buf][w][src & 31], sizeof r);
+    return r;
+}
+template <class T> static inline T __shfl_xor_sync(unsigned mask, T v, int x) {
+    return __shfl_sync(mask, v, (int)(emu_linear_tid() % 32) ^ x);
+}
+
+#endif
