@@ -82,11 +82,6 @@ static void gemm_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 
 static double att_pairs(const kdims *d) { return (double)d->B * d->T * (d->T + 1) / 2.0; }
 
-static qs_attn_block att_whole(const kdims *d) {
-    return (qs_attn_block){.B = d->B, .C = d->C, .NH = d->NH, .Tq = d->T, .Tk = d->T, .q_len = d->T,
-                           .kv_len = d->T, .q_stride = 3 * d->C, .kv_stride = 3 * d->C, .causal = 1};
-}
-
 static void att_fwd_plan(kplan *p, const kdims *d) {
     const size_t BTC = (size_t)d->B * d->T * d->C, st = (size_t)d->B * d->NH * d->T;
     bufs(p, 3, (size_t[]){3 * BTC, BTC, st}, 0, NULL);
@@ -96,7 +91,7 @@ static void att_fwd_plan(kplan *p, const kdims *d) {
 }
 static void att_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     (void)ib;
-    const qs_attn_block blk = att_whole(d);
+    const qs_attn_block blk = qs_attn_block_self(d->B, d->T, d->C, d->NH, 1);
     o->attention_block_forward(f[1], f[2], f[0], f[0] + d->C, &blk);
 }
 
@@ -110,7 +105,7 @@ static void att_bwd_plan(kplan *p, const kdims *d) {
 }
 static void att_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     (void)ib;
-    const qs_attn_block blk = att_whole(d);
+    const qs_attn_block blk = qs_attn_block_self(d->B, d->T, d->C, d->NH, 1);
     o->attention_delta(f[5], f[1], f[3], d->B, d->T, d->C, d->NH);
     o->attention_block_backward(f[0], f[0] + d->C, f[1], f[2], f[2] + d->C, f[4], f[5], &blk);
 }

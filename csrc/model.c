@@ -581,27 +581,22 @@ static void mixer_conv_forward(qs_gpt *m, int l, int B, int T, const int *slots)
     }
 }
 
-/* Ring attention of a layer; the ring's workspace is for the full micro-batch. */
 /* Causal self-attention of B whole sequences: one block of the blockwise ops, q, k and v
  * read in place from qkv and their gradients written in place into dqkv. Saves only
  * the log-sum-exp, so memory is linear in T. */
-static qs_attn_block whole_block(const qs_gpt *m, int B, int T) {
-    return (qs_attn_block){.B = B, .C = m->C, .NH = m->NH, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
-                           .q_stride = 3 * m->C, .kv_stride = 3 * m->C, .causal = 1};
-}
-
 static void whole_attention_forward(qs_gpt *m, layer_acts *a, int B, int T) {
-    const qs_attn_block blk = whole_block(m, B, T);
+    const qs_attn_block blk = qs_attn_block_self(B, T, m->C, m->NH, 1);
     m->be->ops->attention_block_forward(a->atty, a->lse, a->qkv, a->qkv + m->C, &blk);
 }
 
 static void whole_attention_backward(qs_gpt *m, layer_acts *a, int B, int T) {
     const qs_ops *ops = m->be->ops;
-    const qs_attn_block blk = whole_block(m, B, T);
+    const qs_attn_block blk = qs_attn_block_self(B, T, m->C, m->NH, 1);
     ops->attention_delta(m->delta, m->datty, a->atty, B, T, m->C, m->NH);
     ops->attention_block_backward(m->dqkv, m->dqkv + m->C, m->datty, a->qkv, a->qkv + m->C, a->lse, m->delta, &blk);
 }
 
+/* Ring attention of a layer; the ring's workspace is for the full micro-batch. */
 static void ring_forward(qs_gpt *m, layer_acts *a, int B) {
     if (m->failed) return;
     if (B != m->max_B) m->failed = qs_error("a sequence-parallel forward takes %d sequences, not %d", m->max_B, B) != 0;

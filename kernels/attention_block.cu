@@ -26,13 +26,6 @@ enum {
     FA_MAX_HEAD = 256,
 };
 
-/* Keys query row i sees: a prefix of the block, as positions rise with the row. */
-__device__ static inline int visible_keys(const qs_attn_block &k, int i) {
-    if (!k.causal) return k.Tk;
-    const long long n = (long long)k.q_pos0 + i - k.k_pos0 + 1;
-    return n < 0 ? 0 : n > k.Tk ? k.Tk : (int)n;
-}
-
 /* The first query row that sees key row j; all later rows see it too. */
 __device__ static inline int first_query(const qs_attn_block &k, int j) {
     if (!k.causal) return 0;
@@ -79,7 +72,7 @@ __device__ static inline void warp_rows(const qs_attn_block &k, int i0, int warp
 #pragma unroll
     for (int r = 0; r < FA_ROWS; r++) {
         const int i = i0 + warp * FA_ROWS + r;
-        n[r] = i < k.Tq ? visible_keys(k, i) : 0;
+        n[r] = i < k.Tq ? qs_attn_visible_keys(&k, i) : 0;
     }
 }
 
@@ -104,7 +97,7 @@ __global__ static void __launch_bounds__(FA_THREADS)
 #pragma unroll
         for (int c = 0; c < D / 32; c++) o[r][c] = 0.0f;
     }
-    const int n_block = visible_keys(k, min(k.Tq, i0 + FA_QTILE) - 1); /* the block's last row sees the most */
+    const int n_block = qs_attn_visible_keys(&k, min(k.Tq, i0 + FA_QTILE) - 1); /* the block's last row sees the most */
     for (int j0 = 0; j0 < n_block; j0 += FA_KEYS) {
         __syncthreads(); /* the previous tile is used up */
         load_rows(ks, D + 1, kv + at.kv, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
@@ -163,7 +156,7 @@ __global__ static void __launch_bounds__(FA_THREADS)
     for (int r = 0; r < FA_ROWS; r++)
 #pragma unroll
         for (int c = 0; c < D / 32; c++) acc[r][c] = 0.0f;
-    const int n_block = visible_keys(k, min(k.Tq, i0 + FA_QTILE) - 1);
+    const int n_block = qs_attn_visible_keys(&k, min(k.Tq, i0 + FA_QTILE) - 1);
     for (int j0 = 0; j0 < n_block; j0 += FA_KEYS) {
         __syncthreads();
         load_rows(ks, D + 1, kv + at.kv, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
@@ -239,7 +232,7 @@ __global__ static void __launch_bounds__(FA_THREADS)
             /* lane = query row; q is pre-scaled, so q_i . k_j is the scaled score and
              * dS q_i below already carries the scale */
             float p = 0.0f, ds = 0.0f;
-            if (i < k.Tq && j < visible_keys(k, i)) {
+            if (i < k.Tq && j < qs_attn_visible_keys(&k, i)) {
                 p = expf(dot<D>(qs + lane * (D + 1), ks + kj * D) - ls[lane]);
                 ds = p * (dot<D>(dos + lane * (D + 1), vs + kj * D) - dl[lane]);
             }

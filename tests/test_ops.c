@@ -377,10 +377,7 @@ typedef struct {
     float *qkv, *out, *lse, *R;
 } attn_ctx;
 
-static qs_attn_block attn_whole(const attn_ctx *c) {
-    return (qs_attn_block){.B = c->B, .C = c->C, .NH = c->NH, .Tq = c->T, .Tk = c->T, .q_len = c->T,
-                           .kv_len = c->T, .q_stride = 3 * c->C, .kv_stride = 3 * c->C, .causal = 1};
-}
+static qs_attn_block attn_whole(const attn_ctx *c) { return qs_attn_block_self(c->B, c->T, c->C, c->NH, 1); }
 
 static double attn_loss(void *p) {
     attn_ctx *c = p;

@@ -20,13 +20,6 @@
  * tile's scores stay in cache at the usual block lengths. */
 enum { QT = 64 };
 
-/* Keys query row i sees: a prefix of the block, as positions rise with the row. */
-static int visible_keys(const qs_attn_block *k, int i) {
-    if (!k->causal) return k->Tk;
-    const long long n = (long long)k->q_pos0 + i - k->k_pos0 + 1;
-    return n < 0 ? 0 : n > k->Tk ? k->Tk : (int)n;
-}
-
 /* Where (sequence b, head h) = bh starts in each of the block's tensors, in floats:
  * q and dq; kv and dkv (its v C further); out, dout, out_b; lse, delta, lse_b. */
 typedef struct {
@@ -51,7 +44,7 @@ typedef struct {
 
 static tile tile_of(const qs_attn_block *k, int bh, int i0) {
     const int m = k->Tq - i0 < QT ? k->Tq - i0 : QT;
-    return (tile){head_of(k, bh), i0, m, visible_keys(k, i0 + m - 1)};
+    return (tile){head_of(k, bh), i0, m, qs_attn_visible_keys(k, i0 + m - 1)};
 }
 
 static int tiles_per_head(const qs_attn_block *k) { return (k->Tq + QT - 1) / QT; }
@@ -86,7 +79,7 @@ void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, cons
                           &t, hs, scale);
             for (int r = 0; r < t.m; r++) {
                 float *pr = p + (size_t)r * t.n;
-                const int n = visible_keys(k, t.i0 + r);
+                const int n = qs_attn_visible_keys(k, t.i0 + r);
                 float mx = -INFINITY;
                 for (int j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
                 for (int j = 0; j < n; j++) pr[j] = qs_cpu_expf(pr[j] - mx);
@@ -153,14 +146,14 @@ void qs_cpu_attention_block_backward(float *dq, float *dkv, const float *dout, c
                 const tile t = tile_of(k, bh, it * QT);
                 if (t.n == 0) continue;
                 const float *qt = q + t.at.q + (size_t)t.i0 * k->q_stride, *kb = kv + t.at.kv;
-                const float *dot = dout + t.at.o + (size_t)t.i0 * k->C;
+                const float *dout_t = dout + t.at.o + (size_t)t.i0 * k->C;
                 /* P from the final lse (already normalised over every block), dP = dout V^T,
                  * then dS = scale P (dP - delta), zero where a key is not visible */
                 tile_products(p, qt, k->q_stride, kb, k->kv_stride, &t, hs, scale);
-                tile_products(ds, dot, k->C, kb + k->C, k->kv_stride, &t, hs, 1.0f);
+                tile_products(ds, dout_t, k->C, kb + k->C, k->kv_stride, &t, hs, 1.0f);
                 for (int r = 0; r < t.m; r++) {
                     float *pr = p + (size_t)r * t.n, *dr = ds + (size_t)r * t.n;
-                    const int n = visible_keys(k, t.i0 + r);
+                    const int n = qs_attn_visible_keys(k, t.i0 + r);
                     const float l = lse[t.at.s + t.i0 + r], d = delta[t.at.s + t.i0 + r];
                     for (int j = 0; j < n; j++) {
                         pr[j] = qs_cpu_expf(pr[j] - l);
@@ -177,8 +170,8 @@ void qs_cpu_attention_block_backward(float *dq, float *dkv, const float *dout, c
                 float *dk = dkv + t.at.kv;
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, ds, t.n, qt, k->q_stride,
                             1.0f, dk, k->kv_stride);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, p, t.n, dot, k->C, 1.0f,
-                            dk + k->C, k->kv_stride);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, p, t.n, dout_t, k->C,
+                            1.0f, dk + k->C, k->kv_stride);
             }
         free(p);
     }

@@ -19,6 +19,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "quasar/hostdev.h"
+
 typedef enum { QS_W_IN_OUT = 0, QS_W_OUT_IN = 1 } qs_weight_layout;
 
 /* A stride-1 depthwise convolution over channels-last x [B,H,W,C] whose output has the
@@ -47,6 +49,20 @@ typedef struct qs_attn_block {
     int q_pos0, k_pos0;      /* global positions of query row 0 and key row 0 */
     int causal;              /* 1: key j is visible to query i iff k_pos0 + j <= q_pos0 + i */
 } qs_attn_block;
+
+/* B sequences of T rows of a qkv [B,T,3C] buffer, each attending to itself: the block
+ * the model's attention is (q at qkv, kv at qkv + C, both stride 3C). */
+static inline qs_attn_block qs_attn_block_self(int B, int T, int C, int NH, int causal) {
+    return (qs_attn_block){.B = B, .C = C, .NH = NH, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
+                           .q_stride = 3 * C, .kv_stride = 3 * C, .q_pos0 = 0, .k_pos0 = 0, .causal = causal};
+}
+
+/* The keys query row i of the block sees: a prefix of them, as positions rise with i. */
+static inline QS_HD int qs_attn_visible_keys(const qs_attn_block *k, int i) {
+    if (!k->causal) return k->Tk;
+    const long long n = (long long)k->q_pos0 + i - k->k_pos0 + 1;
+    return n < 0 ? 0 : n > k->Tk ? k->Tk : (int)n;
+}
 
 typedef struct qs_ops {
     /* out[r,:] = wte[tok[r],:] + wpe[pos[r],:] over N rows: each row's token (in [0, V))

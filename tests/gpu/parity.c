@@ -327,8 +327,7 @@ static void test_matmul(int N, int n_in, int n_out, qs_weight_layout layout, int
 static void test_attention(int B, int T, int NH, int hs) {
     const int C = NH * hs;
     case_begin("attention B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
-    const qs_attn_block k = {.B = B, .C = C, .NH = NH, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
-                             .q_stride = 3 * C, .kv_stride = 3 * C, .causal = 1};
+    const qs_attn_block k = qs_attn_block_self(B, T, C, NH, 1);
     tensor qkv = t_rand((size_t)B * T * 3 * C, -1, 1), out = t_out((size_t)B * T * C);
     tensor lse = t_out((size_t)B * NH * T), delta = t_out((size_t)B * NH * T);
     BOTH(ops->attention_block_forward(F(out), F(lse), F(qkv), F(qkv) + C, &k));

@@ -48,8 +48,7 @@ static whole_ref reference(const float *qkv, const float *dout, int B, int T, in
     const size_t nout = (size_t)B * T * C, nst = (size_t)B * NH * T;
     whole_ref r = {alloc_floats(nout), alloc_floats(nst), alloc_floats(3 * nout)};
     memset(r.dqkv, 0, 3 * nout * sizeof *r.dqkv);
-    const qs_attn_block all = {.B = B, .C = C, .NH = NH, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
-                               .q_stride = 3 * C, .kv_stride = 3 * C, .causal = causal};
+    const qs_attn_block all = qs_attn_block_self(B, T, C, NH, causal);
     ops->attention_block_forward(r.out, r.lse, qkv, qkv + C, &all);
     float *delta = alloc_floats(nst);
     ops->attention_delta(delta, dout, r.out, B, T, C, NH);

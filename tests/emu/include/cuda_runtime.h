@@ -101,7 +101,6 @@ enum {
 };
 
 static inline int min(int a, int b) { return a < b ? a : b; }
-static inline int max(int a, int b) { return a > b ? a : b; }
 
 [[noreturn]] static inline void emu_fail(const char *what) {
     fprintf(stderr, "cuda emulator: %s\n", what);
