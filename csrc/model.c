@@ -57,7 +57,7 @@ struct qs_gpt {
     int *tok, *pos, *tgt; /* per row: token, position, target */
     int *slots;           /* decoding: each row's KV-cache slot */
     /* backward scratch */
-    float *dres, *dln, *dbranch, *datty, *dqkv, *dlogits;
+    float *dres, *dln, *dbranch, *datty, *dqkv; /* the logits' gradient replaces them */
     float *delta; /* attention's row term [B,NH,T] */
     float *dF1, *dF2;        /* [max(N, N*K), F] */
     float *dxe, *dye, *dgate; /* MoE packed */
@@ -233,7 +233,6 @@ static void carve(qs_gpt *m, qs_plan *p) {
     m->datty = qs_plan_f(p, N * C);
     m->dqkv = qs_plan_f(p, N * 3 * C);
     m->delta = qs_plan_f(p, N * m->NH);
-    m->dlogits = qs_plan_f(p, N * m->V);
     m->dF1 = qs_plan_f(p, NK * F);
     m->dF2 = qs_plan_f(p, NK * F);
     if (m->E > 0) {
@@ -806,10 +805,9 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
     /* nothing to learn from; but a ring's backward is collective, so its ranks all run it */
     if (m->n_valid == 0 && !m->ring) return;
 
-    zero_f(m, m->dlogits, (size_t)N * m->V);
-    ops->xent_backward(m->dlogits, m->logits, m->tgt, m->n_valid ? scale / (float)m->n_valid : 0.0f, N, m->V);
+    ops->xent_backward(m->logits, m->tgt, m->n_valid ? scale / (float)m->n_valid : 0.0f, N, m->V);
     zero_f(m, m->dln, NC);
-    ops->matmul_backward(m->dln, G(m, m->lm_head), NULL, m->dlogits, m->lnf, P(m, m->lm_head), N,
+    ops->matmul_backward(m->dln, G(m, m->lm_head), NULL, m->logits, m->lnf, P(m, m->lm_head), N,
                          C, m->V, lm_head_layout());
     zero_f(m, m->dres, NC);
     ops->layernorm_backward(m->dres, G(m, m->lnf_w), G(m, m->lnf_b), m->dln, m->res[m->L],

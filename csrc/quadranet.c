@@ -43,7 +43,7 @@ struct qs_quadranet {
     float *pooled, *head_ln, *head_mean, *head_rstd, *logits, *losses;
     int *labels;
     /* backward scratch */
-    float *dA, *dB, *dt1, *dt2, *dF1, *dF2, *dpatch, *dlogits, *dhead, *dpool;
+    float *dA, *dB, *dt1, *dt2, *dF1, *dF2, *dpatch, *dhead, *dpool; /* dlogits replace logits */
 
     int B;
     bool has_labels;
@@ -169,7 +169,6 @@ static void carve(qs_quadranet *m, qs_plan *p) {
     m->dF1 = qs_plan_f(p, max_nf);
     m->dF2 = qs_plan_f(p, max_nf);
     m->dpatch = qs_plan_f(p, max_patch);
-    m->dlogits = qs_plan_f(p, B * q->num_classes);
     m->dhead = qs_plan_f(p, B * CL);
     m->dpool = qs_plan_f(p, B * CL);
 }
@@ -376,10 +375,9 @@ void qs_quadranet_backward(qs_quadranet *m, float scale) {
     const int B = m->B, K = q->num_classes, Cin = q->in_channels;
     const stage *last = &m->st[NS - 1];
     const int CL = last->C;
-    zero_f(m, m->dlogits, (size_t)B * K);
-    ops->xent_backward(m->dlogits, m->logits, m->labels, scale / (float)B, B, K);
+    ops->xent_backward(m->logits, m->labels, scale / (float)B, B, K);
     zero_f(m, m->dhead, (size_t)B * CL);
-    ops->matmul_backward(m->dhead, G(m, m->head_w), G(m, m->head_b), m->dlogits, m->head_ln, P(m, m->head_w), B, CL, K,
+    ops->matmul_backward(m->dhead, G(m, m->head_w), G(m, m->head_b), m->logits, m->head_ln, P(m, m->head_w), B, CL, K,
                          QS_W_IN_OUT);
     zero_f(m, m->dpool, (size_t)B * CL);
     ops->layernorm_backward(m->dpool, G(m, m->head_ln_w), G(m, m->head_ln_b), m->dhead, m->pooled, P(m, m->head_ln_w),

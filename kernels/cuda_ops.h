@@ -144,7 +144,7 @@ void qs_cuda_dropout_backward(float *dinp, const float *dout, float p, uint64_t 
 
 /* xent.cu */
 void qs_cuda_xent_forward(float *losses, const float *logits, const int *targets, int N, int V);
-void qs_cuda_xent_backward(float *dlogits, const float *logits, const int *targets, float dloss, int N, int V);
+void qs_cuda_xent_backward(float *logits, const int *targets, float dloss, int N, int V);
 
 /* moe.cu */
 void qs_cuda_noisy_gate_forward(float *h, const float *clean, const float *noise_logits, uint64_t seed,

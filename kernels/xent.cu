@@ -27,18 +27,21 @@ __global__ static void xent_forward_kernel(float *losses, const float *logits, c
     if (threadIdx.x == 0) losses[n] = (float)(log(sum) - (double)(x[t] - mx));
 }
 
-__global__ static void xent_backward_kernel(float *dlogits, const float *logits, const int *targets, float dloss,
-                                            int V) {
+/* In place: row_stats's last block reduction is a barrier after every read of the row,
+ * and each element is then read and rewritten by the one thread that owns it. */
+__global__ static void xent_backward_kernel(float *logits, const int *targets, float dloss, int V) {
     const int n = blockIdx.x, t = targets[n];
-    if (t < 0) return;
-    const float *x = logits + (size_t)n * V;
-    float *d = dlogits + (size_t)n * V;
+    float *x = logits + (size_t)n * V;
+    if (t < 0) {
+        for (int v = threadIdx.x; v < V; v += blockDim.x) x[v] = 0.0f;
+        return;
+    }
     double sum;
     const float mx = row_stats(x, V, &sum);
     const float inv = (float)(1.0 / sum);
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
         const float p = expf(x[v] - mx) * inv;
-        d[v] += dloss * (v == t ? p - 1.0f : p);
+        x[v] = dloss * (v == t ? p - 1.0f : p);
     }
 }
 
@@ -46,6 +49,6 @@ void qs_cuda_xent_forward(float *losses, const float *logits, const int *targets
     QS_LAUNCH(xent_forward_kernel, N, XENT_THREADS, 0, losses, logits, targets, V);
 }
 
-void qs_cuda_xent_backward(float *dlogits, const float *logits, const int *targets, float dloss, int N, int V) {
-    QS_LAUNCH(xent_backward_kernel, N, XENT_THREADS, 0, dlogits, logits, targets, dloss, V);
+void qs_cuda_xent_backward(float *logits, const int *targets, float dloss, int N, int V) {
+    QS_LAUNCH(xent_backward_kernel, N, XENT_THREADS, 0, logits, targets, dloss, V);
 }

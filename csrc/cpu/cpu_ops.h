@@ -93,8 +93,7 @@ void qs_cpu_dropout_backward(float *dinp, const float *dout, float p, uint64_t s
 
 /* xent.c */
 void qs_cpu_xent_forward(float *losses, const float *logits, const int *targets, int N, int V);
-void qs_cpu_xent_backward(float *dlogits, const float *logits, const int *targets, float dloss,
-                          int N, int V);
+void qs_cpu_xent_backward(float *logits, const int *targets, float dloss, int N, int V);
 
 /* moe.c */
 void qs_cpu_noisy_gate_forward(float *h, const float *clean, const float *noise_logits,

@@ -1,4 +1,6 @@
 /* Fused softmax + cross-entropy. */
+#include <string.h>
+
 #include "cpu_ops.h"
 
 void qs_cpu_xent_forward(float *losses, const float *logits, const int *targets, int N, int V) {
@@ -16,19 +18,21 @@ void qs_cpu_xent_forward(float *losses, const float *logits, const int *targets,
     }
 }
 
-void qs_cpu_xent_backward(float *dlogits, const float *logits, const int *targets, float dloss,
-                          int N, int V) {
+/* In place: the row's statistics are taken before any of it is overwritten. */
+void qs_cpu_xent_backward(float *logits, const int *targets, float dloss, int N, int V) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        if (targets[n] < 0) continue;
-        const float *x = logits + (size_t)n * V;
-        float *d = dlogits + (size_t)n * V;
+        float *x = logits + (size_t)n * V;
+        if (targets[n] < 0) {
+            memset(x, 0, (size_t)V * sizeof *x);
+            continue;
+        }
         double sum;
         const float mx = qs_cpu_softmax_stats(x, V, &sum);
         const float inv = (float)(1.0 / sum);
         for (int v = 0; v < V; v++) {
             const float p = expf(x[v] - mx) * inv;
-            d[v] += dloss * (v == targets[n] ? p - 1.0f : p);
+            x[v] = dloss * (v == targets[n] ? p - 1.0f : p);
         }
     }
 }

@@ -79,9 +79,10 @@ int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, const int *slots, const i
  *   scale * (mean cross-entropy + aux_loss_coef * balance + z_loss_coef * z)
  * of the last forward (which must have had targets). */
 void qs_gpt_backward(qs_gpt *m, float scale);
-/* Logits [B*T, V] of the last forward, backend memory. */
+/* Logits [B*T, V] of the last forward, backend memory; backward overwrites them with
+ * their gradient. */
 const float *qs_gpt_logits(const qs_gpt *m);
-/* Copies row `row` of the last forward's logits to host memory out[V]. */
+/* Copies row `row` of the last forward's logits to host memory out[V] (before backward). */
 void qs_gpt_logits_row(const qs_gpt *m, int row, float *out);
 
 /* MoE statistics of the last forward: router losses summed over layers, and since

@@ -149,11 +149,13 @@ typedef struct qs_ops {
 
     /* Fused softmax + cross-entropy over rows of logits [N,V].
      * losses[n] = -log softmax(logits[n])[targets[n]]; a negative target is ignored
-     * (loss 0, no gradient). Backward recomputes the softmax and accumulates
-     * dlogits[n,:] += dloss * (softmax(logits[n]) - onehot(targets[n])). */
+     * (loss 0, no gradient). Backward recomputes the softmax and REPLACES the logits by
+     * their gradient, logits[n,:] = dloss * (softmax(logits[n]) - onehot(targets[n])) (0
+     * for an ignored row): the one op that does not accumulate, because the logits
+     * ([N,V], the largest activation of a language model) have no use after it, so their
+     * gradient needs no buffer of its own. */
     void (*xent_forward)(float *losses, const float *logits, const int *targets, int N, int V);
-    void (*xent_backward)(float *dlogits, const float *logits, const int *targets, float dloss,
-                          int N, int V);
+    void (*xent_backward)(float *logits, const int *targets, float dloss, int N, int V);
 
     /* Noisy gating (Shazeer et al.): h = clean + z * softplus(noise_logits), with
      * z = qs_rng_normal(seed, stream, counter) for each element of the [N,E] tensors.

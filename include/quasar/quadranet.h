@@ -28,7 +28,8 @@ double qs_quadranet_forward(qs_quadranet *m, const float *images, const int *lab
                             const qs_forward_mode *mode, int *correct);
 /* Accumulates scale * d(mean cross-entropy) of the last forward into the gradients. */
 void qs_quadranet_backward(qs_quadranet *m, float scale);
-/* Logits [B, num_classes] of the last forward, backend memory. */
+/* Logits [B, num_classes] of the last forward, backend memory; backward overwrites
+ * them with their gradient. */
 const float *qs_quadranet_logits(const qs_quadranet *m);
 
 #endif
