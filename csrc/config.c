@@ -74,6 +74,7 @@ static const field fields[] = {
     FLOAT(model.dropout, CO(0, 1), 0),
     BOOL(model.bias, true),
     BOOL(model.tie_embeddings, true),
+    BOOL(model.recompute_ffn, true),
     ENUM(model.init, init_names, QS_INIT_NORMAL),
     FLOAT(model.init_std, GT(0), 0.02),
     INT(model.moe.n_experts, IN(0, 1 << 12), 0),

@@ -186,6 +186,8 @@ static void carve(qs_gpt *m, qs_plan *p) {
     size_t N = (size_t)m->max_B * m->max_T, C = m->C, F = m->F, E = m->E, K = m->K;
     size_t NK = m->E > 0 ? N * K : N;
     for (int l = 0; l <= m->L; l++) m->res[l] = qs_plan_f(p, N * C);
+    /* recompute_ffn: every layer's activation output in one buffer, made again in backward */
+    float *shared_act = m->cfg.recompute_ffn ? qs_plan_f(p, NK * F) : NULL;
     for (int l = 0; l < m->L; l++) {
         layer_acts *a = &m->la[l];
         a->ln1 = qs_plan_f(p, N * C);
@@ -205,7 +207,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
         a->ln2_mean = qs_plan_f(p, N);
         a->ln2_rstd = qs_plan_f(p, N);
         a->fch = qs_plan_f(p, NK * F);
-        a->fch_act = qs_plan_f(p, NK * F);
+        a->fch_act = m->cfg.recompute_ffn ? shared_act : qs_plan_f(p, NK * F);
         a->ffout = qs_plan_f(p, N * C);
         if (m->E > 0) {
             a->rlogit = qs_plan_f(p, N * E);
@@ -733,12 +735,15 @@ double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, i
 
 static void zero_f(const qs_gpt *m, float *p, size_t n) { m->be->zero(p, n * sizeof(float)); }
 
-/* dln += d(ffn)/d(ln_2 output) given dy = gradient at the FFN output. */
+/* dln += d(ffn)/d(ln_2 output) given dy = gradient at the FFN output. Under
+ * recompute_ffn the activation's output is made again from fch (one elementwise pass)
+ * instead of being kept per layer. */
 static void dense_ffn_backward(qs_gpt *m, int l, int N, const float *dy) {
     const qs_ops *ops = m->be->ops;
     const layer_params *p = &m->lp[l];
     layer_acts *a = &m->la[l];
     size_t NF = (size_t)N * m->F;
+    if (m->cfg.recompute_ffn) act_forward(m, a->fch_act, a->fch, NF);
     zero_f(m, m->dF1, NF);
     ops->matmul_backward(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act,
                          P(m, p->fcproj_w), N, m->F, m->C, QS_W_IN_OUT);
@@ -759,6 +764,7 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     zero_f(m, m->dye, rows * C);
     zero_f(m, m->dgate, NK);
     ops->moe_combine_backward(m->dye, m->dgate, dy, a->ye, a->gate, a->slot, N, K, C);
+    if (m->cfg.recompute_ffn) act_forward(m, a->fch_act, a->fch, rows * F); /* as in dense_ffn_backward */
     zero_f(m, m->dF1, rows * F);
     zero_f(m, m->dF2, rows * F);
     zero_f(m, m->dxe, rows * C);

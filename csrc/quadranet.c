@@ -16,7 +16,7 @@ typedef struct block {
     int ln1_w, ln1_b, qc_w, qc_b, gamma1, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma2;
     float drop; /* stochastic depth rate */
     float *ln1, *mean1, *rstd1, *fa, *fb, *q, *mid, *ln2, *mean2, *rstd2;
-    float *h, *g; /* [N,F] before and after GELU */
+    float *h, *g; /* [N,F] before and after GELU (g shared by all blocks under recompute_ffn) */
     float *v, *out;
 } block;
 
@@ -124,6 +124,13 @@ static void carve(qs_quadranet *m, qs_plan *p) {
     m->stem_mean = qs_plan_f(p, N0);
     m->stem_rstd = qs_plan_f(p, N0);
     for (int s = 0; s < NS; s++) {
+        const size_t nc = map_n(m, s) * m->st[s].C, nf = nc * m->cfg.ffn_mult;
+        max_nc = nc > max_nc ? nc : max_nc;
+        max_nf = nf > max_nf ? nf : max_nf;
+    }
+    /* recompute_ffn: every block's GELU output in one buffer, made again in backward */
+    float *shared_g = m->cfg.recompute_ffn ? qs_plan_f(p, max_nf) : NULL;
+    for (int s = 0; s < NS; s++) {
         stage *st = &m->st[s];
         const size_t N = map_n(m, s), C = (size_t)st->C, F = (size_t)m->cfg.ffn_mult * C;
         if (s > 0) {
@@ -148,12 +155,10 @@ static void carve(qs_quadranet *m, qs_plan *p) {
             b->mean2 = qs_plan_f(p, N);
             b->rstd2 = qs_plan_f(p, N);
             b->h = qs_plan_f(p, N * F);
-            b->g = qs_plan_f(p, N * F);
+            b->g = m->cfg.recompute_ffn ? shared_g : qs_plan_f(p, N * F);
             b->v = qs_plan_f(p, N * C);
             b->out = qs_plan_f(p, N * C);
         }
-        max_nc = N * C > max_nc ? N * C : max_nc;
-        max_nf = N * F > max_nf ? N * F : max_nf;
     }
     m->pooled = qs_plan_f(p, B * CL);
     m->head_ln = qs_plan_f(p, B * CL);
@@ -352,6 +357,7 @@ static void block_backward(qs_quadranet *m, int s, int j, const float *x, float 
     zero_f(m, m->dt1, nc);
     ops->layer_scale_backward(m->dt1, G(m, b->gamma2), dx, b->v, P(m, b->gamma2), p, seed, drop_stream(s, j, 1),
                               m->mode.sample0, m->B, HW, C);
+    if (m->cfg.recompute_ffn) ops->gelu_forward(b->g, b->h, nf);
     zero_f(m, m->dF1, nf);
     ops->matmul_backward(m->dF1, G(m, b->fc2_w), G(m, b->fc2_b), m->dt1, b->g, P(m, b->fc2_w), N, F, C, QS_W_IN_OUT);
     zero_f(m, m->dF2, nf);

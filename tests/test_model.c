@@ -151,7 +151,49 @@ static void test_dense_untied_nobias(void **state) {
     qs_model_config c = tiny_config();
     c.tie_embeddings = false;
     c.bias = false;
-    gradcheck(&c, "dense untied, no bias");
+    c.recompute_ffn = false; /* each FFN path is gradient-checked in both memory modes */
+    gradcheck(&c, "dense untied, no bias, kept activations");
+}
+
+/* recompute_ffn trades [N,F] floats per layer for one elementwise pass: the loss and
+ * every gradient must be the same bits either way, in less memory. */
+static void recompute_is_exact(qs_model_config c, const char *label) {
+    const int B = 2, T = 6, N = B * T;
+    int x[12], y[12];
+    for (int i = 0; i < N; i++) {
+        x[i] = (int)qs_rng_below(seed, 40, (uint64_t)i, (uint64_t)c.vocab_size);
+        y[i] = (int)qs_rng_below(seed, 41, (uint64_t)i, (uint64_t)c.vocab_size);
+    }
+    qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed};
+    qs_gpt *m[2];
+    double loss[2];
+    for (int r = 0; r < 2; r++) {
+        c.recompute_ffn = r;
+        assert_int_equal(qs_gpt_create(&m[r], &c, qs_backend_cpu(), B, T), 0);
+        qs_gpt_init(m[r], seed);
+        qs_params_zero_grad(qs_gpt_params(m[r]));
+        loss[r] = objective(m[r], x, y, B, T, &mode);
+        qs_gpt_backward(m[r], 1.0f);
+    }
+    const size_t np = qs_gpt_params(m[0])->n;
+    printf("# %s: activations %zu -> %zu bytes\n", label, qs_gpt_activation_bytes(m[0]),
+           qs_gpt_activation_bytes(m[1]));
+    assert_true(qs_gpt_activation_bytes(m[1]) < qs_gpt_activation_bytes(m[0]));
+    assert_true(loss[0] == loss[1]);
+    assert_memory_equal(qs_gpt_params(m[0])->grad, qs_gpt_params(m[1])->grad, np * sizeof(float));
+    qs_gpt_free(m[0]);
+    qs_gpt_free(m[1]);
+}
+
+static qs_model_config moe_config(void);
+
+static void test_recompute_ffn(void **state) {
+    (void)state;
+    recompute_is_exact(tiny_config(), "dense");
+    qs_model_config c = moe_config();
+    c.moe.gating = QS_GATING_NOISY_TOPK;
+    c.moe.capacity_factor = 1.0f;
+    recompute_is_exact(c, "moe");
 }
 
 /* Sample std of a tensor's initial values. */
@@ -236,7 +278,8 @@ static void test_moe_topk_dropless(void **state) {
     (void)state;
     qs_model_config c = moe_config();
     c.moe.top_k = 1;
-    gradcheck(&c, "moe top-1 dropless");
+    c.recompute_ffn = false;
+    gradcheck(&c, "moe top-1 dropless, kept activations");
 }
 
 /* Capacity drops in token order and the statistics account for every assignment. */
@@ -398,6 +441,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense_gelu_tied),
         cmocka_unit_test(test_dense_untied_nobias),
+        cmocka_unit_test(test_recompute_ffn),
         cmocka_unit_test(test_quadconv_mixer),
         cmocka_unit_test(test_init_schemes),
         cmocka_unit_test(test_moe_noisy_capacity),
