@@ -12,6 +12,7 @@
 #include "quasar/rng.h"
 
 #include <float.h>
+#include <glob.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -475,6 +476,23 @@ static void test_to_json_round_trip(void **state) {
     assert_round_trip(&c);
 }
 
+/* Every config shipped in configs/ (run from the project root, as make test does) loads
+ * and validates: a renamed key or a value out of range breaks here, not on a user. */
+static void test_shipped_configs(void **state) {
+    (void)state;
+    glob_t g;
+    assert_int_equal(glob("configs/*.json", 0, NULL, &g), 0);
+    assert_true(g.gl_pathc >= 8);
+    for (size_t i = 0; i < g.gl_pathc; i++) {
+        qs_config c;
+        qs_config_defaults(&c);
+        const int rc = qs_config_load_file(&c, g.gl_pathv[i]);
+        if (rc == 0 && qs_config_validate(&c) == 0) continue;
+        fail_msg("%s: %s", g.gl_pathv[i], qs_error_last());
+    }
+    globfree(&g);
+}
+
 int main(void) {
     seed = qs_test_seed("test_config");
     const struct CMUnitTest tests[] = {
@@ -488,6 +506,7 @@ int main(void) {
         cmocka_unit_test(test_set),
         cmocka_unit_test(test_validate),
         cmocka_unit_test(test_to_json_round_trip),
+        cmocka_unit_test(test_shipped_configs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
