@@ -3,7 +3,8 @@
 #include "quasar/backend.h"
 #include "quasar/error.h"
 
-const qs_backend *qs_backend_cuda(void) {
+const qs_backend *qs_backend_cuda(qs_precision precision) {
+    (void)precision;
     qs_error("this build has no CUDA (build with nvcc present, or make CUDA=1 CUDA_HOME=...)");
     return NULL;
 }

@@ -36,6 +36,7 @@ static const char *const lr_schedule_names[] = {"cosine", "constant", NULL};
 static const char *const tokenizer_names[] = {"char", "gpt2", NULL};
 static const char *const model_type_names[] = {"gpt", "quadranet", NULL};
 static const char *const mixer_names[] = {"attention", "quadconv", NULL};
+static const char *const precision_names[] = {"fp32", "bf16", NULL};
 static const int quadra_widths[QS_QUADRA_STAGES] = {32, 64, 128, 256};
 static const int quadra_depths[QS_QUADRA_STAGES] = {1, 1, 2, 1};
 
@@ -105,6 +106,7 @@ static const field fields[] = {
     FLOAT(train.beta2, CO(0, 1), 0.99),
     FLOAT(train.eps, GT(0), 1e-8),
     FLOAT(train.grad_clip, GE(0), 1.0),
+    ENUM(train.precision, precision_names, QS_PRECISION_FP32),
     U64(train.seed, IN(0, MAX_SEED), 1337),
     INT(train.eval_interval, GE(0), 250),
     INT(train.eval_iters, GE(1), 20),

@@ -105,14 +105,19 @@ static const char *TRAIN_HELP =
     "  --set k=v       override a key, e.g. --set train.lr=3e-4 (repeatable)\n"
     "  --out DIR       run folder (default runs/default)\n"
     "  --resume DIR    continue the run in DIR from its latest checkpoint\n"
-    "  --device D      cpu (default) or cuda (the fp32 CUDA backend, one rank)\n"
+    "  --device D      cpu (default) or cuda (one rank; train.precision picks fp32 or bf16\n"
+    "                  matrix products there; the CPU computes in fp32)\n"
     "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
 
 /* The backend --device names, or NULL with a one-line error. */
-static const qs_backend *device_backend(const char *device) {
-    if (!strcmp(device, "cpu")) return qs_backend_cpu();
+static const qs_backend *device_backend(const char *device, qs_precision precision) {
+    if (!strcmp(device, "cpu")) {
+        if (precision != QS_PRECISION_FP32)
+            fprintf(stderr, "quasar: train.precision bf16 applies to --device cuda; the CPU computes in fp32\n");
+        return qs_backend_cpu();
+    }
     if (!strcmp(device, "cuda")) {
-        const qs_backend *be = qs_backend_cuda();
+        const qs_backend *be = qs_backend_cuda(precision);
         if (!be) qs_error("--device cuda: %s", qs_error_last());
         return be;
     }
@@ -149,12 +154,12 @@ static int cmd_train(int argc, char **argv) {
     }
     if (!config && !resume) return qs_cli_usage_error("%s", "train needs --config FILE (or --resume DIR)");
     if (resume && out && strcmp(resume, out)) return qs_cli_usage_error("%s", "--resume DIR continues in DIR; drop --out");
-    const qs_backend *be = device_backend(device);
-    if (!be) return qs_cli_fail();
     char base[QS_PATH_MAX + 16];
     if (resume) snprintf(base, sizeof base, "%s/config.json", resume);
     qs_config cfg;
     if (build_config(&cfg, resume ? base : NULL, config, &sets)) return qs_cli_fail();
+    const qs_backend *be = device_backend(device, cfg.train.precision);
+    if (!be) return qs_cli_fail();
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/default",
                             .resume = resume != NULL, .until_step = until, .be = be};
     return train_on_world(&cfg, &opt) ? qs_cli_fail() : 0;

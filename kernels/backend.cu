@@ -98,9 +98,9 @@ static const qs_ops cuda_ops = {
     .embed_backward = qs_cuda_embed_backward,
     .layernorm_forward = qs_cuda_layernorm_forward,
     .layernorm_backward = qs_cuda_layernorm_backward,
-    .matmul_forward = qs_cuda_matmul_forward,
-    .matmul_backward = qs_cuda_matmul_backward,
-    .matmul_acc = qs_cuda_matmul_acc,
+    .matmul_forward = NULL, /* these three per precision, by qs_cuda_set_matmul_ops */
+    .matmul_backward = NULL,
+    .matmul_acc = NULL,
     .attention_block_forward = qs_cuda_attention_block_forward,
     .attention_merge = qs_cuda_attention_merge,
     .attention_delta = qs_cuda_attention_delta,
@@ -141,17 +141,9 @@ static const qs_ops cuda_ops = {
     .adamw_update = qs_cuda_adamw_update,
 };
 
-static const qs_backend cuda_backend = {
-    .name = "cuda",
-    .alloc = cuda_alloc,
-    .free = cuda_free,
-    .zero = cuda_zero,
-    .upload = qs_cuda_upload,
-    .download = qs_cuda_download,
-    .copy = cuda_copy,
-    .ops = &cuda_ops,
-    .max_head_size = 256, /* attention_block.cu's widest tile */
-};
+static qs_ops ops_by_precision[2];          /* [qs_precision] */
+static qs_backend backend_by_precision[2];
+static const char *const backend_names[2] = {"cuda", "cuda-bf16"};
 
 /* The device context and the cuBLAS handle; -1 with qs_error set when there is no
  * usable device. */
@@ -169,10 +161,25 @@ static int init(void) {
     /* plain fp32 FMA: no TF32 tensor-core rounding, so GEMMs match the CPU to fp32 rounding */
     st = cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH);
     if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasSetMathMode failed: %s", cublasGetStatusString(st));
+    for (int p = 0; p < 2; p++) {
+        ops_by_precision[p] = cuda_ops;
+        qs_cuda_set_matmul_ops(&ops_by_precision[p], (qs_precision)p);
+        backend_by_precision[p] = qs_backend{
+            .name = backend_names[p],
+            .alloc = cuda_alloc,
+            .free = cuda_free,
+            .zero = cuda_zero,
+            .upload = qs_cuda_upload,
+            .download = qs_cuda_download,
+            .copy = cuda_copy,
+            .ops = &ops_by_precision[p],
+            .max_head_size = 256, /* attention_block.cu's widest tile */
+        };
+    }
     return 0;
 }
 
-extern "C" const qs_backend *qs_backend_cuda(void) {
+extern "C" const qs_backend *qs_backend_cuda(qs_precision precision) {
     static int state; /* 0 not tried, 1 ready, -1 failed (why) */
     static char why[512];
     if (state == 0) {
@@ -183,5 +190,5 @@ extern "C" const qs_backend *qs_backend_cuda(void) {
         qs_error("%s", why);
         return NULL;
     }
-    return &cuda_backend;
+    return &backend_by_precision[precision == QS_PRECISION_BF16];
 }

@@ -84,13 +84,6 @@ void *qs_cuda_host_scratch(size_t bytes);
 void qs_cuda_upload(void *dst, const void *host_src, size_t bytes);
 void qs_cuda_download(void *host_dst, const void *src, size_t bytes);
 
-/* ---- GEMM (matmul.cu) ----
- * Row-major C[M,N] = alpha op(A) op(B) + beta C for `batch` matrices strideA/B/C floats
- * apart, op(A) [M,K] (A stored [K,M] when ta), op(B) [K,N] (B stored [N,K] when tb);
- * lda/ldb/ldc are row strides, so heads cut out of a wider row are operands as they lie. */
-void qs_cuda_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, long long strideA,
-                  const float *B, int ldb, long long strideB, float beta, float *C, int ldc, long long strideC,
-                  int batch);
 cublasHandle_t qs_cuda_blas(void);
 
 /* ---- the ops ---- */
@@ -107,13 +100,9 @@ void qs_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float
 void qs_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                 const float *w, const float *mean, const float *rstd, int N, int C);
 
-/* matmul.cu */
-void qs_cuda_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int n_in,
-                            int n_out, qs_weight_layout layout);
-void qs_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
-                             const float *w, int N, int n_in, int n_out, qs_weight_layout layout);
-void qs_cuda_matmul_acc(float *out, const float *inp, const float *w, float alpha, int N, int n_in, int n_out,
-                        qs_weight_layout layout);
+/* matmul.cu: sets ops' matmul_forward, matmul_backward and matmul_acc to the versions
+ * whose products run in precision p. */
+void qs_cuda_set_matmul_ops(qs_ops *ops, qs_precision p);
 
 /* kv_cache.cu */
 void qs_cuda_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int max_T);

@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 
+#include "quasar/config.h"
 #include "quasar/ops.h"
 
 typedef struct qs_backend {
@@ -23,8 +24,10 @@ typedef struct qs_backend {
 
 /* The fp32 CPU reference backend (always present). */
 const qs_backend *qs_backend_cpu(void);
-/* The fp32 CUDA backend (kernels/) on the current device; NULL with a one-line qs_error
- * when this build has no CUDA or no device is visible. */
-const qs_backend *qs_backend_cuda(void);
+/* The CUDA backend (kernels/) on the current device, its matrix products in `precision`
+ * (QS_PRECISION_BF16: cuBLAS may round both operands to bf16 for the tensor cores and
+ * accumulates in fp32; everything else is the same fp32 code); NULL with a one-line
+ * qs_error when this build has no CUDA or no device is visible. */
+const qs_backend *qs_backend_cuda(qs_precision precision);
 
 #endif

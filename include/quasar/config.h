@@ -15,6 +15,9 @@ typedef enum { QS_GATING_TOPK, QS_GATING_NOISY_TOPK } qs_gating;
 typedef enum { QS_LR_COSINE, QS_LR_CONSTANT } qs_lr_schedule;
 typedef enum { QS_MODEL_GPT, QS_MODEL_QUADRANET } qs_model_type;
 typedef enum { QS_MIXER_ATTENTION, QS_MIXER_QUADCONV } qs_mixer;
+/* Matrix products' arithmetic on the CUDA backend; storage, accumulation, master
+ * weights and optimizer state stay fp32 either way. */
+typedef enum { QS_PRECISION_FP32, QS_PRECISION_BF16 } qs_precision;
 
 #define QS_QUADRA_STAGES 4
 
@@ -68,6 +71,7 @@ typedef struct qs_train_config {
     bool decay_all;        /* false: decay only matrices (not biases, norms, embeddings) */
     float beta1, beta2, eps;
     float grad_clip;       /* global-norm clip; 0 = off */
+    qs_precision precision; /* "fp32" | "bf16" (CUDA: GEMM operands rounded to bf16) */
     uint64_t seed;
     int eval_interval;     /* 0 = only at the end */
     int eval_iters;

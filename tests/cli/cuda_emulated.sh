@@ -3,7 +3,8 @@
 # run as coroutines in a random order): tests/gpu/parity.c's whole harness (every op
 # against the CPU on awkward sizes, three GPTs and a QuadraNet, a short AdamW run), then
 # `quasar train --device cuda` against the same run on the CPU (per-step losses and the
-# validation loss to 1e-4), whose checkpoint the CPU build then evaluates alike. Checks
+# validation loss to 1e-4), whose checkpoint the CPU build then evaluates alike, and the
+# same run with train.precision bf16 (bf16 products; losses to 2e-2). Checks
 # the kernels' logic and the host plumbing; the device itself waits for `make test-gpu`.
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/tests/cli_lib.sh"
@@ -32,20 +33,21 @@ if "$emu/quasar" train "${args[@]}" --device cuda --out cuda >cuda.log 2>&1 && !
 else
   not_ok "quasar train --device cuda runs (emulated)" "$(grep -v WARNING cuda.log | tail -5)"
 fi
-# close: every logged loss within 1e-4 relative, the same lines in the same order
+# close A B TOL: every logged loss within TOL relative, the same lines in the same order
 close() {
-  python3 - "$1" "$2" <<'PY'
+  python3 - "$1" "$2" "$3" <<'PY'
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
 b = [json.loads(l) for l in open(sys.argv[2])]
+tol = float(sys.argv[3])
 assert len(a) == len(b) and a, (len(a), len(b))
 for x, y in zip(a, b):
     for k in ("train_loss", "val_loss", "grad_norm"):
         if k in x:
-            assert abs(x[k] - y[k]) <= 1e-4 * abs(x[k]), (k, x, y)
+            assert abs(x[k] - y[k]) <= tol * abs(x[k]), (k, x, y)
 PY
 }
-if out=$(close cpu/metrics.jsonl cuda/metrics.jsonl 2>&1); then
+if out=$(close cpu/metrics.jsonl cuda/metrics.jsonl 1e-4 2>&1); then
   ok "--device cuda: losses and gradient norms match the CPU run's"
 else
   not_ok "--device cuda: losses and gradient norms match the CPU run's" "$out"
@@ -56,4 +58,21 @@ if [ -s eval_cpu.txt ] && cmp -s eval_cpu.txt eval_cuda.txt; then
   ok "the CUDA run's checkpoint evaluates on the CPU as the CPU run's does"
 else
   not_ok "the CUDA run's checkpoint evaluates on the CPU as the CPU run's does" "$(cat eval_cpu.txt eval_cuda.txt)"
+fi
+
+# bf16 products: the same run within bf16's 2e-2, on a backend that says what it computes in
+bf=(--set train.precision=bf16)
+if "$emu/quasar" train "${args[@]}" "${bf[@]}" --device cuda --out bf16 >bf16.log 2>&1 && ! sanitizer_report bf16.log &&
+  out=$(close cpu/metrics.jsonl bf16/metrics.jsonl 2e-2 2>&1); then
+  ok "--device cuda with train.precision bf16: losses within 2e-2 of the fp32 CPU run's"
+else
+  not_ok "--device cuda with train.precision bf16: losses within 2e-2 of the fp32 CPU run's" \
+    "$(grep -v WARNING bf16.log | tail -3) ${out:-}"
+fi
+"$QUASAR" train "${args[@]}" "${bf[@]}" --out cpu_bf16 >cpu_bf16.log 2>&1
+if grep -q "train.precision bf16 applies to --device cuda; the CPU computes in fp32" cpu_bf16.log &&
+  close cpu/metrics.jsonl cpu_bf16/metrics.jsonl 0 >/dev/null 2>&1; then
+  ok "train.precision bf16 on the CPU says it computes in fp32, and does"
+else
+  not_ok "train.precision bf16 on the CPU says it computes in fp32, and does" "$(tail -3 cpu_bf16.log)"
 fi

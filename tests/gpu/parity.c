@@ -21,6 +21,15 @@
  *              through the updates; a first estimate, to be confirmed on a GPU).
  * Integer outputs (top-k choices, slots, counts) must be equal.
  *
+ * Then the model checks run again on the backend with bf16 matrix products
+ * (train.precision bf16) against the same fp32 CPU reference, every loss and gradient
+ * within BF16 2e-2 (issue 4's bound; for the gradients ||cuda - cpu|| / ||cpu|| over all
+ * of them, and 1e-1 for each tensor alone: see compare_grads) and the training run's
+ * losses too. bf16 moves
+ * router logits by ~1e-3, enough to flip a near-tied top-k choice; where the MoE
+ * model's routing differs from the CPU's, its loss is still compared but its gradients
+ * (which then differ by design) are not, and the line says so.
+ *
  * Output is TAP: one "ok - ..." or "not ok - ..." line per check (with a "# ..." line
  * saying why), then the plan and a count. Exits non-zero if any check failed or no CUDA
  * device is visible. */
@@ -42,11 +51,14 @@
 #define ELEM 1e-5
 #define RED 1e-4
 #define TRAIN 1e-3
+#define BF16 2e-2
+#define BF16_TENSOR 1e-1
 
 static const qs_backend *be[2]; /* 0: the CPU reference, 1: CUDA */
 static int side;                /* the backend BOTH is calling */
 static uint64_t seed, draws;    /* draws: the random stream of the next array */
 static int passed, failed;
+static double model_tol = RED, train_tol = TRAIN; /* the whole-model checks' bounds */
 
 /* ---- checks: one TAP line each ---- */
 
@@ -678,13 +690,48 @@ static void test_ops(void) {
 /* ---- whole models ---- */
 
 /* Every gradient tensor of two parameter tables of one layout. */
+/* Sums of squares of g - c and of c over n floats, added to dd and cc. */
+static void l2_terms(const float *c, const float *g, size_t n, double *dd, double *cc) {
+    for (size_t i = 0; i < n; i++) {
+        *dd += ((double)g[i] - c[i]) * ((double)g[i] - c[i]);
+        *cc += (double)c[i] * c[i];
+    }
+}
+
+/* fp32: every gradient element at the RED bound. bf16 rounds each product's operands by
+ * up to 2^-9, and an element that nearly cancels, or sits behind a ReLU or a LayerNorm
+ * of a near-constant row, moves by more than that against its tensor's scale; so bf16
+ * bounds the whole gradient, ||cuda - cpu|| / ||cpu|| <= BF16, and each tensor's alone
+ * by BF16_TENSOR, loose enough for the tiny test shapes (sums over 5-15 terms average
+ * little rounding away) and tight enough to catch a tensor whose product is wrong. */
 static void compare_grads(const qs_params *c, const qs_params *g) {
     float *hc = xmalloc(c->n * sizeof(float)), *hg = xmalloc(c->n * sizeof(float));
     c->be->download(hc, c->grad, c->n * sizeof(float));
     g->be->download(hg, g->grad, g->n * sizeof(float));
+    double dd = 0.0, cc = 0.0, worst = 0.0;
+    const char *worst_at = "";
     for (int t = 0; t < c->n_tensors; t++) {
         const qs_param_info *p = &c->info[t];
-        compare(p->name, hc + p->offset, hg + p->offset, p->numel, RED);
+        if (model_tol == RED) {
+            compare(p->name, hc + p->offset, hg + p->offset, p->numel, model_tol);
+            continue;
+        }
+        double tdd = 0.0, tcc = 0.0;
+        l2_terms(hc + p->offset, hg + p->offset, p->numel, &tdd, &tcc);
+        dd += tdd;
+        cc += tcc;
+        const double e = sqrt(tdd / (tcc > 0.0 ? tcc : 1.0));
+        if (!(e <= worst)) { /* NaN counts as worst */
+            worst = e;
+            worst_at = p->name;
+        }
+    }
+    if (model_tol != RED) {
+        const double whole = sqrt(dd / (cc > 0.0 ? cc : 1.0));
+        printf("# %s: gradient error ||cuda - cpu|| / ||cpu|| %.3g, largest in one tensor %.3g (%s)\n", case_name,
+               whole, worst, worst_at);
+        if (!(whole <= model_tol)) fail("gradient error %.3g > %.0e", whole, model_tol);
+        if (!(worst <= BF16_TENSOR)) fail("%s: gradient error %.3g > %.0e", worst_at, worst, BF16_TENSOR);
     }
     free(hc);
     free(hg);
@@ -707,7 +754,7 @@ static qs_model_config gpt_config(void) {
 
 /* Loss, MoE statistics and routing, every gradient; then a prefill and one decode step. */
 static void test_gpt(const char *label, const qs_model_config *cfg) {
-    case_begin("gpt %s: loss and gradients, run-to-run bits, prefill and decode", label);
+    case_begin("gpt %s (%s): loss and gradients, run-to-run bits, prefill and decode", label, be[1]->name);
     enum { B = 3, T = 11, N = B * T };
     qs_gpt *m[2] = {NULL, NULL};
     for (int s = 0; s < 2; s++)
@@ -726,19 +773,25 @@ static void test_gpt(const char *label, const qs_model_config *cfg) {
         qs_params_zero_grad(qs_gpt_params(m[s]));
         loss[s] = qs_gpt_forward(m[s], x, y, B, T, &mode);
     }
-    compare_scalar("loss", loss[0], loss[1], RED);
+    compare_scalar("loss", loss[0], loss[1], model_tol);
+    bool same_routing = true;
     if (cfg->moe.n_experts > 0) {
-        const qs_moe_stats *a = qs_gpt_moe_stats(m[0]), *b = qs_gpt_moe_stats(m[1]);
-        compare_scalar("balance", a->balance, b->balance, RED);
-        compare_scalar("z", a->z, b->z, RED);
-        if (a->kept != b->kept || a->dropped != b->dropped)
-            fail("kept/dropped: cpu %lld/%lld, cuda %lld/%lld", (long long)a->kept, (long long)a->dropped,
-                 (long long)b->kept, (long long)b->dropped);
-        check_host_ints("routing", qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(m[1]),
-                        (size_t)cfg->n_layer * N * cfg->moe.top_k);
+        const size_t nr = (size_t)cfg->n_layer * N * cfg->moe.top_k;
+        same_routing = !memcmp(qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(m[1]), nr * sizeof(int));
+        if (same_routing || model_tol == RED) {
+            const qs_moe_stats *a = qs_gpt_moe_stats(m[0]), *b = qs_gpt_moe_stats(m[1]);
+            compare_scalar("balance", a->balance, b->balance, model_tol);
+            compare_scalar("z", a->z, b->z, model_tol);
+            if (a->kept != b->kept || a->dropped != b->dropped)
+                fail("kept/dropped: cpu %lld/%lld, cuda %lld/%lld", (long long)a->kept, (long long)a->dropped,
+                     (long long)b->kept, (long long)b->dropped);
+            check_host_ints("routing", qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(m[1]), nr);
+        } else {
+            printf("# %s: bf16 products flipped a near-tied routing choice; gradients not compared\n", label);
+        }
     }
     for (int s = 0; s < 2; s++) qs_gpt_backward(m[s], 1.0f);
-    compare_grads(qs_gpt_params(m[0]), qs_gpt_params(m[1]));
+    if (same_routing) compare_grads(qs_gpt_params(m[0]), qs_gpt_params(m[1]));
 
     /* run to run, the CUDA model gives the same bits: no atomics, fixed summation orders */
     qs_params *pg = qs_gpt_params(m[1]);
@@ -762,7 +815,7 @@ static void test_gpt(const char *label, const qs_model_config *cfg) {
             fail("%s inference: %s", be[s]->name, qs_error_last());
     for (int b = 0; b < B && !bad; b++) {
         for (int s = 0; s < 2; s++) qs_gpt_logits_row(m[s], b, row[s]);
-        compare("decode logits", row[0], row[1], (size_t)V, RED);
+        compare("decode logits", row[0], row[1], (size_t)V, model_tol);
     }
     free(row[0]);
     free(row[1]);
@@ -796,7 +849,7 @@ static void test_quadranet(void) {
     const qs_model_config cfg = quadranet_config();
     const qs_quadra_config *q = &cfg.quadra;
     const int B = 8;
-    case_begin("quadranet: loss, accuracy count and gradients (stochastic depth on)");
+    case_begin("quadranet (%s): loss, accuracy count and gradients (stochastic depth on)", be[1]->name);
     qs_quadranet *m[2] = {NULL, NULL};
     for (int s = 0; s < 2; s++)
         if (qs_quadranet_create(&m[s], &cfg, be[s], B) || qs_quadranet_init(m[s], seed)) {
@@ -829,8 +882,8 @@ static void test_quadranet(void) {
         qs_quadranet_backward(m[s], 1.0f);
     }
     free(img);
-    compare_scalar("loss", loss[0], loss[1], RED);
-    check_host_ints("correct", &correct[0], &correct[1], 1);
+    compare_scalar("loss", loss[0], loss[1], model_tol);
+    if (model_tol == RED) check_host_ints("correct", &correct[0], &correct[1], 1); /* bf16 may flip a near tie */
     compare_grads(qs_quadranet_params(m[0]), qs_quadranet_params(m[1]));
 done:
     for (int s = 0; s < 2; s++) qs_quadranet_free(m[s]);
@@ -853,8 +906,8 @@ static void training_batch(int step, int B, int T, int V, int *x, int *y) {
 }
 
 static void test_training(int steps) {
-    case_begin("training: %d AdamW steps of a tiny GPT, CUDA loss within %.0e of the CPU's at every step", steps,
-               TRAIN);
+    case_begin("training (%s): %d AdamW steps of a tiny GPT, CUDA loss within %.0e of the CPU's at every step",
+               be[1]->name, steps, train_tol);
     qs_config conf;
     qs_config_defaults(&conf);
     qs_model_config cfg = gpt_config();
@@ -897,9 +950,9 @@ static void test_training(int steps) {
         if (step == 0) first = loss[0];
         last = loss[0];
     }
-    printf("# training: loss %.4f -> %.4f (cpu), largest relative difference %.3g at step %d\n", first, last, worst,
-           worst_at);
-    if (!(worst <= TRAIN)) fail("step %d: relative loss difference %.3g > %.0e", worst_at, worst, TRAIN);
+    printf("# training (%s): loss %.4f -> %.4f (cpu), largest relative difference %.3g at step %d\n", be[1]->name,
+           first, last, worst, worst_at);
+    if (!(worst <= train_tol)) fail("step %d: relative loss difference %.3g > %.0e", worst_at, worst, train_tol);
     if (steps >= 100 && !(last < 0.8 * first)) fail("the loss did not fall: %.4f -> %.4f", first, last);
 done:
     for (int s = 0; s < 2; s++) {
@@ -923,9 +976,13 @@ static void test_models(void) {
     qs_model_config qc = gpt_config();
     qc.mixer = QS_MIXER_QUADCONV;
     qc.quadra.kernel_size = 4;
-    qc.activation = QS_ACT_RELU;
+    /* ReLU's derivative jumps at 0: bf16's rounding moves a few of these tiny models'
+     * units across it and their whole gradient with them, a difference of precision, not
+     * of code (measured 3-4% against GELU's 0.4%). ReLU's CUDA path is checked at fp32. */
+    const bool relu = model_tol == RED;
+    qc.activation = relu ? QS_ACT_RELU : QS_ACT_GELU;
     qc.tie_embeddings = false;
-    test_gpt("quadconv mixer k=4, relu, untied, dropout", &qc);
+    test_gpt(relu ? "quadconv mixer k=4, relu, untied, dropout" : "quadconv mixer k=4, gelu, untied, dropout", &qc);
     test_quadranet();
     const char *env = getenv("QS_PARITY_STEPS");
     test_training(env && *env ? atoi(env) : 200);
@@ -934,12 +991,15 @@ static void test_models(void) {
 int main(void) {
     seed = qs_test_seed("parity");
     be[0] = qs_backend_cpu();
-    be[1] = qs_backend_cuda();
+    be[1] = qs_backend_cuda(QS_PRECISION_FP32);
     if (!be[1]) {
         printf("Bail out! no CUDA backend: %s\n", qs_error_last());
         return 1;
     }
     test_ops();
+    test_models();
+    be[1] = qs_backend_cuda(QS_PRECISION_BF16);
+    model_tol = train_tol = BF16;
     test_models();
     printf("1..%d\n# %d passed, %d failed\n", passed + failed, passed, failed);
     return failed ? 1 : 0;

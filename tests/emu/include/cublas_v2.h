@@ -24,21 +24,52 @@ static inline cublasStatus_t cublasCreate(cublasHandle_t *h) {
 }
 static inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) { return CUBLAS_STATUS_SUCCESS; }
 
-/* C_i = alpha op(A_i) op(B_i) + beta C_i, column-major, i < batch. cuBLAS's own argument
- * checks: a leading dimension below the rows it holds is an error, not a guess. */
-static inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
-                                                       int m, int n, int k, const float *alpha, const float *A,
-                                                       int lda, long long sA, const float *B, int ldb, long long sB,
-                                                       const float *beta, float *C, int ldc, long long sC,
-                                                       int batch) {
+typedef enum { CUDA_R_32F = 0, CUDA_R_16BF = 14 } cudaDataType_t;
+typedef enum { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_16BF = 75 } cublasComputeType_t;
+typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
+
+/* x rounded to the nearest bf16 (ties to even), as a float; NaN and infinities kept. */
+static inline float emu_round_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* A copy of the `rows` x `cols` column-major operand at p (leading dimension ld), each
+ * element rounded to bf16: what CUBLAS_COMPUTE_32F_FAST_16BF allows cuBLAS to multiply. */
+static inline float *emu_bf16_operand(const float *p, int rows, int cols, int ld) {
+    const size_t n = cols > 0 ? (size_t)(cols - 1) * ld + rows : 0;
+    float *q = (float *)malloc(n ? n * sizeof(float) : 1);
+    for (size_t i = 0; i < n; i++) q[i] = emu_round_bf16(p[i]);
+    return q;
+}
+
+/* C = alpha op(A) op(B) + beta C, column-major, all three fp32. COMPUTE_32F is plain
+ * fp32; COMPUTE_32F_FAST_16BF rounds both operands to bf16 first (the most a real
+ * cuBLAS may round them) and accumulates in fp32. cuBLAS's own argument checks: a
+ * leading dimension below the rows it holds is an error, not a guess. */
+static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                                          int k, const void *alpha, const void *A, cudaDataType_t at, int lda,
+                                          const void *B, cudaDataType_t bt, int ldb, const void *beta, void *C,
+                                          cudaDataType_t ct, int ldc, cublasComputeType_t compute, cublasGemmAlgo_t) {
     const int a_rows = ta == CUBLAS_OP_N ? m : k, b_rows = tb == CUBLAS_OP_N ? k : n;
-    if (!h || m < 0 || n < 0 || k < 0 || batch < 0 || lda < (a_rows > 1 ? a_rows : 1) ||
-        ldb < (b_rows > 1 ? b_rows : 1) || ldc < (m > 1 ? m : 1))
+    if (!h || m < 0 || n < 0 || k < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
+        ldc < (m > 1 ? m : 1) || at != CUDA_R_32F || bt != CUDA_R_32F || ct != CUDA_R_32F ||
+        (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_16BF))
         return CUBLAS_STATUS_INVALID_VALUE;
-    for (int i = 0; i < batch; i++)
-        cblas_sgemm(CblasColMajor, ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
-                    tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, *alpha, A + i * sA, lda, B + i * sB, ldb,
-                    *beta, C + i * sC, ldc);
+    const float *a = (const float *)A, *b = (const float *)B;
+    float *ra = NULL, *rb = NULL;
+    if (compute == CUBLAS_COMPUTE_32F_FAST_16BF) {
+        a = ra = emu_bf16_operand(a, a_rows, ta == CUBLAS_OP_N ? k : m, lda);
+        b = rb = emu_bf16_operand(b, b_rows, tb == CUBLAS_OP_N ? n : k, ldb);
+    }
+    cblas_sgemm(CblasColMajor, ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
+                tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, *(const float *)alpha, a, lda, b, ldb,
+                *(const float *)beta, (float *)C, ldc);
+    free(ra);
+    free(rb);
     return CUBLAS_STATUS_SUCCESS;
 }
 
