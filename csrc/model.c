@@ -57,7 +57,7 @@ struct qs_gpt {
     int *tok, *pos, *tgt; /* per row: token, position, target */
     int *slots;           /* decoding: each row's KV-cache slot */
     /* backward scratch */
-    float *dres, *dln, *dbranch, *datty, *dqkv; /* the logits' gradient replaces them */
+    float *dres, *dln, *dbranch, *datty, *dqkv; /* no dlogits: xent_backward overwrites logits */
     float *delta; /* attention's row term [B,NH,T] */
     float *dF1, *dF2;        /* [max(N, N*K), F] */
     float *dxe, *dye, *dgate; /* MoE packed */

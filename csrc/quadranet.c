@@ -43,7 +43,7 @@ struct qs_quadranet {
     float *pooled, *head_ln, *head_mean, *head_rstd, *logits, *losses;
     int *labels;
     /* backward scratch */
-    float *dA, *dB, *dt1, *dt2, *dF1, *dF2, *dpatch, *dhead, *dpool; /* dlogits replace logits */
+    float *dA, *dB, *dt1, *dt2, *dF1, *dF2, *dpatch, *dhead, *dpool; /* no dlogits: xent_backward overwrites logits */
 
     int B;
     bool has_labels;
