@@ -839,8 +839,12 @@ static qs_model_config quadranet_config(void) {
     q->image_size = 24;
     q->stem_patch = 3; /* maps of 8, 4, 2, 1 */
     q->num_classes = 5;
-    const int w[4] = {7, 5, 9, 6}, d[4] = {2, 0, 1, 1};
-    memcpy(q->widths, w, sizeof w);
+    /* bf16: LayerNorms over 5-9 channels turn the products' rounding into gradient errors
+     * up to 3.3% (25% in one tensor; 1 seed in 8 failed the 2e-2 bound); over 13-19
+     * channels they stayed at 0.6-0.8% (2.1% in one tensor) over 6 seeds, the failing
+     * one among them, so the bf16 pass checks the wider net */
+    const int w_fp32[4] = {7, 5, 9, 6}, w_bf16[4] = {17, 13, 19, 15}, d[4] = {2, 0, 1, 1};
+    memcpy(q->widths, bf16 ? w_bf16 : w_fp32, sizeof w_fp32);
     memcpy(q->depths, d, sizeof d);
     q->kernel_size = 3;
     q->layer_scale_init = 0.5f;
