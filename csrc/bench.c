@@ -457,7 +457,7 @@ static int bench_train(const bench_args *a) {
     qs_task task;
     qs_adamw opt = {0};
     double *step_ms = malloc((size_t)a->steps * sizeof *step_ms), loss0 = NAN, loss1 = NAN;
-    if (qs_task_open(&task, &cfg, NULL, &(qs_task_place){.micro_B = B, .be = qs_backend_cpu()})) {
+    if (qs_task_open(&task, &cfg, NULL, &(qs_task_place){.micro_B = B, .be = qs_backend_cpu(), .optim_shards = 1})) {
         free(step_ms);
         return qs_cli_fail();
     }

@@ -47,6 +47,9 @@ struct qs_lora {
     int L, E, C;
     lora_module *mods; /* [L][QS_LORA_N_SITES] */
     qs_params ps;
+    size_t n_rows, rows, max_in; /* token rows a forward; rows a module may see (MoE: x top_k); widest input */
+    size_t act_floats;
+    qs_mem_plan plan;  /* the adapters' memory (no optimizer) */
     float *act;        /* every module's u, then the scratch below */
     float *ds, *xd, *dxd; /* [rows, r]; dropped input and its gradient [rows, max in] */
     char base_sha256[65]; /* the base's weights when the table was made (see base_fingerprint) */
@@ -108,15 +111,17 @@ static void base_fingerprint(const qs_params *ps, char hex[65]) {
     qs_sha256_hex(&s, hex);
 }
 
-int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
+/* The adapters' table and activation count for a model of mc on be with N token rows
+ * a forward, and lo->plan; no backend memory yet. */
+static int layout(qs_lora **out, const qs_lora_config *lc, const qs_model_config *mc, const qs_backend *be,
+                  size_t N) {
     *out = NULL;
-    const qs_model_config *mc = qs_gpt_config(m);
     unsigned t;
     if (qs_config_lora_targets(lc, &t) || check_targets(lc, mc, t)) return -1;
     qs_lora *lo = calloc(1, sizeof *lo);
     if (!lo) return qs_error("out of memory");
     lo->cfg = *lc;
-    lo->be = qs_gpt_backend(m); /* the adapters read and write the model's activations */
+    lo->be = be;
     lo->scale = lc->rslora ? lc->alpha / sqrtf((float)lc->r) : lc->alpha / (float)lc->r;
     lo->L = mc->n_layer, lo->E = mc->moe.n_experts, lo->C = mc->n_embd;
     const int C = mc->n_embd, F = mc->ffn_mult * mc->n_embd, E = lo->E;
@@ -135,17 +140,49 @@ int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
             if (!rc) rc = add_module(lo, l, QS_LORA_SITE_FC_PROJ, F, C, E, 0);
         }
     }
-    if (rc) goto oom;
+    if (rc || lo->ps.broken) goto oom;
     /* Activations: u per module for every row it can see (MoE: N * top_k packed rows). */
-    const size_t N = (size_t)qs_gpt_max_tokens(m), rows = E > 0 ? N * (size_t)mc->moe.top_k : N;
-    const size_t r = (size_t)lc->r, max_in = (t & (QS_LORA_FC_PROJ | QS_LORA_EXPERTS)) ? (size_t)F : (size_t)C;
-    size_t total = rows * r + (lc->dropout > 0.0f ? 2 * rows * max_in : 0);
+    lo->rows = E > 0 ? N * (size_t)mc->moe.top_k : N;
+    lo->max_in = (t & (QS_LORA_FC_PROJ | QS_LORA_EXPERTS)) ? (size_t)F : (size_t)C;
+    const size_t r = (size_t)lc->r;
+    lo->act_floats = lo->rows * r + (lc->dropout > 0.0f ? 2 * lo->rows * lo->max_in : 0);
     for (int i = 0; i < lo->L * QS_LORA_N_SITES; i++)
-        if (lo->mods[i].a >= 0) total += (lo->mods[i].stack ? rows : N) * r;
-    if (qs_params_alloc(&lo->ps, lo->be, true) || !(lo->act = lo->be->alloc(total * sizeof(float)))) {
+        if (lo->mods[i].a >= 0) lo->act_floats += (lo->mods[i].stack ? lo->rows : N) * r;
+    lo->n_rows = N;
+    lo->plan = (qs_mem_plan){.params = lo->ps.n * sizeof(float),
+                             .grads = lo->ps.n * sizeof(float),
+                             .activations = lo->act_floats * sizeof(float)};
+    *out = lo;
+    return 0;
+oom:
+    qs_lora_free(lo);
+    return qs_error("out of memory building LoRA adapters");
+}
+
+int qs_lora_plan(const qs_lora_config *lc, const qs_model_config *mc, const qs_backend *be, int max_tokens,
+                 qs_mem_plan *plan) {
+    qs_lora *lo;
+    if (layout(&lo, lc, mc, be, (size_t)max_tokens)) return -1;
+    *plan = lo->plan;
+    qs_lora_free(lo);
+    return 0;
+}
+
+int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
+    qs_lora *lo;
+    /* the adapters read and write the model's activations, on its backend */
+    if (layout(&lo, lc, qs_gpt_config(m), qs_gpt_backend(m), (size_t)qs_gpt_max_tokens(m))) return -1;
+    if (qs_mem_plan_check(&lo->plan, lo->be)) {
         qs_lora_free(lo);
-        return qs_error("cannot allocate LoRA adapters: %.1f MiB of activations", total * sizeof(float) / 1048576.0);
+        return -1;
     }
+    if (qs_params_alloc(&lo->ps, lo->be, true) || !(lo->act = lo->be->alloc(lo->act_floats * sizeof(float)))) {
+        char why[256];
+        snprintf(why, sizeof why, "%s", qs_error_last());
+        qs_lora_free(lo);
+        return qs_error("cannot allocate LoRA adapters (%s)", why);
+    }
+    const size_t N = lo->n_rows, rows = lo->rows, r = (size_t)lc->r;
     float *p = lo->act;
     for (int i = 0; i < lo->L * QS_LORA_N_SITES; i++)
         if (lo->mods[i].a >= 0) {
@@ -156,14 +193,11 @@ int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
     p += rows * r;
     if (lc->dropout > 0.0f) {
         lo->xd = p;
-        lo->dxd = p + rows * max_in;
+        lo->dxd = p + rows * lo->max_in;
     }
     base_fingerprint(qs_gpt_params(m), lo->base_sha256);
     *out = lo;
     return 0;
-oom:
-    qs_lora_free(lo);
-    return qs_error("out of memory building LoRA adapters");
 }
 
 void qs_lora_free(qs_lora *lo) {

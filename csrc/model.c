@@ -10,6 +10,7 @@
 
 #include "quasar/error.h"
 #include "quasar/lora.h"
+#include "quasar/memplan.h"
 #include "quasar/ring_attention.h"
 #include "quasar/rng.h"
 #include "plan.h"
@@ -49,8 +50,10 @@ struct qs_gpt {
 
     /* activations */
     float *act_mem;
-    size_t act_floats;
+    size_t act_floats, act_ints;
     int *int_mem;
+    qs_op_sizes sizes; /* what the ops see, for the backend's scratch */
+    qs_mem_plan plan;  /* this model's memory (no optimizer) */
     float **res; /* [L+1] residual stream [N,C] */
     layer_acts *la;
     float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses;
@@ -247,7 +250,14 @@ static void carve(qs_gpt *m, qs_plan *p) {
     }
 }
 
-static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
+/* MoE: the global row ids of each layer's packed (token, choice) rows, for dropout. */
+static size_t packed_id_count(const qs_gpt *m) {
+    return m->E > 0 ? (size_t)m->L * m->max_B * m->max_T * m->K : 0;
+}
+
+/* The model's host side: its sizes, host arrays, parameter table and activation count,
+ * and m->plan; no backend memory yet. */
+static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
                   bool trainable) {
     *out = NULL;
     if (cfg->vocab_size < 1) return qs_error("model.vocab_size must be set (got %d)", cfg->vocab_size);
@@ -279,11 +289,8 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->host_slot = malloc(N * m->K * sizeof(int));
     m->host_pos = malloc(N * sizeof(int));
     m->seq_pos = malloc((size_t)max_T * sizeof(int));
-    m->row_ids = be->alloc(N * sizeof(int64_t));
-    m->packed_ids = m->E > 0 ? be->alloc((size_t)m->L * N * m->K * sizeof(int64_t)) : NULL;
     if (!m->lp || !m->la || !m->res || !m->host_losses || !m->host_ids || !m->host_slot || !m->host_pos ||
-        !m->seq_pos || !m->row_ids ||
-        (m->E > 0 && !m->packed_ids))
+        !m->seq_pos)
         goto oom;
     for (int t = 0; t < max_T; t++) m->seq_pos[t] = t;
     if (m->E > 0) {
@@ -299,26 +306,60 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
         }
     }
     build_param_table(m);
-
+    if (m->ps.broken) goto oom;
     qs_plan p = {0};
     carve(m, &p);
     m->act_floats = p.nf;
-    int prc = qs_params_alloc(&m->ps, be, trainable);
-    m->act_mem = be->alloc(p.nf * sizeof(float));
-    m->int_mem = be->alloc(p.ni * sizeof(int));
-    if (prc || !m->act_mem || !m->int_mem) {
-        size_t need = ((trainable ? 2 : 1) * m->ps.n + p.nf) * sizeof(float) + p.ni * sizeof(int);
-        qs_gpt_free(m);
-        return qs_error("cannot allocate the model: %.1f MiB needed for parameters, %sactivations",
-                        need / 1048576.0, trainable ? "gradients and " : "");
-    }
-    qs_plan q = {.fbase = m->act_mem, .ibase = m->int_mem};
-    carve(m, &q);
+    m->act_ints = p.ni;
+    m->sizes = (qs_op_sizes){.rows = (int)N, .experts = m->E};
+    m->plan = (qs_mem_plan){
+        .params = m->ps.n * sizeof(float),
+        .grads = trainable ? m->ps.n * sizeof(float) : 0,
+        .activations = p.nf * sizeof(float) + p.ni * sizeof(int) + (N + packed_id_count(m)) * sizeof(int64_t),
+        .workspace = be->workspace_bytes(&m->sizes),
+    };
     *out = m;
     return 0;
 oom:
     qs_gpt_free(m);
     return qs_error("out of memory creating the model");
+}
+
+int qs_gpt_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T, bool trainable, int sp,
+                qs_mem_plan *plan) {
+    qs_gpt *m;
+    if (layout(&m, cfg, be, max_B, max_T, trainable)) return -1;
+    *plan = m->plan;
+    if (sp > 1) plan->activations += qs_ring_attention_bytes(max_B, max_T, m->C, m->NH, sp);
+    qs_gpt_free(m);
+    return 0;
+}
+
+static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
+                  bool trainable) {
+    qs_gpt *m;
+    if (layout(&m, cfg, be, max_B, max_T, trainable)) return -1;
+    if (qs_mem_plan_check(&m->plan, be)) {
+        qs_gpt_free(m);
+        return -1;
+    }
+    const size_t N = (size_t)max_B * max_T;
+    m->row_ids = be->alloc(N * sizeof(int64_t));
+    m->packed_ids = m->E > 0 ? be->alloc(packed_id_count(m) * sizeof(int64_t)) : NULL;
+    int prc = qs_params_alloc(&m->ps, be, trainable);
+    m->act_mem = be->alloc(m->act_floats * sizeof(float));
+    m->int_mem = be->alloc(m->act_ints * sizeof(int));
+    if (prc || !m->row_ids || (m->E > 0 && !m->packed_ids) || !m->act_mem || !m->int_mem || be->reserve(&m->sizes)) {
+        char why[256];
+        snprintf(why, sizeof why, "%s", qs_error_last());
+        const double need = qs_mem_plan_total(&m->plan) / 1048576.0;
+        qs_gpt_free(m);
+        return qs_error("cannot allocate the model's %.1f MiB (%s)", need, why);
+    }
+    qs_plan q = {.fbase = m->act_mem, .ibase = m->int_mem};
+    carve(m, &q);
+    *out = m;
+    return 0;
 }
 
 int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T) {
@@ -378,7 +419,7 @@ int qs_gpt_init(qs_gpt *m, uint64_t seed) { return qs_params_init(&m->ps, seed, 
 const qs_model_config *qs_gpt_config(const qs_gpt *m) { return &m->cfg; }
 const qs_backend *qs_gpt_backend(const qs_gpt *m) { return m->be; }
 qs_params *qs_gpt_params(qs_gpt *m) { return &m->ps; }
-size_t qs_gpt_activation_bytes(const qs_gpt *m) { return m->act_floats * sizeof(float); }
+const qs_mem_plan *qs_gpt_mem_plan(const qs_gpt *m) { return &m->plan; }
 int qs_gpt_max_tokens(const qs_gpt *m) { return m->max_B * m->max_T; }
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora) { m->lora = lora; }
 const int *qs_gpt_sequence_positions(const qs_gpt *m) { return m->seq_pos; }

@@ -38,7 +38,10 @@ struct qs_quadranet {
     stage st[NS];
 
     float *act_mem;
-    size_t act_floats;
+    size_t act_floats, act_ints;
+    int *int_mem;
+    qs_op_sizes sizes;
+    qs_mem_plan plan; /* this model's memory (no optimizer) */
     float *img, *stem_patch, *stem_lin, *stem_mean, *stem_rstd;
     float *pooled, *head_ln, *head_mean, *head_rstd, *logits, *losses;
     int *labels;
@@ -178,7 +181,8 @@ static void carve(qs_quadranet *m, qs_plan *p) {
     m->dpool = qs_plan_f(p, B * CL);
 }
 
-int qs_quadranet_create(qs_quadranet **out, const qs_model_config *cfg, const qs_backend *be, int max_B) {
+/* The model's host side, its activation count and m->plan; no backend memory yet. */
+static int layout(qs_quadranet **out, const qs_model_config *cfg, const qs_backend *be, int max_B) {
     *out = NULL;
     if (max_B < 1) return qs_error("micro-batch size must be >= 1 (got %d)", max_B);
     qs_quadranet *m = calloc(1, sizeof *m);
@@ -205,21 +209,16 @@ int qs_quadranet_create(qs_quadranet **out, const qs_model_config *cfg, const qs
     m->host_losses = malloc((size_t)max_B * sizeof(float));
     if (!m->host_logits || !m->host_losses) goto oom;
     build_param_table(m);
+    if (m->ps.broken) goto oom;
     qs_plan p = {0};
     carve(m, &p);
     m->act_floats = p.nf;
-    int prc = qs_params_alloc(&m->ps, be, true);
-    m->act_mem = be->alloc(p.nf * sizeof(float));
-    int *imem = be->alloc(p.ni * sizeof(int));
-    if (prc || !m->act_mem || !imem) {
-        size_t need = (2 * m->ps.n + p.nf) * sizeof(float);
-        be->free(imem);
-        qs_quadranet_free(m);
-        return qs_error("cannot allocate the model: %.1f MiB needed for parameters, gradients and activations",
-                        need / 1048576.0);
-    }
-    qs_plan q = {.fbase = m->act_mem, .ibase = imem};
-    carve(m, &q);
+    m->act_ints = p.ni;
+    m->sizes = (qs_op_sizes){.rows = max_B, .experts = 0};
+    m->plan = (qs_mem_plan){.params = m->ps.n * sizeof(float),
+                            .grads = m->ps.n * sizeof(float),
+                            .activations = p.nf * sizeof(float) + p.ni * sizeof(int),
+                            .workspace = be->workspace_bytes(&m->sizes)};
     *out = m;
     return 0;
 oom:
@@ -227,12 +226,41 @@ oom:
     return qs_error("out of memory creating the model");
 }
 
+int qs_quadranet_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, qs_mem_plan *plan) {
+    qs_quadranet *m;
+    if (layout(&m, cfg, be, max_B)) return -1;
+    *plan = m->plan;
+    qs_quadranet_free(m);
+    return 0;
+}
+
+int qs_quadranet_create(qs_quadranet **out, const qs_model_config *cfg, const qs_backend *be, int max_B) {
+    qs_quadranet *m;
+    if (layout(&m, cfg, be, max_B)) return -1;
+    if (qs_mem_plan_check(&m->plan, be)) {
+        qs_quadranet_free(m);
+        return -1;
+    }
+    int prc = qs_params_alloc(&m->ps, be, true);
+    m->act_mem = be->alloc(m->act_floats * sizeof(float));
+    m->int_mem = be->alloc(m->act_ints * sizeof(int));
+    if (prc || !m->act_mem || !m->int_mem || be->reserve(&m->sizes)) {
+        char why[256];
+        snprintf(why, sizeof why, "%s", qs_error_last());
+        const double need = qs_mem_plan_total(&m->plan) / 1048576.0;
+        qs_quadranet_free(m);
+        return qs_error("cannot allocate the model's %.1f MiB (%s)", need, why);
+    }
+    qs_plan q = {.fbase = m->act_mem, .ibase = m->int_mem};
+    carve(m, &q);
+    *out = m;
+    return 0;
+}
+
 void qs_quadranet_free(qs_quadranet *m) {
     if (!m) return;
-    if (m->act_mem) {
-        m->be->free(m->act_mem);
-        m->be->free(m->labels);
-    }
+    m->be->free(m->act_mem);
+    m->be->free(m->int_mem);
     qs_params_free(&m->ps);
     for (int s = 0; s < NS; s++) free(m->st[s].blocks);
     free(m->host_logits);
@@ -248,7 +276,7 @@ static float init_value(const qs_param_info *p, const void *ctx) {
 
 int qs_quadranet_init(qs_quadranet *m, uint64_t seed) { return qs_params_init(&m->ps, seed, init_value, &m->cfg); }
 qs_params *qs_quadranet_params(qs_quadranet *m) { return &m->ps; }
-size_t qs_quadranet_activation_bytes(const qs_quadranet *m) { return m->act_floats * sizeof(float); }
+const qs_mem_plan *qs_quadranet_mem_plan(const qs_quadranet *m) { return &m->plan; }
 const float *qs_quadranet_logits(const qs_quadranet *m) { return m->logits; }
 
 /* ---- forward ---- */

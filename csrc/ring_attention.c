@@ -29,6 +29,7 @@ struct qs_ring_attention {
     float *o_blk;          /* [B,Tl,C]: one block's output before it is merged */
     float *lse_blk;        /* [B,NH,Tl]: its lse */
     float *delta;          /* [B,NH,Tl] */
+    float *mem;            /* all of them, one allocation */
 };
 
 static int check_layout(int sp, int rank, int T) {
@@ -63,9 +64,27 @@ int qs_ring_attention_gather(void *local, const void *full, size_t row_bytes, in
 
 void qs_ring_attention_free(qs_ring_attention *ra) {
     if (!ra) return;
-    float *bufs[] = {ra->kv[0], ra->kv[1], ra->dkv[0], ra->dkv[1], ra->o_blk, ra->lse_blk, ra->delta};
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) ra->be->free(bufs[i]);
+    ra->be->free(ra->mem);
     free(ra);
+}
+
+/* The buffers in one allocation, carved in order; with mem NULL only counted. */
+static size_t carve_buffers(qs_ring_attention *ra, float *mem) {
+    const size_t rows = (size_t)ra->B * ra->Tl, kv = ra->sp > 1 ? rows * 2 * ra->C : 0;
+    float *at = mem;
+    float **bufs[] = {&ra->o_blk, &ra->lse_blk, &ra->delta, &ra->kv[0], &ra->kv[1], &ra->dkv[0], &ra->dkv[1]};
+    const size_t floats[] = {rows * ra->C, rows * ra->NH, rows * ra->NH, kv, kv, kv, kv};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof floats / sizeof *floats; i++) {
+        *bufs[i] = mem && floats[i] ? at + total : NULL;
+        total += (floats[i] + 15) & ~(size_t)15; /* 64-byte aligned pieces, as plan.h's */
+    }
+    return total * sizeof(float);
+}
+
+size_t qs_ring_attention_bytes(int B, int Tl, int C, int NH, int sp) {
+    qs_ring_attention ra = {.sp = sp, .B = B, .Tl = Tl, .C = C, .NH = NH};
+    return carve_buffers(&ra, NULL);
 }
 
 int qs_ring_attention_create(qs_ring_attention **out, const qs_backend *be, qs_comm *group, int B,
@@ -79,15 +98,11 @@ int qs_ring_attention_create(qs_ring_attention **out, const qs_backend *be, qs_c
     *ra = (qs_ring_attention){.be = be, .comm = group, .sp = sp, .rank = rank, .next = (rank + 1) % sp,
                              .prev = (rank + sp - 1) % sp, .B = B, .Tl = Tl, .Tc = Tl / 2, .C = C, .NH = NH,
                              .causal = causal != 0};
-    const size_t rows = (size_t)B * Tl, f = sizeof(float);
-    bool ok = (ra->o_blk = be->alloc(rows * C * f)) && (ra->lse_blk = be->alloc(rows * NH * f)) &&
-              (ra->delta = be->alloc(rows * NH * f));
-    for (int i = 0; i < 2 && ok && sp > 1; i++)
-        ok = (ra->kv[i] = be->alloc(rows * 2 * C * f)) && (ra->dkv[i] = be->alloc(rows * 2 * C * f));
-    if (!ok) {
+    if (!(ra->mem = be->alloc(carve_buffers(ra, NULL)))) {
         qs_ring_attention_free(ra);
         return -1;
     }
+    carve_buffers(ra, ra->mem);
     *out = ra;
     return 0;
 }

@@ -71,6 +71,11 @@ int qs_task_open_image(qs_task *task, qs_config *cfg, const qs_task_place *place
     if (!rc && t->data.n_classes > q->num_classes)
         rc = qs_error("model.quadra.num_classes (%d) is smaller than the %d classes in '%s'", q->num_classes,
                       t->data.n_classes, cfg->data.path);
+    qs_mem_plan plan = {0};
+    if (!rc) rc = qs_quadranet_plan(&cfg->model, place->be, t->B, &plan);
+    if (!rc && place->optim_shards > 0)
+        plan.optimizer = qs_mem_plan_optimizer(plan.grads / sizeof(float), place->optim_shards);
+    if (!rc) rc = qs_mem_plan_check(&plan, place->be);
     if (!rc) rc = qs_quadranet_create(&t->m, &cfg->model, place->be, t->B);
     if (!rc) {
         t->x = malloc((size_t)t->B * q->image_size * q->image_size * sizeof(float));
@@ -88,7 +93,7 @@ int qs_task_open_image(qs_task *task, qs_config *cfg, const qs_task_place *place
                       .items_per_sample = 1,
                       .item = "img",
                       .has_accuracy = true,
-                      .activation_bytes = qs_quadranet_activation_bytes(t->m),
+                      .plan = plan,
                       .init = image_init,
                       .train_micro = image_train_micro,
                       .evaluate = image_evaluate,

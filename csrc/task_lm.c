@@ -174,7 +174,23 @@ static void lm_free(void *self) {
     free(t);
 }
 
-static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const qs_task_place *place, bool frozen) {
+/* The run's memory: the model (frozen under LoRA) with its ring-attention buffers, the
+ * adapters, and the optimizer of what trains; fails when it does not fit. */
+static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place *place, int B, int T, bool lora) {
+    const int sp = place->sp ? qs_comm_size(place->sp) : 1;
+    if (qs_gpt_plan(&cfg->model, place->be, B, T, !lora, sp, plan)) return -1;
+    if (lora) {
+        qs_mem_plan adapters;
+        if (qs_lora_plan(&cfg->lora, &cfg->model, place->be, B * T, &adapters)) return -1;
+        qs_mem_plan_add(plan, &adapters);
+    }
+    if (place->optim_shards > 0)
+        plan->optimizer = qs_mem_plan_optimizer(plan->grads / sizeof(float), place->optim_shards);
+    return qs_mem_plan_check(plan, place->be);
+}
+
+/* lora: the model is a frozen base that adapters (cfg->lora) will train. */
+static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const qs_task_place *place, bool lora) {
     lm_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
     int rc = qs_codec_open(&t->codec, &cfg->data, chars_json);
@@ -193,7 +209,9 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const 
     t->B = place->micro_B;
     t->sp = place->sp && qs_comm_size(place->sp) > 1 ? place->sp : NULL;
     t->T = cfg->model.seq_len / (t->sp ? qs_comm_size(t->sp) : 1);
-    if (!rc) rc = (frozen ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, place->be, t->B, t->T);
+    qs_mem_plan plan = {0};
+    if (!rc) rc = plan_lm(&plan, cfg, place, t->B, t->T, lora);
+    if (!rc) rc = (lora ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, place->be, t->B, t->T);
     if (!rc && t->sp) rc = qs_gpt_set_sequence_parallel(t->m, t->sp);
     if (!rc && t->sp) {
         t->xf = malloc((size_t)t->B * cfg->model.seq_len * sizeof(int));
@@ -216,7 +234,7 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const 
                       .micro_B = t->B,
                       .items_per_sample = cfg->model.seq_len,
                       .item = "tok",
-                      .activation_bytes = qs_gpt_activation_bytes(t->m),
+                      .plan = plan,
                       .init = lm_init,
                       .train_micro = lm_train_micro,
                       .evaluate = lm_evaluate,

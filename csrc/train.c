@@ -164,7 +164,8 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         dp_rank = qs_comm_rank(dp_group);
     }
     qs_task task;
-    const qs_task_place place = {.micro_B = B, .sp = sp_group, .be = be};
+    const qs_task_place place = {
+        .micro_B = B, .sp = sp_group, .be = be, .optim_shards = cfg->parallel.zero == 1 ? dp_size : 1};
     int trc = opt->base ? qs_task_open_lora(&task, cfg, opt->base_chars, opt->base, opt->base_dir,
                                             opt->resume ? step_dir : NULL, &place)
                         : qs_task_open(&task, cfg, chars_json, &place);
@@ -216,9 +217,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     const int T = task.items_per_sample;
     int until = opt->until_step > 0 && opt->until_step < tc->max_steps ? opt->until_step : tc->max_steps;
     if (writer) {
-        fprintf(stderr, "quasar: %zu parameters (%.1f MiB), activations %.1f MiB, optimizer %.1f MiB%s; ", ps->n,
-                ps->n * 4 / 1048576.0, task.activation_bytes / 1048576.0, optim.n * 8 / 1048576.0,
-                dp.zero && dp_size > 1 ? " per rank (ZeRO-1)" : "");
+        fputs("quasar: memory plan ", stderr);
+        qs_mem_plan_print(stderr, &task.plan, be);
+        fprintf(stderr, "%s\nquasar: %zu parameters; ", dp.zero && dp_size > 1 ? ", per rank (ZeRO-1)" : "", ps->n);
         if (task.codec) fprintf(stderr, "vocab %d; %d x %d tokens", cfg->model.vocab_size, tc->batch_size, T);
         else fprintf(stderr, "%d images", tc->batch_size);
         fprintf(stderr, " per step (%d data-parallel rank(s)", dp_size);

@@ -58,16 +58,31 @@ static void cuda_copy(void *dst, const void *src, size_t bytes) {
     QS_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
 }
 
+static void *scratch;
+static size_t scratch_cap;
+
+/* Grows the scratch to at least `bytes` (`to` when that is more); -1 with qs_error when
+ * the device is out of memory. cudaFree waits for the device, so no queued kernel still
+ * reads the old buffer. */
+static int grow_scratch(size_t bytes, size_t to) {
+    if (bytes <= scratch_cap) return 0;
+    QS_CUDA(cudaFree(scratch));
+    scratch = NULL;
+    scratch_cap = 0;
+    if (to < bytes) to = bytes;
+    if (qs_cuda_failed(cudaMalloc(&scratch, to), "cudaMalloc"))
+        return qs_error("out of GPU memory reserving %zu bytes of op scratch (%s)", to, qs_error_last());
+    scratch_cap = to;
+    return 0;
+}
+
 void *qs_cuda_scratch(size_t bytes) {
-    static void *buf;
-    static size_t cap;
-    if (bytes > cap) {
-        /* cudaFree waits for the device, so no queued kernel still reads the old buffer */
-        QS_CUDA(cudaFree(buf));
-        cap = bytes > 2 * cap ? bytes : 2 * cap;
-        QS_CUDA(cudaMalloc(&buf, cap));
+    /* after a reserve this never grows in training; doubling keeps any other growth rare */
+    if (grow_scratch(bytes, 2 * scratch_cap)) {
+        fprintf(stderr, "quasar: %s\n", qs_error_last());
+        abort();
     }
-    return buf;
+    return scratch;
 }
 
 void *qs_cuda_host_scratch(size_t bytes) {
@@ -88,8 +103,39 @@ void *qs_cuda_host_scratch(size_t bytes) {
 /* ---- cuBLAS ---- */
 
 static cublasHandle_t blas;
+/* cuBLAS's workspace, given to it up front so that it allocates none of its own:
+ * NVIDIA's recommended size, 32 MiB on Hopper and 4 MiB before (set at init) */
+static void *blas_workspace;
+static size_t blas_workspace_bytes;
 
 cublasHandle_t qs_cuda_blas(void) { return blas; }
+
+/* ---- the memory plan's hooks ---- */
+
+static int cuda_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    return qs_cuda_failed(cudaMemGetInfo(free_bytes, total_bytes), "cudaMemGetInfo");
+}
+
+static size_t scratch_need(const qs_op_sizes *s) {
+    const int rows = s->rows;
+    size_t need = qs_cuda_sumsq_scratch(), embed = qs_cuda_embed_scratch(rows);
+    if (embed > need) need = embed;
+    if (s->experts > 0 && qs_cuda_moe_scratch(rows, s->experts) > need) need = qs_cuda_moe_scratch(rows, s->experts);
+    return need;
+}
+
+static size_t cuda_workspace_bytes(const qs_op_sizes *s) { return blas_workspace_bytes + scratch_need(s); }
+
+static int cuda_reserve(const qs_op_sizes *s) {
+    if (!blas_workspace) {
+        if (qs_cuda_failed(cudaMalloc(&blas_workspace, blas_workspace_bytes), "cudaMalloc"))
+            return qs_error("out of GPU memory reserving cuBLAS's %zu-byte workspace (%s)", blas_workspace_bytes,
+                            qs_error_last());
+        cublasStatus_t st = cublasSetWorkspace(blas, blas_workspace, blas_workspace_bytes);
+        if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasSetWorkspace failed: %s", cublasGetStatusString(st));
+    }
+    return grow_scratch(scratch_need(s), 0);
+}
 
 /* ---- the backend ---- */
 
@@ -155,7 +201,12 @@ static int init(void) {
         return qs_error("no CUDA device is visible (cudaGetDeviceCount: %s)",
                         err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
     }
-    if (qs_cuda_failed(cudaFree(0), "creating the CUDA context (cudaFree(0))")) return -1;
+    int dev = 0, major = 0;
+    if (qs_cuda_failed(cudaFree(0), "creating the CUDA context (cudaFree(0))") ||
+        qs_cuda_failed(cudaGetDevice(&dev), "cudaGetDevice") ||
+        qs_cuda_failed(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute"))
+        return -1;
+    blas_workspace_bytes = (size_t)(major >= 9 ? 32 : 4) << 20;
     cublasStatus_t st = cublasCreate(&blas);
     if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasCreate failed: %s", cublasGetStatusString(st));
     /* plain fp32 FMA: no TF32 tensor-core rounding, so GEMMs match the CPU to fp32 rounding */
@@ -172,6 +223,9 @@ static int init(void) {
             .upload = qs_cuda_upload,
             .download = qs_cuda_download,
             .copy = cuda_copy,
+            .mem_info = cuda_mem_info,
+            .workspace_bytes = cuda_workspace_bytes,
+            .reserve = cuda_reserve,
             .ops = &ops_by_precision[p],
             .max_head_size = 256, /* attention_block.cu's widest tile */
         };

@@ -34,11 +34,19 @@ __global__ static void scatter_runs_kernel(float *table, const float *dout, cons
     *g = acc;
 }
 
+/* CUB's temporary storage for sorting N (key, row) pairs. */
+static size_t sort_bytes_of(int N) {
+    size_t bytes = 0;
+    QS_CUDA(cub::DeviceRadixSort::SortPairs(NULL, bytes, (const int *)NULL, (int *)NULL, (const int *)NULL,
+                                            (int *)NULL, N));
+    return bytes;
+}
+
+size_t qs_cuda_embed_scratch(int N) { return 3 * qs_cuda_room((size_t)N * sizeof(int)) + sort_bytes_of(N); }
+
 static void scatter_rows(float *table, const float *dout, const int *index, int N, int C) {
-    size_t sort_bytes = 0;
-    QS_CUDA(cub::DeviceRadixSort::SortPairs(NULL, sort_bytes, index, (int *)NULL, (const int *)NULL, (int *)NULL, N));
-    const size_t ints = qs_cuda_room((size_t)N * sizeof(int));
-    char *at = (char *)qs_cuda_scratch(3 * ints + sort_bytes);
+    size_t sort_bytes = sort_bytes_of(N); /* not const: SortPairs takes it by reference */
+    char *at = (char *)qs_cuda_scratch(qs_cuda_embed_scratch(N));
     int *keys = (int *)qs_cuda_carve(&at, (size_t)N * sizeof(int));
     int *rows_in = (int *)qs_cuda_carve(&at, (size_t)N * sizeof(int));
     int *rows = (int *)qs_cuda_carve(&at, (size_t)N * sizeof(int));

@@ -226,10 +226,17 @@ __global__ static void balance_sum_kernel(double *out, const double *terms, int 
 
 /* balance and z are host scalars, as model.c passes them (the loss is summed on the
  * host). */
+/* Per-row terms and the two sums of the balance forward, in doubles. */
+static size_t balance_terms(int N) { return 2 * (size_t)N + 2; }
+
+size_t qs_cuda_moe_scratch(int N, int E) {
+    return qs_cuda_room((size_t)E * sizeof(int)) + qs_cuda_room(balance_terms(N) * sizeof(double));
+}
+
 void qs_cuda_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed, int N, int E,
                                  int K) {
     char *at;
-    const size_t n_terms = 2 * (size_t)N + 2;
+    const size_t n_terms = balance_terms(N);
     const int *d_routed = routed_on_device(routed, E, qs_cuda_room(n_terms * sizeof(double)), &at);
     double *terms = (double *)qs_cuda_carve(&at, n_terms * sizeof(double)), *sums = terms + 2 * (size_t)N;
     QS_LAUNCH_N(balance_rows_kernel, (size_t)N, terms, logits, d_routed, N, E, 1.0 / ((double)N * K));

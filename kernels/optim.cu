@@ -19,6 +19,8 @@ __global__ static void sumsq_final_kernel(double *out, const double *part, int n
     if (threadIdx.x == 0) *out = s;
 }
 
+size_t qs_cuda_sumsq_scratch(void) { return (SUMSQ_BLOCKS + 1) * sizeof(double); }
+
 double qs_cuda_sumsq(const float *g, size_t n) {
     if (n == 0) return 0.0;
     unsigned blocks = qs_cuda_blocks(n, QS_THREADS);

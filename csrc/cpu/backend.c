@@ -25,6 +25,34 @@ static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 
+/* What the kernel could hand out without swapping (MemAvailable), of MemTotal. */
+static int cpu_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return -1;
+    char line[128];
+    unsigned long long kib, avail = 0, total = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) avail = kib;
+        else if (sscanf(line, "MemTotal: %llu kB", &kib) == 1) total = kib;
+    }
+    fclose(f);
+    if (!avail || !total) return -1;
+    *free_bytes = (size_t)(avail * 1024);
+    *total_bytes = (size_t)(total * 1024);
+    return 0;
+}
+
+/* CPU ops take their temporaries per call (qs_cpu_scratch): nothing to reserve. */
+static size_t cpu_workspace_bytes(const qs_op_sizes *s) {
+    (void)s;
+    return 0;
+}
+
+static int cpu_reserve(const qs_op_sizes *s) {
+    (void)s;
+    return 0;
+}
+
 void *qs_cpu_scratch(size_t bytes) {
     void *p = malloc(bytes ? bytes : 1);
     if (!p) {
@@ -90,6 +118,9 @@ static const qs_backend cpu_backend = {
     .upload = cpu_copy,
     .download = cpu_copy,
     .copy = cpu_copy,
+    .mem_info = cpu_mem_info,
+    .workspace_bytes = cpu_workspace_bytes,
+    .reserve = cpu_reserve,
     .ops = &cpu_ops,
 };
 

@@ -7,6 +7,12 @@
 #include "quasar/config.h"
 #include "quasar/ops.h"
 
+/* The sizes a model's ops run at, for the scratch a backend reserves up front. */
+typedef struct qs_op_sizes {
+    int rows;    /* token rows of one forward (micro-batch x sequence) */
+    int experts; /* MoE experts; 0: dense */
+} qs_op_sizes;
+
 typedef struct qs_backend {
     const char *name; /* "cpu", "cuda" */
     /* Zero-filled allocation; NULL (with qs_error set) on failure. */
@@ -18,6 +24,12 @@ typedef struct qs_backend {
     void (*download)(void *host_dst, const void *src, size_t bytes);
     /* Within backend memory. */
     void (*copy)(void *dst, const void *src, size_t bytes);
+    /* Free and total bytes of the memory it allocates from; -1 when it cannot tell. */
+    int (*mem_info)(size_t *free_bytes, size_t *total_bytes);
+    /* The scratch its ops take at these sizes (0: they take none), and reserving it
+     * now, so that no op allocates inside the step loop. */
+    size_t (*workspace_bytes)(const qs_op_sizes *s);
+    int (*reserve)(const qs_op_sizes *s);
     const qs_ops *ops;
     int max_head_size; /* the largest attention head size its attention ops take; 0: any */
 } qs_backend;

@@ -49,6 +49,10 @@ typedef enum { QS_LORA_SITE_QKV, QS_LORA_SITE_PROJ, QS_LORA_SITE_FC, QS_LORA_SIT
  * weights must be its base's by now: their fingerprint is taken here. */
 int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m);
 void qs_lora_free(qs_lora *lo);
+/* The memory such adapters take (no optimizer) for a model of mc on be whose forward
+ * sees max_tokens token rows, without creating them. */
+int qs_lora_plan(const qs_lora_config *lc, const qs_model_config *mc, const qs_backend *be, int max_tokens,
+                 qs_mem_plan *plan);
 qs_params *qs_lora_params(qs_lora *lo);
 const qs_lora_config *qs_lora_config_of(const qs_lora *lo);
 /* A Kaiming-uniform (bound 1/sqrt(in), PyTorch's nn.Linear default, as PEFT), B zero:

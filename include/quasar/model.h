@@ -12,6 +12,7 @@
 #include "quasar/backend.h"
 #include "quasar/comm.h"
 #include "quasar/config.h"
+#include "quasar/memplan.h"
 #include "quasar/params.h"
 
 typedef struct qs_gpt qs_gpt;
@@ -26,7 +27,9 @@ typedef struct qs_forward_mode {
                         * the same on any number of ranks or micro-batches */
 } qs_forward_mode;
 
-/* Sizes activations for micro-batches of up to max_B sequences of up to max_T tokens. */
+/* Sizes activations for micro-batches of up to max_B sequences of up to max_T tokens.
+ * Fails with the memory plan and the backend's free memory when it does not fit, before
+ * allocating; reserves the backend's op scratch for these sizes. */
 int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
                   int max_T);
 /* The same without a gradient buffer: a frozen base for LoRA, or inference. Backward
@@ -34,6 +37,10 @@ int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
 int qs_gpt_create_frozen(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
                          int max_T);
 void qs_gpt_free(qs_gpt *m);
+/* The memory such a model takes on be (no optimizer), without creating it; with sp > 1
+ * also its ring-attention buffers (qs_gpt_set_sequence_parallel). */
+int qs_gpt_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T, bool trainable, int sp,
+                qs_mem_plan *plan);
 /* Sequence parallelism: this model (created with max_T = model.seq_len / sp) holds the
  * zig-zag share of every sequence of the sp ranks of group (ring_attention.h) and
  * attends over the whole sequence with ring attention. Its forward then takes a rank's
@@ -56,7 +63,8 @@ const qs_model_config *qs_gpt_config(const qs_gpt *m);
 const qs_backend *qs_gpt_backend(const qs_gpt *m);
 /* The parameter table (values and gradients). */
 qs_params *qs_gpt_params(qs_gpt *m);
-size_t qs_gpt_activation_bytes(const qs_gpt *m);
+/* Its memory plan (no optimizer, no ring attention). */
+const qs_mem_plan *qs_gpt_mem_plan(const qs_gpt *m);
 /* Tokens of the largest micro-batch (max_B * max_T). */
 int qs_gpt_max_tokens(const qs_gpt *m);
 

@@ -14,12 +14,15 @@
 
 typedef struct qs_quadranet qs_quadranet;
 
-/* Sizes activations for micro-batches of up to max_B images. */
+/* Sizes activations for micro-batches of up to max_B images; like qs_gpt_create, fails
+ * with the memory plan before allocating when it does not fit. */
 int qs_quadranet_create(qs_quadranet **out, const qs_model_config *cfg, const qs_backend *be, int max_B);
 void qs_quadranet_free(qs_quadranet *m);
+/* The memory such a model takes on be (no optimizer), without creating it. */
+int qs_quadranet_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, qs_mem_plan *plan);
 int qs_quadranet_init(qs_quadranet *m, uint64_t seed);
 qs_params *qs_quadranet_params(qs_quadranet *m);
-size_t qs_quadranet_activation_bytes(const qs_quadranet *m);
+const qs_mem_plan *qs_quadranet_mem_plan(const qs_quadranet *m);
 
 /* images: host [B,S,S,in_channels]; labels: host [B] in [0, num_classes), or NULL.
  * Returns the mean cross-entropy (NAN without labels); *correct (if not NULL) gets the

@@ -36,6 +36,8 @@ int qs_ring_attention_gather(void *local, const void *full, size_t row_bytes, in
 int qs_ring_attention_create(qs_ring_attention **ra, const qs_backend *be, qs_comm *group, int B,
                              int Tl, int C, int NH, int causal);
 void qs_ring_attention_free(qs_ring_attention *ra);
+/* The bytes of that workspace (for the memory plan). */
+size_t qs_ring_attention_bytes(int B, int Tl, int C, int NH, int sp);
 
 /* out [B,Tl,C] and lse [B,NH,Tl] (keep both for the backward): attention of the local
  * queries over the keys and values of the whole sequence. */

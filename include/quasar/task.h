@@ -13,6 +13,7 @@
 #include "quasar/comm.h"
 #include "quasar/codec.h"
 #include "quasar/config.h"
+#include "quasar/memplan.h"
 #include "quasar/params.h"
 
 typedef struct qs_task {
@@ -22,7 +23,7 @@ typedef struct qs_task {
     int micro_B;                /* samples per forward pass */
     int items_per_sample;       /* tokens per sequence; 1 per image */
     const char *item;           /* "tok" | "img", for the progress line */
-    size_t activation_bytes;
+    qs_mem_plan plan;           /* the run's memory on the backend, optimizer included */
     const qs_ckpt_files *weights; /* what checkpoints hold for params; NULL: model.safetensors */
 
     bool has_accuracy;          /* classifiers: evaluation counts correct answers */
@@ -46,17 +47,21 @@ typedef struct qs_task {
 } qs_task;
 
 /* Where a task runs: samples per forward pass, the sequence-parallel group this rank
- * shares every sequence with (GPT only; NULL or a group of one: whole sequences), and
- * the backend its model lives on. */
+ * shares every sequence with (GPT only; NULL or a group of one: whole sequences), the
+ * backend its model lives on, and over how many ranks the caller will shard AdamW's
+ * state (qs_dp_create_optim: 1 unsharded, n with ZeRO-1 over n ranks; 0: no optimizer),
+ * for the memory plan. */
 typedef struct qs_task_place {
     int micro_B;
     qs_comm *sp;
     const qs_backend *be;
+    int optim_shards;
 } qs_task_place;
 
 /* Builds cfg's model (model.type) as placed and loads its data; chars_json is a
  * checkpoint's char vocabulary (NULL when new). May fill in model.vocab_size from the
- * data. */
+ * data. The memory plan is checked against the backend's free memory (memplan.h)
+ * before the model takes any. */
 int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, const qs_task_place *place);
 void qs_task_free(qs_task *t);
 

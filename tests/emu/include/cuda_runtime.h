@@ -45,6 +45,11 @@
 
 /* ---- errors, streams, memory ---- */
 
+[[noreturn]] static inline void emu_fail(const char *what) {
+    fprintf(stderr, "cuda emulator: %s\n", what);
+    abort();
+}
+
 typedef enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 } cudaError_t;
 typedef enum { cudaFuncAttributeMaxDynamicSharedMemorySize } cudaFuncAttribute;
 typedef enum {
@@ -64,12 +69,46 @@ static inline cudaError_t cudaGetDeviceCount(int *n) {
     *n = 1;
     return cudaSuccess;
 }
+static inline cudaError_t cudaGetDevice(int *d) {
+    *d = 0;
+    return cudaSuccess;
+}
+typedef enum { cudaDevAttrComputeCapabilityMajor = 75 } cudaDeviceAttr;
+/* an H100's: compute capability 9.x */
+static inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) {
+    *v = 9;
+    return cudaSuccess;
+}
+/* The device's memory: QS_EMU_GPU_MIB (default 80 GiB), so a run too big for it fails
+ * as it would on a GPU. The live blocks and their sizes are kept beside them, not in a
+ * header, so that ASan still sees a read just before a block. */
+inline std::map<const void *, size_t> emu_blocks;
+inline size_t emu_live_bytes;
+static inline size_t emu_total_bytes(void) {
+    const char *s = getenv("QS_EMU_GPU_MIB");
+    return (size_t)(s && *s ? strtoull(s, NULL, 10) : 81920ull) << 20;
+}
+static inline cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
+    *total_bytes = emu_total_bytes();
+    *free_bytes = *total_bytes > emu_live_bytes ? *total_bytes - emu_live_bytes : 0;
+    return cudaSuccess;
+}
 static inline cudaError_t cudaMalloc(void **p, size_t bytes) {
-    if (!(*p = malloc(bytes ? bytes : 1))) return cudaErrorMemoryAllocation;
+    size_t free_bytes, total_bytes;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    *p = NULL;
+    if (bytes > free_bytes || !(*p = malloc(bytes ? bytes : 1))) return cudaErrorMemoryAllocation;
     memset(*p, 0xff, bytes); /* NaN floats, -1 ints: a read before any write shows */
+    emu_blocks[*p] = bytes;
+    emu_live_bytes += bytes;
     return cudaSuccess;
 }
 static inline cudaError_t cudaFree(void *p) {
+    if (!p) return cudaSuccess;
+    auto b = emu_blocks.find(p);
+    if (b == emu_blocks.end()) emu_fail("cudaFree of a pointer cudaMalloc did not return");
+    emu_live_bytes -= b->second;
+    emu_blocks.erase(b);
     free(p);
     return cudaSuccess;
 }
@@ -101,11 +140,6 @@ enum {
 };
 
 static inline int min(int a, int b) { return a < b ? a : b; }
-
-[[noreturn]] static inline void emu_fail(const char *what) {
-    fprintf(stderr, "cuda emulator: %s\n", what);
-    abort();
-}
 
 /* ---- the scheduler ---- */
 

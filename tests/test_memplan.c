@@ -1,0 +1,316 @@
+/* The memory plan: for random awkward shapes of every model family, what the plan says
+ * is exactly what creating the model, its adapters, ring buffers and optimizer takes
+ * from the backend (counted by a backend that wraps the CPU's and also reserves op
+ * scratch), and a plan that does not fit fails with one line before anything is taken. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "quasar/comm.h"
+#include "quasar/data_parallel.h"
+#include "quasar/error.h"
+#include "quasar/lora.h"
+#include "quasar/memplan.h"
+#include "quasar/model.h"
+#include "quasar/optim.h"
+#include "quasar/quadranet.h"
+#include "quasar/ring_attention.h"
+#include "quasar/rng.h"
+#include "test_seed.h"
+
+static uint64_t seed, draws;
+
+static int draw(int lo, int hi) { return lo + (int)(qs_rng_u64(seed, 7, draws++) % (uint64_t)(hi - lo + 1)); }
+
+/* ---- a backend that counts: the CPU's memory, its bytes tallied, a "device" of
+ * `capacity` bytes, and op scratch reserved as a grow-only tally like the CUDA one ---- */
+
+enum { MAX_BLOCKS = 64 };
+static struct {
+    void *p;
+    size_t n;
+} blocks[MAX_BLOCKS];
+static int n_blocks;
+static size_t live, reserved, capacity = SIZE_MAX / 2;
+
+static void *count_alloc(size_t bytes) {
+    assert_true(n_blocks < MAX_BLOCKS);
+    void *p = qs_backend_cpu()->alloc(bytes);
+    if (p) {
+        blocks[n_blocks].p = p;
+        blocks[n_blocks++].n = bytes;
+        live += bytes;
+    }
+    return p;
+}
+
+static void count_free(void *p) {
+    if (!p) return;
+    for (int i = 0; i < n_blocks; i++)
+        if (blocks[i].p == p) {
+            live -= blocks[i].n;
+            blocks[i] = blocks[--n_blocks];
+            qs_backend_cpu()->free(p);
+            return;
+        }
+    fail_msg("freeing a block this backend did not allocate");
+}
+
+static int count_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    *total_bytes = capacity;
+    *free_bytes = capacity - live;
+    return 0;
+}
+
+static size_t count_workspace(const qs_op_sizes *s) { return 4096 + (size_t)s->rows * 24 + (size_t)s->experts * 40; }
+
+static int count_reserve(const qs_op_sizes *s) {
+    const size_t need = count_workspace(s);
+    if (need > reserved) {
+        live += need - reserved;
+        reserved = need;
+    }
+    return 0;
+}
+
+static qs_backend counting;
+
+static void reset(void) {
+    assert_int_equal(n_blocks, 0); /* everything created was freed */
+    live = reserved = 0;
+    capacity = SIZE_MAX / 2;
+}
+
+static int setup(void **state) {
+    (void)state;
+    counting = *qs_backend_cpu();
+    counting.name = "counting";
+    counting.alloc = count_alloc;
+    counting.free = count_free;
+    counting.mem_info = count_mem_info;
+    counting.workspace_bytes = count_workspace;
+    counting.reserve = count_reserve;
+    reset();
+    return 0;
+}
+
+static void assert_plans_equal(const qs_mem_plan *a, const qs_mem_plan *b) {
+    assert_int_equal(a->params, b->params);
+    assert_int_equal(a->grads, b->grads);
+    assert_int_equal(a->optimizer, b->optimizer);
+    assert_int_equal(a->activations, b->activations);
+    assert_int_equal(a->workspace, b->workspace);
+}
+
+/* A random small GPT: awkward widths, dense or MoE, attention or quadconv. */
+static qs_model_config random_gpt(int kind) {
+    qs_config c;
+    qs_config_defaults(&c);
+    qs_model_config m = c.model;
+    m.n_head = draw(1, 4);
+    m.n_embd = m.n_head * draw(2, 9);
+    m.n_layer = draw(1, 3);
+    m.seq_len = draw(3, 40);
+    m.vocab_size = draw(5, 300);
+    m.ffn_mult = draw(1, 4);
+    m.tie_embeddings = draw(0, 1);
+    if (kind == 1) {
+        m.moe.n_experts = draw(2, 9);
+        m.moe.top_k = draw(1, m.moe.n_experts);
+    } else if (kind == 2) {
+        m.mixer = QS_MIXER_QUADCONV;
+        m.quadra.kernel_size = draw(2, 5);
+    }
+    return m;
+}
+
+static void test_gpt_plan_is_what_create_takes(void **state) {
+    (void)state;
+    for (int i = 0; i < 12; i++) {
+        const qs_model_config cfg = random_gpt(i % 3);
+        const int B = draw(1, 5), T = draw(1, cfg.seq_len);
+        const bool trainable = i % 4 != 3;
+        qs_mem_plan plan;
+        assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, trainable, 1, &plan), 0);
+        assert_int_equal(live, 0); /* planning takes nothing */
+        assert_true(plan.activations > 0 && plan.params > 0);
+        assert_int_equal(plan.grads, trainable ? plan.params : 0);
+        assert_int_equal(plan.workspace, count_workspace(&(qs_op_sizes){B * T, cfg.moe.n_experts}));
+        qs_gpt *m;
+        assert_int_equal((trainable ? qs_gpt_create : qs_gpt_create_frozen)(&m, &cfg, &counting, B, T), 0);
+        assert_int_equal(live, qs_mem_plan_total(&plan));
+        assert_plans_equal(qs_gpt_mem_plan(m), &plan);
+        assert_int_equal(qs_gpt_params(m)->n * sizeof(float), plan.params);
+        qs_gpt_free(m);
+        assert_int_equal(live, reserved); /* the reserved scratch stays, as the CUDA backend's */
+        reset();
+    }
+}
+
+static void test_lora_plan_is_what_create_takes(void **state) {
+    (void)state;
+    static const char *const targets[3] = {"q,v,proj,fc_proj", "experts,proj", "fc,proj"};
+    for (int i = 0; i < 6; i++) {
+        const qs_model_config cfg = random_gpt(i % 2 ? 1 : 0);
+        qs_config c;
+        qs_config_defaults(&c);
+        qs_lora_config lc = c.lora;
+        lc.r = draw(1, cfg.n_embd);
+        lc.dropout = i % 3 == 0 ? 0.1f : 0.0f;
+        snprintf(lc.targets, sizeof lc.targets, "%s", targets[i % 2 ? 1 : (i / 2) % 2 ? 2 : 0]);
+        const int B = draw(1, 4), T = draw(1, cfg.seq_len);
+        qs_gpt *m;
+        assert_int_equal(qs_gpt_create_frozen(&m, &cfg, &counting, B, T), 0);
+        const size_t before = live;
+        qs_mem_plan plan;
+        assert_int_equal(qs_lora_plan(&lc, &cfg, &counting, B * T, &plan), 0);
+        assert_int_equal(live, before);
+        qs_lora *lo;
+        assert_int_equal(qs_lora_create(&lo, &lc, m), 0);
+        assert_int_equal(live - before, qs_mem_plan_total(&plan));
+        assert_int_equal(plan.params, qs_lora_params(lo)->n * sizeof(float));
+        assert_int_equal(plan.grads, plan.params);
+        qs_lora_free(lo);
+        qs_gpt_free(m);
+        reset();
+    }
+}
+
+static void test_quadranet_plan_is_what_create_takes(void **state) {
+    (void)state;
+    for (int i = 0; i < 4; i++) {
+        qs_config c;
+        qs_config_defaults(&c);
+        qs_model_config cfg = c.model;
+        cfg.type = QS_MODEL_QUADRANET;
+        qs_quadra_config *q = &cfg.quadra;
+        q->stem_patch = draw(1, 3);
+        q->image_size = q->stem_patch * 8 * draw(1, 2);
+        q->in_channels = 1;
+        q->num_classes = draw(2, 11);
+        q->kernel_size = 2 * draw(1, 3) + 1;
+        for (int s = 0; s < 4; s++) {
+            q->widths[s] = draw(3, 9);
+            q->depths[s] = draw(0, 2);
+        }
+        const int B = draw(1, 6);
+        qs_mem_plan plan;
+        assert_int_equal(qs_quadranet_plan(&cfg, &counting, B, &plan), 0);
+        assert_int_equal(live, 0);
+        qs_quadranet *m;
+        assert_int_equal(qs_quadranet_create(&m, &cfg, &counting, B), 0);
+        assert_int_equal(live, qs_mem_plan_total(&plan));
+        assert_plans_equal(qs_quadranet_mem_plan(m), &plan);
+        qs_quadranet_free(m);
+        reset();
+    }
+}
+
+static void test_ring_and_optimizer_plans(void **state) {
+    (void)state;
+    qs_comm *world;
+    assert_int_equal(qs_comm_init(&world, QS_COMM_SINGLE), 0);
+    const int NH = draw(1, 4), C = NH * draw(2, 9), B = draw(1, 4), Tl = 2 * draw(1, 9);
+    qs_ring_attention *ra;
+    assert_int_equal(qs_ring_attention_create(&ra, &counting, world, B, Tl, C, NH, 1), 0);
+    assert_int_equal(live, qs_ring_attention_bytes(B, Tl, C, NH, 1));
+    qs_ring_attention_free(ra);
+    qs_comm_free(world);
+    /* more ranks add two K/V and two dK/dV blocks of [B, Tl, 2C] each */
+    assert_true(qs_ring_attention_bytes(B, Tl, C, NH, 3) >=
+                qs_ring_attention_bytes(B, Tl, C, NH, 1) + 4 * (size_t)B * Tl * 2 * C * sizeof(float));
+    reset();
+
+    /* AdamW's state for every rank count and rank of a ZeRO-1 group, and unsharded */
+    const size_t n = (size_t)draw(1, 5000);
+    for (int size = 1; size <= 5; size++)
+        for (int zero = 0; zero <= 1; zero++)
+            for (int rank = 0; rank < size; rank++) {
+                qs_dp dp;
+                qs_dp_init(&dp, NULL, zero, n);
+                dp.size = size, dp.rank = rank, dp.chunk = n / (size_t)size; /* as a group of `size` would */
+                qs_adamw o = {0};
+                assert_int_equal(qs_dp_create_optim(&dp, &counting, &o), 0);
+                assert_int_equal(live, qs_mem_plan_optimizer(n, zero ? size : 1));
+                qs_adamw_free(&o);
+                reset();
+            }
+}
+
+static void test_too_big_fails_before_allocating(void **state) {
+    (void)state;
+    const qs_model_config cfg = random_gpt(1);
+    const int B = draw(1, 4), T = cfg.seq_len;
+    qs_mem_plan plan;
+    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, true, 1, &plan), 0);
+    const size_t need = qs_mem_plan_total(&plan);
+    capacity = need - 1;
+    qs_gpt *m = NULL;
+    assert_int_equal(qs_gpt_create(&m, &cfg, &counting, B, T), -1);
+    assert_null(m);
+    assert_int_equal(live, 0); /* nothing was taken */
+    const char *e = qs_error_last();
+    assert_non_null(strstr(e, "not enough memory on counting: the run needs "));
+    assert_non_null(strstr(e, "parameters "));
+    assert_non_null(strstr(e, "workspace "));
+    assert_non_null(strstr(e, "MiB is free"));
+    assert_non_null(strstr(e, "train.micro_batch_size"));
+    assert_null(strchr(e, '\n'));
+    assert_int_equal(qs_mem_plan_check(&plan, &counting), -1);
+    /* exactly enough fits */
+    capacity = need;
+    assert_int_equal(qs_mem_plan_check(&plan, &counting), 0);
+    assert_int_equal(qs_gpt_create(&m, &cfg, &counting, B, T), 0);
+    assert_int_equal(live, need);
+    qs_gpt_free(m);
+    reset();
+
+    /* adapters that do not fit beside their base fail alike, taking nothing more */
+    assert_int_equal(qs_gpt_create_frozen(&m, &cfg, &counting, B, T), 0);
+    qs_config c;
+    qs_config_defaults(&c);
+    qs_lora_config lc = c.lora;
+    snprintf(lc.targets, sizeof lc.targets, "experts");
+    capacity = live;
+    const size_t before = live;
+    qs_lora *lo = NULL;
+    assert_int_equal(qs_lora_create(&lo, &lc, m), -1);
+    assert_null(lo);
+    assert_int_equal(live, before);
+    assert_non_null(strstr(qs_error_last(), "not enough memory on counting"));
+    qs_gpt_free(m);
+    reset();
+}
+
+static void test_plan_sums_and_cpu_info(void **state) {
+    (void)state;
+    qs_mem_plan a = {1, 2, 3, 4, 5}, b = {10, 20, 30, 40, 50};
+    qs_mem_plan_add(&a, &b);
+    assert_int_equal(qs_mem_plan_total(&a), 165);
+    assert_int_equal(a.workspace, 55);
+    assert_int_equal(qs_mem_plan_optimizer(10, 1), 80);
+    assert_int_equal(qs_mem_plan_optimizer(10, 4), 2 * (2 + 2) * sizeof(float)); /* chunk 2, tail 2 */
+    size_t f, t;
+    const qs_backend *cpu = qs_backend_cpu();
+    assert_int_equal(cpu->mem_info(&f, &t), 0); /* Linux's /proc/meminfo */
+    assert_true(t > 0 && f <= t);
+    assert_int_equal(cpu->workspace_bytes(&(qs_op_sizes){100, 3}), 0);
+}
+
+int main(void) {
+    seed = qs_test_seed("test_memplan");
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_gpt_plan_is_what_create_takes),
+        cmocka_unit_test(test_lora_plan_is_what_create_takes),
+        cmocka_unit_test(test_quadranet_plan_is_what_create_takes),
+        cmocka_unit_test(test_ring_and_optimizer_plans),
+        cmocka_unit_test(test_too_big_fails_before_allocating),
+        cmocka_unit_test(test_plan_sums_and_cpu_info),
+    };
+    return cmocka_run_group_tests(tests, setup, NULL);
+}
