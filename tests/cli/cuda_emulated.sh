@@ -76,3 +76,25 @@ if grep -q "train.precision bf16 applies to --device cuda; the CPU computes in f
 else
   not_ok "train.precision bf16 on the CPU says it computes in fp32, and does" "$(tail -3 cpu_bf16.log)"
 fi
+
+# The memory plan: a run too big for the device fails with one line naming what it needs
+# and what is free, before taking any memory, and a resume that no longer fits loses
+# nothing. The emulated device has QS_EMU_GPU_MIB of memory; 16 MiB is less than
+# cuBLAS's workspace alone.
+ls -R cuda/ckpt >ckpt_before.txt
+if QS_EMU_GPU_MIB=16 "$emu/quasar" train --resume cuda --device cuda >oom.log 2>&1; then
+  not_ok "a run too big for the device fails at the start" "it ran: $(tail -2 oom.log)"
+elif grep -Eq "^error: not enough memory on cuda: the run needs [0-9.]+ MiB = parameters [0-9.]+ \+ gradients [0-9.]+ \+ optimizer [0-9.]+ \+ activations [0-9.]+ \+ workspace [0-9.]+ MiB, but [0-9.]+ MiB of 16.0 MiB is free; lower train.micro_batch_size" oom.log &&
+  ! sanitizer_report oom.log && ls -R cuda/ckpt | cmp -s - ckpt_before.txt &&
+  "$QUASAR" eval --model cuda 2>&1 | cmp -s - eval_cuda.txt; then
+  ok "a run too big for the device fails at the start with the plan and the free memory; its checkpoints are intact"
+else
+  not_ok "a run too big for the device fails at the start with the plan and the free memory; its checkpoints are intact" \
+    "$(grep -v WARNING oom.log | tail -3)"
+fi
+if "$emu/quasar" train --resume cuda --device cuda --set train.max_steps=4 >fits.log 2>&1 &&
+  grep -Eq "^quasar: memory plan [0-9.]+ MiB = parameters .* workspace 32\.[0-9] MiB; cuda has [0-9.]+ of 81920\.0 MiB left" fits.log; then
+  ok "the start prints the memory plan and what the device has left"
+else
+  not_ok "the start prints the memory plan and what the device has left" "$(grep -v WARNING fits.log | head -3)"
+fi

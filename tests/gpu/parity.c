@@ -1,6 +1,8 @@
 /* Parity of the CUDA backend with the CPU reference (`make test-gpu`, GPU machines only).
  *
- * Every op of qs_ops runs on both backends over the same fresh random inputs (seed
+ * First the memory plan: an MoE GPT and its optimizer take the device memory the plan
+ * computed from the config, and training steps take none (no allocation in the loop).
+ * Then every op of qs_ops runs on both backends over the same fresh random inputs (seed
  * printed; QS_TEST_SEED replays it) at several awkward sizes (1, and none a multiple of
  * 32, 64 or 128). Before each call the outputs an op overwrites are poisoned with NaN on
  * both backends, and the ones it accumulates into get the same random values on both;
@@ -42,6 +44,7 @@
 #include "quasar/backend.h"
 #include "quasar/config.h"
 #include "quasar/error.h"
+#include "quasar/memplan.h"
 #include "quasar/model.h"
 #include "quasar/optim.h"
 #include "quasar/quadranet.h"
@@ -755,6 +758,19 @@ static qs_model_config gpt_config(void) {
     return m;
 }
 
+/* gpt_config's, its feed-forward a noisy top-2 MoE of 4 experts with capacity 1.0 and
+ * both router losses. */
+static qs_model_config moe_config(void) {
+    qs_model_config m = gpt_config();
+    m.moe.n_experts = 4;
+    m.moe.top_k = 2;
+    m.moe.gating = QS_GATING_NOISY_TOPK;
+    m.moe.capacity_factor = 1.0f;
+    m.moe.aux_loss_coef = 0.01f;
+    m.moe.z_loss_coef = 0.001f;
+    return m;
+}
+
 /* Loss, MoE statistics and routing, every gradient; then a prefill and one decode step. */
 static void test_gpt(const char *label, const qs_model_config *cfg) {
     case_begin("gpt %s (%s): loss and gradients, run-to-run bits, prefill and decode", label, be[1]->name);
@@ -912,18 +928,82 @@ static void training_batch(int step, int B, int T, int V, int *x, int *y) {
     }
 }
 
-static void test_training(int steps) {
-    case_begin("training (%s): %d AdamW steps of a tiny GPT, CUDA loss within %.0e of the CPU's at every step",
-               be[1]->name, steps, train_tol());
+/* One AdamW step of m on its batch of step `step`; returns the loss. */
+static double train_step(qs_gpt *m, qs_adamw *opt, const qs_train_config *tc, int step, int B, int T) {
+    int x[B * T], y[B * T];
+    training_batch(step, B, T, qs_gpt_config(m)->vocab_size, x, y);
+    const qs_forward_mode mode = {.train = true, .rng_seed = qs_rng_u64(seed, 43, (uint64_t)step),
+                                  .sample0 = (uint64_t)step * B};
+    qs_params *ps = qs_gpt_params(m);
+    qs_params_zero_grad(ps);
+    const double loss = qs_gpt_forward(m, x, y, B, T, &mode);
+    qs_gpt_backward(m, 1.0f);
+    qs_adamw_apply(opt, ps, tc, qs_lr_at(tc, step), qs_adamw_grad_norm(ps));
+    return loss;
+}
+
+static qs_train_config training_config(void) {
     qs_config conf;
     qs_config_defaults(&conf);
-    qs_model_config cfg = gpt_config();
-    cfg.vocab_size = 23;
     qs_train_config tc = conf.train;
     tc.lr = 3e-3f;
     tc.lr_schedule = QS_LR_CONSTANT;
     tc.warmup_steps = 0;
     tc.grad_clip = 1.0f;
+    return tc;
+}
+
+/* The memory plan on the device: creating an MoE GPT and its optimizer takes what the
+ * plan says (cudaMalloc rounds a block up, by less than 2 MiB a block), and training
+ * steps take nothing more: the op scratch and cuBLAS's workspace were reserved at
+ * creation. Runs before any other case, so nothing has grown the scratch yet. */
+static void test_memory_plan(void) {
+    case_begin("memory plan (%s): an MoE GPT and AdamW take what the plan says, a training step nothing more",
+               be[1]->name);
+    qs_model_config cfg = moe_config();
+    /* 66 x 8 rows: the MoE balance loss's scratch outgrows the gradient norm's (one
+     * small layer: the emulator takes a while over this many rows) */
+    cfg.seq_len = 8;
+    cfg.n_layer = 1;
+    cfg.ffn_mult = 1;
+    enum { B = 66, T = 8, BLOCKS = 10 /* the most cudaMallocs creation makes */ };
+    const qs_train_config tc = training_config();
+    qs_gpt *m = NULL;
+    qs_adamw opt = {0};
+    qs_mem_plan plan;
+    size_t free0, free1, free2, total;
+    if (qs_gpt_plan(&cfg, be[1], B, T, true, 1, &plan) || be[1]->mem_info(&free0, &total)) {
+        fail("planning: %s", qs_error_last());
+        goto done;
+    }
+    plan.optimizer = qs_mem_plan_optimizer(plan.grads / sizeof(float), 1);
+    if (qs_gpt_create(&m, &cfg, be[1], B, T) || qs_gpt_init(m, seed) ||
+        qs_adamw_create(&opt, be[1], qs_gpt_params(m)->n) || be[1]->mem_info(&free1, &total)) {
+        fail("creating the model: %s", qs_error_last());
+        goto done;
+    }
+    const size_t used = free0 - free1, need = qs_mem_plan_total(&plan);
+    printf("# memory plan (%s): %zu bytes planned, %zu taken\n", be[1]->name, need, used);
+    if (used < need || used > need + (size_t)BLOCKS * (2u << 20))
+        fail("creation took %zu bytes of device memory; the plan says %zu", used, need);
+    train_step(m, &opt, &tc, 0, B, T); /* every op that takes scratch runs in one step */
+    if (be[1]->mem_info(&free2, &total)) {
+        fail("cudaMemGetInfo: %s", qs_error_last());
+        goto done;
+    }
+    if (free2 != free1) fail("a training step took %lld bytes of device memory", (long long)free1 - (long long)free2);
+done:
+    qs_adamw_free(&opt);
+    qs_gpt_free(m);
+    case_end();
+}
+
+static void test_training(int steps) {
+    case_begin("training (%s): %d AdamW steps of a tiny GPT, CUDA loss within %.0e of the CPU's at every step",
+               be[1]->name, steps, train_tol());
+    qs_model_config cfg = gpt_config();
+    cfg.vocab_size = 23;
+    const qs_train_config tc = training_config();
     enum { B = 4, T = 12 };
     qs_gpt *m[2] = {NULL, NULL};
     qs_adamw opt[2];
@@ -934,21 +1014,11 @@ static void test_training(int steps) {
             fail("creating the %s model: %s", be[s]->name, qs_error_last());
             goto done;
         }
-    int x[B * T], y[B * T];
     double first = 0.0, last = 0.0, worst = 0.0;
     int worst_at = 0;
     for (int step = 0; step < steps; step++) {
-        training_batch(step, B, T, cfg.vocab_size, x, y);
-        const qs_forward_mode mode = {.train = true, .rng_seed = qs_rng_u64(seed, 43, (uint64_t)step),
-                                      .sample0 = (uint64_t)step * B};
         double loss[2];
-        for (int s = 0; s < 2; s++) {
-            qs_params *ps = qs_gpt_params(m[s]);
-            qs_params_zero_grad(ps);
-            loss[s] = qs_gpt_forward(m[s], x, y, B, T, &mode);
-            qs_gpt_backward(m[s], 1.0f);
-            qs_adamw_apply(&opt[s], ps, &tc, qs_lr_at(&tc, step), qs_adamw_grad_norm(ps));
-        }
+        for (int s = 0; s < 2; s++) loss[s] = train_step(m[s], &opt[s], &tc, step, B, T);
         const double rel = fabs(loss[1] - loss[0]) / fabs(loss[0]);
         if (!(rel <= worst)) { /* NaN counts as worst */
             worst = rel;
@@ -972,13 +1042,7 @@ done:
 static void test_models(void) {
     qs_model_config dense = gpt_config();
     test_gpt("dense gelu, dropout", &dense);
-    qs_model_config moe = gpt_config();
-    moe.moe.n_experts = 4;
-    moe.moe.top_k = 2;
-    moe.moe.gating = QS_GATING_NOISY_TOPK;
-    moe.moe.capacity_factor = 1.0f;
-    moe.moe.aux_loss_coef = 0.01f;
-    moe.moe.z_loss_coef = 0.001f;
+    qs_model_config moe = moe_config();
     test_gpt("moe noisy top-2, capacity 1.0, dropout", &moe);
     qs_model_config qc = gpt_config();
     qc.mixer = QS_MIXER_QUADCONV;
@@ -996,6 +1060,9 @@ static void test_models(void) {
 }
 
 int main(void) {
+    /* every kernel loaded with the context, not at its first launch, so that device
+     * memory changes only by what the backend allocates (test_memory_plan) */
+    setenv("CUDA_MODULE_LOADING", "EAGER", 1);
     seed = qs_test_seed("parity");
     be[0] = qs_backend_cpu();
     be[1] = qs_backend_cuda(QS_PRECISION_FP32);
@@ -1003,6 +1070,7 @@ int main(void) {
         printf("Bail out! no CUDA backend: %s\n", qs_error_last());
         return 1;
     }
+    test_memory_plan();
     test_ops();
     test_models();
     be[1] = qs_backend_cuda(QS_PRECISION_BF16);
