@@ -169,6 +169,7 @@ int qs_lora_plan(const qs_lora_config *lc, const qs_model_config *mc, const qs_b
 }
 
 int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
+    *out = NULL;
     qs_lora *lo;
     /* the adapters read and write the model's activations, on its backend */
     if (layout(&lo, lc, qs_gpt_config(m), qs_gpt_backend(m), (size_t)qs_gpt_max_tokens(m))) return -1;

@@ -255,6 +255,7 @@ static void test_too_big_fails_before_allocating(void **state) {
     assert_null(m);
     assert_int_equal(live, 0); /* nothing was taken */
     const char *e = qs_error_last();
+    printf("# %s\n", e);
     assert_non_null(strstr(e, "not enough memory on counting: the run needs "));
     assert_non_null(strstr(e, "parameters "));
     assert_non_null(strstr(e, "workspace "));
@@ -276,12 +277,14 @@ static void test_too_big_fails_before_allocating(void **state) {
     qs_config_defaults(&c);
     qs_lora_config lc = c.lora;
     snprintf(lc.targets, sizeof lc.targets, "experts");
+    lc.r = 1; /* within any n_embd */
     capacity = live;
     const size_t before = live;
-    qs_lora *lo = NULL;
+    qs_lora *lo = (qs_lora *)&lc; /* must come back NULL */
     assert_int_equal(qs_lora_create(&lo, &lc, m), -1);
     assert_null(lo);
     assert_int_equal(live, before);
+    printf("# %s\n", qs_error_last());
     assert_non_null(strstr(qs_error_last(), "not enough memory on counting"));
     qs_gpt_free(m);
     reset();
