@@ -200,6 +200,20 @@ static void ln_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *co
     o->layernorm_forward(f[0], f[1], f[2], f[3], f[4], f[5], d->N, d->C);
 }
 
+/* fused with the residual add before it (+1 FLOP; reads the residual and the branch,
+ * writes their sum and the normalised rows) */
+static void res_ln_fwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C;
+    bufs(p, 8, (size_t[]){N * C, N * C, N, N, N * C, N * C, C, C}, 0, NULL);
+    p->flops = 9.0 * N * C;
+    p->bytes = 4.0 * (4 * N * C + 2 * C + 2 * N);
+    snprintf(p->shape, sizeof p->shape, "N=%d C=%d", d->N, d->C);
+}
+static void res_ln_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->residual_layernorm_forward(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], d->N, d->C);
+}
+
 static void ln_bwd_plan(kplan *p, const kdims *d) {
     const size_t N = d->N, C = d->C;
     bufs(p, 8, (size_t[]){N * C, C, C, N * C, N * C, C, N, N}, 0, NULL);
@@ -259,6 +273,7 @@ static const kcase CASES[] = {
     {"quadconv_fwd", QCONV_DIMS, qconv_fwd_plan, NULL, qconv_fwd_run},
     {"quadconv_bwd", QCONV_DIMS, qconv_bwd_plan, NULL, qconv_bwd_run},
     {"layernorm_fwd", LN_DIMS, ln_fwd_plan, NULL, ln_fwd_run},
+    {"residual_layernorm_fwd", LN_DIMS, res_ln_fwd_plan, NULL, res_ln_fwd_run},
     {"layernorm_bwd", LN_DIMS, ln_bwd_plan, NULL, ln_bwd_run},
     {"xent_fwd", XENT_DIMS, xent_fwd_plan, xent_targets, xent_fwd_run},
     {"xent_bwd", XENT_DIMS, xent_bwd_plan, xent_targets, xent_bwd_run},

@@ -645,6 +645,18 @@ static void ring_forward(qs_gpt *m, layer_acts *a, int B) {
     else m->failed = qs_ring_attention_forward(m->ring, a->atty, a->lse, a->qkv) != 0;
 }
 
+/* The LayerNorm that reads residual stream l: block l's ln_1, or ln_f after the last. */
+typedef struct ln_of_stream {
+    float *out, *mean, *rstd;
+    const float *w, *b;
+} ln_of_stream;
+
+static ln_of_stream ln_reading(qs_gpt *m, int l) {
+    if (l == m->L) return (ln_of_stream){m->lnf, m->lnf_mean, m->lnf_rstd, P(m, m->lnf_w), P(m, m->lnf_b)};
+    layer_acts *a = &m->la[l];
+    return (ln_of_stream){a->ln1, a->ln1_mean, a->ln1_rstd, P(m, m->lp[l].ln1_w), P(m, m->lp[l].ln1_b)};
+}
+
 /* Embeddings through logits for B sequences of T tokens at positions 0..T-1; or, when
  * decoding (T = 1), row b's token at position pos[b] against the KV cache of slot
  * slots[b] (host arrays). */
@@ -670,11 +682,11 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
 
     ops->embed_forward(m->res[0], m->tok, m->pos, P(m, m->wte), P(m, m->wpe), N, C);
     drop_forward(m, m->res[0], NC, m->L, SITE_EMBED);
+    ln_of_stream ln = ln_reading(m, 0);
+    ops->layernorm_forward(ln.out, ln.mean, ln.rstd, m->res[0], ln.w, ln.b, N, C);
     for (int l = 0; l < m->L; l++) {
         const layer_params *p = &m->lp[l];
         layer_acts *a = &m->la[l];
-        ops->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], P(m, p->ln1_w),
-                               P(m, p->ln1_b), N, C);
         if (p->qc_w >= 0) {
             mixer_conv_forward(m, l, B, T, slots);
         } else {
@@ -691,16 +703,16 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
         ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
         lora_forward(m, l, QS_LORA_SITE_PROJ, 0, 0, N, a->attproj, a->atty);
         drop_forward(m, a->attproj, NC, l, SITE_ATTN);
-        ops->add_forward(a->res_mid, m->res[l], a->attproj, NC);
-        ops->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, P(m, p->ln2_w),
-                               P(m, p->ln2_b), N, C);
+        ops->residual_layernorm_forward(a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, m->res[l], a->attproj,
+                                        P(m, p->ln2_w), P(m, p->ln2_b), N, C);
         if (m->E > 0) moe_forward(m, l, N);
         else dense_ffn_forward(m, l, N);
         drop_forward(m, a->ffout, NC, l, SITE_FFN);
-        ops->add_forward(m->res[l + 1], a->res_mid, a->ffout, NC);
+        /* the stream's next LayerNorm (the next block's ln_1, or ln_f) reads the sum */
+        ln = ln_reading(m, l + 1);
+        ops->residual_layernorm_forward(m->res[l + 1], ln.out, ln.mean, ln.rstd, a->res_mid, a->ffout, ln.w, ln.b,
+                                        N, C);
     }
-    ops->layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->res[m->L], P(m, m->lnf_w),
-                           P(m, m->lnf_b), N, C);
     ops->matmul_forward(m->logits, m->lnf, P(m, m->lm_head), NULL, N, C, m->V, lm_head_layout());
 }
 

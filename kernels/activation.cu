@@ -31,6 +31,7 @@ __global__ static void relu_backward_kernel(float *dinp, const float *inp, const
     QS_GRID_LOOP(i, n) dinp[i] += inp[i] > 0.0f ? dout[i] : 0.0f;
 }
 
+/* out = a + b: dropout's backward at p = 0 */
 __global__ static void add_kernel(float *out, const float *a, const float *b, size_t n) {
     QS_GRID_LOOP(i, n) out[i] = a[i] + b[i];
 }
@@ -46,9 +47,6 @@ void qs_cuda_relu_forward(float *out, const float *inp, size_t n) {
 }
 void qs_cuda_relu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
     QS_LAUNCH_N(relu_backward_kernel, n, dinp, inp, dout, n);
-}
-void qs_cuda_add_forward(float *out, const float *a, const float *b, size_t n) {
-    QS_LAUNCH_N(add_kernel, n, out, a, b, n);
 }
 
 /* out = (acc ? out : 0) + x * (1/(1-p) if element i = r*W + c is kept, else 0): forward

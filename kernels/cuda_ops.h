@@ -104,6 +104,8 @@ void qs_cuda_embed_backward(float *dwte, float *dwpe, const float *dout, const i
 /* layernorm.cu */
 void qs_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
                                const float *b, int N, int C);
+void qs_cuda_residual_layernorm_forward(float *res, float *out, float *mean, float *rstd, const float *inp,
+                                        const float *branch, const float *w, const float *b, int N, int C);
 void qs_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                 const float *w, const float *mean, const float *rstd, int N, int C);
 
@@ -132,7 +134,6 @@ void qs_cuda_gelu_forward(float *out, const float *inp, size_t n);
 void qs_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
 void qs_cuda_relu_forward(float *out, const float *inp, size_t n);
 void qs_cuda_relu_backward(float *dinp, const float *inp, const float *dout, size_t n);
-void qs_cuda_add_forward(float *out, const float *a, const float *b, size_t n);
 void qs_cuda_dropout_forward(float *out, const float *inp, float p, uint64_t seed, uint64_t stream,
                              const int64_t *row_ids, size_t N, size_t W);
 void qs_cuda_dropout_backward(float *dinp, const float *dout, float p, uint64_t seed, uint64_t stream,

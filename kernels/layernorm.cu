@@ -3,19 +3,30 @@
 
 #define LN_EPS 1e-5f
 
-__global__ static void layernorm_forward_kernel(float *out, float *mean, float *rstd, const float *inp,
-                                                const float *w, const float *b, int N, int C) {
+/* RESIDUAL: x = inp + branch, stored to res (each lane re-reads only what it wrote); else
+ * x = inp. */
+template <bool RESIDUAL>
+__global__ static void layernorm_forward_kernel(float *res, float *out, float *mean, float *rstd, const float *inp,
+                                                const float *branch, const float *w, const float *b, int N, int C) {
     const int row = blockIdx.x * QS_WARPS + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (row >= N) return; /* whole warps leave together */
-    const float *x = inp + (size_t)row * C;
+    const size_t at = (size_t)row * C;
     float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += x[c];
+    for (int c = lane; c < C; c += 32) {
+        float v = inp[at + c];
+        if (RESIDUAL) {
+            v += branch[at + c];
+            res[at + c] = v;
+        }
+        s += v;
+    }
+    const float *x = (RESIDUAL ? res : inp) + at;
     const float m = qs_warp_reduce(s, qs_sum_op()) / (float)C;
     /* two passes: the variance of centred values does not cancel catastrophically */
     float v = 0.0f;
     for (int c = lane; c < C; c += 32) v += (x[c] - m) * (x[c] - m);
     const float r = 1.0f / sqrtf(qs_warp_reduce(v, qs_sum_op()) / (float)C + LN_EPS);
-    float *o = out + (size_t)row * C;
+    float *o = out + at;
     for (int c = lane; c < C; c += 32) o[c] = (x[c] - m) * r * w[c] + b[c];
     if (lane == 0) {
         mean[row] = m;
@@ -25,7 +36,13 @@ __global__ static void layernorm_forward_kernel(float *out, float *mean, float *
 
 void qs_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp, const float *w,
                                const float *b, int N, int C) {
-    QS_LAUNCH_ROWS(layernorm_forward_kernel, N, out, mean, rstd, inp, w, b, N, C);
+    QS_LAUNCH_ROWS(layernorm_forward_kernel<false>, N, (float *)NULL, out, mean, rstd, inp, (const float *)NULL, w, b,
+                   N, C);
+}
+
+void qs_cuda_residual_layernorm_forward(float *res, float *out, float *mean, float *rstd, const float *inp,
+                                        const float *branch, const float *w, const float *b, int N, int C) {
+    QS_LAUNCH_ROWS(layernorm_forward_kernel<true>, N, res, out, mean, rstd, inp, branch, w, b, N, C);
 }
 
 /* dinp += rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * w. */

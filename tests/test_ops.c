@@ -505,21 +505,30 @@ static void test_gelu_relu(void **state) {
     free(want), free(c.inp), free(c.out), free(c.R);
 }
 
-static void test_add(void **state) {
+/* The fused residual add: the sum exactly, and the same bits as layernorm_forward of it,
+ * into a fresh buffer and in place over the residual. */
+static void test_residual_layernorm(void **state) {
     (void)state;
-    const size_t n = 1001;
-    float *a = rnd_tensor(n, -1, 1), *b = rnd_tensor(n, -1, 1), *out = alloc_f(n);
-    double *want = alloc_d(n);
-    for (size_t i = 0; i < n; i++) want[i] = (double)(a[i] + b[i]);
-    poison(out, n);
-    ops->add_forward(out, a, b, n);
-    check_close("add", out, want, n, 0.0, 0.0);
-    float *a2 = copy_tensor(a, n), *b2 = copy_tensor(b, n);
-    ops->add_forward(a2, a2, b, n);
-    check_close("add out=a", a2, want, n, 0.0, 0.0);
-    ops->add_forward(b2, a, b2, n);
-    check_close("add out=b", b2, want, n, 0.0, 0.0);
-    free(a), free(b), free(out), free(want), free(a2), free(b2);
+    const int N = rnd_int(1, 70), C = rnd_int(1, 300);
+    const size_t n = (size_t)N * C;
+    float *inp = rnd_tensor(n, -3, 3), *branch = rnd_tensor(n, -1, 1), *w = rnd_tensor(C, 0.5f, 1.5f),
+          *b = rnd_tensor(C, -1, 1);
+    float *sum = alloc_f(n), *want = alloc_f(n), *wmean = alloc_f(N), *wrstd = alloc_f(N);
+    for (size_t i = 0; i < n; i++) sum[i] = inp[i] + branch[i];
+    ops->layernorm_forward(want, wmean, wrstd, sum, w, b, N, C);
+    float *res = alloc_f(n), *out = alloc_f(n), *mean = alloc_f(N), *rstd = alloc_f(N), *in_place = copy_tensor(inp, n);
+    for (int pass = 0; pass < 2; pass++) {
+        float *r = pass ? in_place : res;
+        poison(out, n), poison(mean, N), poison(rstd, N);
+        if (!pass) poison(res, n);
+        ops->residual_layernorm_forward(r, out, mean, rstd, pass ? in_place : inp, branch, w, b, N, C);
+        assert_memory_equal(r, sum, n * sizeof(float));
+        assert_memory_equal(out, want, n * sizeof(float));
+        assert_memory_equal(mean, wmean, N * sizeof(float));
+        assert_memory_equal(rstd, wrstd, N * sizeof(float));
+    }
+    free(inp), free(branch), free(w), free(b), free(sum), free(want), free(wmean), free(wrstd);
+    free(res), free(out), free(mean), free(rstd), free(in_place);
 }
 
 static void test_dropout(void **state) {
@@ -1245,7 +1254,7 @@ int main(void) {
         cmocka_unit_test(test_backend_memory),  cmocka_unit_test(test_embed),
         cmocka_unit_test(test_layernorm),       cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_attention),       cmocka_unit_test(test_gelu_relu),
-        cmocka_unit_test(test_add),             cmocka_unit_test(test_dropout),
+        cmocka_unit_test(test_residual_layernorm),             cmocka_unit_test(test_dropout),
         cmocka_unit_test(test_xent),            cmocka_unit_test(test_noisy_gate),
         cmocka_unit_test(test_topk),            cmocka_unit_test(test_assign_by_hand),
         cmocka_unit_test(test_assign_random),   cmocka_unit_test(test_dispatch_combine),

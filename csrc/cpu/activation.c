@@ -39,11 +39,6 @@ void qs_cpu_relu_backward(float *dinp, const float *inp, const float *dout, size
     for (size_t i = 0; i < n; i++) dinp[i] += inp[i] > 0.0f ? dout[i] : 0.0f;
 }
 
-void qs_cpu_add_forward(float *out, const float *a, const float *b, size_t n) {
-#pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
-}
-
 /* Factor applied to element i = r*W + c: 1/(1-p) if kept, 0 if dropped. */
 static inline float dropout_factor(float p, float scale, uint64_t seed, uint64_t stream,
                                    const int64_t *row_ids, size_t i, size_t W) {

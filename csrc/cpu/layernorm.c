@@ -6,24 +6,36 @@
 
 #define LN_EPS 1e-5f
 
+/* One row: o = LayerNorm(x); its mean and rstd. */
+static inline void ln_row(float *o, float *mean, float *rstd, const float *x, const float *w, const float *b, int C) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int c = 0; c < C; c++) sum += x[c];
+    const float m = sum / (float)C;
+    /* Two passes: the variance of centred values does not cancel catastrophically. */
+    float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+    for (int c = 0; c < C; c++) var += (x[c] - m) * (x[c] - m);
+    const float s = 1.0f / sqrtf(var / (float)C + LN_EPS);
+    for (int c = 0; c < C; c++) o[c] = (x[c] - m) * s * w[c] + b[c];
+    *mean = m;
+    *rstd = s;
+}
+
 void qs_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
                               const float *w, const float *b, int N, int C) {
 #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        ln_row(out + (size_t)n * C, mean + n, rstd + n, inp + (size_t)n * C, w, b, C);
+}
+
+void qs_cpu_residual_layernorm_forward(float *res, float *out, float *mean, float *rstd, const float *inp,
+                                       const float *branch, const float *w, const float *b, int N, int C) {
+#pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C;
-        float *o = out + (size_t)n * C;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int c = 0; c < C; c++) sum += x[c];
-        const float m = sum / (float)C;
-        /* Two passes: the variance of centred values does not cancel catastrophically. */
-        float var = 0.0f;
-#pragma omp simd reduction(+ : var)
-        for (int c = 0; c < C; c++) var += (x[c] - m) * (x[c] - m);
-        const float s = 1.0f / sqrtf(var / (float)C + LN_EPS);
-        for (int c = 0; c < C; c++) o[c] = (x[c] - m) * s * w[c] + b[c];
-        mean[n] = m;
-        rstd[n] = s;
+        const size_t at = (size_t)n * C;
+        for (int c = 0; c < C; c++) res[at + c] = inp[at + c] + branch[at + c];
+        ln_row(out + at, mean + n, rstd + n, res + at, w, b, C);
     }
 }
 

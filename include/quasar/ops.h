@@ -79,6 +79,13 @@ typedef struct qs_ops {
     void (*layernorm_backward)(float *dinp, float *dw, float *db, const float *dout,
                                const float *inp, const float *w, const float *mean,
                                const float *rstd, int N, int C);
+    /* The residual add fused with the LayerNorm that reads its sum: res = inp + branch
+     * (res may alias inp), then out = LayerNorm(res), the same bits as layernorm_forward
+     * of the sum, with one pass less over memory than adding first. Its backward is
+     * layernorm_backward into the residual's gradient (the add passes it through). */
+    void (*residual_layernorm_forward)(float *res, float *out, float *mean, float *rstd,
+                                       const float *inp, const float *branch, const float *w,
+                                       const float *b, int N, int C);
 
     /* out[N,n_out] = inp[N,n_in] @ W + bias (bias may be NULL). W is [n_in,n_out] or
      * [n_out,n_in]. */
@@ -135,9 +142,6 @@ typedef struct qs_ops {
     void (*gelu_backward)(float *dinp, const float *inp, const float *dout, size_t n);
     void (*relu_forward)(float *out, const float *inp, size_t n);
     void (*relu_backward)(float *dinp, const float *inp, const float *dout, size_t n);
-
-    /* out = a + b (out may alias a or b). */
-    void (*add_forward)(float *out, const float *a, const float *b, size_t n);
 
     /* Inverted dropout with drop probability p over [N, W]: element (r, c) is kept iff
      * qs_rng_uniform(seed, stream, its counter) >= p, and kept values are scaled by

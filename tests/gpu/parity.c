@@ -300,7 +300,7 @@ static void test_embed(int N, int C, int V, int P) {
 }
 
 static void test_layernorm(int N, int C) {
-    case_begin("layernorm N=%d C=%d", N, C);
+    case_begin("layernorm, and fused with the residual add, N=%d C=%d", N, C);
     tensor x = t_rand((size_t)N * C, -2, 3), w = t_rand((size_t)C, 0.5f, 1.5f), b = t_rand((size_t)C, -1, 1);
     tensor out = t_out((size_t)N * C), mean = t_out((size_t)N), rstd = t_out((size_t)N);
     BOTH(ops->layernorm_forward(F(out), F(mean), F(rstd), F(x), F(w), F(b), N, C));
@@ -314,6 +314,18 @@ static void test_layernorm(int N, int C) {
     check("dinp", dx, RED);
     check("dw", dw, RED);
     check("db", db, RED);
+    /* fused with the residual add, into a fresh buffer and in place over the residual */
+    tensor branch = t_rand((size_t)N * C, -1, 1), res = t_out((size_t)N * C), rout = t_out((size_t)N * C),
+           rmean = t_out((size_t)N), rrstd = t_out((size_t)N);
+    BOTH(ops->residual_layernorm_forward(F(res), F(rout), F(rmean), F(rrstd), F(x), F(branch), F(w), F(b), N, C));
+    check("residual sum", res, ELEM);
+    check("residual out", rout, RED);
+    check("residual mean", rmean, RED);
+    check("residual rstd", rrstd, RED);
+    tensor iout = t_out((size_t)N * C);
+    BOTH(ops->residual_layernorm_forward(F(x), F(iout), F(rmean), F(rrstd), F(x), F(branch), F(w), F(b), N, C));
+    check("residual sum in place", x, ELEM);
+    check("residual out in place", iout, RED);
     case_end();
 }
 
@@ -449,8 +461,8 @@ static void test_kv_cache(int B, int T, int NH, int hs, int S, int max_T) {
 }
 
 static void test_elementwise(size_t n) {
-    case_begin("gelu, relu, add n=%zu", n);
-    tensor x = t_rand(n, -6, 6), y = t_rand(n, -1, 1), out = t_out(n), dout = t_rand(n, -1, 1), dx = t_acc(n);
+    case_begin("gelu, relu n=%zu", n);
+    tensor x = t_rand(n, -6, 6), out = t_out(n), dout = t_rand(n, -1, 1), dx = t_acc(n);
     BOTH(ops->gelu_forward(F(out), F(x), n));
     check("gelu", out, ELEM);
     BOTH(ops->gelu_backward(F(dx), F(x), F(dout), n));
@@ -459,10 +471,6 @@ static void test_elementwise(size_t n) {
     check("relu", out, ELEM);
     BOTH(ops->relu_backward(F(dx), F(x), F(dout), n));
     check("relu backward", dx, ELEM);
-    BOTH(ops->add_forward(F(out), F(x), F(y), n));
-    check("add", out, ELEM);
-    BOTH(ops->add_forward(F(x), F(x), F(y), n)); /* out aliasing a */
-    check("add in place", x, ELEM);
     case_end();
 }
 
