@@ -47,7 +47,7 @@ struct qs_lora {
     int L, E, C;
     lora_module *mods; /* [L][QS_LORA_N_SITES] */
     qs_params ps;
-    size_t n_rows, rows, max_in; /* token rows a forward; rows a module may see (MoE: x top_k); widest input */
+    size_t rows, max_in; /* rows a module may see (MoE: token rows x top_k); widest input */
     size_t act_floats;
     qs_mem_plan plan;  /* the adapters' memory (no optimizer) */
     float *act;        /* every module's u, then the scratch below */
@@ -148,7 +148,6 @@ static int layout(qs_lora **out, const qs_lora_config *lc, const qs_model_config
     lo->act_floats = lo->rows * r + (lc->dropout > 0.0f ? 2 * lo->rows * lo->max_in : 0);
     for (int i = 0; i < lo->L * QS_LORA_N_SITES; i++)
         if (lo->mods[i].a >= 0) lo->act_floats += (lo->mods[i].stack ? lo->rows : N) * r;
-    lo->n_rows = N;
     lo->plan = (qs_mem_plan){.params = lo->ps.n * sizeof(float),
                              .grads = lo->ps.n * sizeof(float),
                              .activations = lo->act_floats * sizeof(float)};
@@ -183,7 +182,7 @@ int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
         qs_lora_free(lo);
         return qs_error("cannot allocate LoRA adapters (%s)", why);
     }
-    const size_t N = lo->n_rows, rows = lo->rows, r = (size_t)lc->r;
+    const size_t N = (size_t)qs_gpt_max_tokens(m), rows = lo->rows, r = (size_t)lc->r;
     float *p = lo->act;
     for (int i = 0; i < lo->L * QS_LORA_N_SITES; i++)
         if (lo->mods[i].a >= 0) {

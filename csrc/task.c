@@ -13,6 +13,12 @@ int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, const qs_ta
     return qs_task_open_image(t, cfg, place);
 }
 
+int qs_task_check_memory(qs_mem_plan *plan, const qs_task_place *place) {
+    if (place->optim_shards > 0)
+        plan->optimizer = qs_mem_plan_optimizer(plan->grads / sizeof(float), place->optim_shards);
+    return qs_mem_plan_check(plan, place->be);
+}
+
 void qs_task_free(qs_task *t) {
     if (t->free) t->free(t->self);
     memset(t, 0, sizeof *t);

@@ -73,9 +73,7 @@ int qs_task_open_image(qs_task *task, qs_config *cfg, const qs_task_place *place
                       t->data.n_classes, cfg->data.path);
     qs_mem_plan plan = {0};
     if (!rc) rc = qs_quadranet_plan(&cfg->model, place->be, t->B, &plan);
-    if (!rc && place->optim_shards > 0)
-        plan.optimizer = qs_mem_plan_optimizer(plan.grads / sizeof(float), place->optim_shards);
-    if (!rc) rc = qs_mem_plan_check(&plan, place->be);
+    if (!rc) rc = qs_task_check_memory(&plan, place);
     if (!rc) rc = qs_quadranet_create(&t->m, &cfg->model, place->be, t->B);
     if (!rc) {
         t->x = malloc((size_t)t->B * q->image_size * q->image_size * sizeof(float));

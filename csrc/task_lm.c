@@ -184,9 +184,7 @@ static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place 
         if (qs_lora_plan(&cfg->lora, &cfg->model, place->be, B * T, &adapters)) return -1;
         qs_mem_plan_add(plan, &adapters);
     }
-    if (place->optim_shards > 0)
-        plan->optimizer = qs_mem_plan_optimizer(plan->grads / sizeof(float), place->optim_shards);
-    return qs_mem_plan_check(plan, place->be);
+    return qs_task_check_memory(plan, place);
 }
 
 /* lora: the model is a frozen base that adapters (cfg->lora) will train. */

@@ -217,9 +217,10 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     const int T = task.items_per_sample;
     int until = opt->until_step > 0 && opt->until_step < tc->max_steps ? opt->until_step : tc->max_steps;
     if (writer) {
-        fputs("quasar: memory plan ", stderr);
+        fprintf(stderr, "quasar: memory plan%s ",
+                dp.zero && dp_size > 1 ? " per rank (ZeRO-1)" : world_size > 1 ? " per rank" : "");
         qs_mem_plan_print(stderr, &task.plan, be);
-        fprintf(stderr, "%s\nquasar: %zu parameters; ", dp.zero && dp_size > 1 ? ", per rank (ZeRO-1)" : "", ps->n);
+        fprintf(stderr, "\nquasar: %zu parameters; ", ps->n);
         if (task.codec) fprintf(stderr, "vocab %d; %d x %d tokens", cfg->model.vocab_size, tc->batch_size, T);
         else fprintf(stderr, "%d images", tc->batch_size);
         fprintf(stderr, " per step (%d data-parallel rank(s)", dp_size);

@@ -116,12 +116,12 @@ static int cuda_mem_info(size_t *free_bytes, size_t *total_bytes) {
     return qs_cuda_failed(cudaMemGetInfo(free_bytes, total_bytes), "cudaMemGetInfo");
 }
 
+static size_t larger(size_t a, size_t b) { return a > b ? a : b; }
+
+/* The most any op takes at once: ops take the scratch one at a time. */
 static size_t scratch_need(const qs_op_sizes *s) {
-    const int rows = s->rows;
-    size_t need = qs_cuda_sumsq_scratch(), embed = qs_cuda_embed_scratch(rows);
-    if (embed > need) need = embed;
-    if (s->experts > 0 && qs_cuda_moe_scratch(rows, s->experts) > need) need = qs_cuda_moe_scratch(rows, s->experts);
-    return need;
+    const size_t moe = s->experts > 0 ? qs_cuda_moe_scratch(s->rows, s->experts) : 0;
+    return larger(larger(qs_cuda_sumsq_scratch(), qs_cuda_embed_scratch(s->rows)), moe);
 }
 
 static size_t cuda_workspace_bytes(const qs_op_sizes *s) { return blas_workspace_bytes + scratch_need(s); }

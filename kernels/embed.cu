@@ -42,11 +42,14 @@ static size_t sort_bytes_of(int N) {
     return bytes;
 }
 
-size_t qs_cuda_embed_scratch(int N) { return 3 * qs_cuda_room((size_t)N * sizeof(int)) + sort_bytes_of(N); }
+/* keys, rows in, rows out, then the sort's storage */
+static size_t scratch_of(int N, size_t sort_bytes) { return 3 * qs_cuda_room((size_t)N * sizeof(int)) + sort_bytes; }
+
+size_t qs_cuda_embed_scratch(int N) { return scratch_of(N, sort_bytes_of(N)); }
 
 static void scatter_rows(float *table, const float *dout, const int *index, int N, int C) {
     size_t sort_bytes = sort_bytes_of(N); /* not const: SortPairs takes it by reference */
-    char *at = (char *)qs_cuda_scratch(qs_cuda_embed_scratch(N));
+    char *at = (char *)qs_cuda_scratch(scratch_of(N, sort_bytes));
     int *keys = (int *)qs_cuda_carve(&at, (size_t)N * sizeof(int));
     int *rows_in = (int *)qs_cuda_carve(&at, (size_t)N * sizeof(int));
     int *rows = (int *)qs_cuda_carve(&at, (size_t)N * sizeof(int));

@@ -224,8 +224,6 @@ __global__ static void balance_sum_kernel(double *out, const double *terms, int 
     }
 }
 
-/* balance and z are host scalars, as model.c passes them (the loss is summed on the
- * host). */
 /* Per-row terms and the two sums of the balance forward, in doubles. */
 static size_t balance_terms(int N) { return 2 * (size_t)N + 2; }
 
@@ -233,6 +231,8 @@ size_t qs_cuda_moe_scratch(int N, int E) {
     return qs_cuda_room((size_t)E * sizeof(int)) + qs_cuda_room(balance_terms(N) * sizeof(double));
 }
 
+/* balance and z are host scalars, as model.c passes them (the loss is summed on the
+ * host). */
 void qs_cuda_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed, int N, int E,
                                  int K) {
     char *at;

@@ -75,6 +75,10 @@ int qs_task_evaluate(qs_task *t, int iters, qs_comm *ranks, int part, int parts,
  * non-finite value is written as null. */
 void qs_metrics_num(FILE *f, const char *key, double v, const char *fmt);
 
+/* For the families: adds AdamW's state for the plan's gradients as place shards it,
+ * then checks the plan against the backend's free memory. */
+int qs_task_check_memory(qs_mem_plan *plan, const qs_task_place *place);
+
 /* The two families (csrc/task_lm.c, csrc/task_image.c). */
 int qs_task_open_lm(qs_task *t, qs_config *cfg, const char *chars_json, const qs_task_place *place);
 int qs_task_open_image(qs_task *t, qs_config *cfg, const qs_task_place *place);
