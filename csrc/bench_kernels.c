@@ -110,19 +110,20 @@ static void att_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *c
     o->attention_block_backward(f[0], f[0] + d->C, f[1], f[2], f[2] + d->C, f[4], f[5], &blk);
 }
 
-/* ---- MoE: router GEMM + top-k + capacity assignment + dispatch into packed rows ---- */
+/* ---- MoE: router GEMM + routing (top-k, capacity assignment, router losses) + dispatch ---- */
 
 static void moe_route_plan(kplan *p, const kdims *d) {
     const size_t N = d->N, C = d->C, E = d->E, K = d->K;
-    bufs(p, 5, (size_t[]){N * C, C * E, N * E, N * K, N * K * C}, 5, (size_t[]){N * K, N * K, E, E + 1, E});
+    bufs(p, 5, (size_t[]){N * C, C * E, N * E, N * K, N * K * C}, 5, (size_t[]){N * K, N * K, E, E, E + 1});
     p->flops = 2.0 * N * C * E; /* the rest moves data */
     p->bytes = 4.0 * (2 * N * C + C * E + 2 * N * E + 4 * N * K + N * K * C + 3 * E);
     snprintf(p->shape, sizeof p->shape, "N=%d C=%d E=%d top-%d dropless", d->N, d->C, d->E, d->K);
 }
 static void moe_route_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     o->matmul_forward(f[2], f[0], f[1], NULL, d->N, d->C, d->E, QS_W_IN_OUT);
-    o->moe_topk_forward(ib[0], f[3], f[2], d->N, d->E, d->K);
-    o->moe_assign(ib[1], ib[2], ib[3], ib[4], ib[0], d->N, d->E, d->K, 0);
+    qs_moe_load load = {.routed = ib[2], .counts = ib[3], .offsets = ib[4]};
+    const qs_moe_router r = {.N = d->N, .E = d->E, .K = d->K};
+    o->moe_route_forward(&load, ib[0], f[3], ib[1], NULL, f[2], NULL, &r);
     o->moe_dispatch_forward(f[4], f[0], ib[1], d->N, d->K, d->C);
 }
 

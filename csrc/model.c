@@ -34,7 +34,7 @@ typedef struct layer_acts {
     float *route_logits;              /* the logits routing used (hlogit or rlogit) */
     float *gate, *xe, *ye;            /* [N*K], packed [N*K,C] x2 */
     int *idx, *slot;                  /* [N*K] */
-    int *counts, *offsets, *routed;   /* host [E], [E+1], [E] */
+    qs_moe_load load;                 /* its arrays: host [E], [E+1], [E] */
 } layer_acts;
 
 struct qs_gpt {
@@ -64,7 +64,7 @@ struct qs_gpt {
     float *delta; /* attention's row term [B,NH,T] */
     float *dF1, *dF2;        /* [max(N, N*K), F] */
     float *dxe, *dye, *dgate; /* MoE packed */
-    float *dh, *dclean, *dnoise;
+    float *dh, *dnoise; /* MoE router: at the routing logits, and at the noise logits */
 
     /* KV cache for decoding: [L][max_B][NH][seq_len][hs] each, made on first prefill.
      * A quadconv mixer keeps its layer's LayerNorm outputs [max_B][seq_len][C] in kcache
@@ -245,7 +245,6 @@ static void carve(qs_gpt *m, qs_plan *p) {
         m->dye = qs_plan_f(p, NK * C);
         m->dgate = qs_plan_f(p, NK);
         m->dh = qs_plan_f(p, N * E);
-        m->dclean = qs_plan_f(p, N * E);
         m->dnoise = qs_plan_f(p, N * E);
     }
 }
@@ -299,10 +298,10 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
         if (!m->routing || !m->stats.expert_tokens) goto oom;
         for (int l = 0; l < m->L; l++) {
             layer_acts *a = &m->la[l];
-            a->counts = calloc((size_t)m->E, sizeof(int));
-            a->offsets = calloc((size_t)m->E + 1, sizeof(int));
-            a->routed = calloc((size_t)m->E, sizeof(int));
-            if (!a->counts || !a->offsets || !a->routed) goto oom;
+            a->load.counts = calloc((size_t)m->E, sizeof(int));
+            a->load.offsets = calloc((size_t)m->E + 1, sizeof(int));
+            a->load.routed = calloc((size_t)m->E, sizeof(int));
+            if (!a->load.counts || !a->load.offsets || !a->load.routed) goto oom;
         }
     }
     build_param_table(m);
@@ -388,9 +387,9 @@ void qs_gpt_free(qs_gpt *m) {
     qs_ring_attention_free(m->ring);
     if (m->la)
         for (int l = 0; l < m->L; l++) {
-            free(m->la[l].counts);
-            free(m->la[l].offsets);
-            free(m->la[l].routed);
+            free(m->la[l].load.counts);
+            free(m->la[l].load.offsets);
+            free(m->la[l].load.routed);
         }
     free(m->la);
     free(m->lp);
@@ -443,7 +442,13 @@ void qs_gpt_logits_row(const qs_gpt *m, int row, float *out) {
     m->be->download(out, m->logits + (size_t)row * m->V, (size_t)m->V * sizeof(float));
 }
 const qs_moe_stats *qs_gpt_moe_stats(const qs_gpt *m) { return &m->stats; }
-const int *qs_gpt_moe_routing(const qs_gpt *m) { return m->routing; }
+/* Fetched on demand: each layer's choices stay on the backend until the next forward. */
+const int *qs_gpt_moe_routing(const qs_gpt *m) {
+    if (m->E == 0) return NULL;
+    const size_t NK = (size_t)m->B * m->T * m->K;
+    for (int l = 0; l < m->L; l++) m->be->download(m->routing + (size_t)l * NK, m->la[l].idx, NK * sizeof(int));
+    return m->routing;
+}
 
 void qs_gpt_moe_stats_reset(qs_gpt *m) {
     if (m->E > 0) memset(m->stats.expert_tokens, 0, (size_t)m->E * sizeof(int64_t));
@@ -526,6 +531,16 @@ static void set_packed_ids(qs_gpt *m, int l, const int *slot, int N) {
     m->be->upload(packed_ids_of(m, l), packed, NK * sizeof(int64_t));
 }
 
+/* Layer l's router over N tokens: capacity from the config, noise from the layer's own
+ * stream. */
+static qs_moe_router router_of(const qs_gpt *m, int l, int N) {
+    qs_moe_router r = {.N = N, .E = m->E, .K = m->K, .capacity = 0, .seed = m->mode.rng_seed,
+                       .stream = stream_of(l, SITE_NOISE), .row_ids = m->row_ids};
+    if (m->cfg.moe.capacity_factor > 0.0f)
+        r.capacity = (int)ceil((double)m->cfg.moe.capacity_factor * N * m->K / m->E);
+    return r;
+}
+
 static void moe_forward(qs_gpt *m, int l, int N) {
     const qs_ops *ops = m->be->ops;
     const layer_params *p = &m->lp[l];
@@ -535,32 +550,26 @@ static void moe_forward(qs_gpt *m, int l, int N) {
     a->route_logits = a->rlogit;
     if (m->noisy_used) {
         ops->matmul_forward(a->nlogit, a->ln2, P(m, p->noise_w), P(m, p->noise_b), N, C, E, QS_W_IN_OUT);
-        ops->noisy_gate_forward(a->hlogit, a->rlogit, a->nlogit, m->mode.rng_seed, stream_of(l, SITE_NOISE),
-                                m->row_ids, N, E);
         a->route_logits = a->hlogit;
     }
-    ops->moe_topk_forward(a->idx, a->gate, a->route_logits, N, E, K);
-    int capacity = 0;
-    if (m->cfg.moe.capacity_factor > 0.0f)
-        capacity = (int)ceil((double)m->cfg.moe.capacity_factor * N * K / E);
-    int dropped = ops->moe_assign(a->slot, a->counts, a->offsets, a->routed, a->idx, N, E, K, capacity);
-    float balance, z;
-    ops->moe_balance_forward(&balance, &z, a->route_logits, a->routed, N, E, K);
-    m->stats.balance += balance;
-    m->stats.z += z;
-    m->stats.dropped += dropped;
+    const qs_moe_router r = router_of(m, l, N);
+    qs_moe_load *load = &a->load;
+    ops->moe_route_forward(load, a->idx, a->gate, a->slot, a->hlogit, a->rlogit, m->noisy_used ? a->nlogit : NULL,
+                           &r);
+    m->stats.balance += load->balance;
+    m->stats.z += load->z;
+    m->stats.dropped += load->dropped;
     for (int e = 0; e < E; e++) {
-        m->stats.expert_tokens[e] += a->counts[e];
-        m->stats.kept += a->counts[e];
+        m->stats.expert_tokens[e] += load->counts[e];
+        m->stats.kept += load->counts[e];
     }
-    m->be->download(m->routing + (size_t)l * N * K, a->idx, (size_t)N * K * sizeof(int));
     if (m->lora && m->mode.train) set_packed_ids(m, l, a->slot, N);
 
     ops->moe_dispatch_forward(a->xe, a->ln2, a->slot, N, K, C);
     for (int e = 0; e < E; e++) {
-        int n = a->counts[e];
+        int n = a->load.counts[e];
         if (n == 0) continue;
-        size_t r0 = (size_t)a->offsets[e];
+        size_t r0 = (size_t)a->load.offsets[e];
         ops->matmul_forward(a->fch + r0 * F, a->xe + r0 * C, expert_slice(P(m, p->fc_w), e, C, F),
                             expert_slice(P(m, p->fc_b), e, 1, F), n, C, F, QS_W_IN_OUT);
         lora_forward(m, l, QS_LORA_SITE_FC, e, r0, n, a->fch + r0 * F, a->xe + r0 * C);
@@ -813,7 +822,7 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     const layer_params *p = &m->lp[l];
     layer_acts *a = &m->la[l];
     int C = m->C, F = m->F, E = m->E, K = m->K;
-    size_t rows = (size_t)a->offsets[E], NK = (size_t)N * K;
+    size_t rows = (size_t)a->load.offsets[E], NK = (size_t)N * K;
     zero_f(m, m->dye, rows * C);
     zero_f(m, m->dgate, NK);
     ops->moe_combine_backward(m->dye, m->dgate, dy, a->ye, a->gate, a->slot, N, K, C);
@@ -822,9 +831,9 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     zero_f(m, m->dF2, rows * F);
     zero_f(m, m->dxe, rows * C);
     for (int e = 0; e < E; e++) {
-        int n = a->counts[e];
+        int n = a->load.counts[e];
         if (n == 0) continue;
-        size_t r0 = (size_t)a->offsets[e];
+        size_t r0 = (size_t)a->load.offsets[e];
         ops->matmul_backward(m->dF1 + r0 * F, expert_slice(G(m, p->fcproj_w), e, F, C),
                              expert_slice(G(m, p->fcproj_b), e, 1, C), m->dye + r0 * C,
                              a->fch_act + r0 * F, expert_slice(P(m, p->fcproj_w), e, F, C), n, F, C,
@@ -838,22 +847,17 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     }
     ops->moe_dispatch_backward(m->dln, m->dxe, a->slot, N, K, C);
 
-    size_t NE = (size_t)N * E;
+    const size_t NE = (size_t)N * E;
+    const qs_moe_router r = router_of(m, l, N);
     zero_f(m, m->dh, NE);
-    ops->moe_topk_backward(m->dh, m->dgate, a->idx, a->gate, N, E, K);
-    ops->moe_balance_backward(m->dh, a->route_logits, a->routed, scale * m->cfg.moe.aux_loss_coef,
-                              scale * m->cfg.moe.z_loss_coef, N, E, K);
-    const float *dclean = m->dh;
-    if (m->noisy_used) {
-        zero_f(m, m->dclean, NE);
-        zero_f(m, m->dnoise, NE);
-        ops->noisy_gate_backward(m->dclean, m->dnoise, m->dh, a->nlogit, m->mode.rng_seed,
-                                 stream_of(l, SITE_NOISE), m->row_ids, N, E);
+    if (m->noisy_used) zero_f(m, m->dnoise, NE);
+    ops->moe_route_backward(m->dh, m->noisy_used ? m->dnoise : NULL, m->dgate, a->idx, a->gate, a->route_logits,
+                            m->noisy_used ? a->nlogit : NULL, &a->load, scale * m->cfg.moe.aux_loss_coef,
+                            scale * m->cfg.moe.z_loss_coef, &r);
+    if (m->noisy_used)
         ops->matmul_backward(m->dln, G(m, p->noise_w), G(m, p->noise_b), m->dnoise, a->ln2,
                              P(m, p->noise_w), N, C, E, QS_W_IN_OUT);
-        dclean = m->dclean;
-    }
-    ops->matmul_backward(m->dln, G(m, p->router_w), G(m, p->router_b), dclean, a->ln2,
+    ops->matmul_backward(m->dln, G(m, p->router_w), G(m, p->router_b), m->dh, a->ln2,
                          P(m, p->router_w), N, C, E, QS_W_IN_OUT);
 }
 

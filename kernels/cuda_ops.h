@@ -73,7 +73,7 @@ static inline unsigned qs_cuda_blocks(size_t n, unsigned threads) {
 void *qs_cuda_scratch(size_t bytes);
 /* The scratch the ops that take any need at most (with the backend's reserve hook, which
  * takes their maximum up front): the embedding backward's sort of N rows, the MoE
- * balance loss over N rows and E experts, the gradient norm. Decoding's (kv_cache.cu)
+ * router over N rows and E experts, the gradient norm. Decoding's (kv_cache.cu)
  * is taken at the first decode step, outside training. */
 size_t qs_cuda_embed_scratch(int N);
 size_t qs_cuda_moe_scratch(int N, int E);
@@ -144,24 +144,16 @@ void qs_cuda_xent_forward(float *losses, const float *logits, const int *targets
 void qs_cuda_xent_backward(float *logits, const int *targets, float dloss, int N, int V);
 
 /* moe.cu */
-void qs_cuda_noisy_gate_forward(float *h, const float *clean, const float *noise_logits, uint64_t seed,
-                                uint64_t stream, const int64_t *row_ids, int N, int E);
-void qs_cuda_noisy_gate_backward(float *dclean, float *dnoise, const float *dh, const float *noise_logits,
-                                 uint64_t seed, uint64_t stream, const int64_t *row_ids, int N, int E);
-void qs_cuda_moe_topk_forward(int *idx, float *gate, const float *logits, int N, int E, int K);
-void qs_cuda_moe_topk_backward(float *dlogits, const float *dgate, const int *idx, const float *gate, int N, int E,
-                               int K);
-int qs_cuda_moe_assign(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N, int E, int K,
-                       int capacity);
+void qs_cuda_moe_route_forward(qs_moe_load *load, int *idx, float *gate, int *slot, float *h, const float *clean,
+                               const float *noise_logits, const qs_moe_router *r);
+void qs_cuda_moe_route_backward(float *dclean, float *dnoise, const float *dgate, const int *idx, const float *gate,
+                                const float *x, const float *noise_logits, const qs_moe_load *load,
+                                float balance_coef, float z_coef, const qs_moe_router *r);
 void qs_cuda_moe_dispatch_forward(float *xe, const float *x, const int *slot, int N, int K, int C);
 void qs_cuda_moe_dispatch_backward(float *dx, const float *dxe, const int *slot, int N, int K, int C);
 void qs_cuda_moe_combine_forward(float *y, const float *ye, const float *gate, const int *slot, int N, int K, int C);
 void qs_cuda_moe_combine_backward(float *dye, float *dgate, const float *dy, const float *ye, const float *gate,
                                   const int *slot, int N, int K, int C);
-void qs_cuda_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed, int N, int E,
-                                 int K);
-void qs_cuda_moe_balance_backward(float *dlogits, const float *logits, const int *routed, float balance_coef,
-                                  float z_coef, int N, int E, int K);
 
 /* quadconv.cu */
 void qs_cuda_quadconv_forward(float *y, float *fa, float *fb, const float *x, const float *w, const float *bias,

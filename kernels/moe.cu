@@ -1,100 +1,238 @@
-/* Mixture-of-experts routing: noisy gating, top-k, capacity assignment (host
- * bookkeeping, as the contract has it), dispatch / combine, router regularizers. Each
- * output element is owned by one thread: packed rows are distinct per assignment, and a
- * token's assignments are visited in k order, as on the CPU. */
+/* Mixture-of-experts routing and dispatch / combine, without atomics or host loops.
+ *
+ * The router (moe_route_forward) is three kernels and one download:
+ *   route_rows: a block per chunk of ROUTE_ROWS tokens, a thread per token: the noisy
+ *     logits, top-k and the softmax over the kept (quasar/topk.h, as on the CPU), the
+ *     row's logsumexp; then the chunk's column sums of the full softmax (the balance
+ *     loss's P); then warp 0 walks the chunk's assignments in token order and gives each
+ *     its rank among the chunk's arrivals at its expert (__match_any_sync groups a step's
+ *     lanes by expert), leaving the chunk's per-expert histogram;
+ *   route_scan: one block: each expert's arrivals before each chunk (a scan over the
+ *     chunks), routed / counts / offsets / dropped, the balance and z losses;
+ *   route_slot: rank = arrivals before the chunk + rank within it; the first `capacity`
+ *     arrivals keep row offsets[e] + rank, so rows are in token order, as on the CPU.
+ * The host fetches the counts and losses in one copy (it sizes each expert's GEMM from
+ * them). The backward is one kernel, a warp per token.
+ *
+ * Dispatch and combine own each output element with one thread: packed rows are distinct
+ * per assignment, and a token's assignments are visited in k order. */
 #include "common.cuh"
 #include "quasar/rng.h"
 #include "quasar/topk.h"
+
+#include <string.h>
 
 /* softplus(x) = log(1 + e^x), written so that neither branch overflows. */
 __device__ static inline float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
 
 __device__ static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-__global__ static void noisy_gate_forward_kernel(float *h, const float *clean, const float *noise_logits,
-                                                 uint64_t seed, uint64_t stream, const int64_t *row_ids, int N,
-                                                 int E) {
-    QS_GRID_LOOP(i, (size_t)N * E) {
-        const float z = qs_rng_normal(seed, stream, qs_rng_counter(row_ids, i / E, E, i % E));
-        h[i] = clean[i] + z * softplus(noise_logits[i]);
-    }
+__device__ static inline float gate_noise(const qs_moe_router &r, size_t n, int e) {
+    return qs_rng_normal(r.seed, r.stream, qs_rng_counter(r.row_ids, n, (size_t)r.E, (size_t)e));
 }
 
-__global__ static void noisy_gate_backward_kernel(float *dclean, float *dnoise, const float *dh,
-                                                  const float *noise_logits, uint64_t seed, uint64_t stream,
-                                                  const int64_t *row_ids, int N, int E) {
-    QS_GRID_LOOP(i, (size_t)N * E) {
-        if (dclean) dclean[i] += dh[i];
-        if (dnoise) {
-            const float z = qs_rng_normal(seed, stream, qs_rng_counter(row_ids, i / E, E, i % E));
-            dnoise[i] += dh[i] * z * sigmoid(noise_logits[i]);
-        }
-    }
+#define ROUTE_ROWS 128 /* tokens per chunk: the route_rows block */
+
+/* The router's scratch: per chunk and expert the arrivals (then the arrivals before the
+ * chunk) and the softmax's column sum; per chunk the sum of lse^2; and the result the
+ * host fetches: balance, z, then ints routed [E], counts [E], offsets [E+1], dropped. */
+struct route_scratch {
+    int *hist;
+    double *psum, *lse2, *result;
+};
+static int route_chunks(int N) { return (N + ROUTE_ROWS - 1) / ROUTE_ROWS; }
+static size_t route_result_bytes(int E) { return 2 * sizeof(double) + (3 * (size_t)E + 2) * sizeof(int); }
+__host__ __device__ static inline int *route_result_ints(double *result) { return (int *)(result + 2); }
+
+/* Also the most the backward takes (E ints). */
+size_t qs_cuda_moe_scratch(int N, int E) {
+    const size_t chunks = (size_t)route_chunks(N), cells = chunks * E;
+    return qs_cuda_room(cells * sizeof(int)) + qs_cuda_room(cells * sizeof(double)) +
+           qs_cuda_room(chunks * sizeof(double)) + qs_cuda_room(route_result_bytes(E));
 }
 
-void qs_cuda_noisy_gate_forward(float *h, const float *clean, const float *noise_logits, uint64_t seed,
-                                uint64_t stream, const int64_t *row_ids, int N, int E) {
-    QS_LAUNCH_N(noisy_gate_forward_kernel, (size_t)N * E, h, clean, noise_logits, seed, stream, row_ids, N, E);
-}
+/* Dynamic shared memory: the chunk's arrivals per expert, E ints (16 KiB at the
+ * config's limit of 4096 experts). */
+__global__ static void __launch_bounds__(ROUTE_ROWS)
+    route_rows_kernel(int *idx, float *gate, int *rank, float *h, route_scratch s, const float *clean,
+                      const float *noise_logits, qs_moe_router r) {
+    QS_DYNAMIC_SMEM(int, arrivals);
+    __shared__ float row_mx[ROUTE_ROWS];
+    __shared__ double row_sum[ROUTE_ROWS];
+    const int E = r.E, K = r.K, t = threadIdx.x, chunk = blockIdx.x;
+    const int n0 = chunk * ROUTE_ROWS, rows = min(ROUTE_ROWS, r.N - n0);
+    const float *x = noise_logits ? h : clean;
 
-void qs_cuda_noisy_gate_backward(float *dclean, float *dnoise, const float *dh, const float *noise_logits,
-                                 uint64_t seed, uint64_t stream, const int64_t *row_ids, int N, int E) {
-    if (!dclean && !dnoise) return;
-    QS_LAUNCH_N(noisy_gate_backward_kernel, (size_t)N * E, dclean, dnoise, dh, noise_logits, seed, stream, row_ids,
-                N, E);
-}
-
-/* One thread per token: the shared selection (quasar/topk.h), then the softmax over the
- * K kept logits. */
-__global__ static void topk_forward_kernel(int *idx, float *gate, const float *logits, int N, int E, int K) {
-    QS_GRID_LOOP(n, (size_t)N) {
-        const float *x = logits + n * E;
+    double lse2 = 0.0;
+    if (t < rows) {
+        const size_t n = (size_t)n0 + t;
+        if (noise_logits)
+            for (int e = 0; e < E; e++) {
+                const size_t i = n * E + e;
+                h[i] = clean[i] + gate_noise(r, n, e) * softplus(noise_logits[i]);
+            }
+        const float *xn = x + n * E;
         int *id = idx + n * K;
         float *g = gate + n * K;
-        qs_topk_select(id, x, E, K);
-        float mx = -INFINITY;
-        for (int k = 0; k < K; k++) mx = fmaxf(mx, x[id[k]]);
+        qs_topk_select(id, xn, E, K);
+        float mx = xn[id[0]]; /* the softmax over the kept: the first is the largest */
         double sum = 0.0;
-        for (int k = 0; k < K; k++) sum += expf(x[id[k]] - mx);
+        for (int k = 0; k < K; k++) sum += expf(xn[id[k]] - mx);
         const float inv = (float)(1.0 / sum);
-        for (int k = 0; k < K; k++) g[k] = expf(x[id[k]] - mx) * inv;
+        for (int k = 0; k < K; k++) g[k] = expf(xn[id[k]] - mx) * inv;
+        mx = -INFINITY; /* the full softmax, for the regularizers */
+        for (int e = 0; e < E; e++) mx = fmaxf(mx, xn[e]);
+        sum = 0.0;
+        for (int e = 0; e < E; e++) sum += expf(xn[e] - mx);
+        const double lse = mx + log(sum);
+        lse2 = lse * lse;
+        row_mx[t] = mx;
+        row_sum[t] = sum;
+    }
+    lse2 = qs_block_reduce(lse2, qs_sum_op(), 0.0); /* its barriers publish the rows above */
+    if (t == 0) s.lse2[chunk] = lse2;
+    for (int e = t; e < E; e += blockDim.x) {
+        double p = 0.0;
+        for (int j = 0; j < rows; j++) p += expf(x[((size_t)n0 + j) * E + e] - row_mx[j]) / row_sum[j];
+        s.psum[(size_t)chunk * E + e] = p;
+        arrivals[e] = 0;
+    }
+    __syncthreads();
+    if (t < 32) {
+        const unsigned before_me = (1u << t) - 1u;
+        const size_t a1 = ((size_t)n0 + rows) * K;
+        for (size_t a = (size_t)n0 * K; a < a1; a += 32) {
+            const bool live = a + t < a1;
+            const int e = live ? idx[a + t] : -1;
+            const unsigned peers = __match_any_sync(0xffffffffu, e);
+            if (live) rank[a + t] = arrivals[e] + __popc(peers & before_me);
+            __syncwarp();
+            if (live && 31 - __clz(peers) == t) arrivals[e] += __popc(peers); /* the group's last lane */
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    for (int e = t; e < E; e += blockDim.x) s.hist[(size_t)chunk * E + e] = arrivals[e];
+}
+
+/* One block; thread e takes expert e (and e + blockDim.x, ...). */
+__global__ static void route_scan_kernel(route_scratch s, int chunks, qs_moe_router r) {
+    const int E = r.E;
+    int *routed = route_result_ints(s.result), *counts = routed + E, *offsets = counts + E;
+    double bal = 0.0;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int before = 0;
+        double p = 0.0;
+        for (int c = 0; c < chunks; c++) {
+            int *cell = s.hist + (size_t)c * E + e;
+            const int here = *cell;
+            *cell = before;
+            before += here;
+            p += s.psum[(size_t)c * E + e];
+        }
+        routed[e] = before;
+        counts[e] = r.capacity > 0 && before > r.capacity ? r.capacity : before;
+        bal += before * p;
+    }
+    bal = qs_block_reduce(bal, qs_sum_op(), 0.0); /* also publishes counts */
+    if (threadIdx.x == 0) {
+        /* balance = E * sum_e (routed_e / (N K)) * (psum_e / N) */
+        s.result[0] = bal * E / ((double)r.N * r.N * r.K);
+        double z = 0.0;
+        for (int c = 0; c < chunks; c++) z += s.lse2[c];
+        s.result[1] = z / r.N;
+        int rows = 0, dropped = 0;
+        for (int e = 0; e < E; e++) {
+            offsets[e] = rows;
+            rows += counts[e];
+            dropped += routed[e] - counts[e];
+        }
+        offsets[E] = rows;
+        offsets[E + 1] = dropped;
     }
 }
 
-/* Softmax Jacobian over the kept K: dx_k = g_k (dg_k - sum_j g_j dg_j). */
-__global__ static void topk_backward_kernel(float *dlogits, const float *dgate, const int *idx, const float *gate,
-                                            int N, int E, int K) {
-    QS_GRID_LOOP(n, (size_t)N) {
-        const float *g = gate + n * K, *dg = dgate + n * K;
-        const int *id = idx + n * K;
-        float *d = dlogits + n * E;
-        float gdg = 0.0f;
-        for (int k = 0; k < K; k++) gdg += g[k] * dg[k];
-        for (int k = 0; k < K; k++) d[id[k]] += g[k] * (dg[k] - gdg);
+/* slot holds each assignment's rank within its chunk; it becomes the packed row. */
+__global__ static void route_slot_kernel(int *slot, const int *idx, route_scratch s, qs_moe_router r) {
+    const int *offsets = route_result_ints(s.result) + 2 * (size_t)r.E;
+    QS_GRID_LOOP(a, (size_t)r.N * r.K) {
+        const int e = idx[a], rank = s.hist[a / r.K / ROUTE_ROWS * r.E + e] + slot[a];
+        slot[a] = r.capacity <= 0 || rank < r.capacity ? offsets[e] + rank : -1;
     }
 }
 
-void qs_cuda_moe_topk_forward(int *idx, float *gate, const float *logits, int N, int E, int K) {
-    QS_LAUNCH_N(topk_forward_kernel, (size_t)N, idx, gate, logits, N, E, K);
+void qs_cuda_moe_route_forward(qs_moe_load *load, int *idx, float *gate, int *slot, float *h, const float *clean,
+                               const float *noise_logits, const qs_moe_router *r) {
+    const int E = r->E, chunks = route_chunks(r->N);
+    char *at = (char *)qs_cuda_scratch(qs_cuda_moe_scratch(r->N, E));
+    route_scratch s;
+    s.hist = (int *)qs_cuda_carve(&at, (size_t)chunks * E * sizeof(int));
+    s.psum = (double *)qs_cuda_carve(&at, (size_t)chunks * E * sizeof(double));
+    s.lse2 = (double *)qs_cuda_carve(&at, (size_t)chunks * sizeof(double));
+    s.result = (double *)qs_cuda_carve(&at, route_result_bytes(E));
+    QS_LAUNCH(route_rows_kernel, chunks, ROUTE_ROWS, (size_t)E * sizeof(int), idx, gate, slot, h, s, clean,
+              noise_logits, *r);
+    QS_LAUNCH(route_scan_kernel, 1, 1024, 0, s, chunks, *r);
+    QS_LAUNCH_N(route_slot_kernel, (size_t)r->N * r->K, slot, idx, s, *r);
+
+    double *host = (double *)qs_cuda_host_scratch(route_result_bytes(E));
+    qs_cuda_download(host, s.result, route_result_bytes(E));
+    const int *ints = route_result_ints(host);
+    load->balance = (float)host[0];
+    load->z = (float)host[1];
+    memcpy(load->routed, ints, (size_t)E * sizeof(int));
+    memcpy(load->counts, ints + E, (size_t)E * sizeof(int));
+    memcpy(load->offsets, ints + 2 * E, ((size_t)E + 1) * sizeof(int));
+    load->dropped = ints[3 * E + 1];
 }
 
-void qs_cuda_moe_topk_backward(float *dlogits, const float *dgate, const int *idx, const float *gate, int N, int E,
-                               int K) {
-    QS_LAUNCH_N(topk_backward_kernel, (size_t)N, dlogits, dgate, idx, gate, N, E, K);
+/* A warp per token, lane j taking experts j, j + 32, ...: the softmax statistics by warp
+ * reductions, then dx per expert (the regularizers' term plus, at the kept, top-k's
+ * softmax Jacobian dx_id[k] = g_k (dg_k - sum_j g_j dg_j)), added to dclean and, through
+ * the noise, to dnoise. routed: f = routed / (N K). */
+__global__ static void route_backward_kernel(float *dclean, float *dnoise, const float *dgate, const int *idx,
+                                             const float *gate, const float *x, const float *noise_logits,
+                                             const int *routed, float balance_coef, float z_coef, qs_moe_router r) {
+    const size_t n = blockIdx.x * (size_t)QS_WARPS + threadIdx.x / 32;
+    if (n >= (size_t)r.N) return; /* whole warps */
+    const int lane = threadIdx.x & 31, E = r.E, K = r.K;
+    const float *xn = x + n * E, *g = gate + n * K, *dg = dgate + n * K;
+    const int *id = idx + n * K;
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, xn[e]);
+    mx = qs_warp_reduce(mx, qs_max_op());
+    double sum = 0.0, fsum = 0.0;
+    for (int e = lane; e < E; e += 32) {
+        const double p = expf(xn[e] - mx);
+        sum += p;
+        fsum += routed[e] * p;
+    }
+    sum = qs_warp_reduce(sum, qs_sum_op());
+    fsum = qs_warp_reduce(fsum, qs_sum_op());
+    float gdg = 0.0f;
+    for (int k = lane; k < K; k += 32) gdg += g[k] * dg[k];
+    gdg = qs_warp_reduce(gdg, qs_sum_op());
+    /* d balance / dx_e = (E/N) p_e (f_e - s), s = sum_e f_e p_e;  d z / dx_e = (2 lse / N) p_e */
+    const double inv_nk = 1.0 / ((double)r.N * K), s = fsum * inv_nk / sum, lse = mx + log(sum);
+    const double cb = (double)balance_coef * E / r.N, cz = (double)z_coef * 2.0 * lse / r.N;
+    for (int e = lane; e < E; e += 32) {
+        const double p = expf(xn[e] - mx) / sum;
+        float d = (float)(p * (cb * (routed[e] * inv_nk - s) + cz));
+        for (int k = 0; k < K; k++)
+            if (id[k] == e) d += g[k] * (dg[k] - gdg);
+        const size_t i = n * E + e;
+        if (dclean) dclean[i] += d;
+        if (dnoise) dnoise[i] += d * gate_noise(r, n, e) * sigmoid(noise_logits[i]);
+    }
 }
 
-/* Sequential integer bookkeeping in token order, whose counts and offsets the host needs
- * anyway (to size each expert's GEMM): the CPU reference's own moe_assign on a copy of
- * idx, then slot goes back to the device. */
-int qs_cuda_moe_assign(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N, int E, int K,
-                       int capacity) {
-    const size_t nk = (size_t)N * K;
-    int *host_idx = (int *)qs_cuda_host_scratch(2 * nk * sizeof(int) + 1), *host_slot = host_idx + nk;
-    qs_cuda_download(host_idx, idx, nk * sizeof(int));
-    const int dropped =
-        qs_backend_cpu()->ops->moe_assign(host_slot, counts, offsets, routed, host_idx, N, E, K, capacity);
-    qs_cuda_upload(slot, host_slot, nk * sizeof(int));
-    return dropped;
+void qs_cuda_moe_route_backward(float *dclean, float *dnoise, const float *dgate, const int *idx, const float *gate,
+                                const float *x, const float *noise_logits, const qs_moe_load *load,
+                                float balance_coef, float z_coef, const qs_moe_router *r) {
+    int *routed = (int *)qs_cuda_scratch((size_t)r->E * sizeof(int));
+    qs_cuda_upload(routed, load->routed, (size_t)r->E * sizeof(int));
+    QS_LAUNCH_ROWS(route_backward_kernel, r->N, dclean, dnoise, dgate, idx, gate, x, noise_logits, routed,
+                   balance_coef, z_coef, *r);
 }
 
 __global__ static void dispatch_forward_kernel(float *xe, const float *x, const int *slot, int N, int K, int C) {
@@ -169,104 +307,4 @@ void qs_cuda_moe_combine_backward(float *dye, float *dgate, const float *dy, con
                                   const int *slot, int N, int K, int C) {
     if (dye) QS_LAUNCH_N(combine_dye_kernel, (size_t)N * K * C, dye, dy, gate, slot, N, K, C);
     if (dgate) QS_LAUNCH_N(combine_dgate_kernel, (size_t)N * K * 32, dgate, dy, ye, slot, N, K, C);
-}
-
-/* ---- router regularizers ----
- * Per row: softmax p = exp(x - mx) / sum, its logsumexp, and s = sum_e f_e p_e with
- * f_e = routed[e] / (N K). routed is a host array (moe_assign's output), copied up. */
-struct router_row {
-    float mx;
-    double sum, lse, s;
-};
-
-__device__ static router_row router_stats(const float *x, const int *routed, double inv_nk, int E) {
-    router_row r;
-    r.mx = -INFINITY;
-    for (int e = 0; e < E; e++) r.mx = fmaxf(r.mx, x[e]);
-    r.sum = 0.0;
-    for (int e = 0; e < E; e++) r.sum += expf(x[e] - r.mx);
-    r.lse = r.mx + log(r.sum);
-    double fs = 0.0;
-    for (int e = 0; e < E; e++) fs += routed[e] * inv_nk * expf(x[e] - r.mx);
-    r.s = fs / r.sum;
-    return r;
-}
-
-static int *routed_on_device(const int *routed, int E, size_t extra_bytes, char **rest) {
-    char *at = (char *)qs_cuda_scratch(qs_cuda_room((size_t)E * sizeof(int)) + extra_bytes);
-    int *d = (int *)qs_cuda_carve(&at, (size_t)E * sizeof(int));
-    qs_cuda_upload(d, routed, (size_t)E * sizeof(int));
-    *rest = at;
-    return d;
-}
-
-/* Per row: terms[n] = s_n, terms[N + n] = lse_n^2; then one block adds them up. */
-__global__ static void balance_rows_kernel(double *terms, const float *logits, const int *routed, int N, int E,
-                                           double inv_nk) {
-    QS_GRID_LOOP(n, (size_t)N) {
-        const router_row r = router_stats(logits + n * E, routed, inv_nk, E);
-        terms[n] = r.s;
-        terms[N + n] = r.lse * r.lse;
-    }
-}
-
-__global__ static void balance_sum_kernel(double *out, const double *terms, int N) {
-    double bal = 0.0, z = 0.0;
-    for (int n = threadIdx.x; n < N; n += blockDim.x) {
-        bal += terms[n];
-        z += terms[N + n];
-    }
-    bal = qs_block_reduce(bal, qs_sum_op(), 0.0);
-    z = qs_block_reduce(z, qs_sum_op(), 0.0);
-    if (threadIdx.x == 0) {
-        out[0] = bal;
-        out[1] = z;
-    }
-}
-
-/* Per-row terms and the two sums of the balance forward, in doubles. */
-static size_t balance_terms(int N) { return 2 * (size_t)N + 2; }
-
-size_t qs_cuda_moe_scratch(int N, int E) {
-    return qs_cuda_room((size_t)E * sizeof(int)) + qs_cuda_room(balance_terms(N) * sizeof(double));
-}
-
-/* balance and z are host scalars, as model.c passes them (the loss is summed on the
- * host). */
-void qs_cuda_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed, int N, int E,
-                                 int K) {
-    char *at;
-    const size_t n_terms = balance_terms(N);
-    const int *d_routed = routed_on_device(routed, E, qs_cuda_room(n_terms * sizeof(double)), &at);
-    double *terms = (double *)qs_cuda_carve(&at, n_terms * sizeof(double)), *sums = terms + 2 * (size_t)N;
-    QS_LAUNCH_N(balance_rows_kernel, (size_t)N, terms, logits, d_routed, N, E, 1.0 / ((double)N * K));
-    QS_LAUNCH(balance_sum_kernel, 1, 1024, 0, sums, terms, N);
-    double host[2];
-    qs_cuda_download(host, sums, sizeof host);
-    /* E * sum_i f_i * mean_n p_ni = (E / N) * sum_n s_n */
-    *balance = (float)(E * host[0] / N);
-    *z = (float)(host[1] / N);
-}
-
-/* d balance / dx_e = (E/N) p_e (f_e - s);  d z / dx_e = (2 lse / N) p_e */
-__global__ static void balance_backward_kernel(float *dlogits, const float *logits, const int *routed,
-                                               float balance_coef, float z_coef, int N, int E, double inv_nk) {
-    QS_GRID_LOOP(n, (size_t)N) {
-        const float *x = logits + n * E;
-        float *d = dlogits + n * E;
-        const router_row r = router_stats(x, routed, inv_nk, E);
-        const double cb = (double)balance_coef * E / N, cz = (double)z_coef * 2.0 * r.lse / N;
-        for (int e = 0; e < E; e++) {
-            const double p = expf(x[e] - r.mx) / r.sum;
-            d[e] += (float)(p * (cb * (routed[e] * inv_nk - r.s) + cz));
-        }
-    }
-}
-
-void qs_cuda_moe_balance_backward(float *dlogits, const float *logits, const int *routed, float balance_coef,
-                                  float z_coef, int N, int E, int K) {
-    char *at;
-    const int *d_routed = routed_on_device(routed, E, 0, &at);
-    QS_LAUNCH_N(balance_backward_kernel, (size_t)N, dlogits, logits, d_routed, balance_coef, z_coef, N, E,
-                1.0 / ((double)N * K));
 }

@@ -665,46 +665,41 @@ static void test_xent(void **state) {
     free(tgt), free(c.logits), free(c.losses), free(want), free(wgrad), free(grad);
 }
 
-/* ---- MoE: noisy gate ---- */
+/* ---- MoE: the router ---- */
 
-typedef struct {
-    size_t n; /* [n / 5, 5] */
-    uint64_t seed, stream;
-    float *clean, *noise, *h, *R;
-    const int64_t *ids;
-} gate_ctx;
-
-static double gate_loss(void *p) {
-    gate_ctx *c = p;
-    poison(c->h, c->n);
-    ops->noisy_gate_forward(c->h, c->clean, c->noise, c->seed, c->stream, c->ids, (int)(c->n / 5), 5);
-    return weighted_sum(c->h, c->R, c->n);
+/* Host arrays of an E-expert load. */
+static qs_moe_load load_alloc(int E) {
+    return (qs_moe_load){.routed = alloc_i((size_t)E), .counts = alloc_i((size_t)E),
+                         .offsets = alloc_i((size_t)E + 1), .dropped = -1, .balance = NAN, .z = NAN};
 }
-static void gate_backward(void *p, float **g) {
-    gate_ctx *c = p;
-    ops->noisy_gate_backward(g[0], g[1], c->R, c->noise, c->seed, c->stream, c->ids, (int)(c->n / 5), 5);
+static void load_free(qs_moe_load *l) { free(l->routed), free(l->counts), free(l->offsets); }
+
+/* Routes without noise; returns the number dropped. */
+static int route(qs_moe_load *load, int *idx, float *gate, int *slot, const float *logits, int N, int E,
+                 int K, int capacity) {
+    const qs_moe_router r = {.N = N, .E = E, .K = K, .capacity = capacity};
+    ops->moe_route_forward(load, idx, gate, slot, NULL, logits, NULL, &r);
+    return load->dropped;
 }
 
-static void test_noisy_gate(void **state) {
-    (void)state;
-    const size_t n = (size_t)rnd_int(7, 37) * 5;
-    /* rows carry global ids (a token's noise follows it to any rank or batch position) */
-    int64_t *ids = malloc(n / 5 * sizeof(int64_t));
-    for (size_t r = 0; r < n / 5; r++) ids[r] = (int64_t)(rnd_u64() >> 20);
-    gate_ctx c = {n, rnd_u64(), 3, rnd_tensor(n, -2, 2), rnd_tensor(n, -4, 4), alloc_f(n),
-                  rnd_tensor(n, -1, 1), ids};
-    gate_loss(&c);
-    double *want = alloc_d(n);
-    for (size_t i = 0; i < n; i++)
-        want[i] = c.clean[i] + qs_rng_normal(c.seed, c.stream, (uint64_t)ids[i / 5] * 5 + i % 5) *
-                                   log1p(exp((double)c.noise[i]));
-    check_close("noisy gate", c.h, want, n, 1e-5, 1e-6);
-    const param ps[] = {{"clean", c.clean, n}, {"noise", c.noise, n}};
-    check_gradients("noisy gate", gate_loss, gate_backward, &c, ps, 2, 1e-3);
-    free(want), free(c.clean), free(c.noise), free(c.h), free(c.R), free(ids);
+/* Logits whose top-K are want[n*K..] in that order (K - k at choice k, 0 elsewhere). */
+static float *logits_choosing(const int *want, int N, int E, int K) {
+    float *x = calloc((size_t)N * E, sizeof *x);
+    assert_non_null(x);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) x[(size_t)n * E + want[n * K + k]] = (float)(K - k);
+    return x;
 }
 
-/* ---- MoE: top-k ---- */
+/* The slots of routing to the experts in want (capacity as for moe_route_forward). */
+static int route_to(qs_moe_load *load, int *slot, const int *want, int N, int E, int K, int capacity) {
+    float *x = logits_choosing(want, N, E, K), *gate = alloc_f((size_t)N * K);
+    int *idx = alloc_i((size_t)N * K);
+    const int dropped = route(load, idx, gate, slot, x, N, E, K, capacity);
+    assert_memory_equal(idx, want, (size_t)N * K * sizeof *idx);
+    free(x), free(gate), free(idx);
+    return dropped;
+}
 
 /* Reference selection: repeatedly the largest unchosen logit, lowest index on ties. */
 static void topk_reference(int *idx, double *gate, const float *x, int E, int K) {
@@ -723,35 +718,19 @@ static void topk_reference(int *idx, double *gate, const float *x, int E, int K)
 }
 
 static void check_topk(const float *logits, int N, int E, int K) {
-    int *idx = alloc_i((size_t)N * K), *widx = alloc_i((size_t)N * K);
+    int *idx = alloc_i((size_t)N * K), *widx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K);
     float *gate = alloc_f((size_t)N * K);
     double *wgate = alloc_d((size_t)N * K);
+    qs_moe_load load = load_alloc(E);
     for (int i = 0; i < N * K; i++) idx[i] = -1;
     poison(gate, (size_t)N * K);
-    ops->moe_topk_forward(idx, gate, logits, N, E, K);
+    route(&load, idx, gate, slot, logits, N, E, K, 0);
     for (int n = 0; n < N; n++) topk_reference(widx + n * K, wgate + n * K, logits + n * E, E, K);
     for (int i = 0; i < N * K; i++)
         if (idx[i] != widx[i])
             fail_msg("topk idx[%d] = %d, want %d (E=%d K=%d)", i, idx[i], widx[i], E, K);
     check_close("topk gate", gate, wgate, (size_t)N * K, 1e-5, 1e-6);
-    free(idx), free(widx), free(gate), free(wgate);
-}
-
-typedef struct {
-    int N, E, K;
-    float *logits, *gate, *R;
-    int *idx;
-} topk_ctx;
-
-static double topk_loss(void *p) {
-    topk_ctx *c = p;
-    poison(c->gate, (size_t)c->N * c->K);
-    ops->moe_topk_forward(c->idx, c->gate, c->logits, c->N, c->E, c->K);
-    return weighted_sum(c->gate, c->R, (size_t)c->N * c->K);
-}
-static void topk_backward(void *p, float **g) {
-    topk_ctx *c = p;
-    ops->moe_topk_backward(g[0], c->R, c->idx, c->gate, c->N, c->E, c->K);
+    free(idx), free(widx), free(slot), free(gate), free(wgate), load_free(&load);
 }
 
 static void test_topk(void **state) {
@@ -759,10 +738,12 @@ static void test_topk(void **state) {
     /* Exact ties: the lower index comes first. */
     const float ties[] = {1, 3, 3, 2, 3, 0, /**/ 5, 5, 5, 5, 5, 5, /**/ -1, 4, 0, 4, 9, 4};
     const int want3[] = {1, 2, 4, /**/ 0, 1, 2, /**/ 4, 1, 3};
-    int idx[9];
+    int idx[9], slot[9];
     float gate[9];
-    ops->moe_topk_forward(idx, gate, ties, 3, 6, 3);
+    qs_moe_load load = load_alloc(6);
+    route(&load, idx, gate, slot, ties, 3, 6, 3, 0);
     assert_memory_equal(idx, want3, sizeof idx);
+    load_free(&load);
     for (int K = 1; K <= 6; K++) check_topk(ties, 3, 6, K);
 
     /* Random rows, integer logits so ties are frequent. */
@@ -772,51 +753,47 @@ static void test_topk(void **state) {
     for (int K = 1; K <= 3; K++) check_topk(x, N, E, K);
     for (int i = 0; i < N * E; i++) x[i] = rnd_uniform(-5, 5);
     check_topk(x, N, E, 2);
-
-    const int K = 3;
-    separated_logits(x, N, E);
-    topk_ctx c = {N, E, K, x, alloc_f((size_t)N * K), rnd_tensor((size_t)N * K, -1, 1),
-                  alloc_i((size_t)N * K)};
-    const param ps[] = {{"logits", x, (size_t)N * E}};
-    check_gradients("topk", topk_loss, topk_backward, &c, ps, 1, 1e-3);
-    free(x), free(c.gate), free(c.R), free(c.idx);
+    check_topk(x, N, E, E); /* every expert */
+    free(x);
 }
 
-/* ---- MoE: capacity assignment ---- */
+/* Capacity assignment */
 
 static void test_assign_by_hand(void **state) {
     (void)state;
     /* 4 tokens, 3 experts, top-2. In token order expert 0 gets tokens 0, 1, 2,
      * expert 1 gets 0, 2, 3, expert 2 gets 1, 3. */
     const int idx[] = {0, 1, 0, 2, 0, 1, 1, 2};
-    int slot[8], counts[3], offsets[4], routed[3];
+    int slot[8];
+    qs_moe_load load = load_alloc(3);
 
     /* Capacity 2: the third arrival at experts 0 and 1 is dropped. */
-    assert_int_equal(ops->moe_assign(slot, counts, offsets, routed, idx, 4, 3, 2, 2), 2);
+    assert_int_equal(route_to(&load, slot, idx, 4, 3, 2, 2), 2);
     const int routed_w[] = {3, 3, 2}, counts2[] = {2, 2, 2}, offsets2[] = {0, 2, 4, 6};
     const int slot2[] = {0, 2, 1, 4, -1, 3, -1, 5};
-    assert_memory_equal(routed, routed_w, sizeof routed);
-    assert_memory_equal(counts, counts2, sizeof counts);
-    assert_memory_equal(offsets, offsets2, sizeof offsets);
+    assert_memory_equal(load.routed, routed_w, sizeof routed_w);
+    assert_memory_equal(load.counts, counts2, sizeof counts2);
+    assert_memory_equal(load.offsets, offsets2, sizeof offsets2);
     assert_memory_equal(slot, slot2, sizeof slot);
 
     /* Capacity 1: tokens 2 and 3 lose both experts. */
-    assert_int_equal(ops->moe_assign(slot, counts, offsets, routed, idx, 4, 3, 2, 1), 5);
+    assert_int_equal(route_to(&load, slot, idx, 4, 3, 2, 1), 5);
     const int counts1[] = {1, 1, 1}, offsets1[] = {0, 1, 2, 3};
     const int slot1[] = {0, 1, -1, 2, -1, -1, -1, -1};
-    assert_memory_equal(counts, counts1, sizeof counts);
-    assert_memory_equal(offsets, offsets1, sizeof offsets);
+    assert_memory_equal(load.counts, counts1, sizeof counts1);
+    assert_memory_equal(load.offsets, offsets1, sizeof offsets1);
     assert_memory_equal(slot, slot1, sizeof slot);
 
     /* Dropless (capacity <= 0). */
     for (int cap = 0; cap >= -1; cap--) {
-        assert_int_equal(ops->moe_assign(slot, counts, offsets, routed, idx, 4, 3, 2, cap), 0);
+        assert_int_equal(route_to(&load, slot, idx, 4, 3, 2, cap), 0);
         const int offsets0[] = {0, 3, 6, 8}, slot0[] = {0, 3, 1, 6, 2, 4, 5, 7};
-        assert_memory_equal(routed, routed_w, sizeof routed);
-        assert_memory_equal(counts, routed_w, sizeof counts);
-        assert_memory_equal(offsets, offsets0, sizeof offsets);
+        assert_memory_equal(load.routed, routed_w, sizeof routed_w);
+        assert_memory_equal(load.counts, routed_w, sizeof routed_w);
+        assert_memory_equal(load.offsets, offsets0, sizeof offsets0);
         assert_memory_equal(slot, slot0, sizeof slot);
     }
+    load_free(&load);
 }
 
 static void test_assign_random(void **state) {
@@ -824,30 +801,109 @@ static void test_assign_random(void **state) {
     for (int rep = 0; rep < 20; rep++) {
         const int N = rnd_int(7, 37), E = rnd_int(2, 7), K = rnd_int(1, E < 3 ? E : 3);
         const int cap = rep % 4 == 0 ? 0 : rnd_int(1, N * K / E + 1);
-        int *idx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K);
-        int *counts = alloc_i(E), *offsets = alloc_i(E + 1), *routed = alloc_i(E),
-            *rank = alloc_i(E);
+        int *idx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K), *rank = alloc_i(E);
+        qs_moe_load load = load_alloc(E);
         rnd_routes(idx, N, E, K);
         for (int i = 0; i < N * K; i++) slot[i] = 1 << 30;
-        const int dropped = ops->moe_assign(slot, counts, offsets, routed, idx, N, E, K, cap);
+        const int dropped = route_to(&load, slot, idx, N, E, K, cap);
         int want_dropped = 0;
-        assert_int_equal(offsets[0], 0);
+        assert_int_equal(load.offsets[0], 0);
         for (int e = 0; e < E; e++) {
             int r = 0;
             for (int i = 0; i < N * K; i++) r += idx[i] == e;
-            assert_int_equal(routed[e], r);
-            assert_int_equal(counts[e], cap > 0 && r > cap ? cap : r);
-            assert_int_equal(offsets[e + 1], offsets[e] + counts[e]);
-            want_dropped += r - counts[e];
+            assert_int_equal(load.routed[e], r);
+            assert_int_equal(load.counts[e], cap > 0 && r > cap ? cap : r);
+            assert_int_equal(load.offsets[e + 1], load.offsets[e] + load.counts[e]);
+            want_dropped += r - load.counts[e];
         }
         assert_int_equal(dropped, want_dropped);
         /* The first `cap` arrivals at an expert, in token order, fill its rows in order. */
         for (int i = 0; i < N * K; i++) {
             const int e = idx[i], r = rank[e]++;
-            assert_int_equal(slot[i], cap <= 0 || r < cap ? offsets[e] + r : -1);
+            assert_int_equal(slot[i], cap <= 0 || r < cap ? load.offsets[e] + r : -1);
         }
-        free(idx), free(slot), free(counts), free(offsets), free(routed), free(rank);
+        free(idx), free(slot), free(rank), load_free(&load);
     }
+}
+
+/* The regularizers, against their definition. */
+static void test_route_losses(void **state) {
+    (void)state;
+    const int N = rnd_int(7, 37), E = 7, K = 2;
+    float *x = rnd_tensor((size_t)N * E, -3, 3), *gate = alloc_f((size_t)N * K);
+    int *idx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K);
+    qs_moe_load load = load_alloc(E);
+    route(&load, idx, gate, slot, x, N, E, K, 0);
+    double P[7] = {0}, wz = 0.0, wb = 0.0;
+    for (int n = 0; n < N; n++) {
+        const float *xn = x + (size_t)n * E;
+        double sum = 0.0;
+        for (int e = 0; e < E; e++) sum += exp(xn[e]);
+        for (int e = 0; e < E; e++) P[e] += exp(xn[e]) / sum / N;
+        wz += log(sum) * log(sum) / N;
+    }
+    for (int e = 0; e < E; e++) wb += E * (load.routed[e] / (double)(N * K)) * P[e];
+    check_close("balance", &load.balance, &wb, 1, 1e-5, 0.0);
+    check_close("z", &load.z, &wz, 1, 1e-5, 0.0);
+    free(x), free(gate), free(idx), free(slot), load_free(&load);
+}
+
+/* Gradients of L = sum(R * gate) + bc * balance + zc * z at the clean and noise logits. */
+typedef struct {
+    qs_moe_router r;
+    float bc, zc;
+    float *clean, *noise, *h, *gate, *R;
+    int *idx, *slot;
+    qs_moe_load load;
+} route_grad_ctx;
+
+static double route_loss(void *p) {
+    route_grad_ctx *c = p;
+    const size_t NK = (size_t)c->r.N * c->r.K;
+    poison(c->gate, NK);
+    if (c->noise) poison(c->h, (size_t)c->r.N * c->r.E);
+    ops->moe_route_forward(&c->load, c->idx, c->gate, c->slot, c->h, c->clean, c->noise, &c->r);
+    return weighted_sum(c->gate, c->R, NK) + (double)c->bc * c->load.balance + (double)c->zc * c->load.z;
+}
+static void route_backward(void *p, float **g) {
+    route_grad_ctx *c = p;
+    ops->moe_route_backward(g[0], c->noise ? g[1] : NULL, c->R, c->idx, c->gate, c->noise ? c->h : c->clean, c->noise, &c->load,
+                            c->bc, c->zc, &c->r);
+}
+
+static void check_route_gradients(bool noisy) {
+    const int N = rnd_int(7, 37), E = rnd_int(4, 9), K = rnd_int(1, 3);
+    const size_t NE = (size_t)N * E, NK = (size_t)N * K;
+    /* rows carry global ids (a token's noise follows it to any rank or batch position) */
+    int64_t *ids = malloc((size_t)N * sizeof(int64_t));
+    for (int n = 0; n < N; n++) ids[n] = (int64_t)(rnd_u64() >> 20);
+    route_grad_ctx c = {.r = {.N = N, .E = E, .K = K, .capacity = 0, .seed = rnd_u64(), .stream = 3, .row_ids = ids},
+                        .bc = rnd_uniform(0.5f, 2.0f), .zc = rnd_uniform(0.5f, 2.0f), .clean = alloc_f(NE),
+                        .noise = noisy ? rnd_tensor(NE, -2, 2) : NULL, .h = alloc_f(NE), .gate = alloc_f(NK),
+                        .R = rnd_tensor(NK, -1, 1), .idx = alloc_i(NK), .slot = alloc_i(NK), .load = load_alloc(E)};
+    /* Routing logits apart by >= 0.2, so no finite-difference step flips a choice: the
+     * clean logits are those minus the noise. */
+    separated_logits(c.clean, N, E);
+    double *want_h = alloc_d(NE);
+    for (size_t i = 0; i < NE; i++) {
+        const double z = noisy ? qs_rng_normal(c.r.seed, c.r.stream, (uint64_t)ids[i / E] * E + i % E) : 0.0;
+        const double noise = noisy ? z * log1p(exp((double)c.noise[i])) : 0.0;
+        c.clean[i] -= (float)noise;
+        want_h[i] = c.clean[i] + noise;
+    }
+    route_loss(&c);
+    if (noisy) check_close("noisy gate", c.h, want_h, NE, 1e-5, 1e-6);
+    const param ps[] = {{"clean", c.clean, NE}, {"noise", c.noise, NE}};
+    /* a step of 1e-2: the losses are floats, and no choice is within 0.1 of flipping */
+    check_gradients(noisy ? "route noisy" : "route", route_loss, route_backward, &c, ps, noisy ? 2 : 1, 1e-2);
+    free(ids), free(want_h), free(c.clean), free(c.noise), free(c.h), free(c.gate), free(c.R), free(c.idx);
+    free(c.slot), load_free(&c.load);
+}
+
+static void test_route_gradients(void **state) {
+    (void)state;
+    check_route_gradients(false);
+    check_route_gradients(true);
 }
 
 /* ---- MoE: dispatch / combine ---- */
@@ -910,11 +966,11 @@ static void test_dispatch_combine(void **state) {
 
     const int N = rnd_int(7, 37), E = 5, K = 2, C = 13;
     int *idx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K);
-    int counts[5], offsets[6], routed[5];
+    qs_moe_load load = load_alloc(E);
     rnd_routes(idx, N, E, K);
     const int capacity = N * K / E * 2 / 3; /* below the mean load: some are dropped */
-    assert_true(ops->moe_assign(slot, counts, offsets, routed, idx, N, E, K, capacity) > 0);
-    const int rows = offsets[E];
+    assert_true(route_to(&load, slot, idx, N, E, K, capacity) > 0);
+    const int rows = load.offsets[E];
     check_round_trip(slot, rows, N, K, C);
 
     route_ctx c = {N, K, C, rows, slot, rnd_tensor((size_t)N * C, -1, 1),
@@ -928,55 +984,7 @@ static void test_dispatch_combine(void **state) {
     const param pc[] = {{"ye", c.ye, (size_t)rows * C}, {"gate", c.gate, (size_t)N * K}};
     check_gradients("combine", combine_loss, combine_backward, &c, pc, 2, 1e-3);
     free(c.R), free(c.x), free(c.xe), free(c.ye), free(c.gate), free(c.y), free(idx), free(slot);
-}
-
-/* ---- MoE: balance / z loss ---- */
-
-typedef struct {
-    int N, E, K;
-    float bc, zc;
-    const int *routed;
-    float *logits;
-} bal_ctx;
-
-static double bal_loss(void *p) {
-    bal_ctx *c = p;
-    float balance = NAN, z = NAN;
-    ops->moe_balance_forward(&balance, &z, c->logits, c->routed, c->N, c->E, c->K);
-    return (double)c->bc * balance + (double)c->zc * z;
-}
-static void bal_backward(void *p, float **g) {
-    bal_ctx *c = p;
-    ops->moe_balance_backward(g[0], c->logits, c->routed, c->bc, c->zc, c->N, c->E, c->K);
-}
-
-static void test_balance(void **state) {
-    (void)state;
-    const int N = rnd_int(7, 37), E = 7, K = 2;
-    int *idx = alloc_i((size_t)N * K), *slot = alloc_i((size_t)N * K);
-    int counts[7], offsets[8], routed[7];
-    rnd_routes(idx, N, E, K);
-    ops->moe_assign(slot, counts, offsets, routed, idx, N, E, K, 0);
-    bal_ctx c = {N, E, K, rnd_uniform(0.5f, 2.0f), rnd_uniform(0.5f, 2.0f), routed,
-                 rnd_tensor((size_t)N * E, -3, 3)};
-
-    float balance = NAN, z = NAN;
-    ops->moe_balance_forward(&balance, &z, c.logits, routed, N, E, K);
-    double P[7] = {0}, wz = 0.0, wb = 0.0;
-    for (int n = 0; n < N; n++) {
-        const float *x = c.logits + (size_t)n * E;
-        double sum = 0.0;
-        for (int e = 0; e < E; e++) sum += exp(x[e]);
-        for (int e = 0; e < E; e++) P[e] += exp(x[e]) / sum / N;
-        wz += log(sum) * log(sum) / N;
-    }
-    for (int e = 0; e < E; e++) wb += E * (routed[e] / (double)(N * K)) * P[e];
-    check_close("balance", &balance, &wb, 1, 1e-5, 0.0);
-    check_close("z", &z, &wz, 1, 1e-5, 0.0);
-
-    const param ps[] = {{"logits", c.logits, (size_t)N * E}};
-    check_gradients("balance+z", bal_loss, bal_backward, &c, ps, 1, 1e-2);
-    free(idx), free(slot), free(c.logits);
+    load_free(&load);
 }
 
 /* ---- optimizer ---- */
@@ -1255,10 +1263,10 @@ int main(void) {
         cmocka_unit_test(test_layernorm),       cmocka_unit_test(test_matmul),
         cmocka_unit_test(test_attention),       cmocka_unit_test(test_gelu_relu),
         cmocka_unit_test(test_residual_layernorm),             cmocka_unit_test(test_dropout),
-        cmocka_unit_test(test_xent),            cmocka_unit_test(test_noisy_gate),
-        cmocka_unit_test(test_topk),            cmocka_unit_test(test_assign_by_hand),
-        cmocka_unit_test(test_assign_random),   cmocka_unit_test(test_dispatch_combine),
-        cmocka_unit_test(test_balance),         cmocka_unit_test(test_sumsq),
+        cmocka_unit_test(test_xent),            cmocka_unit_test(test_topk),
+        cmocka_unit_test(test_assign_by_hand),  cmocka_unit_test(test_assign_random),
+        cmocka_unit_test(test_route_losses),    cmocka_unit_test(test_route_gradients),
+        cmocka_unit_test(test_dispatch_combine), cmocka_unit_test(test_sumsq),
         cmocka_unit_test(test_adamw),           cmocka_unit_test(test_quadconv_2d),
         cmocka_unit_test(test_quadconv_causal), cmocka_unit_test(test_space_to_depth_pool),
         cmocka_unit_test(test_layer_scale),

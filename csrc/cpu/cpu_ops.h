@@ -97,16 +97,12 @@ void qs_cpu_xent_forward(float *losses, const float *logits, const int *targets,
 void qs_cpu_xent_backward(float *logits, const int *targets, float dloss, int N, int V);
 
 /* moe.c */
-void qs_cpu_noisy_gate_forward(float *h, const float *clean, const float *noise_logits,
-                               uint64_t seed, uint64_t stream, const int64_t *row_ids, int N, int E);
-void qs_cpu_noisy_gate_backward(float *dclean, float *dnoise, const float *dh,
-                                const float *noise_logits, uint64_t seed, uint64_t stream,
-                                const int64_t *row_ids, int N, int E);
-void qs_cpu_moe_topk_forward(int *idx, float *gate, const float *logits, int N, int E, int K);
-void qs_cpu_moe_topk_backward(float *dlogits, const float *dgate, const int *idx,
-                              const float *gate, int N, int E, int K);
-int qs_cpu_moe_assign(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N,
-                      int E, int K, int capacity);
+void qs_cpu_moe_route_forward(qs_moe_load *load, int *idx, float *gate, int *slot, float *h,
+                              const float *clean, const float *noise_logits, const qs_moe_router *r);
+void qs_cpu_moe_route_backward(float *dclean, float *dnoise, const float *dgate, const int *idx,
+                               const float *gate, const float *x, const float *noise_logits,
+                               const qs_moe_load *load, float balance_coef, float z_coef,
+                               const qs_moe_router *r);
 void qs_cpu_moe_dispatch_forward(float *xe, const float *x, const int *slot, int N, int K, int C);
 void qs_cpu_moe_dispatch_backward(float *dx, const float *dxe, const int *slot, int N, int K,
                                   int C);
@@ -114,11 +110,6 @@ void qs_cpu_moe_combine_forward(float *y, const float *ye, const float *gate, co
                                 int N, int K, int C);
 void qs_cpu_moe_combine_backward(float *dye, float *dgate, const float *dy, const float *ye,
                                  const float *gate, const int *slot, int N, int K, int C);
-void qs_cpu_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed,
-                                int N, int E, int K);
-void qs_cpu_moe_balance_backward(float *dlogits, const float *logits, const int *routed,
-                                 float balance_coef, float z_coef, int N, int E, int K);
-
 
 /* quadconv.c */
 void qs_cpu_quadconv_forward(float *y, float *fa, float *fb, const float *x, const float *w,

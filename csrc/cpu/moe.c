@@ -1,5 +1,7 @@
-/* Mixture-of-experts routing: noisy gating, top-k selection, capacity assignment,
- * dispatch to / combine from the expert-packed buffers, router regularizers. */
+/* Mixture-of-experts routing (noisy gating, top-k selection, capacity assignment, router
+ * regularizers) and dispatch to / combine from the expert-packed buffers. The router is
+ * the plain composition of its steps, one pass each: the reference the fused CUDA
+ * kernels are checked against. */
 #include <string.h>
 
 #include "cpu_ops.h"
@@ -15,26 +17,15 @@ static float gate_noise(uint64_t seed, uint64_t stream, const int64_t *row_ids, 
     return qs_rng_normal(seed, stream, qs_rng_counter(row_ids, i / (size_t)E, (size_t)E, i % (size_t)E));
 }
 
-void qs_cpu_noisy_gate_forward(float *h, const float *clean, const float *noise_logits,
-                               uint64_t seed, uint64_t stream, const int64_t *row_ids, int N, int E) {
+static void noisy_gate(float *h, const float *clean, const float *noise_logits, uint64_t seed,
+                       uint64_t stream, const int64_t *row_ids, int N, int E) {
     const size_t n = (size_t)N * E;
 #pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
     for (size_t i = 0; i < n; i++)
         h[i] = clean[i] + gate_noise(seed, stream, row_ids, i, E) * softplus(noise_logits[i]);
 }
 
-void qs_cpu_noisy_gate_backward(float *dclean, float *dnoise, const float *dh,
-                                const float *noise_logits, uint64_t seed, uint64_t stream,
-                                const int64_t *row_ids, int N, int E) {
-    const size_t n = (size_t)N * E;
-#pragma omp parallel for schedule(static) if (n >= QS_CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++) {
-        if (dclean) dclean[i] += dh[i];
-        if (dnoise) dnoise[i] += dh[i] * gate_noise(seed, stream, row_ids, i, E) * sigmoid(noise_logits[i]);
-    }
-}
-
-void qs_cpu_moe_topk_forward(int *idx, float *gate, const float *logits, int N, int E, int K) {
+static void topk_gates(int *idx, float *gate, const float *logits, int N, int E, int K) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *x = logits + (size_t)n * E;
@@ -49,21 +40,8 @@ void qs_cpu_moe_topk_forward(int *idx, float *gate, const float *logits, int N, 
     }
 }
 
-void qs_cpu_moe_topk_backward(float *dlogits, const float *dgate, const int *idx,
-                              const float *gate, int N, int E, int K) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *g = gate + (size_t)n * K, *dg = dgate + (size_t)n * K;
-        const int *id = idx + (size_t)n * K;
-        float *d = dlogits + (size_t)n * E;
-        /* Softmax Jacobian: dx_k = g_k (dg_k - sum_j g_j dg_j). */
-        const float gdg = qs_cpu_dot(g, dg, K);
-        for (int k = 0; k < K; k++) d[id[k]] += g[k] * (dg[k] - gdg);
-    }
-}
-
-int qs_cpu_moe_assign(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N,
-                      int E, int K, int capacity) {
+static int assign(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N, int E,
+                  int K, int capacity) {
     memset(counts, 0, (size_t)E * sizeof *counts);
     memset(routed, 0, (size_t)E * sizeof *routed);
     int dropped = 0;
@@ -83,6 +61,83 @@ int qs_cpu_moe_assign(int *slot, int *counts, int *offsets, int *routed, const i
     for (int a = 0; a < N * K; a++)
         if (slot[a] >= 0) slot[a] += offsets[idx[a]];
     return dropped;
+}
+
+/* Router statistics of one row: softmax p = exp(x - mx) / sum, logsumexp, and
+ * s = sum_e f_e p_e with f_e = routed[e] * inv_nk. */
+typedef struct {
+    float mx;
+    double sum, lse, s;
+} router_row;
+
+static router_row router_stats(const float *x, const int *routed, double inv_nk, int E) {
+    router_row r;
+    r.mx = qs_cpu_softmax_stats(x, E, &r.sum);
+    r.lse = r.mx + log(r.sum);
+    double fs = 0.0;
+    for (int e = 0; e < E; e++) fs += routed[e] * inv_nk * expf(x[e] - r.mx);
+    r.s = fs / r.sum;
+    return r;
+}
+
+static void balance(float *balance, float *z, const float *logits, const int *routed, int N, int E,
+                    int K) {
+    const double inv_nk = 1.0 / ((double)N * K);
+    double bal = 0.0, zsum = 0.0;
+#pragma omp parallel
+    {
+        double my_bal = 0.0, my_z = 0.0;
+#pragma omp for schedule(static) nowait
+        for (int n = 0; n < N; n++) {
+            const router_row r = router_stats(logits + (size_t)n * E, routed, inv_nk, E);
+            my_bal += r.s;
+            my_z += r.lse * r.lse;
+        }
+        qs_cpu_ordered_add(&bal, my_bal);
+        qs_cpu_ordered_add(&zsum, my_z);
+    }
+    /* E * sum_i f_i * mean_n p_ni = (E / N) * sum_n s_n */
+    *balance = (float)(E * bal / N);
+    *z = (float)(zsum / N);
+}
+
+void qs_cpu_moe_route_forward(qs_moe_load *load, int *idx, float *gate, int *slot, float *h,
+                              const float *clean, const float *noise_logits, const qs_moe_router *r) {
+    const float *x = clean;
+    if (noise_logits) {
+        noisy_gate(h, clean, noise_logits, r->seed, r->stream, r->row_ids, r->N, r->E);
+        x = h;
+    }
+    topk_gates(idx, gate, x, r->N, r->E, r->K);
+    load->dropped = assign(slot, load->counts, load->offsets, load->routed, idx, r->N, r->E, r->K, r->capacity);
+    balance(&load->balance, &load->z, x, load->routed, r->N, r->E, r->K);
+}
+
+void qs_cpu_moe_route_backward(float *dclean, float *dnoise, const float *dgate, const int *idx,
+                               const float *gate, const float *x, const float *noise_logits,
+                               const qs_moe_load *load, float balance_coef, float z_coef,
+                               const qs_moe_router *r) {
+    const int N = r->N, E = r->E, K = r->K;
+    const double inv_nk = 1.0 / ((double)N * K);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *xn = x + (size_t)n * E, *g = gate + (size_t)n * K, *dg = dgate + (size_t)n * K;
+        const int *id = idx + (size_t)n * K;
+        const router_row st = router_stats(xn, load->routed, inv_nk, E);
+        /* d balance / dx_e = (E/N) p_e (f_e - s);  d z / dx_e = (2 lse / N) p_e */
+        const double cb = (double)balance_coef * E / N, cz = (double)z_coef * 2.0 * st.lse / N;
+        /* top-k's softmax Jacobian: dx_id[k] = g_k (dg_k - sum_j g_j dg_j) */
+        const float gdg = qs_cpu_dot(g, dg, K);
+        for (int e = 0; e < E; e++) {
+            const double p = expf(xn[e] - st.mx) / st.sum;
+            float d = (float)(p * (cb * (load->routed[e] * inv_nk - st.s) + cz));
+            for (int k = 0; k < K; k++)
+                if (id[k] == e) d += g[k] * (dg[k] - gdg);
+            const size_t i = (size_t)n * E + e;
+            if (dclean) dclean[i] += d;
+            if (dnoise) dnoise[i] += d * gate_noise(r->seed, r->stream, r->row_ids, i, E) * sigmoid(noise_logits[i]);
+        }
+    }
 }
 
 /* The packed rows are distinct per assignment and each token's assignments are
@@ -131,61 +186,6 @@ void qs_cpu_moe_combine_backward(float *dye, float *dgate, const float *dy, cons
             if (slot[a] < 0) continue;
             if (dye) qs_cpu_axpy(dye + (size_t)slot[a] * C, gate[a], d, C);
             if (dgate) dgate[a] += qs_cpu_dot(d, ye + (size_t)slot[a] * C, C);
-        }
-    }
-}
-
-/* Router statistics of one row: softmax p = exp(x - mx) / sum, logsumexp, and
- * s = sum_e f_e p_e with f_e = routed[e] * inv_nk. */
-typedef struct {
-    float mx;
-    double sum, lse, s;
-} router_row;
-
-static router_row router_stats(const float *x, const int *routed, double inv_nk, int E) {
-    router_row r;
-    r.mx = qs_cpu_softmax_stats(x, E, &r.sum);
-    r.lse = r.mx + log(r.sum);
-    double fs = 0.0;
-    for (int e = 0; e < E; e++) fs += routed[e] * inv_nk * expf(x[e] - r.mx);
-    r.s = fs / r.sum;
-    return r;
-}
-
-void qs_cpu_moe_balance_forward(float *balance, float *z, const float *logits, const int *routed,
-                                int N, int E, int K) {
-    const double inv_nk = 1.0 / ((double)N * K);
-    double bal = 0.0, zsum = 0.0;
-#pragma omp parallel
-    {
-        double my_bal = 0.0, my_z = 0.0;
-#pragma omp for schedule(static) nowait
-        for (int n = 0; n < N; n++) {
-            const router_row r = router_stats(logits + (size_t)n * E, routed, inv_nk, E);
-            my_bal += r.s;
-            my_z += r.lse * r.lse;
-        }
-        qs_cpu_ordered_add(&bal, my_bal);
-        qs_cpu_ordered_add(&zsum, my_z);
-    }
-    /* E * sum_i f_i * mean_n p_ni = (E / N) * sum_n s_n */
-    *balance = (float)(E * bal / N);
-    *z = (float)(zsum / N);
-}
-
-void qs_cpu_moe_balance_backward(float *dlogits, const float *logits, const int *routed,
-                                 float balance_coef, float z_coef, int N, int E, int K) {
-    const double inv_nk = 1.0 / ((double)N * K);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *x = logits + (size_t)n * E;
-        float *d = dlogits + (size_t)n * E;
-        const router_row r = router_stats(x, routed, inv_nk, E);
-        /* d balance / dx_e = (E/N) p_e (f_e - s);  d z / dx_e = (2 lse / N) p_e */
-        const double cb = (double)balance_coef * E / N, cz = (double)z_coef * 2.0 * r.lse / N;
-        for (int e = 0; e < E; e++) {
-            const double p = expf(x[e] - r.mx) / r.sum;
-            d[e] += (float)(p * (cb * (routed[e] * inv_nk - r.s) + cz));
         }
     }
 }

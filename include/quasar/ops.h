@@ -64,6 +64,23 @@ static inline QS_HD int qs_attn_visible_keys(const qs_attn_block *k, int i) {
     return n < 0 ? 0 : n > k->Tk ? k->Tk : (int)n;
 }
 
+/* A sparse MoE router's sizes: N tokens over E experts, top-K; at most `capacity`
+ * assignments per expert (<= 0: dropless); router noise drawn from (seed, stream) at
+ * counter row_ids[n] * E + e (backend memory; NULL: n), as ops draw all randomness. */
+typedef struct qs_moe_router {
+    int N, E, K, capacity;
+    uint64_t seed, stream;
+    const int64_t *row_ids;
+} qs_moe_router;
+
+/* What routing tells the host (HOST memory; arrays of E, offsets E + 1): see
+ * moe_route_forward. */
+typedef struct qs_moe_load {
+    int *routed, *counts, *offsets;
+    int dropped;
+    float balance, z;
+} qs_moe_load;
+
 typedef struct qs_ops {
     /* out[r,:] = wte[tok[r],:] + wpe[pos[r],:] over N rows: each row's token (in [0, V))
      * and position (a prefill's 0..T-1 per sequence, a decode step's own position, a
@@ -161,35 +178,33 @@ typedef struct qs_ops {
     void (*xent_forward)(float *losses, const float *logits, const int *targets, int N, int V);
     void (*xent_backward)(float *logits, const int *targets, float dloss, int N, int V);
 
-    /* Noisy gating (Shazeer et al.): h = clean + z * softplus(noise_logits), with
-     * z = qs_rng_normal(seed, stream, counter) for each element of the [N,E] tensors.
-     * Backward: dclean += dh; dnoise += dh * z * sigmoid(noise_logits). */
-    void (*noisy_gate_forward)(float *h, const float *clean, const float *noise_logits,
-                               uint64_t seed, uint64_t stream, const int64_t *row_ids, int N,
-                               int E);
-    void (*noisy_gate_backward)(float *dclean, float *dnoise, const float *dh,
-                                const float *noise_logits, uint64_t seed, uint64_t stream,
-                                const int64_t *row_ids, int N, int E);
-
-    /* Top-k routing over logits [N,E]: idx[N,K] holds the K largest experts per
-     * token in descending logit order (ties: lower index first); gate[N,K] is the
-     * softmax over those K logits only. Backward accumulates into dlogits at the
-     * chosen experts (softmax Jacobian over the kept K). */
-    void (*moe_topk_forward)(int *idx, float *gate, const float *logits, int N, int E, int K);
-    void (*moe_topk_backward)(float *dlogits, const float *dgate, const int *idx,
-                              const float *gate, int N, int E, int K);
-
-    /* Capacity assignment, in token order: for n = 0..N-1, k = 0..K-1, expert
-     * e = idx[n*K+k] takes the assignment if fewer than `capacity` already went to it,
-     * else it is dropped. capacity <= 0 means dropless. Outputs:
-     *   routed[E]  assignments before dropping (for the balance loss),
-     *   counts[E]  assignments kept, offsets[E+1] their prefix sum (rows of expert e
-     *              are offsets[e] .. offsets[e+1]-1 in the packed buffers),
-     *   slot[N*K]  packed row of each assignment, or -1 if dropped (rows of one
-     *              expert are in token order).
-     * Returns the number of dropped assignments. Host-side integer bookkeeping. */
-    int (*moe_assign)(int *slot, int *counts, int *offsets, int *routed, const int *idx, int N,
-                      int E, int K, int capacity);
+    /* The router of a sparse MoE layer, from its logits [N,E] to packed rows, in one op
+     * so that a backend can fuse it (r: sizes, capacity and the noise's draws).
+     *   Routing logits: with noise_logits (noisy top-k gating, Shazeer et al.)
+     *     h = clean + z * softplus(noise_logits), z = qs_rng_normal(seed, stream,
+     *     counter) per element, written to h; without (NULL), h is left alone and the
+     *     routing logits are clean.
+     *   idx[N,K]:  the K largest routing logits per token in descending order (ties:
+     *     lower index first; quasar/topk.h); gate[N,K] the softmax over those K only.
+     *   Capacity, in token order: for n = 0..N-1, k = 0..K-1, expert e = idx[n*K+k]
+     *     takes the assignment if fewer than r->capacity already went to it, else it is
+     *     dropped (capacity <= 0: dropless). slot[N*K] is each assignment's packed row,
+     *     or -1 if dropped; the rows of expert e are load->offsets[e] .. offsets[e+1]-1,
+     *     in token order.
+     *   *load (HOST memory, the sizes of the expert GEMMs): routed[E] assignments before
+     *     dropping, counts[E] kept, offsets[E+1] their prefix sum, the number dropped,
+     *     and the regularizers over the routing logits x:
+     *       balance = E * sum_i f_i * P_i, f_i = routed[i] / (N*K), P_i = mean_n softmax(x[n])_i
+     *       z       = mean_n logsumexp(x[n])^2.
+     * Backward, with f a constant and x the routing logits (h or clean), accumulates the
+     * gradient at x, dx = d(sum dgate . gate) + balance_coef d(balance) + z_coef d(z),
+     * into dclean, and dx * z * sigmoid(noise_logits) into dnoise (noisy gating only). */
+    void (*moe_route_forward)(qs_moe_load *load, int *idx, float *gate, int *slot, float *h,
+                              const float *clean, const float *noise_logits, const qs_moe_router *r);
+    void (*moe_route_backward)(float *dclean, float *dnoise, const float *dgate, const int *idx,
+                               const float *gate, const float *x, const float *noise_logits,
+                               const qs_moe_load *load, float balance_coef, float z_coef,
+                               const qs_moe_router *r);
 
     /* Packed expert input: xe[slot[n*K+k], :] = x[n, :] for kept assignments.
      * Backward: dx[n,:] += dxe[slot[n*K+k],:]. */
@@ -204,17 +219,6 @@ typedef struct qs_ops {
                                 int N, int K, int C);
     void (*moe_combine_backward)(float *dye, float *dgate, const float *dy, const float *ye,
                                  const float *gate, const int *slot, int N, int K, int C);
-
-    /* Router regularizers over logits [N,E] (the logits used for routing):
-     *   balance = E * sum_i f_i * P_i, f_i = routed[i] / (N*K), P_i = mean_n softmax(logits[n])_i
-     *   z       = mean_n logsumexp(logits[n])^2
-     * f is treated as a constant. Backward accumulates
-     *   dlogits += balance_coef * d(balance) + z_coef * d(z).
-     * routed (moe_assign's output) and the scalars balance and z are HOST memory. */
-    void (*moe_balance_forward)(float *balance, float *z, const float *logits, const int *routed,
-                                int N, int E, int K);
-    void (*moe_balance_backward)(float *dlogits, const float *logits, const int *routed,
-                                 float balance_coef, float z_coef, int N, int E, int K);
 
     /* Quadratic depthwise convolution (QuadraNet): y = fa * fb + fc with
      * f_i = W_i * x + b_i, the three filters w [3][KH][KW][C] and biases bias [3][C].

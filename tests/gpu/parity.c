@@ -504,50 +504,48 @@ static void test_xent(int N, int V) {
     case_end();
 }
 
-static void test_noisy_gate(int N, int E) {
-    case_begin("noisy_gate N=%d E=%d", N, E);
-    const uint64_t s = qs_rng_u64(seed, 9, draws++);
-    tensor ids = t_row_ids((size_t)N), clean = t_rand((size_t)N * E, -2, 2), noise = t_rand((size_t)N * E, -4, 4);
-    tensor h = t_out((size_t)N * E);
-    BOTH(ops->noisy_gate_forward(F(h), F(clean), F(noise), s, 5, L(ids), N, E));
-    check("h", h, ELEM);
-    tensor dh = t_rand((size_t)N * E, -1, 1), dc = t_acc((size_t)N * E), dn = t_acc((size_t)N * E);
-    BOTH(ops->noisy_gate_backward(F(dc), F(dn), F(dh), F(noise), s, 5, L(ids), N, E));
-    check("dclean", dc, ELEM);
-    check("dnoise", dn, ELEM);
-    case_end();
-}
-
-/* Routing: top-k (logits on a coarse grid, so ties occur), capacity assignment,
- * dispatch, combine, the router losses; each backward with the reference's forward
- * outputs as its inputs. */
-static void test_moe(int N, int E, int K, int C, int capacity) {
-    case_begin("moe N=%d E=%d K=%d C=%d capacity=%d", N, E, K, C, capacity);
-    const size_t NK = (size_t)N * K;
-    float *lg = xmalloc((size_t)N * E * sizeof *lg);
-    for (size_t i = 0; i < (size_t)N * E; i++) lg[i] = 0.25f * (float)qs_rng_below(seed, 10, draws++, 9) - 1.0f;
-    tensor logits = t_host(lg, (size_t)N * E, sizeof *lg);
+/* The router (noisy or not; clean logits on a coarse grid, so ties occur), each backward
+ * from the reference's forward outputs; then dispatch and combine over its slots. */
+static void test_moe(int N, int E, int K, int C, int capacity, bool noisy) {
+    case_begin("moe N=%d E=%d K=%d C=%d capacity=%d%s", N, E, K, C, capacity, noisy ? " noisy" : "");
+    const size_t NK = (size_t)N * K, NE = (size_t)N * E;
+    float *lg = xmalloc(NE * sizeof *lg);
+    for (size_t i = 0; i < NE; i++) lg[i] = 0.25f * (float)qs_rng_below(seed, 10, draws++, 9) - 1.0f;
+    tensor clean = t_host(lg, NE, sizeof *lg);
     free(lg);
-    tensor idx = t_int_out(NK), gate = t_out(NK);
-    BOTH(ops->moe_topk_forward(I(idx), F(gate), F(logits), N, E, K));
+    tensor ids = t_row_ids((size_t)N), noise = t_rand(NE, -4, 4), h = t_out(NE);
+    tensor idx = t_int_out(NK), gate = t_out(NK), slot = t_int_out(NK);
+    enum { EMAX = 256 };
+    int routed[2][EMAX], counts[2][EMAX], offsets[2][EMAX + 1];
+    qs_moe_load load[2];
+    for (int s = 0; s < 2; s++) load[s] = (qs_moe_load){.routed = routed[s], .counts = counts[s], .offsets = offsets[s]};
+    const qs_moe_router r0 = {.N = N, .E = E, .K = K, .capacity = capacity, .seed = qs_rng_u64(seed, 9, draws++),
+                              .stream = 5};
+    qs_moe_router r[2] = {r0, r0};
+    BOTH(r[side].row_ids = L(ids);
+         ops->moe_route_forward(&load[side], I(idx), F(gate), I(slot), F(h), F(clean), noisy ? F(noise) : NULL,
+                                &r[side]));
+    if (noisy) check("h", h, ELEM);
+    else check("h (not written)", h, ELEM);
     check_ints("idx", idx);
     check("gate", gate, RED);
-    t_sync(idx);
-    t_sync(gate);
-    tensor dgate = t_rand(NK, -1, 1), dlog = t_acc((size_t)N * E);
-    BOTH(ops->moe_topk_backward(F(dlog), F(dgate), I(idx), F(gate), N, E, K));
-    check("topk dlogits", dlog, RED);
-
-    enum { EMAX = 64 };
-    int counts[2][EMAX], offsets[2][EMAX + 1], routed[2][EMAX], dropped[2];
-    tensor slot = t_int_out(NK);
-    BOTH(dropped[side] = ops->moe_assign(I(slot), counts[side], offsets[side], routed[side], I(idx), N, E, K,
-                                         capacity));
     check_ints("slot", slot);
+    check_host_ints("routed", routed[0], routed[1], (size_t)E);
     check_host_ints("counts", counts[0], counts[1], (size_t)E);
     check_host_ints("offsets", offsets[0], offsets[1], (size_t)E + 1);
-    check_host_ints("routed", routed[0], routed[1], (size_t)E);
-    check_host_ints("dropped", &dropped[0], &dropped[1], 1);
+    check_host_ints("dropped", &load[0].dropped, &load[1].dropped, 1);
+    compare_scalar("balance", load[0].balance, load[1].balance, RED);
+    compare_scalar("z", load[0].z, load[1].z, RED);
+    t_sync(idx);
+    t_sync(gate);
+    t_sync(slot);
+    t_sync(h);
+    tensor dgate = t_rand(NK, -1, 1), dclean = t_acc(NE), dnoise = t_acc(NE);
+    const float cb = urand(0.1f, 1.0f), cz = urand(0.1f, 1.0f);
+    BOTH(ops->moe_route_backward(F(dclean), noisy ? F(dnoise) : NULL, F(dgate), I(idx), F(gate),
+                                 noisy ? F(h) : F(clean), noisy ? F(noise) : NULL, &load[side], cb, cz, &r[side]));
+    check("dclean", dclean, RED);
+    check(noisy ? "dnoise" : "dnoise (untouched)", dnoise, RED);
 
     tensor x = t_rand((size_t)N * C, -1, 1), xe = t_out(NK * C);
     BOTH(ops->moe_dispatch_forward(F(xe), F(x), I(slot), N, K, C));
@@ -562,14 +560,6 @@ static void test_moe(int N, int E, int K, int C, int capacity) {
     BOTH(ops->moe_combine_backward(F(dye), F(dg), F(dy), F(ye), F(gate), I(slot), N, K, C));
     check("dye", dye, ELEM);
     check("dgate", dg, RED);
-
-    float balance[2], z[2];
-    BOTH(ops->moe_balance_forward(&balance[side], &z[side], F(logits), routed[side], N, E, K));
-    compare_scalar("balance", balance[0], balance[1], RED);
-    compare_scalar("z", z[0], z[1], RED);
-    const float cb = urand(0.1f, 1.0f), cz = urand(0.1f, 1.0f);
-    BOTH(ops->moe_balance_backward(F(dlog), F(logits), routed[side], cb, cz, N, E, K));
-    check("balance dlogits", dlog, RED);
     case_end();
 }
 
@@ -677,13 +667,15 @@ static void test_ops(void) {
     test_dropout(9, 13, 1.0f, 1);
     const int xe[][2] = {{1, 1}, {7, 5}, {67, 1000}, {5, 50257}};
     for (size_t i = 0; i < sizeof xe / sizeof *xe; i++) test_xent(xe[i][0], xe[i][1]);
-    test_noisy_gate(1, 1);
-    test_noisy_gate(67, 13);
-    test_moe(1, 1, 1, 1, 0);
-    test_moe(7, 5, 2, 3, 0);
-    test_moe(67, 13, 3, 37, 5);
-    test_moe(300, 8, 8, 97, 0);
-    test_moe(130, 6, 2, 9, 30);
+    /* 1; ties; experts without tokens (7 x 2 over 13); capacity inside one chunk of the
+     * router and across chunks (128 tokens each); k = E; E = 256, k = 8 (fine-grained) */
+    test_moe(1, 1, 1, 1, 0, false);
+    test_moe(7, 13, 2, 3, 0, true);
+    test_moe(67, 13, 3, 37, 5, true);
+    test_moe(130, 6, 2, 9, 30, false);
+    test_moe(260, 7, 3, 11, 90, true);
+    test_moe(300, 8, 8, 97, 0, false);
+    test_moe(333, 256, 8, 16, 0, true);
     test_quadconv("1x1", (qs_conv_shape){1, 1, 1, 1, 1, 1, 0, 0});
     test_quadconv("same 3x3", (qs_conv_shape){2, 5, 7, 3, 3, 3, 1, 1});
     test_quadconv("same 5x5", (qs_conv_shape){1, 9, 6, 37, 5, 5, 2, 2});

@@ -4,7 +4,7 @@
  * the part of CUDA the kernels use: device memory (host memory, fresh allocations filled
  * with 0xff bytes, so an unwritten float reads as NaN), copies, the launch and the
  * dynamic shared memory hooks of kernels/cuda_ops.h, __syncthreads / __syncwarp / warp
- * shuffles, and cudaFuncSetAttribute's shared-memory opt-in.
+ * shuffles and __match_any_sync, and cudaFuncSetAttribute's shared-memory opt-in.
  *
  * Each thread of a block is a coroutine (ucontext) with its own stack. A block's threads
  * run one at a time, each until its next synchronisation point, in a seeded random order
@@ -309,5 +309,13 @@ template <class T> static inline T __shfl_sync(unsigned mask, T v, int src) {
 template <class T> static inline T __shfl_xor_sync(unsigned mask, T v, int x) {
     return __shfl_sync(mask, v, (int)(emu_linear_tid() % 32) ^ x);
 }
+/* The lanes whose v equals this lane's, once all 32 lanes have offered theirs. */
+static inline unsigned __match_any_sync(unsigned mask, int v) {
+    unsigned peers = 0;
+    for (int l = 0; l < 32; l++) peers |= (unsigned)(__shfl_sync(mask, v, l) == v) << l;
+    return peers;
+}
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+static inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
 
 #endif
