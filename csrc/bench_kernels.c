@@ -127,7 +127,7 @@ static void moe_route_run(const qs_ops *o, const kdims *d, float *const *f, int 
     o->moe_dispatch_forward(f[4], f[0], ib[1], d->N, d->K, d->C);
 }
 
-/* ---- MoE experts: Linear-GELU-Linear per expert over its packed rows ---- */
+/* ---- MoE experts: Linear-GELU-Linear per expert over its packed rows, as grouped products ---- */
 
 static void moe_experts_plan(kplan *p, const kdims *d) {
     const size_t R = (size_t)d->N * d->K, C = d->C, F = d->F, E = d->E;
@@ -144,14 +144,9 @@ static void moe_experts_prepare(const kdims *d, int *const *ib) {
 }
 static void moe_experts_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     const int *off = ib[0];
-    const size_t C = d->C, F = d->F;
-    for (int e = 0; e < d->E; e++)
-        o->matmul_forward(f[2] + off[e] * F, f[0] + off[e] * C, f[1] + e * C * F, NULL, off[e + 1] - off[e], d->C,
-                          d->F, QS_W_IN_OUT);
-    o->gelu_forward(f[3], f[2], (size_t)off[d->E] * F);
-    for (int e = 0; e < d->E; e++)
-        o->matmul_forward(f[5] + off[e] * C, f[3] + off[e] * F, f[4] + e * F * C, NULL, off[e + 1] - off[e], d->F,
-                          d->C, QS_W_IN_OUT);
+    o->matmul_grouped_forward(f[2], f[0], f[1], NULL, off, d->E, d->C, d->F);
+    o->gelu_forward(f[3], f[2], (size_t)off[d->E] * d->F);
+    o->matmul_grouped_forward(f[5], f[3], f[4], NULL, off, d->E, d->F, d->C);
 }
 
 /* ---- quadratic depthwise conv, 2D "same" (issue 7's shape, batch cut for a CPU) ---- */

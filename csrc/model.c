@@ -514,9 +514,22 @@ static void lora_backward(const qs_gpt *m, int l, qs_lora_site site, int e, size
     if (m->lora) qs_lora_backward(m->lora, l, site, e, (int)row0, n, dx, dy, x, lora_row_ids(m, l, site, row0), &m->mode);
 }
 
-/* Expert e's slice of a stacked [E, a, b] tensor (NULL stays NULL). */
-static float *expert_slice(float *base, int e, size_t a, size_t b) {
-    return base ? base + (size_t)e * a * b : NULL;
+/* The LoRA paths of a stacked MoE site, expert by expert over its packed rows (offsets:
+ * the route's), y [rows, y_cols] and x [rows, x_cols]. */
+static void experts_lora_forward(const qs_gpt *m, int l, qs_lora_site site, const int *off, float *y, int y_cols,
+                                 const float *x, int x_cols) {
+    for (int e = 0; m->lora && e < m->E; e++)
+        if (off[e + 1] > off[e])
+            lora_forward(m, l, site, e, off[e], off[e + 1] - off[e], y + (size_t)off[e] * y_cols,
+                         x + (size_t)off[e] * x_cols);
+}
+
+static void experts_lora_backward(const qs_gpt *m, int l, qs_lora_site site, const int *off, float *dx, const float *dy,
+                                  int y_cols, const float *x, int x_cols) {
+    for (int e = 0; m->lora && e < m->E; e++)
+        if (off[e + 1] > off[e])
+            lora_backward(m, l, site, e, off[e], off[e + 1] - off[e], dx + (size_t)off[e] * x_cols,
+                          dy + (size_t)off[e] * y_cols, x + (size_t)off[e] * x_cols);
 }
 
 /* Packed row slot[i] holds token i / K, so it draws as that token's row (each token
@@ -566,19 +579,13 @@ static void moe_forward(qs_gpt *m, int l, int N) {
     if (m->lora && m->mode.train) set_packed_ids(m, l, a->slot, N);
 
     ops->moe_dispatch_forward(a->xe, a->ln2, a->slot, N, K, C);
-    for (int e = 0; e < E; e++) {
-        int n = a->load.counts[e];
-        if (n == 0) continue;
-        size_t r0 = (size_t)a->load.offsets[e];
-        ops->matmul_forward(a->fch + r0 * F, a->xe + r0 * C, expert_slice(P(m, p->fc_w), e, C, F),
-                            expert_slice(P(m, p->fc_b), e, 1, F), n, C, F, QS_W_IN_OUT);
-        lora_forward(m, l, QS_LORA_SITE_FC, e, r0, n, a->fch + r0 * F, a->xe + r0 * C);
-        act_forward(m, a->fch_act + r0 * F, a->fch + r0 * F, (size_t)n * F);
-        ops->matmul_forward(a->ye + r0 * C, a->fch_act + r0 * F,
-                            expert_slice(P(m, p->fcproj_w), e, F, C),
-                            expert_slice(P(m, p->fcproj_b), e, 1, C), n, F, C, QS_W_IN_OUT);
-        lora_forward(m, l, QS_LORA_SITE_FC_PROJ, e, r0, n, a->ye + r0 * C, a->fch_act + r0 * F);
-    }
+    const int *off = load->offsets;
+    const size_t rows = (size_t)off[E];
+    ops->matmul_grouped_forward(a->fch, a->xe, P(m, p->fc_w), P(m, p->fc_b), off, E, C, F);
+    experts_lora_forward(m, l, QS_LORA_SITE_FC, off, a->fch, F, a->xe, C);
+    act_forward(m, a->fch_act, a->fch, rows * F);
+    ops->matmul_grouped_forward(a->ye, a->fch_act, P(m, p->fcproj_w), P(m, p->fcproj_b), off, E, F, C);
+    experts_lora_forward(m, l, QS_LORA_SITE_FC_PROJ, off, a->ye, C, a->fch_act, F);
     ops->moe_combine_forward(a->ffout, a->ye, a->gate, a->slot, N, K, C);
 }
 
@@ -830,21 +837,13 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     zero_f(m, m->dF1, rows * F);
     zero_f(m, m->dF2, rows * F);
     zero_f(m, m->dxe, rows * C);
-    for (int e = 0; e < E; e++) {
-        int n = a->load.counts[e];
-        if (n == 0) continue;
-        size_t r0 = (size_t)a->load.offsets[e];
-        ops->matmul_backward(m->dF1 + r0 * F, expert_slice(G(m, p->fcproj_w), e, F, C),
-                             expert_slice(G(m, p->fcproj_b), e, 1, C), m->dye + r0 * C,
-                             a->fch_act + r0 * F, expert_slice(P(m, p->fcproj_w), e, F, C), n, F, C,
-                             QS_W_IN_OUT);
-        lora_backward(m, l, QS_LORA_SITE_FC_PROJ, e, r0, n, m->dF1 + r0 * F, m->dye + r0 * C, a->fch_act + r0 * F);
-        act_backward(m, m->dF2 + r0 * F, a->fch + r0 * F, m->dF1 + r0 * F, (size_t)n * F);
-        ops->matmul_backward(m->dxe + r0 * C, expert_slice(G(m, p->fc_w), e, C, F),
-                             expert_slice(G(m, p->fc_b), e, 1, F), m->dF2 + r0 * F, a->xe + r0 * C,
-                             expert_slice(P(m, p->fc_w), e, C, F), n, C, F, QS_W_IN_OUT);
-        lora_backward(m, l, QS_LORA_SITE_FC, e, r0, n, m->dxe + r0 * C, m->dF2 + r0 * F, a->xe + r0 * C);
-    }
+    const int *off = a->load.offsets;
+    ops->matmul_grouped_backward(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), m->dye, a->fch_act, P(m, p->fcproj_w),
+                                 off, E, F, C);
+    experts_lora_backward(m, l, QS_LORA_SITE_FC_PROJ, off, m->dF1, m->dye, C, a->fch_act, F);
+    act_backward(m, m->dF2, a->fch, m->dF1, rows * F);
+    ops->matmul_grouped_backward(m->dxe, G(m, p->fc_w), G(m, p->fc_b), m->dF2, a->xe, P(m, p->fc_w), off, E, C, F);
+    experts_lora_backward(m, l, QS_LORA_SITE_FC, off, m->dxe, m->dF2, F, a->xe, C);
     ops->moe_dispatch_backward(m->dln, m->dxe, a->slot, N, K, C);
 
     const size_t NE = (size_t)N * E;

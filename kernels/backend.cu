@@ -120,7 +120,8 @@ static size_t larger(size_t a, size_t b) { return a > b ? a : b; }
 
 /* The most any op takes at once: ops take the scratch one at a time. */
 static size_t scratch_need(const qs_op_sizes *s) {
-    const size_t moe = s->experts > 0 ? qs_cuda_moe_scratch(s->rows, s->experts) : 0;
+    const size_t moe =
+        s->experts > 0 ? larger(qs_cuda_moe_scratch(s->rows, s->experts), qs_cuda_grouped_scratch(s->experts)) : 0;
     return larger(larger(qs_cuda_sumsq_scratch(), qs_cuda_embed_scratch(s->rows)), moe);
 }
 
@@ -145,8 +146,10 @@ static const qs_ops cuda_ops = {
     .layernorm_forward = qs_cuda_layernorm_forward,
     .layernorm_backward = qs_cuda_layernorm_backward,
     .residual_layernorm_forward = qs_cuda_residual_layernorm_forward,
-    .matmul_forward = NULL, /* these three per precision, by qs_cuda_set_matmul_ops */
+    .matmul_forward = NULL, /* these five per precision, by qs_cuda_set_matmul_ops */
     .matmul_backward = NULL,
+    .matmul_grouped_forward = NULL,
+    .matmul_grouped_backward = NULL,
     .matmul_acc = NULL,
     .attention_block_forward = qs_cuda_attention_block_forward,
     .attention_merge = qs_cuda_attention_merge,

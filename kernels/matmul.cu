@@ -1,5 +1,5 @@
 /* Linear layers through cuBLAS, bias in a kernel of its own, the bias gradient as a
- * deterministic column sum. N can be 0 (an expert that received no tokens). The
+ * deterministic column sum; and their grouped form for MoE experts. N can be 0 (an expert that received no tokens). The
  * products' precision is a template parameter: the backend has one op table for each. */
 #include "common.cuh"
 
@@ -68,10 +68,159 @@ static void matmul_backward(float *dinp, float *dw, float *dbias, const float *d
     qs_colsum(matrix_term{dout, n_out}, N, n_out, dbias, n_out, NULL);
 }
 
+/* ---- grouped: an MoE layer's experts, each group its own rows and weight ----
+ * Each product is one cublasGemmGroupedBatchedEx over the non-empty groups (each a group
+ * of one problem, as their sizes differ), with the problems' pointers uploaded to
+ * scratch; biases and their gradients are one kernel each, rows finding their group in
+ * the uploaded offsets. Where this cuBLAS has no grouped form for the compute type
+ * (CUBLAS_STATUS_NOT_SUPPORTED), every later grouped product goes one cublasGemmEx per
+ * group instead, the same arithmetic. */
+
+/* Row-major C[M,N] = alpha op(A) op(B) + beta C of one group, as gemm() takes it. */
+struct gemm_problem {
+    int M, N, K;
+    const float *A, *B;
+    float *C;
+};
+
+static bool grouped_unsupported[2]; /* per precision */
+
+size_t qs_cuda_grouped_scratch(int groups) {
+    return qs_cuda_room(((size_t)groups + 1) * sizeof(int)) + 2 * qs_cuda_room(3 * (size_t)groups * sizeof(void *));
+}
+
+/* problem(g) gives group g's product (M = 0: none); ptrs: room for 3 * groups device
+ * pointers. Every product shares the transposes, leading dimensions, alpha and beta. */
+template <qs_precision P, class Problem>
+static void gemm_groups(int ta, int tb, int lda, int ldb, int ldc, float alpha, float beta, int groups, void **ptrs,
+                        Problem problem) {
+    size_t n = 0;
+    for (int g = 0; g < groups; g++) n += problem(g).M > 0 && problem(g).N > 0;
+    if (!n) return;
+    /* host arrays of the n products, each in the column-major view gemm() maps it to */
+    char *h = (char *)qs_cuda_host_scratch(n * (3 * sizeof(void *) + 2 * sizeof(cublasOperation_t) +
+                                                7 * sizeof(int) + 2 * sizeof(float)));
+    const void **abc = (const void **)h; /* the n A's, then the B's, then the C's */
+    cublasOperation_t *opa = (cublasOperation_t *)(abc + 3 * n), *opb = opa + n;
+    int *m = (int *)(opb + n), *nn = m + n, *k = nn + n, *la = k + n, *lb = la + n, *lc = lb + n, *one = lc + n;
+    float *al = (float *)(one + n), *be = al + n;
+    size_t i = 0;
+    for (int g = 0; g < groups; g++) {
+        const gemm_problem p = problem(g);
+        if (p.M <= 0 || p.N <= 0) continue;
+        opa[i] = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb[i] = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+        m[i] = p.N, nn[i] = p.M, k[i] = p.K, la[i] = ldb, lb[i] = lda, lc[i] = ldc, one[i] = 1;
+        al[i] = alpha, be[i] = beta;
+        abc[i] = p.B, abc[n + i] = p.A, abc[2 * n + i] = p.C;
+        i++;
+    }
+    if (!grouped_unsupported[P]) {
+        qs_cuda_upload(ptrs, abc, 3 * n * sizeof(void *));
+        const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+            qs_cuda_blas(), opa, opb, m, nn, k, al, (const void *const *)ptrs, CUDA_R_32F, la,
+            (const void *const *)(ptrs + n), CUDA_R_32F, lb, be, ptrs + 2 * n, CUDA_R_32F, lc, (int)n, one,
+            compute_type(P));
+        if (st != CUBLAS_STATUS_NOT_SUPPORTED) {
+            qs_cublas_check(st, "cublasGemmGroupedBatchedEx", __FILE__, __LINE__);
+            return;
+        }
+        grouped_unsupported[P] = true;
+    }
+    for (i = 0; i < n; i++)
+        QS_CUBLAS(cublasGemmEx(qs_cuda_blas(), opa[i], opb[i], m[i], nn[i], k[i], &al[i], abc[i], CUDA_R_32F, la[i],
+                               abc[n + i], CUDA_R_32F, lb[i], &be[i], (void *)abc[2 * n + i], CUDA_R_32F, lc[i],
+                               compute_type(P), CUBLAS_GEMM_DEFAULT));
+}
+
+/* The group of packed row r: the last g with off[g] <= r (empty groups share offsets). */
+__device__ static inline int group_of(const int *off, int groups, int r) {
+    int lo = 0, hi = groups - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (off[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+__global__ static void add_group_bias_kernel(float *out, const float *bias, const int *off, int groups, int n_out) {
+    QS_GRID_LOOP(i, (size_t)off[groups] * n_out) {
+        const int r = (int)(i / n_out), j = (int)(i % n_out);
+        out[i] += bias[(size_t)group_of(off, groups, r) * n_out + j];
+    }
+}
+
+/* dbias[g, j] += sum of dout's column j over group g's rows: a block per (32 columns,
+ * group), 8 lanes a column each summing every 8th row in order, added in lane order. */
+__global__ static void group_colsum_kernel(float *dbias, const float *dout, const int *off, int n_out) {
+    __shared__ float acc[8][33];
+    const int g = blockIdx.y, j = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (j < n_out)
+        for (int r = off[g] + threadIdx.y; r < off[g + 1]; r += 8) s += dout[(size_t)r * n_out + j];
+    acc[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < n_out) {
+        float t = 0.0f;
+        for (int l = 0; l < 8; l++) t += acc[l][threadIdx.x];
+        dbias[(size_t)g * n_out + j] += t;
+    }
+}
+
+/* The grouped ops' scratch: the offsets, then two regions of problem pointers. */
+struct grouped_scratch {
+    int *off;
+    void **ptrs[2];
+};
+static grouped_scratch grouped_scratch_take(const int *offsets, int groups) {
+    char *at = (char *)qs_cuda_scratch(qs_cuda_grouped_scratch(groups));
+    grouped_scratch s;
+    s.off = (int *)qs_cuda_carve(&at, ((size_t)groups + 1) * sizeof(int));
+    for (int i = 0; i < 2; i++) s.ptrs[i] = (void **)qs_cuda_carve(&at, 3 * (size_t)groups * sizeof(void *));
+    qs_cuda_upload(s.off, offsets, ((size_t)groups + 1) * sizeof(int));
+    return s;
+}
+
+template <qs_precision P>
+static void matmul_grouped_forward(float *out, const float *inp, const float *w, const float *bias, const int *offsets,
+                                   int groups, int n_in, int n_out) {
+    const grouped_scratch s = grouped_scratch_take(offsets, groups);
+    gemm_groups<P>(0, 0, n_in, n_out, n_out, 1.0f, 0.0f, groups, s.ptrs[0], [&](int g) {
+        const size_t r0 = (size_t)offsets[g];
+        return gemm_problem{offsets[g + 1] - offsets[g], n_out, n_in, inp + r0 * n_in, w + (size_t)g * n_in * n_out,
+                            out + r0 * n_out};
+    });
+    if (bias)
+        QS_LAUNCH_N(add_group_bias_kernel, (size_t)offsets[groups] * n_out, out, bias, s.off, groups, n_out);
+}
+
+template <qs_precision P>
+static void matmul_grouped_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+                                    const float *w, const int *offsets, int groups, int n_in, int n_out) {
+    const grouped_scratch s = grouped_scratch_take(offsets, groups);
+    if (dinp) /* dinp_g[rows,n_in] += dout_g[rows,n_out] @ W_g^T */
+        gemm_groups<P>(0, 1, n_out, n_out, n_in, 1.0f, 1.0f, groups, s.ptrs[0], [&](int g) {
+            const size_t r0 = (size_t)offsets[g];
+            return gemm_problem{offsets[g + 1] - offsets[g], n_in, n_out, dout + r0 * n_out,
+                                w + (size_t)g * n_in * n_out, dinp + r0 * n_in};
+        });
+    if (dw) /* dW_g[n_in,n_out] += inp_g^T @ dout_g, nothing for an empty group */
+        gemm_groups<P>(1, 0, n_in, n_out, n_out, 1.0f, 1.0f, groups, s.ptrs[1], [&](int g) {
+            const int rows = offsets[g + 1] - offsets[g];
+            const size_t r0 = (size_t)offsets[g];
+            return gemm_problem{rows > 0 ? n_in : 0, n_out, rows, inp + r0 * n_in, dout + r0 * n_out,
+                                dw + (size_t)g * n_in * n_out};
+        });
+    if (dbias)
+        QS_LAUNCH(group_colsum_kernel, dim3((n_out + 31) / 32, groups), dim3(32, 8), 0, dbias, dout, s.off, n_out);
+}
+
 template <qs_precision P> static void set_matmul_ops(qs_ops *ops) {
     ops->matmul_forward = matmul_forward<P>;
     ops->matmul_backward = matmul_backward<P>;
     ops->matmul_acc = matmul_acc<P>;
+    ops->matmul_grouped_forward = matmul_grouped_forward<P>;
+    ops->matmul_grouped_backward = matmul_grouped_backward<P>;
 }
 
 void qs_cuda_set_matmul_ops(qs_ops *ops, qs_precision p) {

@@ -7,8 +7,8 @@
  *     loss's P); then warp 0 walks the chunk's assignments in token order and gives each
  *     its rank among the chunk's arrivals at its expert (__match_any_sync groups a step's
  *     lanes by expert), leaving the chunk's per-expert histogram;
- *   route_scan: one block: each expert's arrivals before each chunk (a scan over the
- *     chunks), routed / counts / offsets / dropped, the balance and z losses;
+ *   route_scan: one block, a warp per expert: the arrivals before each chunk (a scan over
+ *     the chunks), routed / counts / offsets / dropped, the balance and z losses;
  *   route_slot: rank = arrivals before the chunk + rank within it; the first `capacity`
  *     arrivals keep row offsets[e] + rank, so rows are in token order, as on the CPU.
  * The host fetches the counts and losses in one copy (it sizes each expert's GEMM from
@@ -115,31 +115,47 @@ __global__ static void __launch_bounds__(ROUTE_ROWS)
     for (int e = t; e < E; e += blockDim.x) s.hist[(size_t)chunk * E + e] = arrivals[e];
 }
 
-/* One block; thread e takes expert e (and e + blockDim.x, ...). */
+/* One block; warp w takes experts w, w + 32, ...: its lanes take 32 chunks at a time and
+ * scan them (shuffles), turning each chunk's arrivals into the arrivals before it; then
+ * thread 0 adds the losses' per-expert and per-chunk terms and the offsets in order. */
 __global__ static void route_scan_kernel(route_scratch s, int chunks, qs_moe_router r) {
-    const int E = r.E;
+    __shared__ double bal_of[32];
+    const int E = r.E, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int *routed = route_result_ints(s.result), *counts = routed + E, *offsets = counts + E;
-    double bal = 0.0;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    double bal = 0.0; /* this warp's sum over its experts of routed_e * psum_e */
+    for (int e = warp; e < E; e += warps) {
         int before = 0;
         double p = 0.0;
-        for (int c = 0; c < chunks; c++) {
+        for (int c0 = 0; c0 < chunks; c0 += 32) {
+            const int c = c0 + lane;
             int *cell = s.hist + (size_t)c * E + e;
-            const int here = *cell;
-            *cell = before;
-            before += here;
-            p += s.psum[(size_t)c * E + e];
+            const int here = c < chunks ? *cell : 0;
+            int upto = here; /* inclusive scan over the 32 lanes */
+            for (int d = 1; d < 32; d <<= 1) {
+                const int u = __shfl_sync(0xffffffffu, upto, lane >= d ? lane - d : lane);
+                if (lane >= d) upto += u;
+            }
+            if (c < chunks) {
+                *cell = before + upto - here;
+                p += s.psum[(size_t)c * E + e];
+            }
+            before += __shfl_sync(0xffffffffu, upto, 31);
         }
-        routed[e] = before;
-        counts[e] = r.capacity > 0 && before > r.capacity ? r.capacity : before;
+        p = qs_warp_reduce(p, qs_sum_op());
+        if (lane == 0) {
+            routed[e] = before;
+            counts[e] = r.capacity > 0 && before > r.capacity ? r.capacity : before;
+        }
         bal += before * p;
     }
-    bal = qs_block_reduce(bal, qs_sum_op(), 0.0); /* also publishes counts */
+    if (lane == 0) bal_of[warp] = bal;
+    __syncthreads();
     if (threadIdx.x == 0) {
         /* balance = E * sum_e (routed_e / (N K)) * (psum_e / N) */
-        s.result[0] = bal * E / ((double)r.N * r.N * r.K);
-        double z = 0.0;
+        double b = 0.0, z = 0.0;
+        for (int w = 0; w < warps; w++) b += bal_of[w];
         for (int c = 0; c < chunks; c++) z += s.lse2[c];
+        s.result[0] = b * E / ((double)r.N * r.N * r.K);
         s.result[1] = z / r.N;
         int rows = 0, dropped = 0;
         for (int e = 0; e < E; e++) {

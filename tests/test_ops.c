@@ -370,6 +370,51 @@ static void test_matmul(void **state) {
     assert_true(dw == 0.5f && db == 0.25f);
 }
 
+/* ---- grouped matmul (MoE experts) ---- */
+
+typedef struct {
+    int G, I, O;
+    const int *off;
+    float *inp, *w, *bias, *out, *R;
+} gmm_ctx;
+
+static double gmm_loss(void *p) {
+    gmm_ctx *c = p;
+    const size_t n = (size_t)c->off[c->G] * c->O;
+    poison(c->out, n);
+    ops->matmul_grouped_forward(c->out, c->inp, c->w, c->bias, c->off, c->G, c->I, c->O);
+    return weighted_sum(c->out, c->R, n);
+}
+static void gmm_backward(void *p, float **g) {
+    gmm_ctx *c = p;
+    ops->matmul_grouped_backward(g[0], g[1], g[2], c->R, c->inp, c->w, c->off, c->G, c->I, c->O);
+}
+
+static void test_matmul_grouped(void **state) {
+    (void)state;
+    /* groups of random sizes, the first and last always empty */
+    const int G = rnd_int(3, 7), I = rnd_int(3, 17), O = rnd_int(2, 11);
+    int *off = alloc_i((size_t)G + 1);
+    off[0] = 0;
+    for (int g = 0; g < G; g++) off[g + 1] = off[g] + (g == 0 || g == G - 1 ? 0 : rnd_int(0, 9));
+    const int rows = off[G];
+    gmm_ctx c = {G, I, O, off, rnd_tensor((size_t)rows * I, -1, 1), rnd_tensor((size_t)G * I * O, -1, 1),
+                 rnd_tensor((size_t)G * O, -1, 1), alloc_f((size_t)rows * O), rnd_tensor((size_t)rows * O, -1, 1)};
+    gmm_loss(&c);
+    double *want = alloc_d((size_t)rows * O);
+    for (int g = 0; g < G; g++)
+        for (int r = off[g]; r < off[g + 1]; r++)
+            for (int o = 0; o < O; o++) {
+                double s = c.bias[g * O + o];
+                for (int i = 0; i < I; i++) s += (double)c.inp[r * I + i] * c.w[((size_t)g * I + i) * O + o];
+                want[(size_t)r * O + o] = s;
+            }
+    check_close("matmul_grouped", c.out, want, (size_t)rows * O, 1e-5, 1e-5);
+    const param ps[] = {{"inp", c.inp, (size_t)rows * I}, {"w", c.w, (size_t)G * I * O}, {"bias", c.bias, (size_t)G * O}};
+    check_gradients("matmul_grouped", gmm_loss, gmm_backward, &c, ps, 3, 1e-3);
+    free(want), free(off), free(c.inp), free(c.w), free(c.bias), free(c.out), free(c.R);
+}
+
 /* ---- attention: causal self-attention of whole sequences as one block ---- */
 
 typedef struct {
@@ -1261,6 +1306,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_backend_memory),  cmocka_unit_test(test_embed),
         cmocka_unit_test(test_layernorm),       cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_grouped),
         cmocka_unit_test(test_attention),       cmocka_unit_test(test_gelu_relu),
         cmocka_unit_test(test_residual_layernorm),             cmocka_unit_test(test_dropout),
         cmocka_unit_test(test_xent),            cmocka_unit_test(test_topk),

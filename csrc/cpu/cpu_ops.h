@@ -63,6 +63,11 @@ void qs_cpu_matmul_acc(float *out, const float *inp, const float *w, float alpha
 void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                             const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout);
+void qs_cpu_matmul_grouped_forward(float *out, const float *inp, const float *w, const float *bias,
+                                   const int *offsets, int groups, int n_in, int n_out);
+void qs_cpu_matmul_grouped_backward(float *dinp, float *dw, float *dbias, const float *dout,
+                                    const float *inp, const float *w, const int *offsets, int groups,
+                                    int n_in, int n_out);
 
 /* kv_cache.c */
 void qs_cpu_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int max_T);

@@ -80,3 +80,24 @@ void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
         }
     }
 }
+
+/* Each group's rows through its slice of the stacked weights, as a matmul of its own. */
+void qs_cpu_matmul_grouped_forward(float *out, const float *inp, const float *w, const float *bias,
+                                   const int *offsets, int groups, int n_in, int n_out) {
+    for (int g = 0; g < groups; g++) {
+        const size_t r0 = (size_t)offsets[g], wg = (size_t)g * n_in * n_out;
+        qs_cpu_matmul_forward(out + r0 * n_out, inp + r0 * n_in, w + wg, bias ? bias + (size_t)g * n_out : NULL,
+                              offsets[g + 1] - offsets[g], n_in, n_out, QS_W_IN_OUT);
+    }
+}
+
+void qs_cpu_matmul_grouped_backward(float *dinp, float *dw, float *dbias, const float *dout,
+                                    const float *inp, const float *w, const int *offsets, int groups,
+                                    int n_in, int n_out) {
+    for (int g = 0; g < groups; g++) {
+        const size_t r0 = (size_t)offsets[g], wg = (size_t)g * n_in * n_out;
+        qs_cpu_matmul_backward(dinp ? dinp + r0 * n_in : NULL, dw ? dw + wg : NULL,
+                               dbias ? dbias + (size_t)g * n_out : NULL, dout + r0 * n_out, inp + r0 * n_in, w + wg,
+                               offsets[g + 1] - offsets[g], n_in, n_out, QS_W_IN_OUT);
+    }
+}

@@ -111,6 +111,17 @@ typedef struct qs_ops {
     void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
                             const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout);
+    /* Grouped linear layers (an MoE layer's experts over their packed rows): rows
+     * offsets[g] .. offsets[g+1]-1 of inp [rows, n_in] go through group g's weight and
+     * bias, out = inp @ w[g] + bias[g], with w [groups][n_in][n_out] and bias
+     * [groups][n_out] (NULL: none). offsets [groups+1] is HOST memory (moe_route_forward
+     * returns it); a group may be empty. Backward accumulates dinp, dw[g], dbias[g] as
+     * matmul_backward does for each group (NULL outputs skipped). */
+    void (*matmul_grouped_forward)(float *out, const float *inp, const float *w, const float *bias,
+                                   const int *offsets, int groups, int n_in, int n_out);
+    void (*matmul_grouped_backward)(float *dinp, float *dw, float *dbias, const float *dout,
+                                    const float *inp, const float *w, const int *offsets,
+                                    int groups, int n_in, int n_out);
     /* out[N,n_out] += alpha * inp[N,n_in] @ W, W laid out as for matmul_forward: a GEMM
      * with beta = 1 (LoRA's low-rank path adds into the base layer's output with it). */
     void (*matmul_acc)(float *out, const float *inp, const float *w, float alpha, int N, int n_in,

@@ -31,6 +31,10 @@
  * choice; where the MoE model's routing differs from the CPU's, its loss is still
  * compared but its gradients (which then differ by design) are not, and the line says so.
  *
+ * Last, the grouped products again with the emulated cuBLAS answering that it has no
+ * grouped form (QS_EMU_NO_GROUPED; a GPU ignores it and repeats them): the backend's
+ * fallback, a GEMM per group.
+ *
  * Output is TAP: one "ok - ..." or "not ok - ..." line per check (with a "# ..." line
  * saying why), then the plan and a count. Exits non-zero if any check failed or no CUDA
  * device is visible. */
@@ -352,6 +356,37 @@ static void test_matmul(int N, int n_in, int n_out, qs_weight_layout layout, int
     case_end();
 }
 
+/* Grouped products (an MoE layer's experts) over groups of `rows` each (some empty). With
+ * with_bias off, also without dinp (a frozen expert's first layer needs none). */
+static void test_matmul_grouped(const char *label, int groups, const int *rows, int n_in, int n_out, int with_bias) {
+    case_begin("matmul_grouped %s groups=%d in=%d out=%d%s", label, groups, n_in, n_out, with_bias ? " bias" : "");
+    enum { GMAX = 16 };
+    int off[GMAX + 1] = {0};
+    for (int g = 0; g < groups; g++) off[g + 1] = off[g] + rows[g];
+    const size_t R = (size_t)off[groups], nw = (size_t)groups * n_in * n_out;
+    tensor x = t_rand(R * n_in, -1, 1), w = t_rand(nw, -1, 1), b = t_rand((size_t)groups * n_out, -1, 1);
+    tensor out = t_out(R * n_out);
+    BOTH(ops->matmul_grouped_forward(F(out), F(x), F(w), with_bias ? F(b) : NULL, off, groups, n_in, n_out));
+    check("out", out, RED);
+    tensor dout = t_rand(R * n_out, -1, 1), dx = t_acc(R * n_in), dw = t_acc(nw), db = t_acc((size_t)groups * n_out);
+    BOTH(ops->matmul_grouped_backward(with_bias ? F(dx) : NULL, F(dw), with_bias ? F(db) : NULL, F(dout), F(x), F(w),
+                                      off, groups, n_in, n_out));
+    check("dinp", dx, RED);
+    check("dw", dw, RED);
+    check("dbias", db, RED);
+    case_end();
+}
+
+static void test_matmul_grouped_shapes(const char *label) {
+    const int one[] = {1}, ends_empty[] = {0, 7, 0, 13, 0}, none[] = {0, 0, 0};
+    const int uneven[] = {3, 61, 0, 1, 40, 17, 0, 29};
+    test_matmul_grouped(label, 1, one, 1, 1, 1);
+    test_matmul_grouped(label, 5, ends_empty, 37, 65, 1);
+    test_matmul_grouped(label, 8, uneven, 97, 33, 1);
+    test_matmul_grouped(label, 8, uneven, 33, 97, 0);
+    test_matmul_grouped(label, 3, none, 5, 3, 1);
+}
+
 /* The model's causal self-attention: whole sequences as one block, q, k, v read from
  * qkv in place and their gradients written into dqkv in place. */
 static void test_attention(int B, int T, int NH, int hs) {
@@ -640,6 +675,7 @@ static void test_ops(void) {
     const int mm[][3] = {{1, 1, 1}, {7, 5, 3}, {67, 37, 97}, {301, 129, 65}};
     for (size_t i = 0; i < sizeof mm / sizeof *mm; i++)
         for (int l = 0; l < 2; l++) test_matmul(mm[i][0], mm[i][1], mm[i][2], (qs_weight_layout)l, i != 1 || l);
+    test_matmul_grouped_shapes("grouped");
     /* every tile width of the fused kernels (32, 64, 128, 256), T = 1 and T off every tile */
     const int at[][4] = {{1, 1, 1, 1},    {2, 7, 3, 5},     {3, 37, 2, 13},  {2, 130, 3, 11},
                          {1, 1, 2, 64},   {2, 77, 2, 64},   {1, 300, 2, 128}, {2, 45, 1, 200}};
@@ -668,7 +704,8 @@ static void test_ops(void) {
     const int xe[][2] = {{1, 1}, {7, 5}, {67, 1000}, {5, 50257}};
     for (size_t i = 0; i < sizeof xe / sizeof *xe; i++) test_xent(xe[i][0], xe[i][1]);
     /* 1; ties; experts without tokens (7 x 2 over 13); capacity inside one chunk of the
-     * router and across chunks (128 tokens each); k = E; E = 256, k = 8 (fine-grained) */
+     * router and across chunks (128 tokens each); k = E; E = 256, k = 8 (fine-grained);
+     * more chunks than a warp scans at once (36) */
     test_moe(1, 1, 1, 1, 0, false);
     test_moe(7, 13, 2, 3, 0, true);
     test_moe(67, 13, 3, 37, 5, true);
@@ -676,6 +713,7 @@ static void test_ops(void) {
     test_moe(260, 7, 3, 11, 90, true);
     test_moe(300, 8, 8, 97, 0, false);
     test_moe(333, 256, 8, 16, 0, true);
+    test_moe(4500, 40, 3, 2, 300, false);
     test_quadconv("1x1", (qs_conv_shape){1, 1, 1, 1, 1, 1, 0, 0});
     test_quadconv("same 3x3", (qs_conv_shape){2, 5, 7, 3, 3, 3, 1, 1});
     test_quadconv("same 5x5", (qs_conv_shape){1, 9, 6, 37, 5, 5, 2, 2});
@@ -1076,6 +1114,13 @@ int main(void) {
     be[1] = qs_backend_cuda(QS_PRECISION_BF16);
     bf16 = true;
     test_models();
+    /* The emulated cuBLAS can answer that it lacks the grouped form, as a real one may for
+     * a compute type; the products then go one GEMM per group. On a GPU this repeats the
+     * grouped checks. */
+    be[1] = qs_backend_cuda(QS_PRECISION_FP32);
+    bf16 = false;
+    setenv("QS_EMU_NO_GROUPED", "1", 1);
+    test_matmul_grouped_shapes("(emulator: no grouped cuBLAS, a GEMM per group)");
     printf("1..%d\n# %d passed, %d failed\n", passed + failed, passed, failed);
     return failed ? 1 : 0;
 }

@@ -10,12 +10,18 @@
 #include "cuda_runtime.h"
 
 typedef struct emu_cublas *cublasHandle_t;
-typedef enum { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7 } cublasStatus_t;
+typedef enum {
+    CUBLAS_STATUS_SUCCESS = 0,
+    CUBLAS_STATUS_INVALID_VALUE = 7,
+    CUBLAS_STATUS_NOT_SUPPORTED = 15
+} cublasStatus_t;
 typedef enum { CUBLAS_OP_N, CUBLAS_OP_T } cublasOperation_t;
 typedef enum { CUBLAS_DEFAULT_MATH } cublasMath_t;
 
 static inline const char *cublasGetStatusString(cublasStatus_t s) {
-    return s == CUBLAS_STATUS_SUCCESS ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_INVALID_VALUE";
+    return s == CUBLAS_STATUS_SUCCESS         ? "CUBLAS_STATUS_SUCCESS"
+           : s == CUBLAS_STATUS_NOT_SUPPORTED ? "CUBLAS_STATUS_NOT_SUPPORTED"
+                                              : "CUBLAS_STATUS_INVALID_VALUE";
 }
 static inline cublasStatus_t cublasCreate(cublasHandle_t *h) {
     static char handle;
@@ -71,6 +77,29 @@ static inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta
                 *(const float *)beta, (float *)C, ldc);
     free(ra);
     free(rb);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+/* group_count groups of group_size[i] problems sharing group i's sizes, transposes,
+ * leading dimensions and scalars (host arrays); the problems' matrices come from the
+ * device pointer arrays, in order. Each is one cublasGemmEx above. QS_EMU_NO_GROUPED set
+ * makes it CUBLAS_STATUS_NOT_SUPPORTED, as a cuBLAS without the grouped form for a
+ * compute type answers, so the backend's fallback can be tested. */
+static inline cublasStatus_t cublasGemmGroupedBatchedEx(
+    cublasHandle_t h, const cublasOperation_t ta[], const cublasOperation_t tb[], const int m[], const int n[],
+    const int k[], const void *alpha, const void *const A[], cudaDataType_t at, const int lda[], const void *const B[],
+    cudaDataType_t bt, const int ldb[], const void *beta, void *const C[], cudaDataType_t ct, const int ldc[],
+    int group_count, const int group_size[], cublasComputeType_t compute) {
+    const char *no = getenv("QS_EMU_NO_GROUPED");
+    if (no && *no) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    for (int g = 0, p = 0; g < group_count; g++)
+        for (int j = 0; j < group_size[g]; j++, p++) {
+            const cublasStatus_t st =
+                cublasGemmEx(h, ta[g], tb[g], m[g], n[g], k[g], (const float *)alpha + g, A[p], at, lda[g], B[p], bt,
+                             ldb[g], (const float *)beta + g, C[p], ct, ldc[g], compute, CUBLAS_GEMM_DEFAULT);
+            if (st != CUBLAS_STATUS_SUCCESS) return st;
+        }
     return CUBLAS_STATUS_SUCCESS;
 }
 
