@@ -1,4 +1,4 @@
-/* The top-k selection every backend's MoE router uses (ops.h moe_topk_forward): one
+/* The top-k selection every backend's MoE router uses (ops.h moe_route_forward): one
  * definition, so the CPU and GPU break ties alike. */
 #ifndef QUASAR_TOPK_H
 #define QUASAR_TOPK_H
