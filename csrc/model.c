@@ -31,7 +31,6 @@ typedef struct layer_acts {
     float *fch, *fch_act;             /* dense: [N,F]; MoE: packed [N*K,F] */
     float *ffout;                     /* [N,C] */
     float *rlogit, *nlogit, *hlogit;  /* MoE router: clean, noise, noisy [N,E] */
-    float *route_logits;              /* the logits routing used (hlogit or rlogit) */
     float *gate, *xe, *ye;            /* [N*K], packed [N*K,C] x2 */
     int *idx, *slot;                  /* [N*K] */
     qs_moe_load load;                 /* its arrays: host [E], [E+1], [E] */
@@ -560,11 +559,8 @@ static void moe_forward(qs_gpt *m, int l, int N) {
     layer_acts *a = &m->la[l];
     int C = m->C, F = m->F, E = m->E, K = m->K;
     ops->matmul_forward(a->rlogit, a->ln2, P(m, p->router_w), P(m, p->router_b), N, C, E, QS_W_IN_OUT);
-    a->route_logits = a->rlogit;
-    if (m->noisy_used) {
+    if (m->noisy_used)
         ops->matmul_forward(a->nlogit, a->ln2, P(m, p->noise_w), P(m, p->noise_b), N, C, E, QS_W_IN_OUT);
-        a->route_logits = a->hlogit;
-    }
     const qs_moe_router r = router_of(m, l, N);
     qs_moe_load *load = &a->load;
     ops->moe_route_forward(load, a->idx, a->gate, a->slot, a->hlogit, a->rlogit, m->noisy_used ? a->nlogit : NULL,
@@ -850,9 +846,10 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     const qs_moe_router r = router_of(m, l, N);
     zero_f(m, m->dh, NE);
     if (m->noisy_used) zero_f(m, m->dnoise, NE);
-    ops->moe_route_backward(m->dh, m->noisy_used ? m->dnoise : NULL, m->dgate, a->idx, a->gate, a->route_logits,
-                            m->noisy_used ? a->nlogit : NULL, &a->load, scale * m->cfg.moe.aux_loss_coef,
-                            scale * m->cfg.moe.z_loss_coef, &r);
+    /* the routing logits: the noisy ones (hlogit) under noisy gating, else the clean */
+    ops->moe_route_backward(m->dh, m->noisy_used ? m->dnoise : NULL, m->dgate, a->idx, a->gate,
+                            m->noisy_used ? a->hlogit : a->rlogit, m->noisy_used ? a->nlogit : NULL, &a->load,
+                            scale * m->cfg.moe.aux_loss_coef, scale * m->cfg.moe.z_loss_coef, &r);
     if (m->noisy_used)
         ops->matmul_backward(m->dln, G(m, p->noise_w), G(m, p->noise_b), m->dnoise, a->ln2,
                              P(m, p->noise_w), N, C, E, QS_W_IN_OUT);

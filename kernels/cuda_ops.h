@@ -110,8 +110,8 @@ void qs_cuda_residual_layernorm_forward(float *res, float *out, float *mean, flo
 void qs_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                 const float *w, const float *mean, const float *rstd, int N, int C);
 
-/* matmul.cu: sets ops' matmul_forward, matmul_backward and matmul_acc to the versions
- * whose products run in precision p. */
+/* matmul.cu: sets ops' matmul_forward, matmul_backward, matmul_acc and the two grouped
+ * matmuls to the versions whose products run in precision p. */
 void qs_cuda_set_matmul_ops(qs_ops *ops, qs_precision p);
 
 /* kv_cache.cu */

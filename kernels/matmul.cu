@@ -1,6 +1,7 @@
 /* Linear layers through cuBLAS, bias in a kernel of its own, the bias gradient as a
- * deterministic column sum; and their grouped form for MoE experts. N can be 0 (an expert that received no tokens). The
- * products' precision is a template parameter: the backend has one op table for each. */
+ * deterministic column sum; and their grouped form for MoE experts. N can be 0 (an
+ * expert that received no tokens). The products' precision is a template parameter: the
+ * backend has one op table for each. */
 #include "common.cuh"
 
 /* fp32: plain FMA (CUBLAS_COMPUTE_32F under the default math mode, no TF32), so products
@@ -89,13 +90,29 @@ size_t qs_cuda_grouped_scratch(int groups) {
     return qs_cuda_room(((size_t)groups + 1) * sizeof(int)) + 2 * qs_cuda_room(3 * (size_t)groups * sizeof(void *));
 }
 
+/* Each group's product through gemm(), one cuBLAS call each: the fallback. */
+template <qs_precision P, class Problem>
+static void gemm_each(int ta, int tb, int lda, int ldb, int ldc, float alpha, float beta, int groups, Problem problem) {
+    for (int g = 0; g < groups; g++) {
+        const gemm_problem p = problem(g);
+        gemm<P>(ta, tb, p.M, p.N, p.K, alpha, p.A, lda, p.B, ldb, beta, p.C, ldc);
+    }
+}
+
 /* problem(g) gives group g's product (M = 0: none); ptrs: room for 3 * groups device
  * pointers. Every product shares the transposes, leading dimensions, alpha and beta. */
 template <qs_precision P, class Problem>
 static void gemm_groups(int ta, int tb, int lda, int ldb, int ldc, float alpha, float beta, int groups, void **ptrs,
                         Problem problem) {
+    if (grouped_unsupported[P]) {
+        gemm_each<P>(ta, tb, lda, ldb, ldc, alpha, beta, groups, problem);
+        return;
+    }
     size_t n = 0;
-    for (int g = 0; g < groups; g++) n += problem(g).M > 0 && problem(g).N > 0;
+    for (int g = 0; g < groups; g++) {
+        const gemm_problem p = problem(g);
+        n += p.M > 0 && p.N > 0;
+    }
     if (!n) return;
     /* host arrays of the n products, each in the column-major view gemm() maps it to */
     char *h = (char *)qs_cuda_host_scratch(n * (3 * sizeof(void *) + 2 * sizeof(cublasOperation_t) +
@@ -114,22 +131,17 @@ static void gemm_groups(int ta, int tb, int lda, int ldb, int ldc, float alpha, 
         abc[i] = p.B, abc[n + i] = p.A, abc[2 * n + i] = p.C;
         i++;
     }
-    if (!grouped_unsupported[P]) {
-        qs_cuda_upload(ptrs, abc, 3 * n * sizeof(void *));
-        const cublasStatus_t st = cublasGemmGroupedBatchedEx(
-            qs_cuda_blas(), opa, opb, m, nn, k, al, (const void *const *)ptrs, CUDA_R_32F, la,
-            (const void *const *)(ptrs + n), CUDA_R_32F, lb, be, ptrs + 2 * n, CUDA_R_32F, lc, (int)n, one,
-            compute_type(P));
-        if (st != CUBLAS_STATUS_NOT_SUPPORTED) {
-            qs_cublas_check(st, "cublasGemmGroupedBatchedEx", __FILE__, __LINE__);
-            return;
-        }
+    qs_cuda_upload(ptrs, abc, 3 * n * sizeof(void *));
+    const cublasStatus_t st = cublasGemmGroupedBatchedEx(
+        qs_cuda_blas(), opa, opb, m, nn, k, al, (const void *const *)ptrs, CUDA_R_32F, la,
+        (const void *const *)(ptrs + n), CUDA_R_32F, lb, be, ptrs + 2 * n, CUDA_R_32F, lc, (int)n, one,
+        compute_type(P));
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED) {
         grouped_unsupported[P] = true;
+        gemm_each<P>(ta, tb, lda, ldb, ldc, alpha, beta, groups, problem);
+        return;
     }
-    for (i = 0; i < n; i++)
-        QS_CUBLAS(cublasGemmEx(qs_cuda_blas(), opa[i], opb[i], m[i], nn[i], k[i], &al[i], abc[i], CUDA_R_32F, la[i],
-                               abc[n + i], CUDA_R_32F, lb[i], &be[i], (void *)abc[2 * n + i], CUDA_R_32F, lc[i],
-                               compute_type(P), CUBLAS_GEMM_DEFAULT));
+    qs_cublas_check(st, "cublasGemmGroupedBatchedEx", __FILE__, __LINE__);
 }
 
 /* The group of packed row r: the last g with off[g] <= r (empty groups share offsets). */

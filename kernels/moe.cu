@@ -122,6 +122,7 @@ __global__ static void route_scan_kernel(route_scratch s, int chunks, qs_moe_rou
     __shared__ double bal_of[32];
     const int E = r.E, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int *routed = route_result_ints(s.result), *counts = routed + E, *offsets = counts + E;
+    int *dropped = offsets + E + 1;
     double bal = 0.0; /* this warp's sum over its experts of routed_e * psum_e */
     for (int e = warp; e < E; e += warps) {
         int before = 0;
@@ -157,14 +158,14 @@ __global__ static void route_scan_kernel(route_scratch s, int chunks, qs_moe_rou
         for (int c = 0; c < chunks; c++) z += s.lse2[c];
         s.result[0] = b * E / ((double)r.N * r.N * r.K);
         s.result[1] = z / r.N;
-        int rows = 0, dropped = 0;
+        int rows = 0, drops = 0;
         for (int e = 0; e < E; e++) {
             offsets[e] = rows;
             rows += counts[e];
-            dropped += routed[e] - counts[e];
+            drops += routed[e] - counts[e];
         }
         offsets[E] = rows;
-        offsets[E + 1] = dropped;
+        *dropped = drops;
     }
 }
 

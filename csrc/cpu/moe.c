@@ -80,8 +80,8 @@ static router_row router_stats(const float *x, const int *routed, double inv_nk,
     return r;
 }
 
-static void balance(float *balance, float *z, const float *logits, const int *routed, int N, int E,
-                    int K) {
+static void regularizers(float *balance, float *z, const float *logits, const int *routed, int N, int E,
+                         int K) {
     const double inv_nk = 1.0 / ((double)N * K);
     double bal = 0.0, zsum = 0.0;
 #pragma omp parallel
@@ -110,7 +110,7 @@ void qs_cpu_moe_route_forward(qs_moe_load *load, int *idx, float *gate, int *slo
     }
     topk_gates(idx, gate, x, r->N, r->E, r->K);
     load->dropped = assign(slot, load->counts, load->offsets, load->routed, idx, r->N, r->E, r->K, r->capacity);
-    balance(&load->balance, &load->z, x, load->routed, r->N, r->E, r->K);
+    regularizers(&load->balance, &load->z, x, load->routed, r->N, r->E, r->K);
 }
 
 void qs_cpu_moe_route_backward(float *dclean, float *dnoise, const float *dgate, const int *idx,

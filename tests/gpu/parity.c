@@ -560,8 +560,7 @@ static void test_moe(int N, int E, int K, int C, int capacity, bool noisy) {
     BOTH(r[side].row_ids = L(ids);
          ops->moe_route_forward(&load[side], I(idx), F(gate), I(slot), F(h), F(clean), noisy ? F(noise) : NULL,
                                 &r[side]));
-    if (noisy) check("h", h, ELEM);
-    else check("h (not written)", h, ELEM);
+    check(noisy ? "h" : "h (not written)", h, ELEM);
     check_ints("idx", idx);
     check("gate", gate, RED);
     check_ints("slot", slot);
