@@ -3,7 +3,9 @@
 # row, Quasar's measurement and then the peer's, back to back with the same threads:
 #   train: default GPT, makeMoE recipe, hybrid quadconv LM (`quasar bench train` against
 #          bench/peers/gpt_torch.py on the same config);
-#   quadconv op forward + backward (bench/quadconv_speed against quadconv_torch.py);
+#   quadconv op forward + backward against quadconv_torch.py (Quasar's side: on a CPU
+#          bench/quadconv_speed, on a GPU `quasar bench kernels --only quadconv` at issue
+#          7's shape);
 #   generate (`quasar bench generate` against transformers' GPT2LMHeadModel.generate).
 # Writes bench/results/<date>-<device>-compare.json (DESIGN.md's format; each result
 # {name, metric, quasar, peer, peer_value, ratio}, ratio > 1: Quasar better, plus the

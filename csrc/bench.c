@@ -24,7 +24,7 @@
 #include "quasar/sample.h"
 #include "quasar/task.h"
 
-enum { TRAIN_GEMM_N = 2048, CEILING_RUNS = 5, STREAM_BENCH = 0xbe };
+enum { CEILING_RUNS = 5, STREAM_BENCH = 0xbe };
 
 /* ---- the FLOP formula ---- */
 
@@ -89,72 +89,92 @@ qs_bench_stats qs_bench_stats_of(double *x, int n) {
                             .max = x[n - 1]};
 }
 
-void qs_bench_fill(float *p, size_t n, uint64_t stream) {
+static void fill_range(float *p, size_t first, size_t n, uint64_t stream) {
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) p[i] = qs_rng_uniform(0x5eed, stream, i) - 0.5f;
+    for (size_t i = 0; i < n; i++) p[i] = qs_rng_uniform(0x5eed, stream, first + i) - 0.5f;
+}
+
+void qs_bench_fill(float *p, size_t n, uint64_t stream) { fill_range(p, 0, n, stream); }
+
+int qs_bench_fill_on(const qs_backend *be, float *p, size_t n, uint64_t stream) {
+    if (be == qs_backend_cpu()) {
+        fill_range(p, 0, n, stream);
+        return 0;
+    }
+    enum { CHUNK = 1 << 22 }; /* floats per upload: 16 MiB of host memory at a time */
+    float *host = malloc((n < CHUNK ? n : CHUNK) * sizeof *host);
+    if (!host) return qs_error("out of memory");
+    for (size_t i = 0; i < n; i += CHUNK) {
+        const size_t len = n - i < CHUNK ? n - i : CHUNK;
+        fill_range(host, i, len, stream);
+        be->upload(p + i, host, len * sizeof *host);
+    }
+    free(host);
+    return 0;
 }
 
 /* ---- ceilings ---- */
 
-/* One gemm_n^3 product, its rows split over the threads with OpenBLAS on one thread
- * each: how csrc/cpu/matmul.c runs every GEMM, so the ceiling is the engine's best case. */
-static double gemm_seconds(int n, const float *a, const float *b, float *c) {
-    const int nt = omp_get_max_threads(), rows = (n + nt - 1) / nt;
-    double t0 = qs_bench_now();
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < nt; t++) {
-        int r0 = t * rows, m = n - r0 < rows ? n - r0 : rows;
-        if (m > 0)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, n, 1.0f, a + (size_t)r0 * n, n, b, n, 0.0f,
-                        c + (size_t)r0 * n, n);
-    }
-    return qs_bench_now() - t0;
+typedef struct gemm_call {
+    const qs_ops *ops;
+    float *out;
+    const float *a, *b;
+    int n;
+} gemm_call;
+
+static void run_gemm(void *arg) {
+    const gemm_call *g = arg;
+    g->ops->matmul_forward(g->out, g->a, g->b, NULL, g->n, g->n, g->n, QS_W_IN_OUT);
 }
 
-static double copy_seconds(char *dst, const char *src, size_t bytes) {
-    const int nt = omp_get_max_threads();
-    const size_t chunk = (bytes + nt - 1) / nt;
-    double t0 = qs_bench_now();
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < nt; t++) {
-        size_t s = (size_t)t * chunk, len = s >= bytes ? 0 : bytes - s < chunk ? bytes - s : chunk;
-        memcpy(dst + s, src + s, len);
-    }
-    return qs_bench_now() - t0;
+typedef struct copy_call {
+    const qs_backend *be;
+    void *dst;
+    const void *src;
+    size_t bytes;
+} copy_call;
+
+static void run_copy(void *arg) {
+    const copy_call *c = arg;
+    c->be->copy(c->dst, c->src, c->bytes);
 }
 
-/* Best of CEILING_RUNS after one warm-up run (which also pages the buffers in). */
-int qs_bench_ceilings_measure(qs_bench_ceilings *c, int gemm_n, size_t copy_bytes) {
-    qs_backend_cpu(); /* OpenBLAS on one thread, as the engine runs it */
+/* The fastest of CEILING_RUNS timed runs after one warm-up (which also pages the buffers in). */
+static double best_ms(const qs_backend *be, void (*run)(void *), void *arg) {
+    double best = INFINITY;
+    for (int r = 0; r <= CEILING_RUNS; r++) {
+        const double ms = be->time_ms(run, arg);
+        if (r > 0 && ms < best) best = ms;
+    }
+    return best;
+}
+
+int qs_bench_gemm_n(const qs_backend *be) { return be == qs_backend_cpu() ? 2048 : 8192; }
+
+int qs_bench_ceilings_measure(qs_bench_ceilings *c, const qs_backend *be, int gemm_n, size_t copy_bytes) {
     const size_t nn = (size_t)gemm_n * gemm_n;
-    float *a = malloc(nn * sizeof *a), *b = malloc(nn * sizeof *b), *out = malloc(nn * sizeof *out);
-    char *src = copy_bytes ? malloc(copy_bytes) : NULL, *dst = copy_bytes ? malloc(copy_bytes) : NULL;
-    int rc = !a || !b || !out || (copy_bytes && (!src || !dst)) ? qs_error("out of memory measuring the ceilings") : 0;
-    *c = (qs_bench_ceilings){.gemm_n = gemm_n, .copy_bytes = copy_bytes};
+    *c = (qs_bench_ceilings){.gemm_n = gemm_n, .copy_bytes = copy_bytes, .backend = be->name};
+    float *a = be->alloc(nn * sizeof *a), *b = a ? be->alloc(nn * sizeof *b) : NULL;
+    float *out = b ? be->alloc(nn * sizeof *out) : NULL;
+    int rc = out ? 0 : qs_error("out of memory measuring the GEMM ceiling (%s)", qs_error_last());
+    if (!rc) rc = qs_bench_fill_on(be, a, nn, 1) || qs_bench_fill_on(be, b, nn, 2);
     if (!rc) {
-        qs_bench_fill(a, nn, 1);
-        qs_bench_fill(b, nn, 2);
-        double best = INFINITY;
-        for (int r = 0; r <= CEILING_RUNS; r++) {
-            double s = gemm_seconds(gemm_n, a, b, out);
-            if (r > 0 && s < best) best = s;
-        }
-        c->gemm_flop_s = 2.0 * (double)nn * gemm_n / best;
+        gemm_call g = {be->ops, out, a, b, gemm_n};
+        c->gemm_flop_s = 2.0 * (double)nn * gemm_n / (best_ms(be, run_gemm, &g) / 1e3);
     }
-    if (!rc && copy_bytes) {
-        qs_bench_fill((float *)src, copy_bytes / sizeof(float), 3);
-        double best = INFINITY;
-        for (int r = 0; r <= CEILING_RUNS; r++) {
-            double s = copy_seconds(dst, src, copy_bytes);
-            if (r > 0 && s < best) best = s;
-        }
-        c->copy_byte_s = 2.0 * (double)copy_bytes / best;
+    be->free(a);
+    be->free(b);
+    be->free(out);
+    if (rc || !copy_bytes) return rc;
+    char *src = be->alloc(copy_bytes), *dst = src ? be->alloc(copy_bytes) : NULL;
+    rc = dst ? 0 : qs_error("out of memory measuring the copy ceiling (%s)", qs_error_last());
+    if (!rc) rc = qs_bench_fill_on(be, (float *)src, copy_bytes / sizeof(float), 3);
+    if (!rc) {
+        copy_call k = {be, dst, src, copy_bytes};
+        c->copy_byte_s = 2.0 * (double)copy_bytes / (best_ms(be, run_copy, &k) / 1e3);
     }
-    free(a);
-    free(b);
-    free(out);
-    free(src);
-    free(dst);
+    be->free(src);
+    be->free(dst);
     return rc;
 }
 
@@ -229,26 +249,17 @@ static void first_line_of(const char *cmd, char *buf, size_t cap) {
     pclose(p);
 }
 
-void qs_bench_json_head(FILE *out, int argc, char **argv, const qs_bench_ceilings *c) {
-    char cpu[128] = "unknown CPU", line[256], device[192], commit[64], date[16];
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    while (f && fgets(line, sizeof line, f)) {
-        char *colon = strchr(line, ':');
-        if (colon && !strncmp(line, "model name", 10)) {
-            snprintf(cpu, sizeof cpu, "%s", colon + 2);
-            cpu[strcspn(cpu, "\n")] = 0;
-            break;
-        }
-    }
-    if (f) fclose(f);
-    snprintf(device, sizeof device, "cpu-%ldcore (%s)", sysconf(_SC_NPROCESSORS_ONLN), cpu);
+void qs_bench_json_head(FILE *out, const qs_backend *be, int argc, char **argv, const qs_bench_ceilings *c) {
+    char commit[64], date[16];
+    qs_device_info dev = {.cache_bytes = 0};
+    be->describe(&dev);
     /* the checkout the command runs in; benchmarks are run from the source tree */
     first_line_of("git describe --always --dirty 2>/dev/null", commit, sizeof commit);
     time_t now = time(NULL);
     struct tm tm;
     strftime(date, sizeof date, "%Y-%m-%d", gmtime_r(&now, &tm));
     fputs("{\"device\": ", out);
-    qs_bench_json_str(out, device);
+    qs_bench_json_str(out, dev.name);
     fprintf(out, ", \"date\": \"%s\", \"commit\": ", date);
     if (commit[0]) qs_bench_json_str(out, commit);
     else fputs("null", out);
@@ -265,11 +276,15 @@ void qs_bench_json_head(FILE *out, int argc, char **argv, const qs_bench_ceiling
     free(cmd);
     /* timings on a shared machine mean little without how busy it was */
     double load = NAN;
-    if ((f = fopen("/proc/loadavg", "r"))) {
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
         if (fscanf(f, "%lf", &load) != 1) load = NAN;
         fclose(f);
     }
+    fputs(", \"backend\": ", out);
+    qs_bench_json_str(out, be->name);
     fprintf(out, ", \"threads\": %d", omp_get_max_threads());
+    if (dev.cache_bytes) fprintf(out, ", \"cache_mib\": %zu", dev.cache_bytes >> 20);
     qs_bench_json_num(out, "load_avg_1m", load);
     qs_bench_json_num(out, "others_cpu", qs_bench_others_cpu());
     fputs(", \"ceilings\": ", out);
@@ -277,11 +292,11 @@ void qs_bench_json_head(FILE *out, int argc, char **argv, const qs_bench_ceiling
         fputs("null", out);
         return;
     }
-    fprintf(out, "{\"gemm\": \"%d^3 sgemm, best of %d\"", c->gemm_n, CEILING_RUNS);
+    fprintf(out, "{\"gemm\": \"%d^3 matmul_forward on %s, best of %d\"", c->gemm_n, c->backend, CEILING_RUNS);
     qs_bench_json_num(out, "gemm_gflop_per_s", c->gemm_flop_s / 1e9);
     if (c->copy_bytes) {
-        fprintf(out, ", \"copy\": \"memcpy of %zu MiB, bytes read + written, best of %d\"", c->copy_bytes >> 20,
-                CEILING_RUNS);
+        fprintf(out, ", \"copy\": \"copy of %zu MiB on %s, bytes read + written, best of %d\"", c->copy_bytes >> 20,
+                c->backend, CEILING_RUNS);
         qs_bench_json_num(out, "copy_gb_per_s", c->copy_byte_s / 1e9);
     }
     fputc('}', out);
@@ -290,7 +305,7 @@ void qs_bench_json_head(FILE *out, int argc, char **argv, const qs_bench_ceiling
 /* ---- the command line ---- */
 
 typedef struct bench_args {
-    const char *config, *ckpt;
+    const char *config, *ckpt, *device, *precision, *only;
     const char *sets[64];
     int n_sets;
     int steps, warmup, repeats, prompt_tokens, new_tokens;
@@ -390,9 +405,31 @@ static double train_step(qs_task *t, qs_adamw *opt, const qs_train_config *tc, i
     return loss;
 }
 
+typedef struct step_call {
+    qs_task *task;
+    qs_adamw *opt;
+    const qs_train_config *tc;
+    int step;
+    double loss;
+} step_call;
+
+static void run_step(void *arg) {
+    step_call *s = arg;
+    s->loss = train_step(s->task, s->opt, s->tc, s->step);
+}
+
+/* Peak memory: the process's RSS on the CPU; on a device, what it holds after the timed
+ * steps less what it held before the model was built (the engine allocates nothing in
+ * the step loop, so that is its peak; the CUDA context is left out, as
+ * torch.cuda.max_memory_allocated leaves it out). */
+typedef struct peak_mem {
+    bool device, reset; /* reset: the count excludes the ceiling's buffers */
+    double mib;
+} peak_mem;
+
 static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, const qs_task *t,
-                        const qs_bench_ceilings *c, const qs_bench_stats *ms, double flops_item, double rss,
-                        bool rss_reset, double loss0, double loss1) {
+                        const qs_bench_ceilings *c, const qs_bench_stats *ms, double flops_item, const peak_mem *mem,
+                        double loss0, double loss1) {
     const qs_train_config *tc = &cfg->train;
     const bool lm = t->items_per_sample > 1;
     const double items = (double)tc->batch_size * t->items_per_sample, flops_step = flops_item * items;
@@ -400,8 +437,9 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
     const char *unit = lm ? "tokens" : "images";
     char metric[256], name[64];
     if (!a->json) {
-        fprintf(out, "quasar bench train: %s (%s, %zu parameters), %d threads\n", a->config,
-                cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n, omp_get_max_threads());
+        fprintf(out, "quasar bench train: %s (%s, %zu parameters) on %s, %d threads\n", a->config,
+                cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n, t->params->be->name,
+                omp_get_max_threads());
         char batch[64];
         if (lm) snprintf(batch, sizeof batch, "%d x %d tokens", tc->batch_size, t->items_per_sample);
         else snprintf(batch, sizeof batch, "%d images", tc->batch_size);
@@ -410,15 +448,16 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
         fprintf(out, "  step time   median %.2f ms (p10 %.2f, p90 %.2f, min %.2f, max %.2f)\n", ms->median, ms->p10,
                 ms->p90, ms->min, ms->max);
         fprintf(out, "  throughput  %.1f %s/s\n", per_s, unit);
-        fprintf(out, "  compute     %.4g MFLOP per %s, %.2f GFLOP/s: MFU %.3f of the %d^3 sgemm ceiling (%.1f GFLOP/s)\n",
+        fprintf(out, "  compute     %.4g MFLOP per %s, %.2f GFLOP/s: MFU %.3f of the %d^3 GEMM ceiling (%.1f GFLOP/s)\n",
                 flops_item / 1e6, lm ? "token" : "image", flop_s / 1e9, flop_s / c->gemm_flop_s, c->gemm_n,
                 c->gemm_flop_s / 1e9);
-        fprintf(out, "  memory      peak RSS %.1f MiB%s\n", rss, rss_reset ? "" : " (the ceiling's buffers included)");
+        if (mem->device) fprintf(out, "  memory      %.1f MiB of device memory\n", mem->mib);
+        else fprintf(out, "  memory      peak RSS %.1f MiB%s\n", mem->mib, mem->reset ? "" : " (the ceiling's buffers included)");
         fprintf(out, "  loss        %.4f at the first warm-up step, %.4f at the last step\n", loss0, loss1);
         fprintf(out, "  machine     other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
         return;
     }
-    qs_bench_json_head(out, a->argc, a->argv, c);
+    qs_bench_json_head(out, t->params->be, a->argc, a->argv, c);
     fprintf(out, ", \"model\": {\"type\": \"%s\", \"params\": %zu, \"batch_size\": %d, \"micro_batch_size\": %d, "
                  "\"items_per_sample\": %d}",
             cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n, tc->batch_size, t->micro_B,
@@ -429,7 +468,7 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
             ms->median, ms->p10, ms->p90, ms->min, ms->max);
     qs_bench_json_num(out, "loss_first", loss0);
     qs_bench_json_num(out, "loss_last", loss1);
-    fprintf(out, ", \"peak_rss_excludes_ceiling\": %s, \"results\": [", rss_reset ? "true" : "false");
+    fprintf(out, ", \"peak_mem_excludes_ceiling\": %s, \"results\": [", mem->reset ? "true" : "false");
     snprintf(name, sizeof name, "train_%s_per_s", unit);
     snprintf(metric, sizeof metric, "training %s/s at the median step time (batch %d)", unit, tc->batch_size);
     qs_bench_json_result(out, true, name, metric, per_s);
@@ -439,42 +478,60 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
     snprintf(metric, sizeof metric, "model GFLOP/s (%.6g FLOP per %s, docs/ARCHITECTURE.md)", flops_item,
              lm ? "token" : "image");
     qs_bench_json_result(out, false, "train_gflop_per_s", metric, flop_s / 1e9);
-    snprintf(metric, sizeof metric, "MFU: model FLOP/s over the measured %d^3 sgemm ceiling (%.1f GFLOP/s)", c->gemm_n,
-             c->gemm_flop_s / 1e9);
+    snprintf(metric, sizeof metric, "MFU: model FLOP/s over the measured %d^3 GEMM ceiling on %s (%.1f GFLOP/s)",
+             c->gemm_n, c->backend, c->gemm_flop_s / 1e9);
     qs_bench_json_result(out, false, "train_mfu", metric, flop_s / c->gemm_flop_s);
-    qs_bench_json_result(out, false, "train_peak_rss_mib", "peak resident memory, MiB (getrusage max RSS)", rss);
+    if (mem->device)
+        qs_bench_json_result(out, false, "train_peak_gpu_mem_mib",
+                             "device memory the run holds, MiB (cudaMemGetInfo after the timed steps less before the "
+                             "model was built: the CUDA context left out)", mem->mib);
+    else
+        qs_bench_json_result(out, false, "train_peak_rss_mib", "peak resident memory, MiB (getrusage max RSS)", mem->mib);
     fputs("\n  ]}\n", out);
+}
+
+/* Bytes in use in be's memory, or -1 when it cannot tell. */
+static double used_mib(const qs_backend *be) {
+    size_t free_bytes, total_bytes;
+    return be->mem_info(&free_bytes, &total_bytes) ? -1.0 : (double)(total_bytes - free_bytes) / (1 << 20);
 }
 
 static int bench_train(const bench_args *a) {
     qs_config cfg;
     qs_bench_ceilings c;
     if (!a->config) return qs_cli_usage_error("%s", "bench train needs --config FILE");
-    if (build_config(&cfg, a) || qs_bench_ceilings_measure(&c, TRAIN_GEMM_N, 0)) return qs_cli_fail();
-    const bool rss_reset = reset_peak_rss();
+    if (build_config(&cfg, a)) return qs_cli_fail();
+    const qs_backend *be = qs_cli_backend(a->device, cfg.train.precision);
+    if (!be || qs_bench_ceilings_measure(&c, be, a->quick ? QS_BENCH_QUICK_GEMM_N : qs_bench_gemm_n(be), 0))
+        return qs_cli_fail();
+    peak_mem mem = {.device = be != qs_backend_cpu()};
+    mem.reset = mem.device || reset_peak_rss();
+    const double used0 = mem.device ? used_mib(be) : 0.0;
     const qs_train_config *tc = &cfg.train;
     const int B = tc->micro_batch_size > 0 ? tc->micro_batch_size : tc->batch_size;
     qs_task task;
     qs_adamw opt = {0};
     double *step_ms = malloc((size_t)a->steps * sizeof *step_ms), loss0 = NAN, loss1 = NAN;
-    if (qs_task_open(&task, &cfg, NULL, &(qs_task_place){.micro_B = B, .be = qs_backend_cpu(), .optim_shards = 1})) {
+    if (qs_task_open(&task, &cfg, NULL, &(qs_task_place){.micro_B = B, .be = be, .optim_shards = 1})) {
         free(step_ms);
         return qs_cli_fail();
     }
     int rc = !step_ms ? qs_error("out of memory") : 0;
     if (!rc) rc = task.init(task.self, tc->seed);
-    if (!rc) rc = qs_adamw_create(&opt, qs_backend_cpu(), task.params->n);
+    if (!rc) rc = qs_adamw_create(&opt, be, task.params->n);
     for (int s = 0; !rc && s < a->warmup + a->steps; s++) {
-        double t0 = qs_bench_now(), loss = train_step(&task, &opt, tc, s);
-        if (s == 0) loss0 = loss;
-        loss1 = loss;
-        if (s >= a->warmup) step_ms[s - a->warmup] = (qs_bench_now() - t0) * 1e3;
+        step_call call = {&task, &opt, tc, s, NAN};
+        const double ms = be->time_ms(run_step, &call);
+        if (s == 0) loss0 = call.loss;
+        loss1 = call.loss;
+        if (s >= a->warmup) step_ms[s - a->warmup] = ms;
     }
     if (!rc) {
         qs_bench_stats ms = qs_bench_stats_of(step_ms, a->steps);
+        const double used1 = mem.device ? used_mib(be) : 0.0;
+        mem.mib = !mem.device ? peak_rss_mib() : used0 < 0 || used1 < 0 ? NAN : used1 - used0;
         /* the config as the task resolved it (model.vocab_size from the data) */
-        print_train(stdout, a, &cfg, &task, &c, &ms, qs_bench_train_flops_per_item(&cfg.model), peak_rss_mib(),
-                    rss_reset, loss0, loss1);
+        print_train(stdout, a, &cfg, &task, &c, &ms, qs_bench_train_flops_per_item(&cfg.model), &mem, loss0, loss1);
     }
     free(step_ms);
     qs_adamw_free(&opt);
@@ -500,7 +557,7 @@ static void stamp(int token, void *user) {
  * random weights (vocabulary from the data when model.vocab_size is 0, as training
  * resolves it). */
 static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
-    const qs_backend *be = qs_backend_cpu();
+    const qs_backend *be = NULL;
     const char *what = a->config;
     char step_dir[QS_PATH_MAX + 64];
     if (a->ckpt) {
@@ -510,6 +567,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
                  qs_checkpoint_open_model(&f, step_dir, cfg, &chars);
         what = step_dir;
         if (!rc && cfg->model.type != QS_MODEL_GPT) rc = qs_error("%s: not a language model (model.type is not gpt)", what);
+        if (!rc && !(be = qs_cli_backend(a->device, cfg->train.precision))) rc = -1;
         if (!rc) rc = qs_gpt_create_frozen(m, &cfg->model, be, 1, cfg->model.seq_len);
         if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(*m), &f, step_dir);
         qs_st_free(&f);
@@ -523,6 +581,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
         if (qs_task_open(&t, cfg, NULL, &(qs_task_place){.micro_B = 1, .be = qs_backend_cpu()})) return -1;
         qs_task_free(&t);
     }
+    if (!(be = qs_cli_backend(a->device, cfg->train.precision))) return -1;
     if (qs_gpt_create_frozen(m, &cfg->model, be, 1, cfg->model.seq_len)) return -1;
     return qs_gpt_init(*m, cfg->train.seed);
 }
@@ -582,8 +641,8 @@ static int bench_generate(bench_args *a) {
         const double prefill_tok_s = a->prompt_tokens / pre.median, decode_tok_s = 1.0 / dec.median;
         char metric[256];
         if (!a->json) {
-            printf("quasar bench generate: %s (%zu parameters, seq_len %d, vocab %d), one sequence\n",
-                   a->ckpt ? a->ckpt : a->config, qs_gpt_params(m)->n, T, V);
+            printf("quasar bench generate: %s (%zu parameters, seq_len %d, vocab %d) on %s, one sequence\n",
+                   a->ckpt ? a->ckpt : a->config, qs_gpt_params(m)->n, T, V, qs_gpt_params(m)->be->name);
             printf("  prompt %d tokens, %d new tokens (greedy), median of %d runs after 1 warm-up\n", a->prompt_tokens,
                    a->new_tokens, a->repeats);
             printf("  prefill   %.1f tokens/s (%.3f ms for the prompt and its first token)\n", prefill_tok_s,
@@ -592,7 +651,7 @@ static int bench_generate(bench_args *a) {
                    dec.median * 1e3, dec.p10 * 1e3, dec.p90 * 1e3);
             printf("  machine   other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
         } else {
-            qs_bench_json_head(stdout, a->argc, a->argv, NULL);
+            qs_bench_json_head(stdout, qs_gpt_params(m)->be, a->argc, a->argv, NULL);
             printf(", \"model\": {\"params\": %zu, \"seq_len\": %d, \"vocab_size\": %d}, \"prompt_tokens\": %d, "
                    "\"new_tokens\": %d, \"runs\": %d",
                    qs_gpt_params(m)->n, T, V, a->prompt_tokens, a->new_tokens, a->repeats);
@@ -622,29 +681,41 @@ static int bench_generate(bench_args *a) {
 static const char *BENCH_HELP =
     "usage: quasar bench train|kernels|generate [options] [--json]   (quasar bench CMD --help)\n"
     "  train      time the training step of a config: tokens/s (images/s), ms/step, MFU, peak memory\n"
-    "  kernels    time each core op of the CPU backend: FLOP/s and bytes/s against measured ceilings\n"
+    "  kernels    time each core op of a backend: FLOP/s and bytes/s against measured ceilings\n"
     "  generate   prefill and decode tokens/s and latency per token through the KV cache\n"
+    "  --device cpu|cuda  where to run (default cpu)\n"
     "  --json prints one record in bench/results' format (DESIGN.md) instead of a table.\n";
 
 static const char *TRAIN_HELP =
-    "usage: quasar bench train --config FILE [--set key=value]... [--steps N] [--warmup N] [--json]\n"
+    "usage: quasar bench train --config FILE [--set key=value]... [--steps N] [--warmup N]\n"
+    "                          [--device cpu|cuda] [--quick] [--json]\n"
     "  Runs --warmup untimed, then --steps timed optimizer steps (forward + backward over the\n"
     "  micro-batches, global norm, AdamW) of the config's model on its data; nothing is written.\n"
-    "  MFU = model FLOP/s (formula: docs/ARCHITECTURE.md) / a 2048^3 sgemm measured at start.\n"
-    "  --steps N    timed steps (default 20)     --warmup N   untimed steps first (default 3)\n";
+    "  MFU = model FLOP/s (formula: docs/ARCHITECTURE.md) / a square GEMM measured at start on\n"
+    "  the same backend (2048^3 on the CPU, 8192^3 on a GPU; train.precision picks fp32 or\n"
+    "  bf16 products on cuda). Memory: peak RSS on the CPU, the device memory the run holds\n"
+    "  on a GPU.\n"
+    "  --steps N    timed steps (default 20)     --warmup N   untimed steps first (default 3)\n"
+    "  --quick      a 256^3 ceiling: a smoke run, not a measurement\n";
 
 static const char *KERNELS_HELP =
-    "usage: quasar bench kernels [--repeats N] [--quick] [--json]\n"
-    "  Times each core op of the CPU backend at a realistic shape (attention, MoE routing and\n"
-    "  dispatch, MoE experts, quadratic conv, layernorm, softmax cross-entropy, GEMM): median\n"
-    "  of --repeats calls over input sets rotated past the last-level cache, as FLOP/s and\n"
-    "  bytes/s and as fractions of the GEMM and memcpy ceilings measured at start.\n"
-    "  --repeats N  timed calls per op (default 30)\n"
-    "  --quick      tiny shapes, small ceilings, no rotation: a smoke run, not a measurement\n";
+    "usage: quasar bench kernels [--device cpu|cuda] [--precision fp32|bf16] [--only NAMES]\n"
+    "                            [--repeats N] [--quick] [--json]\n"
+    "  Times each core op of the backend at a realistic shape for it (attention, MoE routing\n"
+    "  and dispatch, MoE experts, quadratic conv, layernorm, softmax cross-entropy, GEMM; a\n"
+    "  GPU's shapes are GPT-2 124M's and the issues' own): median of --repeats calls, timed\n"
+    "  with events on a GPU, over input sets rotated past the last-level cache, as FLOP/s and\n"
+    "  bytes/s and as fractions of the GEMM and copy ceilings measured at start.\n"
+    "  --precision P  the GEMMs' products on cuda: fp32 (default) or bf16 tensor cores\n"
+    "  --only NAMES   the ops whose names start with one of these, comma-separated\n"
+    "                 (e.g. quadconv,gemm_fwd)\n"
+    "  --repeats N    timed calls per op (default 30)\n"
+    "  --quick        tiny shapes, small ceilings, no rotation: a smoke run, not a measurement\n";
 
 static const char *GENERATE_HELP =
     "usage: quasar bench generate --ckpt DIR | --config FILE [--set key=value]...\n"
-    "                             [--prompt-tokens N] [--new-tokens N] [--repeats N] [--json]\n"
+    "                             [--prompt-tokens N] [--new-tokens N] [--repeats N]\n"
+    "                             [--device cpu|cuda] [--json]\n"
     "  Generates one sequence through the KV cache (what quasar generate runs): prefill\n"
     "  tokens/s, decode tokens/s and the latency per new token. With --config the weights are\n"
     "  random. Prompt + new tokens must fit model.seq_len (default: half and half).\n"
@@ -658,19 +729,27 @@ int qs_cli_bench(int argc, char **argv) {
         return 0;
     }
     bench_start = cpu_now();
-    bench_args a = {.steps = 20, .warmup = 3, .repeats = 30, .argc = argc, .argv = argv};
+    bench_args a = {.device = "cpu", .precision = "fp32", .steps = 20, .warmup = 3, .repeats = 30, .argc = argc,
+                    .argv = argv};
     if (!strcmp(what, "train")) {
         const arg_spec spec[] = {{"--config", ARG_STR, &a.config, 0, 0}, {"--set", ARG_SET, &a, 0, 0},
                                  {"--steps", ARG_INT, &a.steps, 1, 1000000}, {"--warmup", ARG_INT, &a.warmup, 0, 1000000},
+                                 {"--device", ARG_STR, &a.device, 0, 0}, {"--quick", ARG_FLAG, &a.quick, 0, 0},
                                  {"--json", ARG_FLAG, &a.json, 0, 0}};
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, TRAIN_HELP);
         return rc >= 0 ? rc : bench_train(&a);
     }
     if (!strcmp(what, "kernels")) {
         const arg_spec spec[] = {{"--repeats", ARG_INT, &a.repeats, 1, 100000}, {"--quick", ARG_FLAG, &a.quick, 0, 0},
-                                 {"--json", ARG_FLAG, &a.json, 0, 0}};
+                                 {"--device", ARG_STR, &a.device, 0, 0},    {"--precision", ARG_STR, &a.precision, 0, 0},
+                                 {"--only", ARG_STR, &a.only, 0, 0},        {"--json", ARG_FLAG, &a.json, 0, 0}};
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, KERNELS_HELP);
-        return rc >= 0 ? rc : qs_bench_kernels(a.json, a.quick, a.repeats, argc, argv) ? qs_cli_fail() : 0;
+        if (rc >= 0) return rc;
+        const qs_precision precision = strcmp(a.precision, "bf16") ? QS_PRECISION_FP32 : QS_PRECISION_BF16;
+        if (strcmp(a.precision, "fp32") && strcmp(a.precision, "bf16"))
+            return qs_cli_usage_error("--precision: expected fp32 or bf16, got '%s'", a.precision);
+        const qs_backend *be = qs_cli_backend(a.device, precision);
+        return !be || qs_bench_kernels(be, a.json, a.quick, a.repeats, a.only, argc, argv) ? qs_cli_fail() : 0;
     }
     if (!strcmp(what, "generate")) {
         a.repeats = 5;
@@ -680,6 +759,7 @@ int qs_cli_bench(int argc, char **argv) {
                                  {"--prompt-tokens", ARG_INT, &a.prompt_tokens, 1, 1 << 20},
                                  {"--new-tokens", ARG_INT, &a.new_tokens, 1, 1 << 20},
                                  {"--repeats", ARG_INT, &a.repeats, 1, 10000},
+                                 {"--device", ARG_STR, &a.device, 0, 0},
                                  {"--json", ARG_FLAG, &a.json, 0, 0}};
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, GENERATE_HELP);
         return rc >= 0 ? rc : bench_generate(&a);

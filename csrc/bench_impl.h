@@ -9,19 +9,25 @@
 
 #include "quasar/bench.h"
 
+/* The ceiling GEMM's size in --quick smoke runs. */
+enum { QS_BENCH_QUICK_GEMM_N = 256 };
+
 /* Uniform values in [-0.5, 0.5) from the counter RNG, filled by all threads: benchmarks
  * never run on zeros, which can hide work and run faster than real data. */
 void qs_bench_fill(float *p, size_t n, uint64_t stream);
+/* The same values in be's memory (through host chunks off the CPU). */
+int qs_bench_fill_on(const qs_backend *be, float *p, size_t n, uint64_t stream);
 
 /* The share of the machine's CPU time that other processes took since the bench
  * command started (/proc/stat's busy time less this process's own): timings from a
  * shared machine mean little without it. */
 double qs_bench_others_cpu(void);
 
-/* The JSON record's head, per DESIGN.md's bench format: {"device", "date", "commit",
- * "command", "threads", "load_avg_1m", "others_cpu", "ceilings" (null when c is NULL);
+/* The JSON record's head, per DESIGN.md's bench format: {"device" (be's), "date", "commit",
+ * "command", "backend", "threads", "cache_mib", "load_avg_1m", "others_cpu", "ceilings"
+ * (null when c is NULL);
  * the caller goes on with `, "key": value` fields and then "results". */
-void qs_bench_json_head(FILE *out, int argc, char **argv, const qs_bench_ceilings *c);
+void qs_bench_json_head(FILE *out, const qs_backend *be, int argc, char **argv, const qs_bench_ceilings *c);
 /* `, "key": v`, or null for a non-finite v (JSON has no NaN). */
 void qs_bench_json_num(FILE *out, const char *key, double v);
 /* One entry of "results" with no peer (peer, peer_value and ratio null); the first one
@@ -30,8 +36,10 @@ void qs_bench_json_result(FILE *out, bool first, const char *name, const char *m
 /* s as a JSON string, quotes included. */
 void qs_bench_json_str(FILE *out, const char *s);
 
-/* `quasar bench kernels`: each core op of the CPU backend at a realistic shape (tiny
- * shapes with quick), as a table on stdout or one JSON record. */
-int qs_bench_kernels(bool json, bool quick, int repeats, int argc, char **argv);
+/* `quasar bench kernels`: each core op of be at a realistic shape for it (tiny shapes
+ * with quick; only the ops whose names start with one of `only`'s comma-separated
+ * prefixes when it is not NULL), as a table on stdout or one JSON record. */
+int qs_bench_kernels(const qs_backend *be, bool json, bool quick, int repeats, const char *only, int argc,
+                     char **argv);
 
 #endif

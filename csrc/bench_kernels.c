@@ -1,21 +1,20 @@
-/* `quasar bench kernels`: each core op of the CPU backend at a realistic shape, timed
- * call by call (median of many) over input sets rotated past the last-level cache, as
- * FLOP/s and bytes/s and as fractions of the GEMM and memcpy ceilings measured at start.
- * The ops are the rows of one table (CASES); a row says what one call reads, writes and
- * computes, and how to call it. */
+/* `quasar bench kernels`: each core op of a backend at a realistic shape for it, timed
+ * call by call (median of many; events on a GPU) over input sets rotated past the
+ * last-level cache, as FLOP/s and bytes/s and as fractions of the GEMM and copy ceilings
+ * measured at start on the same backend. The ops are the rows of one table (CASES); a
+ * row says what one call reads, writes and computes, and how to call it. */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "bench_impl.h"
 #include "quasar/backend.h"
 #include "quasar/error.h"
 #include "quasar/rng.h"
 
-enum { MAX_BUF = 8, WARMUP_CALLS = 2, GEMM_N = 2048, QUICK_GEMM_N = 256 };
+enum { MAX_BUF = 8, WARMUP_CALLS = 2 };
 
 /* The sizes an op is timed at; each case reads the ones it needs. */
 typedef struct kdims {
@@ -26,18 +25,20 @@ typedef struct kdims {
 } kdims;
 
 /* One call's buffers and cost. The float buffers make one rotation set; the int
- * buffers (indices in and out) are shared by the sets. Bytes count each input read
- * once and each output written once, an accumulated (+=) output both. */
+ * buffers (indices in and out) are shared by the sets, in the backend's memory but for
+ * those the op's contract puts on the host (host_ints, a bit per buffer). Bytes count
+ * each input read once and each output written once, an accumulated (+=) output both. */
 typedef struct kplan {
     int nf, ni;
     size_t f[MAX_BUF], i[MAX_BUF]; /* lengths in elements */
+    unsigned host_ints;
     double flops, bytes;
     char shape[96];
 } kplan;
 
 typedef struct kcase {
     const char *name;
-    kdims full, quick;
+    kdims cpu, gpu, quick; /* the shapes on the CPU, on a GPU, and for --quick */
     void (*plan)(kplan *p, const kdims *d);
     void (*prepare)(const kdims *d, int *const *ib); /* index inputs; NULL: none */
     void (*run)(const qs_ops *ops, const kdims *d, float *const *f, int *const *ib);
@@ -115,6 +116,7 @@ static void att_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *c
 static void moe_route_plan(kplan *p, const kdims *d) {
     const size_t N = d->N, C = d->C, E = d->E, K = d->K;
     bufs(p, 5, (size_t[]){N * C, C * E, N * E, N * K, N * K * C}, 5, (size_t[]){N * K, N * K, E, E, E + 1});
+    p->host_ints = 1u << 2 | 1u << 3 | 1u << 4; /* qs_moe_load's arrays */
     p->flops = 2.0 * N * C * E; /* the rest moves data */
     p->bytes = 4.0 * (2 * N * C + C * E + 2 * N * E + 4 * N * K + N * K * C + 3 * E);
     snprintf(p->shape, sizeof p->shape, "N=%d C=%d E=%d top-%d dropless", d->N, d->C, d->E, d->K);
@@ -132,6 +134,7 @@ static void moe_route_run(const qs_ops *o, const kdims *d, float *const *f, int 
 static void moe_experts_plan(kplan *p, const kdims *d) {
     const size_t R = (size_t)d->N * d->K, C = d->C, F = d->F, E = d->E;
     bufs(p, 6, (size_t[]){R * C, E * C * F, R * F, R * F, E * F * C, R * C}, 1, (size_t[]){E + 1});
+    p->host_ints = 1u; /* the grouped products' offsets */
     p->flops = 4.0 * R * C * F;
     p->bytes = 4.0 * (2 * R * C + 2 * E * C * F + 4 * R * F);
     snprintf(p->shape, sizeof p->shape, "%d rows (N=%d top-%d) over E=%d, C=%d F=%d", d->N * d->K, d->N, d->K, d->E,
@@ -149,7 +152,7 @@ static void moe_experts_run(const qs_ops *o, const kdims *d, float *const *f, in
     o->matmul_grouped_forward(f[5], f[3], f[4], NULL, off, d->E, d->F, d->C);
 }
 
-/* ---- quadratic depthwise conv, 2D "same" (issue 7's shape, batch cut for a CPU) ---- */
+/* ---- quadratic depthwise conv, 2D "same" (issue 7's shape; its batch cut on a CPU) ---- */
 
 static qs_conv_shape conv_shape(const kdims *d) {
     return (qs_conv_shape){d->B, d->H, d->H, d->C, d->k, d->k, d->k / 2, d->k / 2};
@@ -252,12 +255,16 @@ static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
     o->xent_backward(f[0], ib[0], 1.0f / (float)d->N, d->N, d->V);
 }
 
-#define GEMM_DIMS {.N = 2048, .C = 768, .F = 3072}, {.N = 64, .C = 32, .F = 48}
-#define ATT_DIMS {.B = 4, .T = 256, .C = 384, .NH = 6}, {.B = 1, .T = 16, .C = 16, .NH = 2}
-#define MOE_DIMS {.N = 2048, .C = 384, .E = 8, .K = 2, .F = 1536}, {.N = 32, .C = 16, .E = 4, .K = 2, .F = 32}
-#define QCONV_DIMS {.B = 8, .H = 56, .C = 64, .k = 7}, {.B = 1, .H = 8, .C = 8, .k = 3}
-#define LN_DIMS {.N = 8192, .C = 768}, {.N = 16, .C = 32}
-#define XENT_DIMS {.N = 1024, .V = 50257}, {.N = 8, .V = 64}
+/* CPU, GPU (GPT-2 124M's at 8 x 1024 tokens; issue 6's shape A; issue 7's shape), quick */
+#define GEMM_DIMS {.N = 2048, .C = 768, .F = 3072}, {.N = 8192, .C = 768, .F = 3072}, {.N = 64, .C = 32, .F = 48}
+#define ATT_DIMS                                                                                                      \
+    {.B = 4, .T = 256, .C = 384, .NH = 6}, {.B = 8, .T = 1024, .C = 768, .NH = 12}, {.B = 1, .T = 16, .C = 16, .NH = 2}
+#define MOE_DIMS                                                                                                      \
+    {.N = 2048, .C = 384, .E = 8, .K = 2, .F = 1536}, {.N = 16384, .C = 768, .E = 8, .K = 2, .F = 3072},             \
+        {.N = 32, .C = 16, .E = 4, .K = 2, .F = 32}
+#define QCONV_DIMS {.B = 8, .H = 56, .C = 64, .k = 7}, {.B = 64, .H = 56, .C = 256, .k = 7}, {.B = 1, .H = 8, .C = 8, .k = 3}
+#define LN_DIMS {.N = 8192, .C = 768}, {.N = 16384, .C = 768}, {.N = 16, .C = 32}
+#define XENT_DIMS {.N = 1024, .V = 50257}, {.N = 8192, .V = 50257}, {.N = 8, .V = 64}
 
 static const kcase CASES[] = {
     {"gemm_fwd", GEMM_DIMS, gemm_fwd_plan, NULL, gemm_fwd_run},
@@ -284,11 +291,24 @@ typedef struct kresult {
 
 static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte aligned pieces */
 
+/* One call of a case, for the backend's timer. */
+typedef struct kcall {
+    const kcase *c;
+    const qs_ops *ops;
+    const kdims *d;
+    float *f[MAX_BUF];
+    int *const *ib;
+} kcall;
+
+static void run_call(void *arg) {
+    const kcall *k = arg;
+    k->c->run(k->ops, k->d, k->f, k->ib);
+}
+
 /* Times WARMUP_CALLS + repeats calls, call c on set c mod sets, where enough sets are
  * made for them to span `rotate` bytes, so that a call finds its inputs in memory
  * rather than in the cache the previous call warmed. */
-static int time_case(const kcase *c, const kdims *d, size_t rotate, int repeats, kresult *r) {
-    const qs_ops *ops = qs_backend_cpu()->ops;
+static int time_case(const qs_backend *be, const kcase *c, const kdims *d, size_t rotate, int repeats, kresult *r) {
     kplan *p = &r->p;
     memset(p, 0, sizeof *p);
     c->plan(p, d);
@@ -296,70 +316,104 @@ static int time_case(const kcase *c, const kdims *d, size_t rotate, int repeats,
     for (int j = 0; j < p->nf; j++) set_floats += round16(p->f[j]);
     r->sets = (int)((rotate + set_floats * sizeof(float) - 1) / (set_floats * sizeof(float)));
     if (r->sets < 1) r->sets = 1;
-    float *pool = malloc((size_t)r->sets * set_floats * sizeof *pool);
+    float *pool = be->alloc((size_t)r->sets * set_floats * sizeof *pool);
     double *ms = malloc((size_t)repeats * sizeof *ms);
-    int *ib[MAX_BUF] = {0}, rc = !pool || !ms ? -1 : 0;
-    for (int j = 0; j < p->ni; j++)
-        if (!(ib[j] = calloc(p->i[j], sizeof **ib))) rc = -1;
+    int *host[MAX_BUF] = {0}, *dev[MAX_BUF] = {0}, *ib[MAX_BUF] = {0}, rc = !pool || !ms ? -1 : 0;
+    for (int j = 0; j < p->ni && !rc; j++) {
+        const bool on_host = p->host_ints >> j & 1;
+        if (!(host[j] = calloc(p->i[j], sizeof **host)) || (!on_host && !(dev[j] = be->alloc(p->i[j] * sizeof **dev))))
+            rc = -1;
+        ib[j] = on_host ? host[j] : dev[j];
+    }
+    if (!rc) rc = qs_bench_fill_on(be, pool, (size_t)r->sets * set_floats, 0x6b);
     if (!rc) {
-        qs_bench_fill(pool, (size_t)r->sets * set_floats, 0x6b);
-        if (c->prepare) c->prepare(d, ib);
+        if (c->prepare) c->prepare(d, host);
+        for (int j = 0; j < p->ni; j++)
+            if (dev[j]) be->upload(dev[j], host[j], p->i[j] * sizeof **host);
+        kcall k = {c, be->ops, d, {NULL}, ib};
         for (int call = 0; call < WARMUP_CALLS + repeats; call++) {
-            float *f[MAX_BUF], *base = pool + (size_t)(call % r->sets) * set_floats;
+            float *base = pool + (size_t)(call % r->sets) * set_floats;
             for (int j = 0; j < p->nf; j++) {
-                f[j] = base;
+                k.f[j] = base;
                 base += round16(p->f[j]);
             }
-            double t0 = qs_bench_now();
-            c->run(ops, d, f, ib);
-            if (call >= WARMUP_CALLS) ms[call - WARMUP_CALLS] = (qs_bench_now() - t0) * 1e3;
+            const double t = be->time_ms(run_call, &k);
+            if (call >= WARMUP_CALLS) ms[call - WARMUP_CALLS] = t;
         }
         r->ms = qs_bench_stats_of(ms, repeats);
     }
-    free(pool);
+    be->free(pool);
     free(ms);
-    for (int j = 0; j < p->ni; j++) free(ib[j]);
-    return rc ? qs_error("out of memory for %s (%d input sets of %zu MiB)", c->name, r->sets,
+    for (int j = 0; j < p->ni; j++) {
+        free(host[j]);
+        be->free(dev[j]);
+    }
+    return rc ? qs_error("out of memory on %s for %s (%d input sets of %zu MiB)", be->name, c->name, r->sets,
                          set_floats * sizeof(float) >> 20)
               : 0;
 }
 
-/* Twice the last-level cache (sysconf; 32 MiB when it does not say), within [64 MiB,
+/* Twice the backend's last-level cache (32 MiB when it does not say), within [64 MiB,
  * 1 GiB]. */
-static size_t rotation_bytes(void) {
-    long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    size_t r = 2 * (llc > 0 ? (size_t)llc : (size_t)32 << 20);
+static size_t rotation_bytes(const qs_device_info *dev) {
+    const size_t r = 2 * (dev->cache_bytes ? dev->cache_bytes : (size_t)32 << 20);
     return r < ((size_t)64 << 20) ? (size_t)64 << 20 : r > ((size_t)1 << 30) ? (size_t)1 << 30 : r;
 }
 
-static void print_table(const kresult *res, const qs_bench_ceilings *c, size_t rotate, int repeats, bool quick) {
-    printf("quasar bench kernels: %d threads, median of %d calls%s\n", omp_get_max_threads(), repeats,
+/* The cases --only selects (all without it): names starting with one of its
+ * comma-separated prefixes. Returns how many, or -1 with qs_error for a prefix that
+ * names none. */
+static int select_cases(const char *only, int *sel) {
+    int n = 0;
+    for (int i = 0; i < N_CASES; i++) {
+        bool take = !only;
+        for (const char *t = only; t && *t && !take;) {
+            const size_t len = strcspn(t, ",");
+            take = len > 0 && !strncmp(CASES[i].name, t, len);
+            t += len + (t[len] == ',');
+        }
+        if (take) sel[n++] = i;
+    }
+    for (const char *t = only; t && *t;) {
+        const size_t len = strcspn(t, ",");
+        bool known = false;
+        for (int i = 0; i < N_CASES && !known; i++) known = len > 0 && !strncmp(CASES[i].name, t, len);
+        if (!known) return qs_error("--only: no op's name starts with '%.*s' (gemm, attention, moe, quadconv, "
+                                    "layernorm, residual_layernorm, xent)", (int)len, t);
+        t += len + (t[len] == ',');
+    }
+    return n;
+}
+
+static void print_table(const qs_backend *be, const kresult *res, const int *sel, int n, const qs_bench_ceilings *c,
+                        size_t rotate, int repeats, bool quick) {
+    printf("quasar bench kernels: %s, %d threads, median of %d calls%s\n", be->name, omp_get_max_threads(), repeats,
            quick ? " (--quick: tiny shapes, a smoke run, not a measurement)" : "");
-    printf("  ceilings: %d^3 sgemm %.1f GFLOP/s; memcpy of %zu MiB %.1f GB/s (read + write); inputs rotated over "
+    printf("  ceilings: %d^3 GEMM %.1f GFLOP/s; copy of %zu MiB %.1f GB/s (read + write); inputs rotated over "
            "%zu MiB\n",
            c->gemm_n, c->gemm_flop_s / 1e9, c->copy_bytes >> 20, c->copy_byte_s / 1e9, rotate >> 20);
-    printf("%-19s %-36s %10s %9s %7s %8s %7s %5s\n", "op", "shape", "ms", "GFLOP/s", "of GEMM", "GB/s", "of copy",
+    printf("%-22s %-40s %10s %9s %7s %8s %7s %5s\n", "op", "shape", "ms", "GFLOP/s", "of GEMM", "GB/s", "of copy",
            "sets");
-    for (int i = 0; i < N_CASES; i++) {
+    for (int i = 0; i < n; i++) {
         const kresult *r = &res[i];
         const double s = r->ms.median / 1e3;
-        printf("%-19s %-36s %10.4f %9.2f %7.3f %8.2f %7.3f %5d\n", CASES[i].name, r->p.shape, r->ms.median,
+        printf("%-22s %-40s %10.4f %9.2f %7.3f %8.2f %7.3f %5d\n", CASES[sel[i]].name, r->p.shape, r->ms.median,
                r->p.flops / s / 1e9, r->p.flops / s / c->gemm_flop_s, r->p.bytes / s / 1e9,
                r->p.bytes / s / c->copy_byte_s, r->sets);
     }
     printf("  other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
 }
 
-static void print_json(const kresult *res, const qs_bench_ceilings *c, size_t rotate, int repeats, bool quick,
-                       int argc, char **argv) {
-    qs_bench_json_head(stdout, argc, argv, c);
+static void print_json(const qs_backend *be, const kresult *res, const int *sel, int n, const qs_bench_ceilings *c,
+                       size_t rotate, int repeats, bool quick, int argc, char **argv) {
+    qs_bench_json_head(stdout, be, argc, argv, c);
     printf(", \"quick\": %s, \"repeats\": %d, \"rotate_mib\": %zu, \"kernels\": [", quick ? "true" : "false", repeats,
            rotate >> 20);
-    for (int i = 0; i < N_CASES; i++) {
+    for (int i = 0; i < n; i++) {
         const kresult *r = &res[i];
         const double s = r->ms.median / 1e3;
-        printf("%s\n    {\"name\": \"%s\", \"shape\": \"%s\", \"sets\": %d", i ? "," : "", CASES[i].name, r->p.shape,
-               r->sets);
+        printf("%s\n    {\"name\": \"%s\", \"shape\": \"%s\", \"sets\": %d", i ? "," : "", CASES[sel[i]].name,
+               r->p.shape, r->sets);
         qs_bench_json_num(stdout, "ms_median", r->ms.median);
         qs_bench_json_num(stdout, "ms_p10", r->ms.p10);
         qs_bench_json_num(stdout, "ms_p90", r->ms.p90);
@@ -372,30 +426,47 @@ static void print_json(const kresult *res, const qs_bench_ceilings *c, size_t ro
         fputc('}', stdout);
     }
     fputs("\n  ], \"results\": [", stdout);
-    for (int i = 0; i < N_CASES; i++) {
+    for (int i = 0; i < n; i++) {
         const kresult *r = &res[i];
+        const char *op = CASES[sel[i]].name;
         const double s = r->ms.median / 1e3;
         char name[64], metric[256];
-        snprintf(name, sizeof name, "kernel_%s_gflop_per_s", CASES[i].name);
+        snprintf(name, sizeof name, "kernel_%s_ms", op);
+        snprintf(metric, sizeof metric, "ms per call, median of %d (%s; p10 %.4f, p90 %.4f)", repeats, r->p.shape,
+                 r->ms.p10, r->ms.p90);
+        qs_bench_json_result(stdout, i == 0, name, metric, r->ms.median);
+        snprintf(name, sizeof name, "kernel_%s_gflop_per_s", op);
         snprintf(metric, sizeof metric, "GFLOP/s, median of %d calls (%s, %.4f ms); %.3f of the GEMM ceiling",
                  repeats, r->p.shape, r->ms.median, r->p.flops / s / c->gemm_flop_s);
-        qs_bench_json_result(stdout, i == 0, name, metric, r->p.flops / s / 1e9);
-        snprintf(name, sizeof name, "kernel_%s_gb_per_s", CASES[i].name);
-        snprintf(metric, sizeof metric, "GB/s moved, median of %d calls (%s); %.3f of the memcpy ceiling", repeats,
+        qs_bench_json_result(stdout, false, name, metric, r->p.flops / s / 1e9);
+        snprintf(name, sizeof name, "kernel_%s_gb_per_s", op);
+        snprintf(metric, sizeof metric, "GB/s moved, median of %d calls (%s); %.3f of the copy ceiling", repeats,
                  r->p.shape, r->p.bytes / s / c->copy_byte_s);
         qs_bench_json_result(stdout, false, name, metric, r->p.bytes / s / 1e9);
     }
     fputs("\n  ]}\n", stdout);
 }
 
-int qs_bench_kernels(bool json, bool quick, int repeats, int argc, char **argv) {
-    const size_t rotate = quick ? 0 : rotation_bytes();
+int qs_bench_kernels(const qs_backend *be, bool json, bool quick, int repeats, const char *only, int argc,
+                     char **argv) {
+    int sel[N_CASES];
+    const int n = select_cases(only, sel);
+    if (n < 0) return -1;
+    qs_device_info dev = {.cache_bytes = 0};
+    be->describe(&dev);
+    const bool cpu = be == qs_backend_cpu();
+    const size_t rotate = quick ? 0 : rotation_bytes(&dev);
+    /* the copy ceiling: buffers of half the rotation on the CPU, 1 GiB on a GPU (its L2
+     * and its bandwidth are both larger) */
+    const size_t copy_bytes = quick ? (size_t)8 << 20 : cpu ? rotate / 2 : (size_t)1 << 30;
     qs_bench_ceilings c;
     kresult res[N_CASES];
-    if (qs_bench_ceilings_measure(&c, quick ? QUICK_GEMM_N : GEMM_N, quick ? (size_t)8 << 20 : rotate / 2)) return -1;
-    for (int i = 0; i < N_CASES; i++)
-        if (time_case(&CASES[i], quick ? &CASES[i].quick : &CASES[i].full, rotate, repeats, &res[i])) return -1;
-    if (json) print_json(res, &c, rotate, repeats, quick, argc, argv);
-    else print_table(res, &c, rotate, repeats, quick);
+    if (qs_bench_ceilings_measure(&c, be, quick ? QS_BENCH_QUICK_GEMM_N : qs_bench_gemm_n(be), copy_bytes)) return -1;
+    for (int i = 0; i < n; i++) {
+        const kcase *k = &CASES[sel[i]];
+        if (time_case(be, k, quick ? &k->quick : cpu ? &k->cpu : &k->gpu, rotate, repeats, &res[i])) return -1;
+    }
+    if (json) print_json(be, res, sel, n, &c, rotate, repeats, quick, argc, argv);
+    else print_table(be, res, sel, n, &c, rotate, repeats, quick);
     return 0;
 }

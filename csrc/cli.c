@@ -1,6 +1,7 @@
 #include "cli.h"
 
 #include <stdio.h>
+#include <string.h>
 
 #include "quasar/error.h"
 
@@ -14,4 +15,19 @@ int qs_cli_usage_error(const char *fmt, const char *arg) {
     fprintf(stderr, fmt, arg);
     fprintf(stderr, " (see --help)\n");
     return QS_EXIT_USAGE;
+}
+
+const qs_backend *qs_cli_backend(const char *device, qs_precision precision) {
+    if (!strcmp(device, "cpu")) {
+        if (precision != QS_PRECISION_FP32)
+            fprintf(stderr, "quasar: train.precision bf16 applies to --device cuda; the CPU computes in fp32\n");
+        return qs_backend_cpu();
+    }
+    if (!strcmp(device, "cuda")) {
+        const qs_backend *be = qs_backend_cuda(precision);
+        if (!be) qs_error("--device cuda: %s", qs_error_last());
+        return be;
+    }
+    qs_error("--device: expected cpu or cuda, got '%s'", device);
+    return NULL;
 }

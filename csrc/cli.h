@@ -2,6 +2,8 @@
 #ifndef QUASAR_CLI_H
 #define QUASAR_CLI_H
 
+#include "quasar/backend.h"
+
 #define QS_EXIT_FAILURE 1
 #define QS_EXIT_USAGE 2
 
@@ -9,5 +11,8 @@
 int qs_cli_fail(void);
 /* Prints "error: <fmt with arg> (see --help)" and returns QS_EXIT_USAGE. */
 int qs_cli_usage_error(const char *fmt, const char *arg);
+/* The backend --device names ("cpu" or "cuda"), its matrix products in `precision`;
+ * NULL with a one-line qs_error when there is none. */
+const qs_backend *qs_cli_backend(const char *device, qs_precision precision);
 
 #endif

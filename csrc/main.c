@@ -109,22 +109,6 @@ static const char *TRAIN_HELP =
     "                  matrix products there; the CPU computes in fp32)\n"
     "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
 
-/* The backend --device names, or NULL with a one-line error. */
-static const qs_backend *device_backend(const char *device, qs_precision precision) {
-    if (!strcmp(device, "cpu")) {
-        if (precision != QS_PRECISION_FP32)
-            fprintf(stderr, "quasar: train.precision bf16 applies to --device cuda; the CPU computes in fp32\n");
-        return qs_backend_cpu();
-    }
-    if (!strcmp(device, "cuda")) {
-        const qs_backend *be = qs_backend_cuda(precision);
-        if (!be) qs_error("--device cuda: %s", qs_error_last());
-        return be;
-    }
-    qs_error("--device: expected cpu or cuda, got '%s'", device);
-    return NULL;
-}
-
 /* qs_train over the ranks the launcher started (mpirun, srun), or this process alone. */
 static int train_on_world(qs_config *cfg, qs_train_options *opt) {
     if (qs_comm_init(&opt->world, QS_COMM_AUTO)) return -1;
@@ -158,7 +142,7 @@ static int cmd_train(int argc, char **argv) {
     if (resume) snprintf(base, sizeof base, "%s/config.json", resume);
     qs_config cfg;
     if (build_config(&cfg, resume ? base : NULL, config, &sets)) return qs_cli_fail();
-    const qs_backend *be = device_backend(device, cfg.train.precision);
+    const qs_backend *be = qs_cli_backend(device, cfg.train.precision);
     if (!be) return qs_cli_fail();
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/default",
                             .resume = resume != NULL, .until_step = until, .be = be};

@@ -58,6 +58,33 @@ static void cuda_copy(void *dst, const void *src, size_t bytes) {
     QS_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
 }
 
+/* ---- timing and the device's description ---- */
+
+static void cuda_sync(void) { QS_CUDA(cudaDeviceSynchronize()); }
+
+static cudaEvent_t timing_events[2]; /* made at init */
+
+static double cuda_time_ms(void (*run)(void *arg), void *arg) {
+    QS_CUDA(cudaEventRecord(timing_events[0], 0));
+    run(arg);
+    QS_CUDA(cudaEventRecord(timing_events[1], 0));
+    QS_CUDA(cudaEventSynchronize(timing_events[1]));
+    float ms = 0.0f;
+    QS_CUDA(cudaEventElapsedTime(&ms, timing_events[0], timing_events[1]));
+    return ms;
+}
+
+static void cuda_describe(qs_device_info *info) {
+    int dev = 0;
+    cudaDeviceProp prop;
+    QS_CUDA(cudaGetDevice(&dev));
+    QS_CUDA(cudaGetDeviceProperties(&prop, dev));
+    snprintf(info->name, sizeof info->name, "%s", prop.name);
+    info->cache_bytes = (size_t)prop.l2CacheSize;
+}
+
+/* ---- op scratch ---- */
+
 static void *scratch;
 static size_t scratch_cap;
 
@@ -205,6 +232,8 @@ static int init(void) {
         qs_cuda_failed(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute"))
         return -1;
     blas_workspace_bytes = (size_t)(major >= 9 ? 32 : 4) << 20;
+    for (int i = 0; i < 2; i++)
+        if (qs_cuda_failed(cudaEventCreate(&timing_events[i]), "cudaEventCreate")) return -1;
     cublasStatus_t st = cublasCreate(&blas);
     if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasCreate failed: %s", cublasGetStatusString(st));
     /* plain fp32 FMA: no TF32 tensor-core rounding, so GEMMs match the CPU to fp32 rounding */
@@ -224,6 +253,9 @@ static int init(void) {
             .mem_info = cuda_mem_info,
             .workspace_bytes = cuda_workspace_bytes,
             .reserve = cuda_reserve,
+            .sync = cuda_sync,
+            .time_ms = cuda_time_ms,
+            .describe = cuda_describe,
             .ops = &ops_by_precision[p],
             .max_head_size = 256, /* attention_block.cu's widest tile */
         };

@@ -68,3 +68,29 @@ tiny_config() {
 }
 JSON
 }
+
+# json_check NAME FILE CHECK: FILE holds one JSON record in DESIGN.md's bench format with
+# positive, finite "quasar" values, and CHECK (Python over the record r and v, its
+# results by name) holds. Without python3 only the record's shape is checked, with grep.
+json_check() {
+  local name=$1 file=$2 check=$3 out
+  if ! command -v python3 >/dev/null; then
+    grep -q '^{"device": ' "$file" && grep -q '"results": \[' "$file" && ! grep -qE '"quasar": (null|-|0[,}])' "$file" \
+      && ok "$name (shape only: no python3)" || not_ok "$name" "$(head -c 300 "$file")"
+    return
+  fi
+  if out=$(python3 - "$file" "$check" 2>&1 <<'PY'
+import json, math, sys
+r = json.load(open(sys.argv[1]))
+def pos(x): return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+for k in ("device", "date", "commit", "command", "results"):
+    assert k in r, "no " + k
+assert r["results"], "no results"
+for e in r["results"]:
+    assert set(e) >= {"name", "metric", "quasar", "peer", "peer_value", "ratio"}, e
+    assert pos(e["quasar"]), e
+v = {e["name"]: e["quasar"] for e in r["results"]}
+exec(sys.argv[2])
+PY
+  ); then ok "$name"; else not_ok "$name" "$out"; fi
+}

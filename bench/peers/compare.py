@@ -25,18 +25,21 @@ LOWER_IS_BETTER = re.compile(r"(_ms|_ms_per_step|_ms_per_token|_mib)$")
 
 class Row:
     """One comparison: the two commands (argument lists, given the options) and the
-    result names to pair. `flat` rows print one flat JSON object (quadconv_speed and
-    quadconv_torch.py), whose keys are the names."""
+    result names to pair. A `flat` row's peer prints one flat JSON object
+    (quadconv_torch.py), whose keys are the names; its Quasar side too on the CPU
+    (quadconv_speed), a `quasar bench kernels` record on a GPU."""
 
-    def __init__(self, name, what, quasar, peer, metrics, flat=False, cpu_only=False):
+    def __init__(self, name, what, quasar, peer, metrics, flat=False):
         self.name, self.what, self.quasar, self.peer = name, what, quasar, peer
-        self.metrics, self.flat, self.cpu_only = metrics, flat, cpu_only
+        self.metrics, self.flat = metrics, flat
 
 
 # peak memory: RSS on the CPU, torch.cuda.max_memory_allocated on a GPU; a name that no
 # record of a row has is left out of the table
 TRAIN = ["train_tokens_per_s", "train_ms_per_step", "train_mfu", "train_peak_rss_mib", "train_peak_gpu_mem_mib"]
-QUADCONV_SHAPE = ["8", "56", "56", "64", "7"]  # bench/quadconv.sh's: issue 7's shape with a CPU's batch
+# B H W C k: on a CPU bench/quadconv.sh's, issue 7's shape with a CPU's batch; on a GPU
+# issue 7's own, the shape `quasar bench kernels` times there (csrc/bench_kernels.c)
+QUADCONV_SHAPE = {"cpu": ["8", "56", "56", "64", "7"], "cuda": ["64", "56", "56", "256", "7"]}
 
 
 def train_row(name, what, config):
@@ -48,16 +51,25 @@ def train_row(name, what, config):
                TRAIN)
 
 
+def quadconv_quasar(a):
+    if a.device == "cpu":
+        return [a.quadconv_speed, *QUADCONV_SHAPE["cpu"], str(a.repeats)]
+    return [a.quasar, "bench", "kernels", "--only", "quadconv", "--repeats", str(a.repeats), "--json"] + a.quasar_device
+
+
+def quadconv_row(device):
+    B, H, W, C, k = QUADCONV_SHAPE[device]
+    return Row("quadconv", f"quadconv op, B={B} {H}x{W} C={C} k={k}, forward + backward", quadconv_quasar,
+               lambda a: [sys.executable, f"{HERE}/quadconv_torch.py", *QUADCONV_SHAPE[a.device],
+                          "--repeats", str(a.repeats)] + a.peer_args,
+               ["fwd_ms", "bwd_ms", "fwd_bwd_ms"], flat=True)
+
+
 ROWS = [
     train_row("gpt", "train, default GPT", "configs/shakespeare_char_cpu.json"),
     train_row("makemoe", "train, makeMoE recipe", "configs/shakespeare_char_moe.json"),
     train_row("hybrid_lm", "train, hybrid LM (causal quadconv mixer)", "configs/shakespeare_char_quadconv.json"),
-    Row("quadconv", f"quadconv op, B={QUADCONV_SHAPE[0]} {QUADCONV_SHAPE[1]}x{QUADCONV_SHAPE[2]} "
-        f"C={QUADCONV_SHAPE[3]} k={QUADCONV_SHAPE[4]}, forward + backward",
-        lambda a: [a.quadconv_speed, *QUADCONV_SHAPE, str(a.repeats)],
-        lambda a: [sys.executable, f"{HERE}/quadconv_torch.py", *QUADCONV_SHAPE, "--repeats", str(a.repeats)]
-        + a.peer_args,
-        ["fwd_ms", "bwd_ms", "fwd_bwd_ms"], flat=True, cpu_only=True),
+    quadconv_row("cpu"),
     Row("generate", "generate, default GPT shape (configs/shakespeare_char_cpu.json), random weights",
         lambda a: [a.quasar, "bench", "generate", "--config", "configs/shakespeare_char_cpu.json",
                    "--repeats", str(a.repeats), "--json"] + a.quasar_device,
@@ -130,6 +142,9 @@ def figures(row, rec):
     """{name: (value, metric)} of one record."""
     if rec is None:
         return {}
+    if row.flat and "results" in rec:  # quasar bench kernels --only quadconv
+        rec = {k: next(e["quasar"] for e in rec["results"] if e["name"] == f"kernel_quadconv_{k}")
+               for k in ("fwd_ms", "bwd_ms")}
     if row.flat:
         out = {k: (rec[k], k.replace("_", " ")) for k in ("fwd_ms", "bwd_ms")}
         out["fwd_bwd_ms"] = (rec["fwd_ms"] + rec["bwd_ms"], "forward + backward ms")
@@ -181,7 +196,8 @@ def compare_row(row, a, env):
         p = median_or_none([f.get(name, (None,))[0] for f in p_figs])
         metric = next((f[name][1] for f in q_figs + p_figs if name in f), name)
         if name == "train_mfu":  # each side over its own ceiling: say whose
-            metric = "MFU: model FLOP/s (csrc/bench.c's formula, both sides) over the 2048^3 GEMM each side measured"
+            metric = ("MFU: model FLOP/s (csrc/bench.c's formula, both sides) over the square GEMM each side measured "
+                      "(2048^3 on a CPU, 8192^3 on a GPU)")
         ratio = None
         if q and p:
             ratio = p / q if LOWER_IS_BETTER.search(name) else q / p
@@ -194,8 +210,9 @@ def compare_row(row, a, env):
         q = median_or_none([x["ceilings"]["gemm_gflop_per_s"] for x in q_recs if x and x.get("ceilings")])
         p = median_or_none([x["ceilings"]["gemm_gflop_per_s"] for x in p_recs if x and x.get("ceilings")])
         results.append({"name": result_name(row, "ceiling_gemm_gflop_per_s"),
-                        "metric": f"{row.what}: the MFU ceiling, 2048^3 GEMM GFLOP/s measured in the same process "
-                                  "(Quasar: OpenBLAS sgemm, rows split over the threads; peer: torch.mm)",
+                        "metric": f"{row.what}: the MFU ceiling, square GEMM GFLOP/s measured in the same process "
+                                  "(Quasar: its backend's matmul_forward, on a CPU OpenBLAS sgemm with the rows "
+                                  "split over the threads; peer: torch.mm)",
                         "quasar": q, "peer": peer, "peer_value": p,
                         "ratio": round(q / p, 4) if q and p else None,
                         "quasar_others_cpu": [x["others_cpu"] for x in q_loads],
@@ -232,8 +249,7 @@ def main():
                     help="rerun a side when other processes took more of the CPU than this (default 0.05)")
     ap.add_argument("--retries", type=int, default=3, help="reruns of a busy side (default 3; 0: never)")
     ap.add_argument("--wait", type=float, default=60, help="seconds before a rerun (default 60)")
-    ap.add_argument("--peers-only", action="store_true",
-                    help="run the PyTorch side alone (a GPU machine whose quasar bench has no --device yet)")
+    ap.add_argument("--peers-only", action="store_true", help="run the PyTorch side alone")
     ap.add_argument("--compile", action="store_true", help="torch.compile the GPT peers' models")
     ap.add_argument("--train", action="append", default=[], metavar="NAME=CONFIG",
                     help="one more training row on that config (e.g. a GPT-2 124M config on a GPU); repeatable")
@@ -252,7 +268,7 @@ def main():
             sys.exit("error: this quasar's bench has no --device; a CUDA peer against a CPU Quasar would compare "
                      "nothing (--peers-only records the PyTorch side alone)")
         a.quasar_device = ["--device", "cuda"]
-    rows = list(ROWS)
+    rows = [quadconv_row(a.device) if r.name == "quadconv" else r for r in ROWS]
     for spec in a.train:
         name, _, config = spec.partition("=")
         if not name or not config or any(r.name == name for r in rows):
@@ -263,12 +279,9 @@ def main():
     if unknown:
         sys.exit(f"error: --only: unknown rows {sorted(unknown)}")
 
-    results, raw, skipped = [], {}, {}
+    results, raw = [], {}
     for row in rows:
         if wanted and row.name not in wanted:
-            continue
-        if row.cpu_only and a.device != "cpu" and not a.peers_only:
-            skipped[row.name] = "no CUDA build of this Quasar side yet"
             continue
         res, raw[row.name] = compare_row(row, a, env)
         results += res
@@ -292,7 +305,7 @@ def main():
                    "that side ran (/proc/stat around the command, less the command's own CPU time); a run over "
                    "max_others was repeated (records.*.*_load: attempts_others_cpu, busy)",
            "max_others": a.max_others,
-           "skipped": skipped or None, "results": results, "records": raw}
+           "results": results, "records": raw}
     path = a.out or f"bench/results/{date}-{short_device(device, a.device)}-compare.json"
     with open(path, "w") as f:
         json.dump(out, f, indent=2)

@@ -279,13 +279,14 @@ def main():
         ("train_ms_per_step", f"ms per optimizer step, median of {a.steps} (p10 {st['p10']:.2f}, p90 {st['p90']:.2f}, "
                               f"min {st['min']:.2f}, max {st['max']:.2f})", st["median"]),
         ("train_gflop_per_s", f"model GFLOP/s ({flops_tok:.6g} FLOP per token, csrc/bench.c's formula)", flop_s / 1e9),
-        ("train_mfu", f"MFU: model FLOP/s over the measured 2048^3 torch.mm ceiling ({ceiling / 1e9:.1f} GFLOP/s)",
+        ("train_mfu", f"MFU: model FLOP/s over the measured {common.gemm_n(dev)}^3 torch.mm ceiling "
+                      f"({ceiling / 1e9:.1f} GFLOP/s)",
          flop_s / ceiling),
         (mem_name, mem_metric, common.peak_memory_mib(dev)),
     ]
     common.emit(common.record(
         dev, threads, peer, results, mode=mode, compile_error=compile_error, optimizer=f"AdamW ({opt_kind})",
-        dtype=a.dtype, ceilings={"gemm": f"2048^3 torch.mm {a.dtype}, best of 5", "gemm_gflop_per_s": common.rnd(ceiling / 1e9)},
+        dtype=a.dtype, ceilings={"gemm": f"{common.gemm_n(dev)}^3 torch.mm {a.dtype}, best of 5", "gemm_gflop_per_s": common.rnd(ceiling / 1e9)},
         data="random tokens" if data is None else cfg["data"]["path"],
         model={"type": "gpt", "params": n_params, "batch_size": B, "micro_batch_size": micro, "items_per_sample": T},
         steps=a.steps, warmup=a.warmup, flops_per_item=flops_tok, flops_per_step=flops_tok * tokens,

@@ -1,7 +1,10 @@
 /* The CPU backend: host memory and the op table. */
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "cpu_ops.h"
 #include "quasar/backend.h"
@@ -23,7 +26,16 @@ static void cpu_free(void *p) { free(p); }
 
 static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 
-static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+/* Large copies are split over the threads: one core cannot saturate the memory bus. */
+static void cpu_copy(void *dst, const void *src, size_t bytes) {
+    const int nt = bytes >= ((size_t)1 << 20) ? omp_get_max_threads() : 1;
+    const size_t chunk = (bytes + (size_t)nt - 1) / (size_t)nt;
+#pragma omp parallel for schedule(static) if (nt > 1)
+    for (int t = 0; t < nt; t++) {
+        const size_t s = (size_t)t * chunk;
+        if (s < bytes) memcpy((char *)dst + s, (const char *)src + s, bytes - s < chunk ? bytes - s : chunk);
+    }
+}
 
 /* What the kernel could hand out without swapping (MemAvailable), of MemTotal. */
 static int cpu_mem_info(size_t *free_bytes, size_t *total_bytes) {
@@ -40,6 +52,37 @@ static int cpu_mem_info(size_t *free_bytes, size_t *total_bytes) {
     *free_bytes = (size_t)(avail * 1024);
     *total_bytes = (size_t)(total * 1024);
     return 0;
+}
+
+static void cpu_sync(void) {}
+
+static double seconds_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static double cpu_time_ms(void (*run)(void *arg), void *arg) {
+    const double t0 = seconds_now();
+    run(arg);
+    return (seconds_now() - t0) * 1e3;
+}
+
+static void cpu_describe(qs_device_info *info) {
+    char model[128] = "unknown CPU", line[256];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        const char *colon = strchr(line, ':');
+        if (colon && !strncmp(line, "model name", 10)) {
+            snprintf(model, sizeof model, "%s", colon + 2);
+            model[strcspn(model, "\n")] = 0;
+            break;
+        }
+    }
+    if (f) fclose(f);
+    snprintf(info->name, sizeof info->name, "cpu-%ldcore (%s)", sysconf(_SC_NPROCESSORS_ONLN), model);
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    info->cache_bytes = l3 > 0 ? (size_t)l3 : 0;
 }
 
 /* CPU ops take their temporaries per call (qs_cpu_scratch): nothing to reserve. */
@@ -118,6 +161,9 @@ static const qs_backend cpu_backend = {
     .mem_info = cpu_mem_info,
     .workspace_bytes = cpu_workspace_bytes,
     .reserve = cpu_reserve,
+    .sync = cpu_sync,
+    .time_ms = cpu_time_ms,
+    .describe = cpu_describe,
     .ops = &cpu_ops,
 };
 

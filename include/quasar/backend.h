@@ -13,6 +13,12 @@ typedef struct qs_op_sizes {
     int experts; /* MoE experts; 0: dense */
 } qs_op_sizes;
 
+/* What a backend computes on, for benchmark records. */
+typedef struct qs_device_info {
+    char name[256];     /* "cpu-<n>core (<model name>)", or the GPU's own name */
+    size_t cache_bytes; /* the last-level cache (a CPU's L3, a GPU's L2); 0: unknown */
+} qs_device_info;
+
 typedef struct qs_backend {
     const char *name; /* "cpu", "cuda" */
     /* Zero-filled allocation; NULL (with qs_error set) on failure. */
@@ -30,6 +36,12 @@ typedef struct qs_backend {
      * now, so that no op allocates inside the step loop. */
     size_t (*workspace_bytes)(const qs_op_sizes *s);
     int (*reserve)(const qs_op_sizes *s);
+    /* Waits for all the work issued so far (the CPU's ops return done). */
+    void (*sync)(void);
+    /* Milliseconds the work that run(arg) issues takes: the wall clock on the CPU, events
+     * around it on the device (which count any time the device waits for the host). */
+    double (*time_ms)(void (*run)(void *arg), void *arg);
+    void (*describe)(qs_device_info *info);
     const qs_ops *ops;
     int max_head_size; /* the largest attention head size its attention ops take; 0: any */
 } qs_backend;

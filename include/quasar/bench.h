@@ -6,20 +6,26 @@
 
 #include <stddef.h>
 
+#include "quasar/backend.h"
 #include "quasar/config.h"
 
-/* What this machine can do at best, measured: a large square fp32 GEMM through CBLAS
- * (split over the OpenMP threads as the engine's GEMMs are) and a large memcpy. */
+/* What a backend can do at best, measured: a large square GEMM through its own
+ * matmul_forward (the CPU's OpenBLAS split over the OpenMP threads; cuBLAS on CUDA, in
+ * the backend's precision) and a large copy within its memory. */
 typedef struct qs_bench_ceilings {
     int gemm_n;             /* the GEMM is gemm_n x gemm_n x gemm_n */
     double gemm_flop_s;     /* best of several runs */
     size_t copy_bytes;      /* per buffer; 0 when not measured */
     double copy_byte_s;     /* bytes read + bytes written per second, best run */
+    const char *backend;    /* the backend's name */
 } qs_bench_ceilings;
 
-/* Measures the GEMM ceiling at gemm_n and, when copy_bytes > 0, the copy ceiling over
+/* Measures be's GEMM ceiling at gemm_n and, when copy_bytes > 0, its copy ceiling over
  * two buffers of that size. */
-int qs_bench_ceilings_measure(qs_bench_ceilings *c, int gemm_n, size_t copy_bytes);
+int qs_bench_ceilings_measure(qs_bench_ceilings *c, const qs_backend *be, int gemm_n, size_t copy_bytes);
+/* The ceiling GEMM's size on be: 2048 on the CPU, 8192 on a GPU (big enough for its
+ * tensor cores to reach their sustained rate). */
+int qs_bench_gemm_n(const qs_backend *be);
 
 /* Training FLOPs of one item (a token for GPT, an image for QuadraNet): model FLOPs,
  * 3 x the forward's (docs/ARCHITECTURE.md, "Benchmarks"). The config must be resolved

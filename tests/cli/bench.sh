@@ -2,36 +2,11 @@
 # --json record must parse, carry DESIGN.md's fields and positive, finite numbers (MFU
 # in (0, 1], the FLOP formula's count for the tiny GPT); bad flags fail with one error
 # line; bench/plot.sh turns a metrics.jsonl and a results file into PNGs (with gnuplot).
+# The same commands with --device cuda run in tests/cli/cuda_emulated.sh.
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/tests/cli_lib.sh"
 make_corpus corpus.txt
 tiny_config tiny.json '"vocab_size": 64'
-
-# json_check NAME FILE CHECK: FILE holds one JSON record in DESIGN.md's bench format with
-# positive, finite "quasar" values, and CHECK (Python over the record r and v, its
-# results by name) holds. Without python3 only the record's shape is checked, with grep.
-json_check() {
-  local name=$1 file=$2 check=$3 out
-  if ! command -v python3 >/dev/null; then
-    grep -q '^{"device": ' "$file" && grep -q '"results": \[' "$file" && ! grep -qE '"quasar": (null|-|0[,}])' "$file" \
-      && ok "$name (shape only: no python3)" || not_ok "$name" "$(head -c 300 "$file")"
-    return
-  fi
-  if out=$(python3 - "$file" "$check" 2>&1 <<'PY'
-import json, math, sys
-r = json.load(open(sys.argv[1]))
-def pos(x): return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-for k in ("device", "date", "commit", "command", "results"):
-    assert k in r, "no " + k
-assert r["results"], "no results"
-for e in r["results"]:
-    assert set(e) >= {"name", "metric", "quasar", "peer", "peer_value", "ratio"}, e
-    assert pos(e["quasar"]), e
-v = {e["name"]: e["quasar"] for e in r["results"]}
-exec(sys.argv[2])
-PY
-  ); then ok "$name"; else not_ok "$name" "$out"; fi
-}
 
 Q=$QUASAR
 # 6 N + 12 L T C for 2 layers of 16, T 16, V 64, 4x MLP, tied (docs/ARCHITECTURE.md):
@@ -46,7 +21,8 @@ assert set(v) == {"train_tokens_per_s", "train_ms_per_step", "train_gflop_per_s"
 s = r["step_ms"]
 assert 0 < s["min"] <= s["p10"] <= s["median"] <= s["p90"] <= s["max"], s
 assert abs(v["train_tokens_per_s"] - 64 / (s["median"] / 1e3)) < 1e-3 * v["train_tokens_per_s"], v
-assert r["ceilings"]["gemm_gflop_per_s"] > 0 and math.isfinite(r["loss_last"])'
+assert r["ceilings"]["gemm_gflop_per_s"] > 0 and math.isfinite(r["loss_last"])
+assert r["backend"] == "cpu" and r["device"].startswith("cpu-") and r["peak_mem_excludes_ceiling"] in (True, False)'
 
 expect_ok "bench train: table output" $Q bench train --config tiny.json --steps 2 --warmup 0
 grep -q 'MFU' "$WORK/out" && ok "bench train: the table reports MFU" || not_ok "bench train: the table reports MFU" "$(cat "$WORK/out")"
@@ -61,8 +37,15 @@ for op in ("gemm_fwd", "attention_fwd", "attention_bwd", "moe_route_dispatch", "
 for k in r["kernels"]:
     for f in ("ms_median", "gflop_per_s", "gb_per_s", "frac_gemm", "frac_copy"):
         assert pos(k[f]), (k["name"], f, k[f])
-assert len(r["results"]) == 2 * len(names)
-assert r["quick"] is True and pos(r["ceilings"]["copy_gb_per_s"])'
+assert set(v) == {f"kernel_{n}_{m}" for n in names for m in ("ms", "gflop_per_s", "gb_per_s")}, sorted(v)
+for k in r["kernels"]:
+    assert v["kernel_" + k["name"] + "_ms"] == k["ms_median"], k
+assert r["quick"] is True and pos(r["ceilings"]["copy_gb_per_s"]) and r["backend"] == "cpu"'
+
+expect_ok "bench kernels: --only two prefixes" $Q bench kernels --quick --repeats 2 --only quadconv,gemm_fwd --json
+cp "$WORK/out" only.json
+json_check "bench kernels: --only times exactly the ops it names" only.json '
+assert [k["name"] for k in r["kernels"]] == ["gemm_fwd", "quadconv_fwd", "quadconv_bwd"], r["kernels"]'
 
 expect_ok "bench generate: random weights from --config" $Q bench generate --config tiny.json --repeats 2 --json
 cp "$WORK/out" gen.json
@@ -85,6 +68,15 @@ expect_error "bench train: flag without value" "--steps needs a value" $Q bench 
 expect_error "bench train: missing config file" "nope.json" $Q bench train --config nope.json
 expect_error "bench train: bad --set" "unknown key 'train.stepz'" $Q bench train --config tiny.json --set train.stepz=1
 expect_error "bench kernels: unknown flag" "unknown option '--fast'" $Q bench kernels --fast
+expect_error "bench kernels: --only names no op" "--only: no op's name starts with 'conv'" \
+  $Q bench kernels --quick --only quadconv,conv
+expect_error "bench kernels: unknown --precision" "--precision: expected fp32 or bf16, got 'fp16'" \
+  $Q bench kernels --quick --precision fp16
+expect_error "bench kernels: unknown --device" "--device: expected cpu or cuda, got 'tpu'" $Q bench kernels --device tpu
+expect_error "bench train: --device cuda in a build without CUDA" "--device cuda: this build has no CUDA" \
+  $Q bench train --config tiny.json --device cuda
+expect_error "bench generate: --device cuda in a build without CUDA" "--device cuda: this build has no CUDA" \
+  $Q bench generate --config tiny.json --device cuda
 expect_error "bench generate: neither --ckpt nor --config" "one of --ckpt DIR or --config FILE" $Q bench generate
 expect_error "bench generate: both --ckpt and --config" "one of --ckpt DIR or --config FILE" \
   $Q bench generate --ckpt run --config tiny.json

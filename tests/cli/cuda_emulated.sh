@@ -98,3 +98,45 @@ if "$emu/quasar" train --resume cuda --device cuda --set train.max_steps=4 >fits
 else
   not_ok "the start prints the memory plan and what the device has left" "$(grep -v WARNING fits.log | head -3)"
 fi
+
+# `quasar bench` on the device (tests/cli/bench.sh checks the same records on the CPU),
+# timed with events: every kernel on both precisions' backends; the training record's
+# memory figure is the device memory the run holds (cuBLAS's 32 MiB workspace on the
+# emulated H100 and the tiny model's few MiB), and its first loss is the CPU's.
+if "$QUASAR" bench train --config tiny.json --quick --steps 1 --warmup 1 --json >bench_cpu.json 2>bench_cpu.err &&
+  "$emu/quasar" bench train --config tiny.json --quick --steps 2 --warmup 1 --device cuda --json \
+    >bench_train.json 2>bench_train.err && ! sanitizer_report bench_train.err; then
+  json_check "bench train --device cuda: device memory, not RSS; the first loss is the CPU's" bench_train.json '
+cpu = json.load(open("bench_cpu.json"))
+assert r["backend"] == "cuda" and r["device"] == "emulated CUDA device", (r["backend"], r["device"])
+assert set(v) == {"train_tokens_per_s", "train_ms_per_step", "train_gflop_per_s", "train_mfu",
+                  "train_peak_gpu_mem_mib"}, v
+assert 32 <= v["train_peak_gpu_mem_mib"] < 48, v
+assert abs(r["loss_first"] - cpu["loss_first"]) <= 1e-4 * abs(cpu["loss_first"]), (r["loss_first"], cpu["loss_first"])'
+else
+  not_ok "bench train --device cuda runs (emulated)" "$(grep -v WARNING bench_cpu.err bench_train.err | tail -3)"
+fi
+if "$emu/quasar" bench kernels --device cuda --quick --repeats 2 --json >bench_kernels.json 2>bench_kernels.err &&
+  ! sanitizer_report bench_kernels.err; then
+  json_check "bench kernels --device cuda: every op timed on the device" bench_kernels.json '
+assert r["backend"] == "cuda" and r["cache_mib"] == 50, (r["backend"], r.get("cache_mib"))
+assert len(r["kernels"]) == 13 and len(v) == 3 * 13, [k["name"] for k in r["kernels"]]
+assert "on cuda" in r["ceilings"]["gemm"] and "on cuda" in r["ceilings"]["copy"], r["ceilings"]'
+else
+  not_ok "bench kernels --device cuda runs (emulated)" "$(grep -v WARNING bench_kernels.err | tail -3)"
+fi
+if "$emu/quasar" bench kernels --device cuda --precision bf16 --only gemm,moe_experts --quick --repeats 2 --json \
+  >bench_bf16.json 2>bench_bf16.err && ! sanitizer_report bench_bf16.err; then
+  json_check "bench kernels --precision bf16: the GEMMs on the bf16 backend" bench_bf16.json '
+assert r["backend"] == "cuda-bf16", r["backend"]
+assert [k["name"] for k in r["kernels"]] == ["gemm_fwd", "gemm_bwd", "moe_experts_fwd"], r["kernels"]'
+else
+  not_ok "bench kernels --precision bf16 runs (emulated)" "$(grep -v WARNING bench_bf16.err | tail -3)"
+fi
+if "$emu/quasar" bench generate --config tiny.json --repeats 1 --device cuda --json >bench_gen.json 2>bench_gen.err &&
+  ! sanitizer_report bench_gen.err; then
+  json_check "bench generate --device cuda: prefill and decode through the device's KV cache" bench_gen.json '
+assert r["backend"] == "cuda" and r["prompt_tokens"] == 8 and r["new_tokens"] == 8, r'
+else
+  not_ok "bench generate --device cuda runs (emulated)" "$(grep -v WARNING bench_gen.err | tail -3)"
+fi

@@ -4,7 +4,8 @@
  * the part of CUDA the kernels use: device memory (host memory, fresh allocations filled
  * with 0xff bytes, so an unwritten float reads as NaN), copies, the launch and the
  * dynamic shared memory hooks of kernels/cuda_ops.h, __syncthreads / __syncwarp / warp
- * shuffles and __match_any_sync, and cudaFuncSetAttribute's shared-memory opt-in.
+ * shuffles and __match_any_sync, cudaFuncSetAttribute's shared-memory opt-in, and the
+ * events and device properties `quasar bench` reads (an event is the host clock).
  *
  * Each thread of a block is a coroutine (ucontext) with its own stack. A block's threads
  * run one at a time, each until its next synchronisation point, in a seeded random order
@@ -123,6 +124,49 @@ static inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, c
 }
 static inline cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind k, cudaStream_t) {
     return cudaMemcpy(dst, src, bytes, k);
+}
+
+/* ---- timing and the device's properties ---- */
+
+/* Kernels run to completion at launch, so an event is the host clock when recorded. */
+typedef struct emu_event {
+    double ms;
+} *cudaEvent_t;
+static inline cudaError_t cudaEventCreate(cudaEvent_t *e) {
+    *e = (cudaEvent_t)calloc(1, sizeof **e);
+    return *e ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+static inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    free(e);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    e->ms = 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+    *ms = (float)(end->ms - start->ms);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+
+/* the fields of CUDA's struct that the backend reads, with an H100 SXM's values */
+struct cudaDeviceProp {
+    char name[256];
+    size_t totalGlobalMem;
+    int l2CacheSize, multiProcessorCount, major, minor;
+};
+static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
+    *p = cudaDeviceProp{};
+    snprintf(p->name, sizeof p->name, "emulated CUDA device");
+    p->totalGlobalMem = emu_total_bytes();
+    p->l2CacheSize = 50 << 20;
+    p->multiProcessorCount = 132;
+    p->major = 9;
+    return cudaSuccess;
 }
 
 /* ---- the launch geometry ---- */
