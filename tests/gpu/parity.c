@@ -719,6 +719,10 @@ static void test_ops(void) {
     test_quadconv("same 7x7", (qs_conv_shape){3, 8, 8, 13, 7, 7, 3, 3});
     test_quadconv("causal k=3", (qs_conv_shape){2, 1, 9, 5, 1, 3, 0, 2});
     test_quadconv("causal k=4", (qs_conv_shape){3, 1, 40, 33, 1, 4, 0, 3});
+    /* more taps than one block's group of 64 (the dW kernel's blockIdx.z), channels
+     * past one 32-lane chunk, positions over several chunks */
+    test_quadconv("same 9x9", (qs_conv_shape){2, 10, 11, 40, 9, 9, 4, 4});
+    test_quadconv("causal k=70", (qs_conv_shape){2, 1, 83, 5, 1, 70, 0, 69});
     test_spatial(1, 2, 2, 1, 2);
     test_spatial(2, 6, 9, 5, 3);
     test_spatial(3, 8, 8, 13, 2);
