@@ -30,9 +30,7 @@ void qs_cpu_xent_backward(float *logits, const int *targets, float dloss, int N,
         double sum;
         const float mx = qs_cpu_softmax_stats(x, V, &sum);
         const float inv = (float)(1.0 / sum);
-        for (int v = 0; v < V; v++) {
-            const float p = expf(x[v] - mx) * inv;
-            x[v] = dloss * (v == targets[n] ? p - 1.0f : p);
-        }
+        for (int v = 0; v < V; v++) x[v] = dloss * qs_cpu_expf(x[v] - mx) * inv;
+        x[targets[n]] -= dloss;
     }
 }
