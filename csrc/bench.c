@@ -3,7 +3,6 @@
  * `bench kernels` lives in csrc/bench_kernels.c. */
 #include "quasar/bench.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <omp.h>
 #include <stdbool.h>
@@ -17,6 +16,7 @@
 #include "bench_impl.h"
 #include "cli.h"
 #include "quasar/checkpoint.h"
+#include "quasar/clock.h"
 #include "quasar/error.h"
 #include "quasar/model.h"
 #include "quasar/optim.h"
@@ -68,12 +68,6 @@ double qs_bench_train_flops_per_item(const qs_model_config *c) {
 
 /* ---- timing, statistics, inputs ---- */
 
-double qs_bench_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -94,9 +88,7 @@ static void fill_range(float *p, size_t first, size_t n, uint64_t stream) {
     for (size_t i = 0; i < n; i++) p[i] = qs_rng_uniform(0x5eed, stream, first + i) - 0.5f;
 }
 
-void qs_bench_fill(float *p, size_t n, uint64_t stream) { fill_range(p, 0, n, stream); }
-
-int qs_bench_fill_on(const qs_backend *be, float *p, size_t n, uint64_t stream) {
+int qs_bench_fill(const qs_backend *be, float *p, size_t n, uint64_t stream) {
     if (be == qs_backend_cpu()) {
         fill_range(p, 0, n, stream);
         return 0;
@@ -157,7 +149,7 @@ int qs_bench_ceilings_measure(qs_bench_ceilings *c, const qs_backend *be, int ge
     float *a = be->alloc(nn * sizeof *a), *b = a ? be->alloc(nn * sizeof *b) : NULL;
     float *out = b ? be->alloc(nn * sizeof *out) : NULL;
     int rc = out ? 0 : qs_error("out of memory measuring the GEMM ceiling (%s)", qs_error_last());
-    if (!rc) rc = qs_bench_fill_on(be, a, nn, 1) || qs_bench_fill_on(be, b, nn, 2);
+    if (!rc) rc = qs_bench_fill(be, a, nn, 1) || qs_bench_fill(be, b, nn, 2);
     if (!rc) {
         gemm_call g = {be->ops, out, a, b, gemm_n};
         c->gemm_flop_s = 2.0 * (double)nn * gemm_n / (best_ms(be, run_gemm, &g) / 1e3);
@@ -168,7 +160,7 @@ int qs_bench_ceilings_measure(qs_bench_ceilings *c, const qs_backend *be, int ge
     if (rc || !copy_bytes) return rc;
     char *src = be->alloc(copy_bytes), *dst = src ? be->alloc(copy_bytes) : NULL;
     rc = dst ? 0 : qs_error("out of memory measuring the copy ceiling (%s)", qs_error_last());
-    if (!rc) rc = qs_bench_fill_on(be, (float *)src, copy_bytes / sizeof(float), 3);
+    if (!rc) rc = qs_bench_fill(be, (float *)src, copy_bytes / sizeof(float), 3);
     if (!rc) {
         copy_call k = {be, dst, src, copy_bytes};
         c->copy_byte_s = 2.0 * (double)copy_bytes / (best_ms(be, run_copy, &k) / 1e3);
@@ -451,8 +443,11 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
         fprintf(out, "  compute     %.4g MFLOP per %s, %.2f GFLOP/s: MFU %.3f of the %d^3 GEMM ceiling (%.1f GFLOP/s)\n",
                 flops_item / 1e6, lm ? "token" : "image", flop_s / 1e9, flop_s / c->gemm_flop_s, c->gemm_n,
                 c->gemm_flop_s / 1e9);
-        if (mem->device) fprintf(out, "  memory      %.1f MiB of device memory\n", mem->mib);
-        else fprintf(out, "  memory      peak RSS %.1f MiB%s\n", mem->mib, mem->reset ? "" : " (the ceiling's buffers included)");
+        if (mem->device)
+            fprintf(out, "  memory      %.1f MiB of device memory\n", mem->mib);
+        else
+            fprintf(out, "  memory      peak RSS %.1f MiB%s\n", mem->mib,
+                    mem->reset ? "" : " (the ceiling's buffers included)");
         fprintf(out, "  loss        %.4f at the first warm-up step, %.4f at the last step\n", loss0, loss1);
         fprintf(out, "  machine     other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
         return;
@@ -486,11 +481,12 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
                              "device memory the run holds, MiB (cudaMemGetInfo after the timed steps less before the "
                              "model was built: the CUDA context left out)", mem->mib);
     else
-        qs_bench_json_result(out, false, "train_peak_rss_mib", "peak resident memory, MiB (getrusage max RSS)", mem->mib);
+        qs_bench_json_result(out, false, "train_peak_rss_mib", "peak resident memory, MiB (getrusage max RSS)",
+                             mem->mib);
     fputs("\n  ]}\n", out);
 }
 
-/* Bytes in use in be's memory, or -1 when it cannot tell. */
+/* MiB in use in be's memory, or -1 when it cannot tell. */
 static double used_mib(const qs_backend *be) {
     size_t free_bytes, total_bytes;
     return be->mem_info(&free_bytes, &total_bytes) ? -1.0 : (double)(total_bytes - free_bytes) / (1 << 20);
@@ -550,7 +546,7 @@ typedef struct token_clock {
 static void stamp(int token, void *user) {
     (void)token;
     token_clock *c = user;
-    c->t[c->n++] = qs_bench_now();
+    c->t[c->n++] = qs_clock_now();
 }
 
 /* The model to generate with: a checkpoint's, or a new one of the config's shape with
@@ -603,7 +599,7 @@ static int time_generation(qs_gpt *m, const bench_args *a, int V, double *prefil
     for (int r = 0; !rc && r <= a->repeats; r++) {
         for (int i = 0; i < P; i++) ctx[i] = (int)qs_rng_below(0x5eed, STREAM_BENCH, (uint64_t)i, (uint64_t)V);
         token_clock clock = {t, 0};
-        double t0 = qs_bench_now();
+        double t0 = qs_clock_now();
         int made = qs_generate(m, ctx, P, n_new, &sp, stamp, &clock);
         if (made != n_new) rc = made < 0 ? -1 : qs_error("generation stopped after %d of %d tokens", made, n_new);
         if (rc || r == 0) continue;
@@ -740,9 +736,12 @@ int qs_cli_bench(int argc, char **argv) {
         return rc >= 0 ? rc : bench_train(&a);
     }
     if (!strcmp(what, "kernels")) {
-        const arg_spec spec[] = {{"--repeats", ARG_INT, &a.repeats, 1, 100000}, {"--quick", ARG_FLAG, &a.quick, 0, 0},
-                                 {"--device", ARG_STR, &a.device, 0, 0},    {"--precision", ARG_STR, &a.precision, 0, 0},
-                                 {"--only", ARG_STR, &a.only, 0, 0},        {"--json", ARG_FLAG, &a.json, 0, 0}};
+        const arg_spec spec[] = {{"--repeats", ARG_INT, &a.repeats, 1, 100000},
+                                 {"--quick", ARG_FLAG, &a.quick, 0, 0},
+                                 {"--device", ARG_STR, &a.device, 0, 0},
+                                 {"--precision", ARG_STR, &a.precision, 0, 0},
+                                 {"--only", ARG_STR, &a.only, 0, 0},
+                                 {"--json", ARG_FLAG, &a.json, 0, 0}};
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, KERNELS_HELP);
         if (rc >= 0) return rc;
         const qs_precision precision = strcmp(a.precision, "bf16") ? QS_PRECISION_FP32 : QS_PRECISION_BF16;

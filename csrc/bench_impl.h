@@ -12,11 +12,10 @@
 /* The ceiling GEMM's size in --quick smoke runs. */
 enum { QS_BENCH_QUICK_GEMM_N = 256 };
 
-/* Uniform values in [-0.5, 0.5) from the counter RNG, filled by all threads: benchmarks
- * never run on zeros, which can hide work and run faster than real data. */
-void qs_bench_fill(float *p, size_t n, uint64_t stream);
-/* The same values in be's memory (through host chunks off the CPU). */
-int qs_bench_fill_on(const qs_backend *be, float *p, size_t n, uint64_t stream);
+/* p[0..n) in be's memory := uniform values in [-0.5, 0.5) from the counter RNG, made by
+ * all threads (through host chunks off the CPU): benchmarks never run on zeros, which
+ * can hide work and run faster than real data. */
+int qs_bench_fill(const qs_backend *be, float *p, size_t n, uint64_t stream);
 
 /* The share of the machine's CPU time that other processes took since the bench
  * command started (/proc/stat's busy time less this process's own): timings from a

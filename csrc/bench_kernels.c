@@ -262,7 +262,8 @@ static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 #define MOE_DIMS                                                                                                      \
     {.N = 2048, .C = 384, .E = 8, .K = 2, .F = 1536}, {.N = 16384, .C = 768, .E = 8, .K = 2, .F = 3072},             \
         {.N = 32, .C = 16, .E = 4, .K = 2, .F = 32}
-#define QCONV_DIMS {.B = 8, .H = 56, .C = 64, .k = 7}, {.B = 64, .H = 56, .C = 256, .k = 7}, {.B = 1, .H = 8, .C = 8, .k = 3}
+#define QCONV_DIMS                                                                                                    \
+    {.B = 8, .H = 56, .C = 64, .k = 7}, {.B = 64, .H = 56, .C = 256, .k = 7}, {.B = 1, .H = 8, .C = 8, .k = 3}
 #define LN_DIMS {.N = 8192, .C = 768}, {.N = 16384, .C = 768}, {.N = 16, .C = 32}
 #define XENT_DIMS {.N = 1024, .V = 50257}, {.N = 8192, .V = 50257}, {.N = 8, .V = 64}
 
@@ -325,7 +326,7 @@ static int time_case(const qs_backend *be, const kcase *c, const kdims *d, size_
             rc = -1;
         ib[j] = on_host ? host[j] : dev[j];
     }
-    if (!rc) rc = qs_bench_fill_on(be, pool, (size_t)r->sets * set_floats, 0x6b);
+    if (!rc) rc = qs_bench_fill(be, pool, (size_t)r->sets * set_floats, 0x6b);
     if (!rc) {
         if (c->prepare) c->prepare(d, host);
         for (int j = 0; j < p->ni; j++)

@@ -4,10 +4,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "quasar/checkpoint.h"
+#include "quasar/clock.h"
 #include "quasar/data_parallel.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
@@ -17,12 +17,6 @@
 #include "quasar/task.h"
 
 enum { STREAM_FORWARD = 0xf0 };
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* Samples per forward pass: train.micro_batch_size, or else a data-parallel rank's
  * whole share of the batch. */
@@ -230,9 +224,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     }
 
     int tty = writer && isatty(STDERR_FILENO), start_step = st.step;
-    double t_start = now_s();
+    double t_start = qs_clock_now();
     while (st.step < until) {
-        double t0 = now_s();
+        double t0 = qs_clock_now();
         float lr = qs_lr_at(tc, st.step);
         /* this rank's slice of the global batch: samples keyed by their global index and
          * randomness by step, so the run is the same on any number of ranks */
@@ -260,7 +254,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         }
         st.step++;
         st.tokens_seen += (int64_t)tc->batch_size * T;
-        double dt = now_s() - t0, items_s = tc->batch_size * T / dt;
+        double dt = qs_clock_now() - t0, items_s = tc->batch_size * T / dt;
         if (mf) log_train_line(mf, st.step, loss, lr, norm, items_s, &task, &st.guard, verdict);
         if (qs_guard_should_stop(&st.guard)) {
             char latest[QS_PATH_MAX + 64];
@@ -270,7 +264,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             goto fail;
         }
         if (writer && (tty || st.step % tc->log_interval == 0 || st.step == until)) {
-            double elapsed = now_s() - t_start;
+            double elapsed = qs_clock_now() - t_start;
             char eta[32];
             fmt_duration(eta, sizeof eta, elapsed / (st.step - start_step) * (until - st.step));
             fprintf(stderr, "%sstep %d/%d | loss %.4f | lr %.2e | norm %.3f | %.0f %s/s | ETA %s%s",
@@ -298,7 +292,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     }
     if (tty) fputc('\n', stderr);
     if (agree(world, st.step == tc->max_steps && writer && task.finish ? task.finish(task.self, run) : 0)) goto fail;
-    if (writer) fprintf(stderr, "quasar: done in %.1f s; run folder %s\n", now_s() - t_start, run);
+    if (writer) fprintf(stderr, "quasar: done in %.1f s; run folder %s\n", qs_clock_now() - t_start, run);
     rc = 0;
 fail:
     qs_st_free(&mf_st);

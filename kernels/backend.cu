@@ -60,8 +60,6 @@ static void cuda_copy(void *dst, const void *src, size_t bytes) {
 
 /* ---- timing and the device's description ---- */
 
-static void cuda_sync(void) { QS_CUDA(cudaDeviceSynchronize()); }
-
 static cudaEvent_t timing_events[2]; /* made at init */
 
 static double cuda_time_ms(void (*run)(void *arg), void *arg) {
@@ -253,7 +251,6 @@ static int init(void) {
             .mem_info = cuda_mem_info,
             .workspace_bytes = cuda_workspace_bytes,
             .reserve = cuda_reserve,
-            .sync = cuda_sync,
             .time_ms = cuda_time_ms,
             .describe = cuda_describe,
             .ops = &ops_by_precision[p],

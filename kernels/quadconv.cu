@@ -128,7 +128,7 @@ void qs_cuda_quadconv_backward(float *dx, float *dw, float *dbias, const float *
     int per;
     const int chunks = qs_colsum_chunks(positions, cols, &per);
     float *part = (float *)qs_cuda_scratch((size_t)chunks * cols * sizeof(float));
-    QS_LAUNCH(quadconv_dw_kernel, dim3((s->C + 31) / 32, chunks, (taps + DW_TAPS - 1) / DW_TAPS), dim3(DW_WARPS * 32), 0,
-              part, dy, x, fa, fb, *s, per, cols);
+    const dim3 grid((s->C + 31) / 32, chunks, (taps + DW_TAPS - 1) / DW_TAPS);
+    QS_LAUNCH(quadconv_dw_kernel, grid, dim3(DW_WARPS * 32), 0, part, dy, x, fa, fb, *s, per, cols);
     qs_colsum_finish(dw, 3 * filt, dbias, part, cols, chunks);
 }

@@ -3,11 +3,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "cpu_ops.h"
 #include "quasar/backend.h"
+#include "quasar/clock.h"
 #include "quasar/error.h"
 
 static void *cpu_alloc(size_t bytes) {
@@ -54,18 +54,10 @@ static int cpu_mem_info(size_t *free_bytes, size_t *total_bytes) {
     return 0;
 }
 
-static void cpu_sync(void) {}
-
-static double seconds_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static double cpu_time_ms(void (*run)(void *arg), void *arg) {
-    const double t0 = seconds_now();
+    const double t0 = qs_clock_now();
     run(arg);
-    return (seconds_now() - t0) * 1e3;
+    return (qs_clock_now() - t0) * 1e3;
 }
 
 static void cpu_describe(qs_device_info *info) {
@@ -161,7 +153,6 @@ static const qs_backend cpu_backend = {
     .mem_info = cpu_mem_info,
     .workspace_bytes = cpu_workspace_bytes,
     .reserve = cpu_reserve,
-    .sync = cpu_sync,
     .time_ms = cpu_time_ms,
     .describe = cpu_describe,
     .ops = &cpu_ops,

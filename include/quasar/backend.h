@@ -36,8 +36,6 @@ typedef struct qs_backend {
      * now, so that no op allocates inside the step loop. */
     size_t (*workspace_bytes)(const qs_op_sizes *s);
     int (*reserve)(const qs_op_sizes *s);
-    /* Waits for all the work issued so far (the CPU's ops return done). */
-    void (*sync)(void);
     /* Milliseconds the work that run(arg) issues takes: the wall clock on the CPU, events
      * around it on the device (which count any time the device waits for the host). */
     double (*time_ms)(void (*run)(void *arg), void *arg);

@@ -38,8 +38,6 @@ typedef struct qs_bench_stats {
 } qs_bench_stats;
 qs_bench_stats qs_bench_stats_of(double *x, int n);
 
-double qs_bench_now(void);
-
 /* `quasar bench train|kernels|generate ...` (argv after "bench"); returns the exit code. */
 int qs_cli_bench(int argc, char **argv);
 

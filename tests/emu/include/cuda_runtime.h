@@ -151,7 +151,6 @@ static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cud
     *ms = (float)(end->ms - start->ms);
     return cudaSuccess;
 }
-static inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 
 /* the fields of CUDA's struct that the backend reads, with an H100 SXM's values */
 struct cudaDeviceProp {
