@@ -6,6 +6,8 @@
 #   quadconv op forward + backward against quadconv_torch.py (Quasar's side: on a CPU
 #          bench/quadconv_speed, on a GPU `quasar bench kernels --only quadconv` at issue
 #          7's shape);
+#   MoE layer forward + backward at issue 6's shapes a and b, and a dense FFN of the same
+#          active FLOPs (`quasar bench moe` against moe_torch.py, makeMoE's expert loop);
 #   generate (`quasar bench generate` against transformers' GPT2LMHeadModel.generate).
 # Writes bench/results/<date>-<device>-compare.json (DESIGN.md's format; each result
 # {name, metric, quasar, peer, peer_value, ratio}, ratio > 1: Quasar better, plus the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU benchmark suite in one call on this machine: `quasar bench train` on the CPU
-# configs, `bench kernels` and `bench generate`, merged into
+# configs, `bench kernels`, `bench moe` (shapes a and b) and `bench generate`, merged into
 # bench/results/<date>-<device>-bench.json (DESIGN.md's format; each result's name is
 # prefixed with its topic, and the commands' own records are kept under "records").
 #   bench/cpu.sh [STEPS]           timed training steps per config (default 20)
@@ -31,6 +31,8 @@ if [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   run quadranet train --config configs/quadranet_fmnist.json --steps "$steps"
 fi
 run kernels kernels
+run moe_a moe --shape a
+run moe_b moe --shape b
 run generate generate --config configs/shakespeare_char_cpu.json --repeats 20
 
 QS_OUT=$out python3 - <<'PY'
@@ -41,7 +43,10 @@ results = []
 for topic, r in recs.items():
     for e in r["results"]:
         e = dict(e)
-        if not e["name"].startswith(("kernel_", "generate_")):
+        head = topic.split("_")[0]  # moe_a + moe_layer_fwd_bwd_ms -> moe_a_layer_fwd_bwd_ms
+        if e["name"].startswith(head + "_"):
+            e["name"] = topic + e["name"][len(head):]
+        elif not e["name"].startswith("kernel_"):
             e["name"] = f"{topic}_{e['name']}"
         results.append(e)
 date = datetime.date.today().isoformat()

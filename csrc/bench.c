@@ -297,10 +297,11 @@ void qs_bench_json_head(FILE *out, const qs_backend *be, int argc, char **argv, 
 /* ---- the command line ---- */
 
 typedef struct bench_args {
-    const char *config, *ckpt, *device, *precision, *only;
+    const char *config, *ckpt, *device, *precision, *only, *shape;
     const char *sets[64];
     int n_sets;
     int steps, warmup, repeats, prompt_tokens, new_tokens;
+    qs_bench_moe_shape moe; /* 0: the --shape's default */
     bool json, quick;
     int argc; /* the arguments after "bench", for the record's "command" */
     char **argv;
@@ -672,12 +673,45 @@ static int bench_generate(bench_args *a) {
     return rc ? qs_cli_fail() : 0;
 }
 
+/* ---- bench moe ---- */
+
+/* The backend of --device with --precision's products (NULL with qs_error set when it
+ * cannot be had). Returns -1 to go on, else the exit code of a bad --precision. */
+static int precision_backend(const bench_args *a, const qs_backend **be) {
+    if (strcmp(a->precision, "fp32") && strcmp(a->precision, "bf16"))
+        return qs_cli_usage_error("--precision: expected fp32 or bf16, got '%s'", a->precision);
+    *be = qs_cli_backend(a->device, strcmp(a->precision, "bf16") ? QS_PRECISION_FP32 : QS_PRECISION_BF16);
+    return -1;
+}
+
+static int bench_moe(const bench_args *a) {
+    const bool fine = a->shape && !strcmp(a->shape, "b");
+    if (a->shape && !fine && strcmp(a->shape, "a"))
+        return qs_cli_usage_error("--shape: expected a or b, got '%s'", a->shape);
+    const qs_backend *be = NULL;
+    int rc = precision_backend(a, &be);
+    if (rc >= 0) return rc;
+    if (!be) return qs_cli_fail();
+    const bool cpu = be == qs_backend_cpu();
+    qs_bench_moe_shape s = a->moe;
+    if (!s.N) s.N = a->quick ? 64 : cpu ? 2048 : 16384;
+    if (!s.C) s.C = a->quick ? 32 : cpu ? 384 : 768;
+    if (!s.E) s.E = fine ? 64 : 8;
+    if (!s.K) s.K = fine ? 8 : 2;
+    if (!s.F) s.F = fine ? s.C : 4 * s.C;
+    if (s.K > s.E) return qs_cli_usage_error("%s", "--top-k must be <= --experts");
+    if ((double)s.N * s.K * (s.F > s.C ? s.F : s.C) > (double)(1u << 31) - 1)
+        return qs_cli_usage_error("%s", "bench moe: tokens x top-k x width must stay under 2^31 elements");
+    return qs_bench_moe(be, &s, a->json, a->quick, a->repeats, a->argc, a->argv) ? qs_cli_fail() : 0;
+}
+
 /* ---- dispatch ---- */
 
 static const char *BENCH_HELP =
-    "usage: quasar bench train|kernels|generate [options] [--json]   (quasar bench CMD --help)\n"
+    "usage: quasar bench train|kernels|moe|generate [options] [--json]   (quasar bench CMD --help)\n"
     "  train      time the training step of a config: tokens/s (images/s), ms/step, MFU, peak memory\n"
     "  kernels    time each core op of a backend: FLOP/s and bytes/s against measured ceilings\n"
+    "  moe        time a sparse MoE layer forward + backward, in parts, beside a dense FFN\n"
     "  generate   prefill and decode tokens/s and latency per token through the KV cache\n"
     "  --device cpu|cuda  where to run (default cpu)\n"
     "  --json prints one record in bench/results' format (DESIGN.md) instead of a table.\n";
@@ -708,6 +742,21 @@ static const char *KERNELS_HELP =
     "  --repeats N    timed calls per op (default 30)\n"
     "  --quick        tiny shapes, small ceilings, no rotation: a smoke run, not a measurement\n";
 
+static const char *MOE_HELP =
+    "usage: quasar bench moe [--shape a|b] [--tokens N] [--embd C] [--ffn F] [--experts E]\n"
+    "                        [--top-k K] [--device cpu|cuda] [--precision fp32|bf16]\n"
+    "                        [--repeats N] [--quick] [--json]\n"
+    "  Times one sparse MoE layer forward + backward as the model runs it (router GEMM, top-k\n"
+    "  routing, dispatch, the experts' grouped Linear-GELU-Linear, combine; dropless, no\n"
+    "  noise) on random inputs: whole, split into routing, permutation, expert GEMMs and\n"
+    "  combine, and beside a dense FFN with the same active FLOPs (hidden K F).\n"
+    "  --shape a    E=8 experts, top-2, F=4C (issue 6's shape A; the default)\n"
+    "  --shape b    E=64, top-8, F=C (shape B: fine-grained, shape A's active FLOPs)\n"
+    "  N and C: 16384 x 768 on a GPU, 2048 x 384 on the CPU, 64 x 32 with --quick;\n"
+    "  --tokens, --embd, --ffn, --experts, --top-k override the shape's values.\n"
+    "  --repeats N  timed layers (default 20)\n"
+    "  --quick      tiny shapes and ceiling: a smoke run, not a measurement\n";
+
 static const char *GENERATE_HELP =
     "usage: quasar bench generate --ckpt DIR | --config FILE [--set key=value]...\n"
     "                             [--prompt-tokens N] [--new-tokens N] [--repeats N]\n"
@@ -718,7 +767,7 @@ static const char *GENERATE_HELP =
     "  --repeats N  timed generations after one warm-up (default 5)\n";
 
 int qs_cli_bench(int argc, char **argv) {
-    if (argc < 1) return qs_cli_usage_error("%s", "bench needs train, kernels or generate");
+    if (argc < 1) return qs_cli_usage_error("%s", "bench needs train, kernels, moe or generate");
     const char *what = argv[0];
     if (!strcmp(what, "--help") || !strcmp(what, "-h")) {
         fputs(BENCH_HELP, stdout);
@@ -744,11 +793,26 @@ int qs_cli_bench(int argc, char **argv) {
                                  {"--json", ARG_FLAG, &a.json, 0, 0}};
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, KERNELS_HELP);
         if (rc >= 0) return rc;
-        const qs_precision precision = strcmp(a.precision, "bf16") ? QS_PRECISION_FP32 : QS_PRECISION_BF16;
-        if (strcmp(a.precision, "fp32") && strcmp(a.precision, "bf16"))
-            return qs_cli_usage_error("--precision: expected fp32 or bf16, got '%s'", a.precision);
-        const qs_backend *be = qs_cli_backend(a.device, precision);
+        const qs_backend *be = NULL;
+        if ((rc = precision_backend(&a, &be)) >= 0) return rc;
         return !be || qs_bench_kernels(be, a.json, a.quick, a.repeats, a.only, argc, argv) ? qs_cli_fail() : 0;
+    }
+    if (!strcmp(what, "moe")) {
+        a.repeats = 20;
+        qs_bench_moe_shape *m = &a.moe;
+        const arg_spec spec[] = {{"--shape", ARG_STR, &a.shape, 0, 0},
+                                 {"--tokens", ARG_INT, &m->N, 1, 1 << 24},
+                                 {"--embd", ARG_INT, &m->C, 1, 1 << 16},
+                                 {"--ffn", ARG_INT, &m->F, 1, 1 << 18},
+                                 {"--experts", ARG_INT, &m->E, 1, 1 << 12},
+                                 {"--top-k", ARG_INT, &m->K, 1, 1 << 12},
+                                 {"--repeats", ARG_INT, &a.repeats, 1, 100000},
+                                 {"--quick", ARG_FLAG, &a.quick, 0, 0},
+                                 {"--device", ARG_STR, &a.device, 0, 0},
+                                 {"--precision", ARG_STR, &a.precision, 0, 0},
+                                 {"--json", ARG_FLAG, &a.json, 0, 0}};
+        int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, MOE_HELP);
+        return rc >= 0 ? rc : bench_moe(&a);
     }
     if (!strcmp(what, "generate")) {
         a.repeats = 5;
@@ -763,5 +827,5 @@ int qs_cli_bench(int argc, char **argv) {
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, GENERATE_HELP);
         return rc >= 0 ? rc : bench_generate(&a);
     }
-    return qs_cli_usage_error("bench: unknown benchmark '%s' (train, kernels or generate)", what);
+    return qs_cli_usage_error("bench: unknown benchmark '%s' (train, kernels, moe or generate)", what);
 }

@@ -41,4 +41,13 @@ void qs_bench_json_str(FILE *out, const char *s);
 int qs_bench_kernels(const qs_backend *be, bool json, bool quick, int repeats, const char *only, int argc,
                      char **argv);
 
+/* `quasar bench moe`: one sparse MoE layer of this shape forward + backward (dropless,
+ * GELU experts), whole and in parts, beside a dense FFN of the same active FLOPs
+ * (csrc/bench_moe.c). */
+typedef struct qs_bench_moe_shape {
+    int N, C, F, E, K; /* tokens, width, expert hidden width, experts, experts per token */
+} qs_bench_moe_shape;
+int qs_bench_moe(const qs_backend *be, const qs_bench_moe_shape *s, bool json, bool quick, int repeats, int argc,
+                 char **argv);
+
 #endif

@@ -6,8 +6,9 @@ writes bench/results/<date>-<device>-compare.json (../shared/docs/DESIGN.md's fo
 with a markdown table on stdout.
 
 ratio > 1 means Quasar is better: Quasar / peer for rates (tokens/s, MFU, GFLOP/s), peer /
-Quasar for times and memory (ms, MiB). Needs no torch itself: a peer that fails (torch
-missing, say) leaves its figures null and its error in the record."""
+Quasar for times, memory and overheads (ms, MiB, MoE layer / dense FFN). Needs no torch
+itself: a peer that fails (torch missing, say) leaves its figures null and its error in
+the record."""
 import argparse
 import datetime
 import json
@@ -20,7 +21,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LOWER_IS_BETTER = re.compile(r"(_ms|_ms_per_step|_ms_per_token|_mib)$")
+LOWER_IS_BETTER = re.compile(r"(_ms|_ms_per_step|_ms_per_token|_mib|_over_dense)$")
 
 
 class Row:
@@ -65,11 +66,22 @@ def quadconv_row(device):
                ["fwd_ms", "bwd_ms", "fwd_bwd_ms"], flat=True)
 
 
+def moe_row(shape, what):
+    return Row(f"moe_{shape}", f"MoE layer, shape {shape} ({what}), forward + backward; peer: makeMoE's expert loop",
+               lambda a: [a.quasar, "bench", "moe", "--shape", shape, "--repeats", str(a.repeats), "--json",
+                          "--precision", a.dtype] + a.quasar_device,
+               lambda a: [sys.executable, f"{HERE}/moe_torch.py", "--shape", shape, "--repeats", str(a.repeats)]
+               + a.peer_args,
+               ["moe_layer_fwd_bwd_ms", "moe_layer_tokens_per_s", "moe_ffn_dense_fwd_bwd_ms", "moe_layer_over_dense"])
+
+
 ROWS = [
     train_row("gpt", "train, default GPT", "configs/shakespeare_char_cpu.json"),
     train_row("makemoe", "train, makeMoE recipe", "configs/shakespeare_char_moe.json"),
     train_row("hybrid_lm", "train, hybrid LM (causal quadconv mixer)", "configs/shakespeare_char_quadconv.json"),
     quadconv_row("cpu"),
+    moe_row("a", "8 experts, top-2, F=4C"),
+    moe_row("b", "64 experts, top-8, F=C"),
     Row("generate", "generate, default GPT shape (configs/shakespeare_char_cpu.json), random weights",
         lambda a: [a.quasar, "bench", "generate", "--config", "configs/shakespeare_char_cpu.json",
                    "--repeats", str(a.repeats), "--json"] + a.quasar_device,
@@ -154,9 +166,10 @@ def figures(row, rec):
 
 
 def result_name(row, name):
-    """The row's name before the figure's, once: gpt_train_mfu, quadconv_fwd_ms,
-    generate_decode_tokens_per_s."""
-    return name if name.startswith(row.name + "_") else f"{row.name}_{name}"
+    """The row's name before the figure's, their common first word once: gpt_train_mfu,
+    quadconv_fwd_ms, generate_decode_tokens_per_s, moe_a_layer_fwd_bwd_ms."""
+    head = row.name.split("_")[0]
+    return row.name + name[len(head):] if name.startswith(head + "_") else f"{row.name}_{name}"
 
 
 def median_or_none(xs):
@@ -300,7 +313,8 @@ def main():
            "threads": {"quasar_OMP_NUM_THREADS": a.threads, "torch_set_num_threads": a.threads},
            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GLIBC_TUNABLES", "LD_PRELOAD") if k in os.environ},
            "torch": next((r.get("torch") for r in peer_recs if r.get("torch")), None),
-           "ratio": "> 1 means Quasar is better: Quasar / peer for rates, peer / Quasar for ms and MiB",
+           "ratio": "> 1 means Quasar is better: Quasar / peer for rates, peer / Quasar for ms, MiB and MoE "
+                    "layer / dense FFN",
            "load": "quasar_others_cpu / peer_others_cpu: per run, the share of the CPU other processes took while "
                    "that side ran (/proc/stat around the command, less the command's own CPU time); a run over "
                    "max_others was repeated (records.*.*_load: attempts_others_cpu, busy)",

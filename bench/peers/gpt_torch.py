@@ -78,17 +78,18 @@ def activation(m):
 
 
 class MLP(nn.Sequential):
-    def __init__(self, m):
+    def __init__(self, m, hidden=None):
         C, bias = m["n_embd"], m["bias"]
-        super().__init__(nn.Linear(C, m["ffn_mult"] * C, bias=bias), activation(m),
-                         nn.Linear(m["ffn_mult"] * C, C, bias=bias))
+        H = hidden or m["ffn_mult"] * C
+        super().__init__(nn.Linear(C, H, bias=bias), activation(m), nn.Linear(H, C, bias=bias))
 
 
 class SparseMoE(nn.Module):
     """makeMoE's NoisyTopkRouter + SparseMoE, dropless (capacity_factor 0), with the
-    Switch balance loss E * sum_e f_e P_e over the routing logits (Quasar's)."""
+    Switch balance loss E * sum_e f_e P_e over the routing logits (Quasar's); experts of
+    `hidden` width (default ffn_mult C)."""
 
-    def __init__(self, m):
+    def __init__(self, m, hidden=None):
         super().__init__()
         moe = m["moe"]
         if moe["capacity_factor"] > 0 or moe["z_loss_coef"] > 0:
@@ -97,7 +98,7 @@ class SparseMoE(nn.Module):
         self.top_k, self.aux_coef = moe["top_k"], moe["aux_loss_coef"]
         self.route = nn.Linear(C, E)
         self.noise = nn.Linear(C, E) if moe["gating"] == "noisy_topk" else None
-        self.experts = nn.ModuleList(MLP(m) for _ in range(E))
+        self.experts = nn.ModuleList(MLP(m, hidden) for _ in range(E))
         self.aux_loss = None
 
     def forward(self, x):

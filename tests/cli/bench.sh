@@ -1,4 +1,4 @@
-# `quasar bench train|kernels|generate`: a short smoke of each on a tiny model whose
+# `quasar bench train|kernels|moe|generate`: a short smoke of each on a tiny model whose
 # --json record must parse, carry DESIGN.md's fields and positive, finite numbers (MFU
 # in (0, 1], the FLOP formula's count for the tiny GPT); bad flags fail with one error
 # line; bench/plot.sh turns a metrics.jsonl and a results file into PNGs (with gnuplot).
@@ -47,6 +47,28 @@ cp "$WORK/out" only.json
 json_check "bench kernels: --only times exactly the ops it names" only.json '
 assert [k["name"] for k in r["kernels"]] == ["gemm_fwd", "quadconv_fwd", "quadconv_bwd"], r["kernels"]'
 
+expect_ok "bench moe: --quick --json (shape a)" $Q bench moe --quick --repeats 3 --json
+cp "$WORK/out" moe.json
+json_check "bench moe: shape a's sizes, every token routed twice, the parts and the dense FFN timed" moe.json '
+assert r["shape"] == {"N": 64, "C": 32, "F": 128, "E": 8, "K": 2}, r["shape"]
+assert len(r["expert_rows"]) == 8 and sum(r["expert_rows"]) == 128, r["expert_rows"]
+parts = {f"moe_{p}_ms" for p in ("route", "permute", "experts", "combine")}
+assert set(v) == parts | {"moe_layer_fwd_bwd_ms", "moe_ffn_dense_fwd_bwd_ms", "moe_layer_over_dense",
+                          "moe_layer_tokens_per_s", "moe_experts_gflop_per_s", "moe_ffn_dense_gflop_per_s"}, sorted(v)
+ratio = v["moe_layer_fwd_bwd_ms"] / v["moe_ffn_dense_fwd_bwd_ms"]
+assert abs(v["moe_layer_over_dense"] - ratio) < 1e-4 * ratio, v
+assert abs(v["moe_layer_tokens_per_s"] * v["moe_layer_fwd_bwd_ms"] - 64e3) < 1e-3 * 64e3, v'
+expect_ok "bench moe: --shape b with k = E over 50 tokens" $Q bench moe --quick --repeats 2 --shape b --tokens 50 \
+  --experts 5 --top-k 5 --json
+cp "$WORK/out" moe_b.json
+json_check "bench moe: the overrides apply, F = C for shape b, k = E sends every token to every expert" moe_b.json '
+assert r["shape"] == {"N": 50, "C": 32, "F": 32, "E": 5, "K": 5}, r["shape"]
+assert r["expert_rows"] == [50] * 5, r["expert_rows"]'
+expect_ok "bench moe: table output" $Q bench moe --quick --repeats 2 --shape b
+name="bench moe: the table has the split and the ratio"
+grep -q 'MoE layer / dense FFN of the same active FLOPs' "$WORK/out" && grep -q '^  experts ' "$WORK/out" \
+  && ok "$name" || not_ok "$name" "$(cat "$WORK/out")"
+
 expect_ok "bench generate: random weights from --config" $Q bench generate --config tiny.json --repeats 2 --json
 cp "$WORK/out" gen.json
 json_check "bench generate: prefill and decode tokens/s, latency per token" gen.json '
@@ -59,7 +81,15 @@ cp "$WORK/out" gen_ckpt.json
 json_check "bench generate: --ckpt record" gen_ckpt.json 'assert r["prompt_tokens"] == 4 and r["new_tokens"] == 12, r'
 
 # bad input: one error line each
-expect_error "bench: no benchmark named" "bench needs train, kernels or generate" $Q bench
+expect_error "bench: no benchmark named" "bench needs train, kernels, moe or generate" $Q bench
+expect_error "bench moe: unknown --shape" "--shape: expected a or b, got 'c'" $Q bench moe --quick --shape c
+expect_error "bench moe: top-k over the experts" "--top-k must be <= --experts" \
+  $Q bench moe --quick --experts 4 --top-k 5
+expect_error "bench moe: --tokens 0" "--tokens: invalid value '0'" $Q bench moe --quick --tokens 0
+expect_error "bench moe: past 2^31 elements" "must stay under 2\^31 elements" $Q bench moe --tokens 16777216 --top-k 8 \
+  --experts 8
+expect_error "bench moe: unknown --precision" "--precision: expected fp32 or bf16, got 'fp8'" \
+  $Q bench moe --precision fp8
 expect_error "bench: unknown benchmark" "unknown benchmark 'fly'" $Q bench fly
 expect_error "bench train: no config" "bench train needs --config" $Q bench train --steps 2
 expect_error "bench train: --steps 0" "--steps: invalid value '0'" $Q bench train --config tiny.json --steps 0

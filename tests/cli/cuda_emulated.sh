@@ -100,7 +100,8 @@ else
 fi
 
 # `quasar bench` on the device (tests/cli/bench.sh checks the same records on the CPU),
-# timed with events: every kernel on both precisions' backends; the training record's
+# timed with events: every kernel on both precisions' backends, the MoE layer (its
+# routing of the same random inputs is the CPU's); the training record's
 # memory figure is the device memory the run holds (cuBLAS's 32 MiB workspace on the
 # emulated H100 and the tiny model's few MiB), and its first loss is the CPU's.
 if "$QUASAR" bench train --config tiny.json --quick --steps 1 --warmup 1 --json >bench_cpu.json 2>bench_cpu.err &&
@@ -132,6 +133,23 @@ assert r["backend"] == "cuda-bf16", r["backend"]
 assert [k["name"] for k in r["kernels"]] == ["gemm_fwd", "gemm_bwd", "moe_experts_fwd"], r["kernels"]'
 else
   not_ok "bench kernels --precision bf16 runs (emulated)" "$(grep -v WARNING bench_bf16.err | tail -3)"
+fi
+if "$QUASAR" bench moe --quick --repeats 1 --json >moe_cpu.json 2>moe_cpu.err &&
+  "$emu/quasar" bench moe --device cuda --quick --repeats 2 --json >bench_moe.json 2>bench_moe.err &&
+  ! sanitizer_report bench_moe.err; then
+  json_check "bench moe --device cuda: the layer on the device, routed as on the CPU" bench_moe.json '
+cpu = json.load(open("moe_cpu.json"))
+assert r["backend"] == "cuda" and r["shape"] == cpu["shape"], (r["backend"], r["shape"])
+assert r["expert_rows"] == cpu["expert_rows"], (r["expert_rows"], cpu["expert_rows"])'
+else
+  not_ok "bench moe --device cuda runs (emulated)" "$(grep -v WARNING moe_cpu.err bench_moe.err | tail -3)"
+fi
+if "$emu/quasar" bench moe --device cuda --precision bf16 --shape b --quick --repeats 1 --json >moe_bf16.json \
+  2>moe_bf16.err && ! sanitizer_report moe_bf16.err; then
+  json_check "bench moe --precision bf16 --shape b: 64 experts, top-8, on the bf16 backend" moe_bf16.json '
+assert r["backend"] == "cuda-bf16" and r["shape"]["E"] == 64 and sum(r["expert_rows"]) == 64 * 8, r["shape"]'
+else
+  not_ok "bench moe --precision bf16 runs (emulated)" "$(grep -v WARNING moe_bf16.err | tail -3)"
 fi
 if "$emu/quasar" bench generate --config tiny.json --repeats 1 --device cuda --json >bench_gen.json 2>bench_gen.err &&
   ! sanitizer_report bench_gen.err; then
