@@ -1,66 +1,145 @@
-/* Quadratic depthwise convolution, y = (Wa*x + ba) * (Wb*x + bb) + (Wc*x + bc), one
- * thread per output element (channels innermost, so a warp reads consecutive channels
- * of each tap). The filter gradients are sums over positions, per tap in registers. */
+/* Quadratic depthwise convolution, y = (Wa*x + ba) * (Wb*x + bb) + (Wc*x + bc).
+ * Forward and dx: a thread takes QC_RW consecutive outputs along W of one channel. A
+ * tap row's inputs slide through a window of QC_RW registers, so each is loaded once per
+ * tap row rather than once per tap, and each tap's three weights once for QC_RW outputs.
+ * A warp is 32 channels (coalesced 128-byte pieces of a position); a block's QC_WARPS
+ * warps take consecutive rows h of the same columns, so the input rows their taps share
+ * come from L1. KW_T > 0 fixes the filter width at compile time (3, 5, 7, 9): the tap
+ * loop unrolls and the window's shifts become register renaming; KW_T = 0 takes s.KW.
+ * The filter gradients are sums over positions, per tap in registers. */
 #include "common.cuh"
 
-/* Where input (b, h + i - pad_top, w + j - pad_left) lies for output position p, or -1
- * outside the image. */
-__device__ static inline long long tap_at(const qs_conv_shape &s, size_t p, int i, int j) {
-    const int w = (int)(p % s.W), h = (int)(p / s.W % s.H);
-    const int ih = h + i - s.pad_top, iw = w + j - s.pad_left;
-    if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) return -1;
-    return (long long)p + (long long)(i - s.pad_top) * s.W + (j - s.pad_left);
+enum { QC_RW = 8, QC_WARPS = 8 };
+
+/* A thread's outputs: channel c, row h, columns w0 .. w0 + QC_RW - 1 of the image row
+ * that starts at position `row`. False for a thread past the work. */
+typedef struct qc_place {
+    int c, h, w0;
+    long long row;
+} qc_place;
+
+__device__ static inline bool qc_locate(const qs_conv_shape &s, qc_place *q) {
+    const int wblocks = (s.W + QC_RW - 1) / QC_RW;
+    const long long rb = (long long)blockIdx.x * QC_WARPS + (threadIdx.x >> 5), bw = rb / s.H;
+    q->c = blockIdx.y * 32 + (threadIdx.x & 31);
+    if (q->c >= s.C || rb >= (long long)s.B * wblocks * s.H) return false;
+    q->h = (int)(rb % s.H);
+    q->w0 = (int)(bw % wblocks) * QC_RW;
+    q->row = (bw / wblocks * s.H + q->h) * s.W;
+    return true;
 }
 
-__global__ static void quadconv_forward_kernel(float *y, float *fa, float *fb, const float *x, const float *w,
-                                               const float *bias, qs_conv_shape s) {
-    const int C = s.C;
-    const size_t filt = (size_t)s.KH * s.KW * C; /* Wa, Wb, Wc follow each other */
-    QS_GRID_LOOP(o, (size_t)s.B * s.H * s.W * C) {
-        const size_t p = o / C;
-        const int c = (int)(o % C);
-        float ya = bias[c], yb = bias[C + c], yc = bias[2 * C + c];
-        for (int i = 0; i < s.KH; i++)
-            for (int j = 0; j < s.KW; j++) {
-                const long long q = tap_at(s, p, i, j);
-                if (q < 0) continue;
-                const float xv = x[(size_t)q * C + c];
-                const size_t t = ((size_t)i * s.KW + j) * C + c;
-                ya += w[t] * xv;
-                yb += w[filt + t] * xv;
-                yc += w[2 * filt + t] * xv;
-            }
-        fa[o] = ya;
-        fb[o] = yb;
-        y[o] = yc + ya * yb;
+/* *p, the input of column iw, or 0 when iw lies outside the image. */
+__device__ static inline float qc_at(const float *p, int iw, int W) { return (unsigned)iw < (unsigned)W ? *p : 0.0f; }
+
+/* The window moves one column on: next enters at the end. */
+__device__ static inline void qc_slide(float *win, float next) {
+#pragma unroll
+    for (int r = 0; r + 1 < QC_RW; r++) win[r] = win[r + 1];
+    win[QC_RW - 1] = next;
+}
+
+static dim3 qc_grid(const qs_conv_shape *s) {
+    const long long blocks = (long long)s->B * s->H * ((s->W + QC_RW - 1) / QC_RW);
+    return dim3((unsigned)((blocks + QC_WARPS - 1) / QC_WARPS), (s->C + 31) / 32);
+}
+
+/* kernel<KW> for the widths it unrolls, kernel<0> for the others. */
+#define QC_BY_WIDTH(kernel, KW)                                                                                       \
+    ((KW) == 3 ? kernel<3> : (KW) == 5 ? kernel<5> : (KW) == 7 ? kernel<7> : (KW) == 9 ? kernel<9> : kernel<0>)
+
+template <int KW_T>
+__global__ static void __launch_bounds__(QC_WARPS * 32)
+    quadconv_forward_kernel(float *y, float *fa, float *fb, const float *x, const float *w, const float *bias,
+                            qs_conv_shape s) {
+    qc_place q;
+    if (!qc_locate(s, &q)) return;
+    const int C = s.C, c = q.c, KW = KW_T ? KW_T : s.KW;
+    const size_t filt = (size_t)s.KH * KW * C; /* Wa, Wb, Wc follow each other */
+    float ya[QC_RW], yb[QC_RW], yc[QC_RW];
+#pragma unroll
+    for (int r = 0; r < QC_RW; r++) {
+        ya[r] = bias[c];
+        yb[r] = bias[C + c];
+        yc[r] = bias[2 * C + c];
     }
+    for (int i = 0; i < s.KH; i++) {
+        const int ih = q.h + i - s.pad_top, iw0 = q.w0 - s.pad_left;
+        if (ih < 0 || ih >= s.H) continue;
+        /* column iw0 - 1 of input row ih; pointers move a column (C floats) at a time */
+        const float *in = x + (q.row + (long long)(ih - q.h) * s.W + iw0 - 1) * C + c, *wt = w + (size_t)i * KW * C + c;
+        float win[QC_RW]; /* at tap j: the inputs of columns iw0 + j + r */
+#pragma unroll
+        for (int r = 1; r < QC_RW; r++) win[r] = qc_at(in += C, iw0 + r - 1, s.W);
+#pragma unroll
+        for (int j = 0; j < KW; j++, wt += C) {
+            qc_slide(win, qc_at(in += C, iw0 + j + QC_RW - 1, s.W));
+            const float wa = wt[0], wb = wt[filt], wc = wt[2 * filt];
+#pragma unroll
+            for (int r = 0; r < QC_RW; r++) {
+                ya[r] += wa * win[r];
+                yb[r] += wb * win[r];
+                yc[r] += wc * win[r];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < QC_RW; r++)
+        if (q.w0 + r < s.W) {
+            const size_t o = (size_t)(q.row + q.w0 + r) * C + c;
+            fa[o] = ya[r];
+            fb[o] = yb[r];
+            y[o] = yc[r] + ya[r] * yb[r];
+        }
 }
 
 void qs_cuda_quadconv_forward(float *y, float *fa, float *fb, const float *x, const float *w, const float *bias,
                               const qs_conv_shape *s) {
-    QS_LAUNCH_N(quadconv_forward_kernel, (size_t)s->B * s->H * s->W * s->C, y, fa, fb, x, w, bias, *s);
+    QS_LAUNCH(QC_BY_WIDTH(quadconv_forward_kernel, s->KW), qc_grid(s), QC_WARPS * 32, 0, y, fa, fb, x, w, bias, *s);
 }
 
-/* dx gathers from the outputs whose filters touched it:
- * dx += sum over taps of dy' (fb' Wa + fa' Wb + Wc) at the neighbour (h - i + pad_top, w - j + pad_left). */
-__global__ static void quadconv_dx_kernel(float *dx, const float *dy, const float *w, const float *fa, const float *fb,
-                                          qs_conv_shape s) {
-    const int C = s.C;
-    const size_t filt = (size_t)s.KH * s.KW * C;
-    QS_GRID_LOOP(o, (size_t)s.B * s.H * s.W * C) {
-        const size_t p = o / C;
-        const int c = (int)(o % C);
-        float acc = dx[o];
-        for (int i = 0; i < s.KH; i++)
-            for (int j = 0; j < s.KW; j++) {
-                /* the mirrored tap: the output at (h - i + pad_top, w - j + pad_left) */
-                const long long q = tap_at(s, p, 2 * s.pad_top - i, 2 * s.pad_left - j);
-                if (q < 0) continue;
-                const size_t n = (size_t)q * C + c, t = ((size_t)i * s.KW + j) * C + c;
-                acc += dy[n] * (fb[n] * w[t] + fa[n] * w[filt + t] + w[2 * filt + t]);
-            }
-        dx[o] = acc;
+/* dx gathers from the outputs whose filters touched it: for tap (i, j), the output at
+ * (h + pad_top - i, w + pad_left - j) adds dy (fb Wa + fa Wb + Wc) there. Along a tap row
+ * the neighbours slide as the forward's inputs do (j from KW - 1 down), in three windows:
+ * dy fb, dy fa and dy of columns n0 + jj + r. */
+template <int KW_T>
+__global__ static void __launch_bounds__(QC_WARPS * 32)
+    quadconv_dx_kernel(float *dx, const float *dy, const float *w, const float *fa, const float *fb, qs_conv_shape s) {
+    qc_place q;
+    if (!qc_locate(s, &q)) return;
+    const int C = s.C, c = q.c, KW = KW_T ? KW_T : s.KW;
+    const size_t filt = (size_t)s.KH * KW * C;
+    float acc[QC_RW];
+#pragma unroll
+    for (int r = 0; r < QC_RW; r++) acc[r] = 0.0f;
+    for (int i = 0; i < s.KH; i++) {
+        const int nh = q.h + s.pad_top - i, n0 = q.w0 + s.pad_left - KW + 1;
+        if (nh < 0 || nh >= s.H) continue;
+        /* column n0 of neighbour row nh, a column (C floats) on per step; the taps backwards */
+        const long long off = (q.row + (long long)(nh - q.h) * s.W + n0) * C + c;
+        const float *g = dy + off, *a = fa + off, *b = fb + off, *wt = w + ((size_t)i * KW + KW - 1) * C + c;
+        float u[QC_RW], v[QC_RW], d[QC_RW];
+#pragma unroll
+        for (int r = 1; r < QC_RW; r++, g += C, a += C, b += C) {
+            d[r] = qc_at(g, n0 + r - 1, s.W);
+            u[r] = d[r] * qc_at(b, n0 + r - 1, s.W);
+            v[r] = d[r] * qc_at(a, n0 + r - 1, s.W);
+        }
+#pragma unroll
+        for (int jj = 0; jj < KW; jj++, g += C, a += C, b += C, wt -= C) {
+            const int n = n0 + jj + QC_RW - 1;
+            const float gn = qc_at(g, n, s.W);
+            qc_slide(u, gn * qc_at(b, n, s.W));
+            qc_slide(v, gn * qc_at(a, n, s.W));
+            qc_slide(d, gn);
+            const float wa = wt[0], wb = wt[filt], wc = wt[2 * filt];
+#pragma unroll
+            for (int r = 0; r < QC_RW; r++) acc[r] += u[r] * wa + v[r] * wb + d[r] * wc;
+        }
     }
+#pragma unroll
+    for (int r = 0; r < QC_RW; r++)
+        if (q.w0 + r < s.W) dx[(size_t)(q.row + q.w0 + r) * C + c] += acc[r];
 }
 
 /* The parameter gradients: dWa = sum over positions p of (dy fb)(p) x(p + tap), dWb the
@@ -123,7 +202,7 @@ __global__ static void __launch_bounds__(DW_WARPS * 32)
 void qs_cuda_quadconv_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x, const float *w,
                                const float *fa, const float *fb, const qs_conv_shape *s) {
     const int positions = s->B * s->H * s->W, taps = s->KH * s->KW, filt = taps * s->C, cols = 3 * filt + 3 * s->C;
-    if (dx) QS_LAUNCH_N(quadconv_dx_kernel, (size_t)positions * s->C, dx, dy, w, fa, fb, *s);
+    if (dx) QS_LAUNCH(QC_BY_WIDTH(quadconv_dx_kernel, s->KW), qc_grid(s), QC_WARPS * 32, 0, dx, dy, w, fa, fb, *s);
     if ((!dw && !dbias) || positions <= 0) return;
     int per;
     const int chunks = qs_colsum_chunks(positions, cols, &per);
