@@ -144,57 +144,64 @@ __global__ static void __launch_bounds__(QC_WARPS * 32)
 
 /* The parameter gradients: dWa = sum over positions p of (dy fb)(p) x(p + tap), dWb the
  * same with dy fa, dWc with dy; the biases' gradients are the three factor gradients' sums.
- * A block takes 32 channels (a lane each: the loads of a warp are one coalesced row
- * piece), a chunk of positions and a group of up to DW_TAPS taps; warp w sums taps
- * w, w + DW_WARPS, ... of the group, three sums per tap in registers, so each position's
- * factor gradients are loaded once per warp for all its taps. Each block writes one
- * partial per column; qs_colsum_finish adds the chunks' partials in order (no atomics). */
-enum { DW_WARPS = 8, DW_TAPS_PER_WARP = 8, DW_TAPS = DW_WARPS * DW_TAPS_PER_WARP };
+ * A block takes 32 channels (a lane each: a warp's loads are coalesced row pieces), a
+ * chunk of positions, and up to DW_WARPS pieces of the filter: a warp takes QC_RW
+ * consecutive taps of one tap row, three sums per tap in registers, and walks its
+ * positions with the taps' inputs in a window of registers that slides one column per
+ * position (reloaded where an image row starts). Each block writes one partial per
+ * column; qs_colsum_finish adds the chunks' partials in order (no atomics). */
+enum { DW_WARPS = 8 };
 
 __global__ static void __launch_bounds__(DW_WARPS * 32)
     quadconv_dw_kernel(float *part, const float *dy, const float *x, const float *fa, const float *fb, qs_conv_shape s,
                        int per_chunk, int cols) {
-    const int C = s.C, taps = s.KH * s.KW, filt = taps * C;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, c = blockIdx.x * 32 + lane;
-    const int first_tap = blockIdx.z * DW_TAPS + warp;
-    const int n_taps = min((int)DW_TAPS_PER_WARP, (taps - first_tap + DW_WARPS - 1) / DW_WARPS);
-    const bool bias_sums = blockIdx.z == 0 && warp == 0;
-    if (c >= C || (n_taps <= 0 && !bias_sums)) return;
-    /* the warp's taps as row and column offsets of the input, worked out once */
-    int di[DW_TAPS_PER_WARP], dj[DW_TAPS_PER_WARP];
+    const int C = s.C, filt = s.KH * s.KW * C, runs = (s.KW + QC_RW - 1) / QC_RW;
+    const int c = blockIdx.x * 32 + (threadIdx.x & 31);
+    const int piece = blockIdx.z * (blockDim.x >> 5) + (threadIdx.x >> 5), i = piece / runs;
+    const int j0 = piece % runs * QC_RW, di = i - s.pad_top, dj = j0 - s.pad_left;
+    const bool bias_sums = piece == 0;
+    if (c >= C || i >= s.KH) return;
+    const long long positions = (long long)s.B * s.H * s.W, p0 = (long long)blockIdx.y * per_chunk;
+    const long long p1 = min(positions, p0 + per_chunk);
+    float acc[QC_RW][3], bsum[3] = {0.0f, 0.0f, 0.0f}, win[QC_RW];
 #pragma unroll
-    for (int k = 0; k < DW_TAPS_PER_WARP; k++) {
-        const int t = first_tap + k * DW_WARPS;
-        di[k] = t / s.KW - s.pad_top;
-        dj[k] = t % s.KW - s.pad_left;
-    }
-    const size_t positions = (size_t)s.B * s.H * s.W, p0 = (size_t)blockIdx.y * per_chunk;
-    const size_t p1 = min(positions, p0 + per_chunk);
-    float acc[DW_TAPS_PER_WARP][3] = {}, bsum[3] = {0.0f, 0.0f, 0.0f};
-    for (size_t p = p0; p < p1; p++) {
-        const size_t o = p * C + c;
-        const int w = (int)(p % s.W), h = (int)(p / s.W % s.H);
+    for (int k = 0; k < QC_RW; k++) acc[k][0] = acc[k][1] = acc[k][2] = 0.0f;
+    const float *in = x; /* input row (b, h + di), channel c, when row_ok */
+    bool row_ok = false;
+    for (long long p = p0; p < p1; p++) {
+        const int w = (int)(p % s.W);
+        if (p == p0 || w == 0) {
+            const int ih = (int)(p / s.W % s.H) + di;
+            row_ok = (unsigned)ih < (unsigned)s.H;
+            in = x + (p - w + (long long)di * s.W) * C + c;
+#pragma unroll
+            for (int k = 1; k < QC_RW; k++) {
+                const int n = w + dj + k - 1;
+                win[k] = row_ok ? qc_at(in + (long long)n * C, n, s.W) : 0.0f;
+            }
+        }
+        const long long o = p * C + c;
         const float gc = dy[o], ga = gc * fb[o], gb = gc * fa[o];
         if (bias_sums) {
             bsum[0] += ga;
             bsum[1] += gb;
             bsum[2] += gc;
         }
+        if (!row_ok) continue;
+        const int n = w + dj + QC_RW - 1; /* the column that enters: tap j0 + k sees column w + dj + k */
+        qc_slide(win, qc_at(in + (long long)n * C, n, s.W));
 #pragma unroll
-        for (int k = 0; k < DW_TAPS_PER_WARP; k++) {
-            const int ih = h + di[k], iw = w + dj[k];
-            if (k >= n_taps || ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
-            const float xv = x[((long long)p + (long long)di[k] * s.W + dj[k]) * C + c];
-            acc[k][0] += ga * xv;
-            acc[k][1] += gb * xv;
-            acc[k][2] += gc * xv;
+        for (int k = 0; k < QC_RW; k++) {
+            acc[k][0] += ga * win[k];
+            acc[k][1] += gb * win[k];
+            acc[k][2] += gc * win[k];
         }
     }
     float *row = part + (size_t)blockIdx.y * cols;
 #pragma unroll
-    for (int k = 0; k < DW_TAPS_PER_WARP; k++)
-        if (k < n_taps)
-            for (int f = 0; f < 3; f++) row[f * filt + (first_tap + k * DW_WARPS) * C + c] = acc[k][f];
+    for (int k = 0; k < QC_RW; k++)
+        if (j0 + k < s.KW)
+            for (int f = 0; f < 3; f++) row[f * filt + (i * s.KW + j0 + k) * C + c] = acc[k][f];
     if (bias_sums)
         for (int f = 0; f < 3; f++) row[3 * filt + f * C + c] = bsum[f];
 }
@@ -207,7 +214,8 @@ void qs_cuda_quadconv_backward(float *dx, float *dw, float *dbias, const float *
     int per;
     const int chunks = qs_colsum_chunks(positions, cols, &per);
     float *part = (float *)qs_cuda_scratch((size_t)chunks * cols * sizeof(float));
-    const dim3 grid((s->C + 31) / 32, chunks, (taps + DW_TAPS - 1) / DW_TAPS);
-    QS_LAUNCH(quadconv_dw_kernel, grid, dim3(DW_WARPS * 32), 0, part, dy, x, fa, fb, *s, per, cols);
+    const int pieces = s->KH * ((s->KW + QC_RW - 1) / QC_RW), warps = pieces < DW_WARPS ? pieces : DW_WARPS;
+    const dim3 grid((s->C + 31) / 32, chunks, (pieces + warps - 1) / warps);
+    QS_LAUNCH(quadconv_dw_kernel, grid, dim3(warps * 32), 0, part, dy, x, fa, fb, *s, per, cols);
     qs_colsum_finish(dw, 3 * filt, dbias, part, cols, chunks);
 }
