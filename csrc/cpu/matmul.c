@@ -5,6 +5,7 @@
  * N can be 0 (an expert that received no tokens). */
 #include <cblas.h>
 #include <omp.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 #include "cpu_ops.h"
@@ -17,7 +18,7 @@ static void par_sgemm(int ta, int tb, int M, int N, int K, float alpha, const fl
                       int ldb, float beta, float *C, int ldc) {
     enum CBLAS_TRANSPOSE TA = ta ? CblasTrans : CblasNoTrans, TB = tb ? CblasTrans : CblasNoTrans;
     int split_rows = M >= N, len = split_rows ? M : N;
-    int nt = omp_get_max_threads();
+    int nt = omp_in_parallel() ? 1 : omp_get_max_threads(); /* inside a grouped product's team: alone */
     if (nt > 1 && (size_t)M * N * K < 32768) nt = 1; /* too small to pay for a fork */
     int chunk = (len + nt - 1) / nt;
     chunk = (chunk + 15) & ~15; /* whole SIMD-friendly blocks */
@@ -81,9 +82,19 @@ void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
     }
 }
 
-/* Each group's rows through its slice of the stacked weights, as a matmul of its own. */
+/* Each group's rows through its slice of the stacked weights, as a matmul of its own.
+ * With at least two groups a thread, whole groups go to the threads, each product on
+ * one (an MoE layer's many small products then fork once, not once each, and run whole
+ * rather than split in two); each group is one single-threaded call whichever thread
+ * takes it, so the result stays run-to-run identical. */
+static bool by_group(int groups) {
+    const int nt = omp_get_max_threads();
+    return nt > 1 && groups >= 2 * nt;
+}
+
 void qs_cpu_matmul_grouped_forward(float *out, const float *inp, const float *w, const float *bias,
                                    const int *offsets, int groups, int n_in, int n_out) {
+#pragma omp parallel for schedule(dynamic, 1) if (by_group(groups))
     for (int g = 0; g < groups; g++) {
         const size_t r0 = (size_t)offsets[g], wg = (size_t)g * n_in * n_out;
         qs_cpu_matmul_forward(out + r0 * n_out, inp + r0 * n_in, w + wg, bias ? bias + (size_t)g * n_out : NULL,
@@ -94,6 +105,7 @@ void qs_cpu_matmul_grouped_forward(float *out, const float *inp, const float *w,
 void qs_cpu_matmul_grouped_backward(float *dinp, float *dw, float *dbias, const float *dout,
                                     const float *inp, const float *w, const int *offsets, int groups,
                                     int n_in, int n_out) {
+#pragma omp parallel for schedule(dynamic, 1) if (by_group(groups))
     for (int g = 0; g < groups; g++) {
         const size_t r0 = (size_t)offsets[g], wg = (size_t)g * n_in * n_out;
         qs_cpu_matmul_backward(dinp ? dinp + r0 * n_in : NULL, dw ? dw + wg : NULL,
