@@ -36,18 +36,17 @@ run moe_b moe --shape b
 run generate generate --config configs/shakespeare_char_cpu.json --repeats 20
 
 QS_OUT=$out python3 - <<'PY'
-import datetime, glob, json, os, subprocess
+import datetime, glob, json, os, subprocess, sys
+sys.path.insert(0, "bench/peers")
+from compare import prefixed  # compare.py's result names
 recs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.environ["QS_OUT"] + "/*.json"))}
 first = next(iter(recs.values()))
 results = []
 for topic, r in recs.items():
     for e in r["results"]:
         e = dict(e)
-        head = topic.split("_")[0]  # moe_a + moe_layer_fwd_bwd_ms -> moe_a_layer_fwd_bwd_ms
-        if e["name"].startswith(head + "_"):
-            e["name"] = topic + e["name"][len(head):]
-        elif not e["name"].startswith("kernel_"):
-            e["name"] = f"{topic}_{e['name']}"
+        if not e["name"].startswith("kernel_"):
+            e["name"] = prefixed(topic, e["name"])
         results.append(e)
 date = datetime.date.today().isoformat()
 device = first["device"]

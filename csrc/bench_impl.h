@@ -12,6 +12,10 @@
 /* The ceiling GEMM's size in --quick smoke runs. */
 enum { QS_BENCH_QUICK_GEMM_N = 256 };
 
+/* n floats rounded up to whole 64-byte pieces: buffers carved from one allocation stay
+ * aligned. */
+static inline size_t qs_bench_round16(size_t n) { return (n + 15) & ~(size_t)15; }
+
 /* p[0..n) in be's memory := uniform values in [-0.5, 0.5) from the counter RNG, made by
  * all threads (through host chunks off the CPU): benchmarks never run on zeros, which
  * can hide work and run faster than real data. */

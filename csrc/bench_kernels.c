@@ -290,8 +290,6 @@ typedef struct kresult {
     qs_bench_stats ms;
 } kresult;
 
-static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte aligned pieces */
-
 /* One call of a case, for the backend's timer. */
 typedef struct kcall {
     const kcase *c;
@@ -314,7 +312,7 @@ static int time_case(const qs_backend *be, const kcase *c, const kdims *d, size_
     memset(p, 0, sizeof *p);
     c->plan(p, d);
     size_t set_floats = 0;
-    for (int j = 0; j < p->nf; j++) set_floats += round16(p->f[j]);
+    for (int j = 0; j < p->nf; j++) set_floats += qs_bench_round16(p->f[j]);
     r->sets = (int)((rotate + set_floats * sizeof(float) - 1) / (set_floats * sizeof(float)));
     if (r->sets < 1) r->sets = 1;
     float *pool = be->alloc((size_t)r->sets * set_floats * sizeof *pool);
@@ -336,7 +334,7 @@ static int time_case(const qs_backend *be, const kcase *c, const kdims *d, size_
             float *base = pool + (size_t)(call % r->sets) * set_floats;
             for (int j = 0; j < p->nf; j++) {
                 k.f[j] = base;
-                base += round16(p->f[j]);
+                base += qs_bench_round16(p->f[j]);
             }
             const double t = be->time_ms(run_call, &k);
             if (call >= WARMUP_CALLS) ms[call - WARMUP_CALLS] = t;

@@ -5,7 +5,6 @@
  * timed whole, in its four parts (routing, permutation, expert GEMMs, combine), and beside
  * a dense FFN of the same active FLOPs (hidden K F): the layer / dense ratio is what the
  * sparse layer costs over the matrix work it cannot avoid. */
-#include <math.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -140,8 +139,6 @@ static void dense_fwd_bwd(void *arg) {
 
 /* ---- buffers ---- */
 
-static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte aligned pieces */
-
 /* Every float buffer from one allocation, all random (qs_bench_fill) but the router's
  * bias; the index and host arrays beside it. */
 static int moe_bench_open(moe_bench *b, const qs_backend *be, const qs_bench_moe_shape *s) {
@@ -165,14 +162,14 @@ static int moe_bench_open(moe_bench *b, const qs_backend *be, const qs_bench_moe
         {&b->dha, NK * F},
     };
     size_t total = 0;
-    for (size_t i = 0; i < sizeof f / sizeof *f; i++) total += round16(f[i].n);
+    for (size_t i = 0; i < sizeof f / sizeof *f; i++) total += qs_bench_round16(f[i].n);
     if (!(b->pool = be->alloc(total * sizeof(float))))
         return qs_error("out of memory on %s: the MoE layer's buffers take %zu MiB", be->name,
                         total * sizeof(float) >> 20);
     float *p = b->pool;
     for (size_t i = 0; i < sizeof f / sizeof *f; i++) {
         *f[i].p = p;
-        p += round16(f[i].n);
+        p += qs_bench_round16(f[i].n);
     }
     b->idx = be->alloc(NK * sizeof(int));
     b->slot = be->alloc(NK * sizeof(int));
@@ -201,10 +198,19 @@ static void moe_bench_close(moe_bench *b) {
 
 /* ---- timing and output ---- */
 
+/* The medians and what follows from them. */
 typedef struct moe_times {
     qs_bench_stats layer, dense, part[N_PARTS];
     double part_share[N_PARTS]; /* each part's median over the sum of the parts' medians */
+    double over_dense;          /* layer / dense FFN */
+    double tokens_per_s;        /* through the layer's forward + backward */
+    double expert_flop_s, dense_flop_s;
 } moe_times;
+
+/* FLOPs of the experts' products forward + backward (three GEMMs of 2 R C F each per
+ * linear layer, two layers), the same for the dense FFN with N rows of K F. */
+static double expert_flops(const moe_bench *b) { return 12.0 * (double)rows_of(b) * b->s.C * b->s.F; }
+static double dense_flops(const qs_bench_moe_shape *s) { return 12.0 * (double)s->N * s->K * s->F * s->C; }
 
 /* Per repeat: the whole layer in one timed call, the dense FFN in one, then the layer
  * again step by step, each step timed alone and summed into its part. */
@@ -233,14 +239,13 @@ static int time_layer(moe_bench *b, int repeats, moe_times *t) {
         sum += t->part[p].median;
     }
     for (int p = 0; p < N_PARTS; p++) t->part_share[p] = t->part[p].median / sum;
+    t->over_dense = t->layer.median / t->dense.median;
+    t->tokens_per_s = b->s.N / (t->layer.median / 1e3);
+    t->expert_flop_s = expert_flops(b) / (t->part[PART_EXPERTS].median / 1e3);
+    t->dense_flop_s = dense_flops(&b->s) / (t->dense.median / 1e3);
     free(ms);
     return 0;
 }
-
-/* FLOPs of the experts' products forward + backward (three GEMMs of 2 R C F each per
- * linear layer, two layers), the same for the dense FFN with N rows of K F. */
-static double expert_flops(const moe_bench *b) { return 12.0 * (double)rows_of(b) * b->s.C * b->s.F; }
-static double dense_flops(const qs_bench_moe_shape *s) { return 12.0 * (double)s->N * s->K * s->F * s->C; }
 
 static void load_range(const moe_bench *b, int *lo, int *hi) {
     *lo = *hi = b->load.counts[0];
@@ -261,18 +266,16 @@ static void print_table(const moe_bench *b, const moe_times *t, const qs_bench_c
     printf("  ceiling: %d^3 GEMM %.1f GFLOP/s; rows per expert %d..%d (mean %.1f)\n", c->gemm_n,
            c->gemm_flop_s / 1e9, lo, hi, (double)s->N * s->K / s->E);
     printf("  %-26s %10s %7s\n", "forward + backward", "ms", "share");
-    const double ge = expert_flops(b) / (t->part[PART_EXPERTS].median / 1e3),
-                 gd = dense_flops(s) / (t->dense.median / 1e3);
+    const double ge = t->expert_flop_s, gd = t->dense_flop_s;
     for (int p = 0; p < N_PARTS; p++) {
         printf("  %-26s %10.4f %7.3f", PART_NAME[p], t->part[p].median, t->part_share[p]);
         if (p == PART_EXPERTS) printf("  %.1f GFLOP/s, %.3f of the GEMM ceiling", ge / 1e9, ge / c->gemm_flop_s);
         putchar('\n');
     }
-    printf("  %-26s %10.4f %7s  %.0f tokens/s\n", "MoE layer, one call", t->layer.median, "",
-           s->N / (t->layer.median / 1e3));
+    printf("  %-26s %10.4f %7s  %.0f tokens/s\n", "MoE layer, one call", t->layer.median, "", t->tokens_per_s);
     printf("  dense FFN, hidden %-8d %10.4f %7s  %.1f GFLOP/s, %.3f of the GEMM ceiling\n", s->K * s->F,
            t->dense.median, "", gd / 1e9, gd / c->gemm_flop_s);
-    printf("  MoE layer / dense FFN of the same active FLOPs: %.3f\n", t->layer.median / t->dense.median);
+    printf("  MoE layer / dense FFN of the same active FLOPs: %.3f\n", t->over_dense);
     printf("  other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
 }
 
@@ -294,17 +297,16 @@ static void print_json(const moe_bench *b, const moe_times *t, const qs_bench_ce
              "of %d (p10 %.4f, p90 %.4f)", s->K * s->F, repeats, t->dense.p10, t->dense.p90);
     qs_bench_json_result(stdout, false, "moe_ffn_dense_fwd_bwd_ms", metric, t->dense.median);
     qs_bench_json_result(stdout, false, "moe_layer_over_dense", "MoE layer ms / dense FFN ms (issue 6: <= 1.25)",
-                         t->layer.median / t->dense.median);
+                         t->over_dense);
     snprintf(metric, sizeof metric, "tokens through the MoE layer's forward + backward per second (%s)", shape);
-    qs_bench_json_result(stdout, false, "moe_layer_tokens_per_s", metric, s->N / (t->layer.median / 1e3));
+    qs_bench_json_result(stdout, false, "moe_layer_tokens_per_s", metric, t->tokens_per_s);
     for (int p = 0; p < N_PARTS; p++) {
         snprintf(name, sizeof name, "moe_%s_ms", PART_NAME[p]);
         snprintf(metric, sizeof metric, "the layer's %s steps forward + backward, each timed alone, ms, median of %d "
                  "(%.3f of the parts' sum)", PART_NAME[p], repeats, t->part_share[p]);
         qs_bench_json_result(stdout, false, name, metric, t->part[p].median);
     }
-    const double ge = expert_flops(b) / (t->part[PART_EXPERTS].median / 1e3),
-                 gd = dense_flops(s) / (t->dense.median / 1e3);
+    const double ge = t->expert_flop_s, gd = t->dense_flop_s;
     snprintf(metric, sizeof metric, "the experts' grouped GEMMs (with GELU and zeroing), GFLOP/s; %.3f of the GEMM "
              "ceiling", ge / c->gemm_flop_s);
     qs_bench_json_result(stdout, false, "moe_experts_gflop_per_s", metric, ge / 1e9);

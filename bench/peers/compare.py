@@ -165,11 +165,12 @@ def figures(row, rec):
     return {e["name"]: (e[key], e["metric"]) for e in rec["results"]}
 
 
-def result_name(row, name):
-    """The row's name before the figure's, their common first word once: gpt_train_mfu,
-    quadconv_fwd_ms, generate_decode_tokens_per_s, moe_a_layer_fwd_bwd_ms."""
-    head = row.name.split("_")[0]
-    return row.name + name[len(head):] if name.startswith(head + "_") else f"{row.name}_{name}"
+def prefixed(prefix, name):
+    """prefix before a figure's name, their common first word once: gpt_train_mfu,
+    quadconv_fwd_ms, generate_decode_tokens_per_s, moe_a_layer_fwd_bwd_ms (bench/cpu.sh
+    names its topics' results the same way)."""
+    head = prefix.split("_")[0]
+    return prefix + name[len(head):] if name.startswith(head + "_") else f"{prefix}_{name}"
 
 
 def median_or_none(xs):
@@ -215,14 +216,14 @@ def compare_row(row, a, env):
         if q and p:
             ratio = p / q if LOWER_IS_BETTER.search(name) else q / p
         results.append({
-            "name": result_name(row, name), "metric": f"{row.what}: {metric}" + (f", median of {a.rounds} rounds" if a.rounds > 1 else ""),
+            "name": prefixed(row.name, name), "metric": f"{row.what}: {metric}" + (f", median of {a.rounds} rounds" if a.rounds > 1 else ""),
             "quasar": q, "peer": peer, "peer_value": p, "ratio": None if ratio is None else round(ratio, 4),
             "quasar_others_cpu": [x["others_cpu"] for x in q_loads], "peer_others_cpu": [x["others_cpu"] for x in p_loads],
             "quasar_runs": [f.get(name, (None,))[0] for f in q_figs], "peer_runs": [f.get(name, (None,))[0] for f in p_figs]})
     if row.metrics == TRAIN:  # the two MFU denominators, side by side
         q = median_or_none([x["ceilings"]["gemm_gflop_per_s"] for x in q_recs if x and x.get("ceilings")])
         p = median_or_none([x["ceilings"]["gemm_gflop_per_s"] for x in p_recs if x and x.get("ceilings")])
-        results.append({"name": result_name(row, "ceiling_gemm_gflop_per_s"),
+        results.append({"name": prefixed(row.name, "ceiling_gemm_gflop_per_s"),
                         "metric": f"{row.what}: the MFU ceiling, square GEMM GFLOP/s measured in the same process "
                                   "(Quasar: its backend's matmul_forward, on a CPU OpenBLAS sgemm with the rows "
                                   "split over the threads; peer: torch.mm)",

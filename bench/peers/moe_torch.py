@@ -46,7 +46,7 @@ def main():
     common.add_common_args(ap)
     a = ap.parse_args()
     if a.repeats < 1 or min(a.tokens, a.embd, a.ffn, a.experts, a.top_k) < 0:
-        ap.error("--repeats and the sizes must be positive")
+        ap.error("--repeats must be positive and the sizes not negative (0: the shape's default)")
     dev, dtype, threads = common.setup(a)
     N, C, F, E, K = shape(a, dev)
     ceiling = common.gemm_ceiling(dev, dtype)
