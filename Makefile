@@ -126,12 +126,19 @@ ASAN_TESTS = $(TEST_SRC:tests/%.c=$(BUILD)/asan/tests/%)
 # CLI. tests/cli/cuda_emulated.sh runs both in `make test`: no GPU or nvcc needed.
 EMU_CXXFLAGS = $(filter-out -std=c11 -D_POSIX_C_SOURCE=200809L,$(ASAN_CFLAGS)) -std=c++17 -Wno-unknown-pragmas \
                -Itests/emu/include
-EMU_OBJ = $(CU_SRC:%.cu=$(BUILD)/asan/emu/%.o) \
-          $(filter-out %/backend_cuda_stub.o,$(LIB_SRC:%.c=$(BUILD)/asan/obj/%.o))
+# Its comm layer has the NCCL backend too, over the emulated NCCL (MPI between CPU
+# ranks), so `mpirun quasar train --device cuda` runs comm_nccl.c.
+EMU_COMM_OBJ = $(BUILD)/asan/emu/obj/csrc/comm.o $(BUILD)/asan/emu/obj/csrc/comm_nccl.o
+EMU_OBJ = $(CU_SRC:%.cu=$(BUILD)/asan/emu/%.o) $(EMU_COMM_OBJ) \
+          $(filter-out %/backend_cuda_stub.o %/csrc/comm.o,$(LIB_SRC:%.c=$(BUILD)/asan/obj/%.o))
 EMU_BINS = $(BUILD)/asan/emu/parity $(BUILD)/asan/emu/quasar
 $(BUILD)/asan/emu/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(CXX) $(EMU_CXXFLAGS) -x c++ -MMD -MP -c $< -o $@
+$(BUILD)/asan/emu/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) -DQS_HAVE_NCCL -Itests/emu/include -MMD -MP -c $< -o $@
+$(EMU_COMM_OBJ): $(COMM_STAMP)
 $(BUILD)/asan/emu/parity: $(BUILD)/asan/obj/tests/gpu/parity.o $(EMU_OBJ)
 	$(CXX) $(EMU_CXXFLAGS) $^ -o $@ $(LDLIBS_COMMON)
 $(BUILD)/asan/emu/quasar: $(BUILD)/asan/obj/csrc/main.o $(EMU_OBJ)

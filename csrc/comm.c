@@ -120,6 +120,15 @@ static const bool have_mpi = true;
 #else
 static const bool have_mpi = false;
 #endif
+#ifdef QS_HAVE_NCCL
+static const bool have_nccl = true;
+#else
+static const bool have_nccl = false;
+#endif
+
+bool qs_comm_built(qs_comm_kind kind) {
+    return kind == QS_COMM_MPI ? have_mpi : kind == QS_COMM_NCCL ? have_nccl : true;
+}
 
 int qs_comm_init(qs_comm **world, qs_comm_kind kind) {
     *world = NULL;

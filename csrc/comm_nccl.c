@@ -222,8 +222,11 @@ static int group_new(qs_comm *host, ncclComm_t nccl, qs_comm **out) {
 }
 
 int qs_comm_nccl_world(qs_comm *host, qs_comm **world) {
-    int devices;
-    CUDA_TRY(cudaGetDeviceCount(&devices));
+    int devices = 0;
+    cudaError_t e = cudaGetDeviceCount(&devices);
+    if (e != cudaSuccess || devices == 0)
+        return qs_error("no CUDA device is visible (cudaGetDeviceCount: %s)",
+                        e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
     /* One GPU per rank: the ranks of a node take its visible GPUs in turn. */
     CUDA_TRY(cudaSetDevice(host->local_rank % devices));
     ncclUniqueId id;

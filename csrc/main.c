@@ -105,17 +105,23 @@ static const char *TRAIN_HELP =
     "  --set k=v       override a key, e.g. --set train.lr=3e-4 (repeatable)\n"
     "  --out DIR       run folder (default runs/default)\n"
     "  --resume DIR    continue the run in DIR from its latest checkpoint\n"
-    "  --device D      cpu (default) or cuda (one rank; train.precision picks fp32 or bf16\n"
-    "                  matrix products there; the CPU computes in fp32)\n"
+    "  --device D      cpu (default) or cuda (a GPU per rank, NCCL between ranks;\n"
+    "                  train.precision picks fp32 or bf16 matrix products there; the CPU\n"
+    "                  computes in fp32)\n"
     "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
 
-/* qs_train over the ranks the launcher started (mpirun, srun), or this process alone. */
-static int train_on_world(qs_config *cfg, qs_train_options *opt) {
-    if (qs_comm_init(&opt->world, QS_COMM_AUTO)) return -1;
-    int rc = 0;
-    /* the MPI ranks exchange host buffers; CUDA ranks will talk over NCCL */
-    if (opt->be && opt->be != qs_backend_cpu() && qs_comm_size(opt->world) > 1)
-        rc = qs_error("--device cuda trains on one rank for now: multi-rank CUDA training (NCCL) is not wired in");
+/* qs_train over the ranks the launcher started (mpirun, srun), or this process alone.
+ * GPU ranks talk over NCCL, whose world also gives each rank its GPU, so the world comes
+ * first and the backend (its context and cuBLAS handle on that GPU) second. */
+static int train_on_world(const char *device, qs_config *cfg, qs_train_options *opt) {
+    const bool cuda = !strcmp(device, "cuda");
+    const bool nccl = cuda && qs_comm_built(QS_COMM_NCCL);
+    if (qs_comm_init(&opt->world, nccl ? QS_COMM_NCCL : QS_COMM_AUTO))
+        return nccl ? qs_error("--device cuda: %s", qs_error_last()) : -1;
+    int rc = (opt->be = qs_cli_backend(device, cfg->train.precision)) ? 0 : -1;
+    if (!rc && cuda && !nccl && qs_comm_size(opt->world) > 1)
+        rc = qs_error("--device cuda on %d ranks needs the nccl backend, which this build lacks "
+                      "(build with nccl.h in NCCL_HOME or CUDA_HOME)", qs_comm_size(opt->world));
     if (!rc) rc = qs_train(cfg, opt);
     qs_comm_free(opt->world);
     opt->world = NULL;
@@ -142,11 +148,9 @@ static int cmd_train(int argc, char **argv) {
     if (resume) snprintf(base, sizeof base, "%s/config.json", resume);
     qs_config cfg;
     if (build_config(&cfg, resume ? base : NULL, config, &sets)) return qs_cli_fail();
-    const qs_backend *be = qs_cli_backend(device, cfg.train.precision);
-    if (!be) return qs_cli_fail();
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/default",
-                            .resume = resume != NULL, .until_step = until, .be = be};
-    return train_on_world(&cfg, &opt) ? qs_cli_fail() : 0;
+                            .resume = resume != NULL, .until_step = until};
+    return train_on_world(device, &cfg, &opt) ? qs_cli_fail() : 0;
 }
 
 static const char *FINETUNE_HELP =
@@ -204,7 +208,7 @@ static int cmd_finetune(int argc, char **argv) {
     if (!rc) rc = qs_config_validate(&cfg);
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/finetune", .resume = resume != NULL,
                             .until_step = until, .base_dir = base_step, .base = &f, .base_chars = chars};
-    if (!rc) rc = train_on_world(&cfg, &opt);
+    if (!rc) rc = train_on_world("cpu", &cfg, &opt);
     qs_st_free(&f);
     free(chars);
     return rc ? qs_cli_fail() : 0;

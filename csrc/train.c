@@ -219,6 +219,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         else fprintf(stderr, "%d images", tc->batch_size);
         fprintf(stderr, " per step (%d data-parallel rank(s)", dp_size);
         if (sp > 1) fprintf(stderr, " x %d sequence-parallel of %d tokens", sp, T / sp);
+        if (world_size > 1) fprintf(stderr, ", over %s", qs_comm_name(world));
         fprintf(stderr, "; %d micro-batch(es) of %d) on %s%s\n", accum, B, be->name, opt->resume ? " -- resuming" : "");
         if (opt->resume) fprintf(stderr, "quasar: resumed from %s at step %d\n", step_dir, st.step);
     }

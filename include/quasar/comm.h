@@ -10,6 +10,7 @@
 #ifndef QUASAR_COMM_H
 #define QUASAR_COMM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -38,6 +39,8 @@ typedef struct qs_comm_req {
  * copies of one run never write the same folder. nccl puts rank r on GPU
  * local_rank % (GPUs visible). Call once per process. */
 int qs_comm_init(qs_comm **world, qs_comm_kind kind);
+/* Whether this build has the backend (single and auto always). */
+bool qs_comm_built(qs_comm_kind kind);
 /* Frees a group (sub-groups before the world they came from); NULL is fine. */
 void qs_comm_free(qs_comm *c);
 /* Ends MPI if qs_comm_init started it; after every group is freed. */

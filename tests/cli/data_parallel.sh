@@ -108,6 +108,31 @@ ranks 2 "$QUASAR" train --config dense.json --out bad_sp2 "${sets[@]}" --set par
   && ok "a sequence that does not cut into 2 x sp blocks is refused" \
   || not_ok "a sequence that does not cut into 2 x sp blocks is refused" "$(head -3 err)"
 
+# GPU ranks: the emulated CUDA build (tests/emu/include) links the NCCL backend over an
+# emulated NCCL, so its ranks run comm_nccl.c (the id's broadcast, device-buffer
+# collectives, the ring's grouped send/recv) on the CPU. Short runs: the emulator is slow.
+emu=$(dirname "$QUASAR")/emu/quasar
+short=(--config dense.json --set train.batch_size=4 --set train.max_steps=3 --set train.eval_interval=3
+       --set train.sample_tokens=0)
+if [ -x "$emu" ]; then
+  export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_stack_use_after_return=0
+  expect_ok "short run, 1 CPU rank" "$QUASAR" train "${short[@]}" --out g_cpu
+  for run in "plain 0 1" "ZeRO-1 1 1" "sequence-parallel 0 2"; do
+    set -- $run
+    expect_ok "2 emulated GPU ranks ($1) run" ranks 2 "$emu" train "${short[@]}" --device cuda --out g_$1 \
+      --set parallel.zero=$2 --set parallel.sp=$3 || continue
+    grep -q "rank(s).*, over nccl;.* on cuda$" "$WORK/err" && ok "2 emulated GPU ranks ($1) talk over nccl" \
+      || not_ok "2 emulated GPU ranks ($1) talk over nccl" "$(grep 'rank(s)' "$WORK/err")"
+    msg=$(same g_cpu g_$1 2>&1) && ok "2 emulated GPU ranks ($1): losses, grad norms and weights equal 1 CPU rank's" \
+      || not_ok "2 emulated GPU ranks ($1): losses, grad norms and weights equal 1 CPU rank's" "$msg"
+  done
+fi
+ranks 2 "$QUASAR" train "${short[@]}" --device cuda --out g_bad >out 2>err
+[ $? -ne 0 ] && [ "$(grep -c '^error: --device cuda' err)" -ge 1 ] && ! grep -v '^error: --device cuda' err | grep -q '^error' \
+  && ! sanitizer_report err && [ ! -e g_bad/metrics.jsonl ] \
+  && ok "--device cuda over ranks without CUDA or NCCL in the build: one clear error" \
+  || not_ok "--device cuda over ranks without CUDA or NCCL in the build: one clear error" "$(head -3 err)"
+
 # Checkpoints are whole (a ZeRO-1 run gathers its optimizer shards), so N ranks resume on M.
 expect_ok "2 ranks (ZeRO-1) stop at step 2" ranks 2 "$QUASAR" train --config moe.json --out n2m "${sets[@]}" \
   --set parallel.zero=1 --until 2
