@@ -6,7 +6,8 @@
 #                                    (SLURM_JOB_ID set) a step of N tasks (srun)
 #   srun ... ./train.sh ...          every task of a Slurm step trains as one rank
 # train.batch_size is the global batch, so the same config is the same run on any
-# number of ranks (docs/SCALING.md). Without a GPU backend the ranks train on the CPU.
+# number of ranks (docs/SCALING.md). With a GPU each rank trains on one (NCCL between
+# them); without, on the CPU (MPI between them).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -43,12 +44,20 @@ if [ "$gpus" -gt 1 ]; then
   fi
 fi
 
-# The CUDA training backend is not in this build yet, so every default run is the
-# CPU-sized one; a GPU config joins here when it is.
-has_config=0
-for a in "${args[@]+"${args[@]}"}"; do case "$a" in --config|--resume) has_config=1 ;; esac; done
+# The GPU when this node has one (nvidia-smi lists it) and the build has the CUDA backend,
+# unless --device says otherwise; each rank then takes one GPU. Without --config, the
+# default run sized for that device.
+has_config=0 has_device=0
+for a in "${args[@]+"${args[@]}"}"; do
+  case "$a" in --config|--resume) has_config=1 ;; --device) has_device=1 ;; esac
+done
+target=cpu
+if [ "$has_device" -eq 0 ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && ldd build/quasar | grep -q libcudart; then
+  target=gpu
+  args=(--device cuda "${args[@]+"${args[@]}"}")
+fi
 if [ "$has_config" -eq 0 ]; then
-  args=(--config configs/shakespeare_char_cpu.json --out runs/shakespeare_char_cpu "${args[@]+"${args[@]}"}")
+  args=(--config "configs/shakespeare_char_$target.json" --out "runs/shakespeare_char_$target" "${args[@]+"${args[@]}"}")
 fi
 
 # the node's cores shared among its ranks
