@@ -131,6 +131,7 @@ static const field fields[] = {
     BOOL(lora.rslora, false),
     INT(parallel.sp, IN(1, 1 << 12), 1),
     INT(parallel.zero, IN(0, 1), 0),
+    FLOAT(parallel.bucket_mb, IN(0, 1 << 20), 25),
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 #define MAX_PATH_LEN 128 /* longer keys cannot name a field */

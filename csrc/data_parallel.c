@@ -4,13 +4,35 @@
 
 #include "quasar/error.h"
 
-void qs_dp_init(qs_dp *dp, qs_comm *comm, int zero, size_t n) {
+void qs_dp_init(qs_dp *dp, qs_comm *comm, int zero, size_t n, size_t bucket_floats) {
     *dp = (qs_dp){.comm = comm, .rank = comm ? qs_comm_rank(comm) : 0, .size = comm ? qs_comm_size(comm) : 1,
-                  .zero = zero, .n = n};
+                  .zero = zero, .n = n, .bucket = bucket_floats};
     dp->chunk = n / (size_t)dp->size;
 }
 
 static bool sharded(const qs_dp *dp) { return dp->zero == 1 && dp->size > 1; }
+
+/* grad[begin, n) is final: start the part not yet in flight once it fills a bucket. Every
+ * rank's pass reports the same points, so the ranks start the same buckets in order. Past
+ * QS_DP_MAX_BUCKETS the rest waits for the end of the pass. */
+static void grads_ready(void *ctx, size_t begin) {
+    qs_dp *dp = ctx;
+    if (begin >= dp->started || dp->started - begin < dp->bucket || dp->n_flight == QS_DP_MAX_BUCKETS) return;
+    if (qs_comm_allreduce_start(dp->comm, dp->armed->grad + begin, dp->started - begin, QS_SUM,
+                                &dp->flight[dp->n_flight]))
+        dp->failed = true;
+    else
+        dp->n_flight++;
+    dp->started = begin;
+}
+
+void qs_dp_watch_backward(qs_dp *dp, qs_params *ps) {
+    if (dp->size == 1 || sharded(dp) || !dp->bucket || !ps->grad) return;
+    dp->armed = ps;
+    dp->started = dp->n;
+    ps->on_grads_ready = grads_ready;
+    ps->grads_ready_ctx = dp;
+}
 
 /* This rank's chunk, then the tail every rank owns. */
 static void own_spans(const qs_dp *dp, qs_span own[2]) {
@@ -32,8 +54,25 @@ static int reduce_tail(qs_dp *dp, float *buf) {
     return tail < dp->n ? qs_comm_allreduce(dp->comm, buf + tail, dp->n - tail, QS_SUM) : 0;
 }
 
+/* The rest of a watched pass's gradients, then its buckets in the order they started. */
+static int finish_watched(qs_dp *dp, qs_params *ps) {
+    ps->on_grads_ready = NULL;
+    ps->grads_ready_ctx = NULL;
+    dp->armed = NULL;
+    int rc = dp->failed ? -1 : 0; /* the other ranks still make the calls below */
+    if (dp->started && qs_comm_allreduce(dp->comm, ps->grad, dp->started, QS_SUM)) rc = -1;
+    for (int i = 0; i < dp->n_flight; i++)
+        if (qs_comm_wait(&dp->flight[i])) rc = -1;
+    dp->last_buckets = dp->n_flight + (dp->started > 0);
+    dp->n_flight = 0;
+    dp->failed = false;
+    return rc;
+}
+
 int qs_dp_reduce_grads(qs_dp *dp, qs_params *ps) {
     if (dp->size == 1) return 0;
+    if (dp->armed == ps) return finish_watched(dp, ps);
+    dp->last_buckets = 1;
     if (!sharded(dp)) return qs_comm_allreduce(dp->comm, ps->grad, dp->n, QS_SUM);
     if (dp->chunk && qs_comm_reduce_scatter(dp->comm, ps->grad, ps->grad + dp->chunk * (size_t)dp->rank, dp->chunk,
                                             QS_SUM))

@@ -857,12 +857,25 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
                          P(m, p->router_w), N, C, E, QS_W_IN_OUT);
 }
 
+/* The backward pass tells the parameter table each time a tail of the gradients is final
+ * (after ln_f, after each layer, after the embeddings), so data parallelism can reduce it
+ * meanwhile. A pass with nothing to compute tells the same points, so that every rank
+ * starts the same reductions in the same order. */
+static void grads_ready_all(qs_gpt *m) {
+    qs_params_grads_ready(&m->ps, m->lnf_w);
+    for (int l = m->L - 1; l >= 0; l--) qs_params_grads_ready(&m->ps, m->lp[l].ln1_w);
+    qs_params_grads_ready(&m->ps, m->wte);
+}
+
 void qs_gpt_backward(qs_gpt *m, float scale) {
     const qs_ops *ops = m->be->ops;
     int B = m->B, T = m->T, N = B * T, C = m->C;
     size_t NC = (size_t)N * C;
     /* nothing to learn from; but a ring's backward is collective, so its ranks all run it */
-    if (m->n_valid == 0 && !m->ring) return;
+    if (m->n_valid == 0 && !m->ring) {
+        grads_ready_all(m);
+        return;
+    }
 
     ops->xent_backward(m->logits, m->tgt, m->n_valid ? scale / (float)m->n_valid : 0.0f, N, m->V);
     zero_f(m, m->dln, NC);
@@ -871,6 +884,7 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
     zero_f(m, m->dres, NC);
     ops->layernorm_backward(m->dres, G(m, m->lnf_w), G(m, m->lnf_b), m->dln, m->res[m->L],
                             P(m, m->lnf_w), m->lnf_mean, m->lnf_rstd, N, C);
+    qs_params_grads_ready(&m->ps, m->lnf_w);
 
     for (int l = m->L - 1; l >= 0; l--) {
         const layer_params *p = &m->lp[l];
@@ -905,8 +919,10 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
         }
         ops->layernorm_backward(m->dres, G(m, p->ln1_w), G(m, p->ln1_b), m->dln, m->res[l],
                                 P(m, p->ln1_w), a->ln1_mean, a->ln1_rstd, N, C);
+        qs_params_grads_ready(&m->ps, p->ln1_w);
     }
     if (!m->ps.grad) return; /* a frozen base: no embedding gradients to take */
     const float *demb = drop_backward(m, m->dres, NC, m->L, SITE_EMBED);
     ops->embed_backward(G(m, m->wte), G(m, m->wpe), demb, m->tok, m->pos, B * T, C);
+    qs_params_grads_ready(&m->ps, m->wte);
 }

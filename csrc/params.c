@@ -72,6 +72,9 @@ float *qs_params_grad(const qs_params *ps, int i) {
 void qs_params_zero_grad(qs_params *ps) {
     if (ps->grad) ps->be->zero(ps->grad, ps->n * sizeof(float));
 }
+void qs_params_grads_ready(qs_params *ps, int i) {
+    if (ps->on_grads_ready) ps->on_grads_ready(ps->grads_ready_ctx, ps->info[i].offset);
+}
 void qs_params_download(const qs_params *ps, float *host) { ps->be->download(host, ps->data, ps->n * sizeof(float)); }
 void qs_params_upload(qs_params *ps, const float *host) { ps->be->upload(ps->data, host, ps->n * sizeof(float)); }
 

@@ -171,7 +171,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     }
     qs_params *ps = task.params;
     qs_dp dp;
-    qs_dp_init(&dp, world, cfg->parallel.zero, ps->n);
+    qs_dp_init(&dp, world, cfg->parallel.zero, ps->n, (size_t)(cfg->parallel.bucket_mb * (1 << 20) / sizeof(float)));
     qs_adamw optim = {0};
     FILE *mf = NULL;
     if (writer) {
@@ -240,6 +240,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         double loss = 0.0, norm;
         for (int a = 0; a < accum; a++) {
             double l;
+            if (a == accum - 1) qs_dp_watch_backward(&dp, ps);
             if (task.train_micro(task.self, first + (uint64_t)a * B, rng_seed, share, &l)) goto fail;
             loss += l * share;
         }
@@ -257,6 +258,9 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         st.tokens_seen += (int64_t)tc->batch_size * T;
         double dt = qs_clock_now() - t0, items_s = tc->batch_size * T / dt;
         if (mf) log_train_line(mf, st.step, loss, lr, norm, items_s, &task, &st.guard, verdict);
+        if (writer && world_size > 1 && st.step == start_step + 1)
+            fprintf(stderr, "quasar: gradients reduced in %d call(s) a step, %d of them during the backward pass\n",
+                    dp.last_buckets, dp.last_buckets - 1);
         if (qs_guard_should_stop(&st.guard)) {
             char latest[QS_PATH_MAX + 64];
             qs_error("%d steps in a row skipped for a non-finite or outlier loss/gradient norm (step %d); "

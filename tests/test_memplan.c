@@ -232,7 +232,7 @@ static void test_ring_and_optimizer_plans(void **state) {
         for (int zero = 0; zero <= 1; zero++)
             for (int rank = 0; rank < size; rank++) {
                 qs_dp dp;
-                qs_dp_init(&dp, NULL, zero, n);
+                qs_dp_init(&dp, NULL, zero, n, 0);
                 dp.size = size, dp.rank = rank, dp.chunk = n / (size_t)size; /* as a group of `size` would */
                 qs_adamw o = {0};
                 assert_int_equal(qs_dp_create_optim(&dp, &counting, &o), 0);

@@ -229,6 +229,80 @@ static void test_quadconv_mixer(void **state) {
     gradcheck(&c, "quadconv mixer + moe");
 }
 
+/* The backward pass reports each finished tail of the gradients (qs_params_grads_ready),
+ * which data parallelism reduces while the pass goes on: every reported tail must already
+ * hold its final values, bit for bit; the tails must grow to the whole table, one after
+ * ln_f, one per layer, one after the embeddings; and a pass with every target ignored must
+ * report the same points, or data-parallel ranks would start different buckets. */
+#define READY_MAX 16
+typedef struct ready_log {
+    const qs_params *ps;
+    int n;
+    size_t begin[READY_MAX];
+    float *tail[READY_MAX];
+} ready_log;
+
+static void log_ready(void *ctx, size_t begin) {
+    ready_log *r = ctx;
+    assert_true(r->n < READY_MAX);
+    const size_t len = r->ps->n - begin;
+    r->tail[r->n] = malloc(len * sizeof(float) + 1);
+    assert_non_null(r->tail[r->n]);
+    memcpy(r->tail[r->n], r->ps->grad + begin, len * sizeof(float));
+    r->begin[r->n++] = begin;
+}
+
+static void ready_tails_are_final(qs_model_config c, const char *label) {
+    const int B = 2, T = 6, N = B * T;
+    int x[12], y[12];
+    size_t first_pass[READY_MAX];
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < N; i++) {
+            x[i] = (int)qs_rng_below(seed, 50, (uint64_t)i, (uint64_t)c.vocab_size);
+            y[i] = pass ? -1 : (int)qs_rng_below(seed, 51, (uint64_t)i, (uint64_t)c.vocab_size);
+        }
+        qs_gpt *m;
+        assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), B, T), 0);
+        qs_gpt_init(m, seed);
+        qs_params *ps = qs_gpt_params(m);
+        qs_params_zero_grad(ps);
+        ready_log r = {.ps = ps};
+        ps->on_grads_ready = log_ready;
+        ps->grads_ready_ctx = &r;
+        qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x7ead};
+        objective(m, x, y, B, T, &mode);
+        qs_gpt_backward(m, 1.0f);
+        printf("# %s%s: %d tails reported\n", label, pass ? " (targets ignored)" : "", r.n);
+        assert_int_equal(r.n, c.n_layer + 2);
+        assert_int_equal(r.begin[r.n - 1], 0);
+        assert_true(r.begin[0] < ps->n);
+        double sq = 0;
+        for (size_t i = 0; i < ps->n; i++) sq += (double)ps->grad[i] * ps->grad[i];
+        assert_true(pass ? sq == 0 : sq > 0); /* the pass with targets does compute something */
+        for (int k = 0; k < r.n; k++) {
+            if (k) assert_true(r.begin[k] < r.begin[k - 1]);
+            assert_memory_equal(r.tail[k], ps->grad + r.begin[k], (ps->n - r.begin[k]) * sizeof(float));
+            if (pass) assert_int_equal(r.begin[k], first_pass[k]);
+            else first_pass[k] = r.begin[k];
+            free(r.tail[k]);
+        }
+        qs_gpt_free(m);
+    }
+}
+
+static void test_grads_ready(void **state) {
+    (void)state;
+    ready_tails_are_final(tiny_config(), "dense, tied");
+    qs_model_config c = tiny_config();
+    c.tie_embeddings = false;
+    c.bias = false;
+    ready_tails_are_final(c, "dense, untied, no bias");
+    c = moe_config();
+    c.moe.gating = QS_GATING_NOISY_TOPK;
+    ready_tails_are_final(c, "moe");
+    ready_tails_are_final(quadconv_config(), "quadconv mixer");
+}
+
 static void test_init_schemes(void **state) {
     (void)state;
     qs_model_config c = tiny_config();
@@ -443,6 +517,7 @@ int main(void) {
         cmocka_unit_test(test_dense_untied_nobias),
         cmocka_unit_test(test_recompute_ffn),
         cmocka_unit_test(test_quadconv_mixer),
+        cmocka_unit_test(test_grads_ready),
         cmocka_unit_test(test_init_schemes),
         cmocka_unit_test(test_moe_noisy_capacity),
         cmocka_unit_test(test_moe_topk_dropless),

@@ -113,6 +113,7 @@ enum { QS_LORA_Q = 1, QS_LORA_K = 2, QS_LORA_V = 4, QS_LORA_PROJ = 8, QS_LORA_FC
 typedef struct qs_parallel_config {
     int sp;   /* sequence-parallel degree: ranks that split each sequence */
     int zero; /* ZeRO stage: 0 = replicated optimizer state, 1 = sharded over dp ranks */
+    float bucket_mb; /* gradient allreduce buckets overlapped with the backward pass; 0: one at the end */
 } qs_parallel_config;
 
 typedef struct qs_config {

@@ -13,18 +13,34 @@
 #include "quasar/optim.h"
 #include "quasar/params.h"
 
+#define QS_DP_MAX_BUCKETS 64
+
 typedef struct qs_dp {
     qs_comm *comm; /* the data-parallel group; NULL: one rank */
     int rank, size;
     int zero;      /* ZeRO stage, 0 or 1 */
     size_t n;      /* parameters */
     size_t chunk;  /* ZeRO-1: each rank's chunk, n / size */
+    /* Buckets: during the last backward pass of a step, each finished tail of at least
+     * `bucket` floats past what is already in flight is allreduced while the pass goes on. */
+    size_t bucket;  /* 0: one allreduce after the backward pass */
+    qs_params *armed; /* the table whose backward pass is being watched, or NULL */
+    size_t started;   /* grad[started, n) is reduced or in flight */
+    int n_flight;
+    qs_comm_req flight[QS_DP_MAX_BUCKETS];
+    bool failed;      /* a bucket failed to start (qs_error says why) */
+    int last_buckets; /* the last step's reductions, those in flight during the pass included */
 } qs_dp;
 
-void qs_dp_init(qs_dp *dp, qs_comm *comm, int zero, size_t n);
+/* bucket_floats: parallel.bucket_mb in floats (0: no overlap). */
+void qs_dp_init(qs_dp *dp, qs_comm *comm, int zero, size_t n, size_t bucket_floats);
 /* The optimizer for this rank: the whole table, or (ZeRO-1) its chunk and the tail. */
 int qs_dp_create_optim(const qs_dp *dp, const qs_backend *be, qs_adamw *o);
-/* Sums the ranks' gradients; with ZeRO-1 only the rank's own spans hold the sum. */
+/* Before the step's last backward pass: reduce ps's gradients in buckets as the pass
+ * finishes them (plain data parallelism with buckets on; otherwise nothing). */
+void qs_dp_watch_backward(qs_dp *dp, qs_params *ps);
+/* Sums the ranks' gradients (what a watched pass left, then waits for its buckets); with
+ * ZeRO-1 only the rank's own spans hold the sum. */
 int qs_dp_reduce_grads(qs_dp *dp, qs_params *ps);
 /* The global L2 norm of the summed gradients (the same on every rank). */
 int qs_dp_grad_norm(qs_dp *dp, const qs_params *ps, double *norm);

@@ -38,6 +38,11 @@ typedef struct qs_params {
     size_t n;            /* floats in all tensors */
     bool broken;         /* an add ran out of memory; alloc then refuses the table */
     float *data, *grad;  /* backend memory; grad is NULL for a frozen set */
+    /* Told, during a backward pass, that grad[begin, n) is final: tensors are laid out in
+     * model order and the backward pass finishes them from the end, so the finished part
+     * is always a tail. Data parallelism reduces it while the rest is computed. NULL: off. */
+    void (*on_grads_ready)(void *ctx, size_t begin);
+    void *grads_ready_ctx;
 } qs_params;
 
 /* Appends a tensor to the table (before qs_params_alloc); returns its index, or -1
@@ -64,6 +69,8 @@ int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const v
 float qs_params_init_std(qs_init scheme, float normal_std, const qs_param_info *p);
 
 void qs_params_zero_grad(qs_params *ps);
+/* A model's backward pass: gradients from tensor i's to the end are final (i = 0: all). */
+void qs_params_grads_ready(qs_params *ps, int i);
 /* dst's values = src's (tables of the same layout; backend to backend). */
 void qs_params_copy(qs_params *dst, const qs_params *src);
 /* Copies all values between the backend and host[n]. */

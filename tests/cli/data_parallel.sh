@@ -1,5 +1,5 @@
 # Data and sequence parallelism over MPI ranks on the CPU: a run is the same run on any
-# number of ranks. 2, 3 and 4 data-parallel ranks (plain and ZeRO-1), and 2 and 4
+# number of ranks. 2, 3 and 4 data-parallel ranks (plain, bucketed and ZeRO-1), and 2 and 4
 # sequence-parallel ranks (ring attention; also 2 x 2 with ZeRO-1), must give 1 rank's
 # losses, gradient norms and final weights (<= 1e-5 relative) for the same global batch,
 # with dropout and MoE router noise on (their draws are keyed by global sample and
@@ -63,11 +63,19 @@ PY
 }
 
 expect_ok "1 rank" "$QUASAR" train --config moe.json --out one "${sets[@]}"
-for run in "2 plain" "3 plain" "4 plain" "2 zero" "3 zero" "4 zero"; do
+# bucketed: the gradients reduced in buckets of 2 KB (about one a layer here) while the
+# backward pass computes the rest; plain: one allreduce after it
+overlapped() { grep -Eq "^quasar: gradients reduced in [0-9]+ call\(s\) a step, [1-9][0-9]* of them during the backward" "$1"; }
+for run in "2 plain" "3 plain" "4 plain" "2 bucketed" "4 bucketed" "2 zero" "3 zero" "4 zero"; do
   set -- $run
   z=0; [ "$2" = zero ] && z=1
+  mb=0; [ "$2" = bucketed ] && mb=0.002
   expect_ok "$1 ranks ($2) run" ranks "$1" "$QUASAR" train --config moe.json --out r$1_$2 "${sets[@]}" \
-    --set parallel.zero=$z || continue
+    --set parallel.zero=$z --set parallel.bucket_mb=$mb || continue
+  if [ "$2" = bucketed ]; then
+    overlapped "$WORK/err" && ok "$1 ranks (bucketed): buckets start during the backward pass" \
+      || not_ok "$1 ranks (bucketed): buckets start during the backward pass" "$(grep 'gradients reduced' "$WORK/err")"
+  fi
   msg=$(same one r$1_$2 2>&1) && ok "$1 ranks ($2): losses, grad norms, expert counts and weights equal 1 rank's" \
     || not_ok "$1 ranks ($2): losses, grad norms, expert counts and weights equal 1 rank's" "$msg"
 done
@@ -91,8 +99,13 @@ expect_ok "dense, 4 ranks, one pass of 6 each" ranks 4 "$QUASAR" train --config 
 for run in "2 1 0" "4 1 0" "4 2 1"; do
   set -- $run
   sp=$(( $1 / $2 )); label="$2 data x $sp sequence-parallel ranks"; [ "$3" = 1 ] && label="$label, ZeRO-1"
+  mb=0; [ "$1" = 2 ] && { mb=0.002; label="$label, bucketed"; }
   expect_ok "$label run" ranks "$1" "$QUASAR" train --config dense.json --out sp$1_$2 "${sets[@]}" \
-    --set parallel.sp=$sp --set parallel.zero=$3 || continue
+    --set parallel.sp=$sp --set parallel.zero=$3 --set parallel.bucket_mb=$mb || continue
+  if [ "$mb" != 0 ]; then
+    overlapped "$WORK/err" && ok "$label: buckets start during the backward pass (beside the ring)" \
+      || not_ok "$label: buckets start during the backward pass (beside the ring)" "$(grep 'gradients reduced' "$WORK/err")"
+  fi
   msg=$(same dense1 sp$1_$2 2>&1) && ok "$label: losses, grad norms and weights equal 1 rank's" \
     || not_ok "$label: losses, grad norms and weights equal 1 rank's" "$msg"
   cmp -s dense1/samples.txt sp$1_$2/samples.txt && ok "$label: samples.txt as 1 rank's" \
@@ -117,10 +130,14 @@ short=(--config dense.json --set train.batch_size=4 --set train.max_steps=3 --se
 if [ -x "$emu" ]; then
   export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_stack_use_after_return=0
   expect_ok "short run, 1 CPU rank" "$QUASAR" train "${short[@]}" --out g_cpu
-  for run in "plain 0 1" "ZeRO-1 1 1" "sequence-parallel 0 2"; do
+  for run in "bucketed 0 1" "ZeRO-1 1 1" "sequence-parallel 0 2"; do
     set -- $run
     expect_ok "2 emulated GPU ranks ($1) run" ranks 2 "$emu" train "${short[@]}" --device cuda --out g_$1 \
-      --set parallel.zero=$2 --set parallel.sp=$3 || continue
+      --set parallel.zero=$2 --set parallel.sp=$3 --set parallel.bucket_mb=0.002 || continue
+    if [ "$1" = bucketed ]; then
+      overlapped "$WORK/err" && ok "2 emulated GPU ranks: buckets started during the backward pass" \
+        || not_ok "2 emulated GPU ranks: buckets started during the backward pass" "$(grep 'gradients reduced' "$WORK/err")"
+    fi
     grep -q "rank(s).*, over nccl;.* on cuda$" "$WORK/err" && ok "2 emulated GPU ranks ($1) talk over nccl" \
       || not_ok "2 emulated GPU ranks ($1) talk over nccl" "$(grep 'rank(s)' "$WORK/err")"
     msg=$(same g_cpu g_$1 2>&1) && ok "2 emulated GPU ranks ($1): losses, grad norms and weights equal 1 CPU rank's" \

@@ -37,6 +37,8 @@ expect_error "inconsistent values" "divisible" $Q train --config div.json
 expect_error "--set unknown key" "unknown key 'train.steps'" $Q train --config good.json --set train.steps=3
 expect_error "--set without =" "train.lr" $Q train --config good.json --set train.lr
 expect_error "--set bad enum" "model.activation" $Q train --config good.json --set model.activation=tanh
+expect_error "--set negative bucket" "parallel.bucket_mb: must be in \\[0, 1048576\\], got -1" \
+  $Q train --config good.json --set parallel.bucket_mb=-1
 
 # data
 expect_error "missing data file" "missing.txt" $Q train --config good.json --set data.path=missing.txt --out r0
