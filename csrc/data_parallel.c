@@ -63,7 +63,8 @@ static int finish_watched(qs_dp *dp, qs_params *ps) {
     if (dp->started && qs_comm_allreduce(dp->comm, ps->grad, dp->started, QS_SUM)) rc = -1;
     for (int i = 0; i < dp->n_flight; i++)
         if (qs_comm_wait(&dp->flight[i])) rc = -1;
-    dp->last_buckets = dp->n_flight + (dp->started > 0);
+    dp->overlapped = dp->n_flight;
+    dp->calls = dp->n_flight + (dp->started > 0);
     dp->n_flight = 0;
     dp->failed = false;
     return rc;
@@ -72,7 +73,8 @@ static int finish_watched(qs_dp *dp, qs_params *ps) {
 int qs_dp_reduce_grads(qs_dp *dp, qs_params *ps) {
     if (dp->size == 1) return 0;
     if (dp->armed == ps) return finish_watched(dp, ps);
-    dp->last_buckets = 1;
+    dp->overlapped = 0;
+    dp->calls = 1 + (sharded(dp) && dp->chunk * (size_t)dp->size < dp->n); /* ZeRO-1: and its tail */
     if (!sharded(dp)) return qs_comm_allreduce(dp->comm, ps->grad, dp->n, QS_SUM);
     if (dp->chunk && qs_comm_reduce_scatter(dp->comm, ps->grad, ps->grad + dp->chunk * (size_t)dp->rank, dp->chunk,
                                             QS_SUM))

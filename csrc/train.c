@@ -260,7 +260,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         if (mf) log_train_line(mf, st.step, loss, lr, norm, items_s, &task, &st.guard, verdict);
         if (writer && world_size > 1 && st.step == start_step + 1)
             fprintf(stderr, "quasar: gradients reduced in %d call(s) a step, %d of them during the backward pass\n",
-                    dp.last_buckets, dp.last_buckets - 1);
+                    dp.calls, dp.overlapped);
         if (qs_guard_should_stop(&st.guard)) {
             char latest[QS_PATH_MAX + 64];
             qs_error("%d steps in a row skipped for a non-finite or outlier loss/gradient norm (step %d); "

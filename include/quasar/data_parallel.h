@@ -29,7 +29,7 @@ typedef struct qs_dp {
     int n_flight;
     qs_comm_req flight[QS_DP_MAX_BUCKETS];
     bool failed;      /* a bucket failed to start (qs_error says why) */
-    int last_buckets; /* the last step's reductions, those in flight during the pass included */
+    int calls, overlapped; /* the last step's reductions, and how many began during the pass */
 } qs_dp;
 
 /* bucket_floats: parallel.bucket_mb in floats (0: no overlap). */

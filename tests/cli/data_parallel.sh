@@ -75,6 +75,10 @@ for run in "2 plain" "3 plain" "4 plain" "2 bucketed" "4 bucketed" "2 zero" "3 z
   if [ "$2" = bucketed ]; then
     overlapped "$WORK/err" && ok "$1 ranks (bucketed): buckets start during the backward pass" \
       || not_ok "$1 ranks (bucketed): buckets start during the backward pass" "$(grep 'gradients reduced' "$WORK/err")"
+  elif [ "$2" = plain ]; then
+    grep -q "^quasar: gradients reduced in 1 call(s) a step, 0 of them during" "$WORK/err" \
+      && ok "$1 ranks (plain): one allreduce after the backward pass" \
+      || not_ok "$1 ranks (plain): one allreduce after the backward pass" "$(grep 'gradients reduced' "$WORK/err")"
   fi
   msg=$(same one r$1_$2 2>&1) && ok "$1 ranks ($2): losses, grad norms, expert counts and weights equal 1 rank's" \
     || not_ok "$1 ranks ($2): losses, grad norms, expert counts and weights equal 1 rank's" "$msg"
