@@ -131,7 +131,7 @@ EMU_CXXFLAGS = $(filter-out -std=c11 -D_POSIX_C_SOURCE=200809L,$(ASAN_CFLAGS)) -
 EMU_COMM_OBJ = $(BUILD)/asan/emu/obj/csrc/comm.o $(BUILD)/asan/emu/obj/csrc/comm_nccl.o
 EMU_OBJ = $(CU_SRC:%.cu=$(BUILD)/asan/emu/%.o) $(EMU_COMM_OBJ) \
           $(filter-out %/backend_cuda_stub.o %/csrc/comm.o,$(LIB_SRC:%.c=$(BUILD)/asan/obj/%.o))
-EMU_BINS = $(BUILD)/asan/emu/parity $(BUILD)/asan/emu/quasar
+EMU_BINS = $(BUILD)/asan/emu/parity $(BUILD)/asan/emu/quasar $(BUILD)/asan/emu/comm_test
 $(BUILD)/asan/emu/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(CXX) $(EMU_CXXFLAGS) -x c++ -MMD -MP -c $< -o $@
@@ -142,6 +142,8 @@ $(EMU_COMM_OBJ): $(COMM_STAMP)
 $(BUILD)/asan/emu/parity: $(BUILD)/asan/obj/tests/gpu/parity.o $(EMU_OBJ)
 	$(CXX) $(EMU_CXXFLAGS) $^ -o $@ $(LDLIBS_COMMON)
 $(BUILD)/asan/emu/quasar: $(BUILD)/asan/obj/csrc/main.o $(EMU_OBJ)
+	$(CXX) $(EMU_CXXFLAGS) $^ -o $@ $(LDLIBS_COMMON)
+$(BUILD)/asan/emu/comm_test: $(BUILD)/asan/obj/tests/mpi/comm_test.o $(EMU_OBJ)
 	$(CXX) $(EMU_CXXFLAGS) $^ -o $@ $(LDLIBS_COMMON)
 # The multi-rank checks (the comm layer, ring attention): single-process always, over MPI
 # ranks when MPI is built (tests/mpi/).

@@ -46,6 +46,11 @@ static int single_broadcast(qs_comm *c, void *buf, size_t n, qs_comm_dtype t, in
     return 0;
 }
 
+static int single_reduce(qs_comm *c, float *buf, size_t n, qs_comm_op op, int root, qs_comm_req *req) {
+    (void)c, (void)buf, (void)n, (void)op, (void)root, (void)req;
+    return 0;
+}
+
 static int single_sendrecv(qs_comm *c, const float *send, float *recv, size_t n, int dst, int src,
                            qs_comm_req *req) {
     (void)c, (void)dst, (void)src, (void)req;
@@ -78,6 +83,7 @@ static const qs_comm_backend single_backend = {
     .reduce_scatter = single_reduce_scatter,
     .allgather = single_allgather,
     .broadcast = single_broadcast,
+    .reduce = single_reduce,
     /* send and recv stay NULL: their only possible peer is the rank itself, refused below. */
     .sendrecv = single_sendrecv,
     .wait = single_wait,
@@ -283,6 +289,24 @@ int qs_comm_broadcast(qs_comm *c, float *buf, size_t n, int root) {
     const char *fn = "qs_comm_broadcast";
     if (check_rank(fn, "root", c, root) || check_buf(fn, buf, n)) return -1;
     return n ? c->be->broadcast(c, buf, n, QS_DT_F32, root) : 0;
+}
+
+static int reduce(const char *fn, qs_comm *c, float *buf, size_t n, qs_comm_op op, int root, qs_comm_req *req) {
+    if (op != QS_SUM && op != QS_MAX) return qs_error("%s: unknown reduction %d", fn, (int)op);
+    if (check_rank(fn, "root", c, root) || check_buf(fn, buf, n)) return -1;
+    if (!n) return 0;
+    if (c->be->reduce(c, buf, n, op, root, req)) return -1;
+    if (req) req->comm = c;
+    return 0;
+}
+
+int qs_comm_reduce(qs_comm *c, float *buf, size_t n, qs_comm_op op, int root) {
+    return reduce("qs_comm_reduce", c, buf, n, op, root, NULL);
+}
+
+int qs_comm_reduce_start(qs_comm *c, float *buf, size_t n, qs_comm_op op, int root, qs_comm_req *req) {
+    req_clear(req);
+    return reduce("qs_comm_reduce_start", c, buf, n, op, root, req);
 }
 
 /* A blocking send or receive with itself could never complete. */

@@ -15,6 +15,7 @@ typedef struct qs_comm_backend {
     int (*reduce_scatter)(qs_comm *c, const float *send, float *recv, size_t chunk, qs_comm_op op);
     int (*allgather)(qs_comm *c, const float *send, float *recv, size_t chunk);
     int (*broadcast)(qs_comm *c, void *buf, size_t n, qs_comm_dtype t, int root);
+    int (*reduce)(qs_comm *c, float *buf, size_t n, qs_comm_op op, int root, qs_comm_req *req);
     int (*send)(qs_comm *c, const float *buf, size_t n, int peer);
     int (*recv)(qs_comm *c, float *buf, size_t n, int peer);
     int (*sendrecv)(qs_comm *c, const float *send, float *recv, size_t n, int dst, int src, qs_comm_req *req);

@@ -101,6 +101,22 @@ static int mpi_broadcast(qs_comm *c, void *buf, size_t n, qs_comm_dtype t, int r
     return rc == MPI_SUCCESS ? 0 : fail("MPI_Bcast", rc, c);
 }
 
+/* In place at the root; the other ranks only send. */
+static int mpi_reduce(qs_comm *c, float *buf, size_t n, qs_comm_op op, int root, qs_comm_req *req) {
+    int rc, count = count_of("MPI_Reduce", n);
+    if (count < 0) return -1;
+    const void *send = c->rank == root ? MPI_IN_PLACE : buf;
+    if (!req) {
+        rc = MPI_Reduce(send, buf, count, MPI_FLOAT, op_of(op), root, comm_of(c));
+        return rc == MPI_SUCCESS ? 0 : fail("MPI_Reduce", rc, c);
+    }
+    MPI_Request r;
+    rc = MPI_Ireduce(send, buf, count, MPI_FLOAT, op_of(op), root, comm_of(c), &r);
+    if (rc != MPI_SUCCESS) return fail("MPI_Ireduce", rc, c);
+    req_store(req, r, MPI_REQUEST_NULL);
+    return 0;
+}
+
 static int mpi_send(qs_comm *c, const float *buf, size_t n, int peer) {
     int count = count_of("MPI_Send", n);
     if (count < 0) return -1;
@@ -173,6 +189,7 @@ static const qs_comm_backend mpi_backend = {
     .reduce_scatter = mpi_reduce_scatter,
     .allgather = mpi_allgather,
     .broadcast = mpi_broadcast,
+    .reduce = mpi_reduce,
     .send = mpi_send,
     .recv = mpi_recv,
     .sendrecv = mpi_sendrecv,

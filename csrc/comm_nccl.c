@@ -109,6 +109,13 @@ static int nccl_broadcast(qs_comm *c, void *buf, size_t n, qs_comm_dtype t, int 
     return finish(g, NULL);
 }
 
+static int nccl_reduce(qs_comm *c, float *buf, size_t n, qs_comm_op op, int root, qs_comm_req *req) {
+    nccl_group *g = group_of(c);
+    if (after_producers(g)) return -1;
+    NCCL_TRY(g->nccl, ncclReduce(buf, buf, n, ncclFloat32, op_of(op), root, g->nccl, g->stream));
+    return finish(g, req);
+}
+
 static int nccl_send(qs_comm *c, const float *buf, size_t n, int peer) {
     nccl_group *g = group_of(c);
     if (after_producers(g)) return -1;
@@ -183,6 +190,7 @@ static const qs_comm_backend nccl_backend = {
     .reduce_scatter = nccl_reduce_scatter,
     .allgather = nccl_allgather,
     .broadcast = nccl_broadcast,
+    .reduce = nccl_reduce,
     .send = nccl_send,
     .recv = nccl_recv,
     .sendrecv = nccl_sendrecv,

@@ -78,6 +78,9 @@ int qs_comm_reduce_scatter(qs_comm *c, const float *send, float *recv, size_t ch
 int qs_comm_allgather(qs_comm *c, const float *send, float *recv, size_t chunk);
 /* buf[n] = root's buf[n]. */
 int qs_comm_broadcast(qs_comm *c, float *buf, size_t n, int root);
+/* root's buf[n] = op over the ranks' buf[n], in place; the other ranks' buf is unchanged.
+ * ZeRO-1's gradient buckets: each piece goes to the rank that owns it. */
+int qs_comm_reduce(qs_comm *c, float *buf, size_t n, qs_comm_op op, int root);
 
 /* Point to point with another rank of the group (matched in call order). */
 int qs_comm_send(qs_comm *c, const float *buf, size_t n, int peer);
@@ -89,6 +92,7 @@ int qs_comm_sendrecv(qs_comm *c, const float *send, float *recv, size_t n, int d
 /* Non-blocking forms, to overlap communication with compute (gradient buckets during
  * the backward pass, the next K/V block during ring attention): start, compute, wait. */
 int qs_comm_allreduce_start(qs_comm *c, float *buf, size_t n, qs_comm_op op, qs_comm_req *req);
+int qs_comm_reduce_start(qs_comm *c, float *buf, size_t n, qs_comm_op op, int root, qs_comm_req *req);
 int qs_comm_sendrecv_start(qs_comm *c, const float *send, float *recv, size_t n, int dst, int src,
                            qs_comm_req *req);
 /* Waits for req's operation; a request with nothing in flight returns at once. */

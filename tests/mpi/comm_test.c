@@ -4,7 +4,8 @@
  * check ("ok - mpi np=3 allreduce sum n=7"), failed if any rank failed it; a rank that
  * failed prints why. A failed check never skips a collective, so it cannot hang the rest.
  *
- * usage: comm_test KIND   KIND: the backend QS_COMM_AUTO must pick here (single, mpi) */
+ * usage: comm_test KIND   KIND: the backend QS_COMM_AUTO must pick here (single, mpi), or
+ *                         nccl: that backend asked for (the emulated CUDA build's copy). */
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -139,6 +140,27 @@ static void check_broadcast(int tag, size_t n, int root) {
     report("broadcast n=%zu root=%d", n, root);
 }
 
+/* Every root, blocking or started: the root holds the reduction, the others their own
+ * values untouched. */
+static void check_reduce(int tag, qs_comm_op op, size_t n, int root, bool started) {
+    float *buf = alloc_floats(n);
+    for (size_t i = 0; i < n; i++) buf[i] = val(tag, rank, i);
+    qs_comm_req req;
+    if (started) {
+        ok_call(qs_comm_reduce_start(world, buf, n, op, root, &req), "qs_comm_reduce_start");
+        ok_call(qs_comm_wait(&req), "qs_comm_wait");
+        CHECK(req.comm == NULL, "the request is still marked in flight");
+    } else {
+        ok_call(qs_comm_reduce(world, buf, n, op, root), "qs_comm_reduce");
+    }
+    for (size_t i = 0; i < n && !bad; i++) {
+        const float want = rank == root ? reduce_val(tag, op, i) : val(tag, rank, i);
+        CHECK(buf[i] == want, "element %zu is %g, expected %g", i, buf[i], want);
+    }
+    free(buf);
+    report("reduce%s %s n=%zu root=%d", started ? "_start + wait" : "", op_name(op), n, root);
+}
+
 /* Pairs (0,1), (2,3)...: even to odd, then odd back to even; an odd world leaves the
  * last rank out. Large enough to leave MPI's eager protocol. */
 static void check_send_recv(int tag, size_t n) {
@@ -253,6 +275,10 @@ static void check_errors(void) {
     char want[128];
     snprintf(want, sizeof want, "qs_comm_broadcast: root %d is not a rank of this group of %d", size, size);
     err_call(qs_comm_broadcast(world, buf, 3, size), "root out of range", want);
+    snprintf(want, sizeof want, "qs_comm_reduce: root -1 is not a rank of this group of %d", size);
+    err_call(qs_comm_reduce(world, buf, 3, QS_SUM, -1), "reduce root out of range", want);
+    err_call(qs_comm_reduce_start(world, buf, 3, (qs_comm_op)7, 0, &(qs_comm_req){0}), "reduce unknown op",
+             "qs_comm_reduce_start: unknown reduction 7");
     err_call(qs_comm_send(world, buf, 3, rank), "send to itself", "qs_comm_send: peer");
     err_call(qs_comm_recv(world, buf, 3, -1), "recv from -1", "qs_comm_recv: peer -1 is not a rank");
     err_call(qs_comm_sendrecv(world, buf, buf + 1, 3, rank, rank), "overlapping sendrecv",
@@ -272,6 +298,7 @@ static void check_errors(void) {
     ok_call(qs_comm_reduce_scatter(world, NULL, NULL, 0, QS_SUM), "reduce_scatter of 0");
     ok_call(qs_comm_allgather(world, NULL, NULL, 0), "allgather of 0");
     ok_call(qs_comm_broadcast(world, NULL, 0, 0), "broadcast of 0");
+    ok_call(qs_comm_reduce(world, NULL, 0, QS_SUM, 0), "reduce of 0");
     ok_call(qs_comm_sendrecv(world, NULL, NULL, 0, 0, 0), "sendrecv of 0");
     ok_call(qs_comm_barrier(world), "qs_comm_barrier");
     report("bad arguments refused with one-line errors; empty calls succeed");
@@ -298,26 +325,26 @@ static void init(const char *kind) {
         err_call(qs_comm_init(&world, QS_COMM_SINGLE), "single under a launch of several", want);
         CHECK(world == NULL, "a world was made anyway");
     }
-    if (qs_comm_init(&world, QS_COMM_AUTO)) {
+    if (qs_comm_init(&world, strcmp(kind, "nccl") ? QS_COMM_AUTO : QS_COMM_NCCL)) {
         printf("not ok - init: %s\n", qs_error_last());
         exit(1);
     }
     rank = qs_comm_rank(world);
     size = qs_comm_size(world);
     snprintf(label, sizeof label, "%s np=%d", kind, size);
-    CHECK(!strcmp(qs_comm_name(world), kind), "auto picked %s, expected %s", qs_comm_name(world), kind);
+    CHECK(!strcmp(qs_comm_name(world), kind), "the world is %s, expected %s", qs_comm_name(world), kind);
     const char *lr = getenv("OMPI_COMM_WORLD_LOCAL_RANK"), *ls = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
     int want_lr = lr ? atoi(lr) : 0, want_ls = ls ? atoi(ls) : 1;
     CHECK(qs_comm_local_rank(world) == want_lr && qs_comm_local_size(world) == want_ls,
           "local rank %d of %d, the launcher says %d of %d", qs_comm_local_rank(world), qs_comm_local_size(world),
           want_lr, want_ls);
     share_seed("comm_test");
-    report("init: auto picks %s, rank %d..%d, local ranks from the launcher", kind, 0, size - 1);
+    report("init: the world is %s, rank %d..%d, local ranks from the launcher", kind, 0, size - 1);
 }
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: comm_test single|mpi\n");
+        fprintf(stderr, "usage: comm_test single|mpi|nccl\n");
         return 2;
     }
     init(argv[1]);
@@ -341,6 +368,8 @@ int main(int argc, char **argv) {
     }
     for (int root = 0; root < size; root++) check_broadcast(tag++, 7, root);
     check_broadcast(tag++, 1000003, size - 1);
+    for (int root = 0; root < size; root++) check_reduce(tag++, root % 2 ? QS_MAX : QS_SUM, 7, root, root % 2);
+    check_reduce(tag++, QS_SUM, 1000003, size - 1, true);
     if (size > 1) check_send_recv(tag += 2, 1000003);
     check_ring(tag++, 1001, false);
     check_ring(tag++, 100003, true);

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The multi-rank checks (comm_test.c: the comm layer; ring_test.c: ring attention): one
 # process always, then 1, 2, 3 and 4 MPI ranks when the build has MPI (QS_MPI=1; without
-# QS_MPI, whether the binaries link MPI).
+# QS_MPI, whether the binaries link MPI). The emulated CUDA build's comm_test runs the
+# same checks through the NCCL backend (comm_nccl.c over tests/emu's NCCL).
 # Prints TAP lines ("ok - ...", "not ok - ...") for tests/run.sh.
 set -u
 build=${1:?usage: tests/mpi/run.sh BUILD_DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 bins=("$build/tests/mpi/comm_test" "$build/tests/mpi/ring_test")
-for bin in "${bins[@]}"; do
+nccl=$build/emu/comm_test
+for bin in "${bins[@]}" "$nccl"; do
   if [ ! -x "$bin" ]; then echo "not ok - $bin is not built"; exit 1; fi
 done
 log=$(mktemp)
@@ -25,6 +27,7 @@ run() {
 }
 
 for bin in "${bins[@]}"; do run "${bin##*/} single" "$bin" single; done
+run "comm_test nccl" "$nccl" nccl
 
 mpi=${QS_MPI:-$(ldd "$bin" | grep -q libmpi && echo 1 || echo 0)}
 if [ "$mpi" != 1 ]; then
@@ -39,5 +42,6 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export LSAN_OPTIONS=suppressions=$here/lsan.supp:fast_unwind_on_malloc=0:print_suppressions=0
 for np in 1 2 3 4; do
   for bin in "${bins[@]}"; do run "${bin##*/} mpi np=$np" mpirun --oversubscribe -np "$np" "$bin" mpi; done
+  run "comm_test nccl np=$np" mpirun --oversubscribe -np "$np" "$nccl" nccl
 done
 exit $failed

@@ -241,6 +241,26 @@ static inline ncclResult_t ncclBroadcast(const void *send, void *recv, size_t n,
     return ncclInternalError;
 }
 
+/* recv is written on root only; in place when send == recv. */
+static inline ncclResult_t ncclReduce(const void *send, void *recv, size_t n, ncclDataType_t t, ncclRedOp_t op,
+                                      int root, ncclComm_t comm, cudaStream_t stream) {
+    (void)op;
+    ncclResult_t r = emu_nccl_check(comm);
+    if (r || emu_stream_check(stream)) return r ? r : emu_nccl_fail(ncclInvalidArgument, "bad stream");
+    if (root < 0 || root >= comm->size) return emu_nccl_fail(ncclInvalidArgument, "root out of range");
+    if (comm->size == 1) {
+        if (send != recv) memmove(recv, send, n * emu_nccl_size(t));
+        return ncclSuccess;
+    }
+#ifdef QS_HAVE_MPI
+    const int at_root = comm->rank == root;
+    return emu_nccl_mpi(MPI_Reduce(at_root && send == recv ? MPI_IN_PLACE : send, at_root ? recv : NULL, (int)n,
+                                   emu_nccl_mpi_type(t), op == ncclMax ? MPI_MAX : MPI_SUM, root, comm->mpi),
+                        "MPI_Reduce");
+#endif
+    return ncclInternalError;
+}
+
 /* ---- point to point: alone, or queued between ncclGroupStart and ncclGroupEnd ---- */
 
 #define EMU_NCCL_GROUP_MAX 16
@@ -269,8 +289,10 @@ static inline ncclResult_t emu_nccl_p2p_now(const struct emu_nccl_p2p *ops, int 
                                    "MPI_Irecv");
         posted += !r;
     }
-    ncclResult_t w = emu_nccl_mpi(MPI_Waitall(posted, req, MPI_STATUSES_IGNORE), "MPI_Waitall");
-    if (!r) r = w;
+    if (posted) { /* a one-rank world may run without MPI */
+        ncclResult_t w = emu_nccl_mpi(MPI_Waitall(posted, req, MPI_STATUSES_IGNORE), "MPI_Waitall");
+        if (!r) r = w;
+    }
 #endif
     /* one rank: a send to itself meets the receive of the same group */
     for (int i = 0; i < count && !r; i++)
