@@ -12,22 +12,52 @@ void qs_dp_init(qs_dp *dp, qs_comm *comm, int zero, size_t n, size_t bucket_floa
 
 static bool sharded(const qs_dp *dp) { return dp->zero == 1 && dp->size > 1; }
 
+/* Where the sum of grad[b, ...) is needed: ZeRO-1 reduces the part of rank r's chunk on
+ * rank r (root r) and allreduces the shared tail (root -1); otherwise every rank needs
+ * all of it. The first such piece of grad[b, e). */
+typedef struct {
+    size_t begin, end;
+    int root;
+} dp_piece;
+
+static dp_piece piece_at(const qs_dp *dp, size_t b, size_t e) {
+    const size_t tail = dp->chunk * (size_t)dp->size;
+    if (!sharded(dp) || b >= tail) return (dp_piece){b, e, -1};
+    const size_t r = b / dp->chunk, chunk_end = (r + 1) * dp->chunk;
+    return (dp_piece){b, e < chunk_end ? e : chunk_end, (int)r};
+}
+
+#define FOR_EACH_PIECE(p, dp, b, e) for (dp_piece p = piece_at(dp, b, e); p.begin < (e); p = piece_at(dp, p.end, e))
+
+/* Sums a piece where it is needed: started into *req, or blocking when req is NULL. */
+static int reduce_piece(qs_dp *dp, float *grad, dp_piece p, qs_comm_req *req) {
+    float *buf = grad + p.begin;
+    const size_t n = p.end - p.begin;
+    if (p.root < 0)
+        return req ? qs_comm_allreduce_start(dp->comm, buf, n, QS_SUM, req)
+                   : qs_comm_allreduce(dp->comm, buf, n, QS_SUM);
+    return req ? qs_comm_reduce_start(dp->comm, buf, n, QS_SUM, p.root, req)
+               : qs_comm_reduce(dp->comm, buf, n, QS_SUM, p.root);
+}
+
 /* grad[begin, n) is final: start the part not yet in flight once it fills a bucket. Every
- * rank's pass reports the same points, so the ranks start the same buckets in order. Past
- * QS_DP_MAX_BUCKETS the rest waits for the end of the pass. */
+ * rank's pass reports the same points, so the ranks start the same pieces in order. Past
+ * QS_DP_MAX_BUCKETS pieces in flight the rest waits for the end of the pass. */
 static void grads_ready(void *ctx, size_t begin) {
     qs_dp *dp = ctx;
-    if (begin >= dp->started || dp->started - begin < dp->bucket || dp->n_flight == QS_DP_MAX_BUCKETS) return;
-    if (qs_comm_allreduce_start(dp->comm, dp->armed->grad + begin, dp->started - begin, QS_SUM,
-                                &dp->flight[dp->n_flight]))
-        dp->failed = true;
-    else
-        dp->n_flight++;
+    if (begin >= dp->started || dp->started - begin < dp->bucket) return;
+    int pieces = 0;
+    FOR_EACH_PIECE(p, dp, begin, dp->started) pieces++;
+    if (dp->n_flight + pieces > QS_DP_MAX_BUCKETS) return;
+    FOR_EACH_PIECE(p, dp, begin, dp->started) {
+        if (reduce_piece(dp, dp->armed->grad, p, &dp->flight[dp->n_flight])) dp->failed = true;
+        else dp->n_flight++;
+    }
     dp->started = begin;
 }
 
 void qs_dp_watch_backward(qs_dp *dp, qs_params *ps) {
-    if (dp->size == 1 || sharded(dp) || !dp->bucket || !ps->grad) return;
+    if (dp->size == 1 || !dp->bucket || !ps->grad) return;
     dp->armed = ps;
     dp->started = dp->n;
     ps->on_grads_ready = grads_ready;
@@ -48,10 +78,16 @@ int qs_dp_create_optim(const qs_dp *dp, const qs_backend *be, qs_adamw *o) {
     return qs_adamw_create_spans(o, be, dp->n, own, 2);
 }
 
-/* Sums buf[tail..n) over the group: the few elements the chunks leave over. */
-static int reduce_tail(qs_dp *dp, float *buf) {
+/* All of the gradients after the pass: one allreduce, or (ZeRO-1) one reduce-scatter of
+ * the chunks and an allreduce of the tail. */
+static int reduce_whole(qs_dp *dp, qs_params *ps) {
     const size_t tail = dp->chunk * (size_t)dp->size;
-    return tail < dp->n ? qs_comm_allreduce(dp->comm, buf + tail, dp->n - tail, QS_SUM) : 0;
+    dp->calls = 1 + (sharded(dp) && tail < dp->n);
+    if (!sharded(dp)) return qs_comm_allreduce(dp->comm, ps->grad, dp->n, QS_SUM);
+    if (dp->chunk && qs_comm_reduce_scatter(dp->comm, ps->grad, ps->grad + dp->chunk * (size_t)dp->rank, dp->chunk,
+                                            QS_SUM))
+        return -1;
+    return tail < dp->n ? qs_comm_allreduce(dp->comm, ps->grad + tail, dp->n - tail, QS_SUM) : 0;
 }
 
 /* The rest of a watched pass's gradients, then its buckets in the order they started. */
@@ -60,11 +96,19 @@ static int finish_watched(qs_dp *dp, qs_params *ps) {
     ps->grads_ready_ctx = NULL;
     dp->armed = NULL;
     int rc = dp->failed ? -1 : 0; /* the other ranks still make the calls below */
-    if (dp->started && qs_comm_allreduce(dp->comm, ps->grad, dp->started, QS_SUM)) rc = -1;
+    const int overlapped = dp->n_flight;
+    if (!overlapped) { /* nothing filled a bucket */
+        if (reduce_whole(dp, ps)) rc = -1;
+    } else {
+        dp->calls = overlapped;
+        FOR_EACH_PIECE(p, dp, 0, dp->started) {
+            if (reduce_piece(dp, ps->grad, p, NULL)) rc = -1;
+            dp->calls++;
+        }
+    }
     for (int i = 0; i < dp->n_flight; i++)
         if (qs_comm_wait(&dp->flight[i])) rc = -1;
-    dp->overlapped = dp->n_flight;
-    dp->calls = dp->n_flight + (dp->started > 0);
+    dp->overlapped = overlapped;
     dp->n_flight = 0;
     dp->failed = false;
     return rc;
@@ -74,12 +118,7 @@ int qs_dp_reduce_grads(qs_dp *dp, qs_params *ps) {
     if (dp->size == 1) return 0;
     if (dp->armed == ps) return finish_watched(dp, ps);
     dp->overlapped = 0;
-    dp->calls = 1 + (sharded(dp) && dp->chunk * (size_t)dp->size < dp->n); /* ZeRO-1: and its tail */
-    if (!sharded(dp)) return qs_comm_allreduce(dp->comm, ps->grad, dp->n, QS_SUM);
-    if (dp->chunk && qs_comm_reduce_scatter(dp->comm, ps->grad, ps->grad + dp->chunk * (size_t)dp->rank, dp->chunk,
-                                            QS_SUM))
-        return -1;
-    return reduce_tail(dp, ps->grad);
+    return reduce_whole(dp, ps);
 }
 
 int qs_dp_grad_norm(qs_dp *dp, const qs_params *ps, double *norm) {

@@ -5,7 +5,9 @@
  * reduce-scattered, each rank updates its chunk of the parameters, and the chunks are
  * allgathered back. The flat buffer of n parameters is cut into size equal chunks of
  * n / size; the n % size left over (fewer than size) form a tail that every rank
- * reduces and updates alike, so the collectives need no padding. */
+ * reduces and updates alike, so the collectives need no padding. Gradient buckets work
+ * in both: a finished bucket is allreduced, or with ZeRO-1 each of its pieces is reduced
+ * on the rank whose chunk holds it (the tail's piece allreduced). */
 #ifndef QUASAR_DATA_PARALLEL_H
 #define QUASAR_DATA_PARALLEL_H
 
@@ -22,11 +24,11 @@ typedef struct qs_dp {
     size_t n;      /* parameters */
     size_t chunk;  /* ZeRO-1: each rank's chunk, n / size */
     /* Buckets: during the last backward pass of a step, each finished tail of at least
-     * `bucket` floats past what is already in flight is allreduced while the pass goes on. */
-    size_t bucket;  /* 0: one allreduce after the backward pass */
+     * `bucket` floats past what is already in flight is reduced while the pass goes on. */
+    size_t bucket;  /* 0: one reduction after the backward pass */
     qs_params *armed; /* the table whose backward pass is being watched, or NULL */
     size_t started;   /* grad[started, n) is reduced or in flight */
-    int n_flight;
+    int n_flight;     /* calls in flight (a ZeRO-1 bucket may take several) */
     qs_comm_req flight[QS_DP_MAX_BUCKETS];
     bool failed;      /* a bucket failed to start (qs_error says why) */
     int calls, overlapped; /* the last step's reductions, and how many began during the pass */
@@ -37,7 +39,7 @@ void qs_dp_init(qs_dp *dp, qs_comm *comm, int zero, size_t n, size_t bucket_floa
 /* The optimizer for this rank: the whole table, or (ZeRO-1) its chunk and the tail. */
 int qs_dp_create_optim(const qs_dp *dp, const qs_backend *be, qs_adamw *o);
 /* Before the step's last backward pass: reduce ps's gradients in buckets as the pass
- * finishes them (plain data parallelism with buckets on; otherwise nothing). */
+ * finishes them (when buckets are on; otherwise nothing). */
 void qs_dp_watch_backward(qs_dp *dp, qs_params *ps);
 /* Sums the ranks' gradients (what a watched pass left, then waits for its buckets); with
  * ZeRO-1 only the rank's own spans hold the sum. */
