@@ -29,7 +29,8 @@
  * of them, and 1e-1 for each tensor alone: see compare_grads) and the training run's
  * losses too. bf16 moves router logits by ~1e-3, enough to flip a near-tied top-k
  * choice; where the MoE model's routing differs from the CPU's, its loss is still
- * compared but its gradients (which then differ by design) are not, and the line says so.
+ * compared but its gradients (which then differ by design) are not, and the line says so;
+ * likewise its decode logits when the prompt's or the new tokens' routing differs.
  *
  * Last, the grouped products again with the emulated cuBLAS answering that it has no
  * grouped form (QS_EMU_NO_GROUPED; a GPU ignores it and repeats them): the backend's
@@ -812,6 +813,13 @@ static qs_model_config moe_config(void) {
     return m;
 }
 
+/* Whether the two models' last forward over `rows` tokens chose the same experts. */
+static bool same_moe_routing(qs_gpt *const m[2], const qs_model_config *cfg, int rows) {
+    if (cfg->moe.n_experts == 0) return true;
+    const size_t n = (size_t)cfg->n_layer * rows * cfg->moe.top_k; /* [layer][row][k], packed */
+    return !memcmp(qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(m[1]), n * sizeof(int));
+}
+
 /* Loss, MoE statistics and routing, every gradient; then a prefill and one decode step. */
 static void test_gpt(const char *label, const qs_model_config *cfg) {
     case_begin("gpt %s (%s): loss and gradients, run-to-run bits, prefill and decode", label, be[1]->name);
@@ -837,7 +845,7 @@ static void test_gpt(const char *label, const qs_model_config *cfg) {
     bool same_routing = true;
     if (cfg->moe.n_experts > 0) {
         const size_t nr = (size_t)cfg->n_layer * N * cfg->moe.top_k;
-        same_routing = !memcmp(qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(m[1]), nr * sizeof(int));
+        same_routing = same_moe_routing(m, cfg, N);
         if (same_routing || !bf16) {
             const qs_moe_stats *a = qs_gpt_moe_stats(m[0]), *b = qs_gpt_moe_stats(m[1]);
             compare_scalar("balance", a->balance, b->balance, model_tol());
@@ -870,10 +878,18 @@ static void test_gpt(const char *label, const qs_model_config *cfg) {
     const int V = cfg->vocab_size;
     float *row[2] = {xmalloc((size_t)V * sizeof(float)), xmalloc((size_t)V * sizeof(float))};
     const int slots[3] = {2, 0, 1}, pos[3] = {T - 2, T - 2, T - 2};
+    /* as above, bf16 may flip a near-tied routing choice of the prompt or the new token */
     for (int s = 0; s < 2; s++)
-        if (qs_gpt_prefill(m[s], x, B, T - 2) || qs_gpt_decode(m[s], x + 1, B, slots, pos))
-            fail("%s inference: %s", be[s]->name, qs_error_last());
-    for (int b = 0; b < B && !bad; b++) {
+        if (qs_gpt_prefill(m[s], x, B, T - 2)) fail("%s prefill: %s", be[s]->name, qs_error_last());
+    bool infer_routing = same_moe_routing(m, cfg, B * (T - 2));
+    for (int s = 0; s < 2; s++)
+        if (qs_gpt_decode(m[s], x + 1, B, slots, pos)) fail("%s decode: %s", be[s]->name, qs_error_last());
+    infer_routing = infer_routing && same_moe_routing(m, cfg, B);
+    if (!infer_routing && bf16)
+        printf("# %s: bf16 products flipped a near-tied routing choice in inference; logits not compared\n", label);
+    else if (!infer_routing)
+        fail("inference routing differs");
+    for (int b = 0; b < B && infer_routing && !bad; b++) {
         for (int s = 0; s < 2; s++) qs_gpt_logits_row(m[s], b, row[s]);
         compare("decode logits", row[0], row[1], (size_t)V, model_tol());
     }
