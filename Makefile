@@ -78,7 +78,7 @@ ASAN_CFLAGS = $(CFLAGS_COMMON) -O1 -g -fno-omit-frame-pointer -fsanitize=address
 
 ifeq ($(CUDA)$(if $(CU_SRC),y),1y)
   CU_OBJ = $(CU_SRC:%.cu=$(BUILD)/obj/%.o)
-  CUDA_LIBS = -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+  CUDA_LIBS = -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++
   NVCCFLAGS ?= -O3 -std=c++17 -Iinclude -arch=sm_90 -Xcompiler -Wall,-Werror -Werror all-warnings
 endif
 

@@ -1,4 +1,4 @@
-/* qs_backend_cuda in a build without the CUDA backend (CUDA=0, or no nvcc): the ASan and
+/* qs_backend_cuda (and its counter) in a build without the CUDA backend (CUDA=0, or no nvcc): the ASan and
  * fuzz trees always, the release tree when kernels/ is not compiled. */
 #include "quasar/backend.h"
 #include "quasar/error.h"
@@ -8,3 +8,5 @@ const qs_backend *qs_backend_cuda(qs_precision precision) {
     qs_error("this build has no CUDA (build with nvcc present, or make CUDA=1 CUDA_HOME=...)");
     return NULL;
 }
+
+long qs_backend_cuda_unfused(void) { return 0; }

@@ -250,6 +250,8 @@ static const float *adapter_input(const qs_lora *lo, const lora_module *md, int 
 /* Expert e's matrix of a stacked tensor (e = 0 for plain ones). */
 static float *slice(float *base, int e, size_t numel_per) { return base ? base + (size_t)e * numel_per : NULL; }
 
+bool qs_lora_adapts(const qs_lora *lo, int layer, qs_lora_site site) { return module(lo, layer, site) != NULL; }
+
 void qs_lora_forward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0, int n, float *y, const float *x,
                      const int64_t *row_ids, const qs_forward_mode *mode) {
     const lora_module *md = module(lo, layer, site);

@@ -585,13 +585,24 @@ static void moe_forward(qs_gpt *m, int l, int N) {
     ops->moe_combine_forward(a->ffout, a->ye, a->gate, a->slot, N, K, C);
 }
 
+/* Whether the GELU goes into the linear layer next to it (matmul_gelu_forward before,
+ * matmul_backward_dgelu after): unless an adapter's path comes between them. */
+static bool gelu_fused(const qs_gpt *m, int l, qs_lora_site site) {
+    return m->cfg.activation == QS_ACT_GELU && !(m->lora && qs_lora_adapts(m->lora, l, site));
+}
+
 static void dense_ffn_forward(qs_gpt *m, int l, int N) {
     const qs_ops *ops = m->be->ops;
     const layer_params *p = &m->lp[l];
     layer_acts *a = &m->la[l];
-    ops->matmul_forward(a->fch, a->ln2, P(m, p->fc_w), P(m, p->fc_b), N, m->C, m->F, QS_W_IN_OUT);
-    lora_forward(m, l, QS_LORA_SITE_FC, 0, 0, N, a->fch, a->ln2);
-    act_forward(m, a->fch_act, a->fch, (size_t)N * m->F);
+    if (gelu_fused(m, l, QS_LORA_SITE_FC)) {
+        ops->matmul_gelu_forward(a->fch, a->fch_act, a->ln2, P(m, p->fc_w), P(m, p->fc_b), N, m->C, m->F,
+                                 QS_W_IN_OUT);
+    } else {
+        ops->matmul_forward(a->fch, a->ln2, P(m, p->fc_w), P(m, p->fc_b), N, m->C, m->F, QS_W_IN_OUT);
+        lora_forward(m, l, QS_LORA_SITE_FC, 0, 0, N, a->fch, a->ln2);
+        act_forward(m, a->fch_act, a->fch, (size_t)N * m->F);
+    }
     ops->matmul_forward(a->ffout, a->fch_act, P(m, p->fcproj_w), P(m, p->fcproj_b), N, m->F, m->C,
                         QS_W_IN_OUT);
     lora_forward(m, l, QS_LORA_SITE_FC_PROJ, 0, 0, N, a->ffout, a->fch_act);
@@ -809,12 +820,17 @@ static void dense_ffn_backward(qs_gpt *m, int l, int N, const float *dy) {
     layer_acts *a = &m->la[l];
     size_t NF = (size_t)N * m->F;
     if (m->cfg.recompute_ffn) act_forward(m, a->fch_act, a->fch, NF);
-    zero_f(m, m->dF1, NF);
-    ops->matmul_backward(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act,
-                         P(m, p->fcproj_w), N, m->F, m->C, QS_W_IN_OUT);
-    lora_backward(m, l, QS_LORA_SITE_FC_PROJ, 0, 0, N, m->dF1, dy, a->fch_act);
-    zero_f(m, m->dF2, NF);
-    act_backward(m, m->dF2, a->fch, m->dF1, NF);
+    if (gelu_fused(m, l, QS_LORA_SITE_FC_PROJ)) {
+        ops->matmul_backward_dgelu(m->dF2, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act, a->fch,
+                                   P(m, p->fcproj_w), N, m->F, m->C, QS_W_IN_OUT);
+    } else {
+        zero_f(m, m->dF1, NF);
+        ops->matmul_backward(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act,
+                             P(m, p->fcproj_w), N, m->F, m->C, QS_W_IN_OUT);
+        lora_backward(m, l, QS_LORA_SITE_FC_PROJ, 0, 0, N, m->dF1, dy, a->fch_act);
+        zero_f(m, m->dF2, NF);
+        act_backward(m, m->dF2, a->fch, m->dF1, NF);
+    }
     ops->matmul_backward(m->dln, G(m, p->fc_w), G(m, p->fc_b), m->dF2, a->ln2, P(m, p->fc_w), N,
                          m->C, m->F, QS_W_IN_OUT);
     lora_backward(m, l, QS_LORA_SITE_FC, 0, 0, N, m->dln, m->dF2, a->ln2);

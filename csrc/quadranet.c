@@ -46,7 +46,7 @@ struct qs_quadranet {
     float *pooled, *head_ln, *head_mean, *head_rstd, *logits, *losses;
     int *labels;
     /* backward scratch */
-    float *dA, *dB, *dt1, *dt2, *dF1, *dF2, *dpatch, *dhead, *dpool; /* no dlogits: xent_backward overwrites logits */
+    float *dA, *dB, *dt1, *dt2, *dF2, *dpatch, *dhead, *dpool; /* no dlogits: xent_backward overwrites logits */
 
     int B;
     bool has_labels;
@@ -174,7 +174,6 @@ static void carve(qs_quadranet *m, qs_plan *p) {
     m->dB = qs_plan_f(p, max_nc);
     m->dt1 = qs_plan_f(p, max_nc);
     m->dt2 = qs_plan_f(p, max_nc);
-    m->dF1 = qs_plan_f(p, max_nf);
     m->dF2 = qs_plan_f(p, max_nf);
     m->dpatch = qs_plan_f(p, max_patch);
     m->dhead = qs_plan_f(p, B * CL);
@@ -305,8 +304,7 @@ static void block_forward(qs_quadranet *m, int s, int j, const float *x) {
     ops->layer_scale_forward(b->mid, x, b->q, P(m, b->gamma1), p, m->mode.rng_seed, drop_stream(s, j, 0),
                              m->mode.sample0, m->B, st->H * st->H, C);
     ops->layernorm_forward(b->ln2, b->mean2, b->rstd2, b->mid, P(m, b->ln2_w), P(m, b->ln2_b), N, C);
-    ops->matmul_forward(b->h, b->ln2, P(m, b->fc1_w), P(m, b->fc1_b), N, C, F, QS_W_IN_OUT);
-    ops->gelu_forward(b->g, b->h, (size_t)N * F);
+    ops->matmul_gelu_forward(b->h, b->g, b->ln2, P(m, b->fc1_w), P(m, b->fc1_b), N, C, F, QS_W_IN_OUT);
     ops->matmul_forward(b->v, b->g, P(m, b->fc2_w), P(m, b->fc2_b), N, F, C, QS_W_IN_OUT);
     ops->layer_scale_forward(b->out, b->mid, b->v, P(m, b->gamma2), p, m->mode.rng_seed, drop_stream(s, j, 1),
                              m->mode.sample0, m->B, st->H * st->H, C);
@@ -386,10 +384,8 @@ static void block_backward(qs_quadranet *m, int s, int j, const float *x, float 
     ops->layer_scale_backward(m->dt1, G(m, b->gamma2), dx, b->v, P(m, b->gamma2), p, seed, drop_stream(s, j, 1),
                               m->mode.sample0, m->B, HW, C);
     if (m->cfg.recompute_ffn) ops->gelu_forward(b->g, b->h, nf);
-    zero_f(m, m->dF1, nf);
-    ops->matmul_backward(m->dF1, G(m, b->fc2_w), G(m, b->fc2_b), m->dt1, b->g, P(m, b->fc2_w), N, F, C, QS_W_IN_OUT);
-    zero_f(m, m->dF2, nf);
-    ops->gelu_backward(m->dF2, b->h, m->dF1, nf);
+    ops->matmul_backward_dgelu(m->dF2, G(m, b->fc2_w), G(m, b->fc2_b), m->dt1, b->g, b->h, P(m, b->fc2_w), N, F, C,
+                               QS_W_IN_OUT);
     zero_f(m, m->dt1, nc);
     ops->matmul_backward(m->dt1, G(m, b->fc1_w), G(m, b->fc1_b), m->dF2, b->ln2, P(m, b->fc1_w), N, C, F, QS_W_IN_OUT);
     ops->layernorm_backward(dx, G(m, b->ln2_w), G(m, b->ln2_b), m->dt1, b->mid, P(m, b->ln2_w), b->mean2, b->rstd2, N,

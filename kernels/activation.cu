@@ -15,12 +15,17 @@ __global__ static void gelu_forward_kernel(float *out, const float *inp, size_t 
     QS_GRID_LOOP(i, n) out[i] = inp[i] * gelu_sigmoid(inp[i]);
 }
 
+__device__ static inline float gelu_grad(float x) {
+    const float s = gelu_sigmoid(x), du = GELU_K * (1.0f + 3.0f * GELU_A * x * x);
+    return s + 2.0f * x * s * (1.0f - s) * du;
+}
+
 __global__ static void gelu_backward_kernel(float *dinp, const float *inp, const float *dout, size_t n) {
-    QS_GRID_LOOP(i, n) {
-        const float x = inp[i], s = gelu_sigmoid(x);
-        const float du = GELU_K * (1.0f + 3.0f * GELU_A * x * x);
-        dinp[i] += dout[i] * (s + 2.0f * x * s * (1.0f - s) * du);
-    }
+    QS_GRID_LOOP(i, n) dinp[i] += dout[i] * gelu_grad(inp[i]);
+}
+
+__global__ static void gelu_grad_scale_kernel(float *d, const float *pre, size_t n) {
+    QS_GRID_LOOP(i, n) d[i] = d[i] * gelu_grad(pre[i]);
 }
 
 __global__ static void relu_forward_kernel(float *out, const float *inp, size_t n) {
@@ -41,6 +46,9 @@ void qs_cuda_gelu_forward(float *out, const float *inp, size_t n) {
 }
 void qs_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
     QS_LAUNCH_N(gelu_backward_kernel, n, dinp, inp, dout, n);
+}
+void qs_cuda_gelu_grad_scale(float *d, const float *pre, size_t n) {
+    QS_LAUNCH_N(gelu_grad_scale_kernel, n, d, pre, n);
 }
 void qs_cuda_relu_forward(float *out, const float *inp, size_t n) {
     QS_LAUNCH_N(relu_forward_kernel, n, out, inp, n);

@@ -128,12 +128,20 @@ void *qs_cuda_host_scratch(size_t bytes) {
 /* ---- cuBLAS ---- */
 
 static cublasHandle_t blas;
-/* cuBLAS's workspace, given to it up front so that it allocates none of its own:
+static cublasLtHandle_t blas_lt;
+/* cuBLAS's workspace, given to it up front so that it allocates none of its own (and to
+ * cuBLASLt, call by call):
  * NVIDIA's recommended size, 32 MiB on Hopper and 4 MiB before (set at init) */
 static void *blas_workspace;
 static size_t blas_workspace_bytes;
 
 cublasHandle_t qs_cuda_blas(void) { return blas; }
+cublasLtHandle_t qs_cuda_blas_lt(void) { return blas_lt; }
+
+void *qs_cuda_blas_workspace(size_t *bytes) {
+    *bytes = blas_workspace ? blas_workspace_bytes : 0;
+    return blas_workspace;
+}
 
 /* ---- the memory plan's hooks ---- */
 
@@ -171,10 +179,12 @@ static const qs_ops cuda_ops = {
     .layernorm_forward = qs_cuda_layernorm_forward,
     .layernorm_backward = qs_cuda_layernorm_backward,
     .residual_layernorm_forward = qs_cuda_residual_layernorm_forward,
-    .matmul_forward = NULL, /* these five per precision, by qs_cuda_set_matmul_ops */
+    .matmul_forward = NULL, /* these seven per precision, by qs_cuda_set_matmul_ops */
     .matmul_backward = NULL,
     .matmul_grouped_forward = NULL,
     .matmul_grouped_backward = NULL,
+    .matmul_gelu_forward = NULL,
+    .matmul_backward_dgelu = NULL,
     .matmul_acc = NULL,
     .attention_block_forward = qs_cuda_attention_block_forward,
     .attention_merge = qs_cuda_attention_merge,
@@ -237,6 +247,8 @@ static int init(void) {
     /* plain fp32 FMA: no TF32 tensor-core rounding, so GEMMs match the CPU to fp32 rounding */
     st = cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH);
     if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasSetMathMode failed: %s", cublasGetStatusString(st));
+    st = cublasLtCreate(&blas_lt);
+    if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasLtCreate failed: %s", cublasGetStatusString(st));
     for (int p = 0; p < 2; p++) {
         ops_by_precision[p] = cuda_ops;
         qs_cuda_set_matmul_ops(&ops_by_precision[p], (qs_precision)p);

@@ -8,6 +8,7 @@
 #ifndef QUASAR_CUDA_OPS_H
 #define QUASAR_CUDA_OPS_H
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -93,6 +94,10 @@ void qs_cuda_upload(void *dst, const void *host_src, size_t bytes);
 void qs_cuda_download(void *host_dst, const void *src, size_t bytes);
 
 cublasHandle_t qs_cuda_blas(void);
+cublasLtHandle_t qs_cuda_blas_lt(void);
+/* The workspace cuBLAS and cuBLASLt share (their calls take turns on the one stream);
+ * NULL and 0 before the memory plan reserved it. */
+void *qs_cuda_blas_workspace(size_t *bytes);
 
 /* ---- the ops ---- */
 
@@ -110,8 +115,8 @@ void qs_cuda_residual_layernorm_forward(float *res, float *out, float *mean, flo
 void qs_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                 const float *w, const float *mean, const float *rstd, int N, int C);
 
-/* matmul.cu: sets ops' matmul_forward, matmul_backward, matmul_acc and the two grouped
- * matmuls to the versions whose products run in precision p. */
+/* matmul.cu: sets ops' matmul_forward, matmul_backward, matmul_acc, the GELU-fused pair
+ * and the two grouped matmuls to the versions whose products run in precision p. */
 void qs_cuda_set_matmul_ops(qs_ops *ops, qs_precision p);
 
 /* kv_cache.cu */
@@ -133,6 +138,8 @@ void qs_cuda_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C
 /* activation.cu */
 void qs_cuda_gelu_forward(float *out, const float *inp, size_t n);
 void qs_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+/* d[i] = d[i] * gelu'(pre[i]): matmul_backward_dgelu's GELU when it is not fused */
+void qs_cuda_gelu_grad_scale(float *d, const float *pre, size_t n);
 void qs_cuda_relu_forward(float *out, const float *inp, size_t n);
 void qs_cuda_relu_backward(float *dinp, const float *inp, const float *dout, size_t n);
 void qs_cuda_dropout_forward(float *out, const float *inp, float p, uint64_t seed, uint64_t stream,

@@ -1,7 +1,8 @@
-/* Linear layers through cuBLAS, bias in a kernel of its own, the bias gradient as a
- * deterministic column sum; and their grouped form for MoE experts. N can be 0 (an
- * expert that received no tokens). The products' precision is a template parameter: the
- * backend has one op table for each. */
+/* Linear layers through cuBLAS: the forward products through cuBLASLt with the bias and
+ * the GELU (or GELU's gradient) in their epilogue, the rest through cublasGemmEx; the
+ * bias gradient as a deterministic column sum; and their grouped form for MoE experts.
+ * N can be 0 (an expert that received no tokens). The products' precision is a template
+ * parameter: the backend has one op table for each. */
 #include "common.cuh"
 
 /* fp32: plain FMA (CUBLAS_COMPUTE_32F under the default math mode, no TF32), so products
@@ -24,18 +25,117 @@ static void gemm(int ta, int tb, int M, int N, int K, float alpha, const float *
                            CUBLAS_GEMM_DEFAULT));
 }
 
+/* ---- cuBLASLt: a product and its epilogue in one kernel ----
+ * What follows the GEMM: nothing, the bias (per output column of the row-major C), GELU
+ * of it all with its input kept in aux (GELU_AUX), or GELU's gradient by aux (DGELU). */
+struct epilogue {
+    cublasLtEpilogue_t kind;
+    const float *bias; /* NULL: none */
+    const float *aux;  /* [M, N] row-major, as C: GELU's input (written by GELU_AUX) */
+};
+
+/* The alignment cuBLASLt may count on for a matrix: its pointer's and its rows' (ld) in
+ * bytes, at most 256. Parameters sit at any float offset of the flat buffer, while the
+ * heuristic otherwise assumes 256 and may pick a kernel that faults on less. */
+static uint32_t alignment_of(const void *p, int ld) {
+    const uintptr_t bits = (uintptr_t)p | (uintptr_t)ld * sizeof(float) | 256;
+    return (uint32_t)(bits & (~bits + 1));
+}
+
+static long unfused; /* products cuBLASLt could not fuse */
+
+extern "C" long qs_backend_cuda_unfused(void) { return unfused; }
+
+/* Row-major C[M,N] = epilogue(op(A) op(B)), as gemm() maps it to column-major. False when
+ * cuBLASLt has no algorithm for it (e.g. an aux row not a multiple of 8 floats, or an
+ * epilogue this cuBLASLt lacks for the compute type): the caller does it unfused. */
+template <qs_precision P>
+static bool lt_gemm(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B, int ldb, float *C,
+                    int ldc, epilogue ep) {
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatmulPreference_t pref;
+    QS_CUBLAS(cublasLtMatmulDescCreate(&desc, compute_type(P), CUDA_R_32F));
+    /* the column-major product C^T = op(B)^T op(A)^T: cuBLASLt's A is our B */
+    const int32_t opa = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const uint32_t kind = ep.kind;
+    QS_CUBLAS(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
+    QS_CUBLAS(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
+    QS_CUBLAS(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &kind, sizeof kind));
+    if (ep.bias) QS_CUBLAS(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ep.bias,
+                                                          sizeof ep.bias));
+    if (ep.aux) {
+        const int64_t aux_ld = ldc;
+        QS_CUBLAS(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &ep.aux,
+                                                 sizeof ep.aux));
+        QS_CUBLAS(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld));
+    }
+    QS_CUBLAS(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, tb ? K : N, tb ? N : K, ldb));
+    QS_CUBLAS(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, ta ? M : K, ta ? K : M, lda));
+    QS_CUBLAS(cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, N, M, ldc));
+    size_t ws_bytes;
+    void *ws = qs_cuda_blas_workspace(&ws_bytes);
+    const uint64_t ws_max = ws_bytes;
+    const uint32_t align[4] = {alignment_of(B, ldb), alignment_of(A, lda), alignment_of(C, ldc),
+                               alignment_of(C, ldc)};
+    QS_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+    QS_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_max,
+                                                   sizeof ws_max));
+    for (int i = 0; i < 4; i++)
+        QS_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+            pref, (cublasLtMatmulPreferenceAttributes_t)(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES + i), &align[i],
+            sizeof align[i]));
+    cublasLtMatmulHeuristicResult_t found;
+    int n_found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(qs_cuda_blas_lt(), desc, la, lb, lc, lc, pref, 1, &found,
+                                                             &n_found);
+    const bool ok = st == CUBLAS_STATUS_SUCCESS && n_found > 0;
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED && !ok) QS_CUBLAS(st);
+    unfused += !ok;
+    if (ok) {
+        const float one = 1.0f, zero = 0.0f;
+        QS_CUBLAS(cublasLtMatmul(qs_cuda_blas_lt(), desc, &one, B, la, A, lb, &zero, C, lc, C, lc, &found.algo, ws,
+                                 ws_bytes, 0));
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(lc);
+    cublasLtMatmulDescDestroy(desc);
+    return ok;
+}
+
 __global__ static void add_bias_kernel(float *out, const float *bias, size_t N, int n_out) {
     QS_GRID_LOOP(i, N * n_out) out[i] += bias[i % n_out];
+}
+
+/* out = inp @ W (+ bias), through cuBLASLt when it has the epilogue, else a GEMM and the
+ * bias kernel; aux given: GELU too, out = gelu(aux), aux = inp @ W + bias. */
+template <qs_precision P>
+static void linear_forward(float *out, float *aux, const float *inp, const float *w, const float *bias, int N, int n_in,
+                           int n_out, qs_weight_layout layout) {
+    if (N <= 0) return;
+    const int out_in = layout == QS_W_OUT_IN;
+    const int ldw = out_in ? n_in : n_out;
+    epilogue ep = {bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, bias, NULL};
+    if (aux) ep = {bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, bias, aux};
+    if (lt_gemm<P>(0, out_in, N, n_out, n_in, inp, n_in, w, ldw, out, n_out, ep)) return;
+    float *pre = aux ? aux : out;
+    gemm<P>(0, out_in, N, n_out, n_in, 1.0f, inp, n_in, w, ldw, 0.0f, pre, n_out);
+    if (bias) QS_LAUNCH_N(add_bias_kernel, (size_t)N * n_out, pre, bias, (size_t)N, n_out);
+    if (aux) qs_cuda_gelu_forward(out, aux, (size_t)N * n_out);
 }
 
 template <qs_precision P>
 static void matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int n_in, int n_out,
                            qs_weight_layout layout) {
-    if (N <= 0) return;
-    const int out_in = layout == QS_W_OUT_IN;
-    gemm<P>(0, out_in, N, n_out, n_in, 1.0f, inp, n_in, w, out_in ? n_in : n_out, 0.0f, out, n_out);
-    if (bias)
-        QS_LAUNCH_N(add_bias_kernel, (size_t)N * n_out, out, bias, (size_t)N, n_out);
+    linear_forward<P>(out, NULL, inp, w, bias, N, n_in, n_out, layout);
+}
+
+template <qs_precision P>
+static void matmul_gelu_forward(float *pre, float *out, const float *inp, const float *w, const float *bias, int N,
+                                int n_in, int n_out, qs_weight_layout layout) {
+    linear_forward<P>(out, pre, inp, w, bias, N, n_in, n_out, layout);
 }
 
 template <qs_precision P>
@@ -67,6 +167,21 @@ static void matmul_backward(float *dinp, float *dw, float *dbias, const float *d
             gemm<P>(1, 0, n_in, n_out, N, 1.0f, inp, n_in, dout, n_out, 1.0f, dw, n_out);
     }
     qs_colsum(matrix_term{dout, n_out}, N, n_out, dbias, n_out, NULL);
+}
+
+template <qs_precision P>
+static void matmul_backward_dgelu(float *dpre, float *dw, float *dbias, const float *dout, const float *act,
+                                  const float *pre, const float *w, int N, int n_in, int n_out,
+                                  qs_weight_layout layout) {
+    if (N <= 0) return;
+    const int out_in = layout == QS_W_OUT_IN, ldw = out_in ? n_in : n_out;
+    /* dpre[N,n_in] = gelu'(pre) * (dout[N,n_out] @ W^T) */
+    if (!lt_gemm<P>(0, !out_in, N, n_in, n_out, dout, n_out, w, ldw, dpre, n_in,
+                    epilogue{CUBLASLT_EPILOGUE_DGELU, NULL, pre})) {
+        gemm<P>(0, !out_in, N, n_in, n_out, 1.0f, dout, n_out, w, ldw, 0.0f, dpre, n_in);
+        qs_cuda_gelu_grad_scale(dpre, pre, (size_t)N * n_in);
+    }
+    matmul_backward<P>(NULL, dw, dbias, dout, act, w, N, n_in, n_out, layout);
 }
 
 /* ---- grouped: an MoE layer's experts, each group its own rows and weight ----
@@ -231,6 +346,8 @@ template <qs_precision P> static void set_matmul_ops(qs_ops *ops) {
     ops->matmul_forward = matmul_forward<P>;
     ops->matmul_backward = matmul_backward<P>;
     ops->matmul_acc = matmul_acc<P>;
+    ops->matmul_gelu_forward = matmul_gelu_forward<P>;
+    ops->matmul_backward_dgelu = matmul_backward_dgelu<P>;
     ops->matmul_grouped_forward = matmul_grouped_forward<P>;
     ops->matmul_grouped_backward = matmul_grouped_backward<P>;
 }

@@ -370,6 +370,47 @@ static void test_matmul(void **state) {
     assert_true(dw == 0.5f && db == 0.25f);
 }
 
+/* The GELU-fused pair is the separate ops' composition on the CPU, bit for bit: the
+ * CUDA backend fuses them, its parity harness compares it with these. dpre is written
+ * over whatever it held (NaN here); dw and dbias accumulate. */
+static void test_matmul_gelu(void **state) {
+    (void)state;
+    for (int layout = QS_W_IN_OUT; layout <= QS_W_OUT_IN; layout++) {
+        const int N = rnd_int(1, 29), C = rnd_int(1, 17), H = rnd_int(1, 40);
+        const qs_weight_layout l = (qs_weight_layout)layout;
+        float *x = rnd_tensor((size_t)N * C, -2, 2), *w1 = rnd_tensor((size_t)C * H, -1, 1);
+        float *b1 = rnd_tensor((size_t)H, -1, 1), *w2 = rnd_tensor((size_t)H * C, -1, 1);
+        float *dout = rnd_tensor((size_t)N * C, -1, 1), *dw = rnd_tensor((size_t)H * C, -1, 1);
+        float *db = rnd_tensor((size_t)C, -1, 1);
+        float *pre = alloc_f((size_t)N * H), *out = alloc_f((size_t)N * H), *dpre = alloc_f((size_t)N * H);
+        float *want_pre = alloc_f((size_t)N * H), *want_out = alloc_f((size_t)N * H);
+        float *want_d = alloc_f((size_t)N * H), *mid = alloc_f((size_t)N * H);
+        float *want_dw = alloc_f((size_t)H * C), *want_db = alloc_f((size_t)C);
+        memcpy(want_dw, dw, (size_t)H * C * sizeof(float));
+        memcpy(want_db, db, (size_t)C * sizeof(float));
+        ops->matmul_forward(want_pre, x, w1, b1, N, C, H, l);
+        ops->gelu_forward(want_out, want_pre, (size_t)N * H);
+        ops->matmul_gelu_forward(pre, out, x, w1, b1, N, C, H, l);
+        assert_memory_equal(pre, want_pre, (size_t)N * H * sizeof(float));
+        assert_memory_equal(out, want_out, (size_t)N * H * sizeof(float));
+        memset(mid, 0, (size_t)N * H * sizeof(float));
+        memset(want_d, 0, (size_t)N * H * sizeof(float));
+        ops->matmul_backward(mid, want_dw, want_db, dout, out, w2, N, H, C, l);
+        ops->gelu_backward(want_d, pre, mid, (size_t)N * H);
+        for (size_t i = 0; i < (size_t)N * H; i++) dpre[i] = NAN;
+        ops->matmul_backward_dgelu(dpre, dw, db, dout, out, pre, w2, N, H, C, l);
+        assert_memory_equal(dpre, want_d, (size_t)N * H * sizeof(float));
+        assert_memory_equal(dw, want_dw, (size_t)H * C * sizeof(float));
+        assert_memory_equal(db, want_db, (size_t)C * sizeof(float));
+        free(x), free(w1), free(b1), free(w2), free(dout), free(dw), free(db), free(pre), free(out), free(dpre);
+        free(want_pre), free(want_out), free(want_d), free(mid), free(want_dw), free(want_db);
+    }
+    float w = 1.0f, dw = 0.5f; /* N = 0: nothing */
+    ops->matmul_gelu_forward(NULL, NULL, NULL, &w, &w, 0, 1, 1, QS_W_IN_OUT);
+    ops->matmul_backward_dgelu(NULL, &dw, NULL, NULL, NULL, NULL, &w, 0, 1, 1, QS_W_IN_OUT);
+    assert_true(dw == 0.5f);
+}
+
 /* ---- grouped matmul (MoE experts) ---- */
 
 typedef struct {
@@ -1314,7 +1355,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_backend_memory),  cmocka_unit_test(test_embed),
         cmocka_unit_test(test_layernorm),       cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_matmul_grouped),
+        cmocka_unit_test(test_matmul_gelu),     cmocka_unit_test(test_matmul_grouped),
         cmocka_unit_test(test_attention),       cmocka_unit_test(test_gelu_relu),
         cmocka_unit_test(test_residual_layernorm),             cmocka_unit_test(test_dropout),
         cmocka_unit_test(test_xent),            cmocka_unit_test(test_topk),

@@ -19,14 +19,20 @@ void qs_cpu_gelu_forward(float *out, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = inp[i] * gelu_sigmoid(inp[i]);
 }
 
+/* d/dx [x s(2u)] = s + x * 2 s (1 - s) * du/dx */
+static inline float gelu_grad(float x) {
+    const float s = gelu_sigmoid(x), du = GELU_K * (1.0f + 3.0f * GELU_A * x * x);
+    return s + 2.0f * x * s * (1.0f - s) * du;
+}
+
 void qs_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
 #pragma omp parallel for simd schedule(static) if (n >= QS_CPU_PAR_MIN)
-    for (size_t i = 0; i < n; i++) {
-        const float x = inp[i], s = gelu_sigmoid(x);
-        /* d/dx [x s(2u)] = s + x * 2 s (1 - s) * du/dx */
-        const float du = GELU_K * (1.0f + 3.0f * GELU_A * x * x);
-        dinp[i] += dout[i] * (s + 2.0f * x * s * (1.0f - s) * du);
-    }
+    for (size_t i = 0; i < n; i++) dinp[i] += dout[i] * gelu_grad(inp[i]);
+}
+
+void qs_cpu_gelu_grad_scale(float *d, const float *pre, size_t n) {
+#pragma omp parallel for simd schedule(static) if (n >= QS_CPU_PAR_MIN)
+    for (size_t i = 0; i < n; i++) d[i] = d[i] * gelu_grad(pre[i]);
 }
 
 void qs_cpu_relu_forward(float *out, const float *inp, size_t n) {

@@ -60,6 +60,11 @@ void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const f
                            int n_in, int n_out, qs_weight_layout layout);
 void qs_cpu_matmul_acc(float *out, const float *inp, const float *w, float alpha, int N, int n_in, int n_out,
                        qs_weight_layout layout);
+void qs_cpu_matmul_gelu_forward(float *pre, float *out, const float *inp, const float *w, const float *bias, int N,
+                                int n_in, int n_out, qs_weight_layout layout);
+void qs_cpu_matmul_backward_dgelu(float *dpre, float *dw, float *dbias, const float *dout, const float *act,
+                                  const float *pre, const float *w, int N, int n_in, int n_out,
+                                  qs_weight_layout layout);
 void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                             const float *inp, const float *w, int N, int n_in, int n_out,
                             qs_weight_layout layout);
@@ -90,6 +95,8 @@ void qs_cpu_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C)
 /* activation.c */
 void qs_cpu_gelu_forward(float *out, const float *inp, size_t n);
 void qs_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+/* d[i] = d[i] * gelu'(pre[i]): the GELU's backward in place, for matmul_backward_dgelu */
+void qs_cpu_gelu_grad_scale(float *d, const float *pre, size_t n);
 void qs_cpu_relu_forward(float *out, const float *inp, size_t n);
 void qs_cpu_relu_backward(float *dinp, const float *inp, const float *dout, size_t n);
 void qs_cpu_dropout_forward(float *out, const float *inp, float p, uint64_t seed, uint64_t stream,

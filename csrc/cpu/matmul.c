@@ -7,6 +7,7 @@
 #include <omp.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_ops.h"
 
@@ -80,6 +81,24 @@ void qs_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
             }
         }
     }
+}
+
+/* The CPU has no epilogue to fuse into: the GELU is its own pass, with the bits of the
+ * separate ops. */
+void qs_cpu_matmul_gelu_forward(float *pre, float *out, const float *inp, const float *w, const float *bias, int N,
+                                int n_in, int n_out, qs_weight_layout layout) {
+    qs_cpu_matmul_forward(pre, inp, w, bias, N, n_in, n_out, layout);
+    qs_cpu_gelu_forward(out, pre, N > 0 ? (size_t)N * n_out : 0);
+}
+
+void qs_cpu_matmul_backward_dgelu(float *dpre, float *dw, float *dbias, const float *dout, const float *act,
+                                  const float *pre, const float *w, int N, int n_in, int n_out,
+                                  qs_weight_layout layout) {
+    if (N <= 0) return;
+    const size_t n = (size_t)N * n_in;
+    memset(dpre, 0, n * sizeof *dpre);
+    qs_cpu_matmul_backward(dpre, dw, dbias, dout, act, w, N, n_in, n_out, layout);
+    qs_cpu_gelu_grad_scale(dpre, pre, n);
 }
 
 /* Each group's rows through its slice of the stacked weights, as a matmul of its own.

@@ -51,5 +51,8 @@ const qs_backend *qs_backend_cpu(void);
  * accumulates in fp32; everything else is the same fp32 code); NULL with a one-line
  * qs_error when this build has no CUDA or no device is visible. */
 const qs_backend *qs_backend_cuda(qs_precision precision);
+/* How many linear-layer products the CUDA backend has done unfused because cuBLASLt had
+ * no algorithm for their epilogue (0 without CUDA): tests check that fusion happens. */
+long qs_backend_cuda_unfused(void);
 
 #endif

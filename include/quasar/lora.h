@@ -59,6 +59,8 @@ const qs_lora_config *qs_lora_config_of(const qs_lora *lo);
  * the adapted model starts out equal to its base. Counter RNG (seed, tensor index). */
 int qs_lora_init(qs_lora *lo, uint64_t seed);
 
+/* Whether linear layer `site` of block `layer` has an adapter. */
+bool qs_lora_adapts(const qs_lora *lo, int layer, qs_lora_site site);
 /* Called by the model (csrc/model.c) right after linear layer `site` of block `layer`
  * (for an MoE site: expert e, whose n packed rows start at row0; else e = row0 = 0):
  * y[n, out] += s * drop(x) A^T B^T. Dropout (lora.dropout) only when mode->train, its

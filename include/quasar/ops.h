@@ -122,6 +122,17 @@ typedef struct qs_ops {
     void (*matmul_grouped_backward)(float *dinp, float *dw, float *dbias, const float *dout,
                                     const float *inp, const float *w, const int *offsets,
                                     int groups, int n_in, int n_out);
+    /* A linear layer with GELU after it, pre = inp @ W + bias and out = gelu(pre) (both
+     * [N,n_out]; the CUDA backend fuses them into the GEMM's epilogue). Its partner,
+     * matmul_backward_dgelu, is the backward of the next layer, y = gelu(pre) @ W + bias
+     * with act = gelu(pre) its input [N,n_in]: dw and dbias accumulate as in
+     * matmul_backward, and the input gradient goes on through the GELU,
+     * dpre = gelu'(pre) * (dout @ W^T), which is written, not added. */
+    void (*matmul_gelu_forward)(float *pre, float *out, const float *inp, const float *w, const float *bias,
+                                int N, int n_in, int n_out, qs_weight_layout layout);
+    void (*matmul_backward_dgelu)(float *dpre, float *dw, float *dbias, const float *dout, const float *act,
+                                  const float *pre, const float *w, int N, int n_in, int n_out,
+                                  qs_weight_layout layout);
     /* out[N,n_out] += alpha * inp[N,n_in] @ W, W laid out as for matmul_forward: a GEMM
      * with beta = 1 (LoRA's low-rank path adds into the base layer's output with it). */
     void (*matmul_acc)(float *out, const float *inp, const float *w, float alpha, int N, int n_in,

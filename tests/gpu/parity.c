@@ -34,7 +34,9 @@
  *
  * Last, the grouped products again with the emulated cuBLAS answering that it has no
  * grouped form (QS_EMU_NO_GROUPED; a GPU ignores it and repeats them): the backend's
- * fallback, a GEMM per group.
+ * fallback, a GEMM per group; and the linear layers with the emulated cuBLASLt finding
+ * no algorithm for any epilogue (QS_EMU_NO_LT_EPILOGUE): a GEMM, then the bias and GELU
+ * kernels.
  *
  * Output is TAP: one "ok - ..." or "not ok - ..." line per check (with a "# ..." line
  * saying why), then the plan and a count. Exits non-zero if any check failed or no CUDA
@@ -334,9 +336,10 @@ static void test_layernorm(int N, int C) {
     case_end();
 }
 
-static void test_matmul(int N, int n_in, int n_out, qs_weight_layout layout, int with_bias) {
-    case_begin("matmul N=%d in=%d out=%d %s%s", N, n_in, n_out, layout == QS_W_OUT_IN ? "[out,in]" : "[in,out]",
-               with_bias ? " bias" : "");
+static void test_matmul(const char *label, int N, int n_in, int n_out, qs_weight_layout layout,
+                        int with_bias) {
+    case_begin("matmul %sN=%d in=%d out=%d %s%s", label, N, n_in, n_out,
+               layout == QS_W_OUT_IN ? "[out,in]" : "[in,out]", with_bias ? " bias" : "");
     tensor x = t_rand((size_t)N * n_in, -1, 1), w = t_rand((size_t)n_in * n_out, -1, 1);
     tensor b = t_rand((size_t)n_out, -1, 1);
     tensor out = t_out((size_t)N * n_out);
@@ -355,6 +358,39 @@ static void test_matmul(int N, int n_in, int n_out, qs_weight_layout layout, int
     check("dw", dw, RED);
     check("dbias", db, RED);
     case_end();
+}
+
+/* A feed-forward pair with the GELU fused into its products: [N,C] -> GELU([N,H]) -> [N,C]
+ * forward (pre and out both checked), and the second layer's backward through the GELU
+ * (dpre written over its poison). cuBLASLt fuses only when H is a multiple of 8 (its aux
+ * matrix's rows); other H take the unfused path. */
+static void test_matmul_gelu(const char *label, int N, int C, int H, qs_weight_layout layout, int with_bias) {
+    case_begin("matmul_gelu %sN=%d C=%d H=%d %s%s", label, N, C, H, layout == QS_W_OUT_IN ? "[out,in]" : "[in,out]",
+               with_bias ? " bias" : "");
+    tensor x = t_rand((size_t)N * C, -2, 2), w1 = t_rand((size_t)C * H, -1, 1), b1 = t_rand((size_t)H, -1, 1);
+    tensor pre = t_out((size_t)N * H), out = t_out((size_t)N * H);
+    BOTH(ops->matmul_gelu_forward(F(pre), F(out), F(x), F(w1), with_bias ? F(b1) : NULL, N, C, H, layout));
+    check("pre", pre, RED);
+    check("gelu(pre)", out, RED);
+    tensor w2 = t_rand((size_t)H * C, -1, 1), dout = t_rand((size_t)N * C, -1, 1), dpre = t_out((size_t)N * H);
+    tensor dw = t_acc((size_t)H * C), db = t_acc((size_t)C);
+    BOTH(ops->matmul_backward_dgelu(F(dpre), F(dw), with_bias ? F(db) : NULL, F(dout), F(out), F(pre), F(w2), N, H, C,
+                                    layout));
+    check("dpre", dpre, RED);
+    check("dw", dw, RED);
+    check("dbias", db, RED);
+    case_end();
+}
+
+static void test_epilogue_shapes(const char *label) {
+    const int mm[][3] = {{1, 1, 1}, {7, 5, 3}, {67, 37, 97}, {301, 129, 65}};
+    for (size_t i = 0; i < sizeof mm / sizeof *mm; i++)
+        for (int l = 0; l < 2; l++) test_matmul(label, mm[i][0], mm[i][1], mm[i][2], (qs_weight_layout)l, i != 1 || l);
+    /* H a multiple of 8 (fused) and not (unfused) */
+    const int ff[][3] = {{1, 1, 8}, {7, 5, 30}, {67, 37, 96}, {301, 33, 200}};
+    for (size_t i = 0; i < sizeof ff / sizeof *ff; i++)
+        for (int l = 0; l < 2; l++)
+            test_matmul_gelu(label, ff[i][0], ff[i][1], ff[i][2], (qs_weight_layout)l, i != 1 || l);
 }
 
 /* Grouped products (an MoE layer's experts) over groups of `rows` each (some empty). With
@@ -672,9 +708,13 @@ static void test_ops(void) {
         test_embed(embed[i][0], embed[i][1], embed[i][2], embed[i][3]);
     const int ln[][2] = {{1, 1}, {5, 3}, {67, 97}, {300, 769}};
     for (size_t i = 0; i < sizeof ln / sizeof *ln; i++) test_layernorm(ln[i][0], ln[i][1]);
-    const int mm[][3] = {{1, 1, 1}, {7, 5, 3}, {67, 37, 97}, {301, 129, 65}};
-    for (size_t i = 0; i < sizeof mm / sizeof *mm; i++)
-        for (int l = 0; l < 2; l++) test_matmul(mm[i][0], mm[i][1], mm[i][2], (qs_weight_layout)l, i != 1 || l);
+    const long unfused = qs_backend_cuda_unfused();
+    test_epilogue_shapes("");
+    /* every epilogue fused but the GELU pair's at H = 30, forward and backward, both layouts */
+    case_begin("cuBLASLt fused every epilogue it can (not the aux rows of 30 floats: 4 products)");
+    if (qs_backend_cuda_unfused() - unfused != 4)
+        fail("%ld products went unfused, expected 4", qs_backend_cuda_unfused() - unfused);
+    case_end();
     test_matmul_grouped_shapes("grouped");
     /* every tile width of the fused kernels (32, 64, 128, 256), T = 1 and T off every tile */
     const int at[][4] = {{1, 1, 1, 1},    {2, 7, 3, 5},     {3, 37, 2, 13},  {2, 130, 3, 11},
@@ -1099,6 +1139,11 @@ done:
 static void test_models(void) {
     qs_model_config dense = gpt_config();
     test_gpt("dense gelu, dropout", &dense);
+    /* F = 32, a multiple of 8: the GELU fused into cuBLASLt's epilogues (F = 30 above is not) */
+    qs_model_config fused = gpt_config();
+    fused.n_embd = 16;
+    fused.n_head = 4;
+    test_gpt("dense gelu, F = 32 (fused epilogues), dropout", &fused);
     qs_model_config moe = moe_config();
     test_gpt("moe noisy top-2, capacity 1.0, dropout", &moe);
     qs_model_config qc = gpt_config();
@@ -1140,6 +1185,8 @@ int main(void) {
     bf16 = false;
     setenv("QS_EMU_NO_GROUPED", "1", 1);
     test_matmul_grouped_shapes("(emulator: no grouped cuBLAS, a GEMM per group)");
+    setenv("QS_EMU_NO_LT_EPILOGUE", "1", 1);
+    test_epilogue_shapes("(emulator: no cuBLASLt epilogues, unfused) ");
     printf("1..%d\n# %d passed, %d failed\n", passed + failed, passed, failed);
     return failed ? 1 : 0;
 }
