@@ -77,6 +77,49 @@ static void gemm_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
     o->matmul_backward(f[3], f[4], NULL, f[0], f[1], f[2], d->N, d->C, d->F, QS_W_IN_OUT);
 }
 
+/* ---- a feed-forward's GELU fused into its products, and the same work unfused ----
+ * Forward: pre = inp W + b and gelu(pre) [N,F] (matmul_gelu_forward; unfused the GEMM with
+ * its bias, then gelu_forward). Backward of the next layer [N,F] -> [N,C] through the GELU
+ * (matmul_backward_dgelu; unfused matmul_backward into a buffer, then gelu_backward,
+ * without the zeroing the model does first). The pairs share a plan, so their times
+ * compare directly: on a GPU the fused rows are cuBLASLt's epilogues. */
+
+static void ffn_fwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C, F = d->F;
+    bufs(p, 5, (size_t[]){N * C, C * F, F, N * F, N * F}, 0, NULL);
+    p->flops = 2.0 * N * C * F;
+    p->bytes = 4.0 * (N * C + C * F + F + 2 * N * F);
+    snprintf(p->shape, sizeof p->shape, "N=%d in=%d out=%d", d->N, d->C, d->F);
+}
+static void ffn_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->matmul_gelu_forward(f[3], f[4], f[0], f[1], f[2], d->N, d->C, d->F, QS_W_IN_OUT);
+}
+static void ffn_fwd_unfused_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->matmul_forward(f[3], f[0], f[1], f[2], d->N, d->C, d->F, QS_W_IN_OUT);
+    o->gelu_forward(f[4], f[3], (size_t)d->N * d->F);
+}
+
+/* dout [N,C], act and pre [N,F], W [F,C], dpre [N,F], dW, dbias, and the unfused path's
+ * [N,F] buffer for dout W^T */
+static void ffn_bwd_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C, F = d->F;
+    bufs(p, 8, (size_t[]){N * C, N * F, N * F, F * C, N * F, F * C, C, N * F}, 0, NULL);
+    p->flops = 4.0 * N * C * F; /* dpre and dW */
+    p->bytes = 4.0 * (N * C + 2 * N * F + F * C + N * F + 2 * F * C + 2 * C);
+    snprintf(p->shape, sizeof p->shape, "N=%d in=%d out=%d", d->N, d->F, d->C);
+}
+static void ffn_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->matmul_backward_dgelu(f[4], f[5], f[6], f[0], f[1], f[2], f[3], d->N, d->F, d->C, QS_W_IN_OUT);
+}
+static void ffn_bwd_unfused_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->matmul_backward(f[7], f[5], f[6], f[0], f[1], f[3], d->N, d->F, d->C, QS_W_IN_OUT);
+    o->gelu_backward(f[4], f[2], f[7], (size_t)d->N * d->F);
+}
+
 /* ---- causal attention as the model runs it: whole sequences as one block ----
  * FLOPs over the T(T+1)/2 visible pairs of each head: forward QK^T and PV; backward
  * FlashAttention's count, 2.5x the forward (QK^T recomputed, dP, dQ, dK, dV). */
@@ -270,6 +313,10 @@ static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 static const kcase CASES[] = {
     {"gemm_fwd", GEMM_DIMS, gemm_fwd_plan, NULL, gemm_fwd_run},
     {"gemm_bwd", GEMM_DIMS, gemm_bwd_plan, NULL, gemm_bwd_run},
+    {"ffn_gelu_fwd", GEMM_DIMS, ffn_fwd_plan, NULL, ffn_fwd_run},
+    {"ffn_gelu_fwd_unfused", GEMM_DIMS, ffn_fwd_plan, NULL, ffn_fwd_unfused_run},
+    {"ffn_gelu_bwd", GEMM_DIMS, ffn_bwd_plan, NULL, ffn_bwd_run},
+    {"ffn_gelu_bwd_unfused", GEMM_DIMS, ffn_bwd_plan, NULL, ffn_bwd_unfused_run},
     {"attention_fwd", ATT_DIMS, att_fwd_plan, NULL, att_fwd_run},
     {"attention_bwd", ATT_DIMS, att_bwd_plan, NULL, att_bwd_run},
     {"moe_route_dispatch", MOE_DIMS, moe_route_plan, NULL, moe_route_run},
