@@ -155,7 +155,7 @@ static int cmd_train(int argc, char **argv) {
 
 static const char *FINETUNE_HELP =
     "usage: quasar finetune --config FILE --base CKPT_DIR [--set key=value]... [--out DIR]\n"
-    "                       [--resume DIR] [--until STEP]\n"
+    "                       [--resume DIR] [--device cpu|cuda] [--until STEP]\n"
     "  LoRA: trains low-rank adapters (config section lora: r, alpha, dropout, targets, rslora)\n"
     "  over the frozen base model; the base checkpoint is only read.\n"
     "  --config FILE   JSON config with train, data and lora sections (the model is the base's;\n"
@@ -165,16 +165,18 @@ static const char *FINETUNE_HELP =
     "  --out DIR       run folder (default runs/finetune); its checkpoints hold\n"
     "                  adapter_model.safetensors + adapter_config.json (PEFT style)\n"
     "  --resume DIR    continue the finetune run in DIR (with the same --base)\n"
+    "  --device D      cpu (default) or cuda, as for train (the base is frozen there too)\n"
     "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
 
 static int cmd_finetune(int argc, char **argv) {
-    const char *config = NULL, *out = NULL, *resume = NULL, *base = NULL;
+    const char *config = NULL, *out = NULL, *resume = NULL, *base = NULL, *device = "cpu";
     int until = 0, help;
     str_list sets = {0};
     opt_spec specs[] = {
         {"--config", OPT_STR, &config, 0, 0}, {"--set", OPT_LIST, &sets, 0, 0},
         {"--out", OPT_STR, &out, 0, 0},       {"--resume", OPT_STR, &resume, 0, 0},
         {"--base", OPT_STR, &base, 0, 0},     {"--until", OPT_INT, &until, 1, INT_MAX},
+        {"--device", OPT_STR, &device, 0, 0},
     };
     int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
     if (rc || help) {
@@ -208,7 +210,7 @@ static int cmd_finetune(int argc, char **argv) {
     if (!rc) rc = qs_config_validate(&cfg);
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/finetune", .resume = resume != NULL,
                             .until_step = until, .base_dir = base_step, .base = &f, .base_chars = chars};
-    if (!rc) rc = train_on_world("cpu", &cfg, &opt);
+    if (!rc) rc = train_on_world(device, &cfg, &opt);
     qs_st_free(&f);
     free(chars);
     return rc ? qs_cli_fail() : 0;

@@ -60,6 +60,32 @@ else
   not_ok "the CUDA run's checkpoint evaluates on the CPU as the CPU run's does" "$(cat eval_cpu.txt eval_cuda.txt)"
 fi
 
+# LoRA on the device: adapters over the CPU run's checkpoint (frozen there too) give the
+# CPU finetune's losses, and adapter weights the CPU build reads alike
+cat >ft.json <<JSON
+{"train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "eval_interval": 3,
+           "eval_iters": 2, "sample_tokens": 0, "seed": 5},
+ "data": {"path": "$WORK/corpus.txt"},
+ "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targets": "q,v,proj,fc,fc_proj"}}
+JSON
+"$QUASAR" finetune --config ft.json --base cpu --out ft_cpu >ft_cpu.log 2>&1 || not_ok "cpu finetune" "$(tail -3 ft_cpu.log)"
+if "$emu/quasar" finetune --config ft.json --base cpu --device cuda --out ft_cuda >ft_cuda.log 2>&1 &&
+  ! sanitizer_report ft_cuda.log && grep -q " on cuda$" ft_cuda.log &&
+  out=$(close ft_cpu/metrics.jsonl ft_cuda/metrics.jsonl 1e-4 2>&1) &&
+  "$QUASAR" eval --model cpu --adapter ft_cpu >ev_ft_cpu.txt 2>&1 &&
+  "$QUASAR" eval --model cpu --adapter ft_cuda >ev_ft_cuda.txt 2>&1 &&
+  python3 - ev_ft_cpu.txt ev_ft_cuda.txt <<'PY'
+import json, sys
+a, b = ([json.loads(l) for l in open(f) if l.startswith("{")][-1]["val_loss"] for f in sys.argv[1:3])
+assert abs(a - b) <= 1e-4 * a, (a, b)
+PY
+then
+  ok "quasar finetune --device cuda: LoRA losses match the CPU finetune's, and its adapter evaluates alike"
+else
+  not_ok "quasar finetune --device cuda: LoRA losses match the CPU finetune's, and its adapter evaluates alike" \
+    "$(grep -v WARNING ft_cuda.log | tail -3) ${out:-} $(cat ev_ft_cpu.txt ev_ft_cuda.txt 2>/dev/null | head -4)"
+fi
+
 # bf16 products: the same run within bf16's 2e-2, on a backend that says what it computes in
 bf=(--set train.precision=bf16)
 if "$emu/quasar" train "${args[@]}" "${bf[@]}" --device cuda --out bf16 >bf16.log 2>&1 && ! sanitizer_report bf16.log &&

@@ -92,6 +92,7 @@ expect_error "unknown target" "lora.targets: unknown target 'qq'" "$QUASAR" fine
 expect_error "experts on a dense model" "lora.targets: experts needs an MoE model" "$QUASAR" finetune --config r2.json --base base_dense --out x5 --set lora.targets=experts
 expect_error "fc on an MoE model" "use experts" "$QUASAR" finetune --config r2.json --base base_moe --out x6 --set lora.targets=fc
 expect_error "an architecture change" "model: the architecture is the base checkpoint's" "$QUASAR" finetune --config r2.json --base base_dense --out x7 --set model.n_layer=3
+expect_error "an unknown --device" "--device: expected cpu or cuda, got 'tpu'" "$QUASAR" finetune --config r2.json --base base_dense --out x_dev --device tpu
 printf 'Speak ~ citizens\n%.0s' $(seq 1 40) >alien.txt
 expect_error "characters outside the base's vocabulary" "byte 0x7e at offset 6 is not in the vocabulary" "$QUASAR" finetune --config r2.json --base base_dense --out x8 --set data.path="$WORK/alien.txt"
 expect_error "generate with a missing adapter" "--adapter: no checkpoint in 'nowhere'" "$QUASAR" generate --model base_dense --adapter nowhere
