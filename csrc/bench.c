@@ -302,7 +302,7 @@ typedef struct bench_args {
     int n_sets;
     int steps, warmup, repeats, prompt_tokens, new_tokens;
     qs_bench_moe_shape moe; /* 0: the --shape's default */
-    bool json, quick;
+    bool json, quick, lora;
     int argc; /* the arguments after "bench", for the record's "command" */
     char **argv;
 } bench_args;
@@ -430,9 +430,12 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
     const char *unit = lm ? "tokens" : "images";
     char metric[256], name[64];
     if (!a->json) {
-        fprintf(out, "quasar bench train: %s (%s, %zu parameters) on %s, %d threads\n", a->config,
-                cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n, t->params->be->name,
-                omp_get_max_threads());
+        fprintf(out, "quasar bench train: %s (%s, %zu %sparameters) on %s, %d threads\n", a->config,
+                cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n,
+                a->lora ? "trainable LoRA " : "", t->params->be->name, omp_get_max_threads());
+        if (a->lora)
+            fprintf(out, "  lora        r %d, targets %s, over a frozen base of random weights\n", cfg->lora.r,
+                    cfg->lora.targets);
         char batch[64];
         if (lm) snprintf(batch, sizeof batch, "%d x %d tokens", tc->batch_size, t->items_per_sample);
         else snprintf(batch, sizeof batch, "%d images", tc->batch_size);
@@ -458,6 +461,11 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
                  "\"items_per_sample\": %d}",
             cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n, tc->batch_size, t->micro_B,
             t->items_per_sample);
+    if (a->lora)
+        fprintf(out, ", \"lora\": {\"r\": %d, \"alpha\": %g, \"targets\": \"%s\", \"rslora\": %s}", cfg->lora.r,
+                cfg->lora.alpha, cfg->lora.targets, cfg->lora.rslora ? "true" : "false");
+    else
+        fputs(", \"lora\": null", out);
     fprintf(out, ", \"steps\": %d, \"warmup\": %d, \"flops_per_item\": %.0f, \"flops_per_step\": %.0f", a->steps,
             a->warmup, flops_item, flops_step);
     fprintf(out, ", \"step_ms\": {\"median\": %.4f, \"p10\": %.4f, \"p90\": %.4f, \"min\": %.4f, \"max\": %.4f}",
@@ -509,7 +517,9 @@ static int bench_train(const bench_args *a) {
     qs_task task;
     qs_adamw opt = {0};
     double *step_ms = malloc((size_t)a->steps * sizeof *step_ms), loss0 = NAN, loss1 = NAN;
-    if (qs_task_open(&task, &cfg, NULL, &(qs_task_place){.micro_B = B, .be = be, .optim_shards = 1})) {
+    const qs_task_place place = {.micro_B = B, .be = be, .optim_shards = 1};
+    if (a->lora ? qs_task_open_lora(&task, &cfg, NULL, NULL, "bench train --lora", NULL, &place)
+                : qs_task_open(&task, &cfg, NULL, &place)) {
         free(step_ms);
         return qs_cli_fail();
     }
@@ -718,7 +728,7 @@ static const char *BENCH_HELP =
 
 static const char *TRAIN_HELP =
     "usage: quasar bench train --config FILE [--set key=value]... [--steps N] [--warmup N]\n"
-    "                          [--device cpu|cuda] [--quick] [--json]\n"
+    "                          [--device cpu|cuda] [--lora] [--quick] [--json]\n"
     "  Runs --warmup untimed, then --steps timed optimizer steps (forward + backward over the\n"
     "  micro-batches, global norm, AdamW) of the config's model on its data; nothing is written.\n"
     "  MFU = model FLOP/s (formula: docs/ARCHITECTURE.md) / a square GEMM measured at start on\n"
@@ -726,6 +736,9 @@ static const char *TRAIN_HELP =
     "  bf16 products on cuda). Memory: peak RSS on the CPU, the device memory the run holds\n"
     "  on a GPU.\n"
     "  --steps N    timed steps (default 20)     --warmup N   untimed steps first (default 3)\n"
+    "  --lora       LoRA fine-tuning instead (the config's lora section over a frozen base of\n"
+    "               random weights): the same records, to set beside the full run's. Its FLOP\n"
+    "               figures stay the full step's formula, the work that LoRA stands in for.\n"
     "  --quick      a 256^3 ceiling: a smoke run, not a measurement\n";
 
 static const char *KERNELS_HELP =
@@ -780,7 +793,7 @@ int qs_cli_bench(int argc, char **argv) {
         const arg_spec spec[] = {{"--config", ARG_STR, &a.config, 0, 0}, {"--set", ARG_SET, &a, 0, 0},
                                  {"--steps", ARG_INT, &a.steps, 1, 1000000}, {"--warmup", ARG_INT, &a.warmup, 0, 1000000},
                                  {"--device", ARG_STR, &a.device, 0, 0}, {"--quick", ARG_FLAG, &a.quick, 0, 0},
-                                 {"--json", ARG_FLAG, &a.json, 0, 0}};
+                                 {"--lora", ARG_FLAG, &a.lora, 0, 0},    {"--json", ARG_FLAG, &a.json, 0, 0}};
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, TRAIN_HELP);
         return rc >= 0 ? rc : bench_train(&a);
     }

@@ -85,7 +85,7 @@ int qs_task_open_image(qs_task *t, qs_config *cfg, const qs_task_place *place);
 /* LoRA: the GPT of cfg->model with the tensors of base (the opened model.safetensors of
  * the checkpoint base_dir) frozen, and adapters per cfg->lora as task.params: new ones,
  * or with adapter_dir those of that adapter checkpoint (whose lora settings then replace
- * cfg->lora). */
+ * cfg->lora). base NULL: a base of random weights (train.seed), for `bench train --lora`. */
 int qs_task_open_lora(qs_task *t, qs_config *cfg, const char *chars_json, const qs_st_file *base,
                       const char *base_dir, const char *adapter_dir, const qs_task_place *place);
 

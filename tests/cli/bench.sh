@@ -27,6 +27,20 @@ assert r["backend"] == "cpu" and r["device"].startswith("cpu-") and r["peak_mem_
 expect_ok "bench train: table output" $Q bench train --config tiny.json --steps 2 --warmup 0
 grep -q 'MFU' "$WORK/out" && ok "bench train: the table reports MFU" || not_ok "bench train: the table reports MFU" "$(cat "$WORK/out")"
 
+# LoRA over a frozen base: the base is the full run's random init and B starts at zero, so
+# the first loss is the full run's; only the adapters train (r 4 on q and v of 2 layers:
+# 2 x 2 x 4 x (16 + 16) = 512 parameters)
+expect_ok "bench train --lora: --json" $Q bench train --config tiny.json --steps 3 --warmup 1 --lora --set lora.r=4 --json
+cp "$WORK/out" lora.json
+json_check "bench train --lora: adapters only, the full run's first loss, the same FLOP count" lora.json '
+full = json.load(open("train.json"))
+assert r["lora"] == {"r": 4, "alpha": 16, "targets": "q,v", "rslora": False}, r["lora"]
+assert full["lora"] is None, full["lora"]
+assert r["model"]["params"] == 512, r["model"]
+assert r["loss_first"] == full["loss_first"], (r["loss_first"], full["loss_first"])
+assert r["flops_per_item"] == full["flops_per_item"], r["flops_per_item"]
+assert set(v) == {e["name"] for e in full["results"]}, v'
+
 expect_ok "bench kernels: --quick --json" $Q bench kernels --quick --repeats 3 --json
 cp "$WORK/out" kernels.json
 json_check "bench kernels: every op has positive FLOP/s, bytes/s and fractions of the ceilings" kernels.json '
