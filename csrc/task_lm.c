@@ -258,7 +258,8 @@ int qs_task_open_lora(qs_task *task, qs_config *cfg, const char *chars_json, con
     if (open_lm(task, cfg, chars_json, place, true)) return -1;
     lm_task *t = task->self;
     snprintf(t->base_dir, sizeof t->base_dir, "%s", base_dir);
-    int rc = base ? qs_checkpoint_load_weights(qs_gpt_params(t->m), base, base_dir) : qs_gpt_init(t->m, cfg->train.seed);
+    int rc = base ? qs_checkpoint_load_weights(qs_gpt_params(t->m), base, base_dir)
+                  : qs_gpt_init(t->m, cfg->train.seed);
     if (!rc) rc = qs_lora_create(&t->lora, &cfg->lora, t->m);
     if (!rc && adapter_dir) rc = qs_lora_load(t->lora, adapter_dir);
     if (rc) {
