@@ -365,19 +365,17 @@ int qs_checkpoint_load_weights(qs_params *ps, const qs_st_file *f, const char *w
             if (qs_params_find(ps, f->tensors[i].name) < 0) return qs_error("%s: unexpected tensor '%s' for this model", what, f->tensors[i].name);
         }
     }
-    float *host = malloc(ps->n * sizeof(float));
-    if (!host) return qs_error("out of memory loading '%s'", what);
+    /* every tensor checked before any is written, then each written from the file's own
+     * buffer: no staging copy of the whole table */
+    for (int i = 0; i < n; i++) {
+        const qs_param_info *p = &ps->info[i];
+        if (!find_f32(f, what, p->name, p->ndim, p->shape)) return -1;
+    }
     for (int i = 0; i < n; i++) {
         const qs_param_info *p = &ps->info[i];
         const qs_st_tensor *t = find_f32(f, what, p->name, p->ndim, p->shape);
-        if (!t) {
-            free(host);
-            return -1;
-        }
-        memcpy(host + p->offset, t->data, t->nbytes);
+        ps->be->upload(ps->data + p->offset, t->data, t->nbytes);
     }
-    qs_params_upload(ps, host);
-    free(host);
     return 0;
 }
 

@@ -23,7 +23,8 @@ typedef struct layer_params {
     int router_w, router_b, noise_w, noise_b;
 } layer_params;
 
-/* Saved forward activations of one block. */
+/* Forward activations of one block. ln1, ln2, attproj and ffout (and fch_act under
+ * recompute_ffn) point into buffers all blocks share (see carve). */
 typedef struct layer_acts {
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *attproj, *res_mid; /* lse [B,NH,T] */
     float *fa, *fb; /* quadconv mixer: the two factors (inside qkv's room) */
@@ -55,11 +56,17 @@ struct qs_gpt {
     qs_mem_plan plan;  /* this model's memory (no optimizer) */
     float **res; /* [L+1] residual stream [N,C] */
     layer_acts *la;
-    float *lnf, *lnf_mean, *lnf_rstd, *logits, *losses;
+    float *lnf, *lnf_mean, *lnf_rstd, *losses;
+    /* The classifier runs over chunks of logit_rows rows, so the [N, V] logits (the
+     * largest activation) never exist whole in training: logits holds one chunk.
+     * logits_all, made on the first forward without targets that needs it, holds every
+     * row; shown is the last forward's logits (qs_gpt_logits), NULL after a loss. */
+    float *logits, *logits_all, *shown;
+    int logit_rows;
     int *tok, *pos, *tgt; /* per row: token, position, target */
     int *slots;           /* decoding: each row's KV-cache slot */
     /* backward scratch */
-    float *dres, *dln, *dbranch, *datty, *dqkv; /* no dlogits: xent_backward overwrites logits */
+    float *dres, *dln, *dbranch, *datty, *dqkv; /* dln: the forward leaves ln_f's gradient in it */
     float *delta; /* attention's row term [B,NH,T] */
     float *dF1, *dF2;        /* [max(N, N*K), F] */
     float *dxe, *dye, *dgate; /* MoE packed */
@@ -190,9 +197,13 @@ static void carve(qs_gpt *m, qs_plan *p) {
     for (int l = 0; l <= m->L; l++) m->res[l] = qs_plan_f(p, N * C);
     /* recompute_ffn: every layer's activation output in one buffer, made again in backward */
     float *shared_act = m->cfg.recompute_ffn ? qs_plan_f(p, NK * F) : NULL;
+    /* What no backward reads is not kept per layer: the branch outputs (added into the
+     * stream at once), and the LayerNorms' outputs (made again from the stream and the
+     * saved statistics when a backward needs them). */
+    float *branch = qs_plan_f(p, N * C), *shared_ln1 = qs_plan_f(p, N * C), *shared_ln2 = qs_plan_f(p, N * C);
     for (int l = 0; l < m->L; l++) {
         layer_acts *a = &m->la[l];
-        a->ln1 = qs_plan_f(p, N * C);
+        a->ln1 = shared_ln1;
         a->ln1_mean = qs_plan_f(p, N);
         a->ln1_rstd = qs_plan_f(p, N);
         a->qkv = qs_plan_f(p, N * 3 * C);
@@ -203,14 +214,13 @@ static void carve(qs_gpt *m, qs_plan *p) {
             a->lse = qs_plan_f(p, N * m->NH);
         }
         a->atty = qs_plan_f(p, N * C);
-        a->attproj = qs_plan_f(p, N * C);
+        a->attproj = a->ffout = branch; /* attproj is spent before ffout is made */
         a->res_mid = qs_plan_f(p, N * C);
-        a->ln2 = qs_plan_f(p, N * C);
+        a->ln2 = shared_ln2;
         a->ln2_mean = qs_plan_f(p, N);
         a->ln2_rstd = qs_plan_f(p, N);
         a->fch = qs_plan_f(p, NK * F);
         a->fch_act = m->cfg.recompute_ffn ? shared_act : qs_plan_f(p, NK * F);
-        a->ffout = qs_plan_f(p, N * C);
         if (m->E > 0) {
             a->rlogit = qs_plan_f(p, N * E);
             a->nlogit = qs_plan_f(p, N * E);
@@ -225,7 +235,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
     m->lnf = qs_plan_f(p, N * C);
     m->lnf_mean = qs_plan_f(p, N);
     m->lnf_rstd = qs_plan_f(p, N);
-    m->logits = qs_plan_f(p, N * m->V);
+    m->logits = qs_plan_f(p, (size_t)m->logit_rows * m->V);
     m->losses = qs_plan_f(p, N);
     m->tok = qs_plan_i(p, N);
     m->pos = qs_plan_i(p, N);
@@ -246,6 +256,19 @@ static void carve(qs_gpt *m, qs_plan *p) {
         m->dh = qs_plan_f(p, N * E);
         m->dnoise = qs_plan_f(p, N * E);
     }
+}
+
+/* Rows of a classifier chunk: its logits about as large as an [N, C] activation (the
+ * classifier's own input), in multiples of 64 rows for the GEMMs' tiles; but at least
+ * 1024 rows, as each chunk's products read the whole [V, C] weight (fewer rows leave
+ * them memory-bound: 16 rows made a 124M step on the CPU 30% slower), and at least max_B
+ * so that a prefill's or a decode's logits fit in one chunk. */
+static int logit_rows_for(const qs_gpt *m, size_t N) {
+    size_t r = (N * (size_t)m->C + (size_t)m->V - 1) / (size_t)m->V;
+    r = (r + 63) / 64 * 64;
+    if (r < 1024) r = 1024;
+    if (r < (size_t)m->max_B) r = (size_t)m->max_B;
+    return (int)(r < N ? r : N);
 }
 
 /* MoE: the global row ids of each layer's packed (token, choice) rows, for dropout. */
@@ -305,6 +328,7 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     }
     build_param_table(m);
     if (m->ps.broken) goto oom;
+    m->logit_rows = logit_rows_for(m, N);
     qs_plan p = {0};
     carve(m, &p);
     m->act_floats = p.nf;
@@ -374,6 +398,7 @@ void qs_gpt_free(qs_gpt *m) {
     qs_params_free(&m->ps);
     be->free(m->act_mem);
     be->free(m->int_mem);
+    be->free(m->logits_all);
     be->free(m->kcache);
     be->free(m->conv_tmp);
     be->free(m->vcache);
@@ -436,9 +461,9 @@ int qs_gpt_set_sequence_parallel(qs_gpt *m, qs_comm *group) {
         return -1;
     return 0;
 }
-const float *qs_gpt_logits(const qs_gpt *m) { return m->logits; }
+const float *qs_gpt_logits(const qs_gpt *m) { return m->shown; }
 void qs_gpt_logits_row(const qs_gpt *m, int row, float *out) {
-    m->be->download(out, m->logits + (size_t)row * m->V, (size_t)m->V * sizeof(float));
+    m->be->download(out, m->shown + (size_t)row * m->V, (size_t)m->V * sizeof(float));
 }
 const qs_moe_stats *qs_gpt_moe_stats(const qs_gpt *m) { return &m->stats; }
 /* Fetched on demand: each layer's choices stay on the backend until the next forward. */
@@ -680,11 +705,26 @@ static ln_of_stream ln_reading(qs_gpt *m, int l) {
     return (ln_of_stream){a->ln1, a->ln1_mean, a->ln1_rstd, P(m, m->lp[l].ln1_w), P(m, m->lp[l].ln1_b)};
 }
 
-/* Embeddings through logits for B sequences of T tokens at positions 0..T-1; or, when
- * decoding (T = 1), row b's token at position pos[b] against the KV cache of slot
- * slots[b] (host arrays). */
+/* A prefill's part of layer l: its B prompts' keys and values (or, for a quadconv
+ * mixer, the LayerNorm rows the next tokens' convolutions read) into slots slot0... */
+static void fill_cache(qs_gpt *m, int l, int B, int T, int slot0) {
+    const int C = m->C, S = m->cfg.seq_len;
+    if (m->lp[l].qc_w >= 0) {
+        for (int b = 0; b < B; b++)
+            m->be->copy(cache_of(m, m->kcache, l) + (size_t)(slot0 + b) * S * C, m->la[l].ln1 + (size_t)b * T * C,
+                        (size_t)T * C * sizeof(float));
+        return;
+    }
+    const size_t slot_off = (size_t)slot0 * S * C; /* a slot: NH heads of S positions of C / NH */
+    m->be->ops->kv_cache_fill(cache_of(m, m->kcache, l) + slot_off, cache_of(m, m->vcache, l) + slot_off,
+                              m->la[l].qkv, B, T, C, m->NH, S);
+}
+
+/* Embeddings through ln_f for B sequences of T tokens at positions 0..T-1, filling KV
+ * cache slots fill_slot0.. when it is >= 0 (a prefill); or, when decoding (T = 1), row
+ * b's token at position pos[b] against the KV cache of slot slots[b] (host arrays). */
 static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int *slots, const int *pos,
-                          const qs_forward_mode *mode) {
+                          int fill_slot0, const qs_forward_mode *mode) {
     const qs_ops *ops = m->be->ops;
     int N = B * T, C = m->C;
     size_t NC = (size_t)N * C;
@@ -723,6 +763,7 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
             else
                 whole_attention_forward(m, a, B, T);
         }
+        if (fill_slot0 >= 0) fill_cache(m, l, B, T, fill_slot0);
         ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
         lora_forward(m, l, QS_LORA_SITE_PROJ, 0, 0, N, a->attproj, a->atty);
         drop_forward(m, a->attproj, NC, l, SITE_ATTN);
@@ -736,7 +777,11 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
         ops->residual_layernorm_forward(m->res[l + 1], ln.out, ln.mean, ln.rstd, a->res_mid, a->ffout, ln.w, ln.b,
                                         N, C);
     }
-    ops->matmul_forward(m->logits, m->lnf, P(m, m->lm_head), NULL, N, C, m->V, lm_head_layout());
+}
+
+/* Logits of n rows of ln_f's output into out [n, V]. */
+static void classify(const qs_gpt *m, float *out, const float *lnf, int n) {
+    m->be->ops->matmul_forward(out, lnf, P(m, m->lm_head), NULL, n, m->C, m->V, lm_head_layout());
 }
 
 /* B prompts of T tokens into KV-cache slots slot0.. */
@@ -752,19 +797,12 @@ static int prefill(qs_gpt *m, const int *tokens, int B, int T, int slot0) {
         !(m->conv_tmp = m->be->alloc(3 * (size_t)m->cfg.quadra.kernel_size * m->C * sizeof(float))))
         return -1;
     qs_forward_mode mode = {.train = false};
-    trunk_forward(m, tokens, B, T, NULL, NULL, &mode);
-    const int hs = m->C / m->NH, S = m->cfg.seq_len;
-    for (int l = 0; l < m->L; l++) {
-        if (m->lp[l].qc_w >= 0) { /* the rows the next tokens' convolutions read */
-            for (int b = 0; b < B; b++)
-                m->be->copy(cache_of(m, m->kcache, l) + (size_t)(slot0 + b) * S * m->C,
-                            m->la[l].ln1 + (size_t)b * T * m->C, (size_t)T * m->C * sizeof(float));
-            continue;
-        }
-        const size_t slot_off = (size_t)slot0 * m->NH * S * hs;
-        m->be->ops->kv_cache_fill(cache_of(m, m->kcache, l) + slot_off, cache_of(m, m->vcache, l) + slot_off,
-                                  m->la[l].qkv, B, T, m->C, m->NH, S);
-    }
+    trunk_forward(m, tokens, B, T, NULL, NULL, slot0, &mode);
+    /* only each prompt's last position predicts: its ln_f rows gathered into dln */
+    for (int b = 0; b < B; b++)
+        m->be->copy(m->dln + (size_t)b * m->C, m->lnf + ((size_t)b * T + T - 1) * m->C, (size_t)m->C * sizeof(float));
+    classify(m, m->logits, m->dln, B);
+    m->shown = m->logits;
     m->n_valid = 0;
     return 0;
 }
@@ -783,33 +821,63 @@ int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, const int *slots, const i
             if (slots[c] == slots[b]) return qs_error("decode: rows %d and %d share KV-cache slot %d", c, b, slots[b]);
     }
     qs_forward_mode mode = {.train = false};
-    trunk_forward(m, tokens, B, 1, slots, pos, &mode);
+    trunk_forward(m, tokens, B, 1, slots, pos, -1, &mode);
+    classify(m, m->logits, m->lnf, B);
+    m->shown = m->logits;
     m->n_valid = 0;
     return 0;
 }
 
-double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
-                      const qs_forward_mode *mode) {
+static void zero_f(const qs_gpt *m, float *p, size_t n) { m->be->zero(p, n * sizeof(float)); }
+
+/* All N rows' logits into `shown`: the chunk buffer when they fit, else logits_all. */
+static int classify_all(qs_gpt *m, int N) {
+    if (N > m->logit_rows && !m->logits_all &&
+        !(m->logits_all = m->be->alloc((size_t)m->max_B * m->max_T * m->V * sizeof(float))))
+        return -1;
+    m->shown = N > m->logit_rows ? m->logits_all : m->logits;
+    classify(m, m->shown, m->lnf, N);
+    return 0;
+}
+
+/* The loss over chunks of rows; with a gradient scale, each chunk's logits are turned
+ * into their gradient at once, and from it ln_f's (into dln) and the classifier
+ * weight's: so backward starts at ln_f. */
+static double chunked_loss(qs_gpt *m, const int *targets, int N) {
     const qs_ops *ops = m->be->ops;
-    int N = B * T;
-    trunk_forward(m, tokens, B, T, NULL, NULL, mode);
-    m->n_valid = 0;
-    if (!targets) return 0.0;
+    const int C = m->C, V = m->V;
     m->be->upload(m->tgt, targets, (size_t)N * sizeof(int));
-    ops->xent_forward(m->losses, m->logits, m->tgt, N, m->V);
+    for (int i = 0; i < N; i++) m->n_valid += targets[i] >= 0;
+    const float dloss = m->n_valid ? m->mode.grad_scale / (float)m->n_valid : 0.0f;
+    if (m->mode.grad_scale != 0.0f) zero_f(m, m->dln, (size_t)N * C);
+    for (int r0 = 0; r0 < N; r0 += m->logit_rows) {
+        const int n = N - r0 < m->logit_rows ? N - r0 : m->logit_rows;
+        const float *lnf = m->lnf + (size_t)r0 * C;
+        classify(m, m->logits, lnf, n);
+        ops->xent_forward(m->losses + r0, m->logits, m->tgt + r0, n, V);
+        if (dloss == 0.0f) continue;
+        ops->xent_backward(m->logits, m->tgt + r0, dloss, n, V);
+        ops->matmul_backward(m->dln + (size_t)r0 * C, G(m, m->lm_head), NULL, m->logits, lnf, P(m, m->lm_head), n,
+                             C, V, lm_head_layout());
+    }
     m->be->download(m->host_losses, m->losses, (size_t)N * sizeof(float));
     double sum = 0.0;
-    for (int i = 0; i < N; i++) {
-        if (targets[i] < 0) continue;
-        sum += m->host_losses[i];
-        m->n_valid++;
-    }
+    for (int i = 0; i < N; i++)
+        if (targets[i] >= 0) sum += m->host_losses[i];
     return m->n_valid ? sum / m->n_valid : 0.0;
 }
 
-/* ---- backward ---- */
+double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
+                      const qs_forward_mode *mode) {
+    trunk_forward(m, tokens, B, T, NULL, NULL, -1, mode);
+    m->n_valid = 0;
+    m->shown = NULL;
+    if (targets) return chunked_loss(m, targets, B * T);
+    if (classify_all(m, B * T)) m->failed = true;
+    return 0.0;
+}
 
-static void zero_f(const qs_gpt *m, float *p, size_t n) { m->be->zero(p, n * sizeof(float)); }
+/* ---- backward ---- */
 
 /* dln += d(ffn)/d(ln_2 output) given dy = gradient at the FFN output. Under
  * recompute_ffn the activation's output is made again from fch (one elementwise pass)
@@ -883,20 +951,19 @@ static void grads_ready_all(qs_gpt *m) {
     qs_params_grads_ready(&m->ps, m->wte);
 }
 
-void qs_gpt_backward(qs_gpt *m, float scale) {
+int qs_gpt_backward(qs_gpt *m) {
     const qs_ops *ops = m->be->ops;
     int B = m->B, T = m->T, N = B * T, C = m->C;
     size_t NC = (size_t)N * C;
+    const float scale = m->mode.grad_scale;
+    if (scale == 0.0f || m->shown)
+        return qs_error("backward needs a forward with targets and a gradient scale (qs_forward_mode.grad_scale)");
     /* nothing to learn from; but a ring's backward is collective, so its ranks all run it */
     if (m->n_valid == 0 && !m->ring) {
         grads_ready_all(m);
-        return;
+        return 0;
     }
 
-    ops->xent_backward(m->logits, m->tgt, m->n_valid ? scale / (float)m->n_valid : 0.0f, N, m->V);
-    zero_f(m, m->dln, NC);
-    ops->matmul_backward(m->dln, G(m, m->lm_head), NULL, m->logits, m->lnf, P(m, m->lm_head), N,
-                         C, m->V, lm_head_layout());
     zero_f(m, m->dres, NC);
     ops->layernorm_backward(m->dres, G(m, m->lnf_w), G(m, m->lnf_b), m->dln, m->res[m->L],
                             P(m, m->lnf_w), m->lnf_mean, m->lnf_rstd, N, C);
@@ -906,12 +973,19 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
         const layer_params *p = &m->lp[l];
         layer_acts *a = &m->la[l];
         /* feed-forward branch; dres then becomes the gradient at res_mid */
+        if (m->ps.grad || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC)))
+            ops->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, P(m, p->ln2_w), P(m, p->ln2_b), N,
+                                   C);
         const float *dy = drop_backward(m, m->dres, NC, l, SITE_FFN);
         zero_f(m, m->dln, NC);
         if (m->E > 0) moe_backward(m, l, N, dy, scale);
         else dense_ffn_backward(m, l, N, dy);
         ops->layernorm_backward(m->dres, G(m, p->ln2_w), G(m, p->ln2_b), m->dln, a->res_mid,
                                 P(m, p->ln2_w), a->ln2_mean, a->ln2_rstd, N, C);
+        /* the mixer's input, for its weight gradients or adapters (a quadconv's always) */
+        if (m->ps.grad || p->qc_w >= 0 || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_QKV)))
+            ops->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], P(m, p->ln1_w), P(m, p->ln1_b), N,
+                                   C);
         /* attention branch; dres then becomes the gradient at res[l] */
         dy = drop_backward(m, m->dres, NC, l, SITE_ATTN);
         zero_f(m, m->datty, NC);
@@ -937,8 +1011,9 @@ void qs_gpt_backward(qs_gpt *m, float scale) {
                                 P(m, p->ln1_w), a->ln1_mean, a->ln1_rstd, N, C);
         qs_params_grads_ready(&m->ps, p->ln1_w);
     }
-    if (!m->ps.grad) return; /* a frozen base: no embedding gradients to take */
+    if (!m->ps.grad) return 0; /* a frozen base: no embedding gradients to take */
     const float *demb = drop_backward(m, m->dres, NC, m->L, SITE_EMBED);
     ops->embed_backward(G(m, m->wte), G(m, m->wpe), demb, m->tok, m->pos, B * T, C);
     qs_params_grads_ready(&m->ps, m->wte);
+    return 0;
 }

@@ -79,20 +79,23 @@ void qs_params_download(const qs_params *ps, float *host) { ps->be->download(hos
 void qs_params_upload(qs_params *ps, const float *host) { ps->be->upload(ps->data, host, ps->n * sizeof(float)); }
 
 int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const void *ctx) {
-    float *host = malloc(ps->n * sizeof(float));
+    /* staged through a bounded host buffer, not a copy of the whole table: on the CPU that
+     * copy would double the parameters' memory at the run's start */
+    enum { STAGE = 1 << 22 };
+    float *host = malloc(STAGE * sizeof(float));
     if (!host) return qs_error("out of memory initialising %zu parameters", ps->n);
     for (int i = 0; i < ps->n_tensors; i++) {
         const qs_param_info *p = &ps->info[i];
-        float *w = host + p->offset;
-        if (p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING) {
-            float std = value(p, ctx);
-            for (size_t j = 0; j < p->numel; j++) w[j] = std * qs_rng_normal(seed, (uint64_t)i, j);
-        } else {
-            float v = p->role == QS_ROLE_SCALE ? value(p, ctx) : p->role == QS_ROLE_NORM_WEIGHT ? 1.0f : 0.0f;
-            for (size_t j = 0; j < p->numel; j++) w[j] = v;
+        const bool random = p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING;
+        /* a random tensor's std, a scale's value; norm weights 1, biases 0 */
+        float v = p->role == QS_ROLE_NORM_WEIGHT ? 1.0f : 0.0f;
+        if (random || p->role == QS_ROLE_SCALE) v = value(p, ctx);
+        for (size_t j0 = 0; j0 < p->numel; j0 += STAGE) {
+            const size_t n = p->numel - j0 < STAGE ? p->numel - j0 : STAGE;
+            for (size_t j = 0; j < n; j++) host[j] = random ? v * qs_rng_normal(seed, (uint64_t)i, j0 + j) : v;
+            ps->be->upload(ps->data + p->offset + j0, host, n * sizeof(float));
         }
     }
-    qs_params_upload(ps, host);
     free(host);
     return 0;
 }

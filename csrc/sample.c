@@ -115,7 +115,7 @@ static int step(qs_gpt *m, gen_state *g, int B, int s) {
         const int T = g->n[b] < S ? g->n[b] : S;
         if (qs_gpt_prefill_slot(m, g->ctx[b] + g->n[b] - T, T, b)) return -1;
         g->cached[b] = T;
-        qs_gpt_logits_row(m, T - 1, g->logits);
+        qs_gpt_logits_row(m, 0, g->logits);
         take(g, b, s);
         made++;
     }

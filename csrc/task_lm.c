@@ -60,10 +60,9 @@ static void load_windows(lm_task *t, qs_split split, uint64_t first, int b) {
 static int lm_train_micro(void *self, uint64_t sample0, uint64_t rng_seed, float grad_scale, double *loss) {
     lm_task *t = self;
     load_windows(t, QS_SPLIT_TRAIN, sample0, t->B);
-    qs_forward_mode mode = {.train = true, .rng_seed = rng_seed, .sample0 = sample0};
+    qs_forward_mode mode = {.train = true, .rng_seed = rng_seed, .sample0 = sample0, .grad_scale = grad_scale};
     *loss = qs_gpt_forward(t->m, t->x, t->y, t->B, t->T, &mode);
-    qs_gpt_backward(t->m, grad_scale);
-    return qs_gpt_failed(t->m) ? -1 : 0;
+    return qs_gpt_backward(t->m) || qs_gpt_failed(t->m) ? -1 : 0;
 }
 
 /* The same validation windows every call, on any number of ranks: iters batches of

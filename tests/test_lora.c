@@ -211,7 +211,7 @@ static double gpt_loss(void *p, bool *same) {
 static void gpt_gradcheck(const qs_config *c, const char *label) {
     built b = build(c, 2, 6);
     assert_null(qs_gpt_params(b.m)->grad); /* the base is frozen: no gradient buffer at all */
-    gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed ^ 77}};
+    gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed ^ 77, .grad_scale = 1.0f}};
     for (int i = 0; i < 10; i++) {
         g.x[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, 11);
         g.y[i] = (int)qs_rng_below(seed, 21, (uint64_t)i, 11);
@@ -219,7 +219,7 @@ static void gpt_gradcheck(const qs_config *c, const char *label) {
     qs_params *ps = qs_lora_params(b.lo);
     qs_params_zero_grad(ps);
     gpt_loss(&g, &(bool){true});
-    qs_gpt_backward(b.m, 1.0f);
+    assert_int_equal(qs_gpt_backward(b.m), 0);
     size_t nr = c->model.moe.n_experts ? (size_t)c->model.n_layer * 10 * c->model.moe.top_k : 0;
     int *route0 = malloc(nr * sizeof(int) + 1);
     if (nr) memcpy(route0, qs_gpt_moe_routing(b.m), nr * sizeof(int));
@@ -293,14 +293,14 @@ static void test_q_mask_and_frozen_base(void **state) {
     qs_lora_init(b.lo, seed);
     float *before = malloc(base->n * sizeof(float));
     memcpy(before, base->data, base->n * sizeof(float));
-    gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed}};
+    gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed, .grad_scale = 1.0f}};
     for (int i = 0; i < 10; i++) g.x[i] = g.y[(i + 1) % 10] = (int)qs_rng_below(seed, 40, (uint64_t)i, 11);
     const int C = c.model.n_embd, r = c.lora.r;
     int ib = qs_params_find(ps, "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight");
     for (int step = 0; step < 3; step++) { /* plain SGD on the adapters */
         qs_params_zero_grad(ps);
         gpt_loss(&g, &(bool){true});
-        qs_gpt_backward(b.m, 1.0f);
+        assert_int_equal(qs_gpt_backward(b.m), 0);
         for (size_t j = 0; j < ps->n; j++) ps->data[j] -= 0.5f * ps->grad[j];
     }
     const float *B = qs_params_value(ps, ib);

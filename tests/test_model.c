@@ -17,6 +17,7 @@
 
 #include "quasar/config.h"
 #include "quasar/model.h"
+#include "quasar/params.h"
 #include "quasar/rng.h"
 #include "quasar/sample.h"
 #include "gradcheck.h"
@@ -84,11 +85,11 @@ static bool gradcheck_draw(const qs_model_config *cfg, const char *label, uint64
         y[i] = (int)qs_rng_below(seed, 2 + 16 * draw, (uint64_t)i, (uint64_t)cfg->vocab_size);
     }
     y[3] = -1; /* an ignored target */
-    qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0xabcdef};
+    qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0xabcdef, .grad_scale = 1.0f};
 
     qs_params_zero_grad(qs_gpt_params(m));
     objective(m, x, y, B, T, &mode);
-    qs_gpt_backward(m, 1.0f);
+    assert_int_equal(qs_gpt_backward(m), 0);
     size_t np = qs_gpt_params(m)->n, nr = routing_len(cfg, N);
     float *grad = malloc(np * sizeof(float));
     memcpy(grad, qs_gpt_params(m)->grad, np * sizeof(float));
@@ -96,7 +97,9 @@ static bool gradcheck_draw(const qs_model_config *cfg, const char *label, uint64
     if (nr) memcpy(route0, qs_gpt_moe_routing(m), nr * sizeof(int));
 
     float *p = qs_gpt_params(m)->data;
-    objective_ctx oc = {m, x, y, B, T, &mode, route0, nr};
+    qs_forward_mode probe = mode; /* the perturbed passes only evaluate */
+    probe.grad_scale = 0.0f;
+    objective_ctx oc = {m, x, y, B, T, &probe, route0, nr};
     gc_score sc = {0};
     int skipped = 0;
     for (int t = 0; t < qs_gpt_params(m)->n_tensors; t++) {
@@ -164,7 +167,7 @@ static void recompute_is_exact(qs_model_config c, const char *label) {
         x[i] = (int)qs_rng_below(seed, 40, (uint64_t)i, (uint64_t)c.vocab_size);
         y[i] = (int)qs_rng_below(seed, 41, (uint64_t)i, (uint64_t)c.vocab_size);
     }
-    qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed};
+    qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed, .grad_scale = 1.0f};
     qs_gpt *m[2];
     double loss[2];
     for (int r = 0; r < 2; r++) {
@@ -173,7 +176,7 @@ static void recompute_is_exact(qs_model_config c, const char *label) {
         qs_gpt_init(m[r], seed);
         qs_params_zero_grad(qs_gpt_params(m[r]));
         loss[r] = objective(m[r], x, y, B, T, &mode);
-        qs_gpt_backward(m[r], 1.0f);
+        assert_int_equal(qs_gpt_backward(m[r]), 0);
     }
     const size_t np = qs_gpt_params(m[0])->n;
     printf("# %s: activations %zu -> %zu bytes\n", label, qs_gpt_mem_plan(m[0])->activations,
@@ -269,9 +272,9 @@ static void ready_tails_are_final(qs_model_config c, const char *label) {
         ready_log r = {.ps = ps};
         ps->on_grads_ready = log_ready;
         ps->grads_ready_ctx = &r;
-        qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x7ead};
+        qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x7ead, .grad_scale = 1.0f};
         objective(m, x, y, B, T, &mode);
-        qs_gpt_backward(m, 1.0f);
+        assert_int_equal(qs_gpt_backward(m), 0);
         printf("# %s%s: %d tails reported\n", label, pass ? " (targets ignored)" : "", r.n);
         assert_int_equal(r.n, c.n_layer + 2);
         assert_int_equal(r.begin[r.n - 1], 0);
@@ -381,6 +384,122 @@ static void test_moe_stats(void **state) {
     qs_gpt_free(m);
 }
 
+/* The classifier runs 1,024 rows at a time (4 x 600 rows: chunks of 1024, 1024, 352).
+ * The loss must equal the cross-entropy of the whole logits of a forward without
+ * targets; the gradient of the batch must equal the sum over its sequences run alone
+ * (one chunk each), weighted by their share of the valid targets; the plan must hold one
+ * chunk of logits, not N rows. A prefill keeps each prompt's last-position logits in its
+ * row. Backward refuses a forward that asked for no gradient. */
+static void test_chunked_classifier(void **state) {
+    (void)state;
+    qs_model_config c = tiny_config();
+    c.vocab_size = 50;
+    c.seq_len = 600;
+    c.dropout = 0.0f;
+    enum { B = 4, T = 600, N = B * T, V = 50 };
+    /* 100x the vocabulary costs one chunk of logits more, not N rows */
+    qs_model_config wide = c;
+    wide.vocab_size = 100 * V;
+    qs_mem_plan narrow_plan, wide_plan;
+    assert_int_equal(qs_gpt_plan(&c, qs_backend_cpu(), B, T, true, 1, &narrow_plan), 0);
+    assert_int_equal(qs_gpt_plan(&wide, qs_backend_cpu(), B, T, true, 1, &wide_plan), 0);
+    const size_t extra = wide_plan.activations - narrow_plan.activations;
+    printf("# 100 x the vocabulary: activations +%zu bytes\n", extra);
+    assert_true(extra <= (size_t)1024 * (wide.vocab_size - V) * sizeof(float) + 64);
+
+    qs_gpt *m;
+    assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), B, T), 0);
+    qs_gpt_init(m, seed);
+    int *x = malloc(N * sizeof(int)), *y = malloc(N * sizeof(int)), valid[B] = {0}, n_valid = 0;
+    for (int i = 0; i < N; i++) {
+        x[i] = (int)qs_rng_below(seed, 60, (uint64_t)i, V);
+        y[i] = qs_rng_below(seed, 62, (uint64_t)i, 5) == 2 ? -1 : (int)qs_rng_below(seed, 61, (uint64_t)i, V);
+        valid[i / T] += y[i] >= 0;
+        n_valid += y[i] >= 0;
+    }
+    const qs_forward_mode eval = {.train = false};
+    qs_gpt_forward(m, x, NULL, B, T, &eval);
+    const float *lg = qs_gpt_logits(m);
+    double want = 0.0;
+    for (int i = 0; i < N; i++) {
+        if (y[i] < 0) continue;
+        double mx = lg[(size_t)i * V], z = 0.0;
+        for (int v = 0; v < V; v++) mx = fmax(mx, lg[(size_t)i * V + v]);
+        for (int v = 0; v < V; v++) z += exp(lg[(size_t)i * V + v] - mx);
+        want += mx + log(z) - lg[(size_t)i * V + y[i]];
+    }
+    want /= n_valid;
+    float last[B][V];
+    for (int b = 0; b < B; b++) memcpy(last[b], lg + ((size_t)b * T + T - 1) * V, sizeof last[b]);
+    const double got = qs_gpt_forward(m, x, y, B, T, &eval);
+    printf("# loss in chunks %.9f, from whole logits %.9f\n", got, want);
+    assert_true(fabs(got - want) < 1e-5 * fabs(want));
+    assert_null(qs_gpt_logits(m));
+    assert_int_not_equal(qs_gpt_backward(m), 0); /* that forward took no gradient */
+
+    qs_params *ps = qs_gpt_params(m);
+    qs_params_zero_grad(ps);
+    const qs_forward_mode grad = {.train = false, .grad_scale = 1.0f};
+    assert_float_equal(qs_gpt_forward(m, x, y, B, T, &grad), got, 0.0);
+    assert_int_equal(qs_gpt_backward(m), 0);
+    float *batched = malloc(ps->n * sizeof(float));
+    memcpy(batched, ps->grad, ps->n * sizeof(float));
+    qs_params_zero_grad(ps);
+    for (int b = 0; b < B; b++) {
+        const qs_forward_mode share = {.train = false, .grad_scale = (float)valid[b] / (float)n_valid};
+        qs_gpt_forward(m, x + b * T, y + b * T, 1, T, &share);
+        assert_int_equal(qs_gpt_backward(m), 0);
+    }
+    double worst = 0.0, scale = 0.0;
+    for (size_t i = 0; i < ps->n; i++) {
+        worst = fmax(worst, fabs(batched[i] - ps->grad[i]));
+        scale = fmax(scale, fabs(batched[i]));
+    }
+    printf("# gradient in 3 chunks vs 4 sequences alone: max diff %.2e of max %.2e\n", worst, scale);
+    assert_true(scale > 0.0 && worst <= 1e-5 * scale);
+
+    assert_int_equal(qs_gpt_prefill(m, x, B, T), 0);
+    float row[V];
+    for (int b = 0; b < B; b++) {
+        qs_gpt_logits_row(m, b, row);
+        for (int v = 0; v < V; v++) assert_float_equal(row[v], last[b][v], 1e-5);
+    }
+    assert_int_not_equal(qs_gpt_backward(m), 0); /* a prefill's activations are not a loss's */
+    free(batched);
+    free(x);
+    free(y);
+    qs_gpt_free(m);
+}
+
+static float half(const qs_param_info *p, const void *ctx) {
+    (void)p;
+    (void)ctx;
+    return 0.5f;
+}
+
+/* qs_params_init stages 4 Mi floats at a time: a tensor longer than that (and the ones
+ * after it) must hold the same draws as if written in one piece. */
+static void test_init_staging(void **state) {
+    (void)state;
+    qs_params ps = {0};
+    const int64_t big[1] = {(1 << 22) + 1001}, small[1] = {7};
+    qs_params_add(&ps, "b", 1, small, QS_ROLE_BIAS, 0, 0, false);
+    const int w = qs_params_add(&ps, "w", 1, big, QS_ROLE_WEIGHT, 1, 1, false);
+    const int g = qs_params_add(&ps, "g", 1, small, QS_ROLE_NORM_WEIGHT, 0, 0, false);
+    const int e = qs_params_add(&ps, "e", 1, small, QS_ROLE_EMBEDDING, 0, 0, false);
+    assert_int_equal(qs_params_alloc(&ps, qs_backend_cpu(), false), 0);
+    assert_int_equal(qs_params_init(&ps, seed, half, NULL), 0);
+    const float *wv = qs_params_value(&ps, w), *gv = qs_params_value(&ps, g), *ev = qs_params_value(&ps, e);
+    const size_t at[6] = {0, (1 << 22) - 1, 1 << 22, (size_t)big[0] - 1, qs_rng_below(seed, 70, 0, (uint64_t)big[0]),
+                          qs_rng_below(seed, 71, 0, (uint64_t)big[0])};
+    for (int k = 0; k < 6; k++) assert_true(wv[at[k]] == 0.5f * qs_rng_normal(seed, (uint64_t)w, at[k]));
+    for (int j = 0; j < 7; j++) {
+        assert_true(qs_params_value(&ps, 0)[j] == 0.0f && gv[j] == 1.0f);
+        assert_true(ev[j] == 0.5f * qs_rng_normal(seed, (uint64_t)e, (uint64_t)j));
+    }
+    qs_params_free(&ps);
+}
+
 /* Eval mode is deterministic whatever the seed; train mode depends on it (dropout). */
 static void test_modes(void **state) {
     (void)state;
@@ -415,16 +534,15 @@ static void kv_cache_matches_recompute(qs_model_config c, const char *label) {
     qs_forward_mode eval = {.train = false};
     int n = P, in_cache = 0;
     for (int s = 0; s < STEPS; s++, n++) {
-        int T = n < c.seq_len ? n : c.seq_len, row = 0;
+        int T = n < c.seq_len ? n : c.seq_len;
         if (in_cache == 0 || in_cache == c.seq_len) {
             assert_int_equal(qs_gpt_prefill(cached, ctx + n - T, 1, T), 0);
             in_cache = T;
-            row = T - 1;
         } else {
             const int slot = 0, pos = in_cache++;
             assert_int_equal(qs_gpt_decode(cached, ctx + n - 1, 1, &slot, &pos), 0);
         }
-        qs_gpt_logits_row(cached, row, a);
+        qs_gpt_logits_row(cached, 0, a);
         qs_gpt_forward(full, ctx + n - T, NULL, 1, T, &eval);
         qs_gpt_logits_row(full, T - 1, b);
         int best = 0;
@@ -523,6 +641,8 @@ int main(void) {
         cmocka_unit_test(test_moe_topk_dropless),
         cmocka_unit_test(test_moe_stats),
         cmocka_unit_test(test_modes),
+        cmocka_unit_test(test_chunked_classifier),
+        cmocka_unit_test(test_init_staging),
         cmocka_unit_test(test_kv_cache),
         cmocka_unit_test(test_batched_generation),
     };

@@ -25,6 +25,9 @@ typedef struct qs_forward_mode {
     uint64_t sample0;  /* global index of the batch's first sequence: token t of sequence b
                         * draws its masks and noise as global row (sample0 + b) * seq_len + t,
                         * the same on any number of ranks or micro-batches */
+    float grad_scale;  /* 0: no backward follows; else backward takes the gradient of
+                        * grad_scale * the objective (see qs_gpt_backward), and a forward
+                        * with targets already takes the classifier's part of it */
 } qs_forward_mode;
 
 /* Sizes activations for micro-batches of up to max_B sequences of up to max_T tokens.
@@ -69,7 +72,9 @@ const qs_mem_plan *qs_gpt_mem_plan(const qs_gpt *m);
 int qs_gpt_max_tokens(const qs_gpt *m);
 
 /* tokens/targets are host arrays [B*T]; targets may be NULL (no loss), and a
- * negative target is ignored. Returns the mean cross-entropy over valid targets. */
+ * negative target is ignored. Returns the mean cross-entropy over valid targets. With
+ * targets the logits are made and consumed a chunk of rows at a time, never kept whole;
+ * without, all B*T rows are kept (qs_gpt_logits). */
 double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
                       const qs_forward_mode *mode);
 /* KV-cache inference (eval mode); the cache has max_B slots of model.seq_len positions.
@@ -77,20 +82,20 @@ double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, i
  * prompt into slot `slot` (prompts of different lengths, a slot's window refilled);
  * both keep every layer's keys and values. decode then runs one new token per row b at
  * position pos[b] (1 <= pos < model.seq_len) against the cache of slot slots[b]
- * (distinct; host arrays), appending to it. Logits as for forward: [B*T, V] after a
- * prefill, [B, V] after a decode. */
+ * (distinct; host arrays), appending to it. Logits [B, V] after either: row b is the
+ * next-token prediction of prompt b (its last position) or of decode row b. */
 int qs_gpt_prefill(qs_gpt *m, const int *tokens, int B, int T);
 int qs_gpt_prefill_slot(qs_gpt *m, const int *tokens, int T, int slot);
 int qs_gpt_decode(qs_gpt *m, const int *tokens, int B, const int *slots, const int *pos);
 
 /* Accumulates into the gradient buffer the gradient of
- *   scale * (mean cross-entropy + aux_loss_coef * balance + z_loss_coef * z)
- * of the last forward (which must have had targets). */
-void qs_gpt_backward(qs_gpt *m, float scale);
-/* Logits [B*T, V] of the last forward, backend memory; backward overwrites them with
- * their gradient. */
+ *   mode.grad_scale * (mean cross-entropy + aux_loss_coef * balance + z_loss_coef * z)
+ * of the last forward, which must have had targets and a grad_scale; else an error. */
+int qs_gpt_backward(qs_gpt *m);
+/* Logits of the last forward without targets ([B*T, V]), prefill or decode ([B, V]),
+ * in backend memory; NULL after a forward with targets. */
 const float *qs_gpt_logits(const qs_gpt *m);
-/* Copies row `row` of the last forward's logits to host memory out[V] (before backward). */
+/* Copies row `row` of those logits to host memory out[V]. */
 void qs_gpt_logits_row(const qs_gpt *m, int row, float *out);
 
 /* MoE statistics of the last forward: router losses summed over layers, and since

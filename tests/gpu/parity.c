@@ -875,7 +875,7 @@ static void test_gpt(const char *label, const qs_model_config *cfg) {
         x[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, (uint64_t)cfg->vocab_size);
         y[i] = i % 7 == 3 ? -1 : (int)qs_rng_below(seed, 21, (uint64_t)i, (uint64_t)cfg->vocab_size);
     }
-    const qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed, .sample0 = 17};
+    const qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed, .sample0 = 17, .grad_scale = 1.0f};
     double loss[2];
     for (int s = 0; s < 2; s++) {
         qs_params_zero_grad(qs_gpt_params(m[s]));
@@ -898,7 +898,8 @@ static void test_gpt(const char *label, const qs_model_config *cfg) {
             printf("# %s: bf16 products flipped a near-tied routing choice; gradients not compared\n", label);
         }
     }
-    for (int s = 0; s < 2; s++) qs_gpt_backward(m[s], 1.0f);
+    for (int s = 0; s < 2; s++)
+        if (qs_gpt_backward(m[s])) fail("%s backward: %s", be[s]->name, qs_error_last());
     if (same_routing) compare_grads(qs_gpt_params(m[0]), qs_gpt_params(m[1]));
 
     /* run to run, the CUDA model gives the same bits: no atomics, fixed summation orders */
@@ -907,7 +908,7 @@ static void test_gpt(const char *label, const qs_model_config *cfg) {
     pg->be->download(g1, pg->grad, pg->n * sizeof(float));
     qs_params_zero_grad(pg);
     const double again = qs_gpt_forward(m[1], x, y, B, T, &mode);
-    qs_gpt_backward(m[1], 1.0f);
+    if (qs_gpt_backward(m[1])) fail("cuda backward: %s", qs_error_last());
     pg->be->download(g2, pg->grad, pg->n * sizeof(float));
     if (again != loss[1] || memcmp(g1, g2, pg->n * sizeof(float)))
         fail("a second identical forward and backward on CUDA gave other bits");
@@ -1030,11 +1031,11 @@ static double train_step(qs_gpt *m, qs_adamw *opt, const qs_train_config *tc, in
     int x[B * T], y[B * T];
     training_batch(step, B, T, qs_gpt_config(m)->vocab_size, x, y);
     const qs_forward_mode mode = {.train = true, .rng_seed = qs_rng_u64(seed, 43, (uint64_t)step),
-                                  .sample0 = (uint64_t)step * B};
+                                  .sample0 = (uint64_t)step * B, .grad_scale = 1.0f};
     qs_params *ps = qs_gpt_params(m);
     qs_params_zero_grad(ps);
     const double loss = qs_gpt_forward(m, x, y, B, T, &mode);
-    qs_gpt_backward(m, 1.0f);
+    if (qs_gpt_backward(m)) fail("backward: %s", qs_error_last());
     qs_adamw_apply(opt, ps, tc, qs_lr_at(tc, step), qs_adamw_grad_norm(ps));
     return loss;
 }
