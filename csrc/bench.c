@@ -30,7 +30,9 @@ enum { CEILING_RUNS = 5, STREAM_BENCH = 0xbe };
 
 /* Model FLOPs of training on one item, the numerator of MFU. A multiply-add is 2 FLOPs
  * and training is 3 forwards (the backward does twice the forward's multiply-adds), so
- * this is 6 x the forward's multiply-adds in the layers that do them; embedding lookups,
+ * this is 6 x the forward's multiply-adds in the layers that do them; over a frozen base
+ * (LoRA) 4 x those of the weights (no weight gradients: forward and input gradient) and
+ * still 6 x attention's (the adapters' own products are left out); embedding lookups,
  * biases, norms, activations and the softmaxes are left out (PaLM's appendix B,
  * nanoGPT's estimate_mfu).
  * GPT, per token (T = model.seq_len, C = n_embd, F = ffn_mult C, V = vocab_size):
@@ -43,8 +45,8 @@ enum { CEILING_RUNS = 5, STREAM_BENCH = 0xbe };
  * QuadraNet, per image (n_s = ((S / p) >> s)^2 positions in stage s, F_s = ffn_mult C_s):
  *   6 [n_0 p^2 c_in C_0 (stem) + sum_s (n_s 4 C_{s-1} C_s (downsampling, s > 0)
  *      + depth_s n_s (3 k^2 C_s (quadconv) + 2 C_s F_s (fc1, fc2))) + C_3 classes]. */
-double qs_bench_train_flops_per_item(const qs_model_config *c) {
-    double macs = 0.0;
+double qs_bench_train_flops_per_item(const qs_model_config *c, bool frozen_base) {
+    double macs = 0.0, attention = 0.0; /* multiply-adds with weights; attention's */
     if (c->type == QS_MODEL_QUADRANET) {
         const qs_quadra_config *q = &c->quadra;
         const double k2 = (double)q->kernel_size * q->kernel_size, p2 = (double)q->stem_patch * q->stem_patch;
@@ -60,10 +62,11 @@ double qs_bench_train_flops_per_item(const qs_model_config *c) {
         const double C = c->n_embd, T = c->seq_len, F = (double)c->ffn_mult * C, E = c->moe.n_experts;
         double layer = C * C + (E > 0 ? c->moe.top_k : 1) * 2.0 * C * F;
         if (E > 0) layer += C * E * (c->moe.gating == QS_GATING_NOISY_TOPK ? 2 : 1);
-        layer += c->mixer == QS_MIXER_QUADCONV ? 3.0 * c->quadra.kernel_size * C : 3.0 * C * C + 2.0 * T * C;
+        layer += c->mixer == QS_MIXER_QUADCONV ? 3.0 * c->quadra.kernel_size * C : 3.0 * C * C;
         macs = c->n_layer * layer + (double)c->vocab_size * C;
+        if (c->mixer != QS_MIXER_QUADCONV) attention = c->n_layer * 2.0 * T * C;
     }
-    return 6.0 * macs;
+    return (frozen_base ? 4.0 : 6.0) * macs + 6.0 * attention;
 }
 
 /* ---- timing, statistics, inputs ---- */
@@ -538,7 +541,7 @@ static int bench_train(const bench_args *a) {
         const double used1 = mem.device ? used_mib(be) : 0.0;
         mem.mib = !mem.device ? peak_rss_mib() : used0 < 0 || used1 < 0 ? NAN : used1 - used0;
         /* the config as the task resolved it (model.vocab_size from the data) */
-        print_train(stdout, a, &cfg, &task, &c, &ms, qs_bench_train_flops_per_item(&cfg.model), &mem, loss0, loss1);
+        print_train(stdout, a, &cfg, &task, &c, &ms, qs_bench_train_flops_per_item(&cfg.model, a->lora), &mem, loss0, loss1);
     }
     free(step_ms);
     qs_adamw_free(&opt);

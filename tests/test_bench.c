@@ -28,7 +28,7 @@ static void test_gpt_dense_by_hand(void **state) {
     qs_model_config m = tiny_gpt();
     /* N = 2 layers x (c_attn 3*256 + c_proj 256 + c_fc 16*64 + c_proj 64*16) + head 64*16
      *   = 2 x 3072 + 1024 = 7168; 6 N = 43008; attention 12 L T C = 12*2*16*16 = 6144 */
-    assert_int_equal((long)qs_bench_train_flops_per_item(&m), 49152);
+    assert_int_equal((long)qs_bench_train_flops_per_item(&m, false), 49152);
 }
 
 static void test_gpt_moe_by_hand(void **state) {
@@ -39,9 +39,9 @@ static void test_gpt_moe_by_hand(void **state) {
     m.moe.gating = QS_GATING_TOPK;
     /* per layer 768 + 256 + top-2 experts 2*2048 + router 16*4 = 5184; N = 2*5184 + 1024
      * = 11392; 6 N = 68352; + 6144 */
-    assert_int_equal((long)qs_bench_train_flops_per_item(&m), 74496);
+    assert_int_equal((long)qs_bench_train_flops_per_item(&m, false), 74496);
     m.moe.gating = QS_GATING_NOISY_TOPK; /* + the noise projection, 64 per layer */
-    assert_int_equal((long)qs_bench_train_flops_per_item(&m), 75264);
+    assert_int_equal((long)qs_bench_train_flops_per_item(&m, false), 75264);
 }
 
 static void test_gpt_quadconv_by_hand(void **state) {
@@ -50,7 +50,7 @@ static void test_gpt_quadconv_by_hand(void **state) {
     m.mixer = QS_MIXER_QUADCONV;
     m.quadra.kernel_size = 5;
     /* no c_attn: N = 2 x (256 + 2048) + 1024 = 5632, 6 N = 33792; the conv 18 L k C = 2880 */
-    assert_int_equal((long)qs_bench_train_flops_per_item(&m), 36672);
+    assert_int_equal((long)qs_bench_train_flops_per_item(&m, false), 36672);
 }
 
 static void test_quadranet_by_hand(void **state) {
@@ -66,7 +66,7 @@ static void test_quadranet_by_hand(void **state) {
      * stage 1 (4x4): down 16*16*6 = 1536; stage 2 (2x2): down 4*24*6 = 576, block
      * 4 (3*9*6 + 2*6*12) = 1224; stage 3 (1x1): down 24*8 = 192, block 3*9*8 + 2*8*16
      * = 472; head 8*3 = 24. Sum 15288, times 6. */
-    assert_int_equal((long)qs_bench_train_flops_per_item(&m), 91728);
+    assert_int_equal((long)qs_bench_train_flops_per_item(&m, false), 91728);
 }
 
 /* For a dense GPT, N is the model's matrices: its WEIGHT tensors (the untied head is one;
@@ -89,7 +89,9 @@ static void test_gpt_matches_param_table(void **state) {
         if (p->role == QS_ROLE_WEIGHT) n += p->numel;
     }
     qs_gpt_free(g);
-    assert_true(qs_bench_train_flops_per_item(&m) == 6 * n + 12.0 * m.n_layer * m.seq_len * m.n_embd);
+    assert_true(qs_bench_train_flops_per_item(&m, false) == 6 * n + 12.0 * m.n_layer * m.seq_len * m.n_embd);
+    /* over a frozen base: no weight gradients, attention's backward unchanged */
+    assert_true(qs_bench_train_flops_per_item(&m, true) == 4 * n + 12.0 * m.n_layer * m.seq_len * m.n_embd);
 }
 
 static void test_stats(void **state) {

@@ -30,7 +30,7 @@ int qs_bench_gemm_n(const qs_backend *be);
 /* Training FLOPs of one item (a token for GPT, an image for QuadraNet): model FLOPs,
  * 3 x the forward's (docs/ARCHITECTURE.md, "Benchmarks"). The config must be resolved
  * (model.vocab_size known). */
-double qs_bench_train_flops_per_item(const qs_model_config *c);
+double qs_bench_train_flops_per_item(const qs_model_config *c, bool frozen_base);
 
 /* Order statistics of n samples (sorted in place). */
 typedef struct qs_bench_stats {

@@ -29,16 +29,16 @@ grep -q 'MFU' "$WORK/out" && ok "bench train: the table reports MFU" || not_ok "
 
 # LoRA over a frozen base: the base is the full run's random init and B starts at zero, so
 # the first loss is the full run's; only the adapters train (r 4 on q and v of 2 layers:
-# 2 x 2 x 4 x (16 + 16) = 512 parameters)
+# 2 x 2 x 4 x (16 + 16) = 512 parameters); no weight gradients, so 4 N + 12 L T C FLOPs
 expect_ok "bench train --lora: --json" $Q bench train --config tiny.json --steps 3 --warmup 1 --lora --set lora.r=4 --json
 cp "$WORK/out" lora.json
-json_check "bench train --lora: adapters only, the full run's first loss, the same FLOP count" lora.json '
+json_check "bench train --lora: adapters only, the full run's first loss, 4 N + 12 L T C = 34816 FLOPs" lora.json '
 full = json.load(open("train.json"))
 assert r["lora"] == {"r": 4, "alpha": 16, "targets": "q,v", "rslora": False}, r["lora"]
 assert full["lora"] is None, full["lora"]
 assert r["model"]["params"] == 512, r["model"]
 assert r["loss_first"] == full["loss_first"], (r["loss_first"], full["loss_first"])
-assert r["flops_per_item"] == full["flops_per_item"], r["flops_per_item"]
+assert r["flops_per_item"] == 4 * 7168 + 6144, r["flops_per_item"]
 assert set(v) == {e["name"] for e in full["results"]}, v'
 
 expect_ok "bench kernels: --quick --json" $Q bench kernels --quick --repeats 3 --json
