@@ -861,16 +861,17 @@ static bool same_moe_routing(qs_gpt *const m[2], const qs_model_config *cfg, int
 }
 
 /* Loss, MoE statistics and routing, every gradient; then a prefill and one decode step. */
-static void test_gpt(const char *label, const qs_model_config *cfg) {
+/* Three sequences of T tokens (cfg->seq_len > T). */
+static void test_gpt(const char *label, const qs_model_config *cfg, int T) {
     case_begin("gpt %s (%s): loss and gradients, run-to-run bits, prefill and decode", label, be[1]->name);
-    enum { B = 3, T = 11, N = B * T };
+    const int B = 3, N = B * T;
+    int *x = xmalloc(2 * (size_t)N * sizeof(int)), *y = x + N;
     qs_gpt *m[2] = {NULL, NULL};
     for (int s = 0; s < 2; s++)
         if (qs_gpt_create(&m[s], cfg, be[s], B, T + 1) || qs_gpt_init(m[s], seed)) {
             fail("creating the %s model: %s", be[s]->name, qs_error_last());
             goto done;
         }
-    int x[N], y[N];
     for (int i = 0; i < N; i++) {
         x[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, (uint64_t)cfg->vocab_size);
         y[i] = i % 7 == 3 ? -1 : (int)qs_rng_below(seed, 21, (uint64_t)i, (uint64_t)cfg->vocab_size);
@@ -938,6 +939,7 @@ static void test_gpt(const char *label, const qs_model_config *cfg) {
     free(row[1]);
 done:
     for (int s = 0; s < 2; s++) qs_gpt_free(m[s]);
+    free(x);
     case_end();
 }
 
@@ -1139,14 +1141,22 @@ done:
 
 static void test_models(void) {
     qs_model_config dense = gpt_config();
-    test_gpt("dense gelu, dropout", &dense);
+    test_gpt("dense gelu, dropout", &dense, 11);
+    /* 3 x 347 rows: the classifier in two chunks (1024 + 17 rows); a quadconv mixer, as
+     * emulated attention over 347 positions would take minutes */
+    qs_model_config chunked = gpt_config();
+    chunked.seq_len = 348;
+    chunked.n_layer = 1;
+    chunked.mixer = QS_MIXER_QUADCONV;
+    chunked.quadra.kernel_size = 4;
+    test_gpt("quadconv mixer, 3 x 347 tokens, the classifier in 2 chunks", &chunked, 347);
     /* F = 32, a multiple of 8: the GELU fused into cuBLASLt's epilogues (F = 30 above is not) */
     qs_model_config fused = gpt_config();
     fused.n_embd = 16;
     fused.n_head = 4;
-    test_gpt("dense gelu, F = 32 (fused epilogues), dropout", &fused);
+    test_gpt("dense gelu, F = 32 (fused epilogues), dropout", &fused, 11);
     qs_model_config moe = moe_config();
-    test_gpt("moe noisy top-2, capacity 1.0, dropout", &moe);
+    test_gpt("moe noisy top-2, capacity 1.0, dropout", &moe, 11);
     qs_model_config qc = gpt_config();
     qc.mixer = QS_MIXER_QUADCONV;
     qc.quadra.kernel_size = 4;
@@ -1156,7 +1166,8 @@ static void test_models(void) {
     const bool relu = !bf16;
     qc.activation = relu ? QS_ACT_RELU : QS_ACT_GELU;
     qc.tie_embeddings = false;
-    test_gpt(relu ? "quadconv mixer k=4, relu, untied, dropout" : "quadconv mixer k=4, gelu, untied, dropout", &qc);
+    test_gpt(relu ? "quadconv mixer k=4, relu, untied, dropout" : "quadconv mixer k=4, gelu, untied, dropout", &qc,
+             11);
     test_quadranet();
     const char *env = getenv("QS_PARITY_STEPS");
     test_training(env && *env ? atoi(env) : 200);
