@@ -62,9 +62,13 @@ double qs_bench_train_flops_per_item(const qs_model_config *c, bool frozen_base)
         const double C = c->n_embd, T = c->seq_len, F = (double)c->ffn_mult * C, E = c->moe.n_experts;
         double layer = C * C + (E > 0 ? c->moe.top_k : 1) * 2.0 * C * F;
         if (E > 0) layer += C * E * (c->moe.gating == QS_GATING_NOISY_TOPK ? 2 : 1);
-        layer += c->mixer == QS_MIXER_QUADCONV ? 3.0 * c->quadra.kernel_size * C : 3.0 * C * C;
+        if (c->mixer == QS_MIXER_QUADCONV) {
+            layer += 3.0 * c->quadra.kernel_size * C;
+        } else {
+            layer += 3.0 * C * C;
+            attention = c->n_layer * 2.0 * T * C;
+        }
         macs = c->n_layer * layer + (double)c->vocab_size * C;
-        if (c->mixer != QS_MIXER_QUADCONV) attention = c->n_layer * 2.0 * T * C;
     }
     return (frozen_base ? 4.0 : 6.0) * macs + 6.0 * attention;
 }
@@ -541,7 +545,8 @@ static int bench_train(const bench_args *a) {
         const double used1 = mem.device ? used_mib(be) : 0.0;
         mem.mib = !mem.device ? peak_rss_mib() : used0 < 0 || used1 < 0 ? NAN : used1 - used0;
         /* the config as the task resolved it (model.vocab_size from the data) */
-        print_train(stdout, a, &cfg, &task, &c, &ms, qs_bench_train_flops_per_item(&cfg.model, a->lora), &mem, loss0, loss1);
+        print_train(stdout, a, &cfg, &task, &c, &ms, qs_bench_train_flops_per_item(&cfg.model, a->lora), &mem, loss0,
+                    loss1);
     }
     free(step_ms);
     qs_adamw_free(&opt);
