@@ -65,7 +65,7 @@ double qs_bench_train_flops_per_item(const qs_model_config *c, bool frozen_base)
         if (c->mixer == QS_MIXER_QUADCONV) {
             layer += 3.0 * c->quadra.kernel_size * C;
         } else {
-            layer += 3.0 * C * C;
+            layer += C * (C + 2.0 * C / c->n_head * qs_config_kv_heads(c)); /* q, and grouped K/V */
             attention = c->n_layer * 2.0 * T * C;
         }
         macs = c->n_layer * layer + (double)c->vocab_size * C;

@@ -135,7 +135,7 @@ static void att_fwd_plan(kplan *p, const kdims *d) {
 }
 static void att_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     (void)ib;
-    const qs_attn_block blk = qs_attn_block_self(d->B, d->T, d->C, d->NH, 1);
+    const qs_attn_block blk = qs_attn_block_self(d->B, d->T, d->C, d->NH, d->NH, 1);
     o->attention_block_forward(f[1], f[2], f[0], f[0] + d->C, &blk);
 }
 
@@ -149,7 +149,7 @@ static void att_bwd_plan(kplan *p, const kdims *d) {
 }
 static void att_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     (void)ib;
-    const qs_attn_block blk = qs_attn_block_self(d->B, d->T, d->C, d->NH, 1);
+    const qs_attn_block blk = qs_attn_block_self(d->B, d->T, d->C, d->NH, d->NH, 1);
     o->attention_delta(f[5], f[1], f[3], d->B, d->T, d->C, d->NH);
     o->attention_block_backward(f[0], f[0] + d->C, f[1], f[2], f[2] + d->C, f[4], f[5], &blk);
 }

@@ -69,6 +69,7 @@ static const field fields[] = {
     INT(model.seq_len, IN(1, 1 << 20), 64),
     INT(model.n_layer, IN(1, 1 << 12), 4),
     INT(model.n_head, IN(1, MAX_DIM), 4),
+    INT(model.n_kv_head, IN(0, MAX_DIM), 0),
     INT(model.n_embd, IN(1, MAX_DIM), 128),
     INT(model.ffn_mult, IN(1, 64), 4),
     ENUM(model.activation, activation_names, QS_ACT_GELU),
@@ -473,6 +474,8 @@ int qs_config_validate(const qs_config *c) {
     const qs_train_config *t = &c->train;
     if (m->n_embd % m->n_head != 0)
         return qs_error("model.n_embd (%d) must be divisible by model.n_head (%d)", m->n_embd, m->n_head);
+    if (m->n_kv_head && m->n_head % m->n_kv_head != 0)
+        return qs_error("model.n_head (%d) must be divisible by model.n_kv_head (%d)", m->n_head, m->n_kv_head);
     if (m->moe.n_experts > 0 && m->moe.top_k > m->moe.n_experts)
         return qs_error("model.moe.top_k (%d) must be <= model.moe.n_experts (%d)", m->moe.top_k,
                         m->moe.n_experts);

@@ -275,6 +275,9 @@ int qs_convert_to_hf(const char *ckpt_dir, const char *out_dir) {
     int rc = mc->type != QS_MODEL_GPT ? qs_error("%s: only GPT models have a Hugging Face GPT-2 form", step_dir)
              : mc->mixer != QS_MIXER_ATTENTION ? qs_error("%s: a quadconv token mixer (model.mixer) has no Hugging Face "
                                                           "GPT-2 form", step_dir)
+             : qs_config_kv_heads(mc) != mc->n_head
+                 ? qs_error("%s: grouped-query attention (model.n_kv_head = %d of %d heads) has no Hugging Face GPT-2 "
+                            "form", step_dir, mc->n_kv_head, mc->n_head)
              : mc->moe.n_experts > 0 ? qs_error("%s: a Mixture-of-Experts model (model.moe.n_experts = %d) has no "
                                               "Hugging Face GPT-2 form", step_dir, mc->moe.n_experts)
              : !mc->tie_embeddings ? qs_error("%s: model.tie_embeddings = false is not supported by the GPT-2 export", step_dir)

@@ -44,7 +44,7 @@ struct qs_lora {
     qs_lora_config cfg;
     const qs_backend *be;
     float scale;
-    int L, E, C;
+    int L, E, C, Ckv; /* Ckv: the k (and v) rows of c_attn's B (grouped-query attention: fewer than C) */
     lora_module *mods; /* [L][QS_LORA_N_SITES] */
     qs_params ps;
     size_t rows, max_in; /* rows a module may see (MoE: token rows x top_k); widest input */
@@ -124,6 +124,7 @@ static int layout(qs_lora **out, const qs_lora_config *lc, const qs_model_config
     lo->be = be;
     lo->scale = lc->rslora ? lc->alpha / sqrtf((float)lc->r) : lc->alpha / (float)lc->r;
     lo->L = mc->n_layer, lo->E = mc->moe.n_experts, lo->C = mc->n_embd;
+    lo->Ckv = mc->n_embd / mc->n_head * qs_config_kv_heads(mc);
     const int C = mc->n_embd, F = mc->ffn_mult * mc->n_embd, E = lo->E;
     lo->mods = calloc((size_t)lo->L * QS_LORA_N_SITES, sizeof *lo->mods);
     if (!lo->mods) goto oom;
@@ -131,7 +132,7 @@ static int layout(qs_lora **out, const qs_lora_config *lc, const qs_model_config
     int rc = 0;
     for (int l = 0; l < lo->L && !rc; l++) {
         if (t & (QS_LORA_Q | QS_LORA_K | QS_LORA_V))
-            rc = add_module(lo, l, QS_LORA_SITE_QKV, C, 3 * C, 0, t & 7u);
+            rc = add_module(lo, l, QS_LORA_SITE_QKV, C, C + 2 * lo->Ckv, 0, t & 7u);
         if (!rc && (t & QS_LORA_PROJ)) rc = add_module(lo, l, QS_LORA_SITE_PROJ, C, C, 0, 0);
         if (!rc && (t & QS_LORA_FC)) rc = add_module(lo, l, QS_LORA_SITE_FC, C, F, 0, 0);
         if (!rc && (t & QS_LORA_FC_PROJ)) rc = add_module(lo, l, QS_LORA_SITE_FC_PROJ, F, C, 0, 0);
@@ -280,7 +281,11 @@ void qs_lora_backward(qs_lora *lo, int layer, qs_lora_site site, int e, int row0
     /* dB += dy^T u; ds = s dy B is the gradient at x A^T */
     ops->matmul_backward(NULL, dB, NULL, dy, u, B, n, r, md->out, QS_W_OUT_IN);
     for (int blk = 0; md->keep && blk < 3; blk++) /* c_attn blocks not targeted stay zero */
-        if (!(md->keep & (1u << blk))) lo->be->zero(dB + (size_t)blk * lo->C * r, (size_t)lo->C * r * sizeof(float));
+        if (!(md->keep & (1u << blk))) {
+            /* B's rows: q [0, C), k [C, C + Ckv), v [C + Ckv, C + 2 Ckv) */
+            const size_t row0 = blk ? (size_t)lo->C + (size_t)(blk - 1) * lo->Ckv : 0, rows = blk ? lo->Ckv : lo->C;
+            lo->be->zero(dB + row0 * r, rows * r * sizeof(float));
+        }
     lo->be->zero(lo->ds, (size_t)n * r * sizeof(float));
     ops->matmul_acc(lo->ds, dy, B, lo->scale, n, md->out, r, QS_W_IN_OUT);
     /* dA += ds^T drop(x); dx += drop'(ds A) */

@@ -42,6 +42,7 @@ struct qs_gpt {
     const qs_backend *be;
     int max_B, max_T;
     int V, C, L, NH, F, E, K;
+    int NKV, Wqkv; /* key/value heads (grouped-query attention); a qkv row's width, C + 2 NKV C / NH */
 
     qs_params ps;       /* no gradient buffer when frozen (a LoRA base) */
     qs_lora *lora;      /* adapters on the linear layers, or NULL */
@@ -72,7 +73,7 @@ struct qs_gpt {
     float *dxe, *dye, *dgate; /* MoE packed */
     float *dh, *dnoise; /* MoE router: at the routing logits, and at the noise logits */
 
-    /* KV cache for decoding: [L][max_B][NH][seq_len][hs] each, made on first prefill.
+    /* KV cache for decoding: [L][max_B][NKV][seq_len][hs] each, made on first prefill.
      * A quadconv mixer keeps its layer's LayerNorm outputs [max_B][seq_len][C] in kcache
      * instead, and convolves the last k of them per new token (conv_tmp: 3 rows of k*C). */
     float *kcache, *vcache, *conv_tmp;
@@ -152,7 +153,7 @@ static void build_param_table(qs_gpt *m) {
             p->qc_b = qs_params_add(&m->ps, pre, 2, bs, QS_ROLE_BIAS, k, k, false);
         } else {
             snprintf(pre, sizeof pre, "h.%d.attn.c_attn", l);
-            add_linear(m, pre, 0, m->C, 3 * m->C, c->bias, false, &p->qkv_w, &p->qkv_b);
+            add_linear(m, pre, 0, m->C, m->Wqkv, c->bias, false, &p->qkv_w, &p->qkv_b);
         }
         snprintf(pre, sizeof pre, "h.%d.attn.c_proj", l);
         add_linear(m, pre, 0, m->C, m->C, c->bias, true, &p->proj_w, &p->proj_b);
@@ -206,7 +207,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
         a->ln1 = shared_ln1;
         a->ln1_mean = qs_plan_f(p, N);
         a->ln1_rstd = qs_plan_f(p, N);
-        a->qkv = qs_plan_f(p, N * 3 * C);
+        a->qkv = qs_plan_f(p, N * m->Wqkv); /* a quadconv mixer's is 3C wide: fa and fb fit */
         if (m->cfg.mixer == QS_MIXER_QUADCONV) {
             a->fa = a->qkv;
             a->fb = a->qkv ? a->qkv + N * C : NULL;
@@ -245,7 +246,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
     m->dln = qs_plan_f(p, N * C);
     m->dbranch = qs_plan_f(p, N * C);
     m->datty = qs_plan_f(p, N * C);
-    m->dqkv = qs_plan_f(p, N * 3 * C);
+    m->dqkv = qs_plan_f(p, N * m->Wqkv);
     m->delta = qs_plan_f(p, N * m->NH);
     m->dF1 = qs_plan_f(p, NK * F);
     m->dF2 = qs_plan_f(p, NK * F);
@@ -288,6 +289,9 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     if (cfg->mixer == QS_MIXER_ATTENTION && be->max_head_size && cfg->n_embd / cfg->n_head > be->max_head_size)
         return qs_error("model.n_embd / model.n_head = %d: the %s backend's attention takes heads of at most %d",
                         cfg->n_embd / cfg->n_head, be->name, be->max_head_size);
+    if (qs_config_kv_heads(cfg) < 1 || cfg->n_head % qs_config_kv_heads(cfg))
+        return qs_error("model.n_head (%d) must be divisible by model.n_kv_head (%d)", cfg->n_head,
+                        qs_config_kv_heads(cfg));
     qs_gpt *m = calloc(1, sizeof *m);
     if (!m) return qs_error("out of memory");
     m->cfg = *cfg;
@@ -298,6 +302,9 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->C = cfg->n_embd;
     m->L = cfg->n_layer;
     m->NH = cfg->n_head;
+    /* a quadconv mixer has no heads to group */
+    m->NKV = cfg->mixer == QS_MIXER_ATTENTION ? qs_config_kv_heads(cfg) : m->NH;
+    m->Wqkv = m->C + 2 * (m->C / m->NH) * m->NKV;
     m->F = cfg->ffn_mult * cfg->n_embd;
     m->E = cfg->moe.n_experts;
     m->K = m->E > 0 ? cfg->moe.top_k : 1;
@@ -352,7 +359,7 @@ int qs_gpt_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, int
     qs_gpt *m;
     if (layout(&m, cfg, be, max_B, max_T, trainable)) return -1;
     *plan = m->plan;
-    if (sp > 1) plan->activations += qs_ring_attention_bytes(max_B, max_T, m->C, m->NH, sp);
+    if (sp > 1) plan->activations += qs_ring_attention_bytes(max_B, max_T, m->C, m->NH, m->NKV, sp);
     qs_gpt_free(m);
     return 0;
 }
@@ -457,7 +464,7 @@ int qs_gpt_set_sequence_parallel(qs_gpt *m, qs_comm *group) {
                         "%d of its rows (is %d)", sp, T, T / sp, m->max_T);
     if (m->ring) return qs_error("sequence parallelism is already set up");
     if (qs_ring_attention_positions(sp, qs_comm_rank(group), T, m->seq_pos) ||
-        qs_ring_attention_create(&m->ring, m->be, group, m->max_B, m->max_T, m->C, m->NH, 1))
+        qs_ring_attention_create(&m->ring, m->be, group, m->max_B, m->max_T, m->C, m->NH, m->NKV, 1))
         return -1;
     return 0;
 }
@@ -635,9 +642,15 @@ static void dense_ffn_forward(qs_gpt *m, int l, int N) {
 
 static qs_weight_layout lm_head_layout(void) { return QS_W_OUT_IN; /* [V, C], as wte */ }
 
+/* Floats per cached position of a layer and slot: NKV heads of keys (or values), or a
+ * quadconv mixer's LayerNorm row. */
+static size_t cache_width(const qs_gpt *m) {
+    return m->cfg.mixer == QS_MIXER_QUADCONV ? (size_t)m->C : (size_t)m->NKV * (m->C / m->NH);
+}
+
 /* Layer l's slice of a KV cache. */
 static float *cache_of(const qs_gpt *m, float *cache, int l) {
-    return cache + (size_t)l * m->max_B * m->NH * m->cfg.seq_len * (m->C / m->NH);
+    return cache + (size_t)l * m->max_B * m->cfg.seq_len * cache_width(m);
 }
 
 /* The causal conv over one sequence of T steps (b-th of B when batched). */
@@ -675,13 +688,13 @@ static void mixer_conv_forward(qs_gpt *m, int l, int B, int T, const int *slots)
  * read in place from qkv and their gradients written in place into dqkv. Saves only
  * the log-sum-exp, so memory is linear in T. */
 static void whole_attention_forward(qs_gpt *m, layer_acts *a, int B, int T) {
-    const qs_attn_block blk = qs_attn_block_self(B, T, m->C, m->NH, 1);
+    const qs_attn_block blk = qs_attn_block_self(B, T, m->C, m->NH, m->NKV, 1);
     m->be->ops->attention_block_forward(a->atty, a->lse, a->qkv, a->qkv + m->C, &blk);
 }
 
 static void whole_attention_backward(qs_gpt *m, layer_acts *a, int B, int T) {
     const qs_ops *ops = m->be->ops;
-    const qs_attn_block blk = qs_attn_block_self(B, T, m->C, m->NH, 1);
+    const qs_attn_block blk = qs_attn_block_self(B, T, m->C, m->NH, m->NKV, 1);
     ops->attention_delta(m->delta, m->datty, a->atty, B, T, m->C, m->NH);
     ops->attention_block_backward(m->dqkv, m->dqkv + m->C, m->datty, a->qkv, a->qkv + m->C, a->lse, m->delta, &blk);
 }
@@ -715,9 +728,9 @@ static void fill_cache(qs_gpt *m, int l, int B, int T, int slot0) {
                         (size_t)T * C * sizeof(float));
         return;
     }
-    const size_t slot_off = (size_t)slot0 * S * C; /* a slot: NH heads of S positions of C / NH */
+    const size_t slot_off = (size_t)slot0 * S * cache_width(m); /* a slot: NKV heads of S positions */
     m->be->ops->kv_cache_fill(cache_of(m, m->kcache, l) + slot_off, cache_of(m, m->vcache, l) + slot_off,
-                              m->la[l].qkv, B, T, C, m->NH, S);
+                              m->la[l].qkv, B, T, C, m->NH, m->NKV, S);
 }
 
 /* Embeddings through ln_f for B sequences of T tokens at positions 0..T-1, filling KV
@@ -753,11 +766,11 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
         if (p->qc_w >= 0) {
             mixer_conv_forward(m, l, B, T, slots);
         } else {
-            ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, 3 * C, QS_W_IN_OUT);
+            ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, m->Wqkv, QS_W_IN_OUT);
             lora_forward(m, l, QS_LORA_SITE_QKV, 0, 0, N, a->qkv, a->ln1);
             if (slots)
                 ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
-                                      m->NH, m->slots, m->pos, m->cfg.seq_len);
+                                      m->NH, m->NKV, m->slots, m->pos, m->cfg.seq_len);
             else if (m->ring)
                 ring_forward(m, a, B);
             else
@@ -790,7 +803,7 @@ static int prefill(qs_gpt *m, const int *tokens, int B, int T, int slot0) {
     if (slot0 < 0 || slot0 + B > m->max_B || T > m->max_T || T < 1)
         return qs_error("prefill of %d x %d tokens into slot %d exceeds the model's %d x %d", B, T, slot0, m->max_B,
                         m->max_T);
-    size_t per = (size_t)m->L * m->max_B * m->cfg.seq_len * m->C * sizeof(float);
+    size_t per = (size_t)m->L * m->max_B * m->cfg.seq_len * cache_width(m) * sizeof(float);
     if (!m->kcache && !(m->kcache = m->be->alloc(per))) return -1;
     if (!m->vcache && !(m->vcache = m->be->alloc(per))) return -1;
     if (m->cfg.mixer == QS_MIXER_QUADCONV && !m->conv_tmp &&
@@ -1000,13 +1013,13 @@ int qs_gpt_backward(qs_gpt *m) {
             ops->quadconv_backward(m->dln, G(m, p->qc_w), G(m, p->qc_b), m->datty, a->ln1, P(m, p->qc_w), a->fa,
                                    a->fb, &s);
         } else {
-            zero_f(m, m->dqkv, 3 * NC);
+            zero_f(m, m->dqkv, (size_t)N * m->Wqkv);
             if (m->ring && !m->failed)
                 m->failed = qs_ring_attention_backward(m->ring, m->dqkv, m->datty, a->qkv, a->atty, a->lse) != 0;
             else if (!m->ring)
                 whole_attention_backward(m, a, B, T);
             ops->matmul_backward(m->dln, G(m, p->qkv_w), G(m, p->qkv_b), m->dqkv, a->ln1, P(m, p->qkv_w), N, C,
-                                 3 * C, QS_W_IN_OUT);
+                                 m->Wqkv, QS_W_IN_OUT);
             lora_backward(m, l, QS_LORA_SITE_QKV, 0, 0, N, m->dln, m->dqkv, a->ln1);
         }
         ops->layernorm_backward(m->dres, G(m, p->ln1_w), G(m, p->ln1_b), m->dln, m->res[l],

@@ -24,8 +24,9 @@ struct qs_ring_attention {
     const qs_backend *be;
     qs_comm *comm;
     int sp, rank, next, prev; /* the ring: send to next, receive from prev */
-    int B, Tl, Tc, C, NH, causal;
-    float *kv[2], *dkv[2]; /* [B,Tl,2C] each, double-buffered; sp > 1 only */
+    int B, Tl, Tc, C, NH, NKV, causal;
+    int Ckv, W;            /* the k (and v) width NKV * C / NH; a qkv row's, C + 2 Ckv */
+    float *kv[2], *dkv[2]; /* [B,Tl,2Ckv] each, double-buffered; sp > 1 only */
     float *o_blk;          /* [B,Tl,C]: one block's output before it is merged */
     float *lse_blk;        /* [B,NH,Tl]: its lse */
     float *delta;          /* [B,NH,Tl] */
@@ -70,7 +71,7 @@ void qs_ring_attention_free(qs_ring_attention *ra) {
 
 /* The buffers in one allocation, carved in order; with mem NULL only counted. */
 static size_t carve_buffers(qs_ring_attention *ra, float *mem) {
-    const size_t rows = (size_t)ra->B * ra->Tl, kv = ra->sp > 1 ? rows * 2 * ra->C : 0;
+    const size_t rows = (size_t)ra->B * ra->Tl, kv = ra->sp > 1 ? rows * 2 * ra->Ckv : 0;
     float *at = mem;
     float **bufs[] = {&ra->o_blk, &ra->lse_blk, &ra->delta, &ra->kv[0], &ra->kv[1], &ra->dkv[0], &ra->dkv[1]};
     const size_t floats[] = {rows * ra->C, rows * ra->NH, rows * ra->NH, kv, kv, kv, kv};
@@ -82,22 +83,23 @@ static size_t carve_buffers(qs_ring_attention *ra, float *mem) {
     return total * sizeof(float);
 }
 
-size_t qs_ring_attention_bytes(int B, int Tl, int C, int NH, int sp) {
-    qs_ring_attention ra = {.sp = sp, .B = B, .Tl = Tl, .C = C, .NH = NH};
+size_t qs_ring_attention_bytes(int B, int Tl, int C, int NH, int NKV, int sp) {
+    qs_ring_attention ra = {.sp = sp, .B = B, .Tl = Tl, .C = C, .NH = NH, .Ckv = C / NH * NKV};
     return carve_buffers(&ra, NULL);
 }
 
 int qs_ring_attention_create(qs_ring_attention **out, const qs_backend *be, qs_comm *group, int B,
-                             int Tl, int C, int NH, int causal) {
+                             int Tl, int C, int NH, int NKV, int causal) {
     *out = NULL;
-    if (B < 1 || Tl < 2 || Tl % 2 || C < 1 || NH < 1 || C % NH)
-        return qs_error("ring attention: B=%d Tl=%d C=%d NH=%d (Tl must be even, NH must divide C)", B, Tl, C, NH);
+    if (B < 1 || Tl < 2 || Tl % 2 || C < 1 || NH < 1 || C % NH || NKV < 1 || NH % NKV)
+        return qs_error("ring attention: B=%d Tl=%d C=%d NH=%d NKV=%d (Tl must be even, NH must divide C and NKV "
+                        "NH)", B, Tl, C, NH, NKV);
     qs_ring_attention *ra = calloc(1, sizeof *ra);
     if (!ra) return qs_error("out of memory for ring attention");
-    const int sp = qs_comm_size(group), rank = qs_comm_rank(group);
+    const int sp = qs_comm_size(group), rank = qs_comm_rank(group), Ckv = C / NH * NKV;
     *ra = (qs_ring_attention){.be = be, .comm = group, .sp = sp, .rank = rank, .next = (rank + 1) % sp,
                              .prev = (rank + sp - 1) % sp, .B = B, .Tl = Tl, .Tc = Tl / 2, .C = C, .NH = NH,
-                             .causal = causal != 0};
+                             .NKV = NKV, .Ckv = Ckv, .W = C + 2 * Ckv, .causal = causal != 0};
     if (!(ra->mem = be->alloc(carve_buffers(ra, NULL)))) {
         qs_ring_attention_free(ra);
         return -1;
@@ -108,24 +110,24 @@ int qs_ring_attention_create(qs_ring_attention **out, const qs_backend *be, qs_c
 }
 
 /* Floats in one K/V (or dK/dV) block, the unit that travels. */
-static size_t block_floats(const qs_ring_attention *ra) { return (size_t)ra->B * ra->Tl * 2 * ra->C; }
+static size_t block_floats(const qs_ring_attention *ra) { return (size_t)ra->B * ra->Tl * 2 * ra->Ckv; }
 
-/* The K/V block held at step k: packed by rank src, row stride `stride` (3C: the own
- * block, read in place from qkv; 2C: a packed one). */
+/* The K/V block held at step k: packed by rank src, row stride `stride` (W: the own
+ * block, read in place from qkv; 2Ckv: a packed one). */
 typedef struct {
     const float *kv;
     int stride, src;
 } held_block;
 
 static held_block held_at(const qs_ring_attention *ra, int k, const float *qkv) {
-    if (k == 0) return (held_block){qkv + ra->C, 3 * ra->C, ra->rank};
-    return (held_block){ra->kv[k % 2], 2 * ra->C, (ra->rank - k + ra->sp) % ra->sp};
+    if (k == 0) return (held_block){qkv + ra->C, ra->W, ra->rank};
+    return (held_block){ra->kv[k % 2], 2 * ra->Ckv, (ra->rank - k + ra->sp) % ra->sp};
 }
 
 /* Local query chunk a against key chunk c of the held block. */
 static qs_attn_block pair_block(const qs_ring_attention *ra, int a, const held_block *h, int c) {
-    return (qs_attn_block){.B = ra->B, .C = ra->C, .NH = ra->NH, .Tq = ra->Tc, .Tk = ra->Tc,
-                           .q_len = ra->Tl, .kv_len = ra->Tl, .q_stride = 3 * ra->C, .kv_stride = h->stride,
+    return (qs_attn_block){.B = ra->B, .C = ra->C, .NH = ra->NH, .NKV = ra->NKV, .Tq = ra->Tc, .Tk = ra->Tc,
+                           .q_len = ra->Tl, .kv_len = ra->Tl, .q_stride = ra->W, .kv_stride = h->stride,
                            .q_pos0 = chunk_of(ra->sp, ra->rank, a) * ra->Tc,
                            .k_pos0 = chunk_of(ra->sp, h->src, c) * ra->Tc, .causal = ra->causal};
 }
@@ -144,8 +146,8 @@ static int pass_kv(qs_ring_attention *ra, int k, qs_comm_req *req) {
 
 int qs_ring_attention_forward(qs_ring_attention *ra, float *out, float *lse, const float *qkv) {
     const qs_ops *ops = ra->be->ops;
-    const int Tc = ra->Tc, C = ra->C;
-    if (ra->sp > 1) ops->kv_pack_forward(ra->kv[0], qkv, ra->B, ra->Tl, C);
+    const int Tc = ra->Tc, C = ra->C, W = ra->W;
+    if (ra->sp > 1) ops->kv_pack_forward(ra->kv[0], qkv, ra->B, ra->Tl, C, ra->Ckv);
     for (int k = 0; k < ra->sp; k++) {
         qs_comm_req req = {0};
         if (pass_kv(ra, k, &req)) return -1;
@@ -157,7 +159,7 @@ int qs_ring_attention_forward(qs_ring_attention *ra, float *out, float *lse, con
                 const int c = i ? 1 - a : a;
                 const qs_attn_block blk = pair_block(ra, a, &h, c);
                 if (masked(&blk)) continue;
-                const float *q = qkv + (size_t)a * Tc * 3 * C, *kv = h.kv + (size_t)c * Tc * h.stride;
+                const float *q = qkv + (size_t)a * Tc * W, *kv = h.kv + (size_t)c * Tc * h.stride;
                 float *o = out + (size_t)a * Tc * C, *l = lse + (size_t)a * Tc;
                 if (k == 0 && i == 0) {
                     ops->attention_block_forward(o, l, q, kv, &blk);
@@ -175,23 +177,23 @@ int qs_ring_attention_forward(qs_ring_attention *ra, float *out, float *lse, con
 int qs_ring_attention_backward(qs_ring_attention *ra, float *dqkv, const float *dout,
                                const float *qkv, const float *out, const float *lse) {
     const qs_ops *ops = ra->be->ops;
-    const int sp = ra->sp, Tc = ra->Tc, C = ra->C;
+    const int sp = ra->sp, Tc = ra->Tc, C = ra->C, W = ra->W;
     const size_t n = block_floats(ra);
     ops->attention_delta(ra->delta, dout, out, ra->B, ra->Tl, C, ra->NH);
-    if (sp > 1) ops->kv_pack_forward(ra->kv[0], qkv, ra->B, ra->Tl, C);
+    if (sp > 1) ops->kv_pack_forward(ra->kv[0], qkv, ra->B, ra->Tl, C, ra->Ckv);
     for (int k = 0; k < sp; k++) {
         qs_comm_req kv_req = {0}, dkv_req = {0};
         if (pass_kv(ra, k, &kv_req)) return -1;
         const held_block h = held_at(ra, k, qkv);
-        float *dkv = k ? ra->dkv[k % 2] : dqkv + C; /* the own block's: in place, stride 3C */
+        float *dkv = k ? ra->dkv[k % 2] : dqkv + C; /* the own block's: in place, stride W */
         if (k == 1) ra->be->zero(dkv, n * sizeof *dkv);
         for (int a = 0; a < 2; a++)
             for (int c = 0; c < 2; c++) {
                 const qs_attn_block blk = pair_block(ra, a, &h, c);
                 if (masked(&blk)) continue;
                 const size_t qa = (size_t)a * Tc;
-                ops->attention_block_backward(dqkv + qa * 3 * C, dkv + (size_t)c * Tc * h.stride, dout + qa * C,
-                                              qkv + qa * 3 * C, h.kv + (size_t)c * Tc * h.stride, lse + qa,
+                ops->attention_block_backward(dqkv + qa * W, dkv + (size_t)c * Tc * h.stride, dout + qa * C,
+                                              qkv + qa * W, h.kv + (size_t)c * Tc * h.stride, lse + qa,
                                               ra->delta + qa, &blk);
             }
         int rc = k ? qs_comm_sendrecv_start(ra->comm, dkv, ra->dkv[(k + 1) % 2], n, ra->next, ra->prev, &dkv_req) : 0;
@@ -200,6 +202,6 @@ int qs_ring_attention_backward(qs_ring_attention *ra, float *dqkv, const float *
         if (rc) return -1;
     }
     /* After the last hop the accumulator for this rank's own block is home. */
-    if (sp > 1) ops->kv_pack_backward(dqkv, ra->dkv[sp % 2], ra->B, ra->Tl, C);
+    if (sp > 1) ops->kv_pack_backward(dqkv, ra->dkv[sp % 2], ra->B, ra->Tl, C, ra->Ckv);
     return 0;
 }

@@ -5,8 +5,9 @@
  * span several of the CPU backend's query tiles; single blocks with arbitrary positions,
  * strides and masks match a double-precision reference and leave everything outside the
  * block alone; merge is exact at -inf on either side; block_backward agrees with finite
- * differences of a merged forward. Inputs and sizes are fresh every run (the seed is
- * printed; QS_TEST_SEED replays a failure). */
+ * differences of a merged forward. Every check also runs grouped-query blocks (fewer
+ * K/V heads than query heads, each shared by a group of query heads). Inputs and sizes
+ * are fresh every run (the seed is printed; QS_TEST_SEED replays a failure). */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -77,19 +78,20 @@ static int visible(const qs_attn_block *k, int i, int j) { return !k->causal || 
  * this block were the whole attention (its lse final). */
 static void ref_block(double *out, double *lse, double *dq, double *dkv, const float *dout, const float *q,
                       const float *kv, const qs_attn_block *k) {
-    const int hs = k->C / k->NH;
+    const int hs = k->C / k->NH, Ckv = k->NKV * hs;
     const double scale = 1.0 / sqrt(hs);
     double *p = malloc(((size_t)k->Tk + 1) * sizeof *p), *o = malloc((size_t)hs * sizeof *o);
     assert_non_null(p), assert_non_null(o);
     for (int b = 0; b < k->B; b++)
         for (int h = 0; h < k->NH; h++)
             for (int i = 0; i < k->Tq; i++) {
+                const size_t g = (size_t)h / (k->NH / k->NKV); /* the K/V head it reads */
                 const size_t qi = ((size_t)b * k->q_len + i) * k->q_stride + (size_t)h * hs,
                              oi = ((size_t)b * k->q_len + i) * k->C + (size_t)h * hs,
                              si = ((size_t)b * k->NH + h) * k->q_len + i;
                 double mx = -INFINITY, sum = 0.0;
                 for (int j = 0; j < k->Tk; j++) {
-                    const float *kj = kv + ((size_t)b * k->kv_len + j) * k->kv_stride + (size_t)h * hs;
+                    const float *kj = kv + ((size_t)b * k->kv_len + j) * k->kv_stride + g * hs;
                     double s = 0.0;
                     for (int c = 0; c < hs; c++) s += (double)q[qi + c] * kj[c];
                     p[j] = visible(k, i, j) ? s * scale : -INFINITY;
@@ -106,7 +108,7 @@ static void ref_block(double *out, double *lse, double *dq, double *dkv, const f
                 for (int j = 0; j < k->Tk; j++) {
                     p[j] /= sum;
                     for (int c = 0; c < hs; c++)
-                        o[c] += p[j] * kv[((size_t)b * k->kv_len + j) * k->kv_stride + k->C + (size_t)h * hs + c];
+                        o[c] += p[j] * kv[((size_t)b * k->kv_len + j) * k->kv_stride + Ckv + g * hs + c];
                 }
                 memcpy(out + oi, o, (size_t)hs * sizeof *o);
                 if (!dout) continue;
@@ -114,12 +116,12 @@ static void ref_block(double *out, double *lse, double *dq, double *dkv, const f
                 for (int c = 0; c < hs; c++) D += (double)dout[oi + c] * o[c];
                 for (int j = 0; j < k->Tk; j++) {
                     if (!visible(k, i, j)) continue;
-                    const size_t kj = ((size_t)b * k->kv_len + j) * k->kv_stride + (size_t)h * hs;
+                    const size_t kj = ((size_t)b * k->kv_len + j) * k->kv_stride + g * hs;
                     double dp = 0.0;
-                    for (int c = 0; c < hs; c++) dp += (double)dout[oi + c] * kv[kj + k->C + c];
+                    for (int c = 0; c < hs; c++) dp += (double)dout[oi + c] * kv[kj + Ckv + c];
                     const double ds = p[j] * (dp - D) * scale;
                     for (int c = 0; c < hs; c++) {
-                        dkv[kj + k->C + c] += p[j] * dout[oi + c];
+                        dkv[kj + Ckv + c] += p[j] * dout[oi + c];
                         dq[qi + c] += ds * kv[kj + c];
                         dkv[kj + c] += ds * q[qi + c];
                     }
@@ -139,28 +141,31 @@ static int random_cuts(int *starts, int T) {
     return n;
 }
 
-/* Query rows [q0, q1) against key rows [k0, k1) of one [B,T] sequence batch. */
-static qs_attn_block tile(int B, int T, int C, int NH, int kv_stride, int q0, int q1, int k0, int k1) {
-    return (qs_attn_block){.B = B, .C = C, .NH = NH, .Tq = q1 - q0, .Tk = k1 - k0, .q_len = T, .kv_len = T,
-                           .q_stride = 3 * C, .kv_stride = kv_stride, .q_pos0 = q0, .k_pos0 = k0, .causal = 1};
+/* Query rows [q0, q1) against key rows [k0, k1) of one [B,T] sequence batch of qkv
+ * [B,T,C+2Ckv] rows. */
+static qs_attn_block tile(int B, int T, int C, int NH, int NKV, int kv_stride, int q0, int q1, int k0, int k1) {
+    return (qs_attn_block){.B = B, .C = C, .NH = NH, .NKV = NKV, .Tq = q1 - q0, .Tk = k1 - k0, .q_len = T,
+                           .kv_len = T, .q_stride = C + 2 * (C / NH) * NKV, .kv_stride = kv_stride, .q_pos0 = q0,
+                           .k_pos0 = k0, .causal = 1};
 }
 
-/* K/V read in place from qkv (stride 3C, dk/dv straight into dqkv), or packed [B,T,2C]
- * as a ring carries them (then unpacked into dqkv). */
-static void check_tiles(int B, int T, int NH, int hs, int packed) {
-    const int C = NH * hs;
-    const size_t nqkv = (size_t)B * T * 3 * C, nout = (size_t)B * T * C, nst = (size_t)B * NH * T;
+/* K/V read in place from qkv (stride W = C + 2Ckv, dk/dv straight into dqkv), or packed
+ * [B,T,2Ckv] as a ring carries them (then unpacked into dqkv). */
+static void check_tiles(int B, int T, int NH, int NKV, int hs, int packed) {
+    const int C = NH * hs, Ckv = NKV * hs, W = C + 2 * Ckv;
+    const size_t nqkv = (size_t)B * T * W, nout = (size_t)B * T * C, nst = (size_t)B * NH * T;
     float *qkv = randoms(nqkv, -2, 2), *dout = randoms(nout, -1, 1), *pre = randoms(nqkv, -1, 1);
     /* the reference: one whole block in double, its gradients onto the same prefill */
     double *wout = malloc(nout * sizeof *wout), *wlse = malloc(nst * sizeof *wlse), *wd = widen(pre, nqkv);
     assert_non_null(wlse), assert_non_null(wout);
-    const qs_attn_block whole = tile(B, T, C, NH, 3 * C, 0, T, 0, T);
+    const qs_attn_block whole = tile(B, T, C, NH, NKV, W, 0, T, 0, T);
     ref_block(wout, wlse, wd, wd + C, dout, qkv, qkv + C, &whole);
 
-    float *kvp = packed ? floats((size_t)B * T * 2 * C, NAN) : NULL, *dkvp = packed ? floats((size_t)B * T * 2 * C, 0) : NULL;
-    if (packed) ops->kv_pack_forward(kvp, qkv, B, T, C);
+    const size_t nkvp = (size_t)B * T * 2 * Ckv;
+    float *kvp = packed ? floats(nkvp, NAN) : NULL, *dkvp = packed ? floats(nkvp, 0) : NULL;
+    if (packed) ops->kv_pack_forward(kvp, qkv, B, T, C, Ckv);
     const float *kv = packed ? kvp : qkv + C;
-    const int kvs = packed ? 2 * C : 3 * C;
+    const int kvs = packed ? 2 * Ckv : W;
 
     int qs[5], ks[5], order[4];
     const int nq = random_cuts(qs, T), nk = random_cuts(ks, T);
@@ -175,8 +180,8 @@ static void check_tiles(int B, int T, int NH, int hs, int packed) {
         }
         for (int i = 0; i < nk; i++) {
             const int c = order[i], q0 = qs[a];
-            const qs_attn_block blk = tile(B, T, C, NH, kvs, q0, qs[a + 1], ks[c], ks[c + 1]);
-            const float *qv = qkv + (size_t)q0 * 3 * C, *kvv = kv + (size_t)ks[c] * kvs;
+            const qs_attn_block blk = tile(B, T, C, NH, NKV, kvs, q0, qs[a + 1], ks[c], ks[c + 1]);
+            const float *qv = qkv + (size_t)q0 * W, *kvv = kv + (size_t)ks[c] * kvs;
             if (i == 0) {
                 ops->attention_block_forward(out + (size_t)q0 * C, lse + q0, qv, kvv, &blk);
                 continue;
@@ -207,15 +212,14 @@ static void check_tiles(int B, int T, int NH, int hs, int packed) {
     for (int a = 0; a < nq; a++)
         for (int c = 0; c < nk; c++) {
             const int q0 = qs[a], k0 = ks[c];
-            const qs_attn_block blk = tile(B, T, C, NH, kvs, q0, qs[a + 1], k0, ks[c + 1]);
-            ops->attention_block_backward(dqkv + (size_t)q0 * 3 * C, dkv + (size_t)k0 * kvs, dout + (size_t)q0 * C,
-                                          qkv + (size_t)q0 * 3 * C, kv + (size_t)k0 * kvs, lse + q0, delta + q0,
-                                          &blk);
+            const qs_attn_block blk = tile(B, T, C, NH, NKV, kvs, q0, qs[a + 1], k0, ks[c + 1]);
+            ops->attention_block_backward(dqkv + (size_t)q0 * W, dkv + (size_t)k0 * kvs, dout + (size_t)q0 * C,
+                                          qkv + (size_t)q0 * W, kv + (size_t)k0 * kvs, lse + q0, delta + q0, &blk);
         }
-    if (packed) ops->kv_pack_backward(dqkv, dkvp, B, T, C);
+    if (packed) ops->kv_pack_backward(dqkv, dkvp, B, T, C, Ckv);
     expect_close("tiled dqkv vs double", dqkv, wd, nqkv, 1e-5, 1e-6);
-    print_message("  B=%d T=%d NH=%d hs=%d %s: %d x %d tiles\n", B, T, NH, hs, packed ? "packed K/V" : "K/V in qkv",
-                  nq, nk);
+    print_message("  B=%d T=%d NH=%d NKV=%d hs=%d %s: %d x %d tiles\n", B, T, NH, NKV, hs,
+                  packed ? "packed K/V" : "K/V in qkv", nq, nk);
 
     free(qkv), free(dout), free(pre), free(kvp), free(dkvp);
     free(out), free(lse), free(ob), free(lb), free(wlse), free(wout), free(delta), free(wdelta);
@@ -224,24 +228,28 @@ static void check_tiles(int B, int T, int NH, int hs, int packed) {
 
 static void test_tiles_reproduce_attention(void **state) {
     (void)state;
-    const int fixed[][4] = {{1, 1, 1, 3}, {2, 37, 3, 5}, {1, 41, 2, 37}, {3, 24, 4, 8}, {1, 200, 2, 16}, {2, 129, 1, 7}};
-    for (int i = 0; i < 6; i++) check_tiles(fixed[i][0], fixed[i][1], fixed[i][2], fixed[i][3], i % 2);
+    /* B, T, NH, NKV, hs: multi-head, then grouped (2 and 3 query heads a K/V head) and
+     * multi-query (one K/V head) */
+    const int fixed[][5] = {{1, 1, 1, 1, 3},   {2, 37, 3, 3, 5},  {1, 41, 2, 2, 37}, {3, 24, 4, 4, 8},
+                            {1, 200, 2, 2, 16}, {2, 129, 1, 1, 7}, {2, 37, 6, 3, 5},  {1, 150, 6, 2, 9},
+                            {3, 24, 4, 1, 8},   {1, 1, 3, 1, 4}};
+    for (int i = 0; i < 10; i++) check_tiles(fixed[i][0], fixed[i][1], fixed[i][2], fixed[i][3], fixed[i][4], i % 2);
     for (int i = 0; i < 4; i++) {
-        const int B = irand(1, 3), T = irand(1, i % 2 ? 40 : 300), NH = irand(1, 4), hs = irand(1, 20);
-        check_tiles(B, T, NH, hs, i % 2);
+        const int B = irand(1, 3), T = irand(1, i % 2 ? 40 : 300), NKV = irand(1, 3), NH = NKV * irand(1, 3);
+        check_tiles(B, T, NH, NKV, irand(1, 20), i % 2);
     }
 }
 
 /* ---- single blocks: positions, strides, offsets and both masks against double ---- */
 
 static void check_block(int causal, int max_rows) {
-    const int B = irand(1, 3), NH = irand(1, 3), hs = irand(1, 9), C = NH * hs;
+    const int B = irand(1, 3), NKV = irand(1, 3), NH = NKV * irand(1, 3), hs = irand(1, 9), C = NH * hs;
     const int Tq = irand(1, max_rows), Tk = irand(1, max_rows);
     /* the block sits inside longer buffers whose rows are padded */
     const int q_len = Tq + irand(0, 3), kv_len = Tk + irand(0, 3);
     const int qoff = irand(0, q_len - Tq), koff = irand(0, kv_len - Tk);
-    const qs_attn_block blk = {.B = B, .C = C, .NH = NH, .Tq = Tq, .Tk = Tk, .q_len = q_len, .kv_len = kv_len,
-                               .q_stride = C + irand(0, 4), .kv_stride = 2 * C + irand(0, 4),
+    const qs_attn_block blk = {.B = B, .C = C, .NH = NH, .NKV = NKV, .Tq = Tq, .Tk = Tk, .q_len = q_len,
+                               .kv_len = kv_len, .q_stride = C + irand(0, 4), .kv_stride = 2 * NKV * hs + irand(0, 4),
                                .q_pos0 = irand(0, max_rows + 8), .k_pos0 = irand(0, max_rows + 8),
                                .causal = causal};
     const size_t nq = (size_t)B * q_len * blk.q_stride, nkv = (size_t)B * kv_len * blk.kv_stride,
@@ -279,8 +287,8 @@ static void check_block(int causal, int max_rows) {
                                   delta + qoff, &blk);
     assert_memory_equal(dq1, dq, nq * sizeof *dq);
     assert_memory_equal(dkv1, dkv, nkv * sizeof *dkv);
-    print_message("  %s B=%d NH=%d hs=%d Tq=%d at %d, Tk=%d at %d: %d query rows see no key\n",
-                  causal ? "causal" : "full", B, NH, hs, Tq, blk.q_pos0, Tk, blk.k_pos0, empty);
+    print_message("  %s B=%d NH=%d NKV=%d hs=%d Tq=%d at %d, Tk=%d at %d: %d query rows see no key\n",
+                  causal ? "causal" : "full", B, NH, NKV, hs, Tq, blk.q_pos0, Tk, blk.k_pos0, empty);
 
     free(q), free(kv), free(dout), free(out), free(lse), free(wout), free(wlse), free(dq), free(dkv);
     free(wdq), free(wdkv), free(delta), free(dq0), free(dkv0), free(dq1), free(dkv1);
@@ -301,7 +309,7 @@ static void test_merge_infinities(void **state) {
                                      {-INFINITY, 0.7f}, {0.4f, -INFINITY}, {-INFINITY, -INFINITY}};
     const int NP = 7, B = 2, NH = 3, hs = irand(1, 7), C = NH * hs, len = NP + 2;
     /* the block's rows are 1..NP of buffers of len rows: rows 0 and len-1 stay as they are */
-    const qs_attn_block blk = {.B = B, .C = C, .NH = NH, .Tq = NP, .Tk = 1, .q_len = len, .kv_len = 1,
+    const qs_attn_block blk = {.B = B, .C = C, .NH = NH, .NKV = NH, .Tq = NP, .Tk = 1, .q_len = len, .kv_len = 1,
                                .q_stride = 3 * C, .kv_stride = 2 * C, .causal = 1};
     const size_t nout = (size_t)B * len * C, nst = (size_t)B * NH * len;
     float *out = randoms(nout, -1, 1), *ob = randoms(nout, -1, 1), *lse = randoms(nst, -1, 1), *lb = randoms(nst, -1, 1);
@@ -368,10 +376,11 @@ static double merged_loss(void *p, bool *same) {
 
 static void test_block_backward_gradcheck(void **state) {
     (void)state;
-    const int B = 2, NH = 2, hs = 3, C = NH * hs, Tq = irand(4, 7), Tk = irand(6, 10);
-    const qs_attn_block whole = {.B = B, .C = C, .NH = NH, .Tq = Tq, .Tk = Tk, .q_len = Tq, .kv_len = Tk,
-                                 .q_stride = C + 1, .kv_stride = 2 * C + 1, .q_pos0 = irand(2, 6),
-                                 .k_pos0 = irand(0, 4), .causal = 1};
+    /* two query heads over one K/V head or two */
+    const int B = 2, NH = 2, NKV = irand(1, 2), hs = 3, C = NH * hs, Tq = irand(4, 7), Tk = irand(6, 10);
+    const qs_attn_block whole = {.B = B, .C = C, .NH = NH, .NKV = NKV, .Tq = Tq, .Tk = Tk, .q_len = Tq,
+                                 .kv_len = Tk, .q_stride = C + 1, .kv_stride = 2 * NKV * hs + 1,
+                                 .q_pos0 = irand(2, 6), .k_pos0 = irand(0, 4), .causal = 1};
     merged_ctx c = {.nq = (size_t)B * Tq * whole.q_stride, .nkv = (size_t)B * Tk * whole.kv_stride,
                     .nout = (size_t)B * Tq * C, .nst = (size_t)B * NH * Tq};
     int starts[5];
@@ -397,8 +406,8 @@ static void test_block_backward_gradcheck(void **state) {
     for (size_t j = 0; j < c.nq; j++) gc_score_add(&sc, "q", j, gc_nearest_fd(merged_loss, &c, c.q + j, dq[j], &same), dq[j]);
     for (size_t j = 0; j < c.nkv; j++)
         gc_score_add(&sc, "kv", j, gc_nearest_fd(merged_loss, &c, c.kv + j, dkv[j], &same), dkv[j]);
-    print_message("  %d key blocks, Tq=%d at %d, Tk=%d at %d: %d coordinates, rel err %.2e, worst %.2e at %s\n",
-                  c.nb, Tq, whole.q_pos0, Tk, whole.k_pos0, sc.checked, gc_score_rel(&sc), sc.worst, sc.worst_at);
+    print_message("  %d key blocks, NKV=%d, Tq=%d at %d, Tk=%d at %d: %d coordinates, rel err %.2e, worst %.2e at %s\n",
+                  c.nb, NKV, Tq, whole.q_pos0, Tk, whole.k_pos0, sc.checked, gc_score_rel(&sc), sc.worst, sc.worst_at);
     assert_true(gc_score_rel(&sc) < 5e-3);
     assert_true(sc.worst < 5e-2);
     free(c.q), free(c.kv), free(c.R), free(c.out), free(c.ob), free(c.lse), free(c.lb);

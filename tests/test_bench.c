@@ -29,6 +29,10 @@ static void test_gpt_dense_by_hand(void **state) {
     /* N = 2 layers x (c_attn 3*256 + c_proj 256 + c_fc 16*64 + c_proj 64*16) + head 64*16
      *   = 2 x 3072 + 1024 = 7168; 6 N = 43008; attention 12 L T C = 12*2*16*16 = 6144 */
     assert_int_equal((long)qs_bench_train_flops_per_item(&m, false), 49152);
+    /* one K/V head of 8: c_attn 16 x (16 + 2*8) = 512, N = 2 x 2816 + 1024 = 6656; the
+     * attention's products are per query head, unchanged */
+    m.n_kv_head = 1;
+    assert_int_equal((long)qs_bench_train_flops_per_item(&m, false), 6 * 6656 + 6144);
 }
 
 static void test_gpt_moe_by_hand(void **state) {
@@ -70,28 +74,31 @@ static void test_quadranet_by_hand(void **state) {
 }
 
 /* For a dense GPT, N is the model's matrices: its WEIGHT tensors (the untied head is one;
- * the embeddings are lookups). */
+ * the embeddings are lookups), with 4, 2 or 1 K/V heads. */
 static void test_gpt_matches_param_table(void **state) {
     (void)state;
-    qs_model_config m = tiny_gpt();
-    m.n_layer = 3;
-    m.n_embd = 48;
-    m.n_head = 4;
-    m.seq_len = 32;
-    m.vocab_size = 100;
-    m.tie_embeddings = false;
-    qs_gpt *g;
-    assert_int_equal(qs_gpt_create(&g, &m, qs_backend_cpu(), 1, m.seq_len), 0);
-    const qs_params *ps = qs_gpt_params(g);
-    double n = 0;
-    for (int i = 0; i < ps->n_tensors; i++) {
-        const qs_param_info *p = &ps->info[i];
-        if (p->role == QS_ROLE_WEIGHT) n += p->numel;
+    for (int kv = 0; kv <= 2; kv++) {
+        qs_model_config m = tiny_gpt();
+        m.n_layer = 3;
+        m.n_embd = 48;
+        m.n_head = 4;
+        m.n_kv_head = kv;
+        m.seq_len = 32;
+        m.vocab_size = 100;
+        m.tie_embeddings = false;
+        qs_gpt *g;
+        assert_int_equal(qs_gpt_create(&g, &m, qs_backend_cpu(), 1, m.seq_len), 0);
+        const qs_params *ps = qs_gpt_params(g);
+        double n = 0;
+        for (int i = 0; i < ps->n_tensors; i++) {
+            const qs_param_info *p = &ps->info[i];
+            if (p->role == QS_ROLE_WEIGHT) n += p->numel;
+        }
+        qs_gpt_free(g);
+        assert_true(qs_bench_train_flops_per_item(&m, false) == 6 * n + 12.0 * m.n_layer * m.seq_len * m.n_embd);
+        /* over a frozen base: no weight gradients, attention's backward unchanged */
+        assert_true(qs_bench_train_flops_per_item(&m, true) == 4 * n + 12.0 * m.n_layer * m.seq_len * m.n_embd);
     }
-    qs_gpt_free(g);
-    assert_true(qs_bench_train_flops_per_item(&m, false) == 6 * n + 12.0 * m.n_layer * m.seq_len * m.n_embd);
-    /* over a frozen base: no weight gradients, attention's backward unchanged */
-    assert_true(qs_bench_train_flops_per_item(&m, true) == 4 * n + 12.0 * m.n_layer * m.seq_len * m.n_embd);
 }
 
 static void test_stats(void **state) {

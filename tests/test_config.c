@@ -66,6 +66,7 @@ static void test_defaults(void **state) {
     assert_int_equal(m->seq_len, 64);
     assert_int_equal(m->n_layer, 4);
     assert_int_equal(m->n_head, 4);
+    assert_int_equal(m->n_kv_head, 0); /* as many key/value heads as query heads */
     assert_int_equal(m->n_embd, 128);
     assert_int_equal(m->ffn_mult, 4);
     assert_int_equal(m->activation, QS_ACT_GELU);
@@ -339,6 +340,9 @@ static void test_validate(void **state) {
     } while (0)
     EXPECT_INVALID((c.model.n_embd = 100, c.model.n_head = 8),
                    "model.n_embd (100) must be divisible by model.n_head (8)");
+    EXPECT_INVALID((c.model.n_head = 8, c.model.n_kv_head = 3),
+                   "model.n_head (8) must be divisible by model.n_kv_head (3)");
+    EXPECT_INVALID(c.model.n_kv_head = -1, "model.n_kv_head: must be in [0, 65536], got -1");
     EXPECT_INVALID((c.model.moe.n_experts = 4, c.model.moe.top_k = 5),
                    "model.moe.top_k (5) must be <= model.moe.n_experts (4)");
     EXPECT_INVALID((c.train.batch_size = 32, c.train.micro_batch_size = 5),
@@ -366,7 +370,11 @@ static void test_validate(void **state) {
     c.train.micro_batch_size = 32;
     c.train.min_lr = c.train.lr;
     c.train.seed = 1ull << 53;
+    c.model.n_kv_head = 1; /* multi-query attention */
     assert_int_equal(qs_config_validate(&c), 0);
+    assert_int_equal(qs_config_kv_heads(&c.model), 1);
+    c.model.n_kv_head = 0;
+    assert_int_equal(qs_config_kv_heads(&c.model), c.model.n_head);
 }
 
 /* A random config, valid key by key (cross-field rules do not matter for loading). */
@@ -378,6 +386,7 @@ static void random_config(qs_config *c) {
     c->model.n_layer = rnd_int(1, 4096);
     c->model.n_head = rnd_int(1, 65536);
     c->model.n_embd = rnd_int(1, 65536);
+    c->model.n_kv_head = rnd_int(0, 65536);
     c->model.ffn_mult = rnd_int(1, 64);
     c->model.activation = (qs_activation)rnd_int(0, 1);
     c->model.bias = rnd() & 1;

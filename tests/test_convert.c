@@ -170,7 +170,7 @@ static void test_bad_inputs_are_refused(void **state) {
     expect_refused(dir, "tensor 'transformer.wpe.weight' is [32,16], but config.json makes it [64,16]");
 }
 
-static void test_existing_run_and_moe_are_refused(void **state) {
+static void test_existing_run_moe_and_gqa_are_refused(void **state) {
     (void)state;
     char run[300], hf[300];
     tmp_path(run, sizeof run, "once");
@@ -178,37 +178,46 @@ static void test_existing_run_and_moe_are_refused(void **state) {
     assert_int_equal(qs_convert_from_hf(FIXTURE, run, VOCAB), -1);
     assert_non_null(strstr(qs_error_last(), "already holds a run"));
 
-    /* a MoE checkpoint of the same shape has no GPT-2 form */
-    qs_config cfg;
-    qs_codec codec;
-    qs_gpt *m;
-    qs_adamw opt;
-    qs_config_defaults(&cfg);
-    cfg.model.vocab_size = 50257;
-    cfg.model.seq_len = 8;
-    cfg.model.n_layer = 1;
-    cfg.model.n_head = 2;
-    cfg.model.n_embd = 8;
-    cfg.model.moe.n_experts = 2;
-    cfg.model.moe.top_k = 1;
-    snprintf(cfg.data.tokenizer, sizeof cfg.data.tokenizer, "gpt2");
-    snprintf(cfg.data.vocab_dir, sizeof cfg.data.vocab_dir, VOCAB);
-    snprintf(cfg.data.train_shards, sizeof cfg.data.train_shards, "none");
-    snprintf(cfg.data.val_shards, sizeof cfg.data.val_shards, "none");
-    assert_int_equal(qs_codec_open(&codec, &cfg.data, NULL), 0);
-    assert_int_equal(qs_gpt_create(&m, &cfg.model, qs_backend_cpu(), 1, 1), 0);
-    assert_int_equal(qs_adamw_create(&opt, qs_backend_cpu(), qs_gpt_params(m)->n), 0);
-    qs_train_state st = {.step = 1};
-    qs_guard_init(&st.guard, 0, 0);
-    tmp_path(run, sizeof run, "moe");
-    assert_int_equal(qs_checkpoint_save(run, &cfg, &codec, qs_gpt_params(m), &opt, &st), 0);
-    tmp_path(hf, sizeof hf, "moe_hf");
-    assert_int_equal(qs_convert_to_hf(run, hf), -1);
-    assert_non_null(strstr(qs_error_last(), "Mixture-of-Experts"));
-    assert_int_equal(access(hf, F_OK), -1);
-    qs_adamw_free(&opt);
-    qs_gpt_free(m);
-    qs_codec_free(&codec);
+    /* MoE and grouped-query checkpoints of the same shape have no GPT-2 form */
+    static const struct {
+        int experts, kv_heads;
+        const char *name, *why;
+    } kinds[] = {{2, 0, "moe", "Mixture-of-Experts"}, {0, 1, "gqa", "grouped-query attention (model.n_kv_head = 1"}};
+    for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
+        qs_config cfg;
+        qs_codec codec;
+        qs_gpt *m;
+        qs_adamw opt;
+        qs_config_defaults(&cfg);
+        cfg.model.vocab_size = 50257;
+        cfg.model.seq_len = 8;
+        cfg.model.n_layer = 1;
+        cfg.model.n_head = 2;
+        cfg.model.n_kv_head = kinds[k].kv_heads;
+        cfg.model.n_embd = 8;
+        cfg.model.moe.n_experts = kinds[k].experts;
+        cfg.model.moe.top_k = 1;
+        snprintf(cfg.data.tokenizer, sizeof cfg.data.tokenizer, "gpt2");
+        snprintf(cfg.data.vocab_dir, sizeof cfg.data.vocab_dir, VOCAB);
+        snprintf(cfg.data.train_shards, sizeof cfg.data.train_shards, "none");
+        snprintf(cfg.data.val_shards, sizeof cfg.data.val_shards, "none");
+        assert_int_equal(qs_codec_open(&codec, &cfg.data, NULL), 0);
+        assert_int_equal(qs_gpt_create(&m, &cfg.model, qs_backend_cpu(), 1, 1), 0);
+        assert_int_equal(qs_adamw_create(&opt, qs_backend_cpu(), qs_gpt_params(m)->n), 0);
+        qs_train_state st = {.step = 1};
+        qs_guard_init(&st.guard, 0, 0);
+        tmp_path(run, sizeof run, kinds[k].name);
+        assert_int_equal(qs_checkpoint_save(run, &cfg, &codec, qs_gpt_params(m), &opt, &st), 0);
+        char hf_name[16];
+        snprintf(hf_name, sizeof hf_name, "%s_hf", kinds[k].name);
+        tmp_path(hf, sizeof hf, hf_name);
+        assert_int_equal(qs_convert_to_hf(run, hf), -1);
+        assert_non_null(strstr(qs_error_last(), kinds[k].why));
+        assert_int_equal(access(hf, F_OK), -1);
+        qs_adamw_free(&opt);
+        qs_gpt_free(m);
+        qs_codec_free(&codec);
+    }
 }
 
 int main(void) {
@@ -216,7 +225,7 @@ int main(void) {
         cmocka_unit_test(test_logits_match_transformers),
         cmocka_unit_test(test_round_trip_is_exact),
         cmocka_unit_test(test_bad_inputs_are_refused),
-        cmocka_unit_test(test_existing_run_and_moe_are_refused),
+        cmocka_unit_test(test_existing_run_moe_and_gqa_are_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -54,10 +54,17 @@ static qs_config tiny(const char *targets) {
     return c;
 }
 
+/* Which of c_attn's q, k, v column blocks (0, 1, 2) output column j is in: C columns of
+ * q, then Ckv each of k and v (fewer than C with grouped-query attention). */
+static int qkv_block(const qs_model_config *mc, size_t j) {
+    const size_t C = (size_t)mc->n_embd, Ckv = C / (size_t)mc->n_head * (size_t)qs_config_kv_heads(mc);
+    return j < C ? 0 : j < C + Ckv ? 1 : 2;
+}
+
 /* Adapter values drawn at random, B included (B = 0 would hide half the gradient),
  * except the c_attn column blocks of B that the targets leave out: those are always zero
  * (init makes them so and their gradient is masked). */
-static void randomise(qs_lora *lo, uint64_t stream) {
+static void randomise(qs_lora *lo, const qs_model_config *mc, uint64_t stream) {
     qs_params *ps = qs_lora_params(lo);
     const qs_lora_config *lc = qs_lora_config_of(lo);
     for (size_t j = 0; j < ps->n; j++) ps->data[j] = 0.5f * qs_rng_normal(seed, stream, j);
@@ -66,9 +73,8 @@ static void randomise(qs_lora *lo, uint64_t stream) {
     for (int i = 0; i < ps->n_tensors; i++) {
         const qs_param_info *p = &ps->info[i];
         if (!strstr(p->name, "c_attn.lora_B")) continue;
-        size_t block = p->numel / 3;
-        for (int b = 0; b < 3; b++)
-            if (!(t & (1u << b))) memset(ps->data + p->offset + b * block, 0, block * sizeof(float));
+        for (size_t e = 0; e < p->numel; e++) /* B is [out, r] */
+            if (!(t & (1u << qkv_block(mc, e / (size_t)lc->r)))) ps->data[p->offset + e] = 0.0f;
     }
 }
 
@@ -82,7 +88,7 @@ static built build(const qs_config *c, int B, int T) {
     assert_int_equal(qs_gpt_create_frozen(&b.m, &c->model, qs_backend_cpu(), B, T), 0);
     qs_gpt_init(b.m, seed);
     assert_int_equal(qs_lora_create(&b.lo, &c->lora, b.m), 0);
-    randomise(b.lo, 99);
+    randomise(b.lo, &c->model, 99);
     qs_gpt_set_lora(b.m, b.lo);
     return b;
 }
@@ -238,7 +244,7 @@ static void gpt_gradcheck(const qs_config *c, const char *label) {
         const bool qkv_b = strstr(pi->name, "c_attn.lora_B") != NULL;
         for (int k = 0; k < 3; k++) {
             size_t i = pi->offset + pick[k];
-            if (qkv_b && !(targets & (1u << (pick[k] / (pi->numel / 3))))) {
+            if (qkv_b && !(targets & (1u << qkv_block(&c->model, pick[k] / (size_t)c->lora.r)))) {
                 assert_true(ps->grad[i] == 0.0f); /* a block left out: held at zero */
                 continue;
             }
@@ -275,6 +281,20 @@ static void test_gpt_moe(void **state) {
     gpt_gradcheck(&c, "moe gpt + lora");
 }
 
+/* Grouped-query K/V: c_attn's B has C rows of q but fewer of k and v. */
+static void test_gpt_grouped_query(void **state) {
+    (void)state;
+    qs_config c = tiny("k,v,proj");
+    c.model.n_head = 3;
+    c.model.n_kv_head = 1;
+    gpt_gradcheck(&c, "multi-query gpt + lora on k, v");
+    c = tiny("q,k");
+    c.model.n_head = 6;
+    c.model.n_kv_head = 2;
+    c.model.n_embd = 12;
+    gpt_gradcheck(&c, "grouped-query gpt + lora on q, k");
+}
+
 static void test_gpt_quadconv_mixer(void **state) {
     (void)state;
     qs_config c = tiny("proj,fc");
@@ -283,11 +303,14 @@ static void test_gpt_quadconv_mixer(void **state) {
     gpt_gradcheck(&c, "quadconv-mixer gpt + lora");
 }
 
-/* targets q only: the k and v blocks of c_attn's B get no gradient and stay zero, and a
- * merge touches only the q columns of c_attn. The base buffer is untouched by training. */
-static void test_q_mask_and_frozen_base(void **state) {
-    (void)state;
-    qs_config c = tiny("q");
+/* One of q, k, v targeted: c_attn's B gets no gradient and stays zero outside that block,
+ * and a merge touches only its columns of c_attn. The base buffer is untouched by
+ * training. */
+static void mask_and_frozen_base(const char *target, int n_head, int n_kv_head) {
+    qs_config c = tiny(target);
+    c.model.n_head = n_head;
+    c.model.n_kv_head = n_kv_head;
+    const int want = !strcmp(target, "q") ? 0 : !strcmp(target, "k") ? 1 : 2;
     built b = build(&c, 2, 6);
     qs_params *ps = qs_lora_params(b.lo), *base = qs_gpt_params(b.m);
     qs_lora_init(b.lo, seed);
@@ -295,7 +318,7 @@ static void test_q_mask_and_frozen_base(void **state) {
     memcpy(before, base->data, base->n * sizeof(float));
     gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed, .grad_scale = 1.0f}};
     for (int i = 0; i < 10; i++) g.x[i] = g.y[(i + 1) % 10] = (int)qs_rng_below(seed, 40, (uint64_t)i, 11);
-    const int C = c.model.n_embd, r = c.lora.r;
+    const int C = c.model.n_embd, r = c.lora.r, W = C + 2 * C / n_head * qs_config_kv_heads(&c.model);
     int ib = qs_params_find(ps, "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight");
     for (int step = 0; step < 3; step++) { /* plain SGD on the adapters */
         qs_params_zero_grad(ps);
@@ -304,23 +327,31 @@ static void test_q_mask_and_frozen_base(void **state) {
         for (size_t j = 0; j < ps->n; j++) ps->data[j] -= 0.5f * ps->grad[j];
     }
     const float *B = qs_params_value(ps, ib);
-    double q_norm = 0, kv_norm = 0;
-    for (int j = 0; j < 3 * C * r; j++) *(j < C * r ? &q_norm : &kv_norm) += fabs(B[j]);
-    assert_true(q_norm > 0);
-    assert_true(kv_norm == 0);
+    assert_int_equal(ps->info[ib].numel, (size_t)W * r);
+    double in_norm = 0, out_norm = 0;
+    for (int j = 0; j < W * r; j++) *(qkv_block(&c.model, (size_t)j / r) == want ? &in_norm : &out_norm) += fabs(B[j]);
+    assert_true(in_norm > 0);
+    assert_true(out_norm == 0);
     assert_memory_equal(before, base->data, base->n * sizeof(float));
     assert_int_equal(qs_lora_merge(b.lo, base, 1), 0);
     int iw = qs_params_find(base, "h.0.attn.c_attn.weight");
-    const float *W = qs_params_value(base, iw), *W0 = before + base->info[iw].offset;
-    int q_changed = 0;
+    const float *Wt = qs_params_value(base, iw), *W0 = before + base->info[iw].offset;
+    int changed = 0;
     for (int i = 0; i < C; i++)
-        for (int j = 0; j < 3 * C; j++) {
-            if (j >= C) assert_true(W[i * 3 * C + j] == W0[i * 3 * C + j]);
-            else q_changed += W[i * 3 * C + j] != W0[i * 3 * C + j];
+        for (int j = 0; j < W; j++) {
+            if (qkv_block(&c.model, (size_t)j) != want) assert_true(Wt[i * W + j] == W0[i * W + j]);
+            else changed += Wt[i * W + j] != W0[i * W + j];
         }
-    assert_true(q_changed > 0);
+    assert_true(changed > 0);
     free(before);
     drop(&b);
+}
+
+static void test_qkv_mask_and_frozen_base(void **state) {
+    (void)state;
+    mask_and_frozen_base("q", 2, 0);
+    mask_and_frozen_base("k", 2, 1); /* grouped-query: the k and v blocks are narrower than q's */
+    mask_and_frozen_base("v", 6, 3);
 }
 
 /* Merged weights without the adapter give the adapted model's logits (<= 1e-5) and its
@@ -369,6 +400,8 @@ static void test_merge_unmerge(void **state) {
     c.model.init_std = 0.02f; /* GPT-2's: logits of order 1, where 1e-5 is meaningful in fp32 */
     c.lora.dropout = 0.0f;
     merge_check(&c, "dense");
+    c.model.n_kv_head = 1;
+    merge_check(&c, "dense, multi-query");
     c = tiny("k,proj,experts");
     c.model.init_std = 0.02f;
     c.model.moe.n_experts = 4;
@@ -848,8 +881,9 @@ int main(void) {
         cmocka_unit_test(test_linear_forward_and_gradients),
         cmocka_unit_test(test_gpt_dense),
         cmocka_unit_test(test_gpt_moe),
+        cmocka_unit_test(test_gpt_grouped_query),
         cmocka_unit_test(test_gpt_quadconv_mixer),
-        cmocka_unit_test(test_q_mask_and_frozen_base),
+        cmocka_unit_test(test_qkv_mask_and_frozen_base),
         cmocka_unit_test(test_merge_unmerge),
         cmocka_unit_test(test_files),
         cmocka_unit_test(test_refused_targets),

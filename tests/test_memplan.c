@@ -107,12 +107,14 @@ static void assert_plans_equal(const qs_mem_plan *a, const qs_mem_plan *b) {
     assert_int_equal(a->workspace, b->workspace);
 }
 
-/* A random small GPT: awkward widths, dense or MoE, attention or quadconv. */
+/* A random small GPT: awkward widths, dense or MoE, attention (with or without grouped
+ * K/V heads) or quadconv. */
 static qs_model_config random_gpt(int kind) {
     qs_config c;
     qs_config_defaults(&c);
     qs_model_config m = c.model;
     m.n_head = draw(1, 4);
+    m.n_kv_head = draw(0, 1) ? 0 : m.n_head % 2 ? 1 : m.n_head / 2; /* grouped-query K/V or not */
     m.n_embd = m.n_head * draw(2, 9);
     m.n_layer = draw(1, 3);
     m.seq_len = draw(3, 40);
@@ -215,15 +217,18 @@ static void test_ring_and_optimizer_plans(void **state) {
     (void)state;
     qs_comm *world;
     assert_int_equal(qs_comm_init(&world, QS_COMM_SINGLE), 0);
-    const int NH = draw(1, 4), C = NH * draw(2, 9), B = draw(1, 4), Tl = 2 * draw(1, 9);
+    const int NKV = draw(1, 2), NH = NKV * draw(1, 3), hs = draw(2, 9), C = NH * hs, B = draw(1, 4),
+              Tl = 2 * draw(1, 9);
     qs_ring_attention *ra;
-    assert_int_equal(qs_ring_attention_create(&ra, &counting, world, B, Tl, C, NH, 1), 0);
-    assert_int_equal(live, qs_ring_attention_bytes(B, Tl, C, NH, 1));
+    assert_int_equal(qs_ring_attention_create(&ra, &counting, world, B, Tl, C, NH, NKV, 1), 0);
+    assert_int_equal(live, qs_ring_attention_bytes(B, Tl, C, NH, NKV, 1));
     qs_ring_attention_free(ra);
     qs_comm_free(world);
-    /* more ranks add two K/V and two dK/dV blocks of [B, Tl, 2C] each */
-    assert_true(qs_ring_attention_bytes(B, Tl, C, NH, 3) >=
-                qs_ring_attention_bytes(B, Tl, C, NH, 1) + 4 * (size_t)B * Tl * 2 * C * sizeof(float));
+    /* more ranks add two K/V and two dK/dV blocks of [B, Tl, 2 Ckv] each, Ckv = NKV hs */
+    const size_t blocks = 4 * (size_t)B * Tl * 2 * NKV * hs * sizeof(float);
+    assert_true(qs_ring_attention_bytes(B, Tl, C, NH, NKV, 3) >= qs_ring_attention_bytes(B, Tl, C, NH, NKV, 1) + blocks);
+    assert_true(qs_ring_attention_bytes(B, Tl, C, NH, NKV, 3) < qs_ring_attention_bytes(B, Tl, C, NH, NKV, 1) + blocks +
+                                                                     64 * sizeof(float));
     reset();
 
     /* AdamW's state for every rank count and rank of a ZeRO-1 group, and unsharded */

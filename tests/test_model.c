@@ -188,6 +188,107 @@ static void recompute_is_exact(qs_model_config c, const char *label) {
     qs_gpt_free(m[1]);
 }
 
+/* Grouped-query attention: n_head query heads over n_kv_head K/V heads (width 2 a head). */
+static qs_model_config gqa_config(int n_head, int n_kv_head) {
+    qs_model_config m = tiny_config();
+    m.n_head = n_head;
+    m.n_kv_head = n_kv_head;
+    m.n_embd = 2 * n_head;
+    return m;
+}
+
+static void test_gqa_gradients(void **state) {
+    (void)state;
+    qs_model_config c = gqa_config(4, 2);
+    gradcheck(&c, "grouped-query 4 heads over 2");
+    c = gqa_config(3, 1);
+    c.recompute_ffn = false;
+    gradcheck(&c, "multi-query 3 heads over 1");
+}
+
+/* Column j of an MHA c_attn [C, 3C] holding the K/V heads of a GQA one [C, C + 2Ckv]
+ * once per query head: the GQA column it repeats. */
+static int gqa_column(int j, int C, int NH, int NKV) {
+    const int hs = C / NH, part = j / C, jj = j % C;
+    if (part == 0) return jj; /* q */
+    return C + (part - 1) * NKV * hs + jj / hs / (NH / NKV) * hs + jj % hs;
+}
+
+/* GQA is multi-head attention whose K/V heads repeat within each group: a GQA model and
+ * an MHA model holding its K/V columns once per query head give the same loss and the
+ * same gradients, a GQA K/V column's being the sum of the columns that repeat it. */
+static void gqa_is_repeated_heads(int NH, int NKV) {
+    const qs_model_config gc = gqa_config(NH, NKV);
+    qs_model_config mc = gc;
+    mc.n_kv_head = 0;
+    const int B = 2, T = 6, N = B * T, C = gc.n_embd, W = C + 2 * NKV * (C / NH);
+    qs_gpt *g, *m;
+    assert_int_equal(qs_gpt_create(&g, &gc, qs_backend_cpu(), B, T), 0);
+    assert_int_equal(qs_gpt_create(&m, &mc, qs_backend_cpu(), B, T), 0);
+    qs_gpt_init(g, seed);
+    qs_params *gp = qs_gpt_params(g), *mp = qs_gpt_params(m);
+    assert_true(gp->n < mp->n); /* fewer c_attn columns */
+    for (int t = 0; t < mp->n_tensors; t++) {
+        const qs_param_info *mi = &mp->info[t];
+        const int i = qs_params_find(gp, mi->name);
+        assert_true(i >= 0);
+        const float *src = qs_params_value(gp, i);
+        float *dst = qs_params_value(mp, t);
+        if (!strstr(mi->name, "c_attn")) {
+            assert_int_equal(mi->numel, gp->info[i].numel);
+            memcpy(dst, src, mi->numel * sizeof *dst);
+            continue;
+        }
+        const size_t rows = mi->numel / (3 * (size_t)C); /* the weight's C inputs, or the bias's 1 */
+        for (size_t r = 0; r < rows; r++)
+            for (int j = 0; j < 3 * C; j++) dst[r * 3 * C + (size_t)j] = src[r * W + (size_t)gqa_column(j, C, NH, NKV)];
+    }
+    int x[12], y[12];
+    for (int i = 0; i < N; i++) {
+        x[i] = (int)qs_rng_below(seed, 50, (uint64_t)i, (uint64_t)gc.vocab_size);
+        y[i] = (int)qs_rng_below(seed, 51, (uint64_t)i, (uint64_t)gc.vocab_size);
+    }
+    const qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x6aa, .grad_scale = 1.0f};
+    qs_params_zero_grad(gp);
+    qs_params_zero_grad(mp);
+    const double lg = qs_gpt_forward(g, x, y, B, T, &mode), lm = qs_gpt_forward(m, x, y, B, T, &mode);
+    assert_int_equal(qs_gpt_backward(g), 0);
+    assert_int_equal(qs_gpt_backward(m), 0);
+    double worst = 0.0;
+    for (int i = 0; i < gp->n_tensors; i++) {
+        const qs_param_info *gi = &gp->info[i];
+        const int t = qs_params_find(mp, gi->name);
+        const float *gg = qs_params_grad(gp, i), *mg = qs_params_grad(mp, t);
+        double *want = calloc(gi->numel, sizeof *want);
+        assert_non_null(want);
+        if (!strstr(gi->name, "c_attn")) {
+            for (size_t e = 0; e < gi->numel; e++) want[e] = mg[e];
+        } else {
+            const size_t rows = gi->numel / (size_t)W;
+            for (size_t r = 0; r < rows; r++)
+                for (int j = 0; j < 3 * C; j++) want[r * W + (size_t)gqa_column(j, C, NH, NKV)] += mg[r * 3 * C + (size_t)j];
+        }
+        for (size_t e = 0; e < gi->numel; e++) {
+            const double d = fabs(gg[e] - want[e]) / (1e-3 + fabs(want[e]));
+            if (d > worst) worst = d;
+            if (d > 1e-4) fail_msg("%s[%zu]: GQA gradient %.9g, summed MHA gradient %.9g", gi->name, e, gg[e], want[e]);
+        }
+        free(want);
+    }
+    printf("# %d query heads over %d K/V heads: loss %.7f (MHA with repeated K/V %.7f), worst gradient rel diff "
+           "%.2e\n", NH, NKV, lg, lm, worst);
+    assert_true(fabs(lg - lm) <= 1e-6 * fabs(lm));
+    qs_gpt_free(g);
+    qs_gpt_free(m);
+}
+
+static void test_gqa_is_repeated_heads(void **state) {
+    (void)state;
+    gqa_is_repeated_heads(4, 2);
+    gqa_is_repeated_heads(3, 1);
+    gqa_is_repeated_heads(6, 3);
+}
+
 static qs_model_config moe_config(void);
 
 static void test_recompute_ffn(void **state) {
@@ -566,6 +667,8 @@ static void test_kv_cache(void **state) {
     kv_cache_matches_recompute(tiny_config(), "dense");
     kv_cache_matches_recompute(moe_config(), "moe");
     kv_cache_matches_recompute(quadconv_config(), "quadconv mixer");
+    kv_cache_matches_recompute(gqa_config(4, 2), "grouped-query");
+    kv_cache_matches_recompute(gqa_config(3, 1), "multi-query");
 }
 
 /* Prompts of different lengths generated in one batch: greedy, each comes out as it
@@ -626,6 +729,7 @@ static void test_batched_generation(void **state) {
     batch_matches_alone(tiny_config(), "dense");
     batch_matches_alone(moe_config(), "moe");
     batch_matches_alone(quadconv_config(), "quadconv mixer");
+    batch_matches_alone(gqa_config(4, 2), "grouped-query");
 }
 
 int main(void) {
@@ -633,6 +737,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense_gelu_tied),
         cmocka_unit_test(test_dense_untied_nobias),
+        cmocka_unit_test(test_gqa_gradients),
+        cmocka_unit_test(test_gqa_is_repeated_heads),
         cmocka_unit_test(test_recompute_ffn),
         cmocka_unit_test(test_quadconv_mixer),
         cmocka_unit_test(test_grads_ready),

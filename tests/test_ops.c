@@ -463,7 +463,7 @@ typedef struct {
     float *qkv, *out, *lse, *R;
 } attn_ctx;
 
-static qs_attn_block attn_whole(const attn_ctx *c) { return qs_attn_block_self(c->B, c->T, c->C, c->NH, 1); }
+static qs_attn_block attn_whole(const attn_ctx *c) { return qs_attn_block_self(c->B, c->T, c->C, c->NH, c->NH, 1); }
 
 static double attn_loss(void *p) {
     attn_ctx *c = p;

@@ -20,17 +20,18 @@
  * tile's scores stay in cache at the usual block lengths. */
 enum { QT = 64 };
 
-/* Where (sequence b, head h) = bh starts in each of the block's tensors, in floats:
- * q and dq; kv and dkv (its v C further); out, dout, out_b; lse, delta, lse_b. */
+/* Where (sequence b, query head h) = bh starts in each of the block's tensors, in
+ * floats: q and dq; kv and dkv at its key/value head (v qs_attn_kv_width further); out,
+ * dout, out_b; lse, delta, lse_b. */
 typedef struct {
     size_t q, kv, o, s;
 } head_at;
 
 static head_at head_of(const qs_attn_block *k, int bh) {
-    const int b = bh / k->NH, h = bh % k->NH, hs = k->C / k->NH;
+    const int b = bh / k->NH, h = bh % k->NH, hs = k->C / k->NH, g = h / (k->NH / k->NKV);
     return (head_at){
         .q = (size_t)b * k->q_len * k->q_stride + (size_t)h * hs,
-        .kv = (size_t)b * k->kv_len * k->kv_stride + (size_t)h * hs,
+        .kv = (size_t)b * k->kv_len * k->kv_stride + (size_t)g * hs,
         .o = (size_t)b * k->q_len * k->C + (size_t)h * hs,
         .s = (size_t)bh * k->q_len,
     };
@@ -58,7 +59,7 @@ static void tile_products(float *s, const float *x, int ldx, const float *y, int
 
 void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, const float *kv,
                                     const qs_attn_block *k) {
-    const int hs = k->C / k->NH, nt = tiles_per_head(k);
+    const int hs = k->C / k->NH, nt = tiles_per_head(k), Ckv = qs_attn_kv_width(k);
     const float scale = 1.0f / sqrtf((float)hs);
 #pragma omp parallel
     {
@@ -90,7 +91,7 @@ void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, cons
                 for (int j = 0; j < n; j++) pr[j] *= inv;
                 memset(pr + n, 0, (size_t)(t.n - n) * sizeof *pr);
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.m, hs, t.n, 1.0f, p, t.n, kv + t.at.kv + k->C,
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.m, hs, t.n, 1.0f, p, t.n, kv + t.at.kv + Ckv,
                         k->kv_stride, 0.0f, o, k->C);
         }
         free(p);
@@ -134,23 +135,24 @@ void qs_cpu_attention_block_backward(float *dq, float *dkv, const float *dout, c
                                      const float *kv, const float *lse, const float *delta,
                                      const qs_attn_block *k) {
     if (!dq && !dkv) return;
-    const int hs = k->C / k->NH, nt = tiles_per_head(k);
+    const int hs = k->C / k->NH, nt = tiles_per_head(k), Ckv = qs_attn_kv_width(k), group = k->NH / k->NKV;
     const float scale = 1.0f / sqrtf((float)hs);
 #pragma omp parallel
     {
         float *p = qs_cpu_scratch((size_t)2 * QT * k->Tk * sizeof *p), *ds = p + (size_t)QT * k->Tk;
-        /* A head's tiles all add into its dK/dV: one thread takes them in order. */
+        /* A key/value head's tiles (those of every query head of its group) all add into
+         * its dK/dV: one thread takes them in order. */
 #pragma omp for schedule(static)
-        for (int bh = 0; bh < k->B * k->NH; bh++)
-            for (int it = 0; it < nt; it++) {
-                const tile t = tile_of(k, bh, it * QT);
+        for (int bg = 0; bg < k->B * k->NKV; bg++)
+            for (int it = 0; it < group * nt; it++) {
+                const tile t = tile_of(k, bg * group + it / nt, it % nt * QT);
                 if (t.n == 0) continue;
                 const float *qt = q + t.at.q + (size_t)t.i0 * k->q_stride, *kb = kv + t.at.kv;
                 const float *dout_t = dout + t.at.o + (size_t)t.i0 * k->C;
                 /* P from the final lse (already normalised over every block), dP = dout V^T,
                  * then dS = scale P (dP - delta), zero where a key is not visible */
                 tile_products(p, qt, k->q_stride, kb, k->kv_stride, &t, hs, scale);
-                tile_products(ds, dout_t, k->C, kb + k->C, k->kv_stride, &t, hs, 1.0f);
+                tile_products(ds, dout_t, k->C, kb + Ckv, k->kv_stride, &t, hs, 1.0f);
                 for (int r = 0; r < t.m; r++) {
                     float *pr = p + (size_t)r * t.n, *dr = ds + (size_t)r * t.n;
                     const int n = qs_attn_visible_keys(k, t.i0 + r);
@@ -171,22 +173,22 @@ void qs_cpu_attention_block_backward(float *dq, float *dkv, const float *dout, c
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, ds, t.n, qt, k->q_stride,
                             1.0f, dk, k->kv_stride);
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, p, t.n, dout_t, k->C,
-                            1.0f, dk + k->C, k->kv_stride);
+                            1.0f, dk + Ckv, k->kv_stride);
             }
         free(p);
     }
 }
 
-void qs_cpu_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C) {
+void qs_cpu_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C, int Ckv) {
     const long rows = (long)B * T;
-#pragma omp parallel for schedule(static) if ((size_t)rows * C >= QS_CPU_PAR_MIN)
-    for (long r = 0; r < rows; r++)
-        memcpy(kv + (size_t)r * 2 * C, qkv + (size_t)r * 3 * C + C, 2 * (size_t)C * sizeof *kv);
+    const size_t w = 2 * (size_t)Ckv, stride = C + w;
+#pragma omp parallel for schedule(static) if ((size_t)rows * stride >= QS_CPU_PAR_MIN)
+    for (long r = 0; r < rows; r++) memcpy(kv + (size_t)r * w, qkv + (size_t)r * stride + C, w * sizeof *kv);
 }
 
-void qs_cpu_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C) {
+void qs_cpu_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C, int Ckv) {
     const long rows = (long)B * T;
-#pragma omp parallel for schedule(static) if ((size_t)rows * C >= QS_CPU_PAR_MIN)
-    for (long r = 0; r < rows; r++)
-        qs_cpu_axpy(dqkv + (size_t)r * 3 * C + C, 1.0f, dkv + (size_t)r * 2 * C, 2 * C);
+    const size_t w = 2 * (size_t)Ckv, stride = C + w;
+#pragma omp parallel for schedule(static) if ((size_t)rows * stride >= QS_CPU_PAR_MIN)
+    for (long r = 0; r < rows; r++) qs_cpu_axpy(dqkv + (size_t)r * stride + C, 1.0f, dkv + (size_t)r * w, (int)w);
 }

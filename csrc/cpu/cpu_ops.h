@@ -75,9 +75,10 @@ void qs_cpu_matmul_grouped_backward(float *dinp, float *dw, float *dbias, const 
                                     int n_in, int n_out);
 
 /* kv_cache.c */
-void qs_cpu_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int max_T);
+void qs_cpu_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int NKV,
+                          int max_T);
 void qs_cpu_attention_decode(float *out, float *kcache, float *vcache, const float *qkv, int B, int C, int NH,
-                             const int *slots, const int *pos, int max_T);
+                             int NKV, const int *slots, const int *pos, int max_T);
 
 /* attention_block.c */
 void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, const float *kv,
@@ -89,8 +90,8 @@ void qs_cpu_attention_delta(float *delta, const float *dout, const float *out, i
 void qs_cpu_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q,
                                      const float *kv, const float *lse, const float *delta,
                                      const qs_attn_block *blk);
-void qs_cpu_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C);
-void qs_cpu_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C);
+void qs_cpu_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C, int Ckv);
+void qs_cpu_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C, int Ckv);
 
 /* activation.c */
 void qs_cpu_gelu_forward(float *out, const float *inp, size_t n);

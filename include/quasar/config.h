@@ -48,6 +48,7 @@ typedef struct qs_model_config {
     int vocab_size;        /* 0 = taken from the data (char vocabulary) */
     int seq_len;           /* context length (block size) */
     int n_layer, n_head, n_embd;
+    int n_kv_head;         /* key/value heads (grouped-query attention; divides n_head); 0 = n_head */
     int ffn_mult;          /* hidden width = ffn_mult * n_embd */
     qs_activation activation;
     float dropout;
@@ -136,6 +137,8 @@ int qs_config_set(qs_config *c, const char *assignment);
 int qs_config_validate(const qs_config *c);
 /* lora.targets as QS_LORA_* bits; an empty list or an unknown name is an error naming the key. */
 int qs_config_lora_targets(const qs_lora_config *l, unsigned *mask);
+/* The key/value heads of a model: model.n_kv_head, or n_head where that is 0. */
+static inline int qs_config_kv_heads(const qs_model_config *m) { return m->n_kv_head ? m->n_kv_head : m->n_head; }
 /* Whether a and b have the same values throughout `section` ("model", "lora"). */
 bool qs_config_same(const qs_config *a, const qs_config *b, const char *section);
 /* The whole resolved config as pretty JSON (malloc'd; caller frees). */

@@ -37,12 +37,15 @@ typedef struct qs_conv_shape {
  * sequence b of the block lies (b * q_len + t) rows past the q pointer given (row stride
  * q_stride; dq alike), (b * q_len + t) * C floats past out / dout, and its head-h
  * statistic (b * NH + h) * q_len + t past lse / delta; key row j lies (b * kv_len + j)
- * rows of kv_stride past kv (dkv alike), k in its columns [0, C) and v in [C, 2C). So q
- * can point into the model's qkv [B,T,3C] (stride 3C) with kv at its column C, or kv at a
- * packed [B,Tk,2C] block that travels around a ring (stride 2C). Head h uses columns
- * [h*hs, (h+1)*hs) of q, k and v, hs = C / NH; scores are scaled by 1/sqrt(hs). */
+ * rows of kv_stride past kv (dkv alike), k in its columns [0, Ckv) and v in [Ckv, 2Ckv).
+ * So q can point into the model's qkv [B,T,C+2Ckv] (stride C + 2Ckv) with kv at its
+ * column C, or kv at a packed [B,Tk,2Ckv] block that travels around a ring (stride
+ * 2Ckv). Query head h uses columns [h*hs, (h+1)*hs) of q, hs = C / NH, and reads key /
+ * value head h / (NH / NKV) (grouped-query attention: NKV divides NH; NKV = NH is plain
+ * multi-head), whose columns in k and v are [g*hs, (g+1)*hs); Ckv = NKV * hs. Scores are
+ * scaled by 1/sqrt(hs). */
 typedef struct qs_attn_block {
-    int B, C, NH;
+    int B, C, NH, NKV;
     int Tq, Tk;              /* query and key/value rows of the block */
     int q_len, kv_len;       /* rows per sequence of the buffers it is cut from */
     int q_stride, kv_stride; /* floats from one row of q (dq) / kv (dkv) to the next */
@@ -50,11 +53,15 @@ typedef struct qs_attn_block {
     int causal;              /* 1: key j is visible to query i iff k_pos0 + j <= q_pos0 + i */
 } qs_attn_block;
 
-/* B sequences of T rows of a qkv [B,T,3C] buffer, each attending to itself: the block
- * the model's attention is (q at qkv, kv at qkv + C, both stride 3C). */
-static inline qs_attn_block qs_attn_block_self(int B, int T, int C, int NH, int causal) {
-    return (qs_attn_block){.B = B, .C = C, .NH = NH, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
-                           .q_stride = 3 * C, .kv_stride = 3 * C, .q_pos0 = 0, .k_pos0 = 0, .causal = causal};
+/* The width of the block's k (and of its v): NKV heads of C / NH. */
+static inline QS_HD int qs_attn_kv_width(const qs_attn_block *k) { return k->C / k->NH * k->NKV; }
+
+/* B sequences of T rows of a qkv [B,T,C+2Ckv] buffer, each attending to itself: the
+ * block the model's attention is (q at qkv, kv at qkv + C, both stride C + 2Ckv). */
+static inline qs_attn_block qs_attn_block_self(int B, int T, int C, int NH, int NKV, int causal) {
+    const int stride = C + 2 * (C / NH) * NKV;
+    return (qs_attn_block){.B = B, .C = C, .NH = NH, .NKV = NKV, .Tq = T, .Tk = T, .q_len = T, .kv_len = T,
+                           .q_stride = stride, .kv_stride = stride, .q_pos0 = 0, .k_pos0 = 0, .causal = causal};
 }
 
 /* The keys query row i of the block sees: a prefix of them, as positions rise with i. */
@@ -161,20 +168,21 @@ typedef struct qs_ops {
     void (*attention_block_backward)(float *dq, float *dkv, const float *dout, const float *q,
                                      const float *kv, const float *lse, const float *delta,
                                      const qs_attn_block *blk);
-    /* kv [B,T,2C] = the k and v columns of qkv [B,T,3C] (a block to send around a ring);
-     * backward: dqkv's k and v columns += dkv. */
-    void (*kv_pack_forward)(float *kv, const float *qkv, int B, int T, int C);
-    void (*kv_pack_backward)(float *dqkv, const float *dkv, int B, int T, int C);
+    /* kv [B,T,2Ckv] = the k and v columns of qkv [B,T,C+2Ckv] (a block to send around a
+     * ring); backward: dqkv's k and v columns += dkv. */
+    void (*kv_pack_forward)(float *kv, const float *qkv, int B, int T, int C, int Ckv);
+    void (*kv_pack_backward)(float *dqkv, const float *dkv, int B, int T, int C, int Ckv);
 
-    /* KV cache for decoding, caches [slots,NH,max_T,hs]. kv_cache_fill copies the k and v
-     * of qkv [B,T,3C] (a prefill's) into positions 0..T-1 of slots 0..B-1. For each row b
-     * of qkv [B,3C], attention_decode appends its new token's k, v at position pos[b] of
-     * slot slots[b] and writes out[b,:], its causal attention over positions 0..pos[b]
-     * of that slot (same scale and head layout as above; slots distinct). */
+    /* KV cache for decoding, caches [slots,NKV,max_T,hs] (the K/V heads only, as
+     * qs_attn_block). kv_cache_fill copies the k and v of qkv [B,T,C+2Ckv] (a prefill's)
+     * into positions 0..T-1 of slots 0..B-1. For each row b of qkv [B,C+2Ckv],
+     * attention_decode appends its new token's k, v at position pos[b] of slot slots[b]
+     * and writes out[b,:], its causal attention over positions 0..pos[b] of that slot
+     * (same scale and head layout as qs_attn_block; slots distinct). */
     void (*kv_cache_fill)(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH,
-                          int max_T);
+                          int NKV, int max_T);
     void (*attention_decode)(float *out, float *kcache, float *vcache, const float *qkv, int B, int C,
-                             int NH, const int *slots, const int *pos, int max_T);
+                             int NH, int NKV, const int *slots, const int *pos, int max_T);
 
     /* GELU (tanh approximation, as GPT-2) and ReLU, elementwise over n. */
     void (*gelu_forward)(float *out, const float *inp, size_t n);

@@ -1,11 +1,11 @@
 # Data and sequence parallelism over MPI ranks on the CPU: a run is the same run on any
 # number of ranks. 2, 3 and 4 data-parallel ranks (plain, bucketed, ZeRO-1 and ZeRO-1
 # bucketed), and 2 and 4 sequence-parallel ranks (ring attention; also 2 x 2 with bucketed
-# ZeRO-1), must give 1 rank's
-# losses, gradient norms and final weights (<= 1e-5 relative) for the same global batch,
-# with dropout and MoE router noise on (their draws are keyed by global sample and
-# position, not by rank); checkpoints written by N ranks resume on M; a batch that does
-# not split fails on every rank.
+# ZeRO-1, and grouped-query attention on 2), must give 1 rank's losses, gradient norms
+# and final weights (<= 1e-5 relative) for the same global batch, with dropout and MoE
+# router noise on (their draws are keyed by global sample and position, not by rank);
+# checkpoints written by N ranks resume on M; a batch that does not split fails on every
+# rank.
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/cli_lib.sh"
 mpi=${QS_MPI:-$(ldd "$QUASAR" | grep -q libmpi && echo 1 || echo 0)}
@@ -128,6 +128,14 @@ for run in "2 1 0" "4 1 0" "4 2 1"; do
 done
 grep -q "(2 data-parallel rank(s) x 2 sequence-parallel of 8 tokens" "$WORK/err" \
   && ok "the run reports its data x sequence-parallel layout" || not_ok "the run reports its data x sequence-parallel layout" "$(head -2 "$WORK/err")"
+# Grouped-query attention (4 query heads over 1 K/V head): the ring passes K/V blocks a
+# quarter as wide, and the run is still 1 rank's.
+gqa=(--set model.n_head=4 --set model.n_kv_head=1)
+expect_ok "grouped-query, 1 rank" "$QUASAR" train --config dense.json --out gqa1 "${sets[@]}" "${gqa[@]}" \
+  && expect_ok "grouped-query, 2 sequence-parallel ranks" ranks 2 "$QUASAR" train --config dense.json --out gqa2 \
+    "${sets[@]}" "${gqa[@]}" --set parallel.sp=2 \
+  && { msg=$(same gqa1 gqa2 2>&1) && ok "grouped-query: 2 sequence-parallel ranks equal 1 rank" \
+    || not_ok "grouped-query: 2 sequence-parallel ranks equal 1 rank" "$msg"; }
 ranks 3 "$QUASAR" train --config dense.json --out bad_sp "${sets[@]}" --set parallel.sp=2 >out 2>err
 [ $? -ne 0 ] && grep -q "^error: parallel.sp 2 does not divide the 3 rank(s)" err && ! sanitizer_report err \
   && ok "parallel.sp must divide the ranks" || not_ok "parallel.sp must divide the ranks" "$(head -3 err)"

@@ -43,12 +43,12 @@ typedef struct {
     float *out, *lse, *dqkv;
 } whole_ref;
 
-static whole_ref reference(const float *qkv, const float *dout, int B, int T, int C, int NH, int causal) {
+static whole_ref reference(const float *qkv, const float *dout, int B, int T, int C, int NH, int NKV, int causal) {
     const qs_ops *ops = be->ops;
-    const size_t nout = (size_t)B * T * C, nst = (size_t)B * NH * T;
-    whole_ref r = {alloc_floats(nout), alloc_floats(nst), alloc_floats(3 * nout)};
-    memset(r.dqkv, 0, 3 * nout * sizeof *r.dqkv);
-    const qs_attn_block all = qs_attn_block_self(B, T, C, NH, causal);
+    const qs_attn_block all = qs_attn_block_self(B, T, C, NH, NKV, causal);
+    const size_t nout = (size_t)B * T * C, nst = (size_t)B * NH * T, nqkv = (size_t)B * T * all.q_stride;
+    whole_ref r = {alloc_floats(nout), alloc_floats(nst), alloc_floats(nqkv)};
+    memset(r.dqkv, 0, nqkv * sizeof *r.dqkv);
     ops->attention_block_forward(r.out, r.lse, qkv, qkv + C, &all);
     float *delta = alloc_floats(nst);
     ops->attention_delta(delta, dout, r.out, B, T, C, NH);
@@ -64,38 +64,40 @@ static float *rows_of(const float *full, size_t width, int sp, int r, int rows, 
     return p;
 }
 
-/* Ring attention over `group` on T = 2 sp m tokens against the whole-sequence reference. */
-static void check_ring(qs_comm *group, const char *what, int tag, int B, int m, int NH, int hs, int causal) {
+/* Ring attention over `group` on T = 2 sp m tokens against the whole-sequence reference;
+ * NKV < NH: grouped-query K/V, so the blocks passed around are narrower. */
+static void check_ring(qs_comm *group, const char *what, int tag, int B, int m, int NH, int NKV, int hs, int causal) {
     const int sp = qs_comm_size(group), r = qs_comm_rank(group), T = 2 * sp * m, Tl = T / sp, C = NH * hs;
-    const size_t nout = (size_t)B * T * C, nl = (size_t)B * Tl * C, nstl = (size_t)B * NH * Tl;
-    float *qkv = draw((uint64_t)tag, 3 * nout, -2, 2), *dout = draw((uint64_t)tag + 1, nout, -1, 1);
-    const whole_ref ref = reference(qkv, dout, B, T, C, NH, causal);
+    const size_t W = (size_t)C + 2 * (size_t)NKV * hs; /* a qkv row */
+    const size_t nout = (size_t)B * T * C, nl = (size_t)B * Tl * C, nstl = (size_t)B * NH * Tl, nqkvl = (size_t)B * Tl * W;
+    float *qkv = draw((uint64_t)tag, (size_t)B * T * W, -2, 2), *dout = draw((uint64_t)tag + 1, nout, -1, 1);
+    const whole_ref ref = reference(qkv, dout, B, T, C, NH, NKV, causal);
 
-    float *qkv_l = rows_of(qkv, 3 * (size_t)C, sp, r, B, T), *dout_l = rows_of(dout, (size_t)C, sp, r, B, T);
+    float *qkv_l = rows_of(qkv, W, sp, r, B, T), *dout_l = rows_of(dout, (size_t)C, sp, r, B, T);
     float *want_out = rows_of(ref.out, (size_t)C, sp, r, B, T), *want_lse = rows_of(ref.lse, 1, sp, r, B * NH, T);
-    float *want_dqkv = rows_of(ref.dqkv, 3 * (size_t)C, sp, r, B, T);
-    float *out = alloc_floats(nl), *lse = alloc_floats(nstl), *pre = draw((uint64_t)tag + 2 + (uint64_t)r, 3 * nl, -1, 1);
-    float *dqkv = alloc_floats(3 * nl);
+    float *want_dqkv = rows_of(ref.dqkv, W, sp, r, B, T);
+    float *out = alloc_floats(nl), *lse = alloc_floats(nstl), *pre = draw((uint64_t)tag + 2 + (uint64_t)r, nqkvl, -1, 1);
+    float *dqkv = alloc_floats(nqkvl);
 
     qs_ring_attention *ra = NULL;
-    ok_call(qs_ring_attention_create(&ra, be, group, B, Tl, C, NH, causal), "qs_ring_attention_create");
+    ok_call(qs_ring_attention_create(&ra, be, group, B, Tl, C, NH, NKV, causal), "qs_ring_attention_create");
     /* twice: the second pass finds the workspace as the first left it */
     for (int pass = 0; pass < 2 && ra; pass++) {
         for (size_t i = 0; i < nl; i++) out[i] = NAN; /* the forward writes every element */
         for (size_t i = 0; i < nstl; i++) lse[i] = NAN;
-        memcpy(dqkv, pre, 3 * nl * sizeof *dqkv); /* the backward accumulates */
+        memcpy(dqkv, pre, nqkvl * sizeof *dqkv); /* the backward accumulates */
         ok_call(qs_ring_attention_forward(ra, out, lse, qkv_l), "qs_ring_attention_forward");
         ok_call(qs_ring_attention_backward(ra, dqkv, dout_l, qkv_l, out, lse), "qs_ring_attention_backward");
         expect_rows("out", out, want_out, NULL, nl);
         expect_rows("lse", lse, want_lse, NULL, nstl);
-        expect_rows("dqkv", dqkv, want_dqkv, pre, 3 * nl);
+        expect_rows("dqkv", dqkv, want_dqkv, pre, nqkvl);
     }
     qs_ring_attention_free(ra);
     float *bufs[] = {qkv, dout, ref.out, ref.lse, ref.dqkv, qkv_l, dout_l, want_out, want_lse, want_dqkv,
                      out, lse, pre, dqkv};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
-    report("%s sp=%d %s B=%d T=%d NH=%d hs=%d: out, lse and dqkv rows match whole-sequence attention", what, sp,
-           causal ? "causal" : "full", B, T, NH, hs);
+    report("%s sp=%d %s B=%d T=%d NH=%d NKV=%d hs=%d: out, lse and dqkv rows match whole-sequence attention", what,
+           sp, causal ? "causal" : "full", B, T, NH, NKV, hs);
 }
 
 /* Every position exactly once over the ranks; each rank's rows in ascending order (the
@@ -127,8 +129,10 @@ static void check_layout(void) {
     err_call(qs_ring_attention_positions(sp, rank, T + 1, pos), "T not a multiple of 2 sp", want);
     err_call(qs_ring_attention_positions(sp, sp, T, pos), "rank outside the group", "ring attention: rank");
     qs_ring_attention *ra = NULL;
-    err_call(qs_ring_attention_create(&ra, be, world, B, 5, 6, 2, 1), "odd Tl", "ring attention: B=2 Tl=5 C=6 NH=2");
-    err_call(qs_ring_attention_create(&ra, be, world, B, 4, 6, 4, 1), "NH not dividing C", "ring attention: ");
+    err_call(qs_ring_attention_create(&ra, be, world, B, 5, 6, 2, 2, 1), "odd Tl", "ring attention: B=2 Tl=5 C=6 NH=2");
+    err_call(qs_ring_attention_create(&ra, be, world, B, 4, 6, 4, 4, 1), "NH not dividing C", "ring attention: ");
+    err_call(qs_ring_attention_create(&ra, be, world, B, 4, 6, 3, 2, 1), "NKV not dividing NH",
+             "ring attention: B=2 Tl=4 C=6 NH=3 NKV=2");
     CHECK(ra == NULL, "a refused create left a workspace");
     free(pos), free(seen), free(tok), free(mine);
     report("zig-zag positions and gather over %d ranks; bad layouts refused", sp);
@@ -156,21 +160,24 @@ int main(int argc, char **argv) {
 
     check_layout();
     int tag = 100;
-    /* (B, T / (2 sp), NH, hs, causal): one row per chunk, awkward widths, both masks */
-    static const int cases[][5] = {{1, 1, 1, 4, 1}, {2, 3, 3, 5, 1}, {1, 5, 2, 7, 0}, {3, 2, 2, 3, 1}};
+    /* (B, T / (2 sp), NH, NKV, hs, causal): one row per chunk, awkward widths, both
+     * masks, grouped-query and multi-query K/V */
+    static const int cases[][6] = {{1, 1, 1, 1, 4, 1}, {2, 3, 3, 3, 5, 1}, {1, 5, 2, 2, 7, 0},
+                                   {3, 2, 2, 2, 3, 1}, {2, 3, 6, 2, 5, 1}, {1, 2, 4, 1, 3, 0}};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++, tag += 10)
-        check_ring(world, "world", tag, cases[i][0], cases[i][1], cases[i][2], cases[i][3], cases[i][4]);
+        check_ring(world, "world", tag, cases[i][0], cases[i][1], cases[i][2], cases[i][3], cases[i][4], cases[i][5]);
     for (int i = 0; i < 2; i++, tag += 10) {
         const int B = 1 + (int)qs_rng_below(seed, 1, (uint64_t)tag, 3), m = 1 + (int)qs_rng_below(seed, 2, (uint64_t)tag, 6);
-        const int NH = 1 + (int)qs_rng_below(seed, 3, (uint64_t)tag, 3), hs = 1 + (int)qs_rng_below(seed, 4, (uint64_t)tag, 12);
-        check_ring(world, "world", tag, B, m, NH, hs, i == 0);
+        const int NKV = 1 + (int)qs_rng_below(seed, 3, (uint64_t)tag, 3), hs = 1 + (int)qs_rng_below(seed, 4, (uint64_t)tag, 12);
+        const int NH = NKV * (1 + (int)qs_rng_below(seed, 5, (uint64_t)tag, 3));
+        check_ring(world, "world", tag, B, m, NH, NKV, hs, i == 0);
     }
     /* Rings inside a mesh: every smaller sp that divides the world (a group of one too). */
     for (int sp = 1; sp < size; sp++) {
         if (size % sp) continue;
         qs_comm *dp = NULL, *spg = NULL;
         ok_call(qs_comm_mesh(world, sp, &dp, &spg), "qs_comm_mesh");
-        if (spg) check_ring(spg, "mesh", tag, 2, 2, 2, 5, 1);
+        if (spg) check_ring(spg, "mesh", tag, 2, 2, 2, 1, 5, 1);
         else report("mesh sp=%d", sp);
         tag += 10;
         qs_comm_free(dp);
