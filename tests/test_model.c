@@ -266,7 +266,8 @@ static void gqa_is_repeated_heads(int NH, int NKV) {
         } else {
             const size_t rows = gi->numel / (size_t)W;
             for (size_t r = 0; r < rows; r++)
-                for (int j = 0; j < 3 * C; j++) want[r * W + (size_t)gqa_column(j, C, NH, NKV)] += mg[r * 3 * C + (size_t)j];
+                for (int j = 0; j < 3 * C; j++)
+                    want[r * W + (size_t)gqa_column(j, C, NH, NKV)] += mg[r * 3 * C + (size_t)j];
         }
         for (size_t e = 0; e < gi->numel; e++) {
             const double d = fabs(gg[e] - want[e]) / (1e-3 + fabs(want[e]));

@@ -69,14 +69,16 @@ static float *rows_of(const float *full, size_t width, int sp, int r, int rows, 
 static void check_ring(qs_comm *group, const char *what, int tag, int B, int m, int NH, int NKV, int hs, int causal) {
     const int sp = qs_comm_size(group), r = qs_comm_rank(group), T = 2 * sp * m, Tl = T / sp, C = NH * hs;
     const size_t W = (size_t)C + 2 * (size_t)NKV * hs; /* a qkv row */
-    const size_t nout = (size_t)B * T * C, nl = (size_t)B * Tl * C, nstl = (size_t)B * NH * Tl, nqkvl = (size_t)B * Tl * W;
+    const size_t nout = (size_t)B * T * C, nl = (size_t)B * Tl * C, nstl = (size_t)B * NH * Tl;
+    const size_t nqkvl = (size_t)B * Tl * W;
     float *qkv = draw((uint64_t)tag, (size_t)B * T * W, -2, 2), *dout = draw((uint64_t)tag + 1, nout, -1, 1);
     const whole_ref ref = reference(qkv, dout, B, T, C, NH, NKV, causal);
 
     float *qkv_l = rows_of(qkv, W, sp, r, B, T), *dout_l = rows_of(dout, (size_t)C, sp, r, B, T);
     float *want_out = rows_of(ref.out, (size_t)C, sp, r, B, T), *want_lse = rows_of(ref.lse, 1, sp, r, B * NH, T);
     float *want_dqkv = rows_of(ref.dqkv, W, sp, r, B, T);
-    float *out = alloc_floats(nl), *lse = alloc_floats(nstl), *pre = draw((uint64_t)tag + 2 + (uint64_t)r, nqkvl, -1, 1);
+    float *out = alloc_floats(nl), *lse = alloc_floats(nstl);
+    float *pre = draw((uint64_t)tag + 2 + (uint64_t)r, nqkvl, -1, 1);
     float *dqkv = alloc_floats(nqkvl);
 
     qs_ring_attention *ra = NULL;
@@ -168,7 +170,8 @@ int main(int argc, char **argv) {
         check_ring(world, "world", tag, cases[i][0], cases[i][1], cases[i][2], cases[i][3], cases[i][4], cases[i][5]);
     for (int i = 0; i < 2; i++, tag += 10) {
         const int B = 1 + (int)qs_rng_below(seed, 1, (uint64_t)tag, 3), m = 1 + (int)qs_rng_below(seed, 2, (uint64_t)tag, 6);
-        const int NKV = 1 + (int)qs_rng_below(seed, 3, (uint64_t)tag, 3), hs = 1 + (int)qs_rng_below(seed, 4, (uint64_t)tag, 12);
+        const int NKV = 1 + (int)qs_rng_below(seed, 3, (uint64_t)tag, 3);
+        const int hs = 1 + (int)qs_rng_below(seed, 4, (uint64_t)tag, 12);
         const int NH = NKV * (1 + (int)qs_rng_below(seed, 5, (uint64_t)tag, 3));
         check_ring(world, "world", tag, B, m, NH, NKV, hs, i == 0);
     }
