@@ -11,6 +11,10 @@
  * and dk/dv (each warp owning a few keys and summing over 32-row query chunks in order,
  * the query chunk shared by the block). Every sum runs in an order fixed by the sizes.
  *
+ * Grouped-query attention: the forward and dq kernels run per query head, each reading
+ * its kv head h / (NH / NKV); the dk/dv kernel runs per kv head and sums over the query
+ * heads of its group in order, so a key's gradient still has one owner and no atomics.
+ *
  * Head sizes up to 256, the register and shared-memory tiles sized by the next of 32,
  * 64, 128, 256 (rows zero-padded to it). Tiles over 48 KiB opt in to more shared memory.
  * The merge, delta and K/V packing are plain warp-per-row and element-wise kernels. */
@@ -35,17 +39,24 @@ __device__ static inline int first_query(const qs_attn_block &k, int j) {
 
 static float scale_of(const qs_attn_block *k) { return 1.0f / sqrtf((float)(k->C / k->NH)); }
 
-/* Where (sequence, head) blockIdx.x starts in each tensor, in floats: q and dq; kv and
- * dkv (v C further); out and dout; lse and delta. */
+/* Where query head h of sequence b starts in each tensor, in floats: q and dq; kv and
+ * dkv at its kv head h / (NH / NKV) (v floats further for v); out and dout; lse and
+ * delta. */
 struct fa_head {
     size_t q, kv, o, s;
-    int hs;
+    int hs, v;
 };
 
+__device__ static inline fa_head head_of(const qs_attn_block &k, int b, int h) {
+    const int hs = k.C / k.NH, g = h / (k.NH / k.NKV);
+    return fa_head{(size_t)b * k.q_len * k.q_stride + (size_t)h * hs, (size_t)b * k.kv_len * k.kv_stride + (size_t)g * hs,
+                   (size_t)b * k.q_len * k.C + (size_t)h * hs, ((size_t)b * k.NH + h) * k.q_len, hs,
+                   qs_attn_kv_width(&k)};
+}
+
+/* The forward's and dq's grid: blockIdx.x is (sequence, query head). */
 __device__ static inline fa_head head_at(const qs_attn_block &k) {
-    const int bh = blockIdx.x, b = bh / k.NH, h = bh % k.NH, hs = k.C / k.NH;
-    return fa_head{(size_t)b * k.q_len * k.q_stride + (size_t)h * hs, (size_t)b * k.kv_len * k.kv_stride + (size_t)h * hs,
-                   (size_t)b * k.q_len * k.C + (size_t)h * hs, (size_t)bh * k.q_len, hs};
+    return head_of(k, blockIdx.x / k.NH, blockIdx.x % k.NH);
 }
 
 /* Rows [r0, r0 + n) of a head's columns (row stride `stride`) into dst [n][pitch] times
@@ -101,7 +112,7 @@ __global__ static void __launch_bounds__(FA_THREADS)
     for (int j0 = 0; j0 < n_block; j0 += FA_KEYS) {
         __syncthreads(); /* the previous tile is used up */
         load_rows(ks, D + 1, kv + at.kv, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
-        load_rows(vs, D, kv + at.kv + k.C, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
+        load_rows(vs, D, kv + at.kv + at.v, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
         __syncthreads();
 #pragma unroll
         for (int r = 0; r < FA_ROWS; r++) {
@@ -160,7 +171,7 @@ __global__ static void __launch_bounds__(FA_THREADS)
     for (int j0 = 0; j0 < n_block; j0 += FA_KEYS) {
         __syncthreads();
         load_rows(ks, D + 1, kv + at.kv, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
-        load_rows(vs, D + 1, kv + at.kv + k.C, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
+        load_rows(vs, D + 1, kv + at.kv + at.v, k.kv_stride, j0, FA_KEYS, k.Tk, at.hs, 1.0f);
         __syncthreads();
 #pragma unroll
         for (int r = 0; r < FA_ROWS; r++) {
@@ -188,8 +199,9 @@ __global__ static void __launch_bounds__(FA_THREADS)
     }
 }
 
-/* ---- backward, dk and dv: grid (B * NH, key groups); a warp owns dkv_keys<D>() keys ----
- * dv_j += sum_i P_ij dout_i, dk_j += sum_i scale dS_ij q_i over the rows i that see j. */
+/* ---- backward, dk and dv: grid (B * NKV, key groups); a warp owns dkv_keys<D>() keys ----
+ * dv_j += sum_i P_ij dout_i, dk_j += sum_i scale dS_ij q_i over the rows i that see j, of
+ * every query head of the kv head's group (head by head, then chunk by chunk). */
 
 template <int D> __host__ __device__ constexpr int dkv_keys() { return D >= 256 ? 2 : D >= 128 ? 4 : 8; }
 template <int D> __host__ __device__ constexpr int dkv_group() { return FA_WARPS * dkv_keys<D>(); }
@@ -205,43 +217,47 @@ __global__ static void __launch_bounds__(FA_THREADS)
     QS_DYNAMIC_SMEM(float, smem);
     float *ks = smem, *vs = ks + G * D, *qs = vs + G * D, *dos = qs + FA_QCHUNK * (D + 1);
     float *ls = dos + FA_QCHUNK * (D + 1), *dl = ls + FA_QCHUNK;
-    const fa_head at = head_at(k);
+    const int per_kv = k.NH / k.NKV, b = blockIdx.x / k.NKV, h0 = blockIdx.x % k.NKV * per_kv;
+    const fa_head kvh = head_of(k, b, h0); /* its kv columns are all per_kv heads' */
     const int j0 = blockIdx.y * G, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    load_rows(ks, D, kv + at.kv, k.kv_stride, j0, G, k.Tk, at.hs, 1.0f);
-    load_rows(vs, D, kv + at.kv + k.C, k.kv_stride, j0, G, k.Tk, at.hs, 1.0f);
+    load_rows(ks, D, kv + kvh.kv, k.kv_stride, j0, G, k.Tk, kvh.hs, 1.0f);
+    load_rows(vs, D, kv + kvh.kv + kvh.v, k.kv_stride, j0, G, k.Tk, kvh.hs, 1.0f);
     float dk[KW][D / 32], dv[KW][D / 32];
 #pragma unroll
     for (int w = 0; w < KW; w++)
 #pragma unroll
         for (int c = 0; c < D / 32; c++) dk[w][c] = dv[w][c] = 0.0f;
-    /* rows before the first that sees the group's first key see none of the group */
-    for (int c0 = first_query(k, j0); c0 < k.Tq; c0 += FA_QCHUNK) {
-        __syncthreads(); /* the previous chunk is used up (and the keys are in) */
-        load_rows(qs, D + 1, q + at.q, k.q_stride, c0, FA_QCHUNK, k.Tq, at.hs, scale);
-        load_rows(dos, D + 1, dout + at.o, k.C, c0, FA_QCHUNK, k.Tq, at.hs, 1.0f);
-        for (int t = threadIdx.x; t < FA_QCHUNK; t += blockDim.x) {
-            ls[t] = c0 + t < k.Tq ? lse[at.s + c0 + t] : 0.0f;
-            dl[t] = c0 + t < k.Tq ? delta[at.s + c0 + t] : 0.0f;
-        }
-        __syncthreads();
-        const int i = c0 + lane;
-#pragma unroll
-        for (int w = 0; w < KW; w++) {
-            const int kj = warp * KW + w, j = j0 + kj;
-            if (j >= k.Tk) break; /* uniform over the warp */
-            /* lane = query row; q is pre-scaled, so q_i . k_j is the scaled score and
-             * dS q_i below already carries the scale */
-            float p = 0.0f, ds = 0.0f;
-            if (i < k.Tq && j < qs_attn_visible_keys(&k, i)) {
-                p = expf(dot<D>(qs + lane * (D + 1), ks + kj * D) - ls[lane]);
-                ds = p * (dot<D>(dos + lane * (D + 1), vs + kj * D) - dl[lane]);
+    for (int h = h0; h < h0 + per_kv; h++) { /* the kv head's query heads, in order */
+        const fa_head at = head_of(k, b, h);
+        /* rows before the first that sees the block's first key see none of its keys */
+        for (int c0 = first_query(k, j0); c0 < k.Tq; c0 += FA_QCHUNK) {
+            __syncthreads(); /* the previous chunk is used up (and the keys are in) */
+            load_rows(qs, D + 1, q + at.q, k.q_stride, c0, FA_QCHUNK, k.Tq, at.hs, scale);
+            load_rows(dos, D + 1, dout + at.o, k.C, c0, FA_QCHUNK, k.Tq, at.hs, 1.0f);
+            for (int t = threadIdx.x; t < FA_QCHUNK; t += blockDim.x) {
+                ls[t] = c0 + t < k.Tq ? lse[at.s + c0 + t] : 0.0f;
+                dl[t] = c0 + t < k.Tq ? delta[at.s + c0 + t] : 0.0f;
             }
-            for (int t = 0; t < FA_QCHUNK; t++) {
-                const float pt = __shfl_sync(0xffffffffu, p, t), dst = __shfl_sync(0xffffffffu, ds, t);
+            __syncthreads();
+            const int i = c0 + lane;
 #pragma unroll
-                for (int c = 0; c < D / 32; c++) {
-                    dv[w][c] += pt * dos[t * (D + 1) + c * 32 + lane];
-                    dk[w][c] += dst * qs[t * (D + 1) + c * 32 + lane];
+            for (int w = 0; w < KW; w++) {
+                const int kj = warp * KW + w, j = j0 + kj;
+                if (j >= k.Tk) break; /* uniform over the warp */
+                /* lane = query row; q is pre-scaled, so q_i . k_j is the scaled score and
+                 * dS q_i below already carries the scale */
+                float p = 0.0f, ds = 0.0f;
+                if (i < k.Tq && j < qs_attn_visible_keys(&k, i)) {
+                    p = expf(dot<D>(qs + lane * (D + 1), ks + kj * D) - ls[lane]);
+                    ds = p * (dot<D>(dos + lane * (D + 1), vs + kj * D) - dl[lane]);
+                }
+                for (int t = 0; t < FA_QCHUNK; t++) {
+                    const float pt = __shfl_sync(0xffffffffu, p, t), dst = __shfl_sync(0xffffffffu, ds, t);
+#pragma unroll
+                    for (int c = 0; c < D / 32; c++) {
+                        dv[w][c] += pt * dos[t * (D + 1) + c * 32 + lane];
+                        dk[w][c] += dst * qs[t * (D + 1) + c * 32 + lane];
+                    }
                 }
             }
         }
@@ -250,12 +266,12 @@ __global__ static void __launch_bounds__(FA_THREADS)
     for (int w = 0; w < KW; w++) {
         const int j = j0 + warp * KW + w;
         if (j >= k.Tk) break;
-        float *row = dkv + at.kv + (size_t)j * k.kv_stride;
+        float *row = dkv + kvh.kv + (size_t)j * k.kv_stride;
 #pragma unroll
         for (int c = 0; c < D / 32; c++)
-            if (c * 32 + lane < at.hs) {
+            if (c * 32 + lane < kvh.hs) {
                 row[c * 32 + lane] += dk[w][c];
-                row[k.C + c * 32 + lane] += dv[w][c];
+                row[kvh.v + c * 32 + lane] += dv[w][c];
             }
     }
 }
@@ -286,7 +302,7 @@ struct fa_backward {
         }
         if (dkv) {
             allow_smem(flash_dkv_kernel<D>, dkv_smem<D>());
-            QS_LAUNCH(flash_dkv_kernel<D>, dim3(k->B * k->NH, (k->Tk + dkv_group<D>() - 1) / dkv_group<D>()),
+            QS_LAUNCH(flash_dkv_kernel<D>, dim3(k->B * k->NKV, (k->Tk + dkv_group<D>() - 1) / dkv_group<D>()),
                       FA_THREADS, dkv_smem<D>(), dkv, dout, q, kv, lse, delta, *k, scale_of(k));
         }
     }
@@ -356,24 +372,25 @@ void qs_cuda_attention_delta(float *delta, const float *dout, const float *out, 
     QS_LAUNCH_ROWS(delta_kernel, rows, delta, dout, out, B, T, C, NH);
 }
 
-__global__ static void kv_pack_kernel(float *kv, const float *qkv, size_t rows, int C) {
-    QS_GRID_LOOP(i, rows * 2 * C) {
-        const size_t r = i / (2 * C), c = i % (2 * C);
-        kv[i] = qkv[r * 3 * C + C + c];
+/* Rows of qkv are [C + 2Ckv]: the 2Ckv k and v columns start at column C. */
+__global__ static void kv_pack_kernel(float *kv, const float *qkv, size_t rows, int C, int Ckv) {
+    QS_GRID_LOOP(i, rows * 2 * Ckv) {
+        const size_t r = i / (2 * Ckv), c = i % (2 * Ckv);
+        kv[i] = qkv[r * (C + 2 * Ckv) + C + c];
     }
 }
 
-__global__ static void kv_unpack_add_kernel(float *dqkv, const float *dkv, size_t rows, int C) {
-    QS_GRID_LOOP(i, rows * 2 * C) {
-        const size_t r = i / (2 * C), c = i % (2 * C);
-        dqkv[r * 3 * C + C + c] += dkv[i];
+__global__ static void kv_unpack_add_kernel(float *dqkv, const float *dkv, size_t rows, int C, int Ckv) {
+    QS_GRID_LOOP(i, rows * 2 * Ckv) {
+        const size_t r = i / (2 * Ckv), c = i % (2 * Ckv);
+        dqkv[r * (C + 2 * Ckv) + C + c] += dkv[i];
     }
 }
 
-void qs_cuda_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C) {
-    QS_LAUNCH_N(kv_pack_kernel, (size_t)B * T * 2 * C, kv, qkv, (size_t)B * T, C);
+void qs_cuda_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C, int Ckv) {
+    QS_LAUNCH_N(kv_pack_kernel, (size_t)B * T * 2 * Ckv, kv, qkv, (size_t)B * T, C, Ckv);
 }
 
-void qs_cuda_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C) {
-    QS_LAUNCH_N(kv_unpack_add_kernel, (size_t)B * T * 2 * C, dqkv, dkv, (size_t)B * T, C);
+void qs_cuda_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C, int Ckv) {
+    QS_LAUNCH_N(kv_unpack_add_kernel, (size_t)B * T * 2 * Ckv, dqkv, dkv, (size_t)B * T, C, Ckv);
 }

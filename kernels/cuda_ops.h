@@ -120,8 +120,9 @@ void qs_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *
 void qs_cuda_set_matmul_ops(qs_ops *ops, qs_precision p);
 
 /* kv_cache.cu */
-void qs_cuda_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int max_T);
-void qs_cuda_attention_decode(float *out, float *kcache, float *vcache, const float *qkv, int B, int C, int NH,
+void qs_cuda_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int NKV,
+                           int max_T);
+void qs_cuda_attention_decode(float *out, float *kcache, float *vcache, const float *qkv, int B, int C, int NH, int NKV,
                               const int *slots, const int *pos, int max_T);
 
 /* attention_block.cu */
@@ -132,8 +133,8 @@ void qs_cuda_attention_merge(float *out, float *lse, const float *out_b, const f
 void qs_cuda_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int C, int NH);
 void qs_cuda_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q, const float *kv,
                                       const float *lse, const float *delta, const qs_attn_block *blk);
-void qs_cuda_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C);
-void qs_cuda_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C);
+void qs_cuda_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C, int Ckv);
+void qs_cuda_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C, int Ckv);
 
 /* activation.cu */
 void qs_cuda_gelu_forward(float *out, const float *inp, size_t n);

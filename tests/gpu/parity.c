@@ -7,7 +7,7 @@
  * 32, 64 or 128). Before each call the outputs an op overwrites are poisoned with NaN on
  * both backends, and the ones it accumulates into get the same random values on both;
  * an output element the reference leaves alone must stay NaN on the GPU too. Then whole
- * models (GPT dense / MoE with noisy gating / quadconv mixer, all with dropout on; a
+ * models (GPT dense, also grouped-query / MoE with noisy gating / quadconv mixer, all with dropout on; a
  * QuadraNet with stochastic depth) built on both backends from the same init must give
  * the same loss and gradients (and the GPTs the same bits when the CUDA pass is
  * repeated, and the same logits through the KV cache), and a tiny GPT trained with AdamW on both must follow the
@@ -425,19 +425,20 @@ static void test_matmul_grouped_shapes(const char *label) {
 }
 
 /* The model's causal self-attention: whole sequences as one block, q, k, v read from
- * qkv in place and their gradients written into dqkv in place. */
-static void test_attention(int B, int T, int NH, int hs) {
-    const int C = NH * hs;
-    case_begin("attention B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
-    const qs_attn_block k = qs_attn_block_self(B, T, C, NH, 1);
-    tensor qkv = t_rand((size_t)B * T * 3 * C, -1, 1), out = t_out((size_t)B * T * C);
+ * qkv [B,T,C+2Ckv] in place and their gradients written into dqkv in place; NKV < NH
+ * is grouped-query attention. */
+static void test_attention(int B, int T, int NH, int NKV, int hs) {
+    const int C = NH * hs, W = C + 2 * NKV * hs;
+    case_begin("attention B=%d T=%d NH=%d NKV=%d hs=%d", B, T, NH, NKV, hs);
+    const qs_attn_block k = qs_attn_block_self(B, T, C, NH, NKV, 1);
+    tensor qkv = t_rand((size_t)B * T * W, -1, 1), out = t_out((size_t)B * T * C);
     tensor lse = t_out((size_t)B * NH * T), delta = t_out((size_t)B * NH * T);
     BOTH(ops->attention_block_forward(F(out), F(lse), F(qkv), F(qkv) + C, &k));
     check("out", out, RED);
     check("lse", lse, RED);
     t_sync(out);
     t_sync(lse);
-    tensor dout = t_rand((size_t)B * T * C, -1, 1), dqkv = t_acc((size_t)B * T * 3 * C);
+    tensor dout = t_rand((size_t)B * T * C, -1, 1), dqkv = t_acc((size_t)B * T * W);
     BOTH(ops->attention_delta(F(delta), F(dout), F(out), B, T, C, NH));
     check("delta", delta, RED);
     t_sync(delta);
@@ -446,11 +447,12 @@ static void test_attention(int B, int T, int NH, int hs) {
     case_end();
 }
 
-/* A block cut out of longer buffers; `shared`: q and kv are columns of one qkv [.,3C]
- * (a ring's own block), else kv is a packed [., 2C] block. */
+/* A block cut out of longer buffers; `shared`: q and kv are columns of one qkv
+ * [.,C+2Ckv] (a ring's own block), else kv is a block of its own ([., 2Ckv] packed, or
+ * wider rows). */
 static void test_attention_block(const char *label, qs_attn_block k, int shared) {
-    case_begin("attention_block %s B=%d NH=%d C=%d Tq=%d Tk=%d pos %d/%d%s", label, k.B, k.NH, k.C, k.Tq, k.Tk,
-               k.q_pos0, k.k_pos0, k.causal ? " causal" : "");
+    case_begin("attention_block %s B=%d NH=%d NKV=%d C=%d Tq=%d Tk=%d strides %d/%d pos %d/%d%s", label, k.B, k.NH,
+               k.NKV, k.C, k.Tq, k.Tk, k.q_stride, k.kv_stride, k.q_pos0, k.k_pos0, k.causal ? " causal" : "");
     const size_t nq = (size_t)k.B * k.q_len * k.q_stride, nkv = (size_t)k.B * k.kv_len * k.kv_stride;
     const size_t no = (size_t)k.B * k.q_len * k.C, ns = (size_t)k.B * k.NH * k.q_len;
     tensor q = t_rand(nq, -1.5f, 1.5f), kvb = shared ? q : t_rand(nkv, -1.5f, 1.5f);
@@ -483,40 +485,45 @@ static void test_attention_block(const char *label, qs_attn_block k, int shared)
     case_end();
 }
 
-static qs_attn_block block_of(int B, int NH, int hs, int Tq, int Tk, int q_len, int kv_len, int q_stride_c,
-                              int kv_stride_c, int q_pos0, int k_pos0, int causal) {
-    const int C = NH * hs;
-    return (qs_attn_block){.B = B, .C = C, .NH = NH, .Tq = Tq, .Tk = Tk, .q_len = q_len, .kv_len = kv_len,
-                           .q_stride = q_stride_c * C, .kv_stride = kv_stride_c * C, .q_pos0 = q_pos0,
+/* q rows are qkv rows [C + 2Ckv]; kv rows are too (QKV) or packed [2Ckv] (KV), kv_pad
+ * floats wider for kv rows that are neither. */
+enum { KV, QKV };
+static qs_attn_block block_of(int B, int NH, int NKV, int hs, int Tq, int Tk, int q_len, int kv_len, int kv_rows,
+                              int kv_pad, int q_pos0, int k_pos0, int causal) {
+    const int C = NH * hs, Ckv = NKV * hs;
+    return (qs_attn_block){.B = B, .C = C, .NH = NH, .NKV = NKV, .Tq = Tq, .Tk = Tk, .q_len = q_len,
+                           .kv_len = kv_len, .q_stride = C + 2 * Ckv,
+                           .kv_stride = (kv_rows == QKV ? C + 2 * Ckv : 2 * Ckv) + kv_pad, .q_pos0 = q_pos0,
                            .k_pos0 = k_pos0, .causal = causal};
 }
 
-static void test_attention_delta_pack(int B, int T, int NH, int hs) {
-    const int C = NH * hs;
-    case_begin("attention_delta, kv_pack B=%d T=%d NH=%d hs=%d", B, T, NH, hs);
+static void test_attention_delta_pack(int B, int T, int NH, int NKV, int hs) {
+    const int C = NH * hs, Ckv = NKV * hs, W = C + 2 * Ckv;
+    case_begin("attention_delta, kv_pack B=%d T=%d NH=%d NKV=%d hs=%d", B, T, NH, NKV, hs);
     tensor dout = t_rand((size_t)B * T * C, -1, 1), out = t_rand((size_t)B * T * C, -1, 1);
     tensor delta = t_out((size_t)B * NH * T);
     BOTH(ops->attention_delta(F(delta), F(dout), F(out), B, T, C, NH));
     check("delta", delta, RED);
-    tensor qkv = t_rand((size_t)B * T * 3 * C, -1, 1), kv = t_out((size_t)B * T * 2 * C);
-    BOTH(ops->kv_pack_forward(F(kv), F(qkv), B, T, C));
+    tensor qkv = t_rand((size_t)B * T * W, -1, 1), kv = t_out((size_t)B * T * 2 * Ckv);
+    BOTH(ops->kv_pack_forward(F(kv), F(qkv), B, T, C, Ckv));
     check("kv", kv, ELEM);
-    tensor dqkv = t_acc((size_t)B * T * 3 * C), dkv = t_rand((size_t)B * T * 2 * C, -1, 1);
-    BOTH(ops->kv_pack_backward(F(dqkv), F(dkv), B, T, C));
+    tensor dqkv = t_acc((size_t)B * T * W), dkv = t_rand((size_t)B * T * 2 * Ckv, -1, 1);
+    BOTH(ops->kv_pack_backward(F(dqkv), F(dkv), B, T, C, Ckv));
     check("dqkv", dqkv, ELEM);
     case_end();
 }
 
-static void test_kv_cache(int B, int T, int NH, int hs, int S, int max_T) {
-    const int C = NH * hs;
-    case_begin("kv_cache_fill, attention_decode B=%d T=%d NH=%d hs=%d slots=%d max_T=%d", B, T, NH, hs, S, max_T);
-    const size_t ncache = (size_t)S * NH * max_T * hs;
-    tensor kc = t_out(ncache), vc = t_out(ncache), qkv = t_rand((size_t)B * T * 3 * C, -1, 1);
-    BOTH(ops->kv_cache_fill(F(kc), F(vc), F(qkv), B, T, C, NH, max_T));
+static void test_kv_cache(int B, int T, int NH, int NKV, int hs, int S, int max_T) {
+    const int C = NH * hs, W = C + 2 * NKV * hs;
+    case_begin("kv_cache_fill, attention_decode B=%d T=%d NH=%d NKV=%d hs=%d slots=%d max_T=%d", B, T, NH, NKV, hs, S,
+               max_T);
+    const size_t ncache = (size_t)S * NKV * max_T * hs;
+    tensor kc = t_out(ncache), vc = t_out(ncache), qkv = t_rand((size_t)B * T * W, -1, 1);
+    BOTH(ops->kv_cache_fill(F(kc), F(vc), F(qkv), B, T, C, NH, NKV, max_T));
     check("kcache", kc, ELEM);
     check("vcache", vc, ELEM);
     /* decode: distinct slots (a rotation of 0..S-1), any position */
-    tensor kd = t_rand(ncache, -1, 1), vd = t_rand(ncache, -1, 1), q1 = t_rand((size_t)B * 3 * C, -1, 1);
+    tensor kd = t_rand(ncache, -1, 1), vd = t_rand(ncache, -1, 1), q1 = t_rand((size_t)B * W, -1, 1);
     int slots[64], pos[64];
     const int rot = (int)qs_rng_below(seed, 4, draws++, (uint64_t)S);
     for (int b = 0; b < B; b++) {
@@ -525,7 +532,7 @@ static void test_kv_cache(int B, int T, int NH, int hs, int S, int max_T) {
     }
     tensor ts = t_host(slots, (size_t)B, sizeof(int)), tp = t_host(pos, (size_t)B, sizeof(int));
     tensor out = t_out((size_t)B * C);
-    BOTH(ops->attention_decode(F(out), F(kd), F(vd), F(q1), B, C, NH, I(ts), I(tp), max_T));
+    BOTH(ops->attention_decode(F(out), F(kd), F(vd), F(q1), B, C, NH, NKV, I(ts), I(tp), max_T));
     check("out", out, RED);
     check("kcache after", kd, ELEM);
     check("vcache after", vd, ELEM);
@@ -716,24 +723,44 @@ static void test_ops(void) {
         fail("%ld products went unfused, expected 4", qs_backend_cuda_unfused() - unfused);
     case_end();
     test_matmul_grouped_shapes("grouped");
-    /* every tile width of the fused kernels (32, 64, 128, 256), T = 1 and T off every tile */
-    const int at[][4] = {{1, 1, 1, 1},    {2, 7, 3, 5},     {3, 37, 2, 13},  {2, 130, 3, 11},
-                         {1, 1, 2, 64},   {2, 77, 2, 64},   {1, 300, 2, 128}, {2, 45, 1, 200}};
-    for (size_t i = 0; i < sizeof at / sizeof *at; i++) test_attention(at[i][0], at[i][1], at[i][2], at[i][3]);
-    test_attention_block("1x1", block_of(1, 1, 1, 1, 1, 1, 1, 1, 2, 0, 0, 1), 0);
-    test_attention_block("non-causal packed", block_of(2, 2, 3, 5, 7, 9, 11, 3, 2, 0, 0, 0), 0);
-    test_attention_block("causal partial", block_of(2, 3, 5, 13, 17, 13, 17, 3, 2, 10, 3, 1), 0);
-    test_attention_block("causal, early queries see nothing", block_of(3, 2, 7, 11, 6, 11, 6, 3, 2, 0, 5, 1), 0);
-    test_attention_block("own block in qkv", block_of(2, 3, 9, 37, 37, 40, 40, 3, 3, 37, 37, 1), 1);
-    test_attention_block("hs 64, a later query block", block_of(2, 2, 64, 50, 70, 53, 75, 3, 2, 90, 40, 1), 0);
-    test_attention_block("hs 128 non-causal", block_of(1, 2, 128, 33, 100, 33, 100, 3, 2, 0, 0, 0), 0);
-    test_attention_block("hs 96, keys ahead of most queries", block_of(1, 1, 96, 40, 90, 40, 90, 3, 2, 20, 30, 1), 0);
-    const int dp[][4] = {{1, 1, 1, 1}, {2, 9, 3, 5}, {3, 67, 2, 13}};
+    /* every tile width of the fused kernels (32, 64, 128, 256), T = 1 and T off every tile;
+     * then grouped-query attention (NKV < NH: kv heads shared by 2, 3 and 4 query heads) */
+    const int at[][5] = {{1, 1, 1, 1, 1},    {2, 7, 3, 3, 5},     {3, 37, 2, 2, 13},  {2, 130, 3, 3, 11},
+                         {1, 1, 2, 2, 64},   {2, 77, 2, 2, 64},   {1, 300, 2, 2, 128}, {2, 45, 1, 1, 200},
+                         {1, 1, 4, 1, 3},    {2, 37, 6, 2, 5},    {3, 37, 4, 1, 13},  {2, 77, 4, 2, 64},
+                         {1, 45, 6, 3, 128}, {1, 37, 4, 1, 200}};
+    for (size_t i = 0; i < sizeof at / sizeof *at; i++)
+        test_attention(at[i][0], at[i][1], at[i][2], at[i][3], at[i][4]);
+    test_attention_block("1x1", block_of(1, 1, 1, 1, 1, 1, 1, 1, KV, 0, 0, 0, 1), 0);
+    test_attention_block("non-causal packed", block_of(2, 2, 2, 3, 5, 7, 9, 11, KV, 0, 0, 0, 0), 0);
+    test_attention_block("causal partial", block_of(2, 3, 3, 5, 13, 17, 13, 17, KV, 0, 10, 3, 1), 0);
+    test_attention_block("causal, early queries see nothing", block_of(3, 2, 2, 7, 11, 6, 11, 6, KV, 0, 0, 5, 1), 0);
+    test_attention_block("own block in qkv", block_of(2, 3, 3, 9, 37, 37, 40, 40, QKV, 0, 37, 37, 1), 1);
+    test_attention_block("hs 64, a later query block", block_of(2, 2, 2, 64, 50, 70, 53, 75, KV, 0, 90, 40, 1), 0);
+    test_attention_block("hs 128 non-causal", block_of(1, 2, 2, 128, 33, 100, 33, 100, KV, 0, 0, 0, 0), 0);
+    test_attention_block("hs 96, keys ahead of most queries",
+                         block_of(1, 1, 1, 96, 40, 90, 40, 90, KV, 0, 20, 30, 1), 0);
+    /* grouped-query attention: the dk/dv kernel sums each kv head over its group's query
+     * heads; packed kv, kv rows wider than 2Ckv, and kv inside qkv */
+    test_attention_block("gqa 1x1", block_of(1, 4, 1, 3, 1, 1, 1, 1, KV, 0, 0, 0, 1), 0);
+    test_attention_block("gqa non-causal packed", block_of(2, 6, 2, 5, 37, 37, 37, 37, KV, 0, 0, 0, 0), 0);
+    test_attention_block("gqa causal, strided kv", block_of(2, 6, 2, 5, 37, 41, 40, 45, KV, 7, 20, 3, 1), 0);
+    test_attention_block("gqa causal, early queries see nothing",
+                         block_of(3, 4, 1, 7, 11, 6, 11, 6, KV, 3, 0, 5, 1), 0);
+    test_attention_block("gqa own block in qkv", block_of(2, 4, 1, 9, 37, 37, 40, 40, QKV, 0, 37, 37, 1), 1);
+    test_attention_block("gqa own block in qkv, non-causal", block_of(1, 6, 2, 5, 37, 37, 37, 37, QKV, 0, 0, 0, 0), 1);
+    test_attention_block("gqa hs 64, a later query block, strided kv",
+                         block_of(2, 4, 2, 64, 50, 70, 53, 75, KV, 5, 90, 40, 1), 0);
+    test_attention_block("gqa hs 128, one query non-causal", block_of(1, 6, 3, 128, 1, 37, 1, 37, KV, 0, 0, 0, 0), 0);
+    const int dp[][5] = {{1, 1, 1, 1, 1}, {2, 9, 3, 3, 5}, {3, 67, 2, 2, 13}, {2, 9, 6, 2, 5}, {3, 67, 4, 1, 13}};
     for (size_t i = 0; i < sizeof dp / sizeof *dp; i++)
-        test_attention_delta_pack(dp[i][0], dp[i][1], dp[i][2], dp[i][3]);
-    test_kv_cache(1, 1, 1, 1, 1, 1);
-    test_kv_cache(3, 5, 2, 7, 4, 9);
-    test_kv_cache(5, 37, 3, 11, 7, 131);
+        test_attention_delta_pack(dp[i][0], dp[i][1], dp[i][2], dp[i][3], dp[i][4]);
+    test_kv_cache(1, 1, 1, 1, 1, 1, 1);
+    test_kv_cache(3, 5, 2, 2, 7, 4, 9);
+    test_kv_cache(5, 37, 3, 3, 11, 7, 131);
+    test_kv_cache(1, 1, 4, 1, 1, 1, 1);
+    test_kv_cache(3, 5, 6, 2, 7, 4, 9);
+    test_kv_cache(5, 37, 4, 1, 11, 7, 131);
     const size_t ew[] = {1, 7, 1000, 100003};
     for (size_t i = 0; i < sizeof ew / sizeof *ew; i++) test_elementwise(ew[i]);
     test_dropout(1, 1, 0.5f, 0);
@@ -1150,11 +1177,13 @@ static void test_models(void) {
     chunked.mixer = QS_MIXER_QUADCONV;
     chunked.quadra.kernel_size = 4;
     test_gpt("quadconv mixer, 3 x 347 tokens, the classifier in 2 chunks", &chunked, 347);
-    /* F = 32, a multiple of 8: the GELU fused into cuBLASLt's epilogues (F = 30 above is not) */
+    /* F = 32, a multiple of 8: the GELU fused into cuBLASLt's epilogues (F = 30 above is
+     * not); its 4 query heads share 2 K/V heads (grouped-query attention) */
     qs_model_config fused = gpt_config();
     fused.n_embd = 16;
     fused.n_head = 4;
-    test_gpt("dense gelu, F = 32 (fused epilogues), dropout", &fused, 11);
+    fused.n_kv_head = 2;
+    test_gpt("dense gelu, F = 32 (fused epilogues), 4 heads over 2 K/V heads, dropout", &fused, 11);
     qs_model_config moe = moe_config();
     test_gpt("moe noisy top-2, capacity 1.0, dropout", &moe, 11);
     qs_model_config qc = gpt_config();
