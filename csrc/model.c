@@ -69,7 +69,7 @@ struct qs_gpt {
     /* backward scratch */
     float *dres, *dln, *dbranch, *datty, *dqkv; /* dln: the forward leaves ln_f's gradient in it */
     float *delta; /* attention's row term [B,NH,T] */
-    float *dF1, *dF2;        /* [max(N, N*K), F] */
+    float *dF1; /* [max(N, N*K), F]: the gradient at the FFN activation (or, fused, at its input) */
     float *dxe, *dye, *dgate; /* MoE packed */
     float *dh, *dnoise; /* MoE router: at the routing logits, and at the noise logits */
 
@@ -249,7 +249,6 @@ static void carve(qs_gpt *m, qs_plan *p) {
     m->dqkv = qs_plan_f(p, N * m->Wqkv);
     m->delta = qs_plan_f(p, N * m->NH);
     m->dF1 = qs_plan_f(p, NK * F);
-    m->dF2 = qs_plan_f(p, NK * F);
     if (m->E > 0) {
         m->dxe = qs_plan_f(p, NK * C);
         m->dye = qs_plan_f(p, NK * C);
@@ -892,6 +891,15 @@ double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, i
 
 /* ---- backward ---- */
 
+/* The activation's backward, once c_proj's backward has read its output fch_act for the
+ * last time: that buffer then takes the gradient at the activation's input, so the
+ * backward needs one [rows, F] scratch (dF1, the gradient at the output), not two. */
+static float *act_backward_in_place(qs_gpt *m, layer_acts *a, size_t n) {
+    zero_f(m, a->fch_act, n);
+    act_backward(m, a->fch_act, a->fch, m->dF1, n);
+    return a->fch_act;
+}
+
 /* dln += d(ffn)/d(ln_2 output) given dy = gradient at the FFN output. Under
  * recompute_ffn the activation's output is made again from fch (one elementwise pass)
  * instead of being kept per layer. */
@@ -901,20 +909,20 @@ static void dense_ffn_backward(qs_gpt *m, int l, int N, const float *dy) {
     layer_acts *a = &m->la[l];
     size_t NF = (size_t)N * m->F;
     if (m->cfg.recompute_ffn) act_forward(m, a->fch_act, a->fch, NF);
+    const float *dpre = m->dF1; /* the gradient at the activation's input */
     if (gelu_fused(m, l, QS_LORA_SITE_FC_PROJ)) {
-        ops->matmul_backward_dgelu(m->dF2, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act, a->fch,
+        ops->matmul_backward_dgelu(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act, a->fch,
                                    P(m, p->fcproj_w), N, m->F, m->C, QS_W_IN_OUT);
     } else {
         zero_f(m, m->dF1, NF);
         ops->matmul_backward(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act,
                              P(m, p->fcproj_w), N, m->F, m->C, QS_W_IN_OUT);
         lora_backward(m, l, QS_LORA_SITE_FC_PROJ, 0, 0, N, m->dF1, dy, a->fch_act);
-        zero_f(m, m->dF2, NF);
-        act_backward(m, m->dF2, a->fch, m->dF1, NF);
+        dpre = act_backward_in_place(m, a, NF);
     }
-    ops->matmul_backward(m->dln, G(m, p->fc_w), G(m, p->fc_b), m->dF2, a->ln2, P(m, p->fc_w), N,
+    ops->matmul_backward(m->dln, G(m, p->fc_w), G(m, p->fc_b), dpre, a->ln2, P(m, p->fc_w), N,
                          m->C, m->F, QS_W_IN_OUT);
-    lora_backward(m, l, QS_LORA_SITE_FC, 0, 0, N, m->dln, m->dF2, a->ln2);
+    lora_backward(m, l, QS_LORA_SITE_FC, 0, 0, N, m->dln, dpre, a->ln2);
 }
 
 static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) {
@@ -928,15 +936,14 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     ops->moe_combine_backward(m->dye, m->dgate, dy, a->ye, a->gate, a->slot, N, K, C);
     if (m->cfg.recompute_ffn) act_forward(m, a->fch_act, a->fch, rows * F); /* as in dense_ffn_backward */
     zero_f(m, m->dF1, rows * F);
-    zero_f(m, m->dF2, rows * F);
     zero_f(m, m->dxe, rows * C);
     const int *off = a->load.offsets;
     ops->matmul_grouped_backward(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), m->dye, a->fch_act, P(m, p->fcproj_w),
                                  off, E, F, C);
     experts_lora_backward(m, l, QS_LORA_SITE_FC_PROJ, off, m->dF1, m->dye, C, a->fch_act, F);
-    act_backward(m, m->dF2, a->fch, m->dF1, rows * F);
-    ops->matmul_grouped_backward(m->dxe, G(m, p->fc_w), G(m, p->fc_b), m->dF2, a->xe, P(m, p->fc_w), off, E, C, F);
-    experts_lora_backward(m, l, QS_LORA_SITE_FC, off, m->dxe, m->dF2, F, a->xe, C);
+    const float *dpre = act_backward_in_place(m, a, rows * F);
+    ops->matmul_grouped_backward(m->dxe, G(m, p->fc_w), G(m, p->fc_b), dpre, a->xe, P(m, p->fc_w), off, E, C, F);
+    experts_lora_backward(m, l, QS_LORA_SITE_FC, off, m->dxe, dpre, F, a->xe, C);
     ops->moe_dispatch_backward(m->dln, m->dxe, a->slot, N, K, C);
 
     const size_t NE = (size_t)N * E;
