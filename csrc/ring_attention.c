@@ -92,8 +92,8 @@ int qs_ring_attention_create(qs_ring_attention **out, const qs_backend *be, qs_c
                              int Tl, int C, int NH, int NKV, int causal) {
     *out = NULL;
     if (B < 1 || Tl < 2 || Tl % 2 || C < 1 || NH < 1 || C % NH || NKV < 1 || NH % NKV)
-        return qs_error("ring attention: B=%d Tl=%d C=%d NH=%d NKV=%d (Tl must be even, NH must divide C and NKV "
-                        "NH)", B, Tl, C, NH, NKV);
+        return qs_error("ring attention: B=%d Tl=%d C=%d NH=%d NKV=%d (Tl must be even, NH must divide C, NKV "
+                        "must divide NH)", B, Tl, C, NH, NKV);
     qs_ring_attention *ra = calloc(1, sizeof *ra);
     if (!ra) return qs_error("out of memory for ring attention");
     const int sp = qs_comm_size(group), rank = qs_comm_rank(group), Ckv = C / NH * NKV;
