@@ -77,6 +77,7 @@ static const field fields[] = {
     BOOL(model.bias, true),
     BOOL(model.tie_embeddings, true),
     BOOL(model.recompute_ffn, true),
+    BOOL(model.recompute_layers, false),
     ENUM(model.init, init_names, QS_INIT_NORMAL),
     FLOAT(model.init_std, GT(0), 0.02),
     INT(model.moe.n_experts, IN(0, 1 << 12), 0),
@@ -492,6 +493,8 @@ int qs_config_validate(const qs_config *c) {
             return qs_error("model.quadra.kernel_size (%d) must be odd for the 2D 'same' convolution", q->kernel_size);
         if (m->mixer != QS_MIXER_ATTENTION)
             return qs_error("model.mixer applies to GPT models, not to model.type quadranet");
+        if (m->recompute_layers)
+            return qs_error("model.recompute_layers applies to GPT models, not to model.type quadranet");
     }
     if (!strcmp(c->data.tokenizer, "gpt2") && (!c->data.train_shards[0] || !c->data.val_shards[0]))
         return qs_error("data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");

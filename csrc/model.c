@@ -24,7 +24,8 @@ typedef struct layer_params {
 } layer_params;
 
 /* Forward activations of one block. ln1, ln2, attproj and ffout (and fch_act under
- * recompute_ffn) point into buffers all blocks share (see carve). */
+ * recompute_ffn; every float buffer under recompute_layers) point into buffers all
+ * blocks share (see carve). */
 typedef struct layer_acts {
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *attproj, *res_mid; /* lse [B,NH,T] */
     float *fa, *fb; /* quadconv mixer: the two factors (inside qkv's room) */
@@ -93,6 +94,10 @@ struct qs_gpt {
     int *seq_pos;
     bool failed;
     bool noisy_used;
+    /* recompute_layers: the layer whose activations the shared buffers hold, and whether
+     * the forward running is a recomputation (whose routing statistics are not counted) */
+    int held_layer;
+    bool recomputing;
     float *host_losses;
     int *routing; /* host [L][N*K] */
     qs_moe_stats stats;
@@ -192,6 +197,40 @@ static void build_param_table(qs_gpt *m) {
 static float *P(const qs_gpt *m, int idx) { return qs_params_value(&m->ps, idx); }
 static float *G(const qs_gpt *m, int idx) { return qs_params_grad(&m->ps, idx); }
 
+/* One layer's float activations; ln1, ln2, the branch outputs and (under recompute_ffn)
+ * the activation's output in the buffers given, which all layers share. */
+static void carve_layer(const qs_gpt *m, qs_plan *p, layer_acts *a, float *ln1, float *ln2, float *branch,
+                        float *shared_act) {
+    size_t N = (size_t)m->max_B * m->max_T, C = m->C, F = m->F, E = m->E;
+    size_t NK = m->E > 0 ? N * m->K : N;
+    a->ln1 = ln1;
+    a->ln1_mean = qs_plan_f(p, N);
+    a->ln1_rstd = qs_plan_f(p, N);
+    a->qkv = qs_plan_f(p, N * m->Wqkv); /* a quadconv mixer's is 3C wide: fa and fb fit */
+    if (m->cfg.mixer == QS_MIXER_QUADCONV) {
+        a->fa = a->qkv;
+        a->fb = a->qkv ? a->qkv + N * C : NULL;
+    } else {
+        a->lse = qs_plan_f(p, N * m->NH);
+    }
+    a->atty = qs_plan_f(p, N * C);
+    a->attproj = a->ffout = branch; /* attproj is spent before ffout is made */
+    a->res_mid = qs_plan_f(p, N * C);
+    a->ln2 = ln2;
+    a->ln2_mean = qs_plan_f(p, N);
+    a->ln2_rstd = qs_plan_f(p, N);
+    a->fch = qs_plan_f(p, NK * F);
+    a->fch_act = m->cfg.recompute_ffn ? shared_act : qs_plan_f(p, NK * F);
+    if (m->E > 0) {
+        a->rlogit = qs_plan_f(p, N * E);
+        a->nlogit = qs_plan_f(p, N * E);
+        a->hlogit = qs_plan_f(p, N * E);
+        a->gate = qs_plan_f(p, NK);
+        a->xe = qs_plan_f(p, NK * C);
+        a->ye = qs_plan_f(p, NK * C);
+    }
+}
+
 static void carve(qs_gpt *m, qs_plan *p) {
     size_t N = (size_t)m->max_B * m->max_T, C = m->C, F = m->F, E = m->E, K = m->K;
     size_t NK = m->E > 0 ? N * K : N;
@@ -204,31 +243,16 @@ static void carve(qs_gpt *m, qs_plan *p) {
     float *branch = qs_plan_f(p, N * C), *shared_ln1 = qs_plan_f(p, N * C), *shared_ln2 = qs_plan_f(p, N * C);
     for (int l = 0; l < m->L; l++) {
         layer_acts *a = &m->la[l];
-        a->ln1 = shared_ln1;
-        a->ln1_mean = qs_plan_f(p, N);
-        a->ln1_rstd = qs_plan_f(p, N);
-        a->qkv = qs_plan_f(p, N * m->Wqkv); /* a quadconv mixer's is 3C wide: fa and fb fit */
-        if (m->cfg.mixer == QS_MIXER_QUADCONV) {
-            a->fa = a->qkv;
-            a->fb = a->qkv ? a->qkv + N * C : NULL;
+        if (l > 0 && m->cfg.recompute_layers) {
+            /* activation checkpointing: one layer's floats for all (see recompute_layer);
+             * each keeps its own routing (qs_gpt_moe_routing) and load */
+            const qs_moe_load load = a->load;
+            *a = m->la[0];
+            a->load = load;
         } else {
-            a->lse = qs_plan_f(p, N * m->NH);
+            carve_layer(m, p, a, shared_ln1, shared_ln2, branch, shared_act);
         }
-        a->atty = qs_plan_f(p, N * C);
-        a->attproj = a->ffout = branch; /* attproj is spent before ffout is made */
-        a->res_mid = qs_plan_f(p, N * C);
-        a->ln2 = shared_ln2;
-        a->ln2_mean = qs_plan_f(p, N);
-        a->ln2_rstd = qs_plan_f(p, N);
-        a->fch = qs_plan_f(p, NK * F);
-        a->fch_act = m->cfg.recompute_ffn ? shared_act : qs_plan_f(p, NK * F);
         if (m->E > 0) {
-            a->rlogit = qs_plan_f(p, N * E);
-            a->nlogit = qs_plan_f(p, N * E);
-            a->hlogit = qs_plan_f(p, N * E);
-            a->gate = qs_plan_f(p, NK);
-            a->xe = qs_plan_f(p, NK * C);
-            a->ye = qs_plan_f(p, NK * C);
             a->idx = qs_plan_i(p, NK);
             a->slot = qs_plan_i(p, NK);
         }
@@ -596,12 +620,14 @@ static void moe_forward(qs_gpt *m, int l, int N) {
     qs_moe_load *load = &a->load;
     ops->moe_route_forward(load, a->idx, a->gate, a->slot, a->hlogit, a->rlogit, m->noisy_used ? a->nlogit : NULL,
                            &r);
-    m->stats.balance += load->balance;
-    m->stats.z += load->z;
-    m->stats.dropped += load->dropped;
-    for (int e = 0; e < E; e++) {
-        m->stats.expert_tokens[e] += load->counts[e];
-        m->stats.kept += load->counts[e];
+    if (!m->recomputing) {
+        m->stats.balance += load->balance;
+        m->stats.z += load->z;
+        m->stats.dropped += load->dropped;
+        for (int e = 0; e < E; e++) {
+            m->stats.expert_tokens[e] += load->counts[e];
+            m->stats.kept += load->counts[e];
+        }
     }
     if (m->lora && m->mode.train) set_packed_ids(m, l, a->slot, N);
 
@@ -732,6 +758,38 @@ static void fill_cache(qs_gpt *m, int l, int B, int T, int slot0) {
                               m->la[l].qkv, B, T, C, m->NH, m->NKV, S);
 }
 
+/* Block l from its ln_1 output (made by the caller) up to its FFN branch's output in
+ * ffout, which the caller adds into the stream. */
+static void layer_forward(qs_gpt *m, int l, int B, int T, const int *slots, int fill_slot0) {
+    const qs_ops *ops = m->be->ops;
+    const layer_params *p = &m->lp[l];
+    layer_acts *a = &m->la[l];
+    const int N = B * T, C = m->C;
+    const size_t NC = (size_t)N * C;
+    if (p->qc_w >= 0) {
+        mixer_conv_forward(m, l, B, T, slots);
+    } else {
+        ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, m->Wqkv, QS_W_IN_OUT);
+        lora_forward(m, l, QS_LORA_SITE_QKV, 0, 0, N, a->qkv, a->ln1);
+        if (slots)
+            ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
+                                  m->NH, m->NKV, m->slots, m->pos, m->cfg.seq_len);
+        else if (m->ring)
+            ring_forward(m, a, B);
+        else
+            whole_attention_forward(m, a, B, T);
+    }
+    if (fill_slot0 >= 0) fill_cache(m, l, B, T, fill_slot0);
+    ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
+    lora_forward(m, l, QS_LORA_SITE_PROJ, 0, 0, N, a->attproj, a->atty);
+    drop_forward(m, a->attproj, NC, l, SITE_ATTN);
+    ops->residual_layernorm_forward(a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, m->res[l], a->attproj,
+                                    P(m, p->ln2_w), P(m, p->ln2_b), N, C);
+    if (m->E > 0) moe_forward(m, l, N);
+    else dense_ffn_forward(m, l, N);
+    drop_forward(m, a->ffout, NC, l, SITE_FFN);
+}
+
 /* Embeddings through ln_f for B sequences of T tokens at positions 0..T-1, filling KV
  * cache slots fill_slot0.. when it is >= 0 (a prefill); or, when decoding (T = 1), row
  * b's token at position pos[b] against the KV cache of slot slots[b] (host arrays). */
@@ -760,35 +818,13 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
     ln_of_stream ln = ln_reading(m, 0);
     ops->layernorm_forward(ln.out, ln.mean, ln.rstd, m->res[0], ln.w, ln.b, N, C);
     for (int l = 0; l < m->L; l++) {
-        const layer_params *p = &m->lp[l];
-        layer_acts *a = &m->la[l];
-        if (p->qc_w >= 0) {
-            mixer_conv_forward(m, l, B, T, slots);
-        } else {
-            ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, m->Wqkv, QS_W_IN_OUT);
-            lora_forward(m, l, QS_LORA_SITE_QKV, 0, 0, N, a->qkv, a->ln1);
-            if (slots)
-                ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
-                                      m->NH, m->NKV, m->slots, m->pos, m->cfg.seq_len);
-            else if (m->ring)
-                ring_forward(m, a, B);
-            else
-                whole_attention_forward(m, a, B, T);
-        }
-        if (fill_slot0 >= 0) fill_cache(m, l, B, T, fill_slot0);
-        ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
-        lora_forward(m, l, QS_LORA_SITE_PROJ, 0, 0, N, a->attproj, a->atty);
-        drop_forward(m, a->attproj, NC, l, SITE_ATTN);
-        ops->residual_layernorm_forward(a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, m->res[l], a->attproj,
-                                        P(m, p->ln2_w), P(m, p->ln2_b), N, C);
-        if (m->E > 0) moe_forward(m, l, N);
-        else dense_ffn_forward(m, l, N);
-        drop_forward(m, a->ffout, NC, l, SITE_FFN);
+        layer_forward(m, l, B, T, slots, fill_slot0);
         /* the stream's next LayerNorm (the next block's ln_1, or ln_f) reads the sum */
         ln = ln_reading(m, l + 1);
-        ops->residual_layernorm_forward(m->res[l + 1], ln.out, ln.mean, ln.rstd, a->res_mid, a->ffout, ln.w, ln.b,
-                                        N, C);
+        ops->residual_layernorm_forward(m->res[l + 1], ln.out, ln.mean, ln.rstd, m->la[l].res_mid, m->la[l].ffout,
+                                        ln.w, ln.b, N, C);
     }
+    m->held_layer = m->L - 1;
 }
 
 /* Logits of n rows of ln_f's output into out [n, V]. */
@@ -900,6 +936,10 @@ static float *act_backward_in_place(qs_gpt *m, layer_acts *a, size_t n) {
     return a->fch_act;
 }
 
+/* Whether the backward must make the FFN activation's output again: under
+ * recompute_ffn, unless recompute_layers has just made the whole layer again. */
+static bool act_dropped(const qs_gpt *m) { return m->cfg.recompute_ffn && !m->cfg.recompute_layers; }
+
 /* dln += d(ffn)/d(ln_2 output) given dy = gradient at the FFN output. Under
  * recompute_ffn the activation's output is made again from fch (one elementwise pass)
  * instead of being kept per layer. */
@@ -908,7 +948,7 @@ static void dense_ffn_backward(qs_gpt *m, int l, int N, const float *dy) {
     const layer_params *p = &m->lp[l];
     layer_acts *a = &m->la[l];
     size_t NF = (size_t)N * m->F;
-    if (m->cfg.recompute_ffn) act_forward(m, a->fch_act, a->fch, NF);
+    if (act_dropped(m)) act_forward(m, a->fch_act, a->fch, NF);
     const float *dpre = m->dF1; /* the gradient at the activation's input */
     if (gelu_fused(m, l, QS_LORA_SITE_FC_PROJ)) {
         ops->matmul_backward_dgelu(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act, a->fch,
@@ -934,7 +974,7 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     zero_f(m, m->dye, rows * C);
     zero_f(m, m->dgate, NK);
     ops->moe_combine_backward(m->dye, m->dgate, dy, a->ye, a->gate, a->slot, N, K, C);
-    if (m->cfg.recompute_ffn) act_forward(m, a->fch_act, a->fch, rows * F); /* as in dense_ffn_backward */
+    if (act_dropped(m)) act_forward(m, a->fch_act, a->fch, rows * F); /* as in dense_ffn_backward */
     zero_f(m, m->dF1, rows * F);
     zero_f(m, m->dxe, rows * C);
     const int *off = a->load.offsets;
@@ -971,6 +1011,19 @@ static void grads_ready_all(qs_gpt *m) {
     qs_params_grads_ready(&m->ps, m->wte);
 }
 
+/* Activation checkpointing (recompute_layers): layer l's activations made again from its
+ * input res[l], which is kept, into the buffers all layers share. The same ops on the
+ * same inputs, with dropout and router noise keyed by (seed, layer, row), give the
+ * forward's values; a ring's attention runs again, on every rank alike. */
+static void recompute_layer(qs_gpt *m, int l) {
+    const ln_of_stream ln = ln_reading(m, l);
+    m->be->ops->layernorm_forward(ln.out, ln.mean, ln.rstd, m->res[l], ln.w, ln.b, m->B * m->T, m->C);
+    m->recomputing = true;
+    layer_forward(m, l, m->B, m->T, NULL, -1);
+    m->recomputing = false;
+    m->held_layer = l;
+}
+
 int qs_gpt_backward(qs_gpt *m) {
     const qs_ops *ops = m->be->ops;
     int B = m->B, T = m->T, N = B * T, C = m->C;
@@ -994,8 +1047,11 @@ int qs_gpt_backward(qs_gpt *m) {
     for (int l = m->L - 1; l >= 0; l--) {
         const layer_params *p = &m->lp[l];
         layer_acts *a = &m->la[l];
+        /* under recompute_layers the buffers hold the whole layer, LayerNorm outputs too */
+        const bool whole = m->cfg.recompute_layers;
+        if (whole && m->held_layer != l) recompute_layer(m, l);
         /* feed-forward branch; dres then becomes the gradient at res_mid */
-        if (m->ps.grad || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC)))
+        if (!whole && (m->ps.grad || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC))))
             ops->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, P(m, p->ln2_w), P(m, p->ln2_b), N,
                                    C);
         const float *dy = drop_backward(m, m->dres, NC, l, SITE_FFN);
@@ -1005,7 +1061,7 @@ int qs_gpt_backward(qs_gpt *m) {
         ops->layernorm_backward(m->dres, G(m, p->ln2_w), G(m, p->ln2_b), m->dln, a->res_mid,
                                 P(m, p->ln2_w), a->ln2_mean, a->ln2_rstd, N, C);
         /* the mixer's input, for its weight gradients or adapters (a quadconv's always) */
-        if (m->ps.grad || p->qc_w >= 0 || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_QKV)))
+        if (!whole && (m->ps.grad || p->qc_w >= 0 || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_QKV))))
             ops->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], P(m, p->ln1_w), P(m, p->ln1_b), N,
                                    C);
         /* attention branch; dres then becomes the gradient at res[l] */

@@ -73,6 +73,8 @@ static void test_defaults(void **state) {
     assert_true(m->dropout == 0.0f);
     assert_true(m->bias);
     assert_true(m->tie_embeddings);
+    assert_true(m->recompute_ffn);
+    assert_false(m->recompute_layers);
     assert_int_equal(m->init, QS_INIT_NORMAL);
     assert_true(m->init_std == 0.02f);
     assert_int_equal(m->moe.n_experts, 0);
@@ -342,6 +344,8 @@ static void test_validate(void **state) {
                    "model.n_embd (100) must be divisible by model.n_head (8)");
     EXPECT_INVALID((c.model.n_head = 8, c.model.n_kv_head = 3),
                    "model.n_head (8) must be divisible by model.n_kv_head (3)");
+    EXPECT_INVALID((c.model.type = QS_MODEL_QUADRANET, c.model.recompute_layers = true),
+                   "model.recompute_layers applies to GPT models, not to model.type quadranet");
     EXPECT_INVALID(c.model.n_kv_head = -1, "model.n_kv_head: must be in [0, 65536], got -1");
     EXPECT_INVALID((c.model.moe.n_experts = 4, c.model.moe.top_k = 5),
                    "model.moe.top_k (5) must be <= model.moe.n_experts (4)");
@@ -391,6 +395,7 @@ static void random_config(qs_config *c) {
     c->model.activation = (qs_activation)rnd_int(0, 1);
     c->model.bias = rnd() & 1;
     c->model.tie_embeddings = rnd() & 1;
+    c->model.recompute_layers = rnd() & 1;
     c->model.init = (qs_init)rnd_int(0, 2);
     c->model.moe.n_experts = rnd_int(0, 4096);
     c->model.moe.top_k = rnd_int(1, 4096);

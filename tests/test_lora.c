@@ -303,6 +303,52 @@ static void test_gpt_quadconv_mixer(void **state) {
     gpt_gradcheck(&c, "quadconv-mixer gpt + lora");
 }
 
+/* Activation checkpointing under a frozen base: the adapters' gradients (LoRA dropout,
+ * model dropout and router noise on) are the same bits as with every activation kept,
+ * in a smaller plan. */
+static void adapters_under_recompute(qs_config c, const char *label) {
+    float *grad[2];
+    size_t act[2], n = 0;
+    for (int r = 0; r < 2; r++) {
+        c.model.recompute_layers = r;
+        built b = build(&c, 2, 6);
+        gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed ^ 3, .grad_scale = 1.0f}};
+        for (int i = 0; i < 10; i++) {
+            g.x[i] = (int)qs_rng_below(seed, 60, (uint64_t)i, 11);
+            g.y[i] = (int)qs_rng_below(seed, 61, (uint64_t)i, 11);
+        }
+        qs_params *ps = qs_lora_params(b.lo);
+        qs_params_zero_grad(ps);
+        gpt_loss(&g, &(bool){true});
+        assert_int_equal(qs_gpt_backward(b.m), 0);
+        n = ps->n;
+        grad[r] = malloc(n * sizeof(float));
+        memcpy(grad[r], ps->grad, n * sizeof(float));
+        act[r] = qs_gpt_mem_plan(b.m)->activations;
+        drop(&b);
+    }
+    double norm = 0;
+    for (size_t j = 0; j < n; j++) norm += fabs(grad[0][j]);
+    printf("# %s: activations %zu -> %zu bytes, |adapter grad|_1 %.4g\n", label, act[0], act[1], norm);
+    assert_true(norm > 0);
+    assert_memory_equal(grad[0], grad[1], n * sizeof(float));
+    assert_true(act[1] < act[0]);
+    free(grad[0]);
+    free(grad[1]);
+}
+
+static void test_recompute_layers(void **state) {
+    (void)state;
+    qs_config c = tiny("q,k,v,proj,fc,fc_proj");
+    c.model.n_layer = 3;
+    adapters_under_recompute(c, "dense gpt + lora, recompute_layers");
+    c = tiny("q,v,experts");
+    c.model.moe.n_experts = 3;
+    c.model.moe.top_k = 2;
+    c.model.moe.gating = QS_GATING_NOISY_TOPK;
+    adapters_under_recompute(c, "moe gpt + lora, recompute_layers");
+}
+
 /* One of q, k, v targeted: c_attn's B gets no gradient and stays zero outside that block,
  * and a merge touches only its columns of c_attn. The base buffer is untouched by
  * training. */
@@ -883,6 +929,7 @@ int main(void) {
         cmocka_unit_test(test_gpt_moe),
         cmocka_unit_test(test_gpt_grouped_query),
         cmocka_unit_test(test_gpt_quadconv_mixer),
+        cmocka_unit_test(test_recompute_layers),
         cmocka_unit_test(test_qkv_mask_and_frozen_base),
         cmocka_unit_test(test_merge_unmerge),
         cmocka_unit_test(test_files),

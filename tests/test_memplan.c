@@ -108,7 +108,7 @@ static void assert_plans_equal(const qs_mem_plan *a, const qs_mem_plan *b) {
 }
 
 /* A random small GPT: awkward widths, dense or MoE, attention (with or without grouped
- * K/V heads) or quadconv. */
+ * K/V heads) or quadconv, in any of the memory modes. */
 static qs_model_config random_gpt(int kind) {
     qs_config c;
     qs_config_defaults(&c);
@@ -121,6 +121,8 @@ static qs_model_config random_gpt(int kind) {
     m.vocab_size = draw(5, 300);
     m.ffn_mult = draw(1, 4);
     m.tie_embeddings = draw(0, 1);
+    m.recompute_ffn = draw(0, 1);
+    m.recompute_layers = draw(0, 1);
     if (kind == 1) {
         m.moe.n_experts = draw(2, 9);
         m.moe.top_k = draw(1, m.moe.n_experts);

@@ -158,34 +158,53 @@ static void test_dense_untied_nobias(void **state) {
     gradcheck(&c, "dense untied, no bias, kept activations");
 }
 
-/* recompute_ffn trades [N,F] floats per layer for one elementwise pass: the loss and
- * every gradient must be the same bits either way, in less memory. */
-static void recompute_is_exact(qs_model_config c, const char *label) {
+/* The memory modes trade activations for recomputation: recompute_ffn drops [N,F] floats
+ * per layer, recompute_layers everything but each block's input. In every mode the loss,
+ * every gradient, the MoE routing and its statistics must be the same bits as with all
+ * activations kept (dropout and router noise are on, so their masks must come back the
+ * same), in less memory each step down. */
+static void memory_modes_are_exact(qs_model_config c, const char *label) {
     const int B = 2, T = 6, N = B * T;
     int x[12], y[12];
     for (int i = 0; i < N; i++) {
         x[i] = (int)qs_rng_below(seed, 40, (uint64_t)i, (uint64_t)c.vocab_size);
         y[i] = (int)qs_rng_below(seed, 41, (uint64_t)i, (uint64_t)c.vocab_size);
     }
+    y[5] = -1;
     qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed, .grad_scale = 1.0f};
-    qs_gpt *m[2];
-    double loss[2];
-    for (int r = 0; r < 2; r++) {
-        c.recompute_ffn = r;
+    enum { KEPT, FFN, LAYERS, LAYERS_ONLY, N_MODES };
+    static const char *const names[N_MODES] = {"kept", "recompute_ffn", "both", "recompute_layers"};
+    qs_gpt *m[N_MODES];
+    double loss[N_MODES];
+    size_t act[N_MODES];
+    const size_t nr = routing_len(&c, N);
+    for (int r = 0; r < N_MODES; r++) {
+        c.recompute_ffn = r == FFN || r == LAYERS;
+        c.recompute_layers = r == LAYERS || r == LAYERS_ONLY;
         assert_int_equal(qs_gpt_create(&m[r], &c, qs_backend_cpu(), B, T), 0);
         qs_gpt_init(m[r], seed);
         qs_params_zero_grad(qs_gpt_params(m[r]));
+        qs_gpt_moe_stats_reset(m[r]);
         loss[r] = objective(m[r], x, y, B, T, &mode);
         assert_int_equal(qs_gpt_backward(m[r]), 0);
+        act[r] = qs_gpt_mem_plan(m[r])->activations;
+        printf("# %s, %s: activations %zu bytes\n", label, names[r], act[r]);
+        if (!r) continue;
+        assert_true(loss[r] == loss[KEPT]);
+        assert_memory_equal(qs_gpt_params(m[KEPT])->grad, qs_gpt_params(m[r])->grad,
+                            qs_gpt_params(m[r])->n * sizeof(float));
+        if (!nr) continue;
+        assert_memory_equal(qs_gpt_moe_routing(m[KEPT]), qs_gpt_moe_routing(m[r]), nr * sizeof(int));
+        const qs_moe_stats *s0 = qs_gpt_moe_stats(m[KEPT]), *s = qs_gpt_moe_stats(m[r]);
+        assert_true(s->balance == s0->balance && s->z == s0->z); /* counted once, not again in backward */
+        assert_int_equal(s->kept, s0->kept);
+        assert_int_equal(s->dropped, s0->dropped);
+        assert_memory_equal(s->expert_tokens, s0->expert_tokens, (size_t)c.moe.n_experts * sizeof(int64_t));
     }
-    const size_t np = qs_gpt_params(m[0])->n;
-    printf("# %s: activations %zu -> %zu bytes\n", label, qs_gpt_mem_plan(m[0])->activations,
-           qs_gpt_mem_plan(m[1])->activations);
-    assert_true(qs_gpt_mem_plan(m[1])->activations < qs_gpt_mem_plan(m[0])->activations);
-    assert_true(loss[0] == loss[1]);
-    assert_memory_equal(qs_gpt_params(m[0])->grad, qs_gpt_params(m[1])->grad, np * sizeof(float));
-    qs_gpt_free(m[0]);
-    qs_gpt_free(m[1]);
+    assert_true(act[FFN] < act[KEPT]);
+    assert_true(act[LAYERS_ONLY] < act[FFN]);
+    assert_true(act[LAYERS] == act[LAYERS_ONLY]); /* one shared layer either way */
+    for (int r = 0; r < N_MODES; r++) qs_gpt_free(m[r]);
 }
 
 /* Grouped-query attention: n_head query heads over n_kv_head K/V heads (width 2 a head). */
@@ -291,14 +310,22 @@ static void test_gqa_is_repeated_heads(void **state) {
 }
 
 static qs_model_config moe_config(void);
+static qs_model_config quadconv_config(void);
 
-static void test_recompute_ffn(void **state) {
+static void test_memory_modes(void **state) {
     (void)state;
-    recompute_is_exact(tiny_config(), "dense");
-    qs_model_config c = moe_config();
+    qs_model_config c = tiny_config();
+    c.n_layer = 3;
+    memory_modes_are_exact(c, "dense");
+    c = moe_config();
     c.moe.gating = QS_GATING_NOISY_TOPK;
     c.moe.capacity_factor = 1.0f;
-    recompute_is_exact(c, "moe");
+    memory_modes_are_exact(c, "moe");
+    c = gqa_config(4, 2);
+    c.activation = QS_ACT_RELU;
+    memory_modes_are_exact(c, "gqa, relu");
+    c = quadconv_config();
+    memory_modes_are_exact(c, "quadconv mixer");
 }
 
 /* Sample std of a tensor's initial values. */
@@ -405,6 +432,8 @@ static void test_grads_ready(void **state) {
     c = moe_config();
     c.moe.gating = QS_GATING_NOISY_TOPK;
     ready_tails_are_final(c, "moe");
+    c.recompute_layers = true;
+    ready_tails_are_final(c, "moe, recompute_layers");
     ready_tails_are_final(quadconv_config(), "quadconv mixer");
 }
 
@@ -670,6 +699,12 @@ static void test_kv_cache(void **state) {
     kv_cache_matches_recompute(quadconv_config(), "quadconv mixer");
     kv_cache_matches_recompute(gqa_config(4, 2), "grouped-query");
     kv_cache_matches_recompute(gqa_config(3, 1), "multi-query");
+    qs_model_config c = quadconv_config();
+    c.recompute_layers = true; /* every layer's buffers shared: each fills its cache before the next */
+    kv_cache_matches_recompute(c, "quadconv mixer, recompute_layers");
+    c = gqa_config(4, 2);
+    c.recompute_layers = true;
+    kv_cache_matches_recompute(c, "grouped-query, recompute_layers");
 }
 
 /* Prompts of different lengths generated in one batch: greedy, each comes out as it
@@ -740,7 +775,7 @@ int main(void) {
         cmocka_unit_test(test_dense_untied_nobias),
         cmocka_unit_test(test_gqa_gradients),
         cmocka_unit_test(test_gqa_is_repeated_heads),
-        cmocka_unit_test(test_recompute_ffn),
+        cmocka_unit_test(test_memory_modes),
         cmocka_unit_test(test_quadconv_mixer),
         cmocka_unit_test(test_grads_ready),
         cmocka_unit_test(test_init_schemes),

@@ -1,11 +1,11 @@
 # Data and sequence parallelism over MPI ranks on the CPU: a run is the same run on any
 # number of ranks. 2, 3 and 4 data-parallel ranks (plain, bucketed, ZeRO-1 and ZeRO-1
 # bucketed), and 2 and 4 sequence-parallel ranks (ring attention; also 2 x 2 with bucketed
-# ZeRO-1, and grouped-query attention on 2), must give 1 rank's losses, gradient norms
-# and final weights (<= 1e-5 relative) for the same global batch, with dropout and MoE
-# router noise on (their draws are keyed by global sample and position, not by rank);
-# checkpoints written by N ranks resume on M; a batch that does not split fails on every
-# rank.
+# ZeRO-1, grouped-query attention on 2; and 2 of each with activation checkpointing),
+# must give 1 rank's losses, gradient norms and final weights (<= 1e-5 relative) for the
+# same global batch, with dropout and MoE router noise on (their draws are keyed by
+# global sample and position, not by rank); checkpoints written by N ranks resume on M; a
+# batch that does not split fails on every rank.
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/cli_lib.sh"
 mpi=${QS_MPI:-$(ldd "$QUASAR" | grep -q libmpi && echo 1 || echo 0)}
@@ -100,6 +100,16 @@ grep -q "per rank (ZeRO-1)" "$WORK/err" && ok "ZeRO-1 reports its per-rank optim
   && ok "4 ranks write one run folder: one metrics line per step, samples.txt" \
   || not_ok "4 ranks write one run folder: one metrics line per step, samples.txt"
 
+# Activation checkpointing: each layer's forward runs again in the backward pass (router
+# noise and dropout masks again the same), the statistics counted once, the buckets still
+# reduced during the pass.
+expect_ok "2 ranks, recompute_layers, bucketed" ranks 2 "$QUASAR" train --config moe.json --out r2_rl "${sets[@]}" \
+  --set model.recompute_layers=true --set parallel.bucket_mb=0.002 \
+  && { overlapped "$WORK/err" && ok "2 ranks, recompute_layers: buckets start during the backward pass" \
+    || not_ok "2 ranks, recompute_layers: buckets start during the backward pass" "$(grep 'gradients reduced' "$WORK/err")"
+    msg=$(same one r2_rl 2>&1) && ok "2 ranks, recompute_layers: losses, grad norms, expert counts and weights equal 1 rank's" \
+    || not_ok "2 ranks, recompute_layers: losses, grad norms, expert counts and weights equal 1 rank's" "$msg"; }
+
 # Without a micro-batch size each rank runs its whole share in one pass (24, 12, 8, 6
 # rows): a dense model's dropout masks follow the samples, so the steps still agree.
 tiny_config dense.json
@@ -136,6 +146,11 @@ expect_ok "grouped-query, 1 rank" "$QUASAR" train --config dense.json --out gqa1
     "${sets[@]}" "${gqa[@]}" --set parallel.sp=2 \
   && { msg=$(same gqa1 gqa2 2>&1) && ok "grouped-query: 2 sequence-parallel ranks equal 1 rank" \
     || not_ok "grouped-query: 2 sequence-parallel ranks equal 1 rank" "$msg"; }
+# ... and with activation checkpointing, whose backward runs each layer's ring again
+expect_ok "grouped-query, 2 sequence-parallel ranks, recompute_layers" ranks 2 "$QUASAR" train --config dense.json \
+  --out gqa2rl "${sets[@]}" "${gqa[@]}" --set parallel.sp=2 --set model.recompute_layers=true \
+  && { msg=$(same gqa1 gqa2rl 2>&1) && ok "grouped-query, recompute_layers: 2 sequence-parallel ranks equal 1 rank" \
+    || not_ok "grouped-query, recompute_layers: 2 sequence-parallel ranks equal 1 rank" "$msg"; }
 ranks 3 "$QUASAR" train --config dense.json --out bad_sp "${sets[@]}" --set parallel.sp=2 >out 2>err
 [ $? -ne 0 ] && grep -q "^error: parallel.sp 2 does not divide the 3 rank(s)" err && ! sanitizer_report err \
   && ok "parallel.sp must divide the ranks" || not_ok "parallel.sp must divide the ranks" "$(head -3 err)"

@@ -1184,8 +1184,10 @@ static void test_models(void) {
     fused.n_head = 4;
     fused.n_kv_head = 2;
     test_gpt("dense gelu, F = 32 (fused epilogues), 4 heads over 2 K/V heads, dropout", &fused, 11);
+    /* activation checkpointing: the backward runs the first layer's forward again */
     qs_model_config moe = moe_config();
-    test_gpt("moe noisy top-2, capacity 1.0, dropout", &moe, 11);
+    moe.recompute_layers = true;
+    test_gpt("moe noisy top-2, capacity 1.0, dropout, recompute_layers", &moe, 11);
     qs_model_config qc = gpt_config();
     qc.mixer = QS_MIXER_QUADCONV;
     qc.quadra.kernel_size = 4;
