@@ -564,6 +564,17 @@ bool qs_config_same(const qs_config *a, const qs_config *b, const char *section)
     return same;
 }
 
+bool qs_config_same_architecture(const qs_model_config *a, const qs_model_config *b) {
+    qs_config x, y;
+    qs_config_defaults(&x);
+    y = x;
+    x.model = *a;
+    y.model = *b;
+    x.model.recompute_ffn = y.model.recompute_ffn;
+    x.model.recompute_layers = y.model.recompute_layers;
+    return qs_config_same(&x, &y, "model");
+}
+
 char *qs_config_to_json(const qs_config *c) {
     cJSON *root = cJSON_CreateObject();
     bool ok = root != NULL;

@@ -201,10 +201,11 @@ static int cmd_finetune(int argc, char **argv) {
     if (resume) snprintf(run_cfg, sizeof run_cfg, "%s/config.json", resume);
     rc = (resume && qs_config_load_file(&cfg, run_cfg)) || (config && qs_config_load_file(&cfg, config));
     for (int i = 0; !rc && i < sets.n; i++) rc = qs_config_set(&cfg, sets.items[i]);
-    qs_config arch = base_cfg;
-    arch.model.dropout = cfg.model.dropout;
-    if (!rc && !qs_config_same(&arch, &cfg, "model"))
-        rc = qs_error("model: the architecture is the base checkpoint's (%s); only model.dropout may be set", base_step);
+    qs_model_config arch = base_cfg.model;
+    arch.dropout = cfg.model.dropout;
+    if (!rc && !qs_config_same_architecture(&arch, &cfg.model))
+        rc = qs_error("model: the architecture is the base checkpoint's (%s); only model.dropout, "
+                      "model.recompute_ffn and model.recompute_layers may be set", base_step);
     else if (!rc && strcmp(cfg.data.tokenizer, base_cfg.data.tokenizer))
         rc = qs_error("data.tokenizer: must be the base's (%s), got '%s'", base_cfg.data.tokenizer, cfg.data.tokenizer);
     if (!rc) rc = qs_config_validate(&cfg);

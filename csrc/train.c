@@ -142,10 +142,11 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             return -1;
         /* The architecture is the checkpoint's; training settings may change on resume. */
         if (cfg->model.vocab_size == 0) cfg->model.vocab_size = stored.model.vocab_size;
-        if (!qs_config_same(&stored, cfg, "model")) {
+        if (!qs_config_same_architecture(&stored.model, &cfg->model)) {
             qs_st_free(&mf_st);
             free(chars_json);
-            return qs_error("--resume: the model section differs from the checkpoint's in '%s'", step_dir);
+            return qs_error("--resume: the model section differs from the checkpoint's in '%s' (only "
+                            "model.recompute_ffn and model.recompute_layers may change)", step_dir);
         }
     }
     int dp_rank = world ? qs_comm_rank(world) : 0;

@@ -492,6 +492,30 @@ static void test_to_json_round_trip(void **state) {
 
 /* Every config shipped in configs/ (run from the project root, as make test does) loads
  * and validates: a renamed key or a value out of range breaks here, not on a user. */
+/* Memory modes are not the architecture (a resume or a fine-tune may change them); every
+ * other model key is, and so is the rest of the section. */
+static void test_same_architecture(void **state) {
+    (void)state;
+    qs_config a, b;
+    qs_config_defaults(&a);
+    b = a;
+    assert_true(qs_config_same_architecture(&a.model, &b.model));
+    b.model.recompute_ffn = !a.model.recompute_ffn;
+    b.model.recompute_layers = !a.model.recompute_layers;
+    assert_true(qs_config_same_architecture(&a.model, &b.model));
+    b.model.n_layer++;
+    assert_false(qs_config_same_architecture(&a.model, &b.model));
+    b = a;
+    b.model.dropout = 0.1f;
+    assert_false(qs_config_same_architecture(&a.model, &b.model));
+    b = a;
+    b.model.moe.n_experts = 4;
+    assert_false(qs_config_same_architecture(&a.model, &b.model));
+    b = a;
+    b.model.quadra.widths[2]++;
+    assert_false(qs_config_same_architecture(&a.model, &b.model));
+}
+
 static void test_shipped_configs(void **state) {
     (void)state;
     glob_t g;
@@ -520,6 +544,7 @@ int main(void) {
         cmocka_unit_test(test_set),
         cmocka_unit_test(test_validate),
         cmocka_unit_test(test_to_json_round_trip),
+        cmocka_unit_test(test_same_architecture),
         cmocka_unit_test(test_shipped_configs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

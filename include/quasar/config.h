@@ -142,6 +142,10 @@ int qs_config_lora_targets(const qs_lora_config *l, unsigned *mask);
 static inline int qs_config_kv_heads(const qs_model_config *m) { return m->n_kv_head ? m->n_kv_head : m->n_head; }
 /* Whether a and b have the same values throughout `section` ("model", "lora"). */
 bool qs_config_same(const qs_config *a, const qs_config *b, const char *section);
+/* Whether two model sections describe the same weights: they may differ only in how the
+ * activations are kept (recompute_ffn, recompute_layers), which a resumed run or a
+ * fine-tune may choose anew. */
+bool qs_config_same_architecture(const qs_model_config *a, const qs_model_config *b);
 /* The whole resolved config as pretty JSON (malloc'd; caller frees). */
 char *qs_config_to_json(const qs_config *c);
 

@@ -52,6 +52,13 @@ for variant in dense moe; do
     && ok "$variant: resumed adapter and optimizer state are bit-identical" \
     || not_ok "$variant: resumed adapter and optimizer state are bit-identical"
 
+  # activation checkpointing chosen for the fine-tune (not the base's architecture)
+  expect_ok "$variant: finetune with model.recompute_layers" "$QUASAR" finetune --config ft_$variant.json \
+    --base base_$variant --out rl_$variant --set model.recompute_layers=true \
+    && { cmp -s $step/adapter_model.safetensors rl_$variant/ckpt/step_00000006/adapter_model.safetensors \
+      && ok "$variant: the adapter trained with recompute_layers is bit-identical" \
+      || not_ok "$variant: the adapter trained with recompute_layers is bit-identical"; }
+
   # greedy generation: adapter on the base == the merged model; unmerge gives the base back
   gen() { "$QUASAR" generate --temperature 0 --prompt "Speak" --max-tokens 40 "$@" 2>/dev/null; }
   expect_ok "$variant: merge" "$QUASAR" merge --model base_$variant --adapter ft_$variant --out merged_$variant
