@@ -105,10 +105,10 @@ grep -q "per rank (ZeRO-1)" "$WORK/err" && ok "ZeRO-1 reports its per-rank optim
 # reduced during the pass.
 expect_ok "2 ranks, recompute_layers, bucketed" ranks 2 "$QUASAR" train --config moe.json --out r2_rl "${sets[@]}" \
   --set model.recompute_layers=true --set parallel.bucket_mb=0.002 \
-  && { overlapped "$WORK/err" && ok "2 ranks, recompute_layers: buckets start during the backward pass" \
-    || not_ok "2 ranks, recompute_layers: buckets start during the backward pass" "$(grep 'gradients reduced' "$WORK/err")"
-    msg=$(same one r2_rl 2>&1) && ok "2 ranks, recompute_layers: losses, grad norms, expert counts and weights equal 1 rank's" \
-    || not_ok "2 ranks, recompute_layers: losses, grad norms, expert counts and weights equal 1 rank's" "$msg"; }
+  && { t="2 ranks, recompute_layers: buckets start during the backward pass"
+    overlapped "$WORK/err" && ok "$t" || not_ok "$t" "$(grep 'gradients reduced' "$WORK/err")"
+    t="2 ranks, recompute_layers: losses, grad norms, expert counts and weights equal 1 rank's"
+    msg=$(same one r2_rl 2>&1) && ok "$t" || not_ok "$t" "$msg"; }
 
 # Without a micro-batch size each rank runs its whole share in one pass (24, 12, 8, 6
 # rows): a dense model's dropout masks follow the samples, so the steps still agree.

@@ -49,7 +49,8 @@ PY
 # How activations are kept is not the architecture: a run resumed with activation
 # checkpointing on (the same bits on the CPU) ends bit-identical to the one-go run.
 expect_ok "moe: 3 steps then stop, again" "$QUASAR" train --config moe.json --out rl_moe --until 3 \
-  && expect_ok "moe: resume with model.recompute_layers" "$QUASAR" train --resume rl_moe --set model.recompute_layers=true \
+  && expect_ok "moe: resume with model.recompute_layers" "$QUASAR" train --resume rl_moe \
+    --set model.recompute_layers=true \
   && { same_tensors one_moe/ckpt/step_00000006/model.safetensors rl_moe/ckpt/step_00000006/model.safetensors \
     && cmp -s one_moe/ckpt/step_00000006/optim.safetensors rl_moe/ckpt/step_00000006/optim.safetensors \
     && ok "moe: resumed with recompute_layers, weights and optimizer state are bit-identical" \
