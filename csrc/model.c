@@ -95,7 +95,7 @@ struct qs_gpt {
     bool failed;
     bool noisy_used;
     /* recompute_layers: the layer whose activations the shared buffers hold, and whether
-     * the forward running is a recomputation (whose routing statistics are not counted) */
+     * the forward running is a recomputation (whose MoE routing is not taken in again) */
     int held_layer;
     bool recomputing;
     float *host_losses;
@@ -620,7 +620,10 @@ static void moe_forward(qs_gpt *m, int l, int N) {
     qs_moe_load *load = &a->load;
     ops->moe_route_forward(load, a->idx, a->gate, a->slot, a->hlogit, a->rlogit, m->noisy_used ? a->nlogit : NULL,
                            &r);
+    /* a recomputation's routing is the forward's: counted, and its packed rows' ids
+     * (a per-layer buffer) set, once */
     if (!m->recomputing) {
+        if (m->lora && m->mode.train) set_packed_ids(m, l, a->slot, N);
         m->stats.balance += load->balance;
         m->stats.z += load->z;
         m->stats.dropped += load->dropped;
@@ -629,7 +632,6 @@ static void moe_forward(qs_gpt *m, int l, int N) {
             m->stats.kept += load->counts[e];
         }
     }
-    if (m->lora && m->mode.train) set_packed_ids(m, l, a->slot, N);
 
     ops->moe_dispatch_forward(a->xe, a->ln2, a->slot, N, K, C);
     const int *off = load->offsets;
