@@ -1,8 +1,8 @@
 /* LoRA: the adapter path against a naive reference and by finite differences (alone and
  * inside whole dense, MoE and quadconv-mixer GPTs, dropout on), the frozen base, the
  * q/k/v column mask of c_attn, merge/unmerge against the unmerged logits and greedy
- * generation, the adapter files (round trip, size against r, the base fingerprint),
- * refused targets, and adapters written by Hugging Face peft (tests/make_peft_fixture.py)
+ * generation, the rows expert adapters draw their dropout at, the adapter files (round
+ * trip, size against r, the base fingerprint), refused targets, and adapters written by Hugging Face peft (tests/make_peft_fixture.py)
  * over the converted GPT-2 fixture: peft's own logits with the adapter and merged (also
  * through `quasar merge`), and every refused setting. Runs from the repository root. */
 #include <stdarg.h>
@@ -347,6 +347,41 @@ static void test_recompute_layers(void **state) {
     c.model.moe.top_k = 2;
     c.model.moe.gating = QS_GATING_NOISY_TOPK;
     adapters_under_recompute(c, "moe gpt + lora, recompute_layers");
+}
+
+/* Expert adapters draw their dropout masks at each packed row's token's global row:
+ * with dropout on the experts' adapters only, the loss of a sequence moves with its
+ * global rows (sample0) and a batch's loss is the mean of its sequences' losses taken
+ * one by one at the same rows; with adapter dropout off, sample0 changes nothing. A
+ * constant, missing or packed-order id fails the first or the second. */
+static double moe_loss(const qs_config *c, const int *x, const int *y, int B, uint64_t sample0) {
+    built b = build(c, B, 6);
+    const qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 5, .sample0 = sample0};
+    double loss = qs_gpt_forward(b.m, x, y, B, 6, &mode);
+    drop(&b);
+    return loss;
+}
+
+static void test_expert_dropout_rows(void **state) {
+    (void)state;
+    qs_config c = tiny("experts");
+    c.model.dropout = 0.0f; /* the adapters' masks are the only draws */
+    c.model.moe.n_experts = 3;
+    c.model.moe.top_k = 2;
+    c.lora.dropout = 0.5f;
+    int x[12], y[12];
+    for (int i = 0; i < 12; i++) {
+        x[i] = (int)qs_rng_below(seed, 70, (uint64_t)i, 11);
+        y[i] = (int)qs_rng_below(seed, 71, (uint64_t)i, 11);
+    }
+    const double at0 = moe_loss(&c, x, y, 1, 0), at1 = moe_loss(&c, x, y, 1, 1);
+    const double both = moe_loss(&c, x, y, 2, 0), second = moe_loss(&c, x + 6, y + 6, 1, 1);
+    printf("# expert adapter dropout: loss %.6f at sample 0, %.6f at sample 1; batch %.6f, mean %.6f\n", at0, at1,
+           both, (at0 + second) / 2);
+    assert_true(fabs(at0 - at1) > 1e-4);
+    assert_float_equal(both, (at0 + second) / 2, 1e-5);
+    c.lora.dropout = 0.0f;
+    assert_true(moe_loss(&c, x, y, 1, 0) == moe_loss(&c, x, y, 1, 1));
 }
 
 /* One of q, k, v targeted: c_attn's B gets no gradient and stays zero outside that block,
@@ -930,6 +965,7 @@ int main(void) {
         cmocka_unit_test(test_gpt_grouped_query),
         cmocka_unit_test(test_gpt_quadconv_mixer),
         cmocka_unit_test(test_recompute_layers),
+        cmocka_unit_test(test_expert_dropout_rows),
         cmocka_unit_test(test_qkv_mask_and_frozen_base),
         cmocka_unit_test(test_merge_unmerge),
         cmocka_unit_test(test_files),
