@@ -19,6 +19,7 @@ enum { MAX_BUF = 8, WARMUP_CALLS = 2 };
 /* The sizes an op is timed at; each case reads the ones it needs. */
 typedef struct kdims {
     int B, T, C, NH; /* batch, sequence, width, heads */
+    int NKV;         /* attention's K/V heads (0: NH) */
     int N, F;        /* rows, hidden width (GEMM: N x C -> N x F) */
     int E, K, V;     /* experts, experts per token, classes */
     int H, k;        /* quadconv: H x H maps, k x k taps */
@@ -126,30 +127,48 @@ static void ffn_bwd_unfused_run(const qs_ops *o, const kdims *d, float *const *f
 
 static double att_pairs(const kdims *d) { return (double)d->B * d->T * (d->T + 1) / 2.0; }
 
+static int att_kv_heads(const kdims *d) { return d->NKV ? d->NKV : d->NH; }
+
+/* The whole-sequence block over a qkv buffer of B T rows of W = C + 2 Ckv floats. */
+static qs_attn_block att_block(const kdims *d) {
+    return qs_attn_block_self(d->B, d->T, d->C, d->NH, att_kv_heads(d), 1);
+}
+
+/* qkv's and out's floats; the shape's text */
+static void att_sizes(const kdims *d, kplan *p, size_t *qkv, size_t *out) {
+    const qs_attn_block blk = att_block(d);
+    *qkv = (size_t)d->B * d->T * blk.q_stride;
+    *out = (size_t)d->B * d->T * d->C;
+    const int n = snprintf(p->shape, sizeof p->shape, "B=%d T=%d C=%d NH=%d", d->B, d->T, d->C, d->NH);
+    if (d->NKV) snprintf(p->shape + n, sizeof p->shape - (size_t)n, " NKV=%d", d->NKV);
+}
+
 static void att_fwd_plan(kplan *p, const kdims *d) {
-    const size_t BTC = (size_t)d->B * d->T * d->C, st = (size_t)d->B * d->NH * d->T;
-    bufs(p, 3, (size_t[]){3 * BTC, BTC, st}, 0, NULL);
+    size_t qkv, BTC;
+    att_sizes(d, p, &qkv, &BTC);
+    const size_t st = (size_t)d->B * d->NH * d->T;
+    bufs(p, 3, (size_t[]){qkv, BTC, st}, 0, NULL);
     p->flops = 4.0 * att_pairs(d) * d->C;
-    p->bytes = 4.0 * (4 * BTC + st);
-    snprintf(p->shape, sizeof p->shape, "B=%d T=%d C=%d NH=%d", d->B, d->T, d->C, d->NH);
+    p->bytes = 4.0 * (qkv + BTC + st);
 }
 static void att_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     (void)ib;
-    const qs_attn_block blk = qs_attn_block_self(d->B, d->T, d->C, d->NH, d->NH, 1);
+    const qs_attn_block blk = att_block(d);
     o->attention_block_forward(f[1], f[2], f[0], f[0] + d->C, &blk);
 }
 
 /* dqkv, dout, qkv, out, lse, delta */
 static void att_bwd_plan(kplan *p, const kdims *d) {
-    const size_t BTC = (size_t)d->B * d->T * d->C, st = (size_t)d->B * d->NH * d->T;
-    bufs(p, 6, (size_t[]){3 * BTC, BTC, 3 * BTC, BTC, st, st}, 0, NULL);
+    size_t qkv, BTC;
+    att_sizes(d, p, &qkv, &BTC);
+    const size_t st = (size_t)d->B * d->NH * d->T;
+    bufs(p, 6, (size_t[]){qkv, BTC, qkv, BTC, st, st}, 0, NULL);
     p->flops = 10.0 * att_pairs(d) * d->C;
-    p->bytes = 4.0 * (11 * BTC + 3 * st);
-    snprintf(p->shape, sizeof p->shape, "B=%d T=%d C=%d NH=%d", d->B, d->T, d->C, d->NH);
+    p->bytes = 4.0 * (3 * qkv + 2 * BTC + 3 * st);
 }
 static void att_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
     (void)ib;
-    const qs_attn_block blk = qs_attn_block_self(d->B, d->T, d->C, d->NH, d->NH, 1);
+    const qs_attn_block blk = att_block(d);
     o->attention_delta(f[5], f[1], f[3], d->B, d->T, d->C, d->NH);
     o->attention_block_backward(f[0], f[0] + d->C, f[1], f[2], f[2] + d->C, f[4], f[5], &blk);
 }
@@ -302,6 +321,10 @@ static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 #define GEMM_DIMS {.N = 2048, .C = 768, .F = 3072}, {.N = 8192, .C = 768, .F = 3072}, {.N = 64, .C = 32, .F = 48}
 #define ATT_DIMS                                                                                                      \
     {.B = 4, .T = 256, .C = 384, .NH = 6}, {.B = 8, .T = 1024, .C = 768, .NH = 12}, {.B = 1, .T = 16, .C = 16, .NH = 2}
+/* multi-query: one K/V head, one sequence (long-context decoding's and fine-tuning's case) */
+#define MQA_DIMS                                                                                                      \
+    {.B = 1, .T = 1024, .C = 768, .NH = 12, .NKV = 1}, {.B = 1, .T = 4096, .C = 768, .NH = 12, .NKV = 1},             \
+        {.B = 1, .T = 16, .C = 16, .NH = 2, .NKV = 1}
 #define MOE_DIMS                                                                                                      \
     {.N = 2048, .C = 384, .E = 8, .K = 2, .F = 1536}, {.N = 16384, .C = 768, .E = 8, .K = 2, .F = 3072},             \
         {.N = 32, .C = 16, .E = 4, .K = 2, .F = 32}
@@ -319,6 +342,8 @@ static const kcase CASES[] = {
     {"ffn_gelu_bwd_unfused", GEMM_DIMS, ffn_bwd_plan, NULL, ffn_bwd_unfused_run},
     {"attention_fwd", ATT_DIMS, att_fwd_plan, NULL, att_fwd_run},
     {"attention_bwd", ATT_DIMS, att_bwd_plan, NULL, att_bwd_run},
+    {"attention_mqa_fwd", MQA_DIMS, att_fwd_plan, NULL, att_fwd_run},
+    {"attention_mqa_bwd", MQA_DIMS, att_bwd_plan, NULL, att_bwd_run},
     {"moe_route_dispatch", MOE_DIMS, moe_route_plan, NULL, moe_route_run},
     {"moe_experts_fwd", MOE_DIMS, moe_experts_plan, moe_experts_prepare, moe_experts_run},
     {"quadconv_fwd", QCONV_DIMS, qconv_fwd_plan, NULL, qconv_fwd_run},

@@ -273,31 +273,40 @@ static void check_block(int causal, int max_rows) {
     int empty = 0;
     for (size_t i = 0; i < nst; i++) empty += lse[i] == -INFINITY;
 
-    float *delta = floats(nst, NAN), *dq0 = copy_of(dq, nq), *dkv0 = copy_of(dkv, nkv);
+    float *delta = floats(nst, NAN);
     ops->attention_delta(delta, dout, out, B, q_len, C, NH);
-    ops->attention_block_backward(dq + qo, dkv + ko, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
-                                  delta + qoff, &blk);
-    expect_close("block dq", dq, wdq, nq, 1e-5, 1e-6);
-    expect_close("block dkv", dkv, wdkv, nkv, 1e-5, 1e-6);
-    /* A NULL gradient output is skipped and changes nothing about the other. */
-    float *dq1 = copy_of(dq0, nq), *dkv1 = copy_of(dkv0, nkv);
-    ops->attention_block_backward(dq1 + qo, NULL, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
-                                  delta + qoff, &blk);
-    ops->attention_block_backward(NULL, dkv1 + ko, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
-                                  delta + qoff, &blk);
-    assert_memory_equal(dq1, dq, nq * sizeof *dq);
-    assert_memory_equal(dkv1, dkv, nkv * sizeof *dkv);
+    /* One thread takes the fused backward; four times as many threads as K/V heads split
+     * dq from dK/dV (attention_block.c). Both onto the same prefill, against double. */
+    const int threads = omp_get_max_threads();
+    for (int split = 0; split < 2; split++) {
+        omp_set_num_threads(split ? 4 * B * NKV : 1);
+        float *dqs = copy_of(dq, nq), *dkvs = copy_of(dkv, nkv);
+        ops->attention_block_backward(dqs + qo, dkvs + ko, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
+                                      delta + qoff, &blk);
+        expect_close(split ? "block dq, split" : "block dq, fused", dqs, wdq, nq, 1e-5, 1e-6);
+        expect_close(split ? "block dkv, split" : "block dkv, fused", dkvs, wdkv, nkv, 1e-5, 1e-6);
+        /* A NULL gradient output is skipped and changes nothing about the other. */
+        float *dq1 = copy_of(dq, nq), *dkv1 = copy_of(dkv, nkv);
+        ops->attention_block_backward(dq1 + qo, NULL, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
+                                      delta + qoff, &blk);
+        ops->attention_block_backward(NULL, dkv1 + ko, dout + (size_t)qoff * C, q + qo, kv + ko, lse + qoff,
+                                      delta + qoff, &blk);
+        assert_memory_equal(dq1, dqs, nq * sizeof *dq);
+        assert_memory_equal(dkv1, dkvs, nkv * sizeof *dkv);
+        free(dqs), free(dkvs), free(dq1), free(dkv1);
+    }
+    omp_set_num_threads(threads);
     print_message("  %s B=%d NH=%d NKV=%d hs=%d Tq=%d at %d, Tk=%d at %d: %d query rows see no key\n",
                   causal ? "causal" : "full", B, NH, NKV, hs, Tq, blk.q_pos0, Tk, blk.k_pos0, empty);
 
     free(q), free(kv), free(dout), free(out), free(lse), free(wout), free(wlse), free(dq), free(dkv);
-    free(wdq), free(wdkv), free(delta), free(dq0), free(dkv0), free(dq1), free(dkv1);
+    free(wdq), free(wdkv), free(delta);
 }
 
 static void test_block_vs_double(void **state) {
     (void)state;
     /* short blocks, and blocks of several query tiles */
-    for (int i = 0; i < 16; i++) check_block(i % 3 != 0, i < 12 ? 12 : 150);
+    for (int i = 0; i < 16; i++) check_block(i % 3 != 0, i < 12 ? 12 : 300);
 }
 
 /* ---- merge at the edges ---- */

@@ -3,14 +3,16 @@
  * attention as one whole block), and that block's share of the backward from the merged
  * output's statistics.
  *
- * The algorithm of FlashAttention on the CPU: work is split over (sequence, head) pairs,
- * each owning its head's columns of every output row, and the queries of a pair are taken
- * QT rows at a time. A tile's scores against the keys it sees are the only T-long
+ * The algorithm of FlashAttention on the CPU: the queries of a (sequence, head) pair are
+ * taken QT rows at a time, each tile owning its head's columns of its output rows (the
+ * backward's split is at qs_cpu_attention_block_backward). A tile's scores against the keys it sees are the only T-long
  * scratch (QT x Tk per thread), so memory is linear in the sequence; the backward
  * recomputes them from the saved log-sum-exp instead of keeping probabilities. Every
  * product is a single-threaded sgemm that reads q, k and v where they lie (BLAS runs on
  * one thread in this engine; matmul.c). */
 #include <cblas.h>
+#include <omp.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,6 +21,10 @@
 /* Query rows per tile: large enough for BLAS to run at speed, small enough that the
  * tile's scores stay in cache at the usual block lengths. */
 enum { QT = 64 };
+/* Keys per block when dK/dV are split from dq: wider blocks make faster products (38 ms
+ * against 41 at 64, bench kernels attention_mqa_bwd on 2 cores); each block's tiles fit
+ * the QT x Tk scratch. */
+enum { KB = 128 };
 
 /* Where (sequence b, query head h) = bh starts in each of the block's tensors, in
  * floats: q and dq; kv and dkv at its key/value head (v qs_attn_kv_width further); out,
@@ -50,11 +56,11 @@ static tile tile_of(const qs_attn_block *k, int bh, int i0) {
 
 static int tiles_per_head(const qs_attn_block *k) { return (k->Tq + QT - 1) / QT; }
 
-/* s[m, n] = scale * (rows of x) (rows of y)^T for the tile: row r of x is x + r * ldx
- * from the tile's first row, y's rows are its n keys. */
-static void tile_products(float *s, const float *x, int ldx, const float *y, int ldy, const tile *t, int hs,
+/* s[m, n] = scale * (m rows of x) (n rows of y)^T: a tile's rows from its first (row r
+ * at x + r * ldx) against n of its keys. */
+static void tile_products(float *s, const float *x, int ldx, const float *y, int ldy, int m, int n, int hs,
                           float scale) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t->m, t->n, hs, scale, x, ldx, y, ldy, 0.0f, s, t->n);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, hs, scale, x, ldx, y, ldy, 0.0f, s, n);
 }
 
 void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, const float *kv,
@@ -76,8 +82,8 @@ void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, cons
                 }
                 continue;
             }
-            tile_products(p, q + t.at.q + (size_t)t.i0 * k->q_stride, k->q_stride, kv + t.at.kv, k->kv_stride,
-                          &t, hs, scale);
+            tile_products(p, q + t.at.q + (size_t)t.i0 * k->q_stride, k->q_stride, kv + t.at.kv, k->kv_stride, t.m,
+                          t.n, hs, scale);
             for (int r = 0; r < t.m; r++) {
                 float *pr = p + (size_t)r * t.n;
                 const int n = qs_attn_visible_keys(k, t.i0 + r);
@@ -131,50 +137,87 @@ void qs_cpu_attention_delta(float *delta, const float *dout, const float *out, i
     }
 }
 
+/* A query tile's share of the backward over keys [j0, j1) of its head (j1 <= t->n): P
+ * from the final lse (already normalised over every block), dP = dout V^T, then
+ * dS = scale P (dP - delta), zero where a key is not visible; then dq += dS K, and
+ * dk += dS^T Q, dv += P^T dout over those keys, for whichever of dq and dkv is given.
+ * p and ds hold [t->m, j1 - j0] floats each. */
+static void tile_backward(float *dq, float *dkv, const float *dout, const float *q, const float *kv,
+                          const float *lse, const float *delta, const qs_attn_block *k, const tile *t, int j0, int j1,
+                          float *p, float *ds) {
+    const int hs = k->C / k->NH, Ckv = qs_attn_kv_width(k), w = j1 - j0;
+    const float scale = 1.0f / sqrtf((float)hs);
+    const float *qt = q + t->at.q + (size_t)t->i0 * k->q_stride, *kb = kv + t->at.kv + (size_t)j0 * k->kv_stride;
+    const float *dout_t = dout + t->at.o + (size_t)t->i0 * k->C;
+    tile_products(p, qt, k->q_stride, kb, k->kv_stride, t->m, w, hs, scale);
+    tile_products(ds, dout_t, k->C, kb + Ckv, k->kv_stride, t->m, w, hs, 1.0f);
+    for (int r = 0; r < t->m; r++) {
+        float *pr = p + (size_t)r * w, *dr = ds + (size_t)r * w;
+        const int seen = qs_attn_visible_keys(k, t->i0 + r) - j0, n = seen < 0 ? 0 : seen > w ? w : seen;
+        const float l = lse[t->at.s + t->i0 + r], d = delta[t->at.s + t->i0 + r];
+        for (int j = 0; j < n; j++) {
+            pr[j] = qs_cpu_expf(pr[j] - l);
+            dr[j] = scale * pr[j] * (dr[j] - d);
+        }
+        memset(pr + n, 0, (size_t)(w - n) * sizeof *pr);
+        memset(dr + n, 0, (size_t)(w - n) * sizeof *dr);
+    }
+    if (dq)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t->m, hs, w, 1.0f, ds, w, kb, k->kv_stride, 1.0f,
+                    dq + t->at.q + (size_t)t->i0 * k->q_stride, k->q_stride);
+    if (!dkv) return;
+    float *dk = dkv + t->at.kv + (size_t)j0 * k->kv_stride;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, w, hs, t->m, 1.0f, ds, w, qt, k->q_stride, 1.0f, dk,
+                k->kv_stride);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, w, hs, t->m, 1.0f, p, w, dout_t, k->C, 1.0f, dk + Ckv,
+                k->kv_stride);
+}
+
+/* Fused, a key/value head's tiles (those of every query head of its group, all adding
+ * into its dK/dV) go to one thread in order: five products a tile. With fewer such heads
+ * than threads can share (multi-query attention at a small batch), dq goes over (query
+ * head, query tile) and dK/dV over (key/value head, key block) instead: every piece owns
+ * its rows, but P and dP are made twice, seven products a tile. The cheaper wins. */
 void qs_cpu_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q,
                                      const float *kv, const float *lse, const float *delta,
                                      const qs_attn_block *k) {
     if (!dq && !dkv) return;
-    const int hs = k->C / k->NH, nt = tiles_per_head(k), Ckv = qs_attn_kv_width(k), group = k->NH / k->NKV;
-    const float scale = 1.0f / sqrtf((float)hs);
+    const int nt = tiles_per_head(k), nkb = (k->Tk + KB - 1) / KB, group = k->NH / k->NKV;
+    const long heads = (long)k->B * k->NKV, threads = omp_get_max_threads();
+    /* by shape and threads only, so that a NULL dq or dkv changes nothing of the other */
+    const bool fused = 5 * ((heads + threads - 1) / threads) * threads <= 7 * heads;
 #pragma omp parallel
     {
         float *p = qs_cpu_scratch((size_t)2 * QT * k->Tk * sizeof *p), *ds = p + (size_t)QT * k->Tk;
-        /* A key/value head's tiles (those of every query head of its group) all add into
-         * its dK/dV: one thread takes them in order. */
+        if (fused) {
 #pragma omp for schedule(static)
-        for (int bg = 0; bg < k->B * k->NKV; bg++)
-            for (int it = 0; it < group * nt; it++) {
-                const tile t = tile_of(k, bg * group + it / nt, it % nt * QT);
-                if (t.n == 0) continue;
-                const float *qt = q + t.at.q + (size_t)t.i0 * k->q_stride, *kb = kv + t.at.kv;
-                const float *dout_t = dout + t.at.o + (size_t)t.i0 * k->C;
-                /* P from the final lse (already normalised over every block), dP = dout V^T,
-                 * then dS = scale P (dP - delta), zero where a key is not visible */
-                tile_products(p, qt, k->q_stride, kb, k->kv_stride, &t, hs, scale);
-                tile_products(ds, dout_t, k->C, kb + Ckv, k->kv_stride, &t, hs, 1.0f);
-                for (int r = 0; r < t.m; r++) {
-                    float *pr = p + (size_t)r * t.n, *dr = ds + (size_t)r * t.n;
-                    const int n = qs_attn_visible_keys(k, t.i0 + r);
-                    const float l = lse[t.at.s + t.i0 + r], d = delta[t.at.s + t.i0 + r];
-                    for (int j = 0; j < n; j++) {
-                        pr[j] = qs_cpu_expf(pr[j] - l);
-                        dr[j] = scale * pr[j] * (dr[j] - d);
-                    }
-                    memset(pr + n, 0, (size_t)(t.n - n) * sizeof *pr);
-                    memset(dr + n, 0, (size_t)(t.n - n) * sizeof *dr);
+            for (long bg = 0; bg < heads; bg++)
+                for (int it = 0; it < group * nt; it++) {
+                    const tile t = tile_of(k, (int)bg * group + it / nt, it % nt * QT);
+                    if (t.n > 0) tile_backward(dq, dkv, dout, q, kv, lse, delta, k, &t, 0, t.n, p, ds);
                 }
-                /* dq += dS K; dk += dS^T Q, dv += P^T dout over the tile's keys */
-                if (dq)
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.m, hs, t.n, 1.0f, ds, t.n, kb,
-                                k->kv_stride, 1.0f, dq + t.at.q + (size_t)t.i0 * k->q_stride, k->q_stride);
-                if (!dkv) continue;
-                float *dk = dkv + t.at.kv;
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, ds, t.n, qt, k->q_stride,
-                            1.0f, dk, k->kv_stride);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, t.n, hs, t.m, 1.0f, p, t.n, dout_t, k->C,
-                            1.0f, dk + Ckv, k->kv_stride);
+        } else {
+            if (dq) {
+                /* causal tiles grow with their position, as in the forward */
+#pragma omp for schedule(dynamic, 1) nowait
+                for (long w = 0; w < (long)k->B * k->NH * nt; w++) {
+                    const tile t = tile_of(k, (int)(w / nt), (int)(w % nt) * QT);
+                    if (t.n > 0) tile_backward(dq, NULL, dout, q, kv, lse, delta, k, &t, 0, t.n, p, ds);
+                }
             }
+            if (dkv) {
+#pragma omp for schedule(dynamic, 1)
+                for (long w = 0; w < heads * nkb; w++) {
+                    const int bg = (int)(w / nkb), j0 = (int)(w % nkb) * KB;
+                    for (int it = 0; it < group * nt; it++) {
+                        const tile t = tile_of(k, bg * group + it / nt, it % nt * QT);
+                        if (t.n > j0)
+                            tile_backward(NULL, dkv, dout, q, kv, lse, delta, k, &t, j0,
+                                          t.n < j0 + KB ? t.n : j0 + KB, p, ds);
+                    }
+                }
+            }
+        }
         free(p);
     }
 }
