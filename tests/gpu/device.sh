@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2317 # the steps' functions are called through step's bash -c
+# A GPU machine's checks in one prepared script, for a lease of a few minutes: the build,
+# the parity harness, compute-sanitizer, the kernel and training benchmarks and the
+# PyTorch comparison. Steps run in the order given, each under its own time limit, and
+# are skipped once the deadline is near, so that one that hangs costs only its share and
+# the logs still come back. Logs and results go to $OUT (the device tool brings back at
+# most 8 files), else to runs/device/.
+#   tests/gpu/device.sh [STEP...]      default: build parity kernels memcheck train
+#   steps: build parity kernels memcheck racecheck synccheck initcheck train compare
+#          compare_gpt2 trainsh
+#   DEADLINE=S   seconds from the start after which no step starts (default 540)
+# A bare machine lacks cJSON and may lack OpenBLAS, PCRE2 and zlib: carry .deps
+# (tests/gpu/carry_deps.sh fills it) and data/shakespeare_char, data/shakespeare_gpt2
+# (./data/prepare_shakespeare.sh, data/prepare_shakespeare_gpt2.sh). NCCL is taken from
+# CUDA_HOME, or from Python's nvidia-nccl package when that is where it is.
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit
+out=${OUT:-runs/device}
+mkdir -p "$out"
+start=$SECONDS deadline=${DEADLINE:-540}
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(build parity kernels memcheck train)
+
+# ---- the toolchain and libraries, exported so that nested makes (compare.sh, train.sh)
+# build with the same flags ----
+nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || true)
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "${nvcc:-/usr/local/cuda/bin/nvcc}")")}
+export MPI=${MPI:-0}
+# (the loader path too: OpenBLAS's own needs, its Fortran runtime, are not the binary's
+# RUNPATH's business)
+[ -d .deps/lib ] && export CJSON_HOME=${CJSON_HOME:-$PWD/.deps} OPENBLAS_HOME=${OPENBLAS_HOME:-$PWD/.deps} \
+  LD_LIBRARY_PATH=$PWD/.deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+if [ -z "${NCCL_HOME:-}" ] && [ ! -f "$CUDA_HOME/include/nccl.h" ]; then
+  site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
+  h=$(find "$site/nvidia" -name nccl.h 2>/dev/null | head -1)
+  l=$(find "$site/nvidia" -name 'libnccl.so*' 2>/dev/null | head -1)
+  if [ -n "$h" ] && [ -n "$l" ]; then # the wheel has no libnccl.so for the linker: a prefix with one
+    export NCCL_HOME=/tmp/quasar-nccl
+    mkdir -p "$NCCL_HOME/include" "$NCCL_HOME/lib"
+    ln -sf "$h" "$NCCL_HOME/include/nccl.h"
+    ln -sf "$l" "$NCCL_HOME/lib/libnccl.so"
+    ln -sf "$l" "$NCCL_HOME/lib/libnccl.so.2"
+  else
+    export NCCL=0
+  fi
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+Q=build/quasar P=build/tests/gpu/parity
+SAN=${COMPUTE_SANITIZER:-$CUDA_HOME/bin/compute-sanitizer}
+command -v "$SAN" >/dev/null || SAN=compute-sanitizer
+
+# The steps' bodies run under timeout, so as commands: exported functions.
+parity() { # the harness, its failures and summary lines
+  "$P" >"$out/parity.tap" 2>&1
+  local rc=$?
+  grep -E '^not ok|^# ' "$out/parity.tap" | tail -n 40
+  [ "$rc" -eq 0 ] || tail -n 3 "$out/parity.tap"
+  return "$rc"
+}
+kernels() { # kernels PRECISION
+  "$Q" bench kernels --device cuda --precision "$1" --json >"$out/kernels-$1.json"
+}
+sanitize() { # sanitize TOOL: the harness under one compute-sanitizer tool, a short training run
+  QS_PARITY_STEPS=3 "$SAN" --tool "$1" --error-exitcode 1 "$P" >>"$out/sanitizer.log" 2>&1
+  local rc=$?
+  tail -n 5 "$out/sanitizer.log"
+  return "$rc"
+}
+bench_train() { # full and LoRA at GPT-2 124M in bf16, micro-batch 8 and 4, both memory modes
+  local mb rl lora
+  for mb in 8 4; do
+    for rl in false true; do
+      for lora in full lora; do
+        local extra=()
+        [ "$lora" = full ] || extra=(--lora)
+        echo "# bench train mb $mb recompute_layers $rl $lora"
+        "$Q" bench train --config configs/gpt2_124m_shakespeare.json --device cuda --steps 10 --warmup 3 --json \
+          --set train.precision=bf16 --set train.batch_size="$mb" --set train.micro_batch_size="$mb" \
+          --set model.recompute_layers="$rl" "${extra[@]}" >>"$out/train.jsonl" || return
+      done
+    done
+  done
+}
+export -f parity kernels sanitize bench_train
+export out P Q SAN
+
+# step NAME LIMIT COMMAND...: runs it under its limit unless the deadline is too near;
+# one line with its status and seconds either way.
+failed=()
+step() {
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  if [ $((SECONDS - start + 20)) -gt "$deadline" ]; then
+    echo "## $name: skipped, $((SECONDS - start)) s of the ${deadline} s deadline gone"
+    return
+  fi
+  local left=$((deadline - (SECONDS - start)))
+  [ "$limit" -le "$left" ] || limit=$left
+  echo "## $name: start (limit ${limit} s): $*"
+  timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@"
+  rc=$?
+  [ $rc -eq 0 ] || failed+=("$name")
+  echo "## $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ', timed out')"
+}
+
+main() {
+  echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+changes')," \
+    "steps: ${steps[*]}"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/# gpu: /'
+  echo "# nvcc: $("$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -1); CUDA_HOME=$CUDA_HOME NCCL_HOME=${NCCL_HOME:-} NCCL=${NCCL:-auto}" \
+    "CJSON_HOME=${CJSON_HOME:-} threads=$OMP_NUM_THREADS"
+
+  for s in "${steps[@]}"; do
+    case "$s" in
+      build) step build 420 make -s -j"$(nproc)" "$Q" "$P" build/bench/quadconv_speed ;;
+      parity) step parity 240 parity ;;
+      kernels)
+        step kernels_fp32 120 kernels fp32
+        step kernels_bf16 120 kernels bf16 ;;
+      memcheck | racecheck | synccheck | initcheck) step "$s" 180 sanitize "$s" ;;
+      train) step train 300 bench_train ;;
+      compare) step compare 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed bench/compare.sh --device cuda \
+        --dtype bf16 --only quadconv,moe_a,moe_b,generate --retries 0 --out "$out/compare.json" ;;
+      compare_gpt2) step compare_gpt2 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed bench/compare.sh \
+        --device cuda --dtype bf16 --only gpt2 --train gpt2=configs/gpt2_124m_shakespeare.json --steps 10 --retries 0 \
+        --out "$out/compare-gpt2.json" ;;
+      trainsh) step trainsh 240 ./train.sh --set train.max_steps=300 ;;
+      *) echo "## $s: no such step" && failed+=("$s") ;;
+    esac
+  done
+  echo "# done in $((SECONDS - start)) s; failed: ${failed[*]:-none}"
+  [ ${#failed[@]} -eq 0 ]
+}
+
+main 2>&1 | tee -a "$out/device.log"
+exit "${PIPESTATUS[0]}"
