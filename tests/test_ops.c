@@ -433,11 +433,12 @@ static void gmm_backward(void *p, float **g) {
 
 static void test_matmul_grouped(void **state) {
     (void)state;
-    /* groups of random sizes, the first and last always empty */
+    /* groups of random sizes, the first and last always empty, the second never (some
+     * rows to take gradients of) */
     const int G = rnd_int(3, 7), I = rnd_int(3, 17), O = rnd_int(2, 11);
     int *off = alloc_i((size_t)G + 1);
     off[0] = 0;
-    for (int g = 0; g < G; g++) off[g + 1] = off[g] + (g == 0 || g == G - 1 ? 0 : rnd_int(0, 9));
+    for (int g = 0; g < G; g++) off[g + 1] = off[g] + (g == 0 || g == G - 1 ? 0 : rnd_int(g == 1, 9));
     const int rows = off[G];
     gmm_ctx c = {G, I, O, off, rnd_tensor((size_t)rows * I, -1, 1), rnd_tensor((size_t)G * I * O, -1, 1),
                  rnd_tensor((size_t)G * O, -1, 1), alloc_f((size_t)rows * O), rnd_tensor((size_t)rows * O, -1, 1)};
