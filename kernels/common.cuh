@@ -50,21 +50,28 @@ template <class T, class Op> __device__ inline T qs_block_reduce(T v, Op op, T i
  * bias). */
 #define QS_COLSUM_LANES 8
 
-template <class F>
-__global__ void qs_colsum_partial_kernel(F f, float *part, int rows, int cols, int rows_per_chunk) {
+/* A block of (32, QS_COLSUM_LANES) threads sums f(r, j) over rows [r0, r1) for its 32
+ * columns j, each column's lanes every QS_COLSUM_LANES-th row in order, then the lanes
+ * in order; the sum is valid in the threads with threadIdx.y == 0 and j < cols. */
+template <class F> __device__ float qs_colsum_rows(F f, int r0, int r1, int j, int cols) {
     __shared__ float acc[QS_COLSUM_LANES][33];
-    const int j = blockIdx.x * 32 + threadIdx.x;
-    const int r0 = blockIdx.y * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
     float s = 0.0f;
     if (j < cols)
         for (int r = r0 + threadIdx.y; r < r1; r += QS_COLSUM_LANES) s += f(r, j);
     acc[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
-    if (threadIdx.y == 0 && j < cols) {
-        float t = 0.0f;
+    float t = 0.0f;
+    if (threadIdx.y == 0)
         for (int l = 0; l < QS_COLSUM_LANES; l++) t += acc[l][threadIdx.x];
-        part[(size_t)blockIdx.y * cols + j] = t;
-    }
+    return t;
+}
+
+template <class F>
+__global__ void qs_colsum_partial_kernel(F f, float *part, int rows, int cols, int rows_per_chunk) {
+    const int j = blockIdx.x * 32 + threadIdx.x;
+    const int r0 = blockIdx.y * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+    const float t = qs_colsum_rows(f, r0, r1, j, cols);
+    if (threadIdx.y == 0 && j < cols) part[(size_t)blockIdx.y * cols + j] = t;
 }
 
 /* Adds the chunks' partials in order (common.cu). */

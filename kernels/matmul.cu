@@ -279,20 +279,11 @@ __global__ static void add_group_bias_kernel(float *out, const float *bias, cons
 }
 
 /* dbias[g, j] += sum of dout's column j over group g's rows: a block per (32 columns,
- * group), 8 lanes a column each summing every 8th row in order, added in lane order. */
+ * group), summed as qs_colsum's chunks are. */
 __global__ static void group_colsum_kernel(float *dbias, const float *dout, const int *off, int n_out) {
-    __shared__ float acc[8][33];
     const int g = blockIdx.y, j = blockIdx.x * 32 + threadIdx.x;
-    float s = 0.0f;
-    if (j < n_out)
-        for (int r = off[g] + threadIdx.y; r < off[g + 1]; r += 8) s += dout[(size_t)r * n_out + j];
-    acc[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && j < n_out) {
-        float t = 0.0f;
-        for (int l = 0; l < 8; l++) t += acc[l][threadIdx.x];
-        dbias[(size_t)g * n_out + j] += t;
-    }
+    const float t = qs_colsum_rows(matrix_term{dout, n_out}, off[g], off[g + 1], j, n_out);
+    if (threadIdx.y == 0 && j < n_out) dbias[(size_t)g * n_out + j] += t;
 }
 
 /* The grouped ops' scratch: the offsets, then two regions of problem pointers. */
@@ -340,7 +331,8 @@ static void matmul_grouped_backward(float *dinp, float *dw, float *dbias, const 
                                 dw + (size_t)g * n_in * n_out};
         });
     if (dbias)
-        QS_LAUNCH(group_colsum_kernel, dim3((n_out + 31) / 32, groups), dim3(32, 8), 0, dbias, dout, s.off, n_out);
+        QS_LAUNCH(group_colsum_kernel, dim3((n_out + 31) / 32, groups), dim3(32, QS_COLSUM_LANES), 0, dbias, dout, s.off,
+                  n_out);
 }
 
 template <qs_precision P> static void set_matmul_ops(qs_ops *ops) {
