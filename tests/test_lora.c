@@ -2,9 +2,10 @@
  * inside whole dense, MoE and quadconv-mixer GPTs, dropout on), the frozen base, the
  * q/k/v column mask of c_attn, merge/unmerge against the unmerged logits and greedy
  * generation, the rows expert adapters draw their dropout at, the adapter files (round
- * trip, size against r, the base fingerprint), refused targets, and adapters written by Hugging Face peft (tests/make_peft_fixture.py)
- * over the converted GPT-2 fixture: peft's own logits with the adapter and merged (also
- * through `quasar merge`), and every refused setting. Runs from the repository root. */
+ * trip, size against r, the base fingerprint), refused targets, and adapters written by
+ * Hugging Face peft (tests/make_peft_fixture.py) over the converted GPT-2 fixture:
+ * peft's own logits with the adapter and merged (also through `quasar merge`), and every
+ * refused setting. Runs from the repository root. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>

@@ -105,11 +105,13 @@ step() {
 }
 
 main() {
-  echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+changes')," \
-    "steps: ${steps[*]}"
+  local rev
+  rev=$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+changes')
+  echo "# $(date -u +%FT%TZ) $rev, steps: ${steps[*]}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/# gpu: /'
-  echo "# nvcc: $("$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -1); CUDA_HOME=$CUDA_HOME NCCL_HOME=${NCCL_HOME:-} NCCL=${NCCL:-auto}" \
-    "CJSON_HOME=${CJSON_HOME:-} threads=$OMP_NUM_THREADS"
+  echo "# nvcc: $("$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -1)"
+  echo "# CUDA_HOME=$CUDA_HOME NCCL_HOME=${NCCL_HOME:-} NCCL=${NCCL:-auto} CJSON_HOME=${CJSON_HOME:-}" \
+    "threads=$OMP_NUM_THREADS"
 
   for s in "${steps[@]}"; do
     case "$s" in
@@ -120,11 +122,12 @@ main() {
         step kernels_bf16 120 kernels bf16 ;;
       memcheck | racecheck | synccheck | initcheck) step "$s" 180 sanitize "$s" ;;
       train) step train 300 bench_train ;;
-      compare) step compare 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed bench/compare.sh --device cuda \
-        --dtype bf16 --only quadconv,moe_a,moe_b,generate --retries 0 --out "$out/compare.json" ;;
-      compare_gpt2) step compare_gpt2 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed bench/compare.sh \
-        --device cuda --dtype bf16 --only gpt2 --train gpt2=configs/gpt2_124m_shakespeare.json --steps 10 --retries 0 \
-        --out "$out/compare-gpt2.json" ;;
+      compare) step compare 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
+        bench/compare.sh --device cuda --dtype bf16 --only quadconv,moe_a,moe_b,generate --retries 0 \
+        --out "$out/compare.json" ;;
+      compare_gpt2) step compare_gpt2 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
+        bench/compare.sh --device cuda --dtype bf16 --only gpt2 --train gpt2=configs/gpt2_124m_shakespeare.json \
+        --steps 10 --retries 0 --out "$out/compare-gpt2.json" ;;
       trainsh) step trainsh 240 ./train.sh --set train.max_steps=300 ;;
       *) echo "## $s: no such step" && failed+=("$s") ;;
     esac
