@@ -493,8 +493,6 @@ int qs_config_validate(const qs_config *c) {
             return qs_error("model.quadra.kernel_size (%d) must be odd for the 2D 'same' convolution", q->kernel_size);
         if (m->mixer != QS_MIXER_ATTENTION)
             return qs_error("model.mixer applies to GPT models, not to model.type quadranet");
-        if (m->recompute_layers)
-            return qs_error("model.recompute_layers applies to GPT models, not to model.type quadranet");
     }
     if (!strcmp(c->data.tokenizer, "gpt2") && (!c->data.train_shards[0] || !c->data.val_shards[0]))
         return qs_error("data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");

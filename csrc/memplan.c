@@ -41,7 +41,7 @@ int qs_mem_plan_check(const qs_mem_plan *p, const qs_backend *be) {
     print_parts(f, p);
     fclose(f);
     qs_error("not enough memory on %s: the run needs %s MiB, but %.1f MiB of %.1f MiB is free; lower "
-             "train.micro_batch_size, model.seq_len or the model's size (a GPT: or set model.recompute_layers)",
+             "train.micro_batch_size, model.seq_len or the model's size, or set model.recompute_layers",
              be->name, text, mib(free_b), mib(total_b));
     free(text);
     return -1;

@@ -11,13 +11,20 @@
 
 enum { NS = QS_QUADRA_STAGES };
 
-/* One QuadraBlock: parameter indices and saved activations ([N,C] unless noted). */
+/* What a block's backward reads besides its input and output ([N,C] unless noted). */
+typedef struct block_acts {
+    float *ln1, *mean1, *rstd1, *fa, *fb, *q, *mid, *ln2, *mean2, *rstd2;
+    float *h, *g; /* [N,F] before and after GELU (g shared by all blocks under recompute_ffn) */
+    float *v;
+} block_acts;
+
+/* One QuadraBlock: parameter indices, its activations (one set shared by every block
+ * under recompute_layers) and its output. */
 typedef struct block {
     int ln1_w, ln1_b, qc_w, qc_b, gamma1, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma2;
     float drop; /* stochastic depth rate */
-    float *ln1, *mean1, *rstd1, *fa, *fb, *q, *mid, *ln2, *mean2, *rstd2;
-    float *h, *g; /* [N,F] before and after GELU (g shared by all blocks under recompute_ffn) */
-    float *v, *out;
+    block_acts a;
+    float *out;
 } block;
 
 typedef struct stage {
@@ -49,6 +56,7 @@ struct qs_quadranet {
     float *dA, *dB, *dt1, *dt2, *dF2, *dpatch, *dhead, *dpool; /* no dlogits: xent_backward overwrites logits */
 
     int B;
+    int held_s, held_j; /* recompute_layers: the block whose activations the shared set holds (-1: none) */
     bool has_labels;
     qs_forward_mode mode;
     float *host_logits, *host_losses;
@@ -117,6 +125,24 @@ static void build_param_table(qs_quadranet *m) {
 
 static size_t map_n(const qs_quadranet *m, int s) { return (size_t)m->max_B * m->st[s].H * m->st[s].H; }
 
+/* A block's activations over N rows: [N,C] maps of nc floats, [N,F] of nf; g its own,
+ * or shared_g (by the config, not the pointer: the counting pass has no buffers). */
+static void carve_acts(block_acts *a, qs_plan *p, size_t N, size_t nc, size_t nf, bool own_g, float *shared_g) {
+    a->ln1 = qs_plan_f(p, nc);
+    a->mean1 = qs_plan_f(p, N);
+    a->rstd1 = qs_plan_f(p, N);
+    a->fa = qs_plan_f(p, nc);
+    a->fb = qs_plan_f(p, nc);
+    a->q = qs_plan_f(p, nc);
+    a->mid = qs_plan_f(p, nc);
+    a->ln2 = qs_plan_f(p, nc);
+    a->mean2 = qs_plan_f(p, N);
+    a->rstd2 = qs_plan_f(p, N);
+    a->h = qs_plan_f(p, nf);
+    a->g = own_g ? qs_plan_f(p, nf) : shared_g;
+    a->v = qs_plan_f(p, nc);
+}
+
 static void carve(qs_quadranet *m, qs_plan *p) {
     const qs_quadra_config *q = m->q;
     const size_t B = (size_t)m->max_B, N0 = map_n(m, 0), CL = (size_t)m->st[NS - 1].C;
@@ -131,8 +157,13 @@ static void carve(qs_quadranet *m, qs_plan *p) {
         max_nc = nc > max_nc ? nc : max_nc;
         max_nf = nf > max_nf ? nf : max_nf;
     }
-    /* recompute_ffn: every block's GELU output in one buffer, made again in backward */
-    float *shared_g = m->cfg.recompute_ffn ? qs_plan_f(p, max_nf) : NULL;
+    /* recompute_ffn: every block's GELU output in one buffer, made again in backward;
+     * recompute_layers: every block's activations but its output in one set, sized for
+     * the largest stage, the block's forward run again before its backward */
+    const bool share_g = m->cfg.recompute_ffn && !m->cfg.recompute_layers;
+    float *shared_g = share_g ? qs_plan_f(p, max_nf) : NULL;
+    block_acts shared = {0};
+    if (m->cfg.recompute_layers) carve_acts(&shared, p, map_n(m, 0), max_nc, max_nf, true, NULL);
     for (int s = 0; s < NS; s++) {
         stage *st = &m->st[s];
         const size_t N = map_n(m, s), C = (size_t)st->C, F = (size_t)m->cfg.ffn_mult * C;
@@ -147,19 +178,8 @@ static void carve(qs_quadranet *m, qs_plan *p) {
         st->in = qs_plan_f(p, N * C);
         for (int j = 0; j < st->depth; j++) {
             block *b = &st->blocks[j];
-            b->ln1 = qs_plan_f(p, N * C);
-            b->mean1 = qs_plan_f(p, N);
-            b->rstd1 = qs_plan_f(p, N);
-            b->fa = qs_plan_f(p, N * C);
-            b->fb = qs_plan_f(p, N * C);
-            b->q = qs_plan_f(p, N * C);
-            b->mid = qs_plan_f(p, N * C);
-            b->ln2 = qs_plan_f(p, N * C);
-            b->mean2 = qs_plan_f(p, N);
-            b->rstd2 = qs_plan_f(p, N);
-            b->h = qs_plan_f(p, N * F);
-            b->g = m->cfg.recompute_ffn ? shared_g : qs_plan_f(p, N * F);
-            b->v = qs_plan_f(p, N * C);
+            if (m->cfg.recompute_layers) b->a = shared;
+            else carve_acts(&b->a, p, N, N * C, N * F, !share_g, shared_g);
             b->out = qs_plan_f(p, N * C);
         }
     }
@@ -296,18 +316,21 @@ static void block_forward(qs_quadranet *m, int s, int j, const float *x) {
     const qs_ops *ops = m->be->ops;
     const stage *st = &m->st[s];
     block *b = &st->blocks[j];
+    const block_acts *a = &b->a;
     const int N = m->B * st->H * st->H, C = st->C, F = m->cfg.ffn_mult * C;
     const qs_conv_shape cs = conv_shape(m, st);
     const float p = drop_rate(m, b);
-    ops->layernorm_forward(b->ln1, b->mean1, b->rstd1, x, P(m, b->ln1_w), P(m, b->ln1_b), N, C);
-    ops->quadconv_forward(b->q, b->fa, b->fb, b->ln1, P(m, b->qc_w), P(m, b->qc_b), &cs);
-    ops->layer_scale_forward(b->mid, x, b->q, P(m, b->gamma1), p, m->mode.rng_seed, drop_stream(s, j, 0),
+    ops->layernorm_forward(a->ln1, a->mean1, a->rstd1, x, P(m, b->ln1_w), P(m, b->ln1_b), N, C);
+    ops->quadconv_forward(a->q, a->fa, a->fb, a->ln1, P(m, b->qc_w), P(m, b->qc_b), &cs);
+    ops->layer_scale_forward(a->mid, x, a->q, P(m, b->gamma1), p, m->mode.rng_seed, drop_stream(s, j, 0),
                              m->mode.sample0, m->B, st->H * st->H, C);
-    ops->layernorm_forward(b->ln2, b->mean2, b->rstd2, b->mid, P(m, b->ln2_w), P(m, b->ln2_b), N, C);
-    ops->matmul_gelu_forward(b->h, b->g, b->ln2, P(m, b->fc1_w), P(m, b->fc1_b), N, C, F, QS_W_IN_OUT);
-    ops->matmul_forward(b->v, b->g, P(m, b->fc2_w), P(m, b->fc2_b), N, F, C, QS_W_IN_OUT);
-    ops->layer_scale_forward(b->out, b->mid, b->v, P(m, b->gamma2), p, m->mode.rng_seed, drop_stream(s, j, 1),
+    ops->layernorm_forward(a->ln2, a->mean2, a->rstd2, a->mid, P(m, b->ln2_w), P(m, b->ln2_b), N, C);
+    ops->matmul_gelu_forward(a->h, a->g, a->ln2, P(m, b->fc1_w), P(m, b->fc1_b), N, C, F, QS_W_IN_OUT);
+    ops->matmul_forward(a->v, a->g, P(m, b->fc2_w), P(m, b->fc2_b), N, F, C, QS_W_IN_OUT);
+    ops->layer_scale_forward(b->out, a->mid, a->v, P(m, b->gamma2), p, m->mode.rng_seed, drop_stream(s, j, 1),
                              m->mode.sample0, m->B, st->H * st->H, C);
+    m->held_s = s;
+    m->held_j = j;
 }
 
 double qs_quadranet_forward(qs_quadranet *m, const float *images, const int *labels, int B,
@@ -318,6 +341,7 @@ double qs_quadranet_forward(qs_quadranet *m, const float *images, const int *lab
     m->B = B;
     m->mode = *mode;
     m->has_labels = labels != NULL;
+    m->held_s = m->held_j = -1;
     m->be->upload(m->img, images, (size_t)B * m->S * m->S * Cin * sizeof(float));
     const int H0 = m->st[0].H, N0 = B * H0 * H0;
     ops->space_to_depth_forward(m->stem_patch, m->img, B, m->S, m->S, Cin, m->P);
@@ -374,6 +398,7 @@ static void block_backward(qs_quadranet *m, int s, int j, const float *x, float 
     const qs_ops *ops = m->be->ops;
     const stage *st = &m->st[s];
     const block *b = &st->blocks[j];
+    const block_acts *a = &b->a;
     const int HW = st->H * st->H, N = m->B * HW, C = st->C, F = m->cfg.ffn_mult * C;
     const size_t nc = (size_t)N * C, nf = (size_t)N * F;
     const qs_conv_shape cs = conv_shape(m, st);
@@ -381,22 +406,22 @@ static void block_backward(qs_quadranet *m, int s, int j, const float *x, float 
     const uint64_t seed = m->mode.rng_seed;
     /* channel MLP branch; d(mid) = dx + what flows back through it */
     zero_f(m, m->dt1, nc);
-    ops->layer_scale_backward(m->dt1, G(m, b->gamma2), dx, b->v, P(m, b->gamma2), p, seed, drop_stream(s, j, 1),
+    ops->layer_scale_backward(m->dt1, G(m, b->gamma2), dx, a->v, P(m, b->gamma2), p, seed, drop_stream(s, j, 1),
                               m->mode.sample0, m->B, HW, C);
-    if (m->cfg.recompute_ffn) ops->gelu_forward(b->g, b->h, nf);
-    ops->matmul_backward_dgelu(m->dF2, G(m, b->fc2_w), G(m, b->fc2_b), m->dt1, b->g, b->h, P(m, b->fc2_w), N, F, C,
+    if (m->cfg.recompute_ffn && !m->cfg.recompute_layers) ops->gelu_forward(a->g, a->h, nf); /* shared g */
+    ops->matmul_backward_dgelu(m->dF2, G(m, b->fc2_w), G(m, b->fc2_b), m->dt1, a->g, a->h, P(m, b->fc2_w), N, F, C,
                                QS_W_IN_OUT);
     zero_f(m, m->dt1, nc);
-    ops->matmul_backward(m->dt1, G(m, b->fc1_w), G(m, b->fc1_b), m->dF2, b->ln2, P(m, b->fc1_w), N, C, F, QS_W_IN_OUT);
-    ops->layernorm_backward(dx, G(m, b->ln2_w), G(m, b->ln2_b), m->dt1, b->mid, P(m, b->ln2_w), b->mean2, b->rstd2, N,
+    ops->matmul_backward(m->dt1, G(m, b->fc1_w), G(m, b->fc1_b), m->dF2, a->ln2, P(m, b->fc1_w), N, C, F, QS_W_IN_OUT);
+    ops->layernorm_backward(dx, G(m, b->ln2_w), G(m, b->ln2_b), m->dt1, a->mid, P(m, b->ln2_w), a->mean2, a->rstd2, N,
                             C);
     /* spatial branch */
     zero_f(m, m->dt1, nc);
-    ops->layer_scale_backward(m->dt1, G(m, b->gamma1), dx, b->q, P(m, b->gamma1), p, seed, drop_stream(s, j, 0),
+    ops->layer_scale_backward(m->dt1, G(m, b->gamma1), dx, a->q, P(m, b->gamma1), p, seed, drop_stream(s, j, 0),
                               m->mode.sample0, m->B, HW, C);
     zero_f(m, m->dt2, nc);
-    ops->quadconv_backward(m->dt2, G(m, b->qc_w), G(m, b->qc_b), m->dt1, b->ln1, P(m, b->qc_w), b->fa, b->fb, &cs);
-    ops->layernorm_backward(dx, G(m, b->ln1_w), G(m, b->ln1_b), m->dt2, x, P(m, b->ln1_w), b->mean1, b->rstd1, N, C);
+    ops->quadconv_backward(m->dt2, G(m, b->qc_w), G(m, b->qc_b), m->dt1, a->ln1, P(m, b->qc_w), a->fa, a->fb, &cs);
+    ops->layernorm_backward(dx, G(m, b->ln1_w), G(m, b->ln1_b), m->dt2, x, P(m, b->ln1_w), a->mean1, a->rstd1, N, C);
 }
 
 void qs_quadranet_backward(qs_quadranet *m, float scale) {
@@ -417,7 +442,12 @@ void qs_quadranet_backward(qs_quadranet *m, float scale) {
     ops->avgpool_backward(dx, m->dpool, B, last->H * last->H, CL);
     for (int s = NS - 1; s >= 0; s--) {
         const stage *st = &m->st[s];
-        for (int j = st->depth - 1; j >= 0; j--) block_backward(m, s, j, j ? st->blocks[j - 1].out : st->in, dx);
+        for (int j = st->depth - 1; j >= 0; j--) {
+            const float *x = j ? st->blocks[j - 1].out : st->in;
+            /* the shared set holds the forward's last block, then each one made again */
+            if (m->cfg.recompute_layers && (m->held_s != s || m->held_j != j)) block_forward(m, s, j, x);
+            block_backward(m, s, j, x, dx);
+        }
         if (s == 0) break;
         const stage *prev = &m->st[s - 1];
         const int Np = B * prev->H * prev->H;

@@ -94,3 +94,18 @@ exec(sys.argv[2])
 PY
   ); then ok "$name"; else not_ok "$name" "$out"; fi
 }
+
+# same_tensors A B: two safetensors files hold the same tensors, bit for bit (their
+# metadata, which carries the run's config, may differ)
+same_tensors() {
+  python3 - "$1" "$2" <<'PY'
+import json, struct, sys
+def tensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        head = json.loads(f.read(n))
+        head.pop("__metadata__", None)
+        return head, f.read()
+sys.exit(tensors(sys.argv[1]) != tensors(sys.argv[2]))
+PY
+}

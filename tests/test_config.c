@@ -344,8 +344,6 @@ static void test_validate(void **state) {
                    "model.n_embd (100) must be divisible by model.n_head (8)");
     EXPECT_INVALID((c.model.n_head = 8, c.model.n_kv_head = 3),
                    "model.n_head (8) must be divisible by model.n_kv_head (3)");
-    EXPECT_INVALID((c.model.type = QS_MODEL_QUADRANET, c.model.recompute_layers = true),
-                   "model.recompute_layers applies to GPT models, not to model.type quadranet");
     EXPECT_INVALID(c.model.n_kv_head = -1, "model.n_kv_head: must be in [0, 65536], got -1");
     EXPECT_INVALID((c.model.moe.n_experts = 4, c.model.moe.top_k = 5),
                    "model.moe.top_k (5) must be <= model.moe.n_experts (4)");

@@ -198,6 +198,8 @@ static void test_quadranet_plan_is_what_create_takes(void **state) {
         q->in_channels = 1;
         q->num_classes = draw(2, 11);
         q->kernel_size = 2 * draw(1, 3) + 1;
+        cfg.recompute_ffn = draw(0, 1);
+        cfg.recompute_layers = draw(0, 1);
         for (int s = 0; s < 4; s++) {
             q->widths[s] = draw(3, 9);
             q->depths[s] = draw(0, 2);

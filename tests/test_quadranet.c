@@ -1,5 +1,6 @@
 /* QuadraNet: the whole model's gradient against finite differences (stochastic depth
- * on, fixed by seed), the accuracy count, and the train/eval difference of drop path. */
+ * on, fixed by seed), the same bits in every memory mode, the accuracy count, and the
+ * train/eval difference of drop path. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -93,21 +94,33 @@ static void test_gradcheck(void **state) {
     float *grad = malloc(ps->n * sizeof(float));
     memcpy(grad, ps->grad, ps->n * sizeof(float));
 
-    { /* keeping every block's GELU output instead of making it again: the same bits */
-        qs_model_config kept = cfg;
-        kept.recompute_ffn = false;
+    /* Every memory mode against all activations kept: the same loss and gradients, bit
+     * for bit (stochastic depth drops the same samples when a block is made again), in
+     * smaller plans: recompute_ffn (the config default, m above), recompute_layers
+     * alone, both. */
+    const bool modes[4][2] = {{false, false}, {true, false}, {false, true}, {true, true}};
+    size_t act[4];
+    double loss[4];
+    for (int k = 0; k < 4; k++) {
+        qs_model_config mc = cfg;
+        mc.recompute_ffn = modes[k][0];
+        mc.recompute_layers = modes[k][1];
         qs_quadranet *mk;
-        assert_int_equal(qs_quadranet_create(&mk, &kept, qs_backend_cpu(), B), 0);
+        assert_int_equal(qs_quadranet_create(&mk, &mc, qs_backend_cpu(), B), 0);
         assert_int_equal(qs_quadranet_init(mk, seed), 0);
         qs_params *pk = qs_quadranet_params(mk);
         randomize_biases(pk);
         qs_params_zero_grad(pk);
-        qs_quadranet_forward(mk, x, y, B, &mode, NULL);
+        loss[k] = qs_quadranet_forward(mk, x, y, B, &mode, NULL);
         qs_quadranet_backward(mk, 1.0f);
         assert_memory_equal(pk->grad, grad, ps->n * sizeof(float));
-        assert_true(qs_quadranet_mem_plan(m)->activations < qs_quadranet_mem_plan(mk)->activations);
+        act[k] = qs_quadranet_mem_plan(mk)->activations;
         qs_quadranet_free(mk);
     }
+    print_message("  quadranet memory modes: activations %zu / %zu / %zu / %zu bytes\n", act[0], act[1], act[2],
+                  act[3]);
+    assert_true(loss[0] == loss[1] && loss[0] == loss[2] && loss[0] == loss[3]);
+    assert_true(act[1] < act[0] && act[2] < act[1] && act[3] == act[2]);
 
     loss_ctx lc = {m, x, y, B, &mode};
     /* Its per-coordinate gradients (a mean over 8 images through a deep net) are often

@@ -55,7 +55,7 @@ typedef struct qs_model_config {
     bool bias;             /* biases in linear layers */
     bool tie_embeddings;   /* lm head shares wte */
     bool recompute_ffn;    /* keep only the FFN activation's input; make its output again in backward */
-    bool recompute_layers; /* GPT: keep only each block's input; run the block's forward again in backward */
+    bool recompute_layers; /* keep only each block's input; run the block's forward again in backward */
     qs_init init;          /* "normal" (std init_std) | "kaiming" | "xavier" */
     float init_std;
     qs_moe_config moe;

@@ -36,6 +36,16 @@ cmp -s one/ckpt/step_00000006/model.safetensors two/ckpt/step_00000006/model.saf
   && cmp -s one/ckpt/step_00000006/optim.safetensors two/ckpt/step_00000006/optim.safetensors \
   && ok "quadranet: resumed weights and optimizer state are bit-identical" \
   || not_ok "quadranet: resumed weights and optimizer state are bit-identical"
+# activation checkpointing changes memory, not the run: resumed with it, the same tensors
+# (the weights file's metadata carries the config)
+expect_ok "quadranet: 3 steps, then resume for 3 with recompute_layers" "$QUASAR" train --config qn.json --out three \
+  --until 3
+expect_ok "quadranet: resume with model.recompute_layers" "$QUASAR" train --resume three \
+  --set model.recompute_layers=true
+same_tensors one/ckpt/step_00000006/model.safetensors three/ckpt/step_00000006/model.safetensors \
+  && cmp -s one/ckpt/step_00000006/optim.safetensors three/ckpt/step_00000006/optim.safetensors \
+  && ok "quadranet: steps with recompute_layers end with the same weights and optimizer state, bit for bit" \
+  || not_ok "quadranet: steps with recompute_layers end with the same weights and optimizer state, bit for bit"
 if grep -q '"step": 6, "val_loss": [0-9.]*, "val_acc": [01]\.[0-9]*}' one/metrics.jsonl \
    && grep -q '"images_per_s"' one/metrics.jsonl && [ ! -e one/samples.txt ]; then
   ok "quadranet: metrics.jsonl logs val_acc and images_per_s; no samples.txt"

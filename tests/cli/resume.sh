@@ -32,20 +32,6 @@ for variant in dense moe; do
     not_ok "$variant: run folder has config.json, metrics.jsonl fields and samples.txt"
   fi
 done
-# same_tensors A B: two safetensors files hold the same tensors, bit for bit (their
-# metadata, which carries the run's config, may differ)
-same_tensors() {
-  python3 - "$1" "$2" <<'PY'
-import json, struct, sys
-def tensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        head = json.loads(f.read(n))
-        head.pop("__metadata__", None)
-        return head, f.read()
-sys.exit(tensors(sys.argv[1]) != tensors(sys.argv[2]))
-PY
-}
 # How activations are kept is not the architecture: a run resumed with activation
 # checkpointing on (the same bits on the CPU) ends bit-identical to the one-go run.
 expect_ok "moe: 3 steps then stop, again" "$QUASAR" train --config moe.json --out rl_moe --until 3 \

@@ -992,6 +992,7 @@ static qs_model_config quadranet_config(void) {
     q->kernel_size = 3;
     q->layer_scale_init = 0.5f;
     q->drop_path = 0.4f;
+    m.recompute_layers = bf16; /* the bf16 pass also checks the blocks made again in backward */
     return m;
 }
 
@@ -999,7 +1000,8 @@ static void test_quadranet(void) {
     const qs_model_config cfg = quadranet_config();
     const qs_quadra_config *q = &cfg.quadra;
     const int B = 8;
-    case_begin("quadranet (%s): loss, accuracy count and gradients (stochastic depth on)", be[1]->name);
+    case_begin("quadranet (%s): loss, accuracy count and gradients (stochastic depth on%s)", be[1]->name,
+               cfg.recompute_layers ? ", recompute_layers" : "");
     qs_quadranet *m[2] = {NULL, NULL};
     for (int s = 0; s < 2; s++)
         if (qs_quadranet_create(&m[s], &cfg, be[s], B) || qs_quadranet_init(m[s], seed)) {
