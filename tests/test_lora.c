@@ -215,18 +215,27 @@ static double gpt_loss(void *p, bool *same) {
     return loss;
 }
 
-static void gpt_gradcheck(const qs_config *c, const char *label) {
-    built b = build(c, 2, 6);
-    assert_null(qs_gpt_params(b.m)->grad); /* the base is frozen: no gradient buffer at all */
-    gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed ^ 77, .grad_scale = 1.0f}};
+/* A frozen GPT with random adapters (into *b), a training pass (masks from seed ^
+ * rng_xor) over 2 x 5 tokens and targets drawn from streams `stream` and `stream + 1`,
+ * and the backward: the adapters hold their gradients. */
+static gpt_ctx adapter_pass(const qs_config *c, built *b, uint64_t rng_xor, uint64_t stream) {
+    *b = build(c, 2, 6);
+    gpt_ctx g = {.m = b->m, .mode = {.train = true, .rng_seed = seed ^ rng_xor, .grad_scale = 1.0f}};
     for (int i = 0; i < 10; i++) {
-        g.x[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, 11);
-        g.y[i] = (int)qs_rng_below(seed, 21, (uint64_t)i, 11);
+        g.x[i] = (int)qs_rng_below(seed, stream, (uint64_t)i, 11);
+        g.y[i] = (int)qs_rng_below(seed, stream + 1, (uint64_t)i, 11);
     }
-    qs_params *ps = qs_lora_params(b.lo);
-    qs_params_zero_grad(ps);
+    qs_params_zero_grad(qs_lora_params(b->lo));
     gpt_loss(&g, &(bool){true});
-    assert_int_equal(qs_gpt_backward(b.m), 0);
+    assert_int_equal(qs_gpt_backward(b->m), 0);
+    return g;
+}
+
+static void gpt_gradcheck(const qs_config *c, const char *label) {
+    built b;
+    gpt_ctx g = adapter_pass(c, &b, 77, 20);
+    assert_null(qs_gpt_params(b.m)->grad); /* the base is frozen: no gradient buffer at all */
+    qs_params *ps = qs_lora_params(b.lo);
     size_t nr = c->model.moe.n_experts ? (size_t)c->model.n_layer * 10 * c->model.moe.top_k : 0;
     int *route0 = malloc(nr * sizeof(int) + 1);
     if (nr) memcpy(route0, qs_gpt_moe_routing(b.m), nr * sizeof(int));
@@ -312,16 +321,9 @@ static void adapters_under_recompute(qs_config c, const char *label) {
     size_t act[2], n = 0;
     for (int r = 0; r < 2; r++) {
         c.model.recompute_layers = r;
-        built b = build(&c, 2, 6);
-        gpt_ctx g = {.m = b.m, .mode = {.train = true, .rng_seed = seed ^ 3, .grad_scale = 1.0f}};
-        for (int i = 0; i < 10; i++) {
-            g.x[i] = (int)qs_rng_below(seed, 60, (uint64_t)i, 11);
-            g.y[i] = (int)qs_rng_below(seed, 61, (uint64_t)i, 11);
-        }
+        built b;
+        adapter_pass(&c, &b, 3, 60);
         qs_params *ps = qs_lora_params(b.lo);
-        qs_params_zero_grad(ps);
-        gpt_loss(&g, &(bool){true});
-        assert_int_equal(qs_gpt_backward(b.m), 0);
         n = ps->n;
         grad[r] = malloc(n * sizeof(float));
         memcpy(grad[r], ps->grad, n * sizeof(float));
