@@ -13,7 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { T_INT, T_FLOAT, T_BOOL, T_STRING, T_ENUM, T_U64, T_INTS } field_type;
+/* T_LAYERS: a count of blocks as an int, or JSON true (QS_RECOMPUTE_ALL) / false (0). */
+typedef enum { T_INT, T_FLOAT, T_BOOL, T_STRING, T_ENUM, T_U64, T_INTS, T_LAYERS } field_type;
 
 /* One key. Its JSON path is the member's path in qs_config ("model.moe.top_k"), so the
  * sections are the struct's nesting and a new key is one struct field plus one row. */
@@ -52,6 +53,7 @@ static const int quadra_depths[QS_QUADRA_STAGES] = {1, 1, 2, 1};
 #define FLOAT(m, range, d) {AT(m), T_FLOAT, range, .def = (d)}
 #define U64(m, range, d) {AT(m), T_U64, range, .def = (d)}
 #define BOOL(m, d) {AT(m), T_BOOL, .def = (d)}
+#define LAYERS(m, range, d) {AT(m), T_LAYERS, range, .def = (d)}
 #define INTS(m, range, d) {AT(m), T_INTS, range, .def_ints = (d)}
 #define STRING(m, range, names_, d) {AT(m), T_STRING, range, .names = (names_), .def_str = (d)}
 /* Enums are accessed as int; the array size turns any other width into a compile error. */
@@ -77,7 +79,7 @@ static const field fields[] = {
     BOOL(model.bias, true),
     BOOL(model.tie_embeddings, true),
     BOOL(model.recompute_ffn, true),
-    BOOL(model.recompute_layers, false),
+    LAYERS(model.recompute_layers, IN(0, 1 << 12), 0),
     ENUM(model.init, init_names, QS_INIT_NORMAL),
     FLOAT(model.init_std, GT(0), 0.02),
     INT(model.moe.n_experts, IN(0, 1 << 12), 0),
@@ -189,7 +191,7 @@ static void format_number(char *buf, size_t n, double v, bool is_float) {
 /* Text of a numeric field's value, exactly as it must appear in JSON. */
 static void format_value(const qs_config *c, const field *f, char *buf, size_t n) {
     const char *p = member(c, f);
-    if (f->type == T_INT)
+    if (f->type == T_INT || f->type == T_LAYERS)
         snprintf(buf, n, "%d", *(const int *)p);
     else if (f->type == T_U64)
         snprintf(buf, n, "%" PRIu64, *(const uint64_t *)p);
@@ -210,7 +212,8 @@ static const char *json_kind(const cJSON *v) {
 static int expect_error(const field *f, const char *got) {
     static const char *const kinds[] = {[T_INT] = "an integer", [T_FLOAT] = "a number",
                                         [T_BOOL] = "true or false", [T_STRING] = "a string",
-                                        [T_U64] = "an integer"};
+                                        [T_U64] = "an integer",
+                                        [T_LAYERS] = "true, false or a number of blocks"};
     char want[256];
     if (!f->names)
         return qs_error("%s: expected %s, got %s", f->path, kinds[f->type], got);
@@ -224,6 +227,7 @@ static int expect_error(const field *f, const char *got) {
 static void type_limits(const field *f, double *lo, double *hi) {
     switch (f->type) {
     case T_INT:
+    case T_LAYERS:
     case T_INTS: *lo = INT_MIN, *hi = INT_MAX; break;
     case T_FLOAT: *lo = -FLT_MAX, *hi = FLT_MAX; break;
     case T_STRING: *lo = 0, *hi = (double)(f->size - 1); break;
@@ -278,6 +282,10 @@ static int set_field(qs_config *c, const field *f, const cJSON *v) {
         *(bool *)p = cJSON_IsTrue(v);
         return 0;
     }
+    if (f->type == T_LAYERS && cJSON_IsBool(v)) {
+        *(int *)p = cJSON_IsTrue(v) ? QS_RECOMPUTE_ALL : 0;
+        return 0;
+    }
     if (f->type == T_ENUM || f->type == T_STRING) {
         if (!cJSON_IsString(v))
             return expect_error(f, json_kind(v));
@@ -307,7 +315,7 @@ static int set_field(qs_config *c, const field *f, const cJSON *v) {
      * conversion, defined under Annex F). */
     if (check_range(f, f->type == T_FLOAT ? (float)x : x, got) != 0)
         return -1;
-    if (f->type == T_INT)
+    if (f->type == T_INT || f->type == T_LAYERS)
         *(int *)p = (int)x;
     else if (f->type == T_FLOAT)
         *(float *)p = (float)x;
@@ -356,7 +364,8 @@ void qs_config_defaults(qs_config *c) {
         const field *f = &fields[i];
         char *p = member(c, f);
         switch (f->type) {
-        case T_INT: *(int *)p = (int)f->def; break;
+        case T_INT:
+        case T_LAYERS: *(int *)p = (int)f->def; break;
         case T_FLOAT: *(float *)p = (float)f->def; break;
         case T_U64: *(uint64_t *)p = (uint64_t)f->def; break;
         case T_BOOL: *(bool *)p = f->def != 0; break;
@@ -453,7 +462,9 @@ static int check_field(const qs_config *c, const field *f) {
     }
     default: {
         double x;
-        if (f->type == T_INT)
+        if (f->type == T_LAYERS && *(const int *)p == QS_RECOMPUTE_ALL)
+            return 0;
+        if (f->type == T_INT || f->type == T_LAYERS)
             x = *(const int *)p;
         else if (f->type == T_FLOAT)
             x = *(const float *)p;
@@ -493,6 +504,12 @@ int qs_config_validate(const qs_config *c) {
             return qs_error("model.quadra.kernel_size (%d) must be odd for the 2D 'same' convolution", q->kernel_size);
         if (m->mixer != QS_MIXER_ATTENTION)
             return qs_error("model.mixer applies to GPT models, not to model.type quadranet");
+        if (m->recompute_layers > 0)
+            return qs_error("model.recompute_layers: a QuadraNet checkpoints every block or none (true or false), "
+                            "got %d", m->recompute_layers);
+    } else if (m->recompute_layers > m->n_layer) {
+        return qs_error("model.recompute_layers (%d) must be <= model.n_layer (%d); true checkpoints every block",
+                        m->recompute_layers, m->n_layer);
     }
     if (!strcmp(c->data.tokenizer, "gpt2") && (!c->data.train_shards[0] || !c->data.val_shards[0]))
         return qs_error("data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");
@@ -530,6 +547,12 @@ static cJSON *field_to_json(const qs_config *c, const field *f) {
     switch (f->type) {
     case T_BOOL:
         return cJSON_CreateBool(*(const bool *)p);
+    case T_LAYERS: { /* the boolean spellings where they say it */
+        const int n = *(const int *)p;
+        if (n == QS_RECOMPUTE_ALL || n == 0)
+            return cJSON_CreateBool(n != 0);
+        return cJSON_CreateNumber(n);
+    }
     case T_INTS:
         return cJSON_CreateIntArray((const int *)p, (int)(f->size / sizeof(int)));
     case T_ENUM: { /* an invalid index is written as a number, which loading rejects */

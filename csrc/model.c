@@ -24,8 +24,8 @@ typedef struct layer_params {
 } layer_params;
 
 /* Forward activations of one block. ln1, ln2, attproj and ffout (and fch_act under
- * recompute_ffn; every float buffer under recompute_layers) point into buffers all
- * blocks share (see carve). */
+ * recompute_ffn; every float buffer of the blocks recompute_layers names) point into
+ * buffers all such blocks share (see carve). */
 typedef struct layer_acts {
     float *ln1, *ln1_mean, *ln1_rstd, *qkv, *lse, *atty, *attproj, *res_mid; /* lse [B,NH,T] */
     float *fa, *fb; /* quadconv mixer: the two factors (inside qkv's room) */
@@ -94,8 +94,9 @@ struct qs_gpt {
     int *seq_pos;
     bool failed;
     bool noisy_used;
-    /* recompute_layers: the layer whose activations the shared buffers hold, and whether
-     * the forward running is a recomputation (whose MoE routing is not taken in again) */
+    /* recompute_layers: the checkpointed layer whose activations the shared buffers hold,
+     * and whether the forward running is a recomputation (whose MoE routing is not taken
+     * in again) */
     int held_layer;
     bool recomputing;
     float *host_losses;
@@ -241,13 +242,17 @@ static void carve(qs_gpt *m, qs_plan *p) {
      * stream at once), and the LayerNorms' outputs (made again from the stream and the
      * saved statistics when a backward needs them). */
     float *branch = qs_plan_f(p, N * C), *shared_ln1 = qs_plan_f(p, N * C), *shared_ln2 = qs_plan_f(p, N * C);
+    /* activation checkpointing: the last recompute_layers blocks share the floats of
+     * the first of them (see recompute_layer); the last rather than the first, as the
+     * forward leaves the last block's activations in place for the backward to start on */
+    int first_ckpt = m->L;
+    while (first_ckpt > 0 && qs_config_recomputes(&m->cfg, first_ckpt - 1)) first_ckpt--;
     for (int l = 0; l < m->L; l++) {
         layer_acts *a = &m->la[l];
-        if (l > 0 && m->cfg.recompute_layers) {
-            /* activation checkpointing: one layer's floats for all (see recompute_layer);
-             * each keeps its own routing (qs_gpt_moe_routing) and load */
+        if (l > first_ckpt) {
+            /* each keeps its own routing (qs_gpt_moe_routing) and load */
             const qs_moe_load load = a->load;
-            *a = m->la[0];
+            *a = m->la[first_ckpt];
             a->load = load;
         } else {
             carve_layer(m, p, a, shared_ln1, shared_ln2, branch, shared_act);
@@ -938,9 +943,11 @@ static float *act_backward_in_place(qs_gpt *m, layer_acts *a, size_t n) {
     return a->fch_act;
 }
 
-/* Whether the backward must make the FFN activation's output again: under
+/* Whether the backward must make layer l's FFN activation output again: under
  * recompute_ffn, unless recompute_layers has just made the whole layer again. */
-static bool act_dropped(const qs_gpt *m) { return m->cfg.recompute_ffn && !m->cfg.recompute_layers; }
+static bool act_dropped(const qs_gpt *m, int l) {
+    return m->cfg.recompute_ffn && !qs_config_recomputes(&m->cfg, l);
+}
 
 /* dln += d(ffn)/d(ln_2 output) given dy = gradient at the FFN output. Under
  * recompute_ffn the activation's output is made again from fch (one elementwise pass)
@@ -950,7 +957,7 @@ static void dense_ffn_backward(qs_gpt *m, int l, int N, const float *dy) {
     const layer_params *p = &m->lp[l];
     layer_acts *a = &m->la[l];
     size_t NF = (size_t)N * m->F;
-    if (act_dropped(m)) act_forward(m, a->fch_act, a->fch, NF);
+    if (act_dropped(m, l)) act_forward(m, a->fch_act, a->fch, NF);
     const float *dpre = m->dF1; /* the gradient at the activation's input */
     if (gelu_fused(m, l, QS_LORA_SITE_FC_PROJ)) {
         ops->matmul_backward_dgelu(m->dF1, G(m, p->fcproj_w), G(m, p->fcproj_b), dy, a->fch_act, a->fch,
@@ -976,7 +983,7 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
     zero_f(m, m->dye, rows * C);
     zero_f(m, m->dgate, NK);
     ops->moe_combine_backward(m->dye, m->dgate, dy, a->ye, a->gate, a->slot, N, K, C);
-    if (act_dropped(m)) act_forward(m, a->fch_act, a->fch, rows * F); /* as in dense_ffn_backward */
+    if (act_dropped(m, l)) act_forward(m, a->fch_act, a->fch, rows * F); /* as in dense_ffn_backward */
     zero_f(m, m->dF1, rows * F);
     zero_f(m, m->dxe, rows * C);
     const int *off = a->load.offsets;
@@ -1014,9 +1021,9 @@ static void grads_ready_all(qs_gpt *m) {
 }
 
 /* Activation checkpointing (recompute_layers): layer l's activations made again from its
- * input res[l], which is kept, into the buffers all layers share. The same ops on the
- * same inputs, with dropout and router noise keyed by (seed, layer, row), give the
- * forward's values; a ring's attention runs again, on every rank alike. */
+ * input res[l], which is kept, into the buffers all checkpointed layers share. The same
+ * ops on the same inputs, with dropout and router noise keyed by (seed, layer, row), give
+ * the forward's values; a ring's attention runs again, on every rank alike. */
 static void recompute_layer(qs_gpt *m, int l) {
     const ln_of_stream ln = ln_reading(m, l);
     m->be->ops->layernorm_forward(ln.out, ln.mean, ln.rstd, m->res[l], ln.w, ln.b, m->B * m->T, m->C);
@@ -1049,8 +1056,8 @@ int qs_gpt_backward(qs_gpt *m) {
     for (int l = m->L - 1; l >= 0; l--) {
         const layer_params *p = &m->lp[l];
         layer_acts *a = &m->la[l];
-        /* under recompute_layers the buffers hold the whole layer, LayerNorm outputs too */
-        const bool whole = m->cfg.recompute_layers;
+        /* a checkpointed layer's buffers hold the whole layer, LayerNorm outputs too */
+        const bool whole = qs_config_recomputes(&m->cfg, l);
         if (whole && m->held_layer != l) recompute_layer(m, l);
         /* feed-forward branch; dres then becomes the gradient at res_mid */
         if (!whole && (m->ps.grad || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC))))

@@ -74,7 +74,7 @@ static void test_defaults(void **state) {
     assert_true(m->bias);
     assert_true(m->tie_embeddings);
     assert_true(m->recompute_ffn);
-    assert_false(m->recompute_layers);
+    assert_int_equal(m->recompute_layers, 0);
     assert_int_equal(m->init, QS_INIT_NORMAL);
     assert_true(m->init_std == 0.02f);
     assert_int_equal(m->moe.n_experts, 0);
@@ -172,6 +172,12 @@ static void test_wrong_types(void **state) {
     assert_load_fails("{\"model\": {\"dropout\": [0.1]}}", "cfg: model.dropout: expected a number, got an array");
     assert_load_fails("{\"model\": {\"bias\": 1}}", "cfg: model.bias: expected true or false, got a number");
     assert_load_fails("{\"model\": {\"bias\": \"true\"}}", "cfg: model.bias: expected true or false, got a string");
+    assert_load_fails("{\"model\": {\"recompute_layers\": \"all\"}}",
+                      "cfg: model.recompute_layers: expected true, false or a number of blocks, got a string");
+    assert_load_fails("{\"model\": {\"recompute_layers\": 2.5}}",
+                      "cfg: model.recompute_layers: expected true, false or a number of blocks, got 2.5");
+    assert_load_fails("{\"model\": {\"recompute_layers\": -1}}",
+                      "cfg: model.recompute_layers: must be in [0, 4096], got -1");
     assert_load_fails("{\"model\": {\"activation\": \"tanh\"}}",
                       "cfg: model.activation: expected one of gelu, relu, got 'tanh'");
     assert_load_fails("{\"model\": {\"activation\": \"GELU\"}}",
@@ -314,6 +320,13 @@ static void test_set(void **state) {
     assert_int_equal(c.model.moe.gating, QS_GATING_NOISY_TOPK);
     assert_int_equal(qs_config_set(&c, "train.seed= 42 "), 0); /* JSON allows the spaces */
     assert_int_equal(c.train.seed, 42);
+    /* activation checkpointing: a count of blocks, or every block, or none */
+    assert_int_equal(qs_config_set(&c, "model.recompute_layers=3"), 0);
+    assert_int_equal(c.model.recompute_layers, 3);
+    assert_int_equal(qs_config_set(&c, "model.recompute_layers=true"), 0);
+    assert_int_equal(c.model.recompute_layers, QS_RECOMPUTE_ALL);
+    assert_int_equal(qs_config_set(&c, "model.recompute_layers=false"), 0);
+    assert_int_equal(c.model.recompute_layers, 0);
 
     assert_set_fails("x.y=1", "--set: unknown key 'x.y'");
     assert_set_fails("model.n_embed=1", "--set: unknown key 'model.n_embed'");
@@ -356,6 +369,11 @@ static void test_validate(void **state) {
                    "data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");
     EXPECT_INVALID(c.model.dropout = 1.5f, "model.dropout: must be in [0, 1), got 1.5");
     EXPECT_INVALID(c.train.lr = NAN, "train.lr: must be > 0, got nan");
+    EXPECT_INVALID(c.model.recompute_layers = -2, "model.recompute_layers: must be in [0, 4096], got -2");
+    EXPECT_INVALID((c.model.n_layer = 4, c.model.recompute_layers = 5),
+                   "model.recompute_layers (5) must be <= model.n_layer (4); true checkpoints every block");
+    EXPECT_INVALID((c.model.type = QS_MODEL_QUADRANET, c.model.recompute_layers = 2),
+                   "model.recompute_layers: a QuadraNet checkpoints every block or none (true or false), got 2");
     EXPECT_INVALID(c.model.n_head = 0, "model.n_head: must be in [1, 65536], got 0");
     EXPECT_INVALID(c.model.activation = (qs_activation)7, "model.activation: expected one of gelu, relu, got 7");
     EXPECT_INVALID(c.train.seed = (1ull << 53) + 1, "train.seed: must be in [0, 9007199254740992], got 9007199254740993");
@@ -393,7 +411,7 @@ static void random_config(qs_config *c) {
     c->model.activation = (qs_activation)rnd_int(0, 1);
     c->model.bias = rnd() & 1;
     c->model.tie_embeddings = rnd() & 1;
-    c->model.recompute_layers = rnd() & 1;
+    c->model.recompute_layers = rnd_int(QS_RECOMPUTE_ALL, 4096);
     c->model.init = (qs_init)rnd_int(0, 2);
     c->model.moe.n_experts = rnd_int(0, 4096);
     c->model.moe.top_k = rnd_int(1, 4096);
@@ -468,6 +486,7 @@ static void test_to_json_round_trip(void **state) {
     assert_non_null(strstr(json, "\"activation\":\t\"gelu\""));
     assert_non_null(strstr(json, "\"lr\":\t0.001"));
     assert_non_null(strstr(json, "\"init_std\":\t0.02,"));
+    assert_non_null(strstr(json, "\"recompute_layers\":\tfalse,")); /* booleans where they say it */
     assert_null(strstr(json, "\"top_k\":\t2,\n\t\"")); /* top_k sits inside moe, not model */
     free(json);
 
@@ -499,7 +518,7 @@ static void test_same_architecture(void **state) {
     b = a;
     assert_true(qs_config_same_architecture(&a.model, &b.model));
     b.model.recompute_ffn = !a.model.recompute_ffn;
-    b.model.recompute_layers = !a.model.recompute_layers;
+    b.model.recompute_layers = 3;
     assert_true(qs_config_same_architecture(&a.model, &b.model));
     b.model.n_layer++;
     assert_false(qs_config_same_architecture(&a.model, &b.model));

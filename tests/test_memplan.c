@@ -122,7 +122,7 @@ static qs_model_config random_gpt(int kind) {
     m.ffn_mult = draw(1, 4);
     m.tie_embeddings = draw(0, 1);
     m.recompute_ffn = draw(0, 1);
-    m.recompute_layers = draw(0, 1);
+    m.recompute_layers = draw(QS_RECOMPUTE_ALL, m.n_layer); /* every block, or the last 0..n_layer */
     if (kind == 1) {
         m.moe.n_experts = draw(2, 9);
         m.moe.top_k = draw(1, m.moe.n_experts);
@@ -199,7 +199,7 @@ static void test_quadranet_plan_is_what_create_takes(void **state) {
         q->num_classes = draw(2, 11);
         q->kernel_size = 2 * draw(1, 3) + 1;
         cfg.recompute_ffn = draw(0, 1);
-        cfg.recompute_layers = draw(0, 1);
+        cfg.recompute_layers = draw(0, 1) ? QS_RECOMPUTE_ALL : 0;
         for (int s = 0; s < 4; s++) {
             q->widths[s] = draw(3, 9);
             q->depths[s] = draw(0, 2);

@@ -158,13 +158,37 @@ static void test_dense_untied_nobias(void **state) {
     gradcheck(&c, "dense untied, no bias, kept activations");
 }
 
+/* The CPU backend, counting the token mixers' forward calls: in a backward, the blocks
+ * it runs again. */
+static int mixer_forwards;
+static void counted_attention(float *out, float *lse, const float *q, const float *kv, const qs_attn_block *blk) {
+    mixer_forwards++;
+    qs_backend_cpu()->ops->attention_block_forward(out, lse, q, kv, blk);
+}
+static void counted_quadconv(float *y, float *fa, float *fb, const float *x, const float *w, const float *bias,
+                             const qs_conv_shape *s) {
+    mixer_forwards++;
+    qs_backend_cpu()->ops->quadconv_forward(y, fa, fb, x, w, bias, s);
+}
+static const qs_backend *counting_backend(void) {
+    static qs_ops ops;
+    static qs_backend be;
+    ops = *qs_backend_cpu()->ops;
+    ops.attention_block_forward = counted_attention;
+    ops.quadconv_forward = counted_quadconv;
+    be = *qs_backend_cpu();
+    be.ops = &ops;
+    return &be;
+}
+
 /* The memory modes trade activations for recomputation: recompute_ffn drops [N,F] floats
- * per layer, recompute_layers everything but each block's input. In every mode the loss,
- * every gradient, the MoE routing and its statistics must be the same bits as with all
- * activations kept (dropout and router noise are on, so their masks must come back the
- * same), in less memory each step down. */
+ * per layer, recompute_layers n everything but the block's input in the last n blocks
+ * (which share one block's buffers). In every mode the loss, every gradient, the MoE
+ * routing and its statistics must be the same bits as with all activations kept (dropout
+ * and router noise are on, so their masks must come back the same), in less memory each
+ * step down; the backward runs n - 1 blocks again (the last one's are still in place). */
 static void memory_modes_are_exact(qs_model_config c, const char *label) {
-    const int B = 2, T = 6, N = B * T;
+    const int B = 2, T = 6, N = B * T, L = c.n_layer;
     int x[12], y[12];
     for (int i = 0; i < N; i++) {
         x[i] = (int)qs_rng_below(seed, 40, (uint64_t)i, (uint64_t)c.vocab_size);
@@ -172,39 +196,50 @@ static void memory_modes_are_exact(qs_model_config c, const char *label) {
     }
     y[5] = -1;
     qs_forward_mode mode = {.train = true, .rng_seed = seed ^ 0x5eed, .grad_scale = 1.0f};
-    enum { KEPT, FFN, LAYERS, LAYERS_ONLY, N_MODES };
-    static const char *const names[N_MODES] = {"kept", "recompute_ffn", "both", "recompute_layers"};
-    qs_gpt *m[N_MODES];
-    double loss[N_MODES];
-    size_t act[N_MODES];
+    /* per recompute_ffn off/on: recompute_layers 0..L, then true; mode 0 keeps everything */
+    enum { MAX_LAYERS = 4, PER_FFN = MAX_LAYERS + 2 };
+    assert_true(L <= MAX_LAYERS);
+    const int per = L + 2, n_modes = 2 * per;
+    qs_gpt *m[2 * PER_FFN];
+    double loss[2 * PER_FFN];
+    size_t act[2 * PER_FFN];
     const size_t nr = routing_len(&c, N);
-    for (int r = 0; r < N_MODES; r++) {
-        c.recompute_ffn = r == FFN || r == LAYERS;
-        c.recompute_layers = r == LAYERS || r == LAYERS_ONLY;
-        assert_int_equal(qs_gpt_create(&m[r], &c, qs_backend_cpu(), B, T), 0);
+    for (int r = 0; r < n_modes; r++) {
+        c.recompute_ffn = r >= per;
+        c.recompute_layers = r % per <= L ? r % per : QS_RECOMPUTE_ALL;
+        assert_int_equal(qs_gpt_create(&m[r], &c, counting_backend(), B, T), 0);
         qs_gpt_init(m[r], seed);
         qs_params_zero_grad(qs_gpt_params(m[r]));
         qs_gpt_moe_stats_reset(m[r]);
         loss[r] = objective(m[r], x, y, B, T, &mode);
+        mixer_forwards = 0;
         assert_int_equal(qs_gpt_backward(m[r]), 0);
+        const int n = c.recompute_layers == QS_RECOMPUTE_ALL ? L : c.recompute_layers;
+        assert_int_equal(mixer_forwards, n > 0 ? n - 1 : 0);
         act[r] = qs_gpt_mem_plan(m[r])->activations;
-        printf("# %s, %s: activations %zu bytes\n", label, names[r], act[r]);
+        printf("# %s, recompute_ffn %d, recompute_layers %d: activations %zu bytes\n", label, c.recompute_ffn,
+               c.recompute_layers, act[r]);
         if (!r) continue;
-        assert_true(loss[r] == loss[KEPT]);
-        assert_memory_equal(qs_gpt_params(m[KEPT])->grad, qs_gpt_params(m[r])->grad,
+        assert_true(loss[r] == loss[0]);
+        assert_memory_equal(qs_gpt_params(m[0])->grad, qs_gpt_params(m[r])->grad,
                             qs_gpt_params(m[r])->n * sizeof(float));
         if (!nr) continue;
-        assert_memory_equal(qs_gpt_moe_routing(m[KEPT]), qs_gpt_moe_routing(m[r]), nr * sizeof(int));
-        const qs_moe_stats *s0 = qs_gpt_moe_stats(m[KEPT]), *s = qs_gpt_moe_stats(m[r]);
+        assert_memory_equal(qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(m[r]), nr * sizeof(int));
+        const qs_moe_stats *s0 = qs_gpt_moe_stats(m[0]), *s = qs_gpt_moe_stats(m[r]);
         assert_true(s->balance == s0->balance && s->z == s0->z); /* counted once, not again in backward */
         assert_int_equal(s->kept, s0->kept);
         assert_int_equal(s->dropped, s0->dropped);
         assert_memory_equal(s->expert_tokens, s0->expert_tokens, (size_t)c.moe.n_experts * sizeof(int64_t));
     }
-    assert_true(act[FFN] < act[KEPT]);
-    assert_true(act[LAYERS_ONLY] < act[FFN]);
-    assert_true(act[LAYERS] == act[LAYERS_ONLY]); /* one shared layer either way */
-    for (int r = 0; r < N_MODES; r++) qs_gpt_free(m[r]);
+    assert_true(act[per] < act[0]); /* recompute_ffn */
+    for (int f = 0; f < 2; f++) {
+        const size_t *a = act + f * per;
+        assert_true(a[1] == a[0]); /* the last block alone: its buffers stay its own */
+        for (int n = 1; n < L; n++) assert_true(a[n + 1] < a[n]); /* each further block: one fewer set */
+        assert_true(a[L] == a[L + 1]); /* n_layer blocks are all of them */
+    }
+    assert_true(act[per + L + 1] == act[L + 1]); /* one shared layer either way */
+    for (int r = 0; r < n_modes; r++) qs_gpt_free(m[r]);
 }
 
 /* Grouped-query attention: n_head query heads over n_kv_head K/V heads (width 2 a head). */
@@ -318,6 +353,7 @@ static void test_memory_modes(void **state) {
     c.n_layer = 3;
     memory_modes_are_exact(c, "dense");
     c = moe_config();
+    c.n_layer = 3;
     c.moe.gating = QS_GATING_NOISY_TOPK;
     c.moe.capacity_factor = 1.0f;
     memory_modes_are_exact(c, "moe");
@@ -432,8 +468,11 @@ static void test_grads_ready(void **state) {
     c = moe_config();
     c.moe.gating = QS_GATING_NOISY_TOPK;
     ready_tails_are_final(c, "moe");
-    c.recompute_layers = true;
+    c.recompute_layers = QS_RECOMPUTE_ALL;
     ready_tails_are_final(c, "moe, recompute_layers");
+    c.n_layer = 3;
+    c.recompute_layers = 2;
+    ready_tails_are_final(c, "moe, recompute_layers 2 of 3");
     ready_tails_are_final(quadconv_config(), "quadconv mixer");
 }
 
@@ -700,11 +739,14 @@ static void test_kv_cache(void **state) {
     kv_cache_matches_recompute(gqa_config(4, 2), "grouped-query");
     kv_cache_matches_recompute(gqa_config(3, 1), "multi-query");
     qs_model_config c = quadconv_config();
-    c.recompute_layers = true; /* every layer's buffers shared: each fills its cache before the next */
+    c.recompute_layers = QS_RECOMPUTE_ALL; /* every layer's buffers shared: each fills its cache before the next */
     kv_cache_matches_recompute(c, "quadconv mixer, recompute_layers");
     c = gqa_config(4, 2);
-    c.recompute_layers = true;
+    c.recompute_layers = QS_RECOMPUTE_ALL;
     kv_cache_matches_recompute(c, "grouped-query, recompute_layers");
+    c.n_layer = 3;
+    c.recompute_layers = 2;
+    kv_cache_matches_recompute(c, "grouped-query, recompute_layers 2 of 3");
 }
 
 /* Prompts of different lengths generated in one batch: greedy, each comes out as it

@@ -104,7 +104,7 @@ static void test_gradcheck(void **state) {
     for (int k = 0; k < 4; k++) {
         qs_model_config mc = cfg;
         mc.recompute_ffn = modes[k][0];
-        mc.recompute_layers = modes[k][1];
+        mc.recompute_layers = modes[k][1] ? QS_RECOMPUTE_ALL : 0;
         qs_quadranet *mk;
         assert_int_equal(qs_quadranet_create(&mk, &mc, qs_backend_cpu(), B), 0);
         assert_int_equal(qs_quadranet_init(mk, seed), 0);

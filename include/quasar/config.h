@@ -55,7 +55,9 @@ typedef struct qs_model_config {
     bool bias;             /* biases in linear layers */
     bool tie_embeddings;   /* lm head shares wte */
     bool recompute_ffn;    /* keep only the FFN activation's input; make its output again in backward */
-    bool recompute_layers; /* keep only each block's input; run the block's forward again in backward */
+    /* activation checkpointing: the last n blocks keep only their input and run their
+     * forward again in backward; QS_RECOMPUTE_ALL (JSON true) every block, 0 (false) none */
+    int recompute_layers;
     qs_init init;          /* "normal" (std init_std) | "kaiming" | "xavier" */
     float init_std;
     qs_moe_config moe;
@@ -138,6 +140,12 @@ int qs_config_set(qs_config *c, const char *assignment);
 int qs_config_validate(const qs_config *c);
 /* lora.targets as QS_LORA_* bits; an empty list or an unknown name is an error naming the key. */
 int qs_config_lora_targets(const qs_lora_config *l, unsigned *mask);
+/* model.recompute_layers: every block (a QuadraNet's only count besides 0) */
+#define QS_RECOMPUTE_ALL (-1)
+/* Whether GPT block l of n_layer keeps only its input (model.recompute_layers). */
+static inline bool qs_config_recomputes(const qs_model_config *m, int l) {
+    return m->recompute_layers == QS_RECOMPUTE_ALL || l >= m->n_layer - m->recompute_layers;
+}
 /* The key/value heads of a model: model.n_kv_head, or n_head where that is 0. */
 static inline int qs_config_kv_heads(const qs_model_config *m) { return m->n_kv_head ? m->n_kv_head : m->n_head; }
 /* Whether a and b have the same values throughout `section` ("model", "lora"). */

@@ -992,7 +992,7 @@ static qs_model_config quadranet_config(void) {
     q->kernel_size = 3;
     q->layer_scale_init = 0.5f;
     q->drop_path = 0.4f;
-    m.recompute_layers = bf16; /* the bf16 pass also checks the blocks made again in backward */
+    m.recompute_layers = bf16 ? QS_RECOMPUTE_ALL : 0; /* the bf16 pass also checks the blocks made again */
     return m;
 }
 
@@ -1188,7 +1188,7 @@ static void test_models(void) {
     test_gpt("dense gelu, F = 32 (fused epilogues), 4 heads over 2 K/V heads, dropout", &fused, 11);
     /* activation checkpointing: the backward runs the first layer's forward again */
     qs_model_config moe = moe_config();
-    moe.recompute_layers = true;
+    moe.recompute_layers = QS_RECOMPUTE_ALL;
     test_gpt("moe noisy top-2, capacity 1.0, dropout, recompute_layers", &moe, 11);
     qs_model_config qc = gpt_config();
     qc.mixer = QS_MIXER_QUADCONV;
