@@ -943,10 +943,18 @@ static float *act_backward_in_place(qs_gpt *m, layer_acts *a, size_t n) {
     return a->fch_act;
 }
 
+/* Whether layer l's backward reads its FFN activation's output: for c_proj's weight
+ * gradient, or for an adapter on c_proj. A frozen base without one reads only the
+ * pre-activation. */
+static bool act_read(const qs_gpt *m, int l) {
+    return m->ps.grad || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC_PROJ));
+}
+
 /* Whether the backward must make layer l's FFN activation output again: under
- * recompute_ffn, unless recompute_layers has just made the whole layer again. */
+ * recompute_ffn where it reads it, unless recompute_layers has just made the whole
+ * layer again. */
 static bool act_dropped(const qs_gpt *m, int l) {
-    return m->cfg.recompute_ffn && !qs_config_recomputes(&m->cfg, l);
+    return m->cfg.recompute_ffn && !qs_config_recomputes(&m->cfg, l) && act_read(m, l);
 }
 
 /* dln += d(ffn)/d(ln_2 output) given dy = gradient at the FFN output. Under

@@ -84,15 +84,17 @@ typedef struct built {
     qs_lora *lo;
 } built;
 
-static built build(const qs_config *c, int B, int T) {
+static built build_on(const qs_backend *be, const qs_config *c, int B, int T) {
     built b;
-    assert_int_equal(qs_gpt_create_frozen(&b.m, &c->model, qs_backend_cpu(), B, T), 0);
+    assert_int_equal(qs_gpt_create_frozen(&b.m, &c->model, be, B, T), 0);
     qs_gpt_init(b.m, seed);
     assert_int_equal(qs_lora_create(&b.lo, &c->lora, b.m), 0);
     randomise(b.lo, &c->model, 99);
     qs_gpt_set_lora(b.m, b.lo);
     return b;
 }
+
+static built build(const qs_config *c, int B, int T) { return build_on(qs_backend_cpu(), c, B, T); }
 
 static void drop(built *b) {
     qs_gpt_free(b->m);
@@ -215,11 +217,11 @@ static double gpt_loss(void *p, bool *same) {
     return loss;
 }
 
-/* A frozen GPT with random adapters (into *b), a training pass (masks from seed ^
+/* A frozen GPT on be with random adapters (into *b), a training pass (masks from seed ^
  * rng_xor) over 2 x 5 tokens and targets drawn from streams `stream` and `stream + 1`,
  * and the backward: the adapters hold their gradients. */
-static gpt_ctx adapter_pass(const qs_config *c, built *b, uint64_t rng_xor, uint64_t stream) {
-    *b = build(c, 2, 6);
+static gpt_ctx adapter_pass(const qs_backend *be, const qs_config *c, built *b, uint64_t rng_xor, uint64_t stream) {
+    *b = build_on(be, c, 2, 6);
     gpt_ctx g = {.m = b->m, .mode = {.train = true, .rng_seed = seed ^ rng_xor, .grad_scale = 1.0f}};
     for (int i = 0; i < 10; i++) {
         g.x[i] = (int)qs_rng_below(seed, stream, (uint64_t)i, 11);
@@ -233,7 +235,7 @@ static gpt_ctx adapter_pass(const qs_config *c, built *b, uint64_t rng_xor, uint
 
 static void gpt_gradcheck(const qs_config *c, const char *label) {
     built b;
-    gpt_ctx g = adapter_pass(c, &b, 77, 20);
+    gpt_ctx g = adapter_pass(qs_backend_cpu(), c, &b, 77, 20);
     assert_null(qs_gpt_params(b.m)->grad); /* the base is frozen: no gradient buffer at all */
     qs_params *ps = qs_lora_params(b.lo);
     size_t nr = c->model.moe.n_experts ? (size_t)c->model.n_layer * 10 * c->model.moe.top_k : 0;
@@ -325,7 +327,7 @@ static void adapters_under_recompute(qs_config c, const char *label) {
     for (int r = 0; r < 3; r++) {
         c.model.recompute_layers = counts[r];
         built b;
-        adapter_pass(&c, &b, 3, 60);
+        adapter_pass(qs_backend_cpu(), &c, &b, 3, 60);
         qs_params *ps = qs_lora_params(b.lo);
         n = ps->n;
         grad[r] = malloc(n * sizeof(float));
@@ -356,6 +358,41 @@ static void test_recompute_layers(void **state) {
     c.model.moe.top_k = 2;
     c.model.moe.gating = QS_GATING_NOISY_TOPK;
     adapters_under_recompute(c, "moe gpt + lora, recompute_layers");
+}
+
+/* Under recompute_ffn a frozen base makes the FFN activation's output again in the
+ * backward only where an adapter on c_proj reads it: without one, the backward needs
+ * only the pre-activation (c_proj takes no weight gradient). Counted as GELU passes
+ * over a whole pass, whose forward fuses the GELU into c_fc (no adapter on c_fc). */
+static int gelu_passes;
+static void counted_gelu(float *out, const float *in, size_t n) {
+    gelu_passes++;
+    qs_backend_cpu()->ops->gelu_forward(out, in, n);
+}
+
+static void test_activation_remade_where_read(void **state) {
+    (void)state;
+    static qs_ops ops;
+    static qs_backend be;
+    ops = *qs_backend_cpu()->ops;
+    ops.gelu_forward = counted_gelu;
+    be = *qs_backend_cpu();
+    be.ops = &ops;
+    static const struct {
+        const char *targets;
+        int passes;
+    } cases[] = {{"q,v", 0}, {"proj", 0}, {"fc_proj", 3}, {"q,fc_proj", 3}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        qs_config c = tiny(cases[k].targets);
+        c.model.n_layer = 3;
+        c.model.recompute_ffn = true;
+        built b;
+        gelu_passes = 0;
+        adapter_pass(&be, &c, &b, 5, 80);
+        printf("# targets %s: %d GELU passes\n", cases[k].targets, gelu_passes);
+        assert_int_equal(gelu_passes, cases[k].passes);
+        drop(&b);
+    }
 }
 
 /* Expert adapters draw their dropout masks at each packed row's token's global row:
@@ -974,6 +1011,7 @@ int main(void) {
         cmocka_unit_test(test_gpt_grouped_query),
         cmocka_unit_test(test_gpt_quadconv_mixer),
         cmocka_unit_test(test_recompute_layers),
+        cmocka_unit_test(test_activation_remade_where_read),
         cmocka_unit_test(test_expert_dropout_rows),
         cmocka_unit_test(test_qkv_mask_and_frozen_base),
         cmocka_unit_test(test_merge_unmerge),
