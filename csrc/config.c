@@ -13,7 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* T_LAYERS: a count of blocks as an int, or JSON true (QS_RECOMPUTE_ALL) / false (0). */
+/* T_LAYERS: a count of blocks as an int, or JSON true (QS_RECOMPUTE_ALL) / false (0) /
+ * "auto" (QS_RECOMPUTE_AUTO). */
 typedef enum { T_INT, T_FLOAT, T_BOOL, T_STRING, T_ENUM, T_U64, T_INTS, T_LAYERS } field_type;
 
 /* One key. Its JSON path is the member's path in qs_config ("model.moe.top_k"), so the
@@ -213,7 +214,7 @@ static int expect_error(const field *f, const char *got) {
     static const char *const kinds[] = {[T_INT] = "an integer", [T_FLOAT] = "a number",
                                         [T_BOOL] = "true or false", [T_STRING] = "a string",
                                         [T_U64] = "an integer",
-                                        [T_LAYERS] = "true, false or a number of blocks"};
+                                        [T_LAYERS] = "true, false, \"auto\" or a number of blocks"};
     char want[256];
     if (!f->names)
         return qs_error("%s: expected %s, got %s", f->path, kinds[f->type], got);
@@ -284,6 +285,13 @@ static int set_field(qs_config *c, const field *f, const cJSON *v) {
     }
     if (f->type == T_LAYERS && cJSON_IsBool(v)) {
         *(int *)p = cJSON_IsTrue(v) ? QS_RECOMPUTE_ALL : 0;
+        return 0;
+    }
+    if (f->type == T_LAYERS && cJSON_IsString(v)) {
+        snprintf(got, sizeof got, "'%.64s'", v->valuestring);
+        if (strcmp(v->valuestring, "auto"))
+            return expect_error(f, got);
+        *(int *)p = QS_RECOMPUTE_AUTO;
         return 0;
     }
     if (f->type == T_ENUM || f->type == T_STRING) {
@@ -462,7 +470,7 @@ static int check_field(const qs_config *c, const field *f) {
     }
     default: {
         double x;
-        if (f->type == T_LAYERS && *(const int *)p == QS_RECOMPUTE_ALL)
+        if (f->type == T_LAYERS && (*(const int *)p == QS_RECOMPUTE_ALL || *(const int *)p == QS_RECOMPUTE_AUTO))
             return 0;
         if (f->type == T_INT || f->type == T_LAYERS)
             x = *(const int *)p;
@@ -505,8 +513,8 @@ int qs_config_validate(const qs_config *c) {
         if (m->mixer != QS_MIXER_ATTENTION)
             return qs_error("model.mixer applies to GPT models, not to model.type quadranet");
         if (m->recompute_layers > 0)
-            return qs_error("model.recompute_layers: a QuadraNet checkpoints every block or none (true or false), "
-                            "got %d", m->recompute_layers);
+            return qs_error("model.recompute_layers: a QuadraNet checkpoints every block or none (true, false or "
+                            "\"auto\"), got %d", m->recompute_layers);
     } else if (m->recompute_layers > m->n_layer) {
         return qs_error("model.recompute_layers (%d) must be <= model.n_layer (%d); true checkpoints every block",
                         m->recompute_layers, m->n_layer);
@@ -547,8 +555,10 @@ static cJSON *field_to_json(const qs_config *c, const field *f) {
     switch (f->type) {
     case T_BOOL:
         return cJSON_CreateBool(*(const bool *)p);
-    case T_LAYERS: { /* the boolean spellings where they say it */
+    case T_LAYERS: { /* the words where they say it */
         const int n = *(const int *)p;
+        if (n == QS_RECOMPUTE_AUTO)
+            return cJSON_CreateString("auto");
         if (n == QS_RECOMPUTE_ALL || n == 0)
             return cJSON_CreateBool(n != 0);
         return cJSON_CreateNumber(n);

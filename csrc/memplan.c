@@ -32,6 +32,12 @@ static void print_parts(FILE *f, const qs_mem_plan *p) {
 }
 
 int qs_mem_plan_check(const qs_mem_plan *p, const qs_backend *be) {
+    return qs_mem_plan_check_advising(p, be,
+                                      "lower train.micro_batch_size, model.seq_len or the model's size, or set "
+                                      "model.recompute_layers");
+}
+
+int qs_mem_plan_check_advising(const qs_mem_plan *p, const qs_backend *be, const char *lower) {
     size_t free_b, total_b;
     if (be->mem_info(&free_b, &total_b) || qs_mem_plan_total(p) <= free_b) return 0;
     char *text = NULL;
@@ -40,9 +46,8 @@ int qs_mem_plan_check(const qs_mem_plan *p, const qs_backend *be) {
     if (!f) return qs_error("out of memory: the run needs %.1f MiB on %s", mib(qs_mem_plan_total(p)), be->name);
     print_parts(f, p);
     fclose(f);
-    qs_error("not enough memory on %s: the run needs %s MiB, but %.1f MiB of %.1f MiB is free; lower "
-             "train.micro_batch_size, model.seq_len or the model's size, or set model.recompute_layers",
-             be->name, text, mib(free_b), mib(total_b));
+    qs_error("not enough memory on %s: the run needs %s MiB, but %.1f MiB of %.1f MiB is free; %s", be->name, text,
+             mib(free_b), mib(total_b), lower);
     free(text);
     return -1;
 }

@@ -13,10 +13,28 @@ int qs_task_open(qs_task *t, qs_config *cfg, const char *chars_json, const qs_ta
     return qs_task_open_image(t, cfg, place);
 }
 
-int qs_task_check_memory(qs_mem_plan *plan, const qs_task_place *place) {
+/* AdamW's state beside the plan, as place shards it; then the check. */
+static int fits(qs_mem_plan *plan, const qs_task_place *place, const char *lower) {
     if (place->optim_shards > 0)
         plan->optimizer = qs_mem_plan_optimizer(plan->grads / sizeof(float), place->optim_shards);
-    return qs_mem_plan_check(plan, place->be);
+    return lower ? qs_mem_plan_check_advising(plan, place->be, lower) : qs_mem_plan_check(plan, place->be);
+}
+
+int qs_task_plan(qs_mem_plan *plan, qs_config *cfg, const qs_task_place *place, qs_task_plan_fn fn,
+                 const void *ctx) {
+    qs_model_config *m = &cfg->model;
+    if (m->recompute_layers != QS_RECOMPUTE_AUTO) return fn(plan, cfg, place, ctx) ? -1 : fits(plan, place, NULL);
+    const bool gpt = m->type == QS_MODEL_GPT;
+    const int tries = gpt ? (m->n_layer > 1 ? m->n_layer : 1) : 2;
+    for (int i = 0; i < tries; i++) {
+        const bool last = i == tries - 1;
+        m->recompute_layers = i == 0 ? 0 : gpt ? i + 1 : QS_RECOMPUTE_ALL;
+        if (fn(plan, cfg, place, ctx)) return -1;
+        if (!fits(plan, place, last ? "model.recompute_layers auto already checkpoints every block; lower "
+                                      "train.micro_batch_size, model.seq_len or the model's size" : ""))
+            return 0;
+    }
+    return -1;
 }
 
 void qs_task_free(qs_task *t) {

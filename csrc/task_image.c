@@ -54,11 +54,15 @@ static void image_free(void *self) {
     free(t);
 }
 
+/* The model at micro-batches of *ctx images (qs_task_plan_fn). */
+static int plan_image(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place *place, const void *ctx) {
+    return qs_quadranet_plan(&cfg->model, place->be, *(const int *)ctx, plan);
+}
+
 int qs_task_open_image(qs_task *task, qs_config *cfg, const qs_task_place *place) {
     const qs_quadra_config *q = &cfg->model.quadra;
     image_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
-    t->cfg = *cfg;
     t->B = place->micro_B;
     t->aug = (qs_augment){.size = q->image_size, .max_shift = cfg->data.augment_shift, .flip = cfg->data.augment_flip};
     int rc = qs_image_dataset_load(&t->data, cfg->data.path);
@@ -72,8 +76,8 @@ int qs_task_open_image(qs_task *task, qs_config *cfg, const qs_task_place *place
         rc = qs_error("model.quadra.num_classes (%d) is smaller than the %d classes in '%s'", q->num_classes,
                       t->data.n_classes, cfg->data.path);
     qs_mem_plan plan = {0};
-    if (!rc) rc = qs_quadranet_plan(&cfg->model, place->be, t->B, &plan);
-    if (!rc) rc = qs_task_check_memory(&plan, place);
+    if (!rc) rc = qs_task_plan(&plan, cfg, place, plan_image, &t->B);
+    t->cfg = *cfg; /* as planned: recompute_layers "auto" now a count */
     if (!rc) rc = qs_quadranet_create(&t->m, &cfg->model, place->be, t->B);
     if (!rc) {
         t->x = malloc((size_t)t->B * q->image_size * q->image_size * sizeof(float));

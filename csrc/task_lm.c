@@ -173,17 +173,23 @@ static void lm_free(void *self) {
     free(t);
 }
 
-/* The run's memory: the model (frozen under LoRA) with its ring-attention buffers, the
- * adapters, and the optimizer of what trains; fails when it does not fit. */
-static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place *place, int B, int T, bool lora) {
+/* What plan_lm plans for: micro-batches of B x T tokens, the model frozen under LoRA. */
+typedef struct lm_shape {
+    int B, T;
+    bool lora;
+} lm_shape;
+
+/* The model with its ring-attention buffers, and the adapters (qs_task_plan_fn). */
+static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place *place, const void *ctx) {
+    const lm_shape *s = ctx;
     const int sp = place->sp ? qs_comm_size(place->sp) : 1;
-    if (qs_gpt_plan(&cfg->model, place->be, B, T, !lora, sp, plan)) return -1;
-    if (lora) {
+    if (qs_gpt_plan(&cfg->model, place->be, s->B, s->T, !s->lora, sp, plan)) return -1;
+    if (s->lora) {
         qs_mem_plan adapters;
-        if (qs_lora_plan(&cfg->lora, &cfg->model, place->be, B * T, &adapters)) return -1;
+        if (qs_lora_plan(&cfg->lora, &cfg->model, place->be, s->B * s->T, &adapters)) return -1;
         qs_mem_plan_add(plan, &adapters);
     }
-    return qs_task_check_memory(plan, place);
+    return 0;
 }
 
 /* lora: the model is a frozen base that adapters (cfg->lora) will train. */
@@ -202,12 +208,12 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const 
         if (!rc && cfg->model.vocab_size < v)
             rc = qs_error("model.vocab_size %d is smaller than the vocabulary (%d)", cfg->model.vocab_size, v);
     }
-    t->cfg = *cfg;
     t->B = place->micro_B;
     t->sp = place->sp && qs_comm_size(place->sp) > 1 ? place->sp : NULL;
     t->T = cfg->model.seq_len / (t->sp ? qs_comm_size(t->sp) : 1);
     qs_mem_plan plan = {0};
-    if (!rc) rc = plan_lm(&plan, cfg, place, t->B, t->T, lora);
+    if (!rc) rc = qs_task_plan(&plan, cfg, place, plan_lm, &(lm_shape){t->B, t->T, lora});
+    t->cfg = *cfg; /* as planned: recompute_layers "auto" now a count */
     if (!rc) rc = (lora ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, place->be, t->B, t->T);
     if (!rc && t->sp) rc = qs_gpt_set_sequence_parallel(t->m, t->sp);
     if (!rc && t->sp) {

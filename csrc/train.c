@@ -106,6 +106,15 @@ static int save_checkpoint(qs_dp *dp, bool writer, const char *run, const qs_con
     return rc;
 }
 
+/* What model.recompute_layers "auto" chose (the plan printed is the chosen one's). */
+static void print_recompute_choice(const qs_model_config *m) {
+    const int n = m->recompute_layers, L = m->n_layer;
+    fputs("quasar: model.recompute_layers auto: ", stderr);
+    if (n == 0) fputs("no block checkpointed (everything fits)\n", stderr);
+    else if (n == QS_RECOMPUTE_ALL || n >= L) fputs("every block checkpointed\n", stderr);
+    else fprintf(stderr, "the last %d of %d blocks checkpointed\n", n, L);
+}
+
 int qs_train(qs_config *cfg, const qs_train_options *opt) {
     const qs_backend *be = opt->be ? opt->be : qs_backend_cpu();
     qs_train_config *tc = &cfg->train;
@@ -159,6 +168,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         dp_rank = qs_comm_rank(dp_group);
     }
     qs_task task;
+    const bool auto_recompute = cfg->model.recompute_layers == QS_RECOMPUTE_AUTO;
     const qs_task_place place = {
         .micro_B = B, .sp = sp_group, .be = be, .optim_shards = cfg->parallel.zero == 1 ? dp_size : 1};
     int trc = opt->base ? qs_task_open_lora(&task, cfg, opt->base_chars, opt->base, opt->base_dir,
@@ -223,6 +233,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         if (world_size > 1) fprintf(stderr, ", over %s", qs_comm_name(world));
         fprintf(stderr, "; %d micro-batch(es) of %d) on %s%s\n", accum, B, be->name, opt->resume ? " -- resuming" : "");
         if (opt->resume) fprintf(stderr, "quasar: resumed from %s at step %d\n", step_dir, st.step);
+        if (auto_recompute) print_recompute_choice(&cfg->model);
     }
 
     int tty = writer && isatty(STDERR_FILENO), start_step = st.step;

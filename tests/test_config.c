@@ -173,9 +173,11 @@ static void test_wrong_types(void **state) {
     assert_load_fails("{\"model\": {\"bias\": 1}}", "cfg: model.bias: expected true or false, got a number");
     assert_load_fails("{\"model\": {\"bias\": \"true\"}}", "cfg: model.bias: expected true or false, got a string");
     assert_load_fails("{\"model\": {\"recompute_layers\": \"all\"}}",
-                      "cfg: model.recompute_layers: expected true, false or a number of blocks, got a string");
+                      "cfg: model.recompute_layers: expected true, false, \"auto\" or a number of blocks, got 'all'");
     assert_load_fails("{\"model\": {\"recompute_layers\": 2.5}}",
-                      "cfg: model.recompute_layers: expected true, false or a number of blocks, got 2.5");
+                      "cfg: model.recompute_layers: expected true, false, \"auto\" or a number of blocks, got 2.5");
+    assert_load_fails("{\"model\": {\"recompute_layers\": null}}",
+                      "cfg: model.recompute_layers: expected true, false, \"auto\" or a number of blocks, got null");
     assert_load_fails("{\"model\": {\"recompute_layers\": -1}}",
                       "cfg: model.recompute_layers: must be in [0, 4096], got -1");
     assert_load_fails("{\"model\": {\"activation\": \"tanh\"}}",
@@ -327,6 +329,8 @@ static void test_set(void **state) {
     assert_int_equal(c.model.recompute_layers, QS_RECOMPUTE_ALL);
     assert_int_equal(qs_config_set(&c, "model.recompute_layers=false"), 0);
     assert_int_equal(c.model.recompute_layers, 0);
+    assert_int_equal(qs_config_set(&c, "model.recompute_layers=auto"), 0);
+    assert_int_equal(c.model.recompute_layers, QS_RECOMPUTE_AUTO);
 
     assert_set_fails("x.y=1", "--set: unknown key 'x.y'");
     assert_set_fails("model.n_embed=1", "--set: unknown key 'model.n_embed'");
@@ -369,11 +373,12 @@ static void test_validate(void **state) {
                    "data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");
     EXPECT_INVALID(c.model.dropout = 1.5f, "model.dropout: must be in [0, 1), got 1.5");
     EXPECT_INVALID(c.train.lr = NAN, "train.lr: must be > 0, got nan");
-    EXPECT_INVALID(c.model.recompute_layers = -2, "model.recompute_layers: must be in [0, 4096], got -2");
+    EXPECT_INVALID(c.model.recompute_layers = -3, "model.recompute_layers: must be in [0, 4096], got -3");
     EXPECT_INVALID((c.model.n_layer = 4, c.model.recompute_layers = 5),
                    "model.recompute_layers (5) must be <= model.n_layer (4); true checkpoints every block");
     EXPECT_INVALID((c.model.type = QS_MODEL_QUADRANET, c.model.recompute_layers = 2),
-                   "model.recompute_layers: a QuadraNet checkpoints every block or none (true or false), got 2");
+                   "model.recompute_layers: a QuadraNet checkpoints every block or none (true, false or \"auto\"), "
+                   "got 2");
     EXPECT_INVALID(c.model.n_head = 0, "model.n_head: must be in [1, 65536], got 0");
     EXPECT_INVALID(c.model.activation = (qs_activation)7, "model.activation: expected one of gelu, relu, got 7");
     EXPECT_INVALID(c.train.seed = (1ull << 53) + 1, "train.seed: must be in [0, 9007199254740992], got 9007199254740993");
@@ -411,7 +416,7 @@ static void random_config(qs_config *c) {
     c->model.activation = (qs_activation)rnd_int(0, 1);
     c->model.bias = rnd() & 1;
     c->model.tie_embeddings = rnd() & 1;
-    c->model.recompute_layers = rnd_int(QS_RECOMPUTE_ALL, 4096);
+    c->model.recompute_layers = rnd_int(QS_RECOMPUTE_AUTO, 4096);
     c->model.init = (qs_init)rnd_int(0, 2);
     c->model.moe.n_experts = rnd_int(0, 4096);
     c->model.moe.top_k = rnd_int(1, 4096);
@@ -486,7 +491,11 @@ static void test_to_json_round_trip(void **state) {
     assert_non_null(strstr(json, "\"activation\":\t\"gelu\""));
     assert_non_null(strstr(json, "\"lr\":\t0.001"));
     assert_non_null(strstr(json, "\"init_std\":\t0.02,"));
-    assert_non_null(strstr(json, "\"recompute_layers\":\tfalse,")); /* booleans where they say it */
+    assert_non_null(strstr(json, "\"recompute_layers\":\tfalse,")); /* the words where they say it */
+    free(json);
+    c.model.recompute_layers = QS_RECOMPUTE_AUTO;
+    json = qs_config_to_json(&c);
+    assert_non_null(strstr(json, "\"recompute_layers\":\t\"auto\","));
     assert_null(strstr(json, "\"top_k\":\t2,\n\t\"")); /* top_k sits inside moe, not model */
     free(json);
 

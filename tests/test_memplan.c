@@ -21,6 +21,7 @@
 #include "quasar/quadranet.h"
 #include "quasar/ring_attention.h"
 #include "quasar/rng.h"
+#include "quasar/task.h"
 #include "test_seed.h"
 
 static uint64_t seed, draws;
@@ -299,6 +300,64 @@ static void test_too_big_fails_before_allocating(void **state) {
     reset();
 }
 
+/* model.recompute_layers "auto": an LM task opens with the fewest checkpointed blocks
+ * (0, 2, 3, ..., n_layer) whose plan, AdamW's state included, fits the device; when
+ * none does it fails with one line, having taken nothing. */
+static void test_auto_recompute_takes_the_fewest_that_fit(void **state) {
+    (void)state;
+    char path[] = "/tmp/quasar_memplan_XXXXXX";
+    const int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    for (int i = 0; i < 3000; i++) fputc("abcd\n"[draw(0, 4)], f);
+    fclose(f);
+    for (int round = 0; round < 3; round++) {
+        qs_config c;
+        qs_config_defaults(&c);
+        c.model = random_gpt(round);
+        c.model.n_layer = draw(3, 5);
+        snprintf(c.data.path, sizeof c.data.path, "%s", path);
+        const qs_task_place place = {.micro_B = draw(1, 3), .be = &counting, .optim_shards = 1};
+        /* the run's total at each count: strictly less for each block more */
+        size_t total[6] = {0};
+        for (int n = 0; n <= c.model.n_layer; n++) {
+            if (n == 1) continue;
+            qs_model_config m = c.model;
+            m.recompute_layers = n;
+            qs_mem_plan plan;
+            assert_int_equal(qs_gpt_plan(&m, &counting, place.micro_B, m.seq_len, true, 1, &plan), 0);
+            plan.optimizer = qs_mem_plan_optimizer(plan.params / sizeof(float), 1);
+            total[n] = qs_mem_plan_total(&plan);
+            assert_true(n == 0 || total[n] < total[n == 2 ? 0 : n - 1]);
+        }
+        /* a count between, none, every block */
+        const int want = round == 0 ? draw(2, c.model.n_layer - 1) : round == 1 ? 0 : c.model.n_layer;
+        capacity = total[want];
+        qs_config run = c;
+        run.model.recompute_layers = QS_RECOMPUTE_AUTO;
+        qs_task task;
+        assert_int_equal(qs_task_open(&task, &run, NULL, &place), 0);
+        printf("# %d layers, %zu bytes free: recompute_layers %d\n", c.model.n_layer, capacity,
+               run.model.recompute_layers);
+        assert_int_equal(run.model.recompute_layers, want);
+        assert_int_equal(qs_mem_plan_total(&task.plan), total[want]);
+        assert_int_equal(live, total[want] - task.plan.optimizer); /* AdamW's state comes later */
+        qs_task_free(&task);
+        reset();
+
+        capacity = total[c.model.n_layer] - 1;
+        run = c;
+        run.model.recompute_layers = QS_RECOMPUTE_AUTO;
+        assert_int_equal(qs_task_open(&task, &run, NULL, &place), -1);
+        assert_int_equal(live, 0);
+        printf("# %s\n", qs_error_last());
+        assert_non_null(strstr(qs_error_last(), "not enough memory on counting"));
+        assert_non_null(strstr(qs_error_last(), "model.recompute_layers auto already checkpoints every block"));
+        reset();
+    }
+    remove(path);
+}
+
 static void test_plan_sums_and_cpu_info(void **state) {
     (void)state;
     qs_mem_plan a = {1, 2, 3, 4, 5}, b = {10, 20, 30, 40, 50};
@@ -322,6 +381,7 @@ int main(void) {
         cmocka_unit_test(test_quadranet_plan_is_what_create_takes),
         cmocka_unit_test(test_ring_and_optimizer_plans),
         cmocka_unit_test(test_too_big_fails_before_allocating),
+        cmocka_unit_test(test_auto_recompute_takes_the_fewest_that_fit),
         cmocka_unit_test(test_plan_sums_and_cpu_info),
     };
     return cmocka_run_group_tests(tests, setup, NULL);

@@ -56,7 +56,8 @@ typedef struct qs_model_config {
     bool tie_embeddings;   /* lm head shares wte */
     bool recompute_ffn;    /* keep only the FFN activation's input; make its output again in backward */
     /* activation checkpointing: the last n blocks keep only their input and run their
-     * forward again in backward; QS_RECOMPUTE_ALL (JSON true) every block, 0 (false) none */
+     * forward again in backward; QS_RECOMPUTE_ALL (JSON true) every block, 0 (false)
+     * none, QS_RECOMPUTE_AUTO ("auto") the fewest that fit, chosen when the task opens */
     int recompute_layers;
     qs_init init;          /* "normal" (std init_std) | "kaiming" | "xavier" */
     float init_std;
@@ -140,8 +141,10 @@ int qs_config_set(qs_config *c, const char *assignment);
 int qs_config_validate(const qs_config *c);
 /* lora.targets as QS_LORA_* bits; an empty list or an unknown name is an error naming the key. */
 int qs_config_lora_targets(const qs_lora_config *l, unsigned *mask);
-/* model.recompute_layers: every block (a QuadraNet's only count besides 0) */
+/* model.recompute_layers: every block (a QuadraNet's only count besides 0), and the
+ * fewest blocks whose plan fits the device (qs_task_open resolves it to a count) */
 #define QS_RECOMPUTE_ALL (-1)
+#define QS_RECOMPUTE_AUTO (-2)
 /* Whether GPT block l of n_layer keeps only its input (model.recompute_layers). */
 static inline bool qs_config_recomputes(const qs_model_config *m, int l) {
     return m->recompute_layers == QS_RECOMPUTE_ALL || l >= m->n_layer - m->recompute_layers;

@@ -26,6 +26,8 @@ size_t qs_mem_plan_optimizer(size_t trainable, int shards);
 /* Fails (one line: the plan, what is free, what to lower) when the plan does not fit in
  * be's free memory; passes when the backend cannot tell. */
 int qs_mem_plan_check(const qs_mem_plan *p, const qs_backend *be);
+/* The same, but the line's advice is `lower`'s, not the default. */
+int qs_mem_plan_check_advising(const qs_mem_plan *p, const qs_backend *be, const char *lower);
 /* "X MiB = parameters A + gradients B + ...", and what the backend has left (free now)
  * when it can tell. */
 void qs_mem_plan_print(FILE *f, const qs_mem_plan *p, const qs_backend *be);

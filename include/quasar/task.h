@@ -75,9 +75,16 @@ int qs_task_evaluate(qs_task *t, int iters, qs_comm *ranks, int part, int parts,
  * non-finite value is written as null. */
 void qs_metrics_num(FILE *f, const char *key, double v, const char *fmt);
 
-/* For the families: adds AdamW's state for the plan's gradients as place shards it,
- * then checks the plan against the backend's free memory. */
-int qs_task_check_memory(qs_mem_plan *plan, const qs_task_place *place);
+/* For the families: a family's memory plan of cfg's run as cfg now stands (the model
+ * and anything beside it; ctx is the family's). */
+typedef int (*qs_task_plan_fn)(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place *place,
+                               const void *ctx);
+/* The run's plan by fn, plus AdamW's state for its gradients as place shards it,
+ * checked against the backend's free memory. model.recompute_layers "auto" becomes the
+ * fewest checkpointed blocks whose plan fits: a GPT's 0, 2, 3, ..., n_layer (one alone
+ * saves nothing), a QuadraNet's none or all; when none fits, the error says so. */
+int qs_task_plan(qs_mem_plan *plan, qs_config *cfg, const qs_task_place *place, qs_task_plan_fn fn,
+                 const void *ctx);
 
 /* The two families (csrc/task_lm.c, csrc/task_image.c). */
 int qs_task_open_lm(qs_task *t, qs_config *cfg, const char *chars_json, const qs_task_place *place);

@@ -46,6 +46,14 @@ same_tensors one/ckpt/step_00000006/model.safetensors three/ckpt/step_00000006/m
   && cmp -s one/ckpt/step_00000006/optim.safetensors three/ckpt/step_00000006/optim.safetensors \
   && ok "quadranet: steps with recompute_layers end with the same weights and optimizer state, bit for bit" \
   || not_ok "quadranet: steps with recompute_layers end with the same weights and optimizer state, bit for bit"
+# "auto" checkpoints only when the plan would not fit otherwise: here it fits, and the
+# run folder records what ran
+expect_ok "quadranet: resume with model.recompute_layers auto" "$QUASAR" train --resume three \
+  --set train.max_steps=7 --set model.recompute_layers=auto \
+  && { grep -q "^quasar: model.recompute_layers auto: no block checkpointed (everything fits)$" "$WORK/err" \
+    && grep -q '"recompute_layers":.false' three/config.json \
+    && ok "quadranet: auto chose none and config.json says so" \
+    || not_ok "quadranet: auto chose none and config.json says so" "$(grep recompute "$WORK/err" three/config.json)"; }
 if grep -q '"step": 6, "val_loss": [0-9.]*, "val_acc": [01]\.[0-9]*}' one/metrics.jsonl \
    && grep -q '"images_per_s"' one/metrics.jsonl && [ ! -e one/samples.txt ]; then
   ok "quadranet: metrics.jsonl logs val_acc and images_per_s; no samples.txt"
