@@ -34,7 +34,7 @@ typedef struct field {
 static const char *const activation_names[] = {"gelu", "relu", NULL};
 static const char *const init_names[] = {"normal", "kaiming", "xavier", NULL};
 static const char *const gating_names[] = {"topk", "noisy_topk", NULL};
-static const char *const lr_schedule_names[] = {"cosine", "constant", NULL};
+static const char *const lr_schedule_names[] = {"cosine", "constant", "linear", "wsd", NULL};
 static const char *const tokenizer_names[] = {"char", "gpt2", NULL};
 static const char *const model_type_names[] = {"gpt", "quadranet", NULL};
 static const char *const mixer_names[] = {"attention", "quadconv", NULL};
@@ -105,6 +105,7 @@ static const field fields[] = {
     FLOAT(train.min_lr, GE(0), 1e-4),
     ENUM(train.lr_schedule, lr_schedule_names, QS_LR_COSINE),
     INT(train.warmup_steps, GE(0), 100),
+    INT(train.decay_steps, GE(0), 0),
     FLOAT(train.weight_decay, GE(0), 0.1),
     BOOL(train.decay_all, false),
     FLOAT(train.beta1, CO(0, 1), 0.9),
@@ -523,6 +524,11 @@ int qs_config_validate(const qs_config *c) {
         return qs_error("data.train_shards and data.val_shards must name token shards when data.tokenizer is gpt2");
     unsigned targets;
     if (qs_config_lora_targets(&c->lora, &targets)) return -1;
+    if (t->decay_steps && t->lr_schedule != QS_LR_WSD)
+        return qs_error("train.decay_steps applies to train.lr_schedule wsd");
+    if (t->lr_schedule == QS_LR_WSD && t->decay_steps > t->max_steps - t->warmup_steps)
+        return qs_error("train.decay_steps (%d) must be <= train.max_steps - train.warmup_steps (%d)", t->decay_steps,
+                        t->max_steps - t->warmup_steps);
     if (t->min_lr > t->lr) {
         char a[32], b[32];
         format_number(a, sizeof a, t->min_lr, true);

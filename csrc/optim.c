@@ -63,8 +63,18 @@ void qs_adamw_apply(qs_adamw *o, qs_params *ps, const qs_train_config *tc, float
 float qs_lr_at(const qs_train_config *tc, int step) {
     if (step < tc->warmup_steps) return tc->lr * (float)(step + 1) / (float)tc->warmup_steps;
     if (tc->lr_schedule == QS_LR_CONSTANT) return tc->lr;
-    int span = tc->max_steps - tc->warmup_steps;
-    double progress = span > 0 ? (double)(step - tc->warmup_steps) / span : 1.0;
+    /* the decay: over every step after warmup, or wsd's last decay_steps (by default
+     * the last fifth, as long a cooldown as matches cosine in Haegele et al. 2024) */
+    int span = tc->max_steps - tc->warmup_steps, start = tc->warmup_steps;
+    if (tc->lr_schedule == QS_LR_WSD) {
+        const int d = tc->decay_steps ? tc->decay_steps : span / 5;
+        start = tc->max_steps - d;
+        span = d;
+    }
+    double progress = span > 0 ? (double)(step - start) / span : step < start ? -1.0 : 1.0;
+    if (progress < 0.0) return tc->lr; /* wsd's stable phase */
     if (progress > 1.0) progress = 1.0;
-    return (float)(tc->min_lr + 0.5 * (1.0 + cos(3.14159265358979323846 * progress)) * (tc->lr - tc->min_lr));
+    const double keep = tc->lr_schedule == QS_LR_COSINE ? 0.5 * (1.0 + cos(3.14159265358979323846 * progress))
+                                                        : 1.0 - progress;
+    return (float)(tc->min_lr + keep * (tc->lr - tc->min_lr));
 }

@@ -188,8 +188,8 @@ static void test_wrong_types(void **state) {
                       "cfg: model.init: expected one of normal, kaiming, xavier, got a number");
     assert_load_fails("{\"model\": {\"moe\": {\"gating\": \"top2\"}}}",
                       "cfg: model.moe.gating: expected one of topk, noisy_topk, got 'top2'");
-    assert_load_fails("{\"train\": {\"lr_schedule\": \"linear\"}}",
-                      "cfg: train.lr_schedule: expected one of cosine, constant, got 'linear'");
+    assert_load_fails("{\"train\": {\"lr_schedule\": \"exponential\"}}",
+                      "cfg: train.lr_schedule: expected one of cosine, constant, linear, wsd, got 'exponential'");
     assert_load_fails("{\"data\": {\"path\": 3}}", "cfg: data.path: expected a string, got a number");
     assert_load_fails("{\"data\": {\"tokenizer\": \"bpe\"}}", "cfg: data.tokenizer: expected one of char, gpt2, got 'bpe'");
     assert_load_fails("{\"train\": {\"seed\": \"1\"}}", "cfg: train.seed: expected an integer, got a string");
@@ -367,6 +367,10 @@ static void test_validate(void **state) {
     EXPECT_INVALID((c.train.batch_size = 32, c.train.micro_batch_size = 5),
                    "train.batch_size (32) must be divisible by train.micro_batch_size (5)");
     EXPECT_INVALID((c.train.lr = 1e-4f, c.train.min_lr = 1e-3f), "train.min_lr (0.001) must be <= train.lr (0.0001)");
+    EXPECT_INVALID(c.train.decay_steps = 10, "train.decay_steps applies to train.lr_schedule wsd");
+    EXPECT_INVALID((c.train.lr_schedule = QS_LR_WSD, c.train.max_steps = 100, c.train.warmup_steps = 10,
+                    c.train.decay_steps = 91),
+                   "train.decay_steps (91) must be <= train.max_steps - train.warmup_steps (90)");
     /* Per-key ranges are checked too, for configs built in code. */
     EXPECT_INVALID(c.data.path[0] = '\0', "data.path: length must be >= 1, got 0");
     EXPECT_INVALID(snprintf(c.data.tokenizer, sizeof c.data.tokenizer, "gpt2"),
@@ -396,6 +400,8 @@ static void test_validate(void **state) {
     c.train.min_lr = c.train.lr;
     c.train.seed = 1ull << 53;
     c.model.n_kv_head = 1; /* multi-query attention */
+    c.train.lr_schedule = QS_LR_WSD;
+    c.train.decay_steps = c.train.max_steps - c.train.warmup_steps; /* all decay, no stable phase */
     assert_int_equal(qs_config_validate(&c), 0);
     assert_int_equal(qs_config_kv_heads(&c.model), 1);
     c.model.n_kv_head = 0;
@@ -424,7 +430,8 @@ static void random_config(qs_config *c) {
     c->train.max_steps = rnd_int(0, INT32_MAX - 1);
     c->train.batch_size = rnd_int(1, 1 << 20);
     c->train.micro_batch_size = rnd_int(0, 1 << 20);
-    c->train.lr_schedule = (qs_lr_schedule)rnd_int(0, 1);
+    c->train.lr_schedule = (qs_lr_schedule)rnd_int(0, 3);
+    c->train.decay_steps = rnd_int(0, INT32_MAX - 1);
     c->train.warmup_steps = rnd_int(0, INT32_MAX - 1);
     c->train.decay_all = rnd() & 1;
     c->train.seed = rnd() % ((1ull << 53) + 1);

@@ -40,6 +40,35 @@ static void test_lr_schedule(void **state) {
     t.lr_schedule = QS_LR_CONSTANT;
     assert_float_equal(qs_lr_at(&t, 5), 6e-3, 1e-9);
     assert_float_equal(qs_lr_at(&t, 100), 1e-2, 1e-9);
+
+    t.lr_schedule = QS_LR_LINEAR; /* a straight line from lr at step 10 to min_lr at 110 */
+    assert_float_equal(qs_lr_at(&t, 5), 6e-3, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 10), 1e-2, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 35), 7.75e-3, 1e-7);
+    assert_float_equal(qs_lr_at(&t, 60), 5.5e-3, 1e-7);
+    assert_float_equal(qs_lr_at(&t, 110), 1e-3, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 500), 1e-3, 1e-9);
+    for (int s = 11; s <= 110; s++) /* equal steps down */
+        assert_float_equal(qs_lr_at(&t, s - 1) - qs_lr_at(&t, s), 9e-5, 1e-8);
+
+    /* warmup-stable-decay: lr through step 90, then a line to min_lr over the last 20
+     * (the default decay: a fifth of the 100 steps after warmup) */
+    t.lr_schedule = QS_LR_WSD;
+    assert_float_equal(qs_lr_at(&t, 5), 6e-3, 1e-9);
+    for (int s = 10; s <= 90; s++) assert_float_equal(qs_lr_at(&t, s), 1e-2, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 100), 5.5e-3, 1e-7);
+    assert_float_equal(qs_lr_at(&t, 110), 1e-3, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 500), 1e-3, 1e-9);
+    t.decay_steps = 50; /* stable through 60, half way down at 85 */
+    assert_float_equal(qs_lr_at(&t, 60), 1e-2, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 61), 1e-2 - 9e-3 / 50, 1e-8);
+    assert_float_equal(qs_lr_at(&t, 85), 5.5e-3, 1e-7);
+    t.max_steps = 200; /* a longer run only lengthens the stable phase */
+    assert_float_equal(qs_lr_at(&t, 150), 1e-2, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 175), 5.5e-3, 1e-7);
+    t.max_steps = 12, t.decay_steps = 0; /* too short for a decay: lr, then min_lr at the end */
+    assert_float_equal(qs_lr_at(&t, 11), 1e-2, 1e-9);
+    assert_float_equal(qs_lr_at(&t, 12), 1e-3, 1e-9);
 }
 
 static qs_gpt *tiny_model(void) {

@@ -12,7 +12,7 @@
 typedef enum { QS_ACT_GELU, QS_ACT_RELU } qs_activation;
 typedef enum { QS_INIT_NORMAL, QS_INIT_KAIMING, QS_INIT_XAVIER } qs_init;
 typedef enum { QS_GATING_TOPK, QS_GATING_NOISY_TOPK } qs_gating;
-typedef enum { QS_LR_COSINE, QS_LR_CONSTANT } qs_lr_schedule;
+typedef enum { QS_LR_COSINE, QS_LR_CONSTANT, QS_LR_LINEAR, QS_LR_WSD } qs_lr_schedule;
 typedef enum { QS_MODEL_GPT, QS_MODEL_QUADRANET } qs_model_type;
 typedef enum { QS_MIXER_ATTENTION, QS_MIXER_QUADCONV } qs_mixer;
 /* Matrix products' arithmetic on the CUDA backend; storage, accumulation, master
@@ -70,8 +70,11 @@ typedef struct qs_train_config {
     int batch_size;        /* global sequences per optimizer step */
     int micro_batch_size;  /* sequences per forward pass; 0 = batch_size (no accumulation) */
     float lr, min_lr;
+    /* after warmup: "cosine" or "linear" from lr to min_lr at max_steps, "constant", or
+     * "wsd" (warmup-stable-decay): lr until the last decay_steps, then linear to min_lr */
     qs_lr_schedule lr_schedule;
     int warmup_steps;
+    int decay_steps;       /* wsd's decay; 0 = the last fifth of the steps after warmup */
     float weight_decay;
     bool decay_all;        /* false: decay only matrices (not biases, norms, embeddings) */
     float beta1, beta2, eps;

@@ -39,7 +39,8 @@ double qs_adamw_grad_norm(const qs_params *ps);
  * given the norm of all of them. */
 void qs_adamw_apply(qs_adamw *o, qs_params *ps, const qs_train_config *tc, float lr, double norm);
 
-/* Learning rate at step (0-based): linear warmup, then cosine to min_lr or constant. */
+/* Learning rate at step (0-based): linear warmup, then train.lr_schedule's decay to
+ * min_lr (cosine, linear, wsd) or constant. */
 float qs_lr_at(const qs_train_config *tc, int step);
 
 #endif

@@ -44,6 +44,16 @@ expect_ok "moe: 3 steps then stop, again" "$QUASAR" train --config moe.json --ou
 grep -q '"expert_tokens"' one_moe/metrics.jsonl && grep -q '"dropped_frac"' one_moe/metrics.jsonl \
   && ok "moe: metrics log expert counts and dropped fraction" || not_ok "moe: metrics log expert counts and dropped fraction"
 
+# Warmup-stable-decay: a run stopped in its stable phase goes on, longer, at the same
+# learning rate, and decays over its last decay_steps whatever max_steps became.
+expect_ok "wsd: 3 of 6 steps" "$QUASAR" train --config dense.json --out wsd --until 3 \
+  --set train.lr_schedule=wsd --set train.decay_steps=2 --set train.warmup_steps=1 \
+  && expect_ok "wsd: resumed for 10 steps in all" "$QUASAR" train --resume wsd --set train.max_steps=10 \
+  && { lrs=$(grep -o '"lr": [0-9.e+-]*' wsd/metrics.jsonl | cut -d' ' -f2 | tr '\n' ' ')
+    [ "$lrs" = "0.003 0.003 0.003 0.003 0.003 0.003 0.003 0.003 0.003 0.00155 " ] \
+      && ok "wsd: lr stays 3e-3 through step 9, then halfway to min_lr 1e-4" \
+      || not_ok "wsd: lr stays 3e-3 through step 9, then halfway to min_lr 1e-4" "got: $lrs"; }
+
 # generate and eval from the finished run
 expect_ok "generate from a run folder" "$QUASAR" generate --model one_dense --prompt "First" --max-tokens 30 --seed 3 --top-k 5 --top-p 0.9
 cp "$WORK/out" gen1
