@@ -24,12 +24,12 @@
 
 /* ---- option parsing: --flag VALUE pairs, each flag known per command ---- */
 
-typedef enum { OPT_STR, OPT_INT, OPT_FLOAT, OPT_U64, OPT_LIST } opt_kind;
+typedef enum { OPT_STR, OPT_INT, OPT_FLOAT, OPT_U64, OPT_LIST, OPT_FLAG } opt_kind;
 
 typedef struct opt_spec {
     const char *flag;
     opt_kind kind;
-    void *dst;     /* const char **, int *, float *, uint64_t *; OPT_LIST: str_list * */
+    void *dst;     /* const char **, int *, float *, uint64_t *; OPT_LIST: str_list *; OPT_FLAG: bool * (no value) */
     double lo, hi; /* numeric range */
 } opt_spec;
 
@@ -42,6 +42,7 @@ static int parse_value(const opt_spec *o, const char *v) {
     char *end;
     errno = 0;
     switch (o->kind) {
+    case OPT_FLAG: *(bool *)o->dst = true; return 0;
     case OPT_STR: *(const char **)o->dst = v; return 0;
     case OPT_LIST: {
         str_list *l = o->dst;
@@ -80,8 +81,8 @@ static int parse_opts(int argc, char **argv, const opt_spec *specs, int n_specs,
         for (int j = 0; j < n_specs && !o; j++)
             if (!strcmp(argv[i], specs[j].flag)) o = &specs[j];
         if (!o) return qs_cli_usage_error("unknown option '%s'", argv[i]);
-        if (i + 1 >= argc) return qs_cli_usage_error("%s needs a value", argv[i]);
-        int rc = parse_value(o, argv[++i]);
+        if (o->kind != OPT_FLAG && i + 1 >= argc) return qs_cli_usage_error("%s needs a value", argv[i]);
+        int rc = parse_value(o, o->kind == OPT_FLAG ? NULL : argv[++i]);
         if (rc) return rc;
     }
     return 0;
@@ -100,7 +101,7 @@ static int build_config(qs_config *cfg, const char *base_file, const char *confi
 
 static const char *TRAIN_HELP =
     "usage: quasar train --config FILE [--set key=value]... [--out DIR] [--resume DIR]\n"
-    "                    [--device cpu|cuda] [--until STEP]\n"
+    "                    [--device cpu|cuda] [--until STEP] [--dry-run]\n"
     "  --config FILE   JSON config (sections model, train, data); optional with --resume\n"
     "  --set k=v       override a key, e.g. --set train.lr=3e-4 (repeatable)\n"
     "  --out DIR       run folder (default runs/default)\n"
@@ -108,7 +109,10 @@ static const char *TRAIN_HELP =
     "  --device D      cpu (default) or cuda (a GPU per rank, NCCL between ranks;\n"
     "                  train.precision picks fp32 or bf16 matrix products there; the CPU\n"
     "                  computes in fp32)\n"
-    "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
+    "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n"
+    "  --dry-run       everything but writing: load the data (and with --resume the\n"
+    "                  checkpoint), make the model on the device, run 3 steps and print how\n"
+    "                  long the run would take; the run folder is not created or touched\n";
 
 /* qs_train over the ranks the launcher started (mpirun, srun), or this process alone.
  * GPU ranks talk over NCCL, whose world also gives each rank its GPU, so the world comes
@@ -131,11 +135,13 @@ static int train_on_world(const char *device, qs_config *cfg, qs_train_options *
 static int cmd_train(int argc, char **argv) {
     const char *config = NULL, *out = NULL, *resume = NULL, *device = "cpu";
     int until = 0, help;
+    bool dry_run = false;
     str_list sets = {0};
     opt_spec specs[] = {
         {"--config", OPT_STR, &config, 0, 0}, {"--set", OPT_LIST, &sets, 0, 0},
         {"--out", OPT_STR, &out, 0, 0},       {"--resume", OPT_STR, &resume, 0, 0},
         {"--device", OPT_STR, &device, 0, 0}, {"--until", OPT_INT, &until, 1, INT_MAX},
+        {"--dry-run", OPT_FLAG, &dry_run, 0, 0},
     };
     int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
     if (rc || help) {
@@ -149,13 +155,13 @@ static int cmd_train(int argc, char **argv) {
     qs_config cfg;
     if (build_config(&cfg, resume ? base : NULL, config, &sets)) return qs_cli_fail();
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/default",
-                            .resume = resume != NULL, .until_step = until};
+                            .resume = resume != NULL, .until_step = until, .dry_run = dry_run};
     return train_on_world(device, &cfg, &opt) ? qs_cli_fail() : 0;
 }
 
 static const char *FINETUNE_HELP =
     "usage: quasar finetune --config FILE --base CKPT_DIR [--set key=value]... [--out DIR]\n"
-    "                       [--resume DIR] [--device cpu|cuda] [--until STEP]\n"
+    "                       [--resume DIR] [--device cpu|cuda] [--until STEP] [--dry-run]\n"
     "  LoRA: trains low-rank adapters (config section lora: r, alpha, dropout, targets, rslora)\n"
     "  over the frozen base model; the base checkpoint is only read.\n"
     "  --config FILE   JSON config with train, data and lora sections (the model is the base's;\n"
@@ -166,17 +172,19 @@ static const char *FINETUNE_HELP =
     "                  adapter_model.safetensors + adapter_config.json (PEFT style)\n"
     "  --resume DIR    continue the finetune run in DIR (with the same --base)\n"
     "  --device D      cpu (default) or cuda, as for train (the base is frozen there too)\n"
-    "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n";
+    "  --until STEP    stop after STEP steps with a checkpoint (resume later)\n"
+    "  --dry-run       as for train: 3 steps and an estimate, nothing written\n";
 
 static int cmd_finetune(int argc, char **argv) {
     const char *config = NULL, *out = NULL, *resume = NULL, *base = NULL, *device = "cpu";
     int until = 0, help;
+    bool dry_run = false;
     str_list sets = {0};
     opt_spec specs[] = {
         {"--config", OPT_STR, &config, 0, 0}, {"--set", OPT_LIST, &sets, 0, 0},
         {"--out", OPT_STR, &out, 0, 0},       {"--resume", OPT_STR, &resume, 0, 0},
         {"--base", OPT_STR, &base, 0, 0},     {"--until", OPT_INT, &until, 1, INT_MAX},
-        {"--device", OPT_STR, &device, 0, 0},
+        {"--device", OPT_STR, &device, 0, 0}, {"--dry-run", OPT_FLAG, &dry_run, 0, 0},
     };
     int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
     if (rc || help) {
@@ -210,7 +218,8 @@ static int cmd_finetune(int argc, char **argv) {
         rc = qs_error("data.tokenizer: must be the base's (%s), got '%s'", base_cfg.data.tokenizer, cfg.data.tokenizer);
     if (!rc) rc = qs_config_validate(&cfg);
     qs_train_options opt = {.out_dir = resume ? resume : out ? out : "runs/finetune", .resume = resume != NULL,
-                            .until_step = until, .base_dir = base_step, .base = &f, .base_chars = chars};
+                            .until_step = until, .dry_run = dry_run, .base_dir = base_step, .base = &f,
+                            .base_chars = chars};
     if (!rc) rc = train_on_world(device, &cfg, &opt);
     qs_st_free(&f);
     free(chars);
@@ -485,19 +494,12 @@ static const char *MERGE_HELP =
     "  --out DIR       the folder to write; it must not already hold a run\n";
 
 static int cmd_merge(int argc, char **argv) {
-    const char *model = NULL, *adapter = NULL, *out = NULL, *unmerge = NULL;
+    const char *model = NULL, *adapter = NULL, *out = NULL;
+    bool unmerge = false;
     int help;
     opt_spec specs[] = {{"--model", OPT_STR, &model, 0, 0}, {"--adapter", OPT_STR, &adapter, 0, 0},
-                        {"--out", OPT_STR, &out, 0, 0}};
-    /* --unmerge is a bare flag; take it out before the --flag VALUE parser */
-    char *args[64];
-    int n = 0;
-    for (int i = 0; i < argc; i++) {
-        if (!strcmp(argv[i], "--unmerge")) unmerge = argv[i];
-        else if (n < 64) args[n++] = argv[i];
-        else return qs_cli_usage_error("%s", "too many arguments");
-    }
-    int rc = parse_opts(n, args, specs, sizeof specs / sizeof *specs, &help);
+                        {"--out", OPT_STR, &out, 0, 0}, {"--unmerge", OPT_FLAG, &unmerge, 0, 0}};
+    int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
     if (rc || help) {
         if (help) fputs(MERGE_HELP, stdout);
         return rc;

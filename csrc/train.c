@@ -106,6 +106,19 @@ static int save_checkpoint(qs_dp *dp, bool writer, const char *run, const qs_con
     return rc;
 }
 
+/* A dry run's steps: the first ones pay for warm-up (page faults, a GPU's lazy loading
+ * and cuBLAS's first choices), so the estimate comes from the last of a few. */
+#define DRY_RUN_STEPS 3
+
+static void print_dry_run(int first, int done, int end, double last_step_s) {
+    char eta[32];
+    fmt_duration(eta, sizeof eta, last_step_s * (end - first));
+    fprintf(stderr,
+            "quasar: dry run: %d step(s) from step %d, the last in %.3f s; the %d steps to step %d would take "
+            "about %s (evaluations and checkpoints not counted); nothing was written\n",
+            done - first, first, last_step_s, end - first, end, eta);
+}
+
 /* What model.recompute_layers "auto" chose (the plan printed is the chosen one's). */
 static void print_recompute_choice(const qs_model_config *m) {
     const int n = m->recompute_layers, L = m->n_layer;
@@ -127,6 +140,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     qs_comm *world = opt->world, *dp_group = NULL, *sp_group = NULL;
     const int world_size = world ? qs_comm_size(world) : 1, sp = cfg->parallel.sp;
     const bool writer = !world || qs_comm_rank(world) == 0; /* rank 0 writes the run folder */
+    const bool writes = writer && !opt->dry_run;            /* ... unless this is a dry run */
     if (world_size % sp)
         return qs_error("parallel.sp %d does not divide the %d rank(s) of this run", sp, world_size);
     /* data-parallel x sequence-parallel: the sp ranks of a group share each sequence */
@@ -185,7 +199,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     qs_dp_init(&dp, world, cfg->parallel.zero, ps->n, (size_t)(cfg->parallel.bucket_mb * (1 << 20) / sizeof(float)));
     qs_adamw optim = {0};
     FILE *mf = NULL;
-    if (writer) {
+    if (writes) {
         char *cfg_json = qs_config_to_json(cfg);
         snprintf(path, sizeof path, "%s/config.json", run);
         rc = qs_mkdirs(run) ? -1
@@ -212,7 +226,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         src = task.init(task.self, tc->seed);
     }
     qs_st_free(&mf_st);
-    if (!src && writer) {
+    if (!src && writes) {
         snprintf(path, sizeof path, "%s/metrics.jsonl", run);
         if (!(src = trim_metrics(path, st.step)) && !(mf = fopen(path, "a")))
             src = qs_error("cannot open '%s' for writing", path);
@@ -221,6 +235,8 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
 
     const int T = task.items_per_sample;
     int until = opt->until_step > 0 && opt->until_step < tc->max_steps ? opt->until_step : tc->max_steps;
+    const int end = until; /* where the run would stop */
+    if (opt->dry_run && until > st.step + DRY_RUN_STEPS) until = st.step + DRY_RUN_STEPS;
     if (writer) {
         fprintf(stderr, "quasar: memory plan%s ",
                 dp.zero && dp_size > 1 ? " per rank (ZeRO-1)" : world_size > 1 ? " per rank" : "");
@@ -237,7 +253,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
     }
 
     int tty = writer && isatty(STDERR_FILENO), start_step = st.step;
-    double t_start = qs_clock_now();
+    double t_start = qs_clock_now(), last_step_s = 0.0;
     while (st.step < until) {
         double t0 = qs_clock_now();
         float lr = qs_lr_at(tc, st.step);
@@ -269,6 +285,7 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
         st.step++;
         st.tokens_seen += (int64_t)tc->batch_size * T;
         double dt = qs_clock_now() - t0, items_s = tc->batch_size * T / dt;
+        last_step_s = dt;
         if (mf) log_train_line(mf, st.step, loss, lr, norm, items_s, &task, &st.guard, verdict);
         if (writer && world_size > 1 && st.step == start_step + 1)
             fprintf(stderr, "quasar: gradients reduced in %d call(s) a step, %d of them during the backward pass\n",
@@ -303,13 +320,14 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
                 fputc('\n', stderr);
             }
         }
-        if ((tc->checkpoint_interval > 0 && st.step % tc->checkpoint_interval == 0) || last) {
+        if (!opt->dry_run && ((tc->checkpoint_interval > 0 && st.step % tc->checkpoint_interval == 0) || last)) {
             if (agree(world, save_checkpoint(&dp, writer, run, cfg, &task, &optim, &st))) goto fail;
         }
     }
     if (tty) fputc('\n', stderr);
-    if (agree(world, st.step == tc->max_steps && writer && task.finish ? task.finish(task.self, run) : 0)) goto fail;
-    if (writer) fprintf(stderr, "quasar: done in %.1f s; run folder %s\n", qs_clock_now() - t_start, run);
+    if (agree(world, st.step == tc->max_steps && writes && task.finish ? task.finish(task.self, run) : 0)) goto fail;
+    if (writer && opt->dry_run) print_dry_run(start_step, st.step, end, last_step_s);
+    else if (writer) fprintf(stderr, "quasar: done in %.1f s; run folder %s\n", qs_clock_now() - t_start, run);
     rc = 0;
 fail:
     qs_st_free(&mf_st);

@@ -14,6 +14,7 @@ typedef struct qs_train_options {
     const char *out_dir;    /* the run folder */
     bool resume;            /* continue from out_dir/ckpt/latest */
     int until_step;         /* stop (with a checkpoint) after this step; 0 = train.max_steps */
+    bool dry_run;           /* everything but writing: a few steps timed, no run folder */
     /* LoRA fine-tuning (quasar finetune): the frozen base, its checkpoint folder, opened
      * model.safetensors and char vocabulary (NULL for GPT-2 tokens); NULL base: train all */
     const char *base_dir;

@@ -65,7 +65,8 @@ echo '{"step": "six"}' >badstate/ckpt/step_00000006/state.json
 expect_error "corrupt state.json on resume" "state.json" $Q train --resume badstate --set train.max_steps=8
 cp -r run wrongshape
 expect_error "resume with another architecture" "model section differs" $Q train --resume wrongshape --set model.n_layer=3
-expect_error "resume checkpointing more blocks than there are" "model.recompute_layers .3. must be <= model.n_layer .2." \
+expect_error "resume checkpointing more blocks than there are" \
+  "model.recompute_layers .3. must be <= model.n_layer .2." \
   $Q train --resume wrongshape --set model.recompute_layers=3
 expect_error "prompt outside the vocabulary" "--prompt: byte 0x7e" $Q generate --model run --prompt "~"
 [ "$(cat run/ckpt/latest $ck/* | sha256sum)" = "$sum0" ] && ok "failed commands left the saved run intact" \

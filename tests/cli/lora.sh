@@ -27,6 +27,10 @@ for variant in dense moe; do
   expect_ok "$variant: train the base" "$QUASAR" train --config base_$variant.json --out base_$variant || continue
   (cd base_$variant && find . -type f -exec sha256sum {} + | sort) >base_$variant.sums
   lora_config ft_$variant.json "$targets"
+  expect_ok "$variant: finetune --dry-run" "$QUASAR" finetune --config ft_$variant.json --base base_$variant \
+    --out dry_$variant --dry-run \
+    && { [ ! -e dry_$variant ] && grep -q "^quasar: dry run: 3 step(s) from step 0" "$WORK/err" \
+      && ok "$variant: finetune --dry-run writes nothing" || not_ok "$variant: finetune --dry-run writes nothing"; }
   expect_ok "$variant: finetune 6 steps" "$QUASAR" finetune --config ft_$variant.json --base base_$variant --out ft_$variant || continue
   n_params=$(sed -n 's/^quasar: \([0-9]*\) parameters.*/\1/p' "$WORK/err")
   (cd base_$variant && sha256sum -c --quiet ../base_$variant.sums) >/dev/null 2>&1 \

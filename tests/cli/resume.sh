@@ -44,6 +44,21 @@ expect_ok "moe: 3 steps then stop, again" "$QUASAR" train --config moe.json --ou
 grep -q '"expert_tokens"' one_moe/metrics.jsonl && grep -q '"dropped_frac"' one_moe/metrics.jsonl \
   && ok "moe: metrics log expert counts and dropped fraction" || not_ok "moe: metrics log expert counts and dropped fraction"
 
+# --dry-run: everything but writing. A new run's makes no run folder; a resumed run's
+# leaves every file of the run as it was. Both end with the estimate.
+tree_sum() { find "$1" -type f | sort | xargs cat | sha256sum; }
+expect_ok "dry run" "$QUASAR" train --config dense.json --out dry --dry-run \
+  && { [ ! -e dry ] \
+      && grep -q "^quasar: dry run: 3 step(s) from step 0, .* the 6 steps to step 6 .*nothing was written$" "$WORK/err" \
+      && ok "dry run: no run folder, and the estimate" \
+    || not_ok "dry run: no run folder, and the estimate" "$(tail -2 "$WORK/err")"; }
+sum_before=$(tree_sum two_dense)
+expect_ok "dry run of a resume" "$QUASAR" train --resume two_dense --dry-run --set train.max_steps=20 \
+  && { [ "$(tree_sum two_dense)" = "$sum_before" ] \
+      && grep -q "^quasar: dry run: 3 step(s) from step 6, .* the 14 steps to step 20 " "$WORK/err" \
+      && ok "dry run of a resume: the run folder is untouched" \
+    || not_ok "dry run of a resume: the run folder is untouched" "$(tail -2 "$WORK/err")"; }
+
 # Warmup-stable-decay: a run stopped in its stable phase goes on, longer, at the same
 # learning rate, and decays over its last decay_steps whatever max_steps became.
 expect_ok "wsd: 3 of 6 steps" "$QUASAR" train --config dense.json --out wsd --until 3 \
