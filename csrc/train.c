@@ -171,6 +171,12 @@ int qs_train(qs_config *cfg, const qs_train_options *opt) {
             return qs_error("--resume: the model section differs from the checkpoint's in '%s' (only "
                             "model.recompute_ffn and model.recompute_layers may change)", step_dir);
         }
+    } else {
+        /* a new run never writes over a saved one (its metrics, then its checkpoints) */
+        snprintf(path, sizeof path, "%s/ckpt/latest", run);
+        if (!access(path, F_OK))
+            return qs_error("'%s' already holds a run; continue it with --resume %s, or give --out a new folder",
+                            run, run);
     }
     int dp_rank = world ? qs_comm_rank(world) : 0;
     if (sp > 1) {

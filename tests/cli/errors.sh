@@ -50,6 +50,12 @@ expect_ok "reference run" $Q train --config good.json --out run
 ck=run/ckpt/step_00000006
 sum0=$(cat run/ckpt/latest $ck/* | sha256sum)
 expect_error "no checkpoint" "no checkpoint in 'nowhere'" $Q generate --model nowhere
+metrics0=$(sha256sum <run/metrics.jsonl)
+expect_error "a new run over a saved one" "'run' already holds a run; continue it with --resume run" \
+  $Q train --config good.json --out run
+expect_error "a new run over a saved one, dry run" "already holds a run" $Q train --config good.json --out run --dry-run
+[ "$(sha256sum <run/metrics.jsonl)" = "$metrics0" ] && ok "the saved run's metrics are untouched" \
+  || not_ok "the saved run's metrics are untouched"
 cp -r run broken
 head -c 100 $ck/model.safetensors >broken/ckpt/step_00000006/model.safetensors
 expect_error "truncated checkpoint" "model.safetensors" $Q generate --model broken
