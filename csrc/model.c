@@ -46,6 +46,7 @@ struct qs_gpt {
     int NKV, Wqkv; /* key/value heads (grouped-query attention); a qkv row's width, C + 2 NKV C / NH */
 
     qs_params ps;       /* no gradient buffer when frozen (a LoRA base) */
+    bool frozen;        /* no weight gradients, so fewer activations kept (carve) */
     qs_lora *lora;      /* adapters on the linear layers, or NULL */
     int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
     layer_params *lp;
@@ -198,13 +199,14 @@ static void build_param_table(qs_gpt *m) {
 static float *P(const qs_gpt *m, int idx) { return qs_params_value(&m->ps, idx); }
 static float *G(const qs_gpt *m, int idx) { return qs_params_grad(&m->ps, idx); }
 
-/* One layer's float activations; ln1, ln2, the branch outputs and (under recompute_ffn)
- * the activation's output in the buffers given, which all layers share. */
-static void carve_layer(const qs_gpt *m, qs_plan *p, layer_acts *a, float *ln1, float *ln2, float *branch,
-                        float *shared_act) {
+/* One layer's float activations; ln1, ln2, the branch outputs, and the activation's
+ * output under recompute_ffn and a frozen MoE's dispatched rows, in shared's buffers,
+ * which all layers share (chosen by the config, not by the pointers: the counting pass
+ * has none). */
+static void carve_layer(const qs_gpt *m, qs_plan *p, layer_acts *a, const layer_acts *shared) {
     size_t N = (size_t)m->max_B * m->max_T, C = m->C, F = m->F, E = m->E;
     size_t NK = m->E > 0 ? N * m->K : N;
-    a->ln1 = ln1;
+    a->ln1 = shared->ln1;
     a->ln1_mean = qs_plan_f(p, N);
     a->ln1_rstd = qs_plan_f(p, N);
     a->qkv = qs_plan_f(p, N * m->Wqkv); /* a quadconv mixer's is 3C wide: fa and fb fit */
@@ -215,19 +217,19 @@ static void carve_layer(const qs_gpt *m, qs_plan *p, layer_acts *a, float *ln1, 
         a->lse = qs_plan_f(p, N * m->NH);
     }
     a->atty = qs_plan_f(p, N * C);
-    a->attproj = a->ffout = branch; /* attproj is spent before ffout is made */
+    a->attproj = a->ffout = shared->attproj; /* attproj is spent before ffout is made */
     a->res_mid = qs_plan_f(p, N * C);
-    a->ln2 = ln2;
+    a->ln2 = shared->ln2;
     a->ln2_mean = qs_plan_f(p, N);
     a->ln2_rstd = qs_plan_f(p, N);
     a->fch = qs_plan_f(p, NK * F);
-    a->fch_act = m->cfg.recompute_ffn ? shared_act : qs_plan_f(p, NK * F);
+    a->fch_act = m->cfg.recompute_ffn ? shared->fch_act : qs_plan_f(p, NK * F);
     if (m->E > 0) {
         a->rlogit = qs_plan_f(p, N * E);
         a->nlogit = qs_plan_f(p, N * E);
         a->hlogit = qs_plan_f(p, N * E);
         a->gate = qs_plan_f(p, NK);
-        a->xe = qs_plan_f(p, NK * C);
+        a->xe = m->frozen ? shared->xe : qs_plan_f(p, NK * C);
         a->ye = qs_plan_f(p, NK * C);
     }
 }
@@ -236,12 +238,15 @@ static void carve(qs_gpt *m, qs_plan *p) {
     size_t N = (size_t)m->max_B * m->max_T, C = m->C, F = m->F, E = m->E, K = m->K;
     size_t NK = m->E > 0 ? N * K : N;
     for (int l = 0; l <= m->L; l++) m->res[l] = qs_plan_f(p, N * C);
-    /* recompute_ffn: every layer's activation output in one buffer, made again in backward */
-    float *shared_act = m->cfg.recompute_ffn ? qs_plan_f(p, NK * F) : NULL;
-    /* What no backward reads is not kept per layer: the branch outputs (added into the
-     * stream at once), and the LayerNorms' outputs (made again from the stream and the
-     * saved statistics when a backward needs them). */
-    float *branch = qs_plan_f(p, N * C), *shared_ln1 = qs_plan_f(p, N * C), *shared_ln2 = qs_plan_f(p, N * C);
+    /* What a backward need not read is not kept per layer but lives in one buffer all
+     * layers share: the branch outputs (added into the stream at once); the LayerNorms'
+     * outputs (made again from the stream and the saved statistics when a backward needs
+     * them); under recompute_ffn the activation's output (made again from fch); in a
+     * frozen MoE the rows dispatched to the experts (gathered again from ln_2 for an
+     * adapter on their c_fc, the only reader without weight gradients). */
+    layer_acts shared = {.attproj = qs_plan_f(p, N * C), .ln1 = qs_plan_f(p, N * C), .ln2 = qs_plan_f(p, N * C)};
+    if (m->cfg.recompute_ffn) shared.fch_act = qs_plan_f(p, NK * F);
+    if (m->E > 0 && m->frozen) shared.xe = qs_plan_f(p, NK * C);
     /* activation checkpointing: the last recompute_layers blocks share the floats of
      * the first of them (see recompute_layer); the last rather than the first, as the
      * forward leaves the last block's activations in place for the backward to start on */
@@ -255,7 +260,7 @@ static void carve(qs_gpt *m, qs_plan *p) {
             *a = m->la[first_ckpt];
             a->load = load;
         } else {
-            carve_layer(m, p, a, shared_ln1, shared_ln2, branch, shared_act);
+            carve_layer(m, p, a, &shared);
         }
         if (m->E > 0) {
             a->idx = qs_plan_i(p, NK);
@@ -336,6 +341,7 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->F = cfg->ffn_mult * cfg->n_embd;
     m->E = cfg->moe.n_experts;
     m->K = m->E > 0 ? cfg->moe.top_k : 1;
+    m->frozen = !trainable;
     m->lp = calloc((size_t)m->L, sizeof *m->lp);
     m->la = calloc((size_t)m->L, sizeof *m->la);
     m->res = calloc((size_t)m->L + 1, sizeof *m->res);
@@ -947,7 +953,7 @@ static float *act_backward_in_place(qs_gpt *m, layer_acts *a, size_t n) {
  * gradient, or for an adapter on c_proj. A frozen base without one reads only the
  * pre-activation. */
 static bool act_read(const qs_gpt *m, int l) {
-    return m->ps.grad || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC_PROJ));
+    return !m->frozen || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC_PROJ));
 }
 
 /* Whether the backward must make layer l's FFN activation output again: under
@@ -999,6 +1005,9 @@ static void moe_backward(qs_gpt *m, int l, int N, const float *dy, float scale) 
                                  off, E, F, C);
     experts_lora_backward(m, l, QS_LORA_SITE_FC_PROJ, off, m->dF1, m->dye, C, a->fch_act, F);
     const float *dpre = act_backward_in_place(m, a, rows * F);
+    /* a frozen MoE's dispatched rows are shared (carve): gathered again for an adapter */
+    if (m->frozen && !qs_config_recomputes(&m->cfg, l) && m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC))
+        ops->moe_dispatch_forward(a->xe, a->ln2, a->slot, N, K, C);
     ops->matmul_grouped_backward(m->dxe, G(m, p->fc_w), G(m, p->fc_b), dpre, a->xe, P(m, p->fc_w), off, E, C, F);
     experts_lora_backward(m, l, QS_LORA_SITE_FC, off, m->dxe, dpre, F, a->xe, C);
     ops->moe_dispatch_backward(m->dln, m->dxe, a->slot, N, K, C);

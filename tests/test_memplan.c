@@ -157,6 +157,22 @@ static void test_gpt_plan_is_what_create_takes(void **state) {
     }
 }
 
+/* A frozen MoE keeps no per-layer copy of the rows dispatched to its experts (nothing
+ * but an adapter on their c_fc reads them, and it gathers them again): one shared
+ * [N K, C] buffer, so L - 1 fewer than a trainable model's. */
+static void test_frozen_moe_shares_dispatched_rows(void **state) {
+    (void)state;
+    qs_model_config cfg = random_gpt(1);
+    cfg.n_layer = draw(2, 4);
+    cfg.recompute_layers = 0;
+    const int B = draw(1, 4), T = draw(1, cfg.seq_len);
+    qs_mem_plan trained, frozen;
+    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, true, 1, &trained), 0);
+    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, false, 1, &frozen), 0);
+    const size_t rows = (size_t)B * T * cfg.moe.top_k * cfg.n_embd, aligned = (rows + 15) / 16 * 16;
+    assert_int_equal(trained.activations - frozen.activations, (size_t)(cfg.n_layer - 1) * aligned * sizeof(float));
+}
+
 static void test_lora_plan_is_what_create_takes(void **state) {
     (void)state;
     static const char *const targets[3] = {"q,v,proj,fc_proj", "experts,proj", "fc,proj"};
@@ -377,6 +393,7 @@ int main(void) {
     seed = qs_test_seed("test_memplan");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gpt_plan_is_what_create_takes),
+        cmocka_unit_test(test_frozen_moe_shares_dispatched_rows),
         cmocka_unit_test(test_lora_plan_is_what_create_takes),
         cmocka_unit_test(test_quadranet_plan_is_what_create_takes),
         cmocka_unit_test(test_ring_and_optimizer_plans),
