@@ -68,9 +68,12 @@ echo "+ ${cmd[*]}" >&2
 # gnuplot-nox); the exit status stays training's.
 rc=0
 "${cmd[@]}" || rc=$?
-run=runs/default
-for ((i = 0; i < ${#args[@]}; i++)); do case "${args[i]}" in --out|--resume) run=${args[i + 1]:-$run} ;; esac; done
-if [ "$rc" -eq 0 ] && [ "${SLURM_PROCID:-0}" = 0 ] && [ -s "$run/metrics.jsonl" ]; then
+run=runs/default dry=0
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in --out|--resume) run=${args[i + 1]:-$run} ;; --dry-run) dry=1 ;; esac
+done
+# a dry run writes nothing, the plot included
+if [ "$rc" -eq 0 ] && [ "$dry" -eq 0 ] && [ "${SLURM_PROCID:-0}" = 0 ] && [ -s "$run/metrics.jsonl" ]; then
   if ! command -v gnuplot >/dev/null; then
     echo "note: no gnuplot, so no $run/loss.png (Debian: apt-get install gnuplot-nox)" >&2
   elif bench/plot.sh loss "$run" >/dev/null; then
