@@ -561,7 +561,7 @@ static cJSON *field_to_json(const qs_config *c, const field *f) {
     switch (f->type) {
     case T_BOOL:
         return cJSON_CreateBool(*(const bool *)p);
-    case T_LAYERS: { /* the words where they say it */
+    case T_LAYERS: { /* true, false and "auto" as words, other counts as numbers */
         const int n = *(const int *)p;
         if (n == QS_RECOMPUTE_AUTO)
             return cJSON_CreateString("auto");

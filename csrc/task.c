@@ -31,7 +31,7 @@ int qs_task_plan(qs_mem_plan *plan, qs_config *cfg, const qs_task_place *place, 
         m->recompute_layers = i == 0 ? 0 : gpt ? i + 1 : QS_RECOMPUTE_ALL;
         if (fn(plan, cfg, place, ctx)) return -1;
         if (!fits(plan, place, last ? "model.recompute_layers auto already checkpoints every block; lower "
-                                      "train.micro_batch_size, model.seq_len or the model's size" : ""))
+                                      "train.micro_batch_size, model.seq_len or the model's size" : NULL))
             return 0;
     }
     return -1;

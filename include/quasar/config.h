@@ -148,7 +148,8 @@ int qs_config_lora_targets(const qs_lora_config *l, unsigned *mask);
  * fewest blocks whose plan fits the device (qs_task_open resolves it to a count) */
 #define QS_RECOMPUTE_ALL (-1)
 #define QS_RECOMPUTE_AUTO (-2)
-/* Whether GPT block l of n_layer keeps only its input (model.recompute_layers). */
+/* Whether GPT block l of n_layer keeps only its input (model.recompute_layers; "auto"
+ * not yet resolved by a task keeps every block's activations). */
 static inline bool qs_config_recomputes(const qs_model_config *m, int l) {
     return m->recompute_layers == QS_RECOMPUTE_ALL || l >= m->n_layer - m->recompute_layers;
 }
