@@ -427,6 +427,14 @@ typedef struct peak_mem {
     double mib;
 } peak_mem;
 
+/* model.recompute_layers as the run took it ("auto" resolved): true, false or a count. */
+static void recompute_layers_text(char *buf, size_t cap, const qs_model_config *m) {
+    if (m->recompute_layers == QS_RECOMPUTE_ALL || m->recompute_layers == 0)
+        snprintf(buf, cap, "%s", m->recompute_layers ? "true" : "false");
+    else
+        snprintf(buf, cap, "%d", m->recompute_layers);
+}
+
 static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, const qs_task *t,
                         const qs_bench_ceilings *c, const qs_bench_stats *ms, double flops_item, const peak_mem *mem,
                         double loss0, double loss1) {
@@ -435,7 +443,8 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
     const double items = (double)tc->batch_size * t->items_per_sample, flops_step = flops_item * items;
     const double per_s = items / (ms->median / 1e3), flop_s = flops_step / (ms->median / 1e3);
     const char *unit = lm ? "tokens" : "images";
-    char metric[256], name[64];
+    char metric[256], name[64], layers[16];
+    recompute_layers_text(layers, sizeof layers, &cfg->model);
     if (!a->json) {
         fprintf(out, "quasar bench train: %s (%s, %zu %sparameters) on %s, %d threads\n", a->config,
                 cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n,
@@ -448,6 +457,7 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
         else snprintf(batch, sizeof batch, "%d images", tc->batch_size);
         fprintf(out, "  batch       %s per step (micro-batches of %d); %d timed steps after %d warm-up\n", batch,
                 t->micro_B, a->steps, a->warmup);
+        fprintf(out, "  recompute   ffn %s, layers %s\n", cfg->model.recompute_ffn ? "true" : "false", layers);
         fprintf(out, "  step time   median %.2f ms (p10 %.2f, p90 %.2f, min %.2f, max %.2f)\n", ms->median, ms->p10,
                 ms->p90, ms->min, ms->max);
         fprintf(out, "  throughput  %.1f %s/s\n", per_s, unit);
@@ -465,9 +475,9 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
     }
     qs_bench_json_head(out, t->params->be, a->argc, a->argv, c);
     fprintf(out, ", \"model\": {\"type\": \"%s\", \"params\": %zu, \"batch_size\": %d, \"micro_batch_size\": %d, "
-                 "\"items_per_sample\": %d}",
+                 "\"items_per_sample\": %d, \"recompute_ffn\": %s, \"recompute_layers\": %s}",
             cfg->model.type == QS_MODEL_QUADRANET ? "quadranet" : "gpt", t->params->n, tc->batch_size, t->micro_B,
-            t->items_per_sample);
+            t->items_per_sample, cfg->model.recompute_ffn ? "true" : "false", layers);
     if (a->lora)
         fprintf(out, ", \"lora\": {\"r\": %d, \"alpha\": %g, \"targets\": \"%s\", \"rslora\": %s}", cfg->lora.r,
                 cfg->lora.alpha, cfg->lora.targets, cfg->lora.rslora ? "true" : "false");

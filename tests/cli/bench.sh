@@ -24,8 +24,12 @@ assert abs(v["train_tokens_per_s"] - 64 / (s["median"] / 1e3)) < 1e-3 * v["train
 assert r["ceilings"]["gemm_gflop_per_s"] > 0 and math.isfinite(r["loss_last"])
 assert r["backend"] == "cpu" and r["device"].startswith("cpu-") and r["peak_mem_excludes_ceiling"] in (True, False)'
 
-expect_ok "bench train: table output" $Q bench train --config tiny.json --steps 2 --warmup 0
+expect_ok "bench train: table output" $Q bench train --config tiny.json --steps 2 --warmup 0 \
+  --set model.recompute_layers=auto
 grep -q 'MFU' "$WORK/out" && ok "bench train: the table reports MFU" || not_ok "bench train: the table reports MFU" "$(cat "$WORK/out")"
+grep -q '^  recompute   ffn true, layers false$' "$WORK/out" \
+  && ok "bench train: the table says how activations were kept, \"auto\" resolved (it all fits)" \
+  || not_ok "bench train: the table says how activations were kept, \"auto\" resolved (it all fits)" "$(cat "$WORK/out")"
 
 # LoRA over a frozen base: the base is the full run's random init and B starts at zero, so
 # the first loss is the full run's; only the adapters train (r 4 on q and v of 2 layers:
@@ -37,6 +41,7 @@ full = json.load(open("train.json"))
 assert r["lora"] == {"r": 4, "alpha": 16, "targets": "q,v", "rslora": False}, r["lora"]
 assert full["lora"] is None, full["lora"]
 assert r["model"]["params"] == 512, r["model"]
+assert r["model"]["recompute_layers"] is False and full["model"]["recompute_ffn"] is True, r["model"]
 assert r["loss_first"] == full["loss_first"], (r["loss_first"], full["loss_first"])
 assert r["flops_per_item"] == 4 * 7168 + 6144, r["flops_per_item"]
 assert set(v) == {e["name"] for e in full["results"]}, v'
