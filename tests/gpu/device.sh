@@ -128,7 +128,8 @@ main() {
       compare_gpt2) step compare_gpt2 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
         bench/compare.sh --device cuda --dtype bf16 --only gpt2 --train gpt2=configs/gpt2_124m_shakespeare.json \
         --steps 10 --retries 0 --out "$out/compare-gpt2.json" ;;
-      trainsh) step trainsh 240 ./train.sh --set train.max_steps=300 ;;
+      # a fresh folder each time: a new run refuses one that holds a run (a warm machine keeps runs/)
+      trainsh) step trainsh 240 ./train.sh --set train.max_steps=300 --out "runs/trainsh-$(date +%s)" ;;
       *) echo "## $s: no such step" && failed+=("$s") ;;
     esac
   done
