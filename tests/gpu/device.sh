@@ -67,10 +67,10 @@ sanitize() { # sanitize TOOL: the harness under one compute-sanitizer tool, a sh
   tail -n 5 "$out/sanitizer.log"
   return "$rc"
 }
-bench_train() { # full and LoRA at GPT-2 124M in bf16, micro-batch 8 and 4, both memory modes
+bench_train() { # full and LoRA at GPT-2 124M in bf16, micro-batch 8 and 4, 0 / 6 / 12 blocks checkpointed
   local mb rl lora
   for mb in 8 4; do
-    for rl in false true; do
+    for rl in false 6 true; do
       for lora in full lora; do
         local extra=()
         [ "$lora" = full ] || extra=(--lora)
