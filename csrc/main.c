@@ -104,7 +104,7 @@ static const char *TRAIN_HELP =
     "                    [--device cpu|cuda] [--until STEP] [--dry-run]\n"
     "  --config FILE   JSON config (sections model, train, data); optional with --resume\n"
     "  --set k=v       override a key, e.g. --set train.lr=3e-4 (repeatable)\n"
-    "  --out DIR       run folder (default runs/default)\n"
+    "  --out DIR       run folder (default runs/default); a new run refuses one that holds a run\n"
     "  --resume DIR    continue the run in DIR from its latest checkpoint\n"
     "  --device D      cpu (default) or cuda (a GPU per rank, NCCL between ranks;\n"
     "                  train.precision picks fp32 or bf16 matrix products there; the CPU\n"
