@@ -1077,7 +1077,7 @@ int qs_gpt_backward(qs_gpt *m) {
         const bool whole = qs_config_recomputes(&m->cfg, l);
         if (whole && m->held_layer != l) recompute_layer(m, l);
         /* feed-forward branch; dres then becomes the gradient at res_mid */
-        if (!whole && (m->ps.grad || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC))))
+        if (!whole && (!m->frozen || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_FC))))
             ops->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, P(m, p->ln2_w), P(m, p->ln2_b), N,
                                    C);
         const float *dy = drop_backward(m, m->dres, NC, l, SITE_FFN);
@@ -1087,7 +1087,7 @@ int qs_gpt_backward(qs_gpt *m) {
         ops->layernorm_backward(m->dres, G(m, p->ln2_w), G(m, p->ln2_b), m->dln, a->res_mid,
                                 P(m, p->ln2_w), a->ln2_mean, a->ln2_rstd, N, C);
         /* the mixer's input, for its weight gradients or adapters (a quadconv's always) */
-        if (!whole && (m->ps.grad || p->qc_w >= 0 || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_QKV))))
+        if (!whole && (!m->frozen || p->qc_w >= 0 || (m->lora && qs_lora_adapts(m->lora, l, QS_LORA_SITE_QKV))))
             ops->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, m->res[l], P(m, p->ln1_w), P(m, p->ln1_b), N,
                                    C);
         /* attention branch; dres then becomes the gradient at res[l] */

@@ -62,6 +62,10 @@ struct qs_quadranet {
     float *host_logits, *host_losses;
 };
 
+/* Every block checkpointed (model.recompute_layers true; the config allows a QuadraNet
+ * no count, and "auto" is resolved to true or false before a task makes the model). */
+static bool checkpointed(const qs_quadranet *m) { return m->cfg.recompute_layers == QS_RECOMPUTE_ALL; }
+
 static float *P(const qs_quadranet *m, int i) { return qs_params_value(&m->ps, i); }
 static float *G(const qs_quadranet *m, int i) { return qs_params_grad(&m->ps, i); }
 
@@ -160,10 +164,10 @@ static void carve(qs_quadranet *m, qs_plan *p) {
     /* recompute_ffn: every block's GELU output in one buffer, made again in backward;
      * recompute_layers: every block's activations but its output in one set, sized for
      * the largest stage, the block's forward run again before its backward */
-    const bool share_g = m->cfg.recompute_ffn && !m->cfg.recompute_layers;
+    const bool share_g = m->cfg.recompute_ffn && !checkpointed(m);
     float *shared_g = share_g ? qs_plan_f(p, max_nf) : NULL;
     block_acts shared = {0};
-    if (m->cfg.recompute_layers) carve_acts(&shared, p, map_n(m, 0), max_nc, max_nf, true, NULL);
+    if (checkpointed(m)) carve_acts(&shared, p, map_n(m, 0), max_nc, max_nf, true, NULL);
     for (int s = 0; s < NS; s++) {
         stage *st = &m->st[s];
         const size_t N = map_n(m, s), C = (size_t)st->C, F = (size_t)m->cfg.ffn_mult * C;
@@ -178,7 +182,7 @@ static void carve(qs_quadranet *m, qs_plan *p) {
         st->in = qs_plan_f(p, N * C);
         for (int j = 0; j < st->depth; j++) {
             block *b = &st->blocks[j];
-            if (m->cfg.recompute_layers) b->a = shared;
+            if (checkpointed(m)) b->a = shared;
             else carve_acts(&b->a, p, N, N * C, N * F, !share_g, shared_g);
             b->out = qs_plan_f(p, N * C);
         }
@@ -408,7 +412,7 @@ static void block_backward(qs_quadranet *m, int s, int j, const float *x, float 
     zero_f(m, m->dt1, nc);
     ops->layer_scale_backward(m->dt1, G(m, b->gamma2), dx, a->v, P(m, b->gamma2), p, seed, drop_stream(s, j, 1),
                               m->mode.sample0, m->B, HW, C);
-    if (m->cfg.recompute_ffn && !m->cfg.recompute_layers) ops->gelu_forward(a->g, a->h, nf); /* shared g */
+    if (m->cfg.recompute_ffn && !checkpointed(m)) ops->gelu_forward(a->g, a->h, nf); /* shared g */
     ops->matmul_backward_dgelu(m->dF2, G(m, b->fc2_w), G(m, b->fc2_b), m->dt1, a->g, a->h, P(m, b->fc2_w), N, F, C,
                                QS_W_IN_OUT);
     zero_f(m, m->dt1, nc);
@@ -445,7 +449,7 @@ void qs_quadranet_backward(qs_quadranet *m, float scale) {
         for (int j = st->depth - 1; j >= 0; j--) {
             const float *x = j ? st->blocks[j - 1].out : st->in;
             /* the shared set holds the forward's last block, then each one made again */
-            if (m->cfg.recompute_layers && (m->held_s != s || m->held_j != j)) block_forward(m, s, j, x);
+            if (checkpointed(m) && (m->held_s != s || m->held_j != j)) block_forward(m, s, j, x);
             block_backward(m, s, j, x, dx);
         }
         if (s == 0) break;
