@@ -18,7 +18,7 @@
  * Head sizes up to 256, the register and shared-memory tiles sized by the next of 32,
  * 64, 128, 256 (rows zero-padded to it). Tiles over 48 KiB opt in to more shared memory.
  * The merge, delta and K/V packing are plain warp-per-row and element-wise kernels. */
-#include "common.cuh"
+#include "attention_block.cuh"
 
 enum {
     FA_WARPS = 4,
@@ -27,37 +27,7 @@ enum {
     FA_QTILE = FA_WARPS * FA_ROWS,  /* query rows per block (forward, dq) */
     FA_KEYS = 32,                   /* keys per tile: one per lane */
     FA_QCHUNK = 32,                 /* query rows per chunk of the dk/dv kernel: one per lane */
-    FA_MAX_HEAD = 256,
 };
-
-/* The first query row that sees key row j; all later rows see it too. */
-__device__ static inline int first_query(const qs_attn_block &k, int j) {
-    if (!k.causal) return 0;
-    const long long i = (long long)k.k_pos0 + j - k.q_pos0;
-    return i < 0 ? 0 : i > k.Tq ? k.Tq : (int)i;
-}
-
-static float scale_of(const qs_attn_block *k) { return 1.0f / sqrtf((float)(k->C / k->NH)); }
-
-/* Where query head h of sequence b starts in each tensor, in floats: q and dq; kv and
- * dkv at its kv head h / (NH / NKV) (v floats further for v); out and dout; lse and
- * delta. */
-struct fa_head {
-    size_t q, kv, o, s;
-    int hs, v;
-};
-
-__device__ static inline fa_head head_of(const qs_attn_block &k, int b, int h) {
-    const int hs = k.C / k.NH, g = h / (k.NH / k.NKV);
-    return fa_head{(size_t)b * k.q_len * k.q_stride + (size_t)h * hs, (size_t)b * k.kv_len * k.kv_stride + (size_t)g * hs,
-                   (size_t)b * k.q_len * k.C + (size_t)h * hs, ((size_t)b * k.NH + h) * k.q_len, hs,
-                   qs_attn_kv_width(&k)};
-}
-
-/* The forward's and dq's grid: blockIdx.x is (sequence, query head). */
-__device__ static inline fa_head head_at(const qs_attn_block &k) {
-    return head_of(k, blockIdx.x / k.NH, blockIdx.x % k.NH);
-}
 
 /* Rows [r0, r0 + n) of a head's columns (row stride `stride`) into dst [n][pitch] times
  * mul, by the whole block; rows at or past `rows` and columns past hs become 0, so the
@@ -278,11 +248,6 @@ __global__ static void __launch_bounds__(FA_THREADS)
 
 /* ---- launch: the kernels' instance for the block's head size ---- */
 
-/* Dynamic shared memory beyond the default 48 KiB needs the kernel's consent. */
-template <class Kern> static void allow_smem(Kern *kernel, size_t bytes) {
-    if (bytes > 48 * 1024) QS_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-}
-
 struct fa_forward {
     template <int D> static void run(float *out, float *lse, const float *q, const float *kv, const qs_attn_block *k) {
         allow_smem(flash_forward_kernel<D>, forward_smem<D>());
@@ -307,17 +272,6 @@ struct fa_backward {
         }
     }
 };
-
-/* F::run<D>(args) for the smallest tile width D >= the head size. */
-template <class F, class... A> static void at_head_size(const qs_attn_block *k, A... a) {
-    const int hs = k->C / k->NH;
-    if (hs > FA_MAX_HEAD) /* the model refuses such heads on this backend (max_head_size) */
-        qs_cuda_check(cudaErrorInvalidValue, "attention: a head size over 256", __FILE__, __LINE__);
-    if (hs <= 32) F::template run<32>(a...);
-    else if (hs <= 64) F::template run<64>(a...);
-    else if (hs <= 128) F::template run<128>(a...);
-    else F::template run<256>(a...);
-}
 
 void qs_cuda_attention_block_forward(float *out, float *lse, const float *q, const float *kv,
                                      const qs_attn_block *k) {

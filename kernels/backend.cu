@@ -252,6 +252,10 @@ static int init(void) {
     for (int p = 0; p < 2; p++) {
         ops_by_precision[p] = cuda_ops;
         qs_cuda_set_matmul_ops(&ops_by_precision[p], (qs_precision)p);
+        if (p == QS_PRECISION_BF16) {
+            ops_by_precision[p].attention_block_forward = qs_cuda_attention_block_forward_bf16;
+            ops_by_precision[p].attention_block_backward = qs_cuda_attention_block_backward_bf16;
+        }
         backend_by_precision[p] = qs_backend{
             .name = backend_names[p],
             .alloc = cuda_alloc,

@@ -133,6 +133,12 @@ void qs_cuda_attention_merge(float *out, float *lse, const float *out_b, const f
 void qs_cuda_attention_delta(float *delta, const float *dout, const float *out, int B, int T, int C, int NH);
 void qs_cuda_attention_block_backward(float *dq, float *dkv, const float *dout, const float *q, const float *kv,
                                       const float *lse, const float *delta, const qs_attn_block *blk);
+/* attention_block_bf16.cu: the same two ops on the tensor cores (bf16 products), the
+ * backend "cuda-bf16"'s; heads over 128 wide take the fp32 kernels. */
+void qs_cuda_attention_block_forward_bf16(float *out, float *lse, const float *q, const float *kv,
+                                          const qs_attn_block *blk);
+void qs_cuda_attention_block_backward_bf16(float *dq, float *dkv, const float *dout, const float *q, const float *kv,
+                                           const float *lse, const float *delta, const qs_attn_block *blk);
 void qs_cuda_kv_pack_forward(float *kv, const float *qkv, int B, int T, int C, int Ckv);
 void qs_cuda_kv_pack_backward(float *dqkv, const float *dkv, int B, int T, int C, int Ckv);
 

@@ -4,7 +4,8 @@
  * the part of CUDA the kernels use: device memory (host memory, fresh allocations filled
  * with 0xff bytes, so an unwritten float reads as NaN), copies, the launch and the
  * dynamic shared memory hooks of kernels/cuda_ops.h, __syncthreads / __syncwarp / warp
- * shuffles and __match_any_sync, cudaFuncSetAttribute's shared-memory opt-in, and the
+ * shuffles and __match_any_sync, the bf16 tensor-core product kernels/mma.cuh wraps
+ * (mma.sync m16n8k16, a warp collective like a shuffle), cudaFuncSetAttribute's shared-memory opt-in, and the
  * events and device properties `quasar bench` reads (an event is the host clock).
  *
  * Each thread of a block is a coroutine (ucontext) with its own stack. A block's threads
@@ -358,6 +359,56 @@ static inline unsigned __match_any_sync(unsigned mask, int v) {
     for (int l = 0; l < 32; l++) peers |= (unsigned)(__shfl_sync(mask, v, l) == v) << l;
     return peers;
 }
+/* ---- bf16 tensor-core products (kernels/mma.cuh's hooks) ----
+ * A float rounded to bf16 (to nearest, ties to even; NaN stays NaN), two to a word, the
+ * first in the low half, as __floats2bfloat162_rn packs them. */
+static inline uint32_t emu_bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u; /* a quiet NaN */
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+static inline float emu_bf16_value(uint32_t h) {
+    const uint32_t u = (h & 0xffffu) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#define QS_EMU_MMA 1
+static inline uint32_t qs_bf16x2(float lo, float hi) { return emu_bf16_bits(lo) | emu_bf16_bits(hi) << 16; }
+
+/* mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, d += A B, as PTX's ISA lays the
+ * fragments out over the warp (groupID g = lane / 4, t = lane % 4): A (16 x 16) a[0] holds
+ * row g, columns 2t and 2t + 1 (low half first), a[1] row g + 8, a[2] row g columns
+ * 2t + 8 and 2t + 9, a[3] row g + 8 of those; B (16 x 8) b[0] rows 2t and 2t + 1 of
+ * column g, b[1] rows 2t + 8 and 2t + 9; D (16 x 8) d[0], d[1] row g, columns 2t and
+ * 2t + 1, d[2], d[3] row g + 8. A collective: each lane offers its fragments and waits
+ * for the warp's 32 (as a shuffle does), then sums its four outputs over k in order in
+ * fp32 (the products of two bf16 are exact in fp32). */
+inline uint32_t emu_mma_xchg[2][32][32][6];
+static inline float emu_mma_a(unsigned buf, unsigned w, int row, int col) {
+    const int lane = (row % 8) * 4 + (col % 8) / 2, reg = (row >= 8) + 2 * (col >= 8);
+    return emu_bf16_value(emu_mma_xchg[buf][w][lane][reg] >> (16 * (col % 2)));
+}
+static inline float emu_mma_b(unsigned buf, unsigned w, int row, int col) {
+    const int lane = col * 4 + (row % 8) / 2, reg = row >= 8;
+    return emu_bf16_value(emu_mma_xchg[buf][w][lane][4 + reg] >> (16 * (row % 2)));
+}
+static inline void qs_mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    const unsigned tid = emu_linear_tid(), w = tid / 32, lane = tid % 32;
+    const unsigned buf = emu.th[tid].shuffles++ % 2; /* shuffles' double buffering, same counter */
+    memcpy(emu_mma_xchg[buf][w][lane], a, 4 * sizeof *a);
+    memcpy(emu_mma_xchg[buf][w][lane] + 4, b, 2 * sizeof *b);
+    emu_yield(EMU_AT_WARP);
+    const int g = (int)lane / 4, t = (int)lane % 4;
+    for (int i = 0; i < 4; i++) {
+        const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float s = d[i];
+        for (int k = 0; k < 16; k++) s += emu_mma_a(buf, w, row, k) * emu_mma_b(buf, w, k, col);
+        d[i] = s;
+    }
+}
+
 static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
 

@@ -1,0 +1,36 @@
+/* One warp's bf16 tensor-core product, mma.sync m16n8k16 with fp32 accumulation (sm_80
+ * and later), and the packing of its operands. The fragments are PTX's (ISA, "Matrix
+ * Fragments for mma.m16n8k16"), with groupID g = lane / 4 and t = lane % 4:
+ *   A 16 x 16, four words of two bf16 (low half the lower column):
+ *     a[0] row g, columns 2t, 2t+1;  a[1] row g+8, the same columns;
+ *     a[2] row g, columns 2t+8, 2t+9; a[3] row g+8, those columns;
+ *   B 16 x 8, two words: b[0] rows 2t, 2t+1 of column g; b[1] rows 2t+8, 2t+9;
+ *   D 16 x 8 fp32: d[0], d[1] row g, columns 2t, 2t+1; d[2], d[3] row g+8.
+ * So an accumulator's two 16 x 8 tiles side by side are, packed pairwise, the A operand of
+ * the next product over those 16 columns: attention's P goes from S to P V in registers.
+ * The emulated runtime (tests/emu/include/cuda_runtime.h) defines both functions itself,
+ * as a warp collective that lays the fragments out as above. */
+#ifndef QUASAR_KERNELS_MMA_CUH
+#define QUASAR_KERNELS_MMA_CUH
+
+#include "cuda_ops.h"
+
+#ifndef QS_EMU_MMA
+#include <cuda_bf16.h>
+
+/* lo and hi rounded to bf16 (to nearest even), lo in the low half. */
+__device__ static inline uint32_t qs_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+/* d += A B over the warp (every lane must call it, with its fragments). */
+__device__ static inline void qs_mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+#endif
