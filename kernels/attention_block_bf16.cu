@@ -127,6 +127,43 @@ template <int D> __device__ static inline void a_fragments(uint32_t a[D / 16][4]
     for (int kk = 0; kk < D / 16; kk++) a_fragment(a[kk], m, tc_pitch<D>(), kk, g, t);
 }
 
+/* A 16 x D accumulator's two rows of this lane, r0 and r0 + 8 (those under `rows`), times
+ * mul[0] and mul[1] into rows of dst (row stride `stride`), columns under hs: stored, or
+ * added to what is there. */
+template <int DT>
+__device__ static inline void put_rows(float *dst, int stride, int r0, int rows, int hs, const float acc[DT][4],
+                                       const float mul[2], bool add, int t) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        if (r0 + 8 * h >= rows) continue;
+        float *row = dst + (size_t)(r0 + 8 * h) * stride;
+#pragma unroll
+        for (int n = 0; n < DT; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int c = 8 * n + 2 * t + e;
+                if (c < hs) row[c] = (add ? row[c] : 0.0f) + mul[h] * acc[n][2 * h + e];
+            }
+    }
+}
+
+/* The keys the rows of a 64-row query tile starting at i0 see: each of this lane's two
+ * rows (row0 and row0 + 8; 0 past Tq), the most any of its warp's 16 rows sees, the most
+ * any of the block's rows sees (the last rows see the most: positions rise with i). */
+struct tc_seen {
+    int row0, lane[2], warp, block;
+};
+__device__ static inline tc_seen keys_seen(const qs_attn_block &k, int i0, int warp, int g) {
+    tc_seen s;
+    s.row0 = i0 + warp * 16 + g;
+#pragma unroll
+    for (int h = 0; h < 2; h++) s.lane[h] = s.row0 + 8 * h < k.Tq ? qs_attn_visible_keys(&k, s.row0 + 8 * h) : 0;
+    const int warp_last = min(k.Tq, i0 + warp * 16 + 16) - 1;
+    s.warp = warp_last >= i0 + warp * 16 ? qs_attn_visible_keys(&k, warp_last) : 0;
+    s.block = qs_attn_visible_keys(&k, min(k.Tq, i0 + TC_ROWS) - 1);
+    return s;
+}
+
 /* ---- forward: grid (B * NH, query tiles of 64) ---- */
 
 template <int D>
@@ -141,23 +178,17 @@ __global__ static void __launch_bounds__(TC_THREADS)
     __syncthreads();
     uint32_t qa[D / 16][4]; /* the warp's 16 rows, for the whole walk */
     a_fragments<D>(qa, qs + warp * 16 * P, g, t);
-    /* the lane's two rows (accumulator halves h = 0, 1) and the keys each sees */
-    const int row0 = i0 + warp * 16 + g;
-    int seen[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) seen[h] = row0 + 8 * h < k.Tq ? qs_attn_visible_keys(&k, row0 + 8 * h) : 0;
-    const int warp_last = min(k.Tq, i0 + warp * 16 + 16) - 1;
-    const int warp_keys = warp_last >= i0 + warp * 16 ? qs_attn_visible_keys(&k, warp_last) : 0;
-    const int block_keys = qs_attn_visible_keys(&k, min(k.Tq, i0 + TC_ROWS) - 1);
+    const tc_seen seen = keys_seen(k, i0, warp, g); /* the lane's rows: accumulator halves h = 0, 1 */
+    const int row0 = seen.row0;
     float o[DT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int n = 0; n < DT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    for (int j0 = 0; j0 < block_keys; j0 += TC_KEYS) {
+    for (int j0 = 0; j0 < seen.block; j0 += TC_KEYS) {
         __syncthreads(); /* the previous tile is used up */
         load_bf16_rows<D>(ks, kv + at.kv, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
         load_bf16_transposed<D>(vt, kv + at.kv + at.v, k.kv_stride, j0, k.Tk, at.hs, 1.0f);
         __syncthreads();
-        if (j0 >= warp_keys) continue; /* none of the warp's rows sees the tile (uniform) */
+        if (j0 >= seen.warp) continue; /* none of the warp's rows sees the tile (uniform) */
         float s[NT][4];
         tile_product<NT, D / 16>(s, qa, ks, P, g, t);
         /* mask the keys a row does not see, then the rows' new max (over the row's 4 lanes) */
@@ -166,7 +197,7 @@ __global__ static void __launch_bounds__(TC_THREADS)
         for (int n = 0; n < NT; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                if (j0 + 8 * n + 2 * t + (e & 1) >= seen[e >> 1]) s[n][e] = -INFINITY;
+                if (j0 + 8 * n + 2 * t + (e & 1) >= seen.lane[e >> 1]) s[n][e] = -INFINITY;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
             }
         float base[2], alpha[2];
@@ -192,23 +223,17 @@ __global__ static void __launch_bounds__(TC_THREADS)
         /* O += P V, P straight from the accumulators */
         tile_product_acc<DT, TC_KEYS / 16>(o, s, vt, TC_TPITCH, g, t);
     }
+    float inv[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
         l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-        const int i = row0 + 8 * h;
-        if (i >= k.Tq) continue;
         /* a row that sees no key: out 0, lse -inf */
-        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-        float *row = out + at.o + (size_t)i * k.C;
-#pragma unroll
-        for (int n = 0; n < DT; n++) {
-            const int c = 8 * n + 2 * t;
-            if (c < at.hs) row[c] = o[n][2 * h] * inv;
-            if (c + 1 < at.hs) row[c + 1] = o[n][2 * h + 1] * inv;
-        }
-        if (t == 0) lse[at.s + i] = l[h] > 0.0f ? (m[h] + log2f(l[h])) * (float)M_LN2 : -INFINITY;
+        inv[h] = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+        if (t == 0 && row0 + 8 * h < k.Tq)
+            lse[at.s + row0 + 8 * h] = l[h] > 0.0f ? (m[h] + log2f(l[h])) * (float)M_LN2 : -INFINITY;
     }
+    put_rows<DT>(out + at.o, k.C, row0, k.Tq, at.hs, o, inv, false, t);
 }
 
 /* ---- backward, dq: grid (B * NH, query tiles of 64); dq += scale dS k ---- */
@@ -225,30 +250,25 @@ __global__ static void __launch_bounds__(TC_THREADS)
     const int i0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     load_bf16_rows<D>(qs, q + at.q, k.q_stride, i0, TC_ROWS, k.Tq, at.hs, scale * (float)M_LOG2E);
     load_bf16_rows<D>(dos, dout + at.o, k.C, i0, TC_ROWS, k.Tq, at.hs, 1.0f);
-    const int row0 = i0 + warp * 16 + g;
-    int seen[2];
+    const tc_seen seen = keys_seen(k, i0, warp, g);
+    const int row0 = seen.row0;
     float lse2[2], dl[2];
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int i = row0 + 8 * h;
-        const bool in = i < k.Tq;
-        seen[h] = in ? qs_attn_visible_keys(&k, i) : 0;
-        lse2[h] = in ? lse[at.s + i] * (float)M_LOG2E : 0.0f;
-        dl[h] = in ? delta[at.s + i] : 0.0f;
+        lse2[h] = i < k.Tq ? lse[at.s + i] * (float)M_LOG2E : 0.0f;
+        dl[h] = i < k.Tq ? delta[at.s + i] : 0.0f;
     }
-    const int warp_last = min(k.Tq, i0 + warp * 16 + 16) - 1;
-    const int warp_keys = warp_last >= i0 + warp * 16 ? qs_attn_visible_keys(&k, warp_last) : 0;
-    const int block_keys = qs_attn_visible_keys(&k, min(k.Tq, i0 + TC_ROWS) - 1);
     float acc[DT][4];
 #pragma unroll
     for (int n = 0; n < DT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    for (int j0 = 0; j0 < block_keys; j0 += TC_KEYS) {
+    for (int j0 = 0; j0 < seen.block; j0 += TC_KEYS) {
         __syncthreads();
         load_bf16_rows<D>(ks, kv + at.kv, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
         load_bf16_rows<D>(vs, kv + at.kv + at.v, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
         load_bf16_transposed<D>(kt, kv + at.kv, k.kv_stride, j0, k.Tk, at.hs, 1.0f);
         __syncthreads();
-        if (j0 >= warp_keys) continue;
+        if (j0 >= seen.warp) continue;
         uint32_t a[D / 16][4];
         float s[NT][4], dp[NT][4];
         a_fragments<D>(a, qs + warp * 16 * P, g, t);
@@ -260,23 +280,13 @@ __global__ static void __launch_bounds__(TC_THREADS)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int h = e >> 1;
-                const float p = j0 + 8 * n + 2 * t + (e & 1) < seen[h] ? exp2f(s[n][e] - lse2[h]) : 0.0f;
+                const float p = j0 + 8 * n + 2 * t + (e & 1) < seen.lane[h] ? exp2f(s[n][e] - lse2[h]) : 0.0f;
                 s[n][e] = p * (dp[n][e] - dl[h]); /* dS */
             }
         tile_product_acc<DT, TC_KEYS / 16>(acc, s, kt, TC_TPITCH, g, t);
     }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int i = row0 + 8 * h;
-        if (i >= k.Tq) continue;
-        float *row = dq + at.q + (size_t)i * k.q_stride;
-#pragma unroll
-        for (int n = 0; n < DT; n++) {
-            const int c = 8 * n + 2 * t;
-            if (c < at.hs) row[c] += scale * acc[n][2 * h];
-            if (c + 1 < at.hs) row[c + 1] += scale * acc[n][2 * h + 1];
-        }
-    }
+    const float mul[2] = {scale, scale};
+    put_rows<DT>(dq + at.q, k.q_stride, row0, k.Tq, at.hs, acc, mul, true, t);
 }
 
 /* ---- backward, dk and dv: grid (B * NKV, key tiles of 64); a warp owns 16 keys ----
@@ -340,22 +350,9 @@ __global__ static void __launch_bounds__(TC_THREADS)
             tile_product_acc<DT, TC_QCHUNK / 16>(dk, dp, qt, TC_TPITCH, g, t);
         }
     }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int j = key0 + 8 * h;
-        if (j >= k.Tk) continue;
-        float *row = dkv + kvh.kv + (size_t)j * k.kv_stride;
-#pragma unroll
-        for (int n = 0; n < DT; n++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int c = 8 * n + 2 * t + e;
-                if (c < kvh.hs) {
-                    row[c] += dk[n][2 * h + e];
-                    row[kvh.v + c] += dv[n][2 * h + e];
-                }
-            }
-    }
+    const float one[2] = {1.0f, 1.0f};
+    put_rows<DT>(dkv + kvh.kv, k.kv_stride, key0, k.Tk, kvh.hs, dk, one, true, t);
+    put_rows<DT>(dkv + kvh.kv + kvh.v, k.kv_stride, key0, k.Tk, kvh.hs, dv, one, true, t);
 }
 
 /* ---- launch: the kernels' instance for the block's head size ---- */
