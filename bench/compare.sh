@@ -8,6 +8,9 @@
 #          7's shape);
 #   MoE layer forward + backward at issue 6's shapes a and b, and a dense FFN of the same
 #          active FLOPs (`quasar bench moe` against moe_torch.py, makeMoE's expert loop);
+#   attention forward and forward + backward over lengths x head sizes, causal and not
+#          (`quasar bench attention` against attention_torch.py, SDPA; on a GPU in bf16 its
+#          FlashAttention backend, issue 5's sweep);
 #   generate (`quasar bench generate` against transformers' GPT2LMHeadModel.generate).
 # Writes bench/results/<date>-<device>-compare.json (DESIGN.md's format; each result
 # {name, metric, quasar, peer, peer_value, ratio}, ratio > 1: Quasar better, plus the

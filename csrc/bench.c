@@ -309,6 +309,7 @@ typedef struct bench_args {
     int n_sets;
     int steps, warmup, repeats, prompt_tokens, new_tokens;
     qs_bench_moe_shape moe; /* 0: the --shape's default */
+    qs_bench_attention_sweep att; /* NULL, 0: the device's default */
     bool json, quick, lora;
     int argc; /* the arguments after "bench", for the record's "command" */
     char **argv;
@@ -733,12 +734,29 @@ static int bench_moe(const bench_args *a) {
     return qs_bench_moe(be, &s, a->json, a->quick, a->repeats, a->argc, a->argv) ? qs_cli_fail() : 0;
 }
 
+/* Issue 5's sweep on a GPU (T = 1k, 4k, 16k at 16k tokens of width 2048, heads of 64 and
+ * 128); a shorter one on the CPU, a tiny one with --quick. */
+static int bench_attention(const bench_args *a) {
+    const qs_backend *be = NULL;
+    int rc = precision_backend(a, &be);
+    if (rc >= 0) return rc;
+    if (!be) return qs_cli_fail();
+    const bool cpu = be == qs_backend_cpu();
+    qs_bench_attention_sweep s = a->att;
+    if (!s.seqs) s.seqs = a->quick ? "1,70" : cpu ? "256,1024" : "1024,4096,16384";
+    if (!s.head_sizes) s.head_sizes = a->quick ? "16,64" : "64,128";
+    if (!s.tokens) s.tokens = a->quick ? 140 : cpu ? 2048 : 16384;
+    if (!s.width) s.width = a->quick ? 128 : cpu ? 512 : 2048;
+    return qs_bench_attention(be, &s, a->json, a->quick, a->repeats, a->argc, a->argv) ? qs_cli_fail() : 0;
+}
+
 /* ---- dispatch ---- */
 
 static const char *BENCH_HELP =
-    "usage: quasar bench train|kernels|moe|generate [options] [--json]   (quasar bench CMD --help)\n"
+    "usage: quasar bench train|kernels|attention|moe|generate [options] [--json]   (quasar bench CMD --help)\n"
     "  train      time the training step of a config: tokens/s (images/s), ms/step, MFU, peak memory\n"
     "  kernels    time each core op of a backend: FLOP/s and bytes/s against measured ceilings\n"
+    "  attention  time fused attention forward and forward + backward over lengths and head sizes\n"
     "  moe        time a sparse MoE layer forward + backward, in parts, beside a dense FFN\n"
     "  generate   prefill and decode tokens/s and latency per token through the KV cache\n"
     "  --device cpu|cuda  where to run (default cpu)\n"
@@ -773,6 +791,22 @@ static const char *KERNELS_HELP =
     "  --repeats N    timed calls per op (default 30)\n"
     "  --quick        tiny shapes, small ceilings, no rotation: a smoke run, not a measurement\n";
 
+static const char *ATTENTION_HELP =
+    "usage: quasar bench attention [--seq T,...] [--head-size HS,...] [--tokens N] [--width C]\n"
+    "                              [--device cpu|cuda] [--precision fp32|bf16] [--repeats N]\n"
+    "                              [--quick] [--json]\n"
+    "  Times the fused attention kernels, causal and not, forward and forward + backward, at\n"
+    "  every sequence length x head size: N tokens in all (B = N / T sequences, at least 1) of\n"
+    "  C / HS heads, so batch x heads fills the device at every length. TFLOP/s by\n"
+    "  FlashAttention's count (forward 4 B NH T^2 HS, half when causal; forward + backward\n"
+    "  3.5x), and as a fraction of the GEMM ceiling measured at start. bench/compare.sh sets\n"
+    "  it beside PyTorch's SDPA (bench/peers/attention_torch.py).\n"
+    "  Defaults: on a GPU --seq 1024,4096,16384 --head-size 64,128 --tokens 16384 --width 2048;\n"
+    "  on the CPU --seq 256,1024 --tokens 2048 --width 512.\n"
+    "  --precision P  fp32 (default) or bf16: the tensor-core kernels on cuda\n"
+    "  --repeats N    timed calls per point and pass (default 10)\n"
+    "  --quick        tiny shapes and ceiling: a smoke run, not a measurement\n";
+
 static const char *MOE_HELP =
     "usage: quasar bench moe [--shape a|b] [--tokens N] [--embd C] [--ffn F] [--experts E]\n"
     "                        [--top-k K] [--device cpu|cuda] [--precision fp32|bf16]\n"
@@ -798,7 +832,7 @@ static const char *GENERATE_HELP =
     "  --repeats N  timed generations after one warm-up (default 5)\n";
 
 int qs_cli_bench(int argc, char **argv) {
-    if (argc < 1) return qs_cli_usage_error("%s", "bench needs train, kernels, moe or generate");
+    if (argc < 1) return qs_cli_usage_error("%s", "bench needs train, kernels, attention, moe or generate");
     const char *what = argv[0];
     if (!strcmp(what, "--help") || !strcmp(what, "-h")) {
         fputs(BENCH_HELP, stdout);
@@ -827,6 +861,20 @@ int qs_cli_bench(int argc, char **argv) {
         const qs_backend *be = NULL;
         if ((rc = precision_backend(&a, &be)) >= 0) return rc;
         return !be || qs_bench_kernels(be, a.json, a.quick, a.repeats, a.only, argc, argv) ? qs_cli_fail() : 0;
+    }
+    if (!strcmp(what, "attention")) {
+        a.repeats = 10;
+        const arg_spec spec[] = {{"--seq", ARG_STR, &a.att.seqs, 0, 0},
+                                 {"--head-size", ARG_STR, &a.att.head_sizes, 0, 0},
+                                 {"--tokens", ARG_INT, &a.att.tokens, 1, 1 << 24},
+                                 {"--width", ARG_INT, &a.att.width, 1, 1 << 16},
+                                 {"--repeats", ARG_INT, &a.repeats, 1, 100000},
+                                 {"--quick", ARG_FLAG, &a.quick, 0, 0},
+                                 {"--device", ARG_STR, &a.device, 0, 0},
+                                 {"--precision", ARG_STR, &a.precision, 0, 0},
+                                 {"--json", ARG_FLAG, &a.json, 0, 0}};
+        int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, ATTENTION_HELP);
+        return rc >= 0 ? rc : bench_attention(&a);
     }
     if (!strcmp(what, "moe")) {
         a.repeats = 20;
@@ -858,5 +906,5 @@ int qs_cli_bench(int argc, char **argv) {
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, GENERATE_HELP);
         return rc >= 0 ? rc : bench_generate(&a);
     }
-    return qs_cli_usage_error("bench: unknown benchmark '%s' (train, kernels, moe or generate)", what);
+    return qs_cli_usage_error("bench: unknown benchmark '%s' (train, kernels, attention, moe or generate)", what);
 }

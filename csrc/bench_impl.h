@@ -54,4 +54,14 @@ typedef struct qs_bench_moe_shape {
 int qs_bench_moe(const qs_backend *be, const qs_bench_moe_shape *s, bool json, bool quick, int repeats, int argc,
                  char **argv);
 
+/* `quasar bench attention`: attention forward and forward + backward, causal and not,
+ * at every sequence length x head size of the sweep (comma-separated lists), tokens
+ * tokens in all (B = tokens / T) of width = NH x hs (csrc/bench_attention.c). */
+typedef struct qs_bench_attention_sweep {
+    const char *seqs, *head_sizes;
+    int tokens, width;
+} qs_bench_attention_sweep;
+int qs_bench_attention(const qs_backend *be, const qs_bench_attention_sweep *s, bool json, bool quick, int repeats,
+                       int argc, char **argv);
+
 #endif

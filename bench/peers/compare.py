@@ -75,11 +75,28 @@ def moe_row(shape, what):
                ["moe_layer_fwd_bwd_ms", "moe_layer_tokens_per_s", "moe_ffn_dense_fwd_bwd_ms", "moe_layer_over_dense"])
 
 
+# issue 5's sweep on a GPU, a shorter one on the CPU (csrc/bench.c's defaults): the result
+# names both sides print, one per length x head size x mask x pass
+ATTENTION_SWEEP = {"cpu": ([256, 1024], [64, 128]), "cuda": ([1024, 4096, 16384], [64, 128])}
+
+
+def attention_row(device):
+    seqs, heads = ATTENTION_SWEEP[device]
+    names = [f"attention_T{T}_hs{hs}_{mask}_{p}_tflop_per_s" for T in seqs for hs in heads
+             for mask in ("causal", "full") for p in ("fwd", "fwd_bwd")]
+    return Row("attention", "fused attention, forward and forward + backward; peer: SDPA (FlashAttention on a GPU)",
+               lambda a: [a.quasar, "bench", "attention", "--repeats", str(a.repeats), "--json",
+                          "--precision", a.dtype] + a.quasar_device,
+               lambda a: [sys.executable, f"{HERE}/attention_torch.py", "--repeats", str(a.repeats)] + a.peer_args,
+               names)
+
+
 ROWS = [
     train_row("gpt", "train, default GPT", "configs/shakespeare_char_cpu.json"),
     train_row("makemoe", "train, makeMoE recipe", "configs/shakespeare_char_moe.json"),
     train_row("hybrid_lm", "train, hybrid LM (causal quadconv mixer)", "configs/shakespeare_char_quadconv.json"),
     quadconv_row("cpu"),
+    attention_row("cpu"),
     moe_row("a", "8 experts, top-2, F=4C"),
     moe_row("b", "64 experts, top-8, F=C"),
     Row("generate", "generate, default GPT shape (configs/shakespeare_char_cpu.json), random weights",
@@ -282,7 +299,8 @@ def main():
             sys.exit("error: this quasar's bench has no --device; a CUDA peer against a CPU Quasar would compare "
                      "nothing (--peers-only records the PyTorch side alone)")
         a.quasar_device = ["--device", "cuda"]
-    rows = [quadconv_row(a.device) if r.name == "quadconv" else r for r in ROWS]
+    by_device = {"quadconv": quadconv_row, "attention": attention_row}
+    rows = [by_device[r.name](a.device) if r.name in by_device else r for r in ROWS]
     for spec in a.train:
         name, _, config = spec.partition("=")
         if not name or not config or any(r.name == name for r in rows):

@@ -1,4 +1,4 @@
-# `quasar bench train|kernels|moe|generate`: a short smoke of each on a tiny model whose
+# `quasar bench train|kernels|attention|moe|generate`: a short smoke of each on a tiny model whose
 # --json record must parse, carry DESIGN.md's fields and positive, finite numbers (MFU
 # in (0, 1], the FLOP formula's count for the tiny GPT); bad flags fail with one error
 # line; bench/plot.sh turns a metrics.jsonl and a results file into PNGs (with gnuplot).
@@ -68,6 +68,27 @@ cp "$WORK/out" only.json
 json_check "bench kernels: --only times exactly the ops it names" only.json '
 assert [k["name"] for k in r["kernels"]] == ["gemm_fwd", "quadconv_fwd", "quadconv_bwd"], r["kernels"]'
 
+expect_ok "bench attention: --quick --json" $Q bench attention --quick --repeats 2 --json
+cp "$WORK/out" attention.json
+json_check "bench attention: every length x head size x mask, B = tokens / T, FlashAttention's FLOP count" attention.json '
+pts = r["points"]
+assert [(p["T"], p["hs"], p["causal"]) for p in pts] == [
+    (T, hs, c) for T in (1, 70) for hs in (16, 64) for c in (True, False)], pts
+for p in pts:
+    assert p["B"] == max(1, 140 // p["T"]) and p["NH"] == 128 // p["hs"], p
+    fwd = 4.0 * p["B"] * p["NH"] * p["T"] ** 2 * p["hs"] * (0.5 if p["causal"] else 1.0)
+    T, hs, mask = p["T"], p["hs"], "causal" if p["causal"] else "full"
+    name = f"attention_T{T}_hs{hs}_{mask}"
+    for pas, flops, ms in (("fwd", fwd, p["fwd_ms"]), ("fwd_bwd", 3.5 * fwd, p["fwd_bwd_ms"])):
+        assert pos(ms), p
+        got = v[f"{name}_{pas}_tflop_per_s"]
+        assert abs(got - flops / (ms / 1e3) / 1e12) <= 1e-5 * got, (name, pas, got, flops, ms)
+assert len(v) == 2 * len(pts), sorted(v)'
+expect_ok "bench attention: table output, a sweep of its own" $Q bench attention --quick --repeats 1 --seq 33 \
+  --head-size 8 --tokens 66 --width 16
+name="bench attention: the table has the point asked for"
+grep -Eq "^  33 +8 +2 +2 causal" "$WORK/out" && ok "$name" || not_ok "$name" "$(cat "$WORK/out")"
+
 expect_ok "bench moe: --quick --json (shape a)" $Q bench moe --quick --repeats 3 --json
 cp "$WORK/out" moe.json
 json_check "bench moe: shape a's sizes, every token routed twice, the parts and the dense FFN timed" moe.json '
@@ -102,7 +123,15 @@ cp "$WORK/out" gen_ckpt.json
 json_check "bench generate: --ckpt record" gen_ckpt.json 'assert r["prompt_tokens"] == 4 and r["new_tokens"] == 12, r'
 
 # bad input: one error line each
-expect_error "bench: no benchmark named" "bench needs train, kernels, moe or generate" $Q bench
+expect_error "bench: no benchmark named" "bench needs train, kernels, attention, moe or generate" $Q bench
+expect_error "bench attention: a zero length" "--seq: expected up to 16 comma-separated sizes" \
+  $Q bench attention --quick --seq 0
+expect_error "bench attention: a list with a gap" "--head-size: expected up to 16 comma-separated sizes" \
+  $Q bench attention --quick --head-size 64,,128
+expect_error "bench attention: width not a multiple of the head size" "--width 100 is not a multiple of head size 64" \
+  $Q bench attention --quick --width 100 --head-size 64
+expect_error "bench attention: past 2^31 floats" "must stay under 2\^31 floats" \
+  $Q bench attention --quick --seq 1048576 --width 1024 --head-size 64
 expect_error "bench moe: unknown --shape" "--shape: expected a or b, got 'c'" $Q bench moe --quick --shape c
 expect_error "bench moe: top-k over the experts" "--top-k must be <= --experts" \
   $Q bench moe --quick --experts 4 --top-k 5

@@ -6,9 +6,9 @@
 # are skipped once the deadline is near, so that one that hangs costs only its share and
 # the logs still come back. Logs and results go to $OUT (the device tool brings back at
 # most 8 files), else to runs/device/.
-#   tests/gpu/device.sh [STEP...]      default: build parity kernels memcheck train
-#   steps: build parity kernels memcheck racecheck synccheck initcheck train compare
-#          compare_gpt2 trainsh
+#   tests/gpu/device.sh [STEP...]      default: build parity attention kernels memcheck train
+#   steps: build parity attention kernels memcheck racecheck synccheck initcheck train
+#          compare compare_gpt2 trainsh
 #   DEADLINE=S   seconds from the start after which no step starts (default 540)
 # A bare machine lacks cJSON and may lack OpenBLAS, PCRE2 and zlib: carry .deps
 # (tests/gpu/carry_deps.sh fills it) and data/shakespeare_char, data/shakespeare_gpt2
@@ -20,7 +20,7 @@ out=${OUT:-runs/device}
 mkdir -p "$out"
 start=$SECONDS deadline=${DEADLINE:-540}
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(build parity kernels memcheck train)
+[ ${#steps[@]} -gt 0 ] || steps=(build parity attention kernels memcheck train)
 
 # ---- the toolchain and libraries, exported so that nested makes (compare.sh, train.sh)
 # build with the same flags ----
@@ -117,6 +117,10 @@ main() {
     case "$s" in
       build) step build 420 make -s -j"$(nproc)" "$Q" "$P" build/bench/quadconv_speed ;;
       parity) step parity 240 parity ;;
+      # issue 5's sweep, Quasar's bf16 kernels beside SDPA's FlashAttention backend
+      attention) step attention 200 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
+        bench/compare.sh --device cuda --dtype bf16 --only attention --repeats 10 --retries 0 \
+        --out "$out/compare-attention.json" ;;
       kernels)
         step kernels_fp32 120 kernels fp32
         step kernels_bf16 120 kernels bf16 ;;
