@@ -84,21 +84,27 @@ void qs_cpu_attention_block_forward(float *out, float *lse, const float *q, cons
             }
             tile_products(p, q + t.at.q + (size_t)t.i0 * k->q_stride, k->q_stride, kv + t.at.kv, k->kv_stride, t.m,
                           t.n, hs, scale);
+            /* exp(S - max) in place, one pass a row; a row is normalised on the shorter
+             * side of P V: its n probabilities before, or its hs outputs after (inv) */
+            float inv[QT];
             for (int r = 0; r < t.m; r++) {
                 float *pr = p + (size_t)r * t.n;
                 const int n = qs_attn_visible_keys(k, t.i0 + r);
-                float mx = -INFINITY;
-                for (int j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
-                for (int j = 0; j < n; j++) pr[j] = qs_cpu_expf(pr[j] - mx);
                 double sum = 0.0;
-                for (int j = 0; j < n; j++) sum += pr[j];
+                const float mx = qs_cpu_softmax_pass(pr, pr, n, &sum);
                 lse[t.at.s + t.i0 + r] = n ? mx + (float)log(sum) : -INFINITY;
-                const float inv = n ? (float)(1.0 / sum) : 0.0f;
-                for (int j = 0; j < n; j++) pr[j] *= inv;
+                inv[r] = n ? (float)(1.0 / sum) : 0.0f;
+                if (n <= hs) {
+                    for (int j = 0; j < n; j++) pr[j] *= inv[r];
+                    inv[r] = 1.0f;
+                }
                 memset(pr + n, 0, (size_t)(t.n - n) * sizeof *pr);
             }
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.m, hs, t.n, 1.0f, p, t.n, kv + t.at.kv + Ckv,
                         k->kv_stride, 0.0f, o, k->C);
+            for (int r = 0; r < t.m; r++)
+                if (inv[r] != 1.0f)
+                    for (int c = 0; c < hs; c++) o[(size_t)r * k->C + c] *= inv[r];
         }
         free(p);
     }

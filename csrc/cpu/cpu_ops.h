@@ -183,8 +183,9 @@ static inline void qs_cpu_axpy(float *y, float a, const float *x, int n) {
  * logsumexp is max + log(sum). Subtracting the max keeps exp from overflowing. `omp simd`
  * lets the loops keep per-lane partials and combine them at the end, an order fixed at
  * compile time, so the result is the same on every run. The sum is taken in float over
- * pieces of 1024 (vector float adds; double ones ran 8x slower) and carried in double. */
-static inline float qs_cpu_softmax_stats(const float *x, int n, double *sum) {
+ * pieces of 1024 (vector float adds; double ones ran 8x slower) and carried in double.
+ * y (NULL: none) gets the exponentials, y == x allowed: one pass makes and sums them. */
+static inline float qs_cpu_softmax_pass(const float *x, float *y, int n, double *sum) {
     float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
     for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
@@ -192,12 +193,24 @@ static inline float qs_cpu_softmax_stats(const float *x, int n, double *sum) {
     for (int i0 = 0; i0 < n; i0 += 1024) {
         const int i1 = n - i0 < 1024 ? n : i0 + 1024;
         float piece = 0.0f;
+        if (y) {
 #pragma omp simd reduction(+ : piece)
-        for (int i = i0; i < i1; i++) piece += qs_cpu_expf(x[i] - mx);
+            for (int i = i0; i < i1; i++) {
+                y[i] = qs_cpu_expf(x[i] - mx);
+                piece += y[i];
+            }
+        } else {
+#pragma omp simd reduction(+ : piece)
+            for (int i = i0; i < i1; i++) piece += qs_cpu_expf(x[i] - mx);
+        }
         s += piece;
     }
     *sum = s;
     return mx;
+}
+
+static inline float qs_cpu_softmax_stats(const float *x, int n, double *sum) {
+    return qs_cpu_softmax_pass(x, NULL, n, sum);
 }
 
 #endif
