@@ -64,6 +64,7 @@ typedef struct att_point {
     int T, hs, B, NH, causal;
     qs_bench_stats fwd, fwd_bwd; /* ms */
     double fwd_flops;
+    size_t bytes; /* the point's buffers: all the memory its calls touch (the kernels take no scratch) */
 } att_point;
 
 static double tflop_s(double flops, double ms) { return flops / (ms / 1e3) / 1e12; }
@@ -75,10 +76,11 @@ static int time_point(const qs_backend *be, att_point *p, int repeats) {
     const size_t rows = (size_t)p->B * p->T, n_out = rows * C, n_st = (size_t)p->B * p->NH * p->T;
     b.n_qkv = rows * 3 * C;
     const size_t total = 2 * qs_bench_round16(b.n_qkv) + 2 * qs_bench_round16(n_out) + 2 * qs_bench_round16(n_st);
-    float *pool = be->alloc(total * sizeof(float));
+    p->bytes = total * sizeof(float);
+    float *pool = be->alloc(p->bytes);
     if (!pool)
         return qs_error("out of memory on %s: attention at T=%d hs=%d takes %zu MiB", be->name, p->T, p->hs,
-                        total * sizeof(float) >> 20);
+                        p->bytes >> 20);
     b.qkv = pool;
     b.dqkv = b.qkv + qs_bench_round16(b.n_qkv);
     b.out = b.dqkv + qs_bench_round16(b.n_qkv);
@@ -121,6 +123,7 @@ static void print_json(const qs_backend *be, const att_point *pts, int n, const 
                p->NH, p->causal ? "true" : "false");
         qs_bench_json_num(stdout, "fwd_ms", p->fwd.median);
         qs_bench_json_num(stdout, "fwd_bwd_ms", p->fwd_bwd.median);
+        qs_bench_json_num(stdout, "buffers_mib", (double)p->bytes / (1 << 20));
         fputs("}", stdout);
     }
     fputs("],\n  \"results\": [", stdout);

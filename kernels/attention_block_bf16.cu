@@ -38,7 +38,8 @@ enum {
 
 /* Words a row of a q, k, v or dout tile in shared memory (two bf16 a word). */
 template <int D> __host__ __device__ constexpr int tc_pitch() { return D / 2 + 4; }
-/* Shared memory of `rows` row tiles and `transposed` transposed ones, in bytes. */
+/* Shared memory, in bytes, of `rows` row tiles (64 rows: every tile here is 64 queries or
+ * keys), `transposed` transposed ones and `floats` more. */
 template <int D> static size_t tc_smem(int rows, int transposed, int floats) {
     return sizeof(uint32_t) * (rows * 64 * tc_pitch<D>() + transposed * D * TC_TPITCH + floats);
 }

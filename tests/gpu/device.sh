@@ -117,10 +117,14 @@ main() {
     case "$s" in
       build) step build 420 make -s -j"$(nproc)" "$Q" "$P" build/bench/quadconv_speed ;;
       parity) step parity 240 parity ;;
-      # issue 5's sweep, Quasar's bf16 kernels beside SDPA's FlashAttention backend
-      attention) step attention 200 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
-        bench/compare.sh --device cuda --dtype bf16 --only attention --repeats 10 --retries 0 \
-        --out "$out/compare-attention.json" ;;
+      # issue 5's sweep, Quasar's bf16 kernels beside SDPA's FlashAttention backend; then
+      # SDPA's math backend (T x T scores) at 16k, where issue 5 expects it to run out of memory
+      attention)
+        step attention 200 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
+          bench/compare.sh --device cuda --dtype bf16 --only attention --repeats 10 --retries 0 \
+          --out "$out/compare-attention.json"
+        step attention_naive 90 bash -c "python3 bench/peers/attention_torch.py --device cuda --dtype bf16 \
+          --seq 16384 --backend math --repeats 2 >'$out/attention-math-16k.json'" ;;
       kernels)
         step kernels_fp32 120 kernels fp32
         step kernels_bf16 120 kernels bf16 ;;
