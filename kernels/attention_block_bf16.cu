@@ -2,11 +2,11 @@
  * bf16 products (train.precision bf16): FlashAttention-2's algorithm with mma.sync
  * m16n8k16 (mma.cuh), bf16 operands and fp32 accumulation, the softmax in fp32. The
  * tensors stay fp32 in memory, as the rest of the backend keeps them: each tile is
- * rounded to bf16 on its way into shared memory, q times the softmax scale and log2 e
- * (the exponentials are exp2), and a tile that a product reads along its rows (the
- * B operand over keys or queries) also transposed, so that a lane's two elements of one
- * column lie in one word. Row pitches are padded by 4 words: a fragment's 32 reads hit 32
- * banks.
+ * rounded to bf16 on its way into shared memory, row-major, q times the softmax scale
+ * and log2 e (the exponentials are exp2). Fragments come out of shared memory by
+ * ldmatrix, four 8 x 8 pieces a load, transposed on the way for a B operand whose sum
+ * runs along the tile's rows (v in P V), so no tile is stored twice. Row pitches are
+ * padded by 16 bytes: the 8 rows of a piece hit distinct banks.
  *
  * Forward: a block of four warps takes 64 query rows of one (sequence, query head), 16
  * per warp, and walks the keys they see in tiles of 64. Per tile, S = q k^T (16 x 64 a
@@ -32,16 +32,15 @@ enum {
     TC_ROWS = 64,                /* query rows (forward, dq) or keys (dk/dv) a block owns: 16 a warp */
     TC_KEYS = 64,                /* keys a tile (forward, dq) */
     TC_QCHUNK = 64,              /* query rows a chunk (dk/dv) */
-    TC_TPITCH = TC_KEYS / 2 + 4, /* words a row of a transposed tile (64 keys or queries) */
     TC_MAX_HEAD = 128,
 };
 
 /* Words a row of a q, k, v or dout tile in shared memory (two bf16 a word). */
 template <int D> __host__ __device__ constexpr int tc_pitch() { return D / 2 + 4; }
-/* Shared memory, in bytes, of `rows` row tiles (64 rows: every tile here is 64 queries or
- * keys), `transposed` transposed ones and `floats` more. */
-template <int D> static size_t tc_smem(int rows, int transposed, int floats) {
-    return sizeof(uint32_t) * (rows * 64 * tc_pitch<D>() + transposed * D * TC_TPITCH + floats);
+/* Shared memory, in bytes, of `tiles` row tiles (every tile here is 64 queries or keys)
+ * and `floats` more. */
+template <int D> static size_t tc_smem(int tiles, int floats) {
+    return sizeof(uint32_t) * (tiles * 64 * tc_pitch<D>() + floats);
 }
 
 /* Rows [r0, r0 + n) of a head's columns (row stride `stride`) times mul into dst
@@ -59,73 +58,56 @@ __device__ static void load_bf16_rows(uint32_t *dst, const float *src, int strid
     }
 }
 
-/* Rows [r0, r0 + 64) of a head's columns times mul, transposed: dst[d][row pairs]. */
-template <int D>
-__device__ static void load_bf16_transposed(uint32_t *dst, const float *src, int stride, int r0, int rows, int hs,
-                                            float mul) {
-    for (int e = threadIdx.x; e < D * 32; e += blockDim.x) {
-        const int d = e % D, r = r0 + 2 * (e / D);
-        const float lo = d < hs && r < rows ? mul * src[(size_t)r * stride + d] : 0.0f;
-        const float hi = d < hs && r + 1 < rows ? mul * src[(size_t)(r + 1) * stride + d] : 0.0f;
-        dst[d * TC_TPITCH + (r - r0) / 2] = qs_bf16x2(lo, hi);
-    }
+/* A fragments of a warp's 16 rows of a row-major tile (at m) over all D columns: per
+ * 16-column step, one ldmatrix of its four 8 x 8 quarters (rows 0-7, then 8-15, of columns
+ * 0-7, then of 8-15: mma.cuh's a[0..3]). */
+template <int D> __device__ static inline void a_fragments(uint32_t a[D / 16][4], const uint32_t *m, int lane) {
+    const uint32_t *row = m + (lane % 16) * tc_pitch<D>() + 4 * (lane / 16);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) qs_ldmatrix_x4(a[kk], row + 8 * kk);
 }
 
-/* The A fragment of rows [0, 16) x columns [16kk, 16kk + 16) of a row-major tile. */
-__device__ static inline void a_fragment(uint32_t a[4], const uint32_t *m, int pitch, int kk, int g, int t) {
-    const uint32_t *r = m + g * pitch + 8 * kk + t;
-    a[0] = r[0], a[1] = r[8 * pitch], a[2] = r[4], a[3] = r[8 * pitch + 4];
-}
-
-/* The B fragment of columns [8n, 8n + 8) x rows [16kk, 16kk + 16) of a matrix stored
- * transposed, row-major (k for S = q k^T; v^T for P V). */
-__device__ static inline void b_fragment(uint32_t b[2], const uint32_t *m, int pitch, int n, int kk, int g, int t) {
-    const uint32_t *row = m + (8 * n + g) * pitch + 8 * kk + t;
-    b[0] = row[0];
-    b[1] = row[4];
-}
-
-/* acc = A B^T over KT k-steps: A given as fragments, B^T's rows (the n side) in shared
- * memory; NT tiles of 8 columns. */
+/* acc = A B over KT 16-deep steps into NT tiles of 8 columns: A as fragments; B stored
+ * transposed, its columns as the rows of a row-major tile (k for S = q k^T, q for
+ * S^T = k q^T, v and dout for dP); one ldmatrix gives two tiles' B fragments for a step. */
 template <int NT, int KT>
 __device__ static inline void tile_product(float acc[NT][4], const uint32_t a[KT][4], const uint32_t *bt, int pitch,
-                                           int g, int t) {
+                                           int lane) {
+    const uint32_t *row = bt + (lane % 8 + 8 * (lane / 16)) * pitch + 4 * (lane / 8 % 2);
 #pragma unroll
-    for (int n = 0; n < NT; n++) {
-        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NT; n += 2)
 #pragma unroll
         for (int kk = 0; kk < KT; kk++) {
-            uint32_t b[2];
-            b_fragment(b, bt, pitch, n, kk, g, t);
+            uint32_t b[4];
+            qs_ldmatrix_x4(b, row + 8 * n * pitch + 8 * kk);
             qs_mma_bf16_16816(acc[n], a[kk], b);
+            qs_mma_bf16_16816(acc[n + 1], a[kk], b + 2);
         }
-    }
 }
 
-/* acc += X B: X (16 x 16 KT) in accumulator tiles, packed pairwise to bf16 as the A
- * operand (tiles 2kk and 2kk + 1 are the fragment of columns [16kk, 16kk + 16)); B^T's
- * rows in shared memory; NT tiles of 8 columns. */
+/* acc += X B into NT tiles of 8 columns: X (16 x 16 KT) in accumulator tiles, packed
+ * pairwise to bf16 as the A operand (tiles 2kk and 2kk + 1 are the fragment of columns
+ * [16kk, 16kk + 16)); B a row-major tile with the sum along its rows (v for P V, k for
+ * dS k, q and dout for dk and dv), its B fragments by ldmatrix's transpose. */
 template <int NT, int KT>
-__device__ static inline void tile_product_acc(float acc[NT][4], const float x[2 * KT][4], const uint32_t *bt,
-                                               int pitch, int g, int t) {
+__device__ static inline void tile_product_acc(float acc[NT][4], const float x[2 * KT][4], const uint32_t *b,
+                                               int pitch, int lane) {
+    const uint32_t *row = b + (lane % 16) * pitch + 4 * (lane / 16);
 #pragma unroll
     for (int kk = 0; kk < KT; kk++) {
         const uint32_t a[4] = {qs_bf16x2(x[2 * kk][0], x[2 * kk][1]), qs_bf16x2(x[2 * kk][2], x[2 * kk][3]),
                                qs_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]),
                                qs_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3])};
 #pragma unroll
-        for (int n = 0; n < NT; n++) {
-            uint32_t b[2];
-            b_fragment(b, bt, pitch, n, kk, g, t);
-            qs_mma_bf16_16816(acc[n], a, b);
+        for (int n = 0; n < NT; n += 2) {
+            uint32_t f[4];
+            qs_ldmatrix_x4_trans(f, row + 16 * kk * pitch + 4 * n);
+            qs_mma_bf16_16816(acc[n], a, f);
+            qs_mma_bf16_16816(acc[n + 1], a, f + 2);
         }
     }
-}
-
-/* A fragments of a warp's 16 rows of a row-major tile over all D columns. */
-template <int D> __device__ static inline void a_fragments(uint32_t a[D / 16][4], const uint32_t *m, int g, int t) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) a_fragment(a[kk], m, tc_pitch<D>(), kk, g, t);
 }
 
 /* A 16 x D accumulator's two rows of this lane, r0 and r0 + 8 (those under `rows`), times
@@ -172,13 +154,13 @@ __global__ static void __launch_bounds__(TC_THREADS)
     flash_forward_bf16_kernel(float *out, float *lse, const float *q, const float *kv, qs_attn_block k, float qmul) {
     constexpr int P = tc_pitch<D>(), NT = TC_KEYS / 8, DT = D / 8;
     QS_DYNAMIC_SMEM(uint32_t, smem);
-    uint32_t *qs = smem, *ks = qs + TC_ROWS * P, *vt = ks + TC_KEYS * P; /* q pre-scaled; v transposed */
+    uint32_t *qs = smem, *ks = qs + TC_ROWS * P, *vs = ks + TC_KEYS * P; /* q pre-scaled */
     const fa_head at = head_at(k);
     const int i0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     load_bf16_rows<D>(qs, q + at.q, k.q_stride, i0, TC_ROWS, k.Tq, at.hs, qmul);
     __syncthreads();
     uint32_t qa[D / 16][4]; /* the warp's 16 rows, for the whole walk */
-    a_fragments<D>(qa, qs + warp * 16 * P, g, t);
+    a_fragments<D>(qa, qs + warp * 16 * P, lane);
     const tc_seen seen = keys_seen(k, i0, warp, g); /* the lane's rows: accumulator halves h = 0, 1 */
     const int row0 = seen.row0;
     float o[DT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -187,11 +169,11 @@ __global__ static void __launch_bounds__(TC_THREADS)
     for (int j0 = 0; j0 < seen.block; j0 += TC_KEYS) {
         __syncthreads(); /* the previous tile is used up */
         load_bf16_rows<D>(ks, kv + at.kv, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
-        load_bf16_transposed<D>(vt, kv + at.kv + at.v, k.kv_stride, j0, k.Tk, at.hs, 1.0f);
+        load_bf16_rows<D>(vs, kv + at.kv + at.v, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
         __syncthreads();
         if (j0 >= seen.warp) continue; /* none of the warp's rows sees the tile (uniform) */
         float s[NT][4];
-        tile_product<NT, D / 16>(s, qa, ks, P, g, t);
+        tile_product<NT, D / 16>(s, qa, ks, P, lane);
         /* mask the keys a row does not see, then the rows' new max (over the row's 4 lanes) */
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -222,7 +204,7 @@ __global__ static void __launch_bounds__(TC_THREADS)
 #pragma unroll
         for (int n = 0; n < DT; n++) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
         /* O += P V, P straight from the accumulators */
-        tile_product_acc<DT, TC_KEYS / 16>(o, s, vt, TC_TPITCH, g, t);
+        tile_product_acc<DT, TC_KEYS / 16>(o, s, vs, P, lane);
     }
     float inv[2];
 #pragma unroll
@@ -245,8 +227,7 @@ __global__ static void __launch_bounds__(TC_THREADS)
                          const float *delta, qs_attn_block k, float scale) {
     constexpr int P = tc_pitch<D>(), NT = TC_KEYS / 8, DT = D / 8;
     QS_DYNAMIC_SMEM(uint32_t, smem);
-    uint32_t *qs = smem, *dos = qs + TC_ROWS * P, *ks = dos + TC_ROWS * P, *vs = ks + TC_KEYS * P;
-    uint32_t *kt = vs + TC_KEYS * P; /* q pre-scaled; k also transposed */
+    uint32_t *qs = smem, *dos = qs + TC_ROWS * P, *ks = dos + TC_ROWS * P, *vs = ks + TC_KEYS * P; /* q pre-scaled */
     const fa_head at = head_at(k);
     const int i0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     load_bf16_rows<D>(qs, q + at.q, k.q_stride, i0, TC_ROWS, k.Tq, at.hs, scale * (float)M_LOG2E);
@@ -267,15 +248,14 @@ __global__ static void __launch_bounds__(TC_THREADS)
         __syncthreads();
         load_bf16_rows<D>(ks, kv + at.kv, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
         load_bf16_rows<D>(vs, kv + at.kv + at.v, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
-        load_bf16_transposed<D>(kt, kv + at.kv, k.kv_stride, j0, k.Tk, at.hs, 1.0f);
         __syncthreads();
         if (j0 >= seen.warp) continue;
         uint32_t a[D / 16][4];
         float s[NT][4], dp[NT][4];
-        a_fragments<D>(a, qs + warp * 16 * P, g, t);
-        tile_product<NT, D / 16>(s, a, ks, P, g, t);
-        a_fragments<D>(a, dos + warp * 16 * P, g, t);
-        tile_product<NT, D / 16>(dp, a, vs, P, g, t); /* dP = dout v^T */
+        a_fragments<D>(a, qs + warp * 16 * P, lane);
+        tile_product<NT, D / 16>(s, a, ks, P, lane);
+        a_fragments<D>(a, dos + warp * 16 * P, lane);
+        tile_product<NT, D / 16>(dp, a, vs, P, lane); /* dP = dout v^T */
 #pragma unroll
         for (int n = 0; n < NT; n++)
 #pragma unroll
@@ -284,7 +264,7 @@ __global__ static void __launch_bounds__(TC_THREADS)
                 const float p = j0 + 8 * n + 2 * t + (e & 1) < seen.lane[h] ? exp2f(s[n][e] - lse2[h]) : 0.0f;
                 s[n][e] = p * (dp[n][e] - dl[h]); /* dS */
             }
-        tile_product_acc<DT, TC_KEYS / 16>(acc, s, kt, TC_TPITCH, g, t);
+        tile_product_acc<DT, TC_KEYS / 16>(acc, s, ks, P, lane);
     }
     const float mul[2] = {scale, scale};
     put_rows<DT>(dq + at.q, k.q_stride, row0, k.Tq, at.hs, acc, mul, true, t);
@@ -301,9 +281,8 @@ __global__ static void __launch_bounds__(TC_THREADS)
                           const float *delta, qs_attn_block k, float scale) {
     constexpr int P = tc_pitch<D>(), NT = TC_QCHUNK / 8, DT = D / 8;
     QS_DYNAMIC_SMEM(uint32_t, smem);
-    uint32_t *ks = smem, *vs = ks + TC_ROWS * P, *qs = vs + TC_ROWS * P, *dos = qs + TC_QCHUNK * P;
-    uint32_t *qt = dos + TC_QCHUNK * P, *dot = qt + D * TC_TPITCH;
-    float *ls = (float *)(dot + D * TC_TPITCH), *dl = ls + TC_QCHUNK;
+    uint32_t *ks = smem, *vs = ks + TC_ROWS * P, *qs = vs + TC_ROWS * P, *dos = qs + TC_QCHUNK * P; /* q pre-scaled */
+    float *ls = (float *)(dos + TC_QCHUNK * P), *dl = ls + TC_QCHUNK;
     const int per_kv = k.NH / k.NKV, b = blockIdx.x / k.NKV, h0 = blockIdx.x % k.NKV * per_kv;
     const fa_head kvh = head_of(k, b, h0); /* its kv columns are all per_kv heads' */
     const int j0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -322,8 +301,6 @@ __global__ static void __launch_bounds__(TC_THREADS)
             __syncthreads(); /* the previous chunk is used up (and the keys are in) */
             load_bf16_rows<D>(qs, q + at.q, k.q_stride, c0, TC_QCHUNK, k.Tq, at.hs, scale * (float)M_LOG2E);
             load_bf16_rows<D>(dos, dout + at.o, k.C, c0, TC_QCHUNK, k.Tq, at.hs, 1.0f);
-            load_bf16_transposed<D>(qt, q + at.q, k.q_stride, c0, k.Tq, at.hs, scale);
-            load_bf16_transposed<D>(dot, dout + at.o, k.C, c0, k.Tq, at.hs, 1.0f);
             for (int i = threadIdx.x; i < TC_QCHUNK; i += blockDim.x) {
                 const bool in = c0 + i < k.Tq;
                 ls[i] = in ? lse[at.s + c0 + i] * (float)M_LOG2E : 0.0f;
@@ -334,10 +311,10 @@ __global__ static void __launch_bounds__(TC_THREADS)
             if (warp_key >= qs_attn_visible_keys(&k, min(k.Tq, c0 + TC_QCHUNK) - 1)) continue;
             uint32_t a[D / 16][4];
             float s[NT][4], dp[NT][4];
-            a_fragments<D>(a, ks + warp * 16 * P, g, t);
-            tile_product<NT, D / 16>(s, a, qs, P, g, t); /* S^T */
-            a_fragments<D>(a, vs + warp * 16 * P, g, t);
-            tile_product<NT, D / 16>(dp, a, dos, P, g, t); /* dP^T */
+            a_fragments<D>(a, ks + warp * 16 * P, lane);
+            tile_product<NT, D / 16>(s, a, qs, P, lane); /* S^T */
+            a_fragments<D>(a, vs + warp * 16 * P, lane);
+            tile_product<NT, D / 16>(dp, a, dos, P, lane); /* dP^T */
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
@@ -347,12 +324,12 @@ __global__ static void __launch_bounds__(TC_THREADS)
                     s[n][e] = p;
                     dp[n][e] = p * (dp[n][e] - dl[ci]); /* dS^T */
                 }
-            tile_product_acc<DT, TC_QCHUNK / 16>(dv, s, dot, TC_TPITCH, g, t);
-            tile_product_acc<DT, TC_QCHUNK / 16>(dk, dp, qt, TC_TPITCH, g, t);
+            tile_product_acc<DT, TC_QCHUNK / 16>(dv, s, dos, P, lane);
+            tile_product_acc<DT, TC_QCHUNK / 16>(dk, dp, qs, P, lane); /* times log2 e: q's pre-scaling */
         }
     }
-    const float one[2] = {1.0f, 1.0f};
-    put_rows<DT>(dkv + kvh.kv, k.kv_stride, key0, k.Tk, kvh.hs, dk, one, true, t);
+    const float one[2] = {1.0f, 1.0f}, ln2[2] = {(float)M_LN2, (float)M_LN2};
+    put_rows<DT>(dkv + kvh.kv, k.kv_stride, key0, k.Tk, kvh.hs, dk, ln2, true, t);
     put_rows<DT>(dkv + kvh.kv + kvh.v, k.kv_stride, key0, k.Tk, kvh.hs, dv, one, true, t);
 }
 
@@ -363,9 +340,9 @@ struct fa_forward_bf16 {
         if constexpr (D > TC_MAX_HEAD) {
             qs_cuda_attention_block_forward(out, lse, q, kv, k);
         } else {
-            allow_smem(flash_forward_bf16_kernel<D>, tc_smem<D>(2, 1, 0));
+            allow_smem(flash_forward_bf16_kernel<D>, tc_smem<D>(3, 0));
             QS_LAUNCH(flash_forward_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_ROWS - 1) / TC_ROWS),
-                      TC_THREADS, tc_smem<D>(2, 1, 0), out, lse, q, kv, *k, scale_of(k) * (float)M_LOG2E);
+                      TC_THREADS, tc_smem<D>(3, 0), out, lse, q, kv, *k, scale_of(k) * (float)M_LOG2E);
         }
     }
 };
@@ -383,14 +360,14 @@ struct fa_backward_bf16 {
             qs_cuda_attention_block_backward(dq, dkv, dout, q, kv, lse, delta, k);
         } else {
             if (dq) {
-                allow_smem(flash_dq_bf16_kernel<D>, tc_smem<D>(4, 1, 0));
+                allow_smem(flash_dq_bf16_kernel<D>, tc_smem<D>(4, 0));
                 QS_LAUNCH(flash_dq_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_ROWS - 1) / TC_ROWS), TC_THREADS,
-                          tc_smem<D>(4, 1, 0), dq, dout, q, kv, lse, delta, *k, scale_of(k));
+                          tc_smem<D>(4, 0), dq, dout, q, kv, lse, delta, *k, scale_of(k));
             }
             if (dkv) {
-                allow_smem(flash_dkv_bf16_kernel<D>, tc_smem<D>(4, 2, 2 * TC_QCHUNK));
+                allow_smem(flash_dkv_bf16_kernel<D>, tc_smem<D>(4, 2 * TC_QCHUNK));
                 QS_LAUNCH(flash_dkv_bf16_kernel<D>, dim3(k->B * k->NKV, (k->Tk + TC_ROWS - 1) / TC_ROWS), TC_THREADS,
-                          tc_smem<D>(4, 2, 2 * TC_QCHUNK), dkv, dout, q, kv, lse, delta, *k, scale_of(k));
+                          tc_smem<D>(4, 2 * TC_QCHUNK), dkv, dout, q, kv, lse, delta, *k, scale_of(k));
             }
         }
     }

@@ -1,5 +1,5 @@
 /* One warp's bf16 tensor-core product, mma.sync m16n8k16 with fp32 accumulation (sm_80
- * and later), and the packing of its operands. The fragments are PTX's (ISA, "Matrix
+ * and later), the packing of its operands, and their loads from shared memory. The fragments are PTX's (ISA, "Matrix
  * Fragments for mma.m16n8k16"), with groupID g = lane / 4 and t = lane % 4:
  *   A 16 x 16, four words of two bf16 (low half the lower column):
  *     a[0] row g, columns 2t, 2t+1;  a[1] row g+8, the same columns;
@@ -8,8 +8,8 @@
  *   D 16 x 8 fp32: d[0], d[1] row g, columns 2t, 2t+1; d[2], d[3] row g+8.
  * So an accumulator's two 16 x 8 tiles side by side are, packed pairwise, the A operand of
  * the next product over those 16 columns: attention's P goes from S to P V in registers.
- * The emulated runtime (tests/emu/include/cuda_runtime.h) defines both functions itself,
- * as a warp collective that lays the fragments out as above. */
+ * The emulated runtime (tests/emu/include/cuda_runtime.h) defines these functions itself,
+ * as warp collectives that lay the fragments out as above. */
 #ifndef QUASAR_KERNELS_MMA_CUH
 #define QUASAR_KERNELS_MMA_CUH
 
@@ -22,6 +22,22 @@
 __device__ static inline uint32_t qs_bf16x2(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+/* Four 8 x 8 bf16 matrices from shared memory into fragment words (ldmatrix .x4): lanes
+ * 8i .. 8i + 7 give the addresses of matrix i's 8 rows (16 bytes each, 16-byte aligned),
+ * and r[i] gets row lane / 4, elements 2 (lane % 4) and the next, of matrix i: an A or B
+ * fragment word as above. _trans gives matrix i's transpose instead, so a matrix stored
+ * with k along its rows yields B fragments directly. */
+__device__ static inline void qs_ldmatrix_x4(uint32_t r[4], const uint32_t *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)));
+}
+__device__ static inline void qs_ldmatrix_x4_trans(uint32_t r[4], const uint32_t *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)));
 }
 
 /* d += A B over the warp (every lane must call it, with its fragments). */

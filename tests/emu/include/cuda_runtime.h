@@ -4,8 +4,9 @@
  * the part of CUDA the kernels use: device memory (host memory, fresh allocations filled
  * with 0xff bytes, so an unwritten float reads as NaN), copies, the launch and the
  * dynamic shared memory hooks of kernels/cuda_ops.h, __syncthreads / __syncwarp / warp
- * shuffles and __match_any_sync, the bf16 tensor-core product kernels/mma.cuh wraps
- * (mma.sync m16n8k16, a warp collective like a shuffle), cudaFuncSetAttribute's shared-memory opt-in, and the
+ * shuffles and __match_any_sync, the bf16 tensor-core product and matrix loads that
+ * kernels/mma.cuh wraps (mma.sync m16n8k16, ldmatrix: warp collectives like a shuffle),
+ * cudaFuncSetAttribute's shared-memory opt-in, and the
  * events and device properties `quasar bench` reads (an event is the host clock).
  *
  * Each thread of a block is a coroutine (ucontext) with its own stack. A block's threads
@@ -408,6 +409,31 @@ static inline void qs_mma_bf16_16816(float d[4], const uint32_t a[4], const uint
         d[i] = s;
     }
 }
+
+/* ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: four 8 x 8 matrices of 16-bit
+ * elements, lanes 8i .. 8i + 7 giving the addresses of matrix i's rows (16 bytes each,
+ * which must be 16-byte aligned and in shared memory); r[i] gets row lane / 4, elements
+ * 2 (lane % 4) and the next, of matrix i, or of its transpose with trans (the first in the
+ * low half). A collective like the product above. */
+inline const uint16_t *emu_ldm_xchg[2][32][32];
+static inline void emu_ldmatrix_x4(uint32_t r[4], const void *row, bool trans) {
+    const unsigned tid = emu_linear_tid(), w = tid / 32, lane = tid % 32;
+    const char *smem = (const char *)emu.smem.data();
+    if ((uintptr_t)row % 16 || (const char *)row < smem ||
+        (const char *)row + 16 > smem + emu.smem.size() * sizeof(float))
+        emu_fail("ldmatrix: a row address not 16-byte aligned in shared memory");
+    const unsigned buf = emu.th[tid].shuffles++ % 2;
+    emu_ldm_xchg[buf][w][lane] = (const uint16_t *)row;
+    emu_yield(EMU_AT_WARP);
+    const int g = (int)lane / 4, t = (int)lane % 4;
+    for (int i = 0; i < 4; i++) {
+        const uint16_t *const *rows = emu_ldm_xchg[buf][w] + 8 * i;
+        const uint16_t lo = trans ? rows[2 * t][g] : rows[g][2 * t], hi = trans ? rows[2 * t + 1][g] : rows[g][2 * t + 1];
+        r[i] = lo | (uint32_t)hi << 16;
+    }
+}
+static inline void qs_ldmatrix_x4(uint32_t r[4], const uint32_t *row) { emu_ldmatrix_x4(r, row, false); }
+static inline void qs_ldmatrix_x4_trans(uint32_t r[4], const uint32_t *row) { emu_ldmatrix_x4(r, row, true); }
 
 static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
