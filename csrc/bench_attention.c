@@ -170,7 +170,8 @@ static void print_table(const qs_backend *be, const att_point *pts, int n, const
 int qs_bench_attention(const qs_backend *be, const qs_bench_attention_sweep *s, bool json, bool quick, int repeats,
                        int argc, char **argv) {
     int seqs[MAX_SWEEP], heads[MAX_SWEEP];
-    const int ns = parse_list(s->seqs, seqs, "--seq"), nh = ns < 0 ? -1 : parse_list(s->head_sizes, heads, "--head-size");
+    const int ns = parse_list(s->seqs, seqs, "--seq");
+    const int nh = ns < 0 ? -1 : parse_list(s->head_sizes, heads, "--head-size");
     if (ns < 0 || nh < 0) return -1;
     for (int j = 0; j < nh; j++) {
         if (s->width % heads[j])

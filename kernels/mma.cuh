@@ -1,6 +1,7 @@
 /* One warp's bf16 tensor-core product, mma.sync m16n8k16 with fp32 accumulation (sm_80
- * and later), the packing of its operands, and their loads from shared memory. The fragments are PTX's (ISA, "Matrix
- * Fragments for mma.m16n8k16"), with groupID g = lane / 4 and t = lane % 4:
+ * and later), the packing of its operands, and their loads from shared memory. The
+ * fragments are PTX's (ISA, "Matrix Fragments for mma.m16n8k16"), with groupID
+ * g = lane / 4 and t = lane % 4:
  *   A 16 x 16, four words of two bf16 (low half the lower column):
  *     a[0] row g, columns 2t, 2t+1;  a[1] row g+8, the same columns;
  *     a[2] row g, columns 2t+8, 2t+9; a[3] row g+8, those columns;

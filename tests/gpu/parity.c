@@ -496,7 +496,8 @@ static void test_attention(int B, int T, int NH, int NKV, int hs) {
  * wider rows). */
 static void test_attention_block(const char *label, qs_attn_block k, int shared) {
     case_begin("%sattention_block %s B=%d NH=%d NKV=%d C=%d Tq=%d Tk=%d strides %d/%d pos %d/%d%s", bf16 ? "bf16 " : "",
-               label, k.B, k.NH, k.NKV, k.C, k.Tq, k.Tk, k.q_stride, k.kv_stride, k.q_pos0, k.k_pos0, k.causal ? " causal" : "");
+               label, k.B, k.NH, k.NKV, k.C, k.Tq, k.Tk, k.q_stride, k.kv_stride, k.q_pos0, k.k_pos0,
+               k.causal ? " causal" : "");
     const size_t nq = (size_t)k.B * k.q_len * k.q_stride, nkv = (size_t)k.B * k.kv_len * k.kv_stride;
     const size_t no = (size_t)k.B * k.q_len * k.C, ns = (size_t)k.B * k.NH * k.q_len;
     tensor q = t_rand(nq, -1.5f, 1.5f), kvb = shared ? q : t_rand(nkv, -1.5f, 1.5f);

@@ -428,7 +428,8 @@ static inline void emu_ldmatrix_x4(uint32_t r[4], const void *row, bool trans) {
     const int g = (int)lane / 4, t = (int)lane % 4;
     for (int i = 0; i < 4; i++) {
         const uint16_t *const *rows = emu_ldm_xchg[buf][w] + 8 * i;
-        const uint16_t lo = trans ? rows[2 * t][g] : rows[g][2 * t], hi = trans ? rows[2 * t + 1][g] : rows[g][2 * t + 1];
+        const uint16_t lo = trans ? rows[2 * t][g] : rows[g][2 * t];
+        const uint16_t hi = trans ? rows[2 * t + 1][g] : rows[g][2 * t + 1];
         r[i] = lo | (uint32_t)hi << 16;
     }
 }
