@@ -184,3 +184,12 @@ assert r["backend"] == "cuda" and r["prompt_tokens"] == 8 and r["new_tokens"] ==
 else
   not_ok "bench generate --device cuda runs (emulated)" "$(grep -v WARNING bench_gen.err | tail -3)"
 fi
+# the tensor-core attention kernels behind `bench attention` (one small point, both masks)
+if "$emu/quasar" bench attention --device cuda --precision bf16 --quick --repeats 1 --seq 37 --head-size 16 \
+  --tokens 37 --width 32 --json >bench_att.json 2>bench_att.err && ! sanitizer_report bench_att.err; then
+  json_check "bench attention --device cuda --precision bf16: both masks timed on the device" bench_att.json '
+assert r["backend"] == "cuda-bf16" and [(p["T"], p["causal"]) for p in r["points"]] == [(37, True), (37, False)], r
+assert all(pos(p["fwd_ms"]) and pos(p["fwd_bwd_ms"]) for p in r["points"]), r["points"]'
+else
+  not_ok "bench attention --device cuda runs (emulated)" "$(grep -v WARNING bench_att.err | tail -3)"
+fi
