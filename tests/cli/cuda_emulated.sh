@@ -4,8 +4,9 @@
 # against the CPU on awkward sizes, three GPTs and a QuadraNet, a short AdamW run), then
 # `quasar train --device cuda` against the same run on the CPU (per-step losses and the
 # validation loss to 1e-4), whose checkpoint the CPU build then evaluates alike, and the
-# same run with train.precision bf16 (bf16 products; losses to 2e-2). Checks
-# the kernels' logic and the host plumbing; the device itself waits for `make test-gpu`.
+# same run with train.precision bf16 (bf16 products; losses to 2e-2), and `bench
+# attention` on the tensor-core kernels at one small point. Checks the kernels' logic and
+# the host plumbing; the device itself waits for `make test-gpu`.
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/tests/cli_lib.sh"
 emu=$(dirname "$QUASAR")/emu
