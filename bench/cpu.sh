@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmark suite in one call on this machine: `quasar bench train` on the CPU
-# configs, `bench kernels`, `bench moe` (shapes a and b) and `bench generate`, merged into
+# configs, `bench kernels`, `bench attention`, `bench moe` (shapes a and b) and `bench
+# generate`, merged into
 # bench/results/<date>-<device>-bench.json (DESIGN.md's format; each result's name is
 # prefixed with its topic, and the commands' own records are kept under "records").
 #   bench/cpu.sh [STEPS]           timed training steps per config (default 20)
@@ -31,6 +32,7 @@ if [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   run quadranet train --config configs/quadranet_fmnist.json --steps "$steps"
 fi
 run kernels kernels
+run attention attention
 run moe_a moe --shape a
 run moe_b moe --shape b
 run generate generate --config configs/shakespeare_char_cpu.json --repeats 20
