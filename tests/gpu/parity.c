@@ -154,13 +154,16 @@ static void compare(const char *what, const float *c, const float *g, size_t n, 
 }
 
 /* Sums of squares of g - c and of c over n floats, added to dd and cc; pairs where the
- * reference is not finite are left to compare's exact rule. */
-static void l2_terms(const float *c, const float *g, size_t n, double *dd, double *cc) {
+ * reference is not finite are left to compare's exact rule. Returns the pairs summed. */
+static size_t l2_terms(const float *c, const float *g, size_t n, double *dd, double *cc) {
+    size_t summed = 0;
     for (size_t i = 0; i < n; i++) {
         if (!isfinite(c[i])) continue;
         *dd += ((double)g[i] - c[i]) * ((double)g[i] - c[i]);
         *cc += (double)c[i] * c[i];
+        summed++;
     }
+    return summed;
 }
 
 static void compare_scalar(const char *what, double c, double g, double tol) {
@@ -306,9 +309,7 @@ static void check_sum(const char *what, tensor t, double floor) {
     }
     float *c = t_get(t, 0), *g = t_get(t, 1);
     double dd = 0.0, cc = 0.0;
-    l2_terms(c, g, t.n, &dd, &cc);
-    size_t finite = 0;
-    for (size_t i = 0; i < t.n; i++) finite += isfinite(c[i]) != 0;
+    const size_t finite = l2_terms(c, g, t.n, &dd, &cc);
     const double ref = fmax(cc, (double)finite * floor * floor), e = sqrt(dd / (ref > 0.0 ? ref : 1.0));
     if (!(e <= BF16)) fail("%s: error ||cuda - cpu|| / ||cpu|| %.3g > %.0e", what, e, BF16);
     compare_floor(what, c, g, t.n, BF16_TENSOR, floor);
