@@ -13,8 +13,9 @@
  * run one at a time, each until its next synchronisation point, in a seeded random order
  * (QS_EMU_SEED, else the clock; printed on stderr at the first launch); a warp's shuffle
  * or __syncwarp completes when all 32 lanes reach it, a barrier when every live thread of
- * the block does. So a warp can run ahead of the others up to the next barrier, and a
- * missing barrier between warps shows as a wrong result. Shuffles with a lane that has
+ * the block does. In each round of that, a warp may sit out (drawn from the same stream).
+ * So a warp can run ahead of the others up to the next barrier, and a missing barrier
+ * between warps shows as a wrong result. Shuffles with a lane that has
  * exited, threads waiting at different kinds of barrier, and dynamic shared memory over
  * the launch limit (48 KiB, or 227 KiB after cudaFuncSetAttribute) abort with a message.
  * Blocks run one after another, in order, so one arena is every block's dynamic shared
@@ -254,11 +255,18 @@ static inline void emu_run_block(int n) {
         e->shuffles = 0;
     }
     std::vector<int> order((size_t)n);
+    std::vector<bool> sits((size_t)n / 32);
     for (;;) {
-        /* every running thread, in a random order, to its next synchronisation point */
+        /* every running thread, in a random order, to its next synchronisation point; each
+         * warp sits a round out with probability 1/4 (unless all would), so warps drift
+         * apart between barriers */
         int m = 0;
+        for (int w = 0; w < n / 32; w++) sits[(size_t)w] = emu_below(4) == 0;
         for (int t = 0; t < n; t++)
-            if (emu.th[(size_t)t].state == EMU_RUNNING) order[(size_t)m++] = t;
+            if (emu.th[(size_t)t].state == EMU_RUNNING && !sits[(size_t)t / 32]) order[(size_t)m++] = t;
+        if (!m)
+            for (int t = 0; t < n; t++)
+                if (emu.th[(size_t)t].state == EMU_RUNNING) order[(size_t)m++] = t;
         for (int i = m - 1; i > 0; i--) {
             const int j = (int)emu_below((unsigned)i + 1), x = order[(size_t)i];
             order[(size_t)i] = order[(size_t)j], order[(size_t)j] = x;
@@ -279,12 +287,13 @@ static inline void emu_run_block(int n) {
                 released = true;
             }
         }
-        if (released) continue;
-        int live = 0, at_barrier = 0;
+        int live = 0, at_barrier = 0, running = 0;
         for (int t = 0; t < n; t++) {
             live += emu.th[(size_t)t].state != EMU_EXITED;
             at_barrier += emu.th[(size_t)t].state == EMU_AT_BARRIER;
+            running += emu.th[(size_t)t].state == EMU_RUNNING;
         }
+        if (released || running) continue; /* running: warps that sat this round out */
         if (!live) return;
         if (at_barrier != live) emu_fail("deadlock: some threads wait at a warp sync, others at __syncthreads");
         for (int t = 0; t < n; t++)
