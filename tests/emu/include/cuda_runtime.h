@@ -6,6 +6,9 @@
  * dynamic shared memory hooks of kernels/cuda_ops.h, __syncthreads / __syncwarp / warp
  * shuffles and __match_any_sync, the bf16 tensor-core product and matrix loads that
  * kernels/mma.cuh wraps (mma.sync m16n8k16, ldmatrix: warp collectives like a shuffle),
+ * the asynchronous copies of kernels/async_copy.cuh (cp.async: each lands at once or
+ * only when its thread waits for its group, drawn at random, so a tile read too early
+ * or overwritten too early shows),
  * cudaFuncSetAttribute's shared-memory opt-in, and the
  * events and device properties `quasar bench` reads (an event is the host clock).
  *
@@ -191,10 +194,21 @@ static inline int min(int a, int b) { return a < b ? a : b; }
 
 typedef enum { EMU_RUNNING, EMU_AT_BARRIER, EMU_AT_WARP, EMU_EXITED } emu_state;
 
+/* A cp.async copy a thread has issued and not yet waited for, in commit group `group`. */
+struct emu_copy {
+    void *dst;
+    const void *src;
+    int bytes;
+    bool full;
+    unsigned group;
+};
+
 struct emu_thread {
     ucontext_t ctx;
     emu_state state;
     unsigned shuffles; /* shuffles so far in this block: picks the exchange buffer */
+    std::vector<emu_copy> copies;
+    unsigned groups; /* commit groups closed so far: the open one's number */
     std::vector<char> stack;
 };
 
@@ -253,6 +267,8 @@ static inline void emu_run_block(int n) {
         makecontext(&e->ctx, emu_entry, 0);
         e->state = EMU_RUNNING;
         e->shuffles = 0;
+        e->copies.clear(); /* a copy never waited for was never read */
+        e->groups = 0;
     }
     std::vector<int> order((size_t)n);
     std::vector<bool> sits((size_t)n / 32);
@@ -425,11 +441,14 @@ static inline void qs_mma_bf16_16816(float d[4], const uint32_t a[4], const uint
  * 2 (lane % 4) and the next, of matrix i, or of its transpose with trans (the first in the
  * low half). A collective like the product above. */
 inline const uint16_t *emu_ldm_xchg[2][32][32];
+/* Whether [p, p + bytes) lies in the block's shared memory. */
+static inline bool emu_in_smem(const void *p, size_t bytes) {
+    const char *smem = (const char *)emu.smem.data();
+    return (const char *)p >= smem && (const char *)p + bytes <= smem + emu.smem.size() * sizeof(float);
+}
 static inline void emu_ldmatrix_x4(uint32_t r[4], const void *row, bool trans) {
     const unsigned tid = emu_linear_tid(), w = tid / 32, lane = tid % 32;
-    const char *smem = (const char *)emu.smem.data();
-    if ((uintptr_t)row % 16 || (const char *)row < smem ||
-        (const char *)row + 16 > smem + emu.smem.size() * sizeof(float))
+    if ((uintptr_t)row % 16 || !emu_in_smem(row, 16))
         emu_fail("ldmatrix: a row address not 16-byte aligned in shared memory");
     const unsigned buf = emu.th[tid].shuffles++ % 2;
     emu_ldm_xchg[buf][w][lane] = (const uint16_t *)row;
@@ -444,6 +463,34 @@ static inline void emu_ldmatrix_x4(uint32_t r[4], const void *row, bool trans) {
 }
 static inline void qs_ldmatrix_x4(uint32_t r[4], const uint32_t *row) { emu_ldmatrix_x4(r, row, false); }
 static inline void qs_ldmatrix_x4_trans(uint32_t r[4], const uint32_t *row) { emu_ldmatrix_x4(r, row, true); }
+
+/* ---- asynchronous copies (kernels/async_copy.cuh's hooks) ---- */
+#define QS_EMU_ASYNC_COPY 1
+/* A copy lands at once or when its thread waits for it, as the scheduling stream draws:
+ * one that lands late shows a read before the wait (and the barrier after it), one that
+ * lands early a copy issued into a tile that other warps still read. */
+static inline void emu_copy_land(const emu_copy &c) {
+    if (c.full) memcpy(c.dst, c.src, (size_t)c.bytes);
+    else memset(c.dst, 0, (size_t)c.bytes);
+}
+template <int BYTES> static inline void qs_cp_async(void *dst, const void *src, bool full) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    if ((uintptr_t)dst % BYTES || (uintptr_t)src % BYTES || !emu_in_smem(dst, BYTES))
+        emu_fail("cp.async: a destination outside shared memory, or an address not aligned to the copy");
+    emu_thread *e = &emu.th[emu_linear_tid()];
+    const emu_copy c{dst, src, BYTES, full, e->groups};
+    if (emu_below(2)) emu_copy_land(c);
+    else e->copies.push_back(c);
+}
+static inline void qs_cp_async_commit(void) { emu.th[emu_linear_tid()].groups++; }
+template <int N> static inline void qs_cp_async_wait(void) {
+    emu_thread *e = &emu.th[emu_linear_tid()];
+    size_t kept = 0;
+    for (const emu_copy &c : e->copies)
+        if (c.group + N < e->groups) emu_copy_land(c); /* committed, and not among the newest N groups */
+        else e->copies[kept++] = c;
+    e->copies.resize(kept);
+}
 
 static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
