@@ -375,6 +375,8 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->act_floats = p.nf;
     m->act_ints = p.ni;
     m->sizes = (qs_op_sizes){.rows = (int)N, .experts = m->E};
+    if (m->cfg.mixer == QS_MIXER_ATTENTION)
+        m->sizes.heads = m->NH, m->sizes.kv_heads = m->NKV, m->sizes.head_size = m->C / m->NH;
     m->plan = (qs_mem_plan){
         .params = m->ps.n * sizeof(float),
         .grads = trainable ? m->ps.n * sizeof(float) : 0,

@@ -42,15 +42,20 @@ template <class Kern> static void allow_smem(Kern *kernel, size_t bytes) {
     if (bytes > 48 * 1024) QS_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
 }
 
-/* F::run<D>(args) for the smallest tile width D >= the head size. */
+/* The smallest tile width (32, 64, 128, 256) that holds a head of hs columns. */
+static inline int fa_tile_width(int hs) { return hs <= 32 ? 32 : hs <= 64 ? 64 : hs <= 128 ? 128 : 256; }
+
+/* F::run<D>(args) for D = fa_tile_width(head size). */
 template <class F, class... A> static void at_head_size(const qs_attn_block *k, A... a) {
     const int hs = k->C / k->NH;
     if (hs > FA_MAX_HEAD) /* the model refuses such heads on this backend (max_head_size) */
         qs_cuda_check(cudaErrorInvalidValue, "attention: a head size over 256", __FILE__, __LINE__);
-    if (hs <= 32) F::template run<32>(a...);
-    else if (hs <= 64) F::template run<64>(a...);
-    else if (hs <= 128) F::template run<128>(a...);
-    else F::template run<256>(a...);
+    switch (fa_tile_width(hs)) {
+    case 32: F::template run<32>(a...); break;
+    case 64: F::template run<64>(a...); break;
+    case 128: F::template run<128>(a...); break;
+    default: F::template run<256>(a...);
+    }
 }
 
 #endif

@@ -1,12 +1,17 @@
 /* Blockwise attention (ops.h qs_attn_block) on the tensor cores, for the backend with
  * bf16 products (train.precision bf16): FlashAttention-2's algorithm with mma.sync
- * m16n8k16 (mma.cuh), bf16 operands and fp32 accumulation, the softmax in fp32. The
- * tensors stay fp32 in memory, as the rest of the backend keeps them: each tile is
- * rounded to bf16 on its way into shared memory, row-major, q times the softmax scale
- * and log2 e (the exponentials are exp2). Fragments come out of shared memory by
- * ldmatrix, four 8 x 8 pieces a load, transposed on the way for a B operand whose sum
- * runs along the tile's rows (v in P V), so no tile is stored twice. Row pitches are
- * padded by 16 bytes: the 8 rows of a piece hit distinct banks.
+ * m16n8k16 (mma.cuh), bf16 operands and fp32 accumulation, the softmax in fp32.
+ *
+ * The tensors are fp32 in memory, as the rest of the backend keeps them. A first pass
+ * stages the heads the kernels read into the op scratch as bf16, each head's rows
+ * contiguous and D wide (zeros past the head size), q times the softmax scale and
+ * log2 e (the exponentials are exp2): that halves what every tile load moves, once per
+ * query tile, and lets whole rows move by cp.async (async_copy.cuh) with no registers
+ * held. The kernels load the next tile while the warps multiply this one (two buffers,
+ * one barrier a tile). Tiles are row-major in shared memory, their row pitch padded by
+ * 16 bytes so that the 8 rows of an ldmatrix piece hit distinct banks; fragments come
+ * out by ldmatrix, four 8 x 8 pieces a load, transposed on the way for a B operand whose
+ * sum runs along the tile's rows (v in P V), so no tile is stored twice.
  *
  * Forward: a block of four warps takes 64 query rows of one (sequence, query head), 16
  * per warp, and walks the keys they see in tiles of 64. Per tile, S = q k^T (16 x 64 a
@@ -16,14 +21,16 @@
  * V into the 16 x D output. Saved: out and the log-sum-exp, as the fp32 kernel saves
  * them, so the ring merge and either backward take them.
  *
- * Backward, two kernels as in attention_block.cu (deterministic, no atomics): dq over
- * query tiles (P = exp2(S - lse) recomputed, dP = dout v^T, dS = P (dP - delta),
- * dq += scale dS k, keys in order), and dk, dv over tiles of 64 keys of one kv head, a
- * warp owning 16, summing over the query heads of its group and their 64-row chunks in
- * order (S^T = k q^T, dv += P^T dout, dk += scale dS^T q).
+ * Backward, two kernels as in attention_block.cu (deterministic, no atomics), over one
+ * staging of q, k, v and dout: dq over query tiles (P = exp2(S - lse) recomputed,
+ * dP = dout v^T, dS = P (dP - delta), dq += scale dS k, keys in order), and dk, dv over
+ * tiles of 64 keys of one kv head, a warp owning 16, summing over the query heads of its
+ * group and their 64-row chunks in order (S^T = k q^T, dv += P^T dout,
+ * dk += scale dS^T q).
  *
- * Head sizes up to 128 (tiles of 32, 64, 128 columns, zero-padded); wider heads take
+ * Head sizes up to 128 (tiles of 32, 64, 128 columns); wider heads take
  * attention_block.cu's kernels. */
+#include "async_copy.cuh"
 #include "attention_block.cuh"
 #include "mma.cuh"
 
@@ -37,25 +44,67 @@ enum {
 
 /* Words a row of a q, k, v or dout tile in shared memory (two bf16 a word). */
 template <int D> __host__ __device__ constexpr int tc_pitch() { return D / 2 + 4; }
-/* Shared memory, in bytes, of `tiles` row tiles (every tile here is 64 queries or keys)
- * and `floats` more. */
+/* Words of a 64-row tile in shared memory (every tile here is 64 queries or keys). */
+template <int D> __host__ __device__ constexpr int tc_tile() { return 64 * tc_pitch<D>(); }
+/* Shared memory, in bytes, of `tiles` tiles and `floats` more. */
 template <int D> static size_t tc_smem(int tiles, int floats) {
-    return sizeof(uint32_t) * (tiles * 64 * tc_pitch<D>() + floats);
+    return sizeof(uint32_t) * (tiles * tc_tile<D>() + floats);
 }
 
-/* Rows [r0, r0 + n) of a head's columns (row stride `stride`) times mul into dst
- * [n][tc_pitch<D>()] as bf16 pairs, by the whole block; rows at or past `rows` and
- * columns past hs become 0. */
+/* The staged heads (bf16 pairs, rows of D / 2 words, zeros past the head size): q (times
+ * the scale and log2 e) and dout [B][NH][Tq], k and v [B][NKV][Tk]; dout only for the
+ * backward. */
+struct tc_staged {
+    const uint32_t *q, *k, *v, *dout;
+};
+
+/* Where query head h (of NH) or kv head g (of NKV) of sequence b starts in them, in words. */
+template <int D> __device__ static inline size_t staged_q(const qs_attn_block &k, int b, int h) {
+    return ((size_t)b * k.NH + h) * k.Tq * (D / 2);
+}
+template <int D> __device__ static inline size_t staged_kv(const qs_attn_block &k, int b, int g) {
+    return ((size_t)b * k.NKV + g) * k.Tk * (D / 2);
+}
+
+/* Rows [0, T) of the H heads of B sequences of src (head h of sequence b at
+ * b len stride + h hs, a row `stride` floats on) times mul, into dst [B][H][T] rows of
+ * D / 2 words; grid (B H, chunks of rows). */
 template <int D>
-__device__ static void load_bf16_rows(uint32_t *dst, const float *src, int stride, int r0, int n, int rows, int hs,
-                                      float mul) {
-    for (int e = threadIdx.x; e < n * (D / 2); e += blockDim.x) {
-        const int r = e / (D / 2), c = 2 * (e % (D / 2));
-        const float *row = src + (size_t)(r0 + r) * stride;
-        const bool in = r0 + r < rows;
-        dst[r * tc_pitch<D>() + c / 2] = qs_bf16x2(in && c < hs ? mul * row[c] : 0.0f,
-                                                   in && c + 1 < hs ? mul * row[c + 1] : 0.0f);
+__global__ static void stage_heads_kernel(uint32_t *dst, const float *src, int len, int stride, int H, int T, int hs,
+                                          float mul) {
+    const int b = blockIdx.x / H, h = blockIdx.x % H;
+    const float *head = src + (size_t)b * len * stride + (size_t)h * hs;
+    uint32_t *to = dst + (size_t)blockIdx.x * T * (D / 2);
+    for (size_t e = (size_t)blockIdx.y * blockDim.x + threadIdx.x; e < (size_t)T * (D / 2);
+         e += (size_t)gridDim.y * blockDim.x) {
+        const int c = 2 * (int)(e % (D / 2));
+        const float *row = head + e / (D / 2) * stride;
+        to[e] = qs_bf16x2(c < hs ? mul * row[c] : 0.0f, c + 1 < hs ? mul * row[c + 1] : 0.0f);
     }
+}
+
+/* Rows [r0, r0 + 64) of a staged head into a tile by the block's cp.async, 16 bytes a
+ * copy; rows at or past `rows` become 0 (rows >= 1). */
+template <int D> __device__ static void load_tile(uint32_t *dst, const uint32_t *head, int r0, int rows) {
+    constexpr int CH = D / 8; /* 16-byte pieces a row */
+    for (int c = threadIdx.x; c < 64 * CH; c += blockDim.x) {
+        const int r = c / CH, x = c % CH;
+        const bool in = r0 + r < rows;
+        qs_cp_async<16>(dst + r * tc_pitch<D>() + 4 * x, head + (size_t)(in ? r0 + r : 0) * (D / 2) + 4 * x, in);
+    }
+}
+
+/* Keys [j0, j0 + 64) of a staged k and v head into the k and v tiles of buffer
+ * j0 / 64 % 2 at kvs, so that the next key tile loads beside the one in use. */
+template <int D>
+__device__ static void load_keys(uint32_t *kvs, const uint32_t *kh, const uint32_t *vh, int j0, int Tk) {
+    uint32_t *to = kvs + 2 * tc_tile<D>() * (j0 / TC_KEYS % 2);
+    load_tile<D>(to, kh, j0, Tk);
+    load_tile<D>(to + tc_tile<D>(), vh, j0, Tk);
+}
+/* The k tile of key tile j0 (its v tile follows). */
+template <int D> __device__ static const uint32_t *key_tile(const uint32_t *kvs, int j0) {
+    return kvs + 2 * tc_tile<D>() * (j0 / TC_KEYS % 2);
 }
 
 /* A fragments of a warp's 16 rows of a row-major tile (at m) over all D columns: per
@@ -151,26 +200,33 @@ __device__ static inline tc_seen keys_seen(const qs_attn_block &k, int i0, int w
 
 template <int D>
 __global__ static void __launch_bounds__(TC_THREADS)
-    flash_forward_bf16_kernel(float *out, float *lse, const float *q, const float *kv, qs_attn_block k, float qmul) {
-    constexpr int P = tc_pitch<D>(), NT = TC_KEYS / 8, DT = D / 8;
+    flash_forward_bf16_kernel(float *out, float *lse, tc_staged st, qs_attn_block k) {
+    constexpr int P = tc_pitch<D>(), TILE = tc_tile<D>(), NT = TC_KEYS / 8, DT = D / 8;
     QS_DYNAMIC_SMEM(uint32_t, smem);
-    uint32_t *qs = smem, *ks = qs + TC_ROWS * P, *vs = ks + TC_KEYS * P; /* q pre-scaled */
+    uint32_t *qs = smem, *kvs = qs + TILE; /* q; then k, v of key tile j at kvs + 2 TILE (j % 2) */
     const fa_head at = head_at(k);
+    const int b = blockIdx.x / k.NH, qh = blockIdx.x % k.NH;
+    const uint32_t *kh = st.k + staged_kv<D>(k, b, qh / (k.NH / k.NKV)), *vh = st.v + (kh - st.k);
     const int i0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    load_bf16_rows<D>(qs, q + at.q, k.q_stride, i0, TC_ROWS, k.Tq, at.hs, qmul);
+    const tc_seen seen = keys_seen(k, i0, warp, g); /* the lane's rows: accumulator halves h = 0, 1 */
+    load_tile<D>(qs, st.q + staged_q<D>(k, b, qh), i0, k.Tq);
+    qs_cp_async_commit();
+    if (seen.block > 0) load_keys<D>(kvs, kh, vh, 0, k.Tk);
+    qs_cp_async_commit();
+    qs_cp_async_wait<1>(); /* q is in; the first key tile may still be on its way */
     __syncthreads();
     uint32_t qa[D / 16][4]; /* the warp's 16 rows, for the whole walk */
     a_fragments<D>(qa, qs + warp * 16 * P, lane);
-    const tc_seen seen = keys_seen(k, i0, warp, g); /* the lane's rows: accumulator halves h = 0, 1 */
     const int row0 = seen.row0;
     float o[DT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int n = 0; n < DT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     for (int j0 = 0; j0 < seen.block; j0 += TC_KEYS) {
-        __syncthreads(); /* the previous tile is used up */
-        load_bf16_rows<D>(ks, kv + at.kv, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
-        load_bf16_rows<D>(vs, kv + at.kv + at.v, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
-        __syncthreads();
+        qs_cp_async_wait<0>();
+        __syncthreads(); /* this tile is in, and every warp is done with the previous one */
+        const uint32_t *ks = key_tile<D>(kvs, j0), *vs = ks + TILE;
+        if (j0 + TC_KEYS < seen.block) load_keys<D>(kvs, kh, vh, j0 + TC_KEYS, k.Tk); /* the previous tile's buffer */
+        qs_cp_async_commit();
         if (j0 >= seen.warp) continue; /* none of the warp's rows sees the tile (uniform) */
         float s[NT][4];
         tile_product<NT, D / 16>(s, qa, ks, P, lane);
@@ -223,16 +279,19 @@ __global__ static void __launch_bounds__(TC_THREADS)
 
 template <int D>
 __global__ static void __launch_bounds__(TC_THREADS)
-    flash_dq_bf16_kernel(float *dq, const float *dout, const float *q, const float *kv, const float *lse,
-                         const float *delta, qs_attn_block k, float scale) {
-    constexpr int P = tc_pitch<D>(), NT = TC_KEYS / 8, DT = D / 8;
+    flash_dq_bf16_kernel(float *dq, tc_staged st, const float *lse, const float *delta, qs_attn_block k, float scale) {
+    constexpr int P = tc_pitch<D>(), TILE = tc_tile<D>(), NT = TC_KEYS / 8, DT = D / 8;
     QS_DYNAMIC_SMEM(uint32_t, smem);
-    uint32_t *qs = smem, *dos = qs + TC_ROWS * P, *ks = dos + TC_ROWS * P, *vs = ks + TC_KEYS * P; /* q pre-scaled */
+    uint32_t *qs = smem, *dos = qs + TILE, *kvs = dos + TILE; /* k, v of key tile j at kvs + 2 TILE (j % 2) */
     const fa_head at = head_at(k);
+    const int b = blockIdx.x / k.NH, qh = blockIdx.x % k.NH;
+    const uint32_t *kh = st.k + staged_kv<D>(k, b, qh / (k.NH / k.NKV)), *vh = st.v + (kh - st.k);
     const int i0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    load_bf16_rows<D>(qs, q + at.q, k.q_stride, i0, TC_ROWS, k.Tq, at.hs, scale * (float)M_LOG2E);
-    load_bf16_rows<D>(dos, dout + at.o, k.C, i0, TC_ROWS, k.Tq, at.hs, 1.0f);
     const tc_seen seen = keys_seen(k, i0, warp, g);
+    load_tile<D>(qs, st.q + staged_q<D>(k, b, qh), i0, k.Tq);
+    load_tile<D>(dos, st.dout + staged_q<D>(k, b, qh), i0, k.Tq);
+    if (seen.block > 0) load_keys<D>(kvs, kh, vh, 0, k.Tk);
+    qs_cp_async_commit();
     const int row0 = seen.row0;
     float lse2[2], dl[2];
 #pragma unroll
@@ -245,10 +304,11 @@ __global__ static void __launch_bounds__(TC_THREADS)
 #pragma unroll
     for (int n = 0; n < DT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     for (int j0 = 0; j0 < seen.block; j0 += TC_KEYS) {
-        __syncthreads();
-        load_bf16_rows<D>(ks, kv + at.kv, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
-        load_bf16_rows<D>(vs, kv + at.kv + at.v, k.kv_stride, j0, TC_KEYS, k.Tk, at.hs, 1.0f);
-        __syncthreads();
+        qs_cp_async_wait<0>();
+        __syncthreads(); /* this tile (and q, dout) is in, and every warp is done with the previous one */
+        const uint32_t *ks = key_tile<D>(kvs, j0), *vs = ks + TILE;
+        if (j0 + TC_KEYS < seen.block) load_keys<D>(kvs, kh, vh, j0 + TC_KEYS, k.Tk); /* the previous tile's buffer */
+        qs_cp_async_commit();
         if (j0 >= seen.warp) continue;
         uint32_t a[D / 16][4];
         float s[NT][4], dp[NT][4];
@@ -266,6 +326,7 @@ __global__ static void __launch_bounds__(TC_THREADS)
             }
         tile_product_acc<DT, TC_KEYS / 16>(acc, s, ks, P, lane);
     }
+    qs_cp_async_wait<0>(); /* no copy outlives the block (a block whose rows see no key) */
     const float mul[2] = {scale, scale};
     put_rows<DT>(dq + at.q, k.q_stride, row0, k.Tq, at.hs, acc, mul, true, t);
 }
@@ -275,74 +336,130 @@ __global__ static void __launch_bounds__(TC_THREADS)
  * dv += P^T dout and dk += dS^T (scale q), over every query head of the kv head's group
  * (head by head, then chunk by chunk). */
 
+/* Query rows [c0, c0 + 64) of query head h of sequence b into chunk buffer x of dk/dv:
+ * the q and dout tiles at cs + 2 TILE x, their lse and delta at stats + 2 * 64 x (0
+ * past Tq). */
+template <int D>
+__device__ static void load_chunk(uint32_t *cs, float *stats, const tc_staged &st, const float *lse,
+                                  const float *delta, const qs_attn_block &k, int b, int h, int c0, int x) {
+    const size_t s = head_of(k, b, h).s;
+    load_tile<D>(cs + 2 * tc_tile<D>() * x, st.q + staged_q<D>(k, b, h), c0, k.Tq);
+    load_tile<D>(cs + 2 * tc_tile<D>() * x + tc_tile<D>(), st.dout + staged_q<D>(k, b, h), c0, k.Tq);
+    for (int i = threadIdx.x; i < 2 * TC_QCHUNK; i += blockDim.x) {
+        const int r = i % TC_QCHUNK;
+        const bool in = c0 + r < k.Tq;
+        qs_cp_async<4>(stats + 2 * TC_QCHUNK * x + i, (i < TC_QCHUNK ? lse : delta) + s + (in ? c0 + r : c0), in);
+    }
+}
+
 template <int D>
 __global__ static void __launch_bounds__(TC_THREADS)
-    flash_dkv_bf16_kernel(float *dkv, const float *dout, const float *q, const float *kv, const float *lse,
-                          const float *delta, qs_attn_block k, float scale) {
-    constexpr int P = tc_pitch<D>(), NT = TC_QCHUNK / 8, DT = D / 8;
+    flash_dkv_bf16_kernel(float *dkv, tc_staged st, const float *lse, const float *delta, qs_attn_block k) {
+    constexpr int P = tc_pitch<D>(), TILE = tc_tile<D>(), NT = TC_QCHUNK / 8, DT = D / 8;
     QS_DYNAMIC_SMEM(uint32_t, smem);
-    uint32_t *ks = smem, *vs = ks + TC_ROWS * P, *qs = vs + TC_ROWS * P, *dos = qs + TC_QCHUNK * P; /* q pre-scaled */
-    float *ls = (float *)(dos + TC_QCHUNK * P), *dl = ls + TC_QCHUNK;
+    uint32_t *ks = smem, *vs = ks + TILE, *cs = vs + TILE; /* then two chunk buffers: q, dout */
+    float *stats = (float *)(cs + 4 * TILE);              /* their lse and delta rows */
     const int per_kv = k.NH / k.NKV, b = blockIdx.x / k.NKV, h0 = blockIdx.x % k.NKV * per_kv;
     const fa_head kvh = head_of(k, b, h0); /* its kv columns are all per_kv heads' */
     const int j0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    load_bf16_rows<D>(ks, kv + kvh.kv, k.kv_stride, j0, TC_ROWS, k.Tk, kvh.hs, 1.0f);
-    load_bf16_rows<D>(vs, kv + kvh.kv + kvh.v, k.kv_stride, j0, TC_ROWS, k.Tk, kvh.hs, 1.0f);
+    const size_t kv_at = staged_kv<D>(k, b, blockIdx.x % k.NKV);
+    load_tile<D>(ks, st.k + kv_at, j0, k.Tk);
+    load_tile<D>(vs, st.v + kv_at, j0, k.Tk);
+    /* the work: the kv head's query heads in order, each its chunks of 64 rows from the
+     * first that sees the block's first key (earlier rows see none of its keys) */
+    const int c_first = first_query(k, j0), chunks = (k.Tq - c_first + TC_QCHUNK - 1) / TC_QCHUNK;
+    if (chunks > 0) load_chunk<D>(cs, stats, st, lse, delta, k, b, h0, c_first, 0);
+    qs_cp_async_commit();
     const int warp_key = j0 + warp * 16, key0 = warp_key + g; /* the lane's keys: key0 and key0 + 8 */
     float dk[DT][4], dv[DT][4];
 #pragma unroll
     for (int n = 0; n < DT; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.0f;
-    for (int h = h0; h < h0 + per_kv; h++) { /* the kv head's query heads, in order */
-        const fa_head at = head_of(k, b, h);
-        /* rows before the first that sees the block's first key see none of its keys */
-        for (int c0 = first_query(k, j0); c0 < k.Tq; c0 += TC_QCHUNK) {
-            __syncthreads(); /* the previous chunk is used up (and the keys are in) */
-            load_bf16_rows<D>(qs, q + at.q, k.q_stride, c0, TC_QCHUNK, k.Tq, at.hs, scale * (float)M_LOG2E);
-            load_bf16_rows<D>(dos, dout + at.o, k.C, c0, TC_QCHUNK, k.Tq, at.hs, 1.0f);
-            for (int i = threadIdx.x; i < TC_QCHUNK; i += blockDim.x) {
-                const bool in = c0 + i < k.Tq;
-                ls[i] = in ? lse[at.s + c0 + i] * (float)M_LOG2E : 0.0f;
-                dl[i] = in ? delta[at.s + c0 + i] : 0.0f;
+    for (int w = 0; w < per_kv * chunks; w++) {
+        qs_cp_async_wait<0>();
+        __syncthreads(); /* this chunk (and the keys) is in, and every warp is done with the previous one */
+        if (w + 1 < per_kv * chunks)
+            load_chunk<D>(cs, stats, st, lse, delta, k, b, h0 + (w + 1) / chunks,
+                          c_first + (w + 1) % chunks * TC_QCHUNK, (w + 1) % 2);
+        qs_cp_async_commit();
+        const int c0 = c_first + w % chunks * TC_QCHUNK;
+        const uint32_t *qs = cs + 2 * TILE * (w % 2), *dos = qs + TILE; /* q pre-scaled */
+        const float *ls = stats + 2 * TC_QCHUNK * (w % 2), *dl = ls + TC_QCHUNK;
+        /* the chunk's last row sees the most keys: none of the warp's, nothing to add (uniform) */
+        if (warp_key >= qs_attn_visible_keys(&k, min(k.Tq, c0 + TC_QCHUNK) - 1)) continue;
+        uint32_t a[D / 16][4];
+        float s[NT][4], dp[NT][4];
+        a_fragments<D>(a, ks + warp * 16 * P, lane);
+        tile_product<NT, D / 16>(s, a, qs, P, lane); /* S^T */
+        a_fragments<D>(a, vs + warp * 16 * P, lane);
+        tile_product<NT, D / 16>(dp, a, dos, P, lane); /* dP^T */
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int ci = 8 * n + 2 * t + (e & 1), i = c0 + ci, j = key0 + 8 * (e >> 1);
+                const float p =
+                i < k.Tq && j < qs_attn_visible_keys(&k, i) ? exp2f(s[n][e] - ls[ci] * (float)M_LOG2E) : 0.0f;
+                s[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - dl[ci]); /* dS^T */
             }
-            __syncthreads();
-            /* the chunk's last row sees the most keys: none of the warp's, nothing to add (uniform) */
-            if (warp_key >= qs_attn_visible_keys(&k, min(k.Tq, c0 + TC_QCHUNK) - 1)) continue;
-            uint32_t a[D / 16][4];
-            float s[NT][4], dp[NT][4];
-            a_fragments<D>(a, ks + warp * 16 * P, lane);
-            tile_product<NT, D / 16>(s, a, qs, P, lane); /* S^T */
-            a_fragments<D>(a, vs + warp * 16 * P, lane);
-            tile_product<NT, D / 16>(dp, a, dos, P, lane); /* dP^T */
-#pragma unroll
-            for (int n = 0; n < NT; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int ci = 8 * n + 2 * t + (e & 1), i = c0 + ci, j = key0 + 8 * (e >> 1);
-                    const float p = i < k.Tq && j < qs_attn_visible_keys(&k, i) ? exp2f(s[n][e] - ls[ci]) : 0.0f;
-                    s[n][e] = p;
-                    dp[n][e] = p * (dp[n][e] - dl[ci]); /* dS^T */
-                }
-            tile_product_acc<DT, TC_QCHUNK / 16>(dv, s, dos, P, lane);
-            tile_product_acc<DT, TC_QCHUNK / 16>(dk, dp, qs, P, lane); /* times log2 e: q's pre-scaling */
-        }
+        tile_product_acc<DT, TC_QCHUNK / 16>(dv, s, dos, P, lane);
+        tile_product_acc<DT, TC_QCHUNK / 16>(dk, dp, qs, P, lane); /* times log2 e: q's pre-scaling */
     }
+    qs_cp_async_wait<0>(); /* no copy outlives the block (keys no query sees) */
     const float one[2] = {1.0f, 1.0f}, ln2[2] = {(float)M_LN2, (float)M_LN2};
     put_rows<DT>(dkv + kvh.kv, k.kv_stride, key0, k.Tk, kvh.hs, dk, ln2, true, t);
     put_rows<DT>(dkv + kvh.kv + kvh.v, k.kv_stride, key0, k.Tk, kvh.hs, dv, one, true, t);
 }
 
-/* ---- launch: the kernels' instance for the block's head size ---- */
+/* ---- launch: the staging, then the kernels' instance for the block's head size ---- */
+
+/* The staged regions' bytes: q, k, v (and dout), bf16 rows of D. */
+template <int D> static void staged_sizes(const qs_attn_block *k, size_t *q, size_t *kv) {
+    *q = (size_t)k->B * k->NH * k->Tq * D * sizeof(uint16_t);
+    *kv = (size_t)k->B * k->NKV * k->Tk * D * sizeof(uint16_t);
+}
+
+template <int D> static void stage_heads(uint32_t *dst, const float *src, int B, int len, int stride, int H, int T,
+                                        int hs, float mul) {
+    const unsigned chunks = qs_cuda_blocks((size_t)T * (D / 2), QS_THREADS);
+    QS_LAUNCH(stage_heads_kernel<D>, dim3(B * H, chunks < 65535 ? chunks : 65535), QS_THREADS, 0, dst, src, len,
+              stride, H, T, hs, mul);
+}
+
+/* The block's q, k, v, and dout when it is given, staged into the op scratch. */
+template <int D>
+static tc_staged stage_block(const qs_attn_block *k, const float *q, const float *kv, const float *dout) {
+    const int hs = k->C / k->NH;
+    size_t nq, nkv;
+    staged_sizes<D>(k, &nq, &nkv);
+    char *at = (char *)qs_cuda_scratch(qs_cuda_room(nq) * (dout ? 2 : 1) + 2 * qs_cuda_room(nkv));
+    uint32_t *sq = (uint32_t *)qs_cuda_carve(&at, nq), *sk = (uint32_t *)qs_cuda_carve(&at, nkv),
+             *sv = (uint32_t *)qs_cuda_carve(&at, nkv), *sdo = dout ? (uint32_t *)qs_cuda_carve(&at, nq) : NULL;
+    stage_heads<D>(sq, q, k->B, k->q_len, k->q_stride, k->NH, k->Tq, hs, scale_of(k) * (float)M_LOG2E);
+    stage_heads<D>(sk, kv, k->B, k->kv_len, k->kv_stride, k->NKV, k->Tk, hs, 1.0f);
+    stage_heads<D>(sv, kv + qs_attn_kv_width(k), k->B, k->kv_len, k->kv_stride, k->NKV, k->Tk, hs, 1.0f);
+    if (dout) stage_heads<D>(sdo, dout, k->B, k->q_len, k->C, k->NH, k->Tq, hs, 1.0f);
+    return tc_staged{sq, sk, sv, sdo};
+}
+
+size_t qs_cuda_attention_bf16_scratch(const qs_op_sizes *s) {
+    if (s->heads <= 0 || s->head_size > TC_MAX_HEAD) return 0;
+    /* a block's rows (B Tq, B Tk) are at most the forward's rows; each region rounds up */
+    const size_t row = (size_t)fa_tile_width(s->head_size) * sizeof(uint16_t);
+    return (size_t)s->rows * (2 * s->heads + 2 * s->kv_heads) * row + 4 * qs_cuda_room(1);
+}
 
 struct fa_forward_bf16 {
     template <int D> static void run(float *out, float *lse, const float *q, const float *kv, const qs_attn_block *k) {
         if constexpr (D > TC_MAX_HEAD) {
             qs_cuda_attention_block_forward(out, lse, q, kv, k);
         } else {
-            allow_smem(flash_forward_bf16_kernel<D>, tc_smem<D>(3, 0));
+            const tc_staged st = stage_block<D>(k, q, kv, NULL);
+            allow_smem(flash_forward_bf16_kernel<D>, tc_smem<D>(5, 0));
             QS_LAUNCH(flash_forward_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_ROWS - 1) / TC_ROWS),
-                      TC_THREADS, tc_smem<D>(3, 0), out, lse, q, kv, *k, scale_of(k) * (float)M_LOG2E);
+                      TC_THREADS, tc_smem<D>(5, 0), out, lse, st, *k);
         }
     }
 };
@@ -359,15 +476,17 @@ struct fa_backward_bf16 {
         if constexpr (D > TC_MAX_HEAD) {
             qs_cuda_attention_block_backward(dq, dkv, dout, q, kv, lse, delta, k);
         } else {
+            if (!dq && !dkv) return;
+            const tc_staged st = stage_block<D>(k, q, kv, dout);
             if (dq) {
-                allow_smem(flash_dq_bf16_kernel<D>, tc_smem<D>(4, 0));
+                allow_smem(flash_dq_bf16_kernel<D>, tc_smem<D>(6, 0));
                 QS_LAUNCH(flash_dq_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_ROWS - 1) / TC_ROWS), TC_THREADS,
-                          tc_smem<D>(4, 0), dq, dout, q, kv, lse, delta, *k, scale_of(k));
+                          tc_smem<D>(6, 0), dq, st, lse, delta, *k, scale_of(k));
             }
             if (dkv) {
-                allow_smem(flash_dkv_bf16_kernel<D>, tc_smem<D>(4, 2 * TC_QCHUNK));
+                allow_smem(flash_dkv_bf16_kernel<D>, tc_smem<D>(6, 4 * TC_QCHUNK));
                 QS_LAUNCH(flash_dkv_bf16_kernel<D>, dim3(k->B * k->NKV, (k->Tk + TC_ROWS - 1) / TC_ROWS), TC_THREADS,
-                          tc_smem<D>(4, 2 * TC_QCHUNK), dkv, dout, q, kv, lse, delta, *k, scale_of(k));
+                          tc_smem<D>(6, 4 * TC_QCHUNK), dkv, st, lse, delta, *k);
             }
         }
     }

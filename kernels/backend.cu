@@ -151,16 +151,20 @@ static int cuda_mem_info(size_t *free_bytes, size_t *total_bytes) {
 
 static size_t larger(size_t a, size_t b) { return a > b ? a : b; }
 
-/* The most any op takes at once: ops take the scratch one at a time. */
-static size_t scratch_need(const qs_op_sizes *s) {
+/* The most any op takes at once: ops take the scratch one at a time. Only the bf16
+ * attention stages its inputs. */
+template <qs_precision P> static size_t scratch_need(const qs_op_sizes *s) {
     const size_t moe =
         s->experts > 0 ? larger(qs_cuda_moe_scratch(s->rows, s->experts), qs_cuda_grouped_scratch(s->experts)) : 0;
-    return larger(larger(qs_cuda_sumsq_scratch(), qs_cuda_embed_scratch(s->rows)), moe);
+    const size_t attention = P == QS_PRECISION_BF16 ? qs_cuda_attention_bf16_scratch(s) : 0;
+    return larger(larger(larger(qs_cuda_sumsq_scratch(), qs_cuda_embed_scratch(s->rows)), moe), attention);
 }
 
-static size_t cuda_workspace_bytes(const qs_op_sizes *s) { return blas_workspace_bytes + scratch_need(s); }
+template <qs_precision P> static size_t cuda_workspace_bytes(const qs_op_sizes *s) {
+    return blas_workspace_bytes + scratch_need<P>(s);
+}
 
-static int cuda_reserve(const qs_op_sizes *s) {
+template <qs_precision P> static int cuda_reserve(const qs_op_sizes *s) {
     if (!blas_workspace) {
         if (qs_cuda_failed(cudaMalloc(&blas_workspace, blas_workspace_bytes), "cudaMalloc"))
             return qs_error("out of GPU memory reserving cuBLAS's %zu-byte workspace (%s)", blas_workspace_bytes,
@@ -168,7 +172,7 @@ static int cuda_reserve(const qs_op_sizes *s) {
         cublasStatus_t st = cublasSetWorkspace(blas, blas_workspace, blas_workspace_bytes);
         if (st != CUBLAS_STATUS_SUCCESS) return qs_error("cublasSetWorkspace failed: %s", cublasGetStatusString(st));
     }
-    return grow_scratch(scratch_need(s), 0);
+    return grow_scratch(scratch_need<P>(s), 0);
 }
 
 /* ---- the backend ---- */
@@ -265,8 +269,9 @@ static int init(void) {
             .download = qs_cuda_download,
             .copy = cuda_copy,
             .mem_info = cuda_mem_info,
-            .workspace_bytes = cuda_workspace_bytes,
-            .reserve = cuda_reserve,
+            .workspace_bytes = p == QS_PRECISION_BF16 ? cuda_workspace_bytes<QS_PRECISION_BF16>
+                                                      : cuda_workspace_bytes<QS_PRECISION_FP32>,
+            .reserve = p == QS_PRECISION_BF16 ? cuda_reserve<QS_PRECISION_BF16> : cuda_reserve<QS_PRECISION_FP32>,
             .time_ms = cuda_time_ms,
             .describe = cuda_describe,
             .ops = &ops_by_precision[p],

@@ -74,12 +74,14 @@ static inline unsigned qs_cuda_blocks(size_t n, unsigned threads) {
 void *qs_cuda_scratch(size_t bytes);
 /* The scratch the ops that take any need at most (with the backend's reserve hook, which
  * takes their maximum up front): the embedding backward's sort of N rows, the MoE
- * router over N rows and E experts, the grouped expert GEMMs, the gradient norm. Decoding's (kv_cache.cu)
- * is taken at the first decode step, outside training. */
+ * router over N rows and E experts, the grouped expert GEMMs, the gradient norm, the
+ * bf16 attention's staged heads. Decoding's (kv_cache.cu) is taken at the first decode
+ * step, outside training. */
 size_t qs_cuda_embed_scratch(int N);
 size_t qs_cuda_moe_scratch(int N, int E);
 size_t qs_cuda_grouped_scratch(int groups);
 size_t qs_cuda_sumsq_scratch(void);
+size_t qs_cuda_attention_bf16_scratch(const qs_op_sizes *s);
 /* The bytes a region takes: whole 256-byte units, so every region is aligned. */
 static inline size_t qs_cuda_room(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 /* The next region of `bytes` from *at, advancing *at. */

@@ -11,6 +11,7 @@
 typedef struct qs_op_sizes {
     int rows;    /* token rows of one forward (micro-batch x sequence) */
     int experts; /* MoE experts; 0: dense */
+    int heads, kv_heads, head_size; /* attention's (query heads 0: no attention) */
 } qs_op_sizes;
 
 /* What a backend computes on, for benchmark records. */
