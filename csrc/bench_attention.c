@@ -64,7 +64,8 @@ typedef struct att_point {
     int T, hs, B, NH, causal;
     qs_bench_stats fwd, fwd_bwd; /* ms */
     double fwd_flops;
-    size_t bytes; /* the point's buffers: all the memory its calls touch (the kernels take no scratch) */
+    size_t bytes;   /* the point's buffers */
+    size_t scratch; /* what attention adds to the backend's op workspace (the bf16 kernels' staged heads) */
 } att_point;
 
 static double tflop_s(double flops, double ms) { return flops / (ms / 1e3) / 1e12; }
@@ -77,6 +78,9 @@ static int time_point(const qs_backend *be, att_point *p, int repeats) {
     b.n_qkv = rows * 3 * C;
     const size_t total = 2 * qs_bench_round16(b.n_qkv) + 2 * qs_bench_round16(n_out) + 2 * qs_bench_round16(n_st);
     p->bytes = total * sizeof(float);
+    const qs_op_sizes with = {.rows = (int)rows, .heads = p->NH, .kv_heads = p->NH, .head_size = p->hs},
+                      without = {.rows = (int)rows};
+    p->scratch = be->workspace_bytes(&with) - be->workspace_bytes(&without);
     float *pool = be->alloc(p->bytes);
     if (!pool)
         return qs_error("out of memory on %s: attention at T=%d hs=%d takes %zu MiB", be->name, p->T, p->hs,
@@ -124,6 +128,7 @@ static void print_json(const qs_backend *be, const att_point *pts, int n, const 
         qs_bench_json_num(stdout, "fwd_ms", p->fwd.median);
         qs_bench_json_num(stdout, "fwd_bwd_ms", p->fwd_bwd.median);
         qs_bench_json_num(stdout, "buffers_mib", (double)p->bytes / (1 << 20));
+        qs_bench_json_num(stdout, "scratch_mib", (double)p->scratch / (1 << 20));
         fputs("}", stdout);
     }
     fputs("],\n  \"results\": [", stdout);

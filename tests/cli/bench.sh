@@ -78,7 +78,7 @@ for p in pts:
     assert p["B"] == max(1, 140 // p["T"]) and p["NH"] == 128 // p["hs"], p
     rows = p["B"] * p["T"]  # qkv, dqkv [rows, 3 C]; out, dout [rows, C]; lse, delta [B NH T]; 64-byte pieces
     floats = sum(2 * ((n + 15) // 16 * 16) for n in (rows * 3 * 128, rows * 128, p["B"] * p["NH"] * p["T"]))
-    assert abs(p["buffers_mib"] - 4 * floats / 2 ** 20) < 1e-5, (p, floats)
+    assert abs(p["buffers_mib"] - 4 * floats / 2 ** 20) < 1e-5 and p["scratch_mib"] == 0, (p, floats)
     fwd = 4.0 * p["B"] * p["NH"] * p["T"] ** 2 * p["hs"] * (0.5 if p["causal"] else 1.0)
     T, hs, mask = p["T"], p["hs"], "causal" if p["causal"] else "full"
     name = f"attention_T{T}_hs{hs}_{mask}"
