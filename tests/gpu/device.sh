@@ -8,7 +8,8 @@
 # most 8 files), else to runs/device/.
 #   tests/gpu/device.sh [STEP...]      default: build parity attention kernels memcheck train
 #   steps: build parity attention kernels memcheck racecheck synccheck initcheck train
-#          compare compare_gpt2 trainsh
+#          compare compare_gpt2 trainsh (attention also profiles its kernels with ncu, and
+#          counts their SASS instructions)
 #   DEADLINE=S   seconds from the start after which no step starts (default 540)
 # A bare machine lacks cJSON and may lack OpenBLAS, PCRE2 and zlib: carry .deps
 # (tests/gpu/carry_deps.sh fills it) and data/shakespeare_char, data/shakespeare_gpt2
@@ -82,7 +83,27 @@ bench_train() { # full and LoRA at GPT-2 124M in bf16, micro-batch 8 and 4, 0 / 
     done
   done
 }
-export -f parity kernels sanitize bench_train
+attention_profile() { # what limits the bf16 attention (issue 5): counters of one point's kernels, then their SASS
+  local ncu
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  # T 4096, hs 128, B 4, NH 16 (its causal point): the first call's staging, forward, dq and dk/dv
+  if [ -n "$ncu" ]; then
+    "$ncu" --clock-control none -k 'regex:(flash_.*bf16|stage_heads)' --launch-count 9 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+      "$Q" bench attention --device cuda --precision bf16 --seq 4096 --head-size 128 --repeats 1 2>&1 |
+      grep -v '^==PROF==' | cut -c1-150
+  else
+    echo "no ncu"
+  fi
+  # static instruction counts of each bf16 attention kernel: products, shared loads, copies, barriers, exp2
+  "$CUDA_HOME/bin/cuobjdump" --dump-sass "$Q" | awk '
+    /Function :/ { f = $3; next }
+    f ~ /_bf16_kernel/ && /^ +\/\*[0-9a-f]+\*\/ / {
+      op = $2; if (op ~ /^@/) op = $3; sub(/[.;].*/, "", op); n[f " " op]++; total[f]++ }
+    END { for (k in n) { split(k, p, " "); if (p[2] ~ /^(HMMA|LDSM|LDGSTS|LDG|STG|LDS|STS|BAR|MUFU|SHFL)$/) print k, n[k] }
+          for (f in total) print f, "all", total[f] }' | sort
+}
+export -f parity kernels sanitize bench_train attention_profile
 export out P Q SAN
 
 # step NAME LIMIT COMMAND...: runs it under its limit unless the deadline is too near;
@@ -123,6 +144,7 @@ main() {
         step attention 200 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
           bench/compare.sh --device cuda --dtype bf16 --only attention --repeats 10 --retries 0 \
           --out "$out/compare-attention.json"
+        step attention_profile 150 attention_profile
         step attention_naive 90 bash -c "python3 bench/peers/attention_torch.py --device cuda --dtype bf16 \
           --seq 16384 --backend math --repeats 2 >'$out/attention-math-16k.json'" ;;
       kernels)
