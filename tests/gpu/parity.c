@@ -813,6 +813,9 @@ static void test_ops(void) {
     test_kv_cache(1, 1, 4, 1, 1, 1, 1);
     test_kv_cache(3, 5, 6, 2, 7, 4, 9);
     test_kv_cache(5, 37, 4, 1, 11, 7, 131);
+    /* caches of many 64-position splits; heads wider than a warp, up to 256 */
+    test_kv_cache(2, 3, 4, 2, 70, 3, 700);
+    test_kv_cache(3, 2, 1, 1, 256, 4, 300);
     const size_t ew[] = {1, 7, 1000, 100003};
     for (size_t i = 0; i < sizeof ew / sizeof *ew; i++) test_elementwise(ew[i]);
     test_dropout(1, 1, 0.5f, 0);
