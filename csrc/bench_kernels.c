@@ -308,13 +308,13 @@ static void xent_fwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 
 static void xent_bwd_plan(kplan *p, const kdims *d) {
     const size_t N = d->N, V = d->V;
-    bufs(p, 1, (size_t[]){N * V}, 1, (size_t[]){N});
-    p->flops = 7.0 * N * V;
-    p->bytes = 4.0 * (2 * N * V + N); /* the logits read, their gradient written in place */
+    bufs(p, 2, (size_t[]){N * V, N}, 1, (size_t[]){N});
+    p->flops = 4.0 * N * V;                 /* two subtractions, exp, the scale */
+    p->bytes = 4.0 * (2 * N * V + 2 * N); /* the logits read, their gradient written in place; losses, targets */
     snprintf(p->shape, sizeof p->shape, "N=%d V=%d", d->N, d->V);
 }
 static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
-    o->xent_backward(f[0], ib[0], 1.0f / (float)d->N, d->N, d->V);
+    o->xent_backward(f[0], f[1], ib[0], 1.0f / (float)d->N, d->N, d->V);
 }
 
 /* CPU, GPU (GPT-2 124M's at 8 x 1024 tokens; issue 6's shape A; issue 7's shape), quick */

@@ -919,7 +919,7 @@ static double chunked_loss(qs_gpt *m, const int *targets, int N) {
         classify(m, m->logits, lnf, n);
         ops->xent_forward(m->losses + r0, m->logits, m->tgt + r0, n, V);
         if (dloss == 0.0f) continue;
-        ops->xent_backward(m->logits, m->tgt + r0, dloss, n, V);
+        ops->xent_backward(m->logits, m->losses + r0, m->tgt + r0, dloss, n, V);
         ops->matmul_backward(m->dln + (size_t)r0 * C, G(m, m->lm_head), NULL, m->logits, lnf, P(m, m->lm_head), n,
                              C, V, lm_head_layout());
     }

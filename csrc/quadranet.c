@@ -434,7 +434,7 @@ void qs_quadranet_backward(qs_quadranet *m, float scale) {
     const int B = m->B, K = q->num_classes, Cin = q->in_channels;
     const stage *last = &m->st[NS - 1];
     const int CL = last->C;
-    ops->xent_backward(m->logits, m->labels, scale / (float)B, B, K);
+    ops->xent_backward(m->logits, m->losses, m->labels, scale / (float)B, B, K); /* the forward's losses */
     zero_f(m, m->dhead, (size_t)B * CL);
     ops->matmul_backward(m->dhead, G(m, m->head_w), G(m, m->head_b), m->logits, m->head_ln, P(m, m->head_w), B, CL, K,
                          QS_W_IN_OUT);

@@ -158,7 +158,7 @@ void qs_cuda_dropout_backward(float *dinp, const float *dout, float p, uint64_t 
 
 /* xent.cu */
 void qs_cuda_xent_forward(float *losses, const float *logits, const int *targets, int N, int V);
-void qs_cuda_xent_backward(float *logits, const int *targets, float dloss, int N, int V);
+void qs_cuda_xent_backward(float *logits, const float *losses, const int *targets, float dloss, int N, int V);
 
 /* moe.cu */
 void qs_cuda_moe_route_forward(qs_moe_load *load, int *idx, float *gate, int *slot, float *h, const float *clean,

@@ -707,12 +707,14 @@ static double xent_loss(void *p) {
     for (int n = 0; n < c->N; n++) s += c->losses[n];
     return c->r * s;
 }
-/* The op replaces the logits by their gradient; the checker wants it added to g[0]. */
+/* The op replaces the logits by their gradient; the checker wants it added to g[0]. It
+ * takes the forward's losses at these logits. */
 static void xent_backward(void *p, float **g) {
     xent_ctx *c = p;
     const size_t n = (size_t)c->N * c->V;
     float *d = copy_tensor(c->logits, n);
-    ops->xent_backward(d, c->tgt, c->r, c->N, c->V);
+    xent_loss(c);
+    ops->xent_backward(d, c->losses, c->tgt, c->r, c->N, c->V);
     for (size_t i = 0; i < n; i++) g[0][i] += d[i];
     free(d);
 }
@@ -743,7 +745,7 @@ static void check_xent(int V, bool fd) {
     check_close("xent loss", c.losses, want, N, 1e-5, 1e-5);
     /* in place: the gradient replaces the logits, and an ignored row becomes exact zeros */
     float *grad = copy_tensor(c.logits, n);
-    ops->xent_backward(grad, tgt, c.r, N, V);
+    ops->xent_backward(grad, c.losses, tgt, c.r, N, V);
     check_close("xent dlogits", grad, wgrad, n, 1e-5, 1e-6);
     for (int r = 1; r < N; r += 4)
         for (int v = 0; v < V; v++) assert_true(grad[(size_t)r * V + v] == 0.0f);

@@ -107,7 +107,7 @@ void qs_cpu_dropout_backward(float *dinp, const float *dout, float p, uint64_t s
 
 /* xent.c */
 void qs_cpu_xent_forward(float *losses, const float *logits, const int *targets, int N, int V);
-void qs_cpu_xent_backward(float *logits, const int *targets, float dloss, int N, int V);
+void qs_cpu_xent_backward(float *logits, const float *losses, const int *targets, float dloss, int N, int V);
 
 /* moe.c */
 void qs_cpu_moe_route_forward(qs_moe_load *load, int *idx, float *gate, int *slot, float *h,

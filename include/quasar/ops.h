@@ -200,13 +200,15 @@ typedef struct qs_ops {
 
     /* Fused softmax + cross-entropy over rows of logits [N,V].
      * losses[n] = -log softmax(logits[n])[targets[n]]; a negative target is ignored
-     * (loss 0, no gradient). Backward recomputes the softmax and REPLACES the logits by
-     * their gradient, logits[n,:] = dloss * (softmax(logits[n]) - onehot(targets[n])) (0
-     * for an ignored row): the one op that does not accumulate, because the logits
-     * ([N,V], the largest activation of a language model) have no use after it, so their
-     * gradient needs no buffer of its own. */
+     * (loss 0, no gradient). Backward takes the forward's losses of the same logits, so
+     * the softmax is one pass: a row's log-sum-exp is its loss plus its target's logit,
+     * softmax(x)[v] = exp((x[v] - x[t]) - loss). It REPLACES the logits by their
+     * gradient, logits[n,:] = dloss * (softmax(logits[n]) - onehot(targets[n])) (0 for an
+     * ignored row): the one op that does not accumulate, because the logits ([N,V], the
+     * largest activation of a language model) have no use after it, so their gradient
+     * needs no buffer of its own. */
     void (*xent_forward)(float *losses, const float *logits, const int *targets, int N, int V);
-    void (*xent_backward)(float *logits, const int *targets, float dloss, int N, int V);
+    void (*xent_backward)(float *logits, const float *losses, const int *targets, float dloss, int N, int V);
 
     /* The router of a sparse MoE layer, from its logits [N,E] to packed rows, in one op
      * so that a backend can fuse it (r: sizes, capacity and the noise's draws).

@@ -658,7 +658,7 @@ static void test_xent(int N, int V) {
     BOTH(ops->xent_forward(F(losses), F(logits), I(targets), N, V));
     check("losses", losses, RED);
     const float dloss = urand(0.1f, 2.0f);
-    BOTH(ops->xent_backward(F(logits), I(targets), dloss, N, V)); /* in place; ignored rows become 0 */
+    BOTH(ops->xent_backward(F(logits), F(losses), I(targets), dloss, N, V)); /* in place; ignored rows become 0 */
     check("dlogits", logits, RED);
     case_end();
 }
