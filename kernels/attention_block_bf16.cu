@@ -331,10 +331,20 @@ __global__ static void __launch_bounds__(TC_THREADS)
     put_rows<DT>(dq + at.q, k.q_stride, row0, k.Tq, at.hs, acc, mul, true, t);
 }
 
-/* ---- backward, dk and dv: grid (B * NKV, key tiles of 64); a warp owns 16 keys ----
+/* ---- backward, dk and dv: grid (B * NKV, key tiles of 64, splits); a warp owns 16 keys ----
  * Transposed products, keys down and queries across: S^T = k q^T, dP^T = v dout^T, then
- * dv += P^T dout and dk += dS^T (scale q), over every query head of the kv head's group
- * (head by head, then chunk by chunk). */
+ * dv += P^T dout and dk += dS^T (scale q), over the query heads of the kv head's group
+ * (head by head, then chunk by chunk). Where those blocks are too few to fill the GPU
+ * (few kv heads, one short sequence: multi-query decoding's fine-tuning), the group's
+ * heads are split over blockIdx.z, each split storing its sums into its own copy of dkv
+ * (`out`), which dkv_sum_kernel then adds in split order. */
+
+/* Where dk/dv's blocks put their sums: added into dkv itself, or stored into split z's
+ * dense [B][Tk][2 Ckv] copy at part + z B Tk 2 Ckv. */
+struct tc_dkv_out {
+    float *dkv, *part;
+    int heads; /* query heads a split takes */
+};
 
 /* Query rows [c0, c0 + 64) of query head h of sequence b into chunk buffer x of dk/dv:
  * the q and dout tiles at cs + 2 TILE x, their lse and delta at stats + 2 * 64 x (0
@@ -354,13 +364,13 @@ __device__ static void load_chunk(uint32_t *cs, float *stats, const tc_staged &s
 
 template <int D>
 __global__ static void __launch_bounds__(TC_THREADS)
-    flash_dkv_bf16_kernel(float *dkv, tc_staged st, const float *lse, const float *delta, qs_attn_block k) {
+    flash_dkv_bf16_kernel(tc_dkv_out out, tc_staged st, const float *lse, const float *delta, qs_attn_block k) {
     constexpr int P = tc_pitch<D>(), TILE = tc_tile<D>(), NT = TC_QCHUNK / 8, DT = D / 8;
     QS_DYNAMIC_SMEM(uint32_t, smem);
     uint32_t *ks = smem, *vs = ks + TILE, *cs = vs + TILE; /* then two chunk buffers: q, dout */
     float *stats = (float *)(cs + 4 * TILE);              /* their lse and delta rows */
-    const int per_kv = k.NH / k.NKV, b = blockIdx.x / k.NKV, h0 = blockIdx.x % k.NKV * per_kv;
-    const fa_head kvh = head_of(k, b, h0); /* its kv columns are all per_kv heads' */
+    const int b = blockIdx.x / k.NKV, h0 = blockIdx.x % k.NKV * (k.NH / k.NKV) + blockIdx.z * out.heads;
+    const fa_head kvh = head_of(k, b, h0); /* its kv columns are all the group's heads' */
     const int j0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const size_t kv_at = staged_kv<D>(k, b, blockIdx.x % k.NKV);
     load_tile<D>(ks, st.k + kv_at, j0, k.Tk);
@@ -368,7 +378,8 @@ __global__ static void __launch_bounds__(TC_THREADS)
     /* the work: the kv head's query heads in order, each its chunks of 64 rows from the
      * first that sees the block's first key (earlier rows see none of its keys) */
     const int c_first = first_query(k, j0), chunks = (k.Tq - c_first + TC_QCHUNK - 1) / TC_QCHUNK;
-    if (chunks > 0) load_chunk<D>(cs, stats, st, lse, delta, k, b, h0, c_first, 0);
+    const int work = out.heads * chunks;
+    if (work > 0) load_chunk<D>(cs, stats, st, lse, delta, k, b, h0, c_first, 0);
     qs_cp_async_commit();
     const int warp_key = j0 + warp * 16, key0 = warp_key + g; /* the lane's keys: key0 and key0 + 8 */
     float dk[DT][4], dv[DT][4];
@@ -376,10 +387,10 @@ __global__ static void __launch_bounds__(TC_THREADS)
     for (int n = 0; n < DT; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.0f;
-    for (int w = 0; w < per_kv * chunks; w++) {
+    for (int w = 0; w < work; w++) {
         qs_cp_async_wait<0>();
         __syncthreads(); /* this chunk (and the keys) is in, and every warp is done with the previous one */
-        if (w + 1 < per_kv * chunks)
+        if (w + 1 < work)
             load_chunk<D>(cs, stats, st, lse, delta, k, b, h0 + (w + 1) / chunks,
                           c_first + (w + 1) % chunks * TC_QCHUNK, (w + 1) % 2);
         qs_cp_async_commit();
@@ -409,8 +420,24 @@ __global__ static void __launch_bounds__(TC_THREADS)
     }
     qs_cp_async_wait<0>(); /* no copy outlives the block (keys no query sees) */
     const float one[2] = {1.0f, 1.0f}, ln2[2] = {(float)M_LN2, (float)M_LN2};
-    put_rows<DT>(dkv + kvh.kv, k.kv_stride, key0, k.Tk, kvh.hs, dk, ln2, true, t);
-    put_rows<DT>(dkv + kvh.kv + kvh.v, k.kv_stride, key0, k.Tk, kvh.hs, dv, one, true, t);
+    const int Ckv = qs_attn_kv_width(&k);
+    float *dst = out.part ? out.part + ((size_t)blockIdx.z * k.B + b) * k.Tk * 2 * Ckv + (kvh.kv - (size_t)b * k.kv_len * k.kv_stride)
+                          : out.dkv + kvh.kv;
+    const int stride = out.part ? 2 * Ckv : k.kv_stride;
+    put_rows<DT>(dst, stride, key0, k.Tk, kvh.hs, dk, ln2, !out.part, t);
+    put_rows<DT>(dst + kvh.v, stride, key0, k.Tk, kvh.hs, dv, one, !out.part, t);
+}
+
+/* dkv += the splits' copies, added in split order (deterministic). */
+__global__ static void dkv_sum_kernel(float *dkv, const float *part, int splits, qs_attn_block k) {
+    const int W = 2 * qs_attn_kv_width(&k);
+    const size_t n = (size_t)k.B * k.Tk * W;
+    QS_GRID_LOOP(e, n) {
+        const size_t row = e / W;
+        float s = 0.0f;
+        for (int z = 0; z < splits; z++) s += part[(size_t)z * n + e];
+        dkv[(row / k.Tk * k.kv_len + row % k.Tk) * k.kv_stride + e % W] += s;
+    }
 }
 
 /* ---- launch: the staging, then the kernels' instance for the block's head size ---- */
@@ -428,13 +455,17 @@ template <int D> static void stage_heads(uint32_t *dst, const float *src, int B,
               stride, H, T, hs, mul);
 }
 
-/* The block's q, k, v, and dout when it is given, staged into the op scratch. */
+/* The block's q, k, v, and dout when it is given, staged into the op scratch, which also
+ * gives *extra `extra_bytes` of its own (dk/dv's split copies). */
 template <int D>
-static tc_staged stage_block(const qs_attn_block *k, const float *q, const float *kv, const float *dout) {
+static tc_staged stage_block(const qs_attn_block *k, const float *q, const float *kv, const float *dout,
+                             size_t extra_bytes = 0, float **extra = NULL) {
     const int hs = k->C / k->NH;
     size_t nq, nkv;
     staged_sizes<D>(k, &nq, &nkv);
-    char *at = (char *)qs_cuda_scratch(qs_cuda_room(nq) * (dout ? 2 : 1) + 2 * qs_cuda_room(nkv));
+    char *at = (char *)qs_cuda_scratch(qs_cuda_room(nq) * (dout ? 2 : 1) + 2 * qs_cuda_room(nkv) +
+                                       qs_cuda_room(extra_bytes));
+    if (extra) *extra = (float *)qs_cuda_carve(&at, extra_bytes);
     uint32_t *sq = (uint32_t *)qs_cuda_carve(&at, nq), *sk = (uint32_t *)qs_cuda_carve(&at, nkv),
              *sv = (uint32_t *)qs_cuda_carve(&at, nkv), *sdo = dout ? (uint32_t *)qs_cuda_carve(&at, nq) : NULL;
     stage_heads<D>(sq, q, k->B, k->q_len, k->q_stride, k->NH, k->Tq, hs, scale_of(k) * (float)M_LOG2E);
@@ -444,11 +475,26 @@ static tc_staged stage_block(const qs_attn_block *k, const float *q, const float
     return tc_staged{sq, sk, sv, sdo};
 }
 
+/* dk/dv's splits of a kv head's query heads: the largest divisor of the group's size
+ * that keeps the blocks (B NKV key tiles, times the splits) within two a multiprocessor;
+ * 1 when the blocks alone fill the GPU. */
+static int dkv_splits(const qs_attn_block *k) {
+    const long blocks = (long)k->B * k->NKV * ((k->Tk + TC_ROWS - 1) / TC_ROWS), most = 2L * qs_cuda_sm_count();
+    const int per_kv = k->NH / k->NKV;
+    for (int s = per_kv; s > 1; s--)
+        if (per_kv % s == 0 && blocks * s <= most) return s;
+    return 1;
+}
+
 size_t qs_cuda_attention_bf16_scratch(const qs_op_sizes *s) {
     if (s->heads <= 0 || s->head_size > TC_MAX_HEAD) return 0;
     /* a block's rows (B Tq, B Tk) are at most the forward's rows; each region rounds up */
     const size_t row = (size_t)fa_tile_width(s->head_size) * sizeof(uint16_t);
-    return (size_t)s->rows * (2 * s->heads + 2 * s->kv_heads) * row + 4 * qs_cuda_room(1);
+    /* split copies only where splits x blocks <= 2 SMs: at most that many key tiles' rows of 2 hs */
+    const size_t splits = s->kv_heads < s->heads
+                              ? 2 * (size_t)qs_cuda_sm_count() * TC_ROWS * 2 * s->head_size * sizeof(float)
+                              : 0;
+    return (size_t)s->rows * (2 * s->heads + 2 * s->kv_heads) * row + splits + 5 * qs_cuda_room(1);
 }
 
 struct fa_forward_bf16 {
@@ -477,16 +523,24 @@ struct fa_backward_bf16 {
             qs_cuda_attention_block_backward(dq, dkv, dout, q, kv, lse, delta, k);
         } else {
             if (!dq && !dkv) return;
-            const tc_staged st = stage_block<D>(k, q, kv, dout);
+            const int splits = dkv ? dkv_splits(k) : 1;
+            float *part = NULL;
+            const tc_staged st =
+                stage_block<D>(k, q, kv, dout,
+                               splits > 1 ? (size_t)splits * k->B * k->Tk * 2 * qs_attn_kv_width(k) * sizeof(float) : 0,
+                               &part);
             if (dq) {
                 allow_smem(flash_dq_bf16_kernel<D>, tc_smem<D>(6, 0));
                 QS_LAUNCH(flash_dq_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_ROWS - 1) / TC_ROWS), TC_THREADS,
                           tc_smem<D>(6, 0), dq, st, lse, delta, *k, scale_of(k));
             }
             if (dkv) {
+                const tc_dkv_out out = {dkv, splits > 1 ? part : NULL, k->NH / k->NKV / splits};
                 allow_smem(flash_dkv_bf16_kernel<D>, tc_smem<D>(6, 4 * TC_QCHUNK));
-                QS_LAUNCH(flash_dkv_bf16_kernel<D>, dim3(k->B * k->NKV, (k->Tk + TC_ROWS - 1) / TC_ROWS), TC_THREADS,
-                          tc_smem<D>(6, 4 * TC_QCHUNK), dkv, st, lse, delta, *k);
+                QS_LAUNCH(flash_dkv_bf16_kernel<D>, dim3(k->B * k->NKV, (k->Tk + TC_ROWS - 1) / TC_ROWS, splits),
+                          TC_THREADS, tc_smem<D>(6, 4 * TC_QCHUNK), out, st, lse, delta, *k);
+                if (splits > 1)
+                    QS_LAUNCH_N(dkv_sum_kernel, (size_t)k->B * k->Tk * 2 * qs_attn_kv_width(k), dkv, part, splits, *k);
             }
         }
     }

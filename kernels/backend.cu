@@ -138,6 +138,9 @@ static size_t blas_workspace_bytes;
 cublasHandle_t qs_cuda_blas(void) { return blas; }
 cublasLtHandle_t qs_cuda_blas_lt(void) { return blas_lt; }
 
+static int sm_count;
+int qs_cuda_sm_count(void) { return sm_count; }
+
 void *qs_cuda_blas_workspace(size_t *bytes) {
     *bytes = blas_workspace ? blas_workspace_bytes : 0;
     return blas_workspace;
@@ -241,7 +244,8 @@ static int init(void) {
     int dev = 0, major = 0;
     if (qs_cuda_failed(cudaFree(0), "creating the CUDA context (cudaFree(0))") ||
         qs_cuda_failed(cudaGetDevice(&dev), "cudaGetDevice") ||
-        qs_cuda_failed(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute"))
+        qs_cuda_failed(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute") ||
+        qs_cuda_failed(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute"))
         return -1;
     blas_workspace_bytes = (size_t)(major >= 9 ? 32 : 4) << 20;
     for (int i = 0; i < 2; i++)

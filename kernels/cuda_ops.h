@@ -100,6 +100,8 @@ cublasLtHandle_t qs_cuda_blas_lt(void);
 /* The workspace cuBLAS and cuBLASLt share (their calls take turns on the one stream);
  * NULL and 0 before the memory plan reserved it. */
 void *qs_cuda_blas_workspace(size_t *bytes);
+/* The device's multiprocessors, for kernels that size their grid to fill it. */
+int qs_cuda_sm_count(void);
 
 /* ---- the ops ---- */
 

@@ -1139,9 +1139,11 @@ static void test_memory_plan(const qs_backend *b, size_t *held) {
                b->name);
     qs_model_config cfg = moe_config();
     /* 66 x 8 rows: the MoE balance loss's scratch outgrows the gradient norm's, and the
-     * bf16 attention's staged heads outgrow both (one small layer: the emulator takes a
-     * while over this many rows) */
+     * bf16 attention's staged heads outgrow both, with one K/V head, so that dk/dv split
+     * the three query heads (one small layer: the emulator takes a while over this many
+     * rows) */
     cfg.seq_len = 8;
+    cfg.n_kv_head = 1;
     cfg.n_layer = 1;
     cfg.ffn_mult = 1;
     enum { B = 66, T = 8, BLOCKS = 10 /* the most cudaMallocs creation makes */ };

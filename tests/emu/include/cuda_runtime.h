@@ -80,10 +80,10 @@ static inline cudaError_t cudaGetDevice(int *d) {
     *d = 0;
     return cudaSuccess;
 }
-typedef enum { cudaDevAttrComputeCapabilityMajor = 75 } cudaDeviceAttr;
-/* an H100's: compute capability 9.x */
-static inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) {
-    *v = 9;
+typedef enum { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 } cudaDeviceAttr;
+/* an H100 SXM's: 132 multiprocessors, compute capability 9.x */
+static inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int) {
+    *v = a == cudaDevAttrMultiProcessorCount ? 132 : 9;
     return cudaSuccess;
 }
 /* The device's memory: QS_EMU_GPU_MIB (default 80 GiB), so a run too big for it fails
