@@ -250,7 +250,7 @@ __global__ static void __launch_bounds__(FA_THREADS)
 
 struct fa_forward {
     template <int D> static void run(float *out, float *lse, const float *q, const float *kv, const qs_attn_block *k) {
-        allow_smem(flash_forward_kernel<D>, forward_smem<D>());
+        allow_smem<flash_forward_kernel<D>>(forward_smem<D>());
         QS_LAUNCH(flash_forward_kernel<D>, dim3(k->B * k->NH, (k->Tq + FA_QTILE - 1) / FA_QTILE), FA_THREADS,
                   forward_smem<D>(), out, lse, q, kv, *k, scale_of(k));
     }
@@ -261,12 +261,12 @@ struct fa_backward {
     static void run(float *dq, float *dkv, const float *dout, const float *q, const float *kv, const float *lse,
                     const float *delta, const qs_attn_block *k) {
         if (dq) {
-            allow_smem(flash_dq_kernel<D>, dq_smem<D>());
+            allow_smem<flash_dq_kernel<D>>(dq_smem<D>());
             QS_LAUNCH(flash_dq_kernel<D>, dim3(k->B * k->NH, (k->Tq + FA_QTILE - 1) / FA_QTILE), FA_THREADS,
                       dq_smem<D>(), dq, dout, q, kv, lse, delta, *k, scale_of(k));
         }
         if (dkv) {
-            allow_smem(flash_dkv_kernel<D>, dkv_smem<D>());
+            allow_smem<flash_dkv_kernel<D>>(dkv_smem<D>());
             QS_LAUNCH(flash_dkv_kernel<D>, dim3(k->B * k->NKV, (k->Tk + dkv_group<D>() - 1) / dkv_group<D>()),
                       FA_THREADS, dkv_smem<D>(), dkv, dout, q, kv, lse, delta, *k, scale_of(k));
         }

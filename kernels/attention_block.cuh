@@ -37,9 +37,13 @@ __device__ static inline fa_head head_at(const qs_attn_block &k) {
     return head_of(k, blockIdx.x / k.NH, blockIdx.x % k.NH);
 }
 
-/* Dynamic shared memory beyond the default 48 KiB needs the kernel's consent. */
-template <class Kern> static void allow_smem(Kern *kernel, size_t bytes) {
-    if (bytes > 48 * 1024) QS_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+/* Dynamic shared memory beyond the default 48 KiB needs the kernel's consent: asked once
+ * per kernel instance (each launches with one size), not at every launch. */
+template <auto Kernel> static void allow_smem(size_t bytes) {
+    static const bool asked =
+        bytes <= 48 * 1024 ||
+        (QS_CUDA(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes)), true);
+    (void)asked;
 }
 
 /* The smallest tile width (32, 64, 128, 256) that holds a head of hs columns. */

@@ -503,7 +503,7 @@ struct fa_forward_bf16 {
             qs_cuda_attention_block_forward(out, lse, q, kv, k);
         } else {
             const tc_staged st = stage_block<D>(k, q, kv, NULL);
-            allow_smem(flash_forward_bf16_kernel<D>, tc_smem<D>(5, 0));
+            allow_smem<flash_forward_bf16_kernel<D>>(tc_smem<D>(5, 0));
             QS_LAUNCH(flash_forward_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_ROWS - 1) / TC_ROWS),
                       TC_THREADS, tc_smem<D>(5, 0), out, lse, st, *k);
         }
@@ -530,13 +530,13 @@ struct fa_backward_bf16 {
                                splits > 1 ? (size_t)splits * k->B * k->Tk * 2 * qs_attn_kv_width(k) * sizeof(float) : 0,
                                &part);
             if (dq) {
-                allow_smem(flash_dq_bf16_kernel<D>, tc_smem<D>(6, 0));
+                allow_smem<flash_dq_bf16_kernel<D>>(tc_smem<D>(6, 0));
                 QS_LAUNCH(flash_dq_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_ROWS - 1) / TC_ROWS), TC_THREADS,
                           tc_smem<D>(6, 0), dq, st, lse, delta, *k, scale_of(k));
             }
             if (dkv) {
                 const tc_dkv_out out = {dkv, splits > 1 ? part : NULL, k->NH / k->NKV / splits};
-                allow_smem(flash_dkv_bf16_kernel<D>, tc_smem<D>(6, 4 * TC_QCHUNK));
+                allow_smem<flash_dkv_bf16_kernel<D>>(tc_smem<D>(6, 4 * TC_QCHUNK));
                 QS_LAUNCH(flash_dkv_bf16_kernel<D>, dim3(k->B * k->NKV, (k->Tk + TC_ROWS - 1) / TC_ROWS, splits),
                           TC_THREADS, tc_smem<D>(6, 4 * TC_QCHUNK), out, st, lse, delta, *k);
                 if (splits > 1)
