@@ -75,8 +75,8 @@ void *qs_cuda_scratch(size_t bytes);
 /* The scratch the ops that take any need at most (with the backend's reserve hook, which
  * takes their maximum up front): the embedding backward's sort of N rows, the MoE
  * router over N rows and E experts, the grouped expert GEMMs, the gradient norm, the
- * bf16 attention's staged heads. Decoding's (kv_cache.cu) is taken at the first decode
- * step, outside training. */
+ * bf16 attention's staged heads (and dk/dv's split copies). Decoding's (kv_cache.cu) is
+ * taken at the first decode step, outside training. */
 size_t qs_cuda_embed_scratch(int N);
 size_t qs_cuda_moe_scratch(int N, int E);
 size_t qs_cuda_grouped_scratch(int groups);
