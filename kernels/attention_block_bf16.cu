@@ -335,9 +335,9 @@ __global__ static void __launch_bounds__(TC_THREADS)
  * Transposed products, keys down and queries across: S^T = k q^T, dP^T = v dout^T, then
  * dv += P^T dout and dk += dS^T (scale q), over the query heads of the kv head's group
  * (head by head, then chunk by chunk). Where those blocks are too few to fill the GPU
- * (few kv heads, one short sequence: multi-query decoding's fine-tuning), the group's
- * heads are split over blockIdx.z, each split storing its sums into its own copy of dkv
- * (`out`), which dkv_sum_kernel then adds in split order. */
+ * (few kv heads and one short sequence, as multi-query attention at batch 1), the
+ * group's heads are split over blockIdx.z, each split storing its sums into its own copy
+ * of dkv (`out`), which dkv_sum_kernel then adds in split order. */
 
 /* Where dk/dv's blocks put their sums: added into dkv itself, or stored into split z's
  * dense [B][Tk][2 Ckv] copy at part + z B Tk 2 Ckv. */
