@@ -269,10 +269,17 @@ typedef struct loaded_model {
     qs_lora *lora;
 } loaded_model;
 
-/* A language model from the checkpoint in dir, for micro-batches of max_B, with the
- * LoRA adapter in adapter_dir when that is not NULL (base_check: it must have been made
- * for these weights). Nothing trains it: no gradients. */
-static int load_model(loaded_model *lm, const char *dir, int max_B, const char *adapter_dir, bool base_check) {
+/* The backend of --device for a checkpoint's config. The CPU is named directly: its note
+ * that bf16 products apply to cuda only is for training. */
+static const qs_backend *device_backend(const char *device, const qs_config *cfg) {
+    return !strcmp(device, "cpu") ? qs_backend_cpu() : qs_cli_backend(device, cfg->train.precision);
+}
+
+/* A language model from the checkpoint in dir on device, for micro-batches of max_B,
+ * with the LoRA adapter in adapter_dir when that is not NULL (base_check: it must have
+ * been made for these weights). Nothing trains it: no gradients. */
+static int load_model(loaded_model *lm, const char *dir, const char *device, int max_B, const char *adapter_dir,
+                      bool base_check) {
     opened_ckpt o = {0};
     int rc = open_checkpoint(&o, dir, NULL, NULL);
     lm->cfg = o.cfg;
@@ -283,7 +290,9 @@ static int load_model(loaded_model *lm, const char *dir, int max_B, const char *
     if (!rc && qs_codec_vocab_size(&lm->codec) > arch->vocab_size)
         rc = qs_error("%s: the vocabulary (%d) is larger than model.vocab_size (%d)", o.step_dir,
                       qs_codec_vocab_size(&lm->codec), arch->vocab_size);
-    if (!rc) rc = qs_gpt_create_frozen(&lm->m, arch, qs_backend_cpu(), max_B, arch->seq_len);
+    const qs_backend *be = rc ? NULL : device_backend(device, &o.cfg);
+    if (!rc && !be) rc = -1;
+    if (!rc) rc = qs_gpt_create_frozen(&lm->m, arch, be, max_B, arch->seq_len);
     if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &o.f, o.step_dir);
     char adapter_step[QS_PATH_MAX + 64];
     if (!rc && adapter_dir)
@@ -301,7 +310,7 @@ static void free_loaded(loaded_model *lm) {
 
 static const char *GENERATE_HELP =
     "usage: quasar generate --model CKPT_DIR [--adapter DIR] [--prompt TEXT] [--max-tokens N]\n"
-    "                       [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
+    "                       [--temperature T] [--top-k K] [--top-p P] [--seed S] [--device cpu|cuda]\n"
     "  --model DIR     a run folder, its ckpt/ folder or one checkpoint folder\n"
     "  --adapter DIR   a LoRA adapter for that model (a finetune run, ckpt or checkpoint folder,\n"
     "                  or a folder Hugging Face peft saved)\n"
@@ -309,7 +318,9 @@ static const char *GENERATE_HELP =
     "                  prompts in one batch, printed when done as JSON lines {\"prompt\", \"text\"}\n"
     "  --max-tokens N  tokens to generate (per prompt; default 500)\n"
     "  --temperature T 0 = greedy (default 1.0); --top-k K (0 = all); --top-p P (1 = all)\n"
-    "  --seed S        sampling seed (default 1337)\n";
+    "  --seed S        sampling seed (default 1337)\n"
+    "  --device D      cpu (default) or cuda: prefill and decode on the GPU (the checkpoint's\n"
+    "                  train.precision picks its products), sampling on the host\n";
 
 static void emit_stdout(int prompt, int token, void *user) {
     (void)prompt;
@@ -351,7 +362,7 @@ static int print_completions(const qs_codec *codec, const str_list *prompts, int
 }
 
 static int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *adapter = NULL;
+    const char *model = NULL, *adapter = NULL, *device = "cpu";
     str_list prompts = {0};
     int max_tokens = 500, help;
     qs_sample_params sp = {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = 1337};
@@ -364,6 +375,7 @@ static int cmd_generate(int argc, char **argv) {
         {"--top-k", OPT_INT, &sp.top_k, 0, INT_MAX},
         {"--top-p", OPT_FLOAT, &sp.top_p, 1e-6, 1},
         {"--seed", OPT_U64, &sp.seed, 0, 9007199254740992.0},
+        {"--device", OPT_STR, &device, 0, 0},
     };
     int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
     if (rc || help) {
@@ -376,7 +388,7 @@ static int cmd_generate(int argc, char **argv) {
         if (!*prompts.items[b]) return qs_cli_usage_error("%s", "--prompt must not be empty");
     const int B = prompts.n;
     loaded_model lm = {0};
-    if (load_model(&lm, model, B, adapter, true)) {
+    if (load_model(&lm, model, device, B, adapter, true)) {
         free_loaded(&lm);
         return qs_cli_fail();
     }
@@ -409,17 +421,20 @@ static int cmd_generate(int argc, char **argv) {
 
 static const char *EVAL_HELP =
     "usage: quasar eval --model CKPT_DIR [--adapter DIR] [--config FILE] [--set key=value]...\n"
+    "                   [--device cpu|cuda]\n"
     "  --adapter DIR   evaluate the model with this LoRA adapter\n"
+    "  --device D      cpu (default) or cuda (train.precision picks the products there)\n"
     "  Prints {\"step\", \"val_loss\", \"eval_iters\", \"tokens\"} as JSON on stdout (classifiers:\n"
     "  {\"step\", \"val_loss\", \"val_acc\"} over the whole test split). The data and\n"
     "  train.eval_iters come from the checkpoint's config unless --config/--set change them.\n";
 
 static int cmd_eval(int argc, char **argv) {
-    const char *model = NULL, *config = NULL, *adapter = NULL;
+    const char *model = NULL, *config = NULL, *adapter = NULL, *device = "cpu";
     str_list sets = {0};
     int help;
     opt_spec specs[] = {{"--model", OPT_STR, &model, 0, 0}, {"--config", OPT_STR, &config, 0, 0},
-                        {"--set", OPT_LIST, &sets, 0, 0}, {"--adapter", OPT_STR, &adapter, 0, 0}};
+                        {"--set", OPT_LIST, &sets, 0, 0}, {"--adapter", OPT_STR, &adapter, 0, 0},
+                        {"--device", OPT_STR, &device, 0, 0}};
     int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
     if (rc || help) {
         if (help) fputs(EVAL_HELP, stdout);
@@ -430,7 +445,8 @@ static int cmd_eval(int argc, char **argv) {
     qs_task task = {0};
     char adapter_step[QS_PATH_MAX + 64];
     rc = open_checkpoint(&o, model, config, &sets);
-    const qs_task_place place = {.micro_B = micro_batch(&o.cfg), .be = qs_backend_cpu()};
+    const qs_task_place place = {.micro_B = micro_batch(&o.cfg), .be = rc ? NULL : device_backend(device, &o.cfg)};
+    if (!rc && !place.be) rc = -1;
     if (!rc && adapter)
         rc = qs_checkpoint_find_file(adapter, QS_LORA_WEIGHTS, adapter_step, sizeof adapter_step)
                  ? qs_error("--adapter: %s", qs_error_last())
@@ -510,7 +526,7 @@ static int cmd_merge(int argc, char **argv) {
     if (!access(path, F_OK)) return qs_error("'%s' already holds a run; --out must name a new folder", out), qs_cli_fail();
     loaded_model lm = {0};
     qs_adamw opt = {0};
-    rc = load_model(&lm, model, 1, adapter, !unmerge); /* a merged model is not the adapter's base */
+    rc = load_model(&lm, model, "cpu", 1, adapter, !unmerge); /* a merged model is not the adapter's base */
     qs_params *ps = rc ? NULL : qs_gpt_params(lm.m);
     if (!rc) rc = qs_lora_merge(lm.lora, ps, unmerge ? -1 : 1);
     if (!rc) rc = qs_adamw_create(&opt, qs_backend_cpu(), ps->n);

@@ -3,7 +3,8 @@
 # run as coroutines in a random order): tests/gpu/parity.c's whole harness (every op
 # against the CPU on awkward sizes, three GPTs and a QuadraNet, a short AdamW run), then
 # `quasar train --device cuda` against the same run on the CPU (per-step losses and the
-# validation loss to 1e-4), whose checkpoint the CPU build then evaluates alike, and the
+# validation loss to 1e-4), whose checkpoint the CPU build then evaluates alike; `eval`
+# and `generate --device cuda` (with and without an adapter) against the CPU; the
 # same run with train.precision bf16 (bf16 products; losses to 2e-2), and `bench
 # attention` on the tensor-core kernels at one small point. Checks the kernels' logic and
 # the host plumbing; the device itself waits for `make test-gpu`.
@@ -61,6 +62,34 @@ else
   not_ok "the CUDA run's checkpoint evaluates on the CPU as the CPU run's does" "$(cat eval_cpu.txt eval_cuda.txt)"
 fi
 
+# Inference on the device: a model trained on the CPU until its attention matters (a
+# 3-step model's text does not change when the decode's scores do) evaluates there as
+# on the CPU, and generates the same text, greedy (one prompt, streamed) and sampled (a
+# batch of two prompts of different lengths, each in its own KV-cache slot)
+"$QUASAR" train --config tiny.json --out lm --set train.max_steps=150 --set train.lr=1e-2 --set model.dropout=0 \
+  --set train.sample_tokens=0 --set train.eval_interval=150 --set train.checkpoint_interval=150 >lm.log 2>&1 ||
+  not_ok "cpu run to decode from" "$(tail -3 lm.log)"
+"$QUASAR" eval --model lm >eval_lm.txt 2>&1
+"$emu/quasar" eval --model lm --device cuda >eval_dev.txt 2>eval_dev.err
+gen=(generate --model lm --max-tokens 24)
+"$QUASAR" "${gen[@]}" --prompt "First" --temperature 0 >gen_cpu.txt 2>&1
+"$emu/quasar" "${gen[@]}" --prompt "First" --temperature 0 --device cuda >gen_dev.txt 2>gen_dev.err
+"$QUASAR" "${gen[@]}" --prompt "Fi" --prompt "All: Speak" --seed 3 >genb_cpu.txt 2>&1
+"$emu/quasar" "${gen[@]}" --prompt "Fi" --prompt "All: Speak" --seed 3 --device cuda >genb_dev.txt 2>genb_dev.err
+if python3 - eval_lm.txt eval_dev.txt <<'PY' && [ "$(wc -c <gen_cpu.txt)" -gt 24 ] && [ "$(wc -l <genb_cpu.txt)" -eq 2 ] &&
+import json, sys
+a, b = (json.loads(open(f).read())["val_loss"] for f in sys.argv[1:3])
+assert abs(a - b) <= 1e-5 * a, (a, b)
+PY
+  cmp -s gen_cpu.txt gen_dev.txt && cmp -s genb_cpu.txt genb_dev.txt &&
+  ! sanitizer_report eval_dev.err && ! sanitizer_report gen_dev.err && ! sanitizer_report genb_dev.err; then
+  ok "eval and generate --device cuda: the CPU's validation loss and the same text, greedy and sampled"
+else
+  not_ok "eval and generate --device cuda: the CPU's validation loss and the same text, greedy and sampled" \
+    "$(cat eval_lm.txt eval_dev.txt gen_cpu.txt gen_dev.txt genb_cpu.txt genb_dev.txt 2>/dev/null | head -8)" \
+    "$(grep -v WARNING eval_dev.err gen_dev.err genb_dev.err | tail -3)"
+fi
+
 # LoRA on the device: adapters over the CPU run's checkpoint (frozen there too) give the
 # CPU finetune's losses, and adapter weights the CPU build reads alike
 cat >ft.json <<JSON
@@ -75,15 +104,18 @@ if "$emu/quasar" finetune --config ft.json --base cpu --device cuda --out ft_cud
   out=$(close ft_cpu/metrics.jsonl ft_cuda/metrics.jsonl 1e-4 2>&1) &&
   "$QUASAR" eval --model cpu --adapter ft_cpu >ev_ft_cpu.txt 2>&1 &&
   "$QUASAR" eval --model cpu --adapter ft_cuda >ev_ft_cuda.txt 2>&1 &&
-  python3 - ev_ft_cpu.txt ev_ft_cuda.txt <<'PY'
+  python3 - ev_ft_cpu.txt ev_ft_cuda.txt <<'PY' &&
 import json, sys
 a, b = ([json.loads(l) for l in open(f) if l.startswith("{")][-1]["val_loss"] for f in sys.argv[1:3])
 assert abs(a - b) <= 1e-4 * a, (a, b)
 PY
+  "$QUASAR" generate --model cpu --adapter ft_cuda --max-tokens 16 --seed 4 >gen_ft_cpu.txt 2>&1 &&
+  "$emu/quasar" generate --model cpu --adapter ft_cuda --max-tokens 16 --seed 4 --device cuda >gen_ft_dev.txt \
+    2>gen_ft_dev.err && cmp -s gen_ft_cpu.txt gen_ft_dev.txt && ! sanitizer_report gen_ft_dev.err
 then
-  ok "quasar finetune --device cuda: LoRA losses match the CPU finetune's, and its adapter evaluates alike"
+  ok "quasar finetune --device cuda: LoRA losses match the CPU finetune's; its adapter evaluates and generates alike"
 else
-  not_ok "quasar finetune --device cuda: LoRA losses match the CPU finetune's, and its adapter evaluates alike" \
+  not_ok "quasar finetune --device cuda: LoRA losses match the CPU finetune's; its adapter evaluates and generates alike" \
     "$(grep -v WARNING ft_cuda.log | tail -3) ${out:-} $(cat ev_ft_cpu.txt ev_ft_cuda.txt 2>/dev/null | head -4)"
 fi
 

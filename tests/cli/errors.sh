@@ -75,5 +75,9 @@ expect_error "resume checkpointing more blocks than there are" \
   "model.recompute_layers .3. must be <= model.n_layer .2." \
   $Q train --resume wrongshape --set model.recompute_layers=3
 expect_error "prompt outside the vocabulary" "--prompt: byte 0x7e" $Q generate --model run --prompt "~"
+expect_error "generate on an unknown device" "--device: expected cpu or cuda, got 'tpu'" \
+  $Q generate --model run --device tpu
+expect_error "eval on cuda without a GPU" "^error: --device cuda: (this build has no CUDA|no CUDA device is visible)" \
+  $Q eval --model run --device cuda
 [ "$(cat run/ckpt/latest $ck/* | sha256sum)" = "$sum0" ] && ok "failed commands left the saved run intact" \
   || not_ok "failed commands left the saved run intact"
