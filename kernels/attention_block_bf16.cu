@@ -13,12 +13,13 @@
  * out by ldmatrix, four 8 x 8 pieces a load, transposed on the way for a B operand whose
  * sum runs along the tile's rows (v in P V), so no tile is stored twice.
  *
- * Forward: a block of four warps takes 64 query rows of one (sequence, query head), 16
- * per warp, and walks the keys they see in tiles of 64. Per tile, S = q k^T (16 x 64 a
- * warp) lands in registers, the lane's rows are masked (causal, ragged tails) and
- * rescaled by their running max (reduced over the row's four lanes; the sum stays per
- * lane until the end), and P, packed to bf16 straight from the accumulators, multiplies
- * V into the 16 x D output. Saved: out and the log-sum-exp, as the fp32 kernel saves
+ * Forward: a block of four warps takes 128 query rows of one (sequence, query head), 32
+ * per warp as two 16-row tiles that share each k and v fragment the warp loads (half
+ * the shared-memory reads per product of one tile a warp), and walks the keys they see
+ * in tiles of 64. Per tile, S = q k^T (32 x 64 a warp) lands in registers, the lane's
+ * rows are masked (causal, ragged tails) and rescaled by their running max (reduced over
+ * the row's four lanes; the sum stays per lane until the end), and P, packed to bf16
+ * straight from the accumulators, multiplies V into the 32 x D output. Saved: out and the log-sum-exp, as the fp32 kernel saves
  * them, so the ring merge and either backward take them.
  *
  * Backward, two kernels as in attention_block.cu (deterministic, no atomics), over one
@@ -36,7 +37,9 @@
 
 enum {
     TC_THREADS = 128,
-    TC_ROWS = 64,                /* query rows (forward, dq) or keys (dk/dv) a block owns: 16 a warp */
+    TC_ROWS = 64,                /* query rows (dq) or keys (dk/dv) a block owns: 16 a warp */
+    TC_FWD_MT = 2,               /* 16-row tiles of q a warp owns in the forward */
+    TC_FWD_ROWS = 4 * 16 * TC_FWD_MT, /* query rows a forward block owns (four warps) */
     TC_KEYS = 64,                /* keys a tile (forward, dq) */
     TC_QCHUNK = 64,              /* query rows a chunk (dk/dv) */
     TC_MAX_HEAD = 128,
@@ -83,11 +86,11 @@ __global__ static void stage_heads_kernel(uint32_t *dst, const float *src, int l
     }
 }
 
-/* Rows [r0, r0 + 64) of a staged head into a tile by the block's cp.async, 16 bytes a
+/* Rows [r0, r0 + ROWS) of a staged head into a tile by the block's cp.async, 16 bytes a
  * copy; rows at or past `rows` become 0 (rows >= 1). */
-template <int D> __device__ static void load_tile(uint32_t *dst, const uint32_t *head, int r0, int rows) {
+template <int D, int ROWS = 64> __device__ static void load_tile(uint32_t *dst, const uint32_t *head, int r0, int rows) {
     constexpr int CH = D / 8; /* 16-byte pieces a row */
-    for (int c = threadIdx.x; c < 64 * CH; c += blockDim.x) {
+    for (int c = threadIdx.x; c < ROWS * CH; c += blockDim.x) {
         const int r = c / CH, x = c % CH;
         const bool in = r0 + r < rows;
         qs_cp_async<16>(dst + r * tc_pitch<D>() + 4 * x, head + (size_t)(in ? r0 + r : 0) * (D / 2) + 4 * x, in);
@@ -107,54 +110,68 @@ template <int D> __device__ static const uint32_t *key_tile(const uint32_t *kvs,
     return kvs + 2 * tc_tile<D>() * (j0 / TC_KEYS % 2);
 }
 
-/* A fragments of a warp's 16 rows of a row-major tile (at m) over all D columns: per
- * 16-column step, one ldmatrix of its four 8 x 8 quarters (rows 0-7, then 8-15, of columns
- * 0-7, then of 8-15: mma.cuh's a[0..3]). */
-template <int D> __device__ static inline void a_fragments(uint32_t a[D / 16][4], const uint32_t *m, int lane) {
-    const uint32_t *row = m + (lane % 16) * tc_pitch<D>() + 4 * (lane / 16);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) qs_ldmatrix_x4(a[kk], row + 8 * kk);
-}
-
-/* acc = A B over KT 16-deep steps into NT tiles of 8 columns: A as fragments; B stored
- * transposed, its columns as the rows of a row-major tile (k for S = q k^T, q for
- * S^T = k q^T, v and dout for dP); one ldmatrix gives two tiles' B fragments for a step. */
-template <int NT, int KT>
-__device__ static inline void tile_product(float acc[NT][4], const uint32_t a[KT][4], const uint32_t *bt, int pitch,
+/* acc = A B for MT 16-row tiles of A over KT 16-deep steps, into NT tiles of 8 columns
+ * each. A: rows of a row-major tile in shared memory (m-tile m at a + 16 m pitch), its
+ * fragments by ldmatrix, four 8 x 8 quarters a step (rows 0-7, then 8-15, of columns 0-7,
+ * then of 8-15: mma.cuh's a[0..3]). B stored transposed, its columns as the rows of a
+ * row-major tile (k for S = q k^T, q for S^T = k q^T, v and dout for dP); one ldmatrix
+ * gives two column tiles' B fragments for a step, used by all MT row tiles: B's loads
+ * per product fall as MT grows. */
+template <int MT, int NT, int KT>
+__device__ static inline void tile_product(float (*acc)[NT][4], const uint32_t *a, const uint32_t *bt, int pitch,
                                            int lane) {
-    const uint32_t *row = bt + (lane % 8 + 8 * (lane / 16)) * pitch + 4 * (lane / 8 % 2);
+    const uint32_t *arow = a + (lane % 16) * pitch + 4 * (lane / 16);
+    const uint32_t *brow = bt + (lane % 8 + 8 * (lane / 16)) * pitch + 4 * (lane / 8 % 2);
 #pragma unroll
-    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    for (int m = 0; m < MT; m++)
 #pragma unroll
-    for (int n = 0; n < NT; n += 2)
+        for (int n = 0; n < NT; n++) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < KT; kk++) {
+    for (int kk = 0; kk < KT; kk++) {
+        uint32_t af[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) qs_ldmatrix_x4(af[m], arow + 16 * m * pitch + 8 * kk);
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
             uint32_t b[4];
-            qs_ldmatrix_x4(b, row + 8 * n * pitch + 8 * kk);
-            qs_mma_bf16_16816(acc[n], a[kk], b);
-            qs_mma_bf16_16816(acc[n + 1], a[kk], b + 2);
+            qs_ldmatrix_x4(b, brow + 8 * n * pitch + 8 * kk);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                qs_mma_bf16_16816(acc[m][n], af[m], b);
+                qs_mma_bf16_16816(acc[m][n + 1], af[m], b + 2);
+            }
         }
+    }
 }
 
-/* acc += X B into NT tiles of 8 columns: X (16 x 16 KT) in accumulator tiles, packed
- * pairwise to bf16 as the A operand (tiles 2kk and 2kk + 1 are the fragment of columns
- * [16kk, 16kk + 16)); B a row-major tile with the sum along its rows (v for P V, k for
- * dS k, q and dout for dk and dv), its B fragments by ldmatrix's transpose. */
-template <int NT, int KT>
-__device__ static inline void tile_product_acc(float acc[NT][4], const float x[2 * KT][4], const uint32_t *b,
+/* acc += X B into MT x NT tiles of 8 columns: X (MT row tiles of 16 x 16 KT) in
+ * accumulator tiles, packed pairwise to bf16 as the A operand (tiles 2kk and 2kk + 1 are
+ * the fragment of columns [16kk, 16kk + 16)); B a row-major tile with the sum along its
+ * rows (v for P V, k for dS k, q and dout for dk and dv), its B fragments by ldmatrix's
+ * transpose, each used by all MT row tiles. */
+template <int MT, int NT, int KT>
+__device__ static inline void tile_product_acc(float (*acc)[NT][4], const float (*x)[2 * KT][4], const uint32_t *b,
                                                int pitch, int lane) {
     const uint32_t *row = b + (lane % 16) * pitch + 4 * (lane / 16);
 #pragma unroll
     for (int kk = 0; kk < KT; kk++) {
-        const uint32_t a[4] = {qs_bf16x2(x[2 * kk][0], x[2 * kk][1]), qs_bf16x2(x[2 * kk][2], x[2 * kk][3]),
-                               qs_bf16x2(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                               qs_bf16x2(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            a[m][0] = qs_bf16x2(x[m][2 * kk][0], x[m][2 * kk][1]);
+            a[m][1] = qs_bf16x2(x[m][2 * kk][2], x[m][2 * kk][3]);
+            a[m][2] = qs_bf16x2(x[m][2 * kk + 1][0], x[m][2 * kk + 1][1]);
+            a[m][3] = qs_bf16x2(x[m][2 * kk + 1][2], x[m][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int n = 0; n < NT; n += 2) {
             uint32_t f[4];
             qs_ldmatrix_x4_trans(f, row + 16 * kk * pitch + 4 * n);
-            qs_mma_bf16_16816(acc[n], a, f);
-            qs_mma_bf16_16816(acc[n + 1], a, f + 2);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                qs_mma_bf16_16816(acc[m][n], a[m], f);
+                qs_mma_bf16_16816(acc[m][n + 1], a[m], f + 2);
+            }
         }
     }
 }
@@ -179,100 +196,117 @@ __device__ static inline void put_rows(float *dst, int stride, int r0, int rows,
     }
 }
 
-/* The keys the rows of a 64-row query tile starting at i0 see: each of this lane's two
- * rows (row0 and row0 + 8; 0 past Tq), the most any of its warp's 16 rows sees, the most
- * any of the block's rows sees (the last rows see the most: positions rise with i). */
-struct tc_seen {
-    int row0, lane[2], warp, block;
+/* The keys the rows of a query tile starting at i0 see, a warp owning MT 16-row tiles of
+ * it: each of this lane's rows (row0 + 16 m and row0 + 16 m + 8; 0 past Tq), the most
+ * any of its warp's rows sees, the most any of the block's rows sees (the last rows see
+ * the most: positions rise with i). */
+template <int MT> struct tc_seen {
+    int row0, lane[MT][2], warp, block;
 };
-__device__ static inline tc_seen keys_seen(const qs_attn_block &k, int i0, int warp, int g) {
-    tc_seen s;
-    s.row0 = i0 + warp * 16 + g;
+template <int MT> __device__ static inline tc_seen<MT> keys_seen(const qs_attn_block &k, int i0, int warp, int g) {
+    constexpr int WR = 16 * MT; /* a warp's rows */
+    tc_seen<MT> s;
+    s.row0 = i0 + warp * WR + g;
 #pragma unroll
-    for (int h = 0; h < 2; h++) s.lane[h] = s.row0 + 8 * h < k.Tq ? qs_attn_visible_keys(&k, s.row0 + 8 * h) : 0;
-    const int warp_last = min(k.Tq, i0 + warp * 16 + 16) - 1;
-    s.warp = warp_last >= i0 + warp * 16 ? qs_attn_visible_keys(&k, warp_last) : 0;
-    s.block = qs_attn_visible_keys(&k, min(k.Tq, i0 + TC_ROWS) - 1);
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int i = s.row0 + 16 * m + 8 * h;
+            s.lane[m][h] = i < k.Tq ? qs_attn_visible_keys(&k, i) : 0;
+        }
+    const int warp_last = min(k.Tq, i0 + warp * WR + WR) - 1;
+    s.warp = warp_last >= i0 + warp * WR ? qs_attn_visible_keys(&k, warp_last) : 0;
+    s.block = qs_attn_visible_keys(&k, min(k.Tq, i0 + TC_THREADS / 32 * WR) - 1);
     return s;
 }
 
-/* ---- forward: grid (B * NH, query tiles of 64) ---- */
+/* ---- forward: grid (B * NH, query tiles of TC_FWD_ROWS) ---- */
 
 template <int D>
 __global__ static void __launch_bounds__(TC_THREADS)
     flash_forward_bf16_kernel(float *out, float *lse, tc_staged st, qs_attn_block k) {
-    constexpr int P = tc_pitch<D>(), TILE = tc_tile<D>(), NT = TC_KEYS / 8, DT = D / 8;
+    constexpr int P = tc_pitch<D>(), TILE = tc_tile<D>(), MT = TC_FWD_MT, NT = TC_KEYS / 8, DT = D / 8;
     QS_DYNAMIC_SMEM(uint32_t, smem);
-    uint32_t *qs = smem, *kvs = qs + TILE; /* q; then k, v of key tile j at kvs + 2 TILE (j % 2) */
+    uint32_t *qs = smem, *kvs = qs + MT * TILE; /* q; then k, v of key tile j at kvs + 2 TILE (j % 2) */
     const fa_head at = head_at(k);
     const int b = blockIdx.x / k.NH, qh = blockIdx.x % k.NH;
     const uint32_t *kh = st.k + staged_kv<D>(k, b, qh / (k.NH / k.NKV)), *vh = st.v + (kh - st.k);
-    const int i0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const tc_seen seen = keys_seen(k, i0, warp, g); /* the lane's rows: accumulator halves h = 0, 1 */
-    load_tile<D>(qs, st.q + staged_q<D>(k, b, qh), i0, k.Tq);
-    qs_cp_async_commit();
+    const int i0 = blockIdx.y * TC_FWD_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2,
+              t = lane & 3;
+    /* the lane's rows: row0 + 16 m + 8 h, accumulator halves h = 0, 1 of row tile m */
+    const tc_seen<MT> seen = keys_seen<MT>(k, i0, warp, g);
+    const uint32_t *qw = qs + warp * 16 * MT * P; /* the warp's rows of q */
+    load_tile<D, TC_FWD_ROWS>(qs, st.q + staged_q<D>(k, b, qh), i0, k.Tq);
     if (seen.block > 0) load_keys<D>(kvs, kh, vh, 0, k.Tk);
     qs_cp_async_commit();
-    qs_cp_async_wait<1>(); /* q is in; the first key tile may still be on its way */
-    __syncthreads();
-    uint32_t qa[D / 16][4]; /* the warp's 16 rows, for the whole walk */
-    a_fragments<D>(qa, qs + warp * 16 * P, lane);
-    const int row0 = seen.row0;
-    float o[DT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float o[MT][DT][4], m[MT][2], l[MT][2];
 #pragma unroll
-    for (int n = 0; n < DT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    for (int r = 0; r < MT; r++) {
+        m[r][0] = m[r][1] = -INFINITY;
+        l[r][0] = l[r][1] = 0.0f;
+#pragma unroll
+        for (int n = 0; n < DT; n++) o[r][n][0] = o[r][n][1] = o[r][n][2] = o[r][n][3] = 0.0f;
+    }
     for (int j0 = 0; j0 < seen.block; j0 += TC_KEYS) {
         qs_cp_async_wait<0>();
-        __syncthreads(); /* this tile is in, and every warp is done with the previous one */
+        __syncthreads(); /* this tile (and q) is in, and every warp is done with the previous one */
         const uint32_t *ks = key_tile<D>(kvs, j0), *vs = ks + TILE;
         if (j0 + TC_KEYS < seen.block) load_keys<D>(kvs, kh, vh, j0 + TC_KEYS, k.Tk); /* the previous tile's buffer */
         qs_cp_async_commit();
         if (j0 >= seen.warp) continue; /* none of the warp's rows sees the tile (uniform) */
-        float s[NT][4];
-        tile_product<NT, D / 16>(s, qa, ks, P, lane);
-        /* mask the keys a row does not see, then the rows' new max (over the row's 4 lanes) */
-        float mx[2] = {-INFINITY, -INFINITY};
+        float s[MT][NT][4];
+        tile_product<MT, NT, D / 16>(s, qw, ks, P, lane);
 #pragma unroll
-        for (int n = 0; n < NT; n++)
+        for (int r = 0; r < MT; r++) {
+            /* mask the keys a row does not see, then the rows' new max (over the row's 4 lanes) */
+            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                if (j0 + 8 * n + 2 * t + (e & 1) >= seen.lane[e >> 1]) s[n][e] = -INFINITY;
-                mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    if (j0 + 8 * n + 2 * t + (e & 1) >= seen.lane[r][e >> 1]) s[r][n][e] = -INFINITY;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[r][n][e]);
+                }
+            float base[2], alpha[2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+                mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                const float m_new = fmaxf(m[r][h], mx[h]);
+                base[h] = m_new == -INFINITY ? 0.0f : m_new; /* a row that has seen no key yet: all p are 0 */
+                alpha[h] = exp2f(m[r][h] - base[h]);
+                m[r][h] = m_new;
+                l[r][h] *= alpha[h];
             }
-        float base[2], alpha[2];
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    s[r][n][e] = exp2f(s[r][n][e] - base[e >> 1]);
+                    l[r][e >> 1] += s[r][n][e];
+                }
+#pragma unroll
+            for (int n = 0; n < DT; n++)
+                o[r][n][0] *= alpha[0], o[r][n][1] *= alpha[0], o[r][n][2] *= alpha[1], o[r][n][3] *= alpha[1];
+        }
+        /* O += P V, P straight from the accumulators */
+        tile_product_acc<MT, DT, TC_KEYS / 16>(o, s, vs, P, lane);
+    }
+    qs_cp_async_wait<0>(); /* no copy outlives the block (rows that see no key) */
+#pragma unroll
+    for (int r = 0; r < MT; r++) {
+        float inv[2];
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-            const float m_new = fmaxf(m[h], mx[h]);
-            base[h] = m_new == -INFINITY ? 0.0f : m_new; /* a row that has seen no key yet: all p are 0 */
-            alpha[h] = exp2f(m[h] - base[h]);
-            m[h] = m_new;
-            l[h] *= alpha[h];
+            const int i = seen.row0 + 16 * r + 8 * h;
+            l[r][h] += __shfl_xor_sync(0xffffffffu, l[r][h], 1);
+            l[r][h] += __shfl_xor_sync(0xffffffffu, l[r][h], 2);
+            /* a row that sees no key: out 0, lse -inf */
+            inv[h] = l[r][h] > 0.0f ? 1.0f / l[r][h] : 0.0f;
+            if (t == 0 && i < k.Tq) lse[at.s + i] = l[r][h] > 0.0f ? (m[r][h] + log2f(l[r][h])) * (float)M_LN2 : -INFINITY;
         }
-#pragma unroll
-        for (int n = 0; n < NT; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[n][e] = exp2f(s[n][e] - base[e >> 1]);
-                l[e >> 1] += s[n][e];
-            }
-#pragma unroll
-        for (int n = 0; n < DT; n++) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
-        /* O += P V, P straight from the accumulators */
-        tile_product_acc<DT, TC_KEYS / 16>(o, s, vs, P, lane);
+        put_rows<DT>(out + at.o, k.C, seen.row0 + 16 * r, k.Tq, at.hs, o[r], inv, false, t);
     }
-    float inv[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-        /* a row that sees no key: out 0, lse -inf */
-        inv[h] = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-        if (t == 0 && row0 + 8 * h < k.Tq)
-            lse[at.s + row0 + 8 * h] = l[h] > 0.0f ? (m[h] + log2f(l[h])) * (float)M_LN2 : -INFINITY;
-    }
-    put_rows<DT>(out + at.o, k.C, row0, k.Tq, at.hs, o, inv, false, t);
 }
 
 /* ---- backward, dq: grid (B * NH, query tiles of 64); dq += scale dS k ---- */
@@ -287,7 +321,7 @@ __global__ static void __launch_bounds__(TC_THREADS)
     const int b = blockIdx.x / k.NH, qh = blockIdx.x % k.NH;
     const uint32_t *kh = st.k + staged_kv<D>(k, b, qh / (k.NH / k.NKV)), *vh = st.v + (kh - st.k);
     const int i0 = blockIdx.y * TC_ROWS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const tc_seen seen = keys_seen(k, i0, warp, g);
+    const tc_seen<1> seen = keys_seen<1>(k, i0, warp, g);
     load_tile<D>(qs, st.q + staged_q<D>(k, b, qh), i0, k.Tq);
     load_tile<D>(dos, st.dout + staged_q<D>(k, b, qh), i0, k.Tq);
     if (seen.block > 0) load_keys<D>(kvs, kh, vh, 0, k.Tk);
@@ -310,21 +344,18 @@ __global__ static void __launch_bounds__(TC_THREADS)
         if (j0 + TC_KEYS < seen.block) load_keys<D>(kvs, kh, vh, j0 + TC_KEYS, k.Tk); /* the previous tile's buffer */
         qs_cp_async_commit();
         if (j0 >= seen.warp) continue;
-        uint32_t a[D / 16][4];
         float s[NT][4], dp[NT][4];
-        a_fragments<D>(a, qs + warp * 16 * P, lane);
-        tile_product<NT, D / 16>(s, a, ks, P, lane);
-        a_fragments<D>(a, dos + warp * 16 * P, lane);
-        tile_product<NT, D / 16>(dp, a, vs, P, lane); /* dP = dout v^T */
+        tile_product<1, NT, D / 16>(&s, qs + warp * 16 * P, ks, P, lane);
+        tile_product<1, NT, D / 16>(&dp, dos + warp * 16 * P, vs, P, lane); /* dP = dout v^T */
 #pragma unroll
         for (int n = 0; n < NT; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int h = e >> 1;
-                const float p = j0 + 8 * n + 2 * t + (e & 1) < seen.lane[h] ? exp2f(s[n][e] - lse2[h]) : 0.0f;
+                const float p = j0 + 8 * n + 2 * t + (e & 1) < seen.lane[0][h] ? exp2f(s[n][e] - lse2[h]) : 0.0f;
                 s[n][e] = p * (dp[n][e] - dl[h]); /* dS */
             }
-        tile_product_acc<DT, TC_KEYS / 16>(acc, s, ks, P, lane);
+        tile_product_acc<1, DT, TC_KEYS / 16>(&acc, &s, ks, P, lane);
     }
     qs_cp_async_wait<0>(); /* no copy outlives the block (a block whose rows see no key) */
     const float mul[2] = {scale, scale};
@@ -399,12 +430,9 @@ __global__ static void __launch_bounds__(TC_THREADS)
         const float *ls = stats + 2 * TC_QCHUNK * (w % 2), *dl = ls + TC_QCHUNK;
         /* the chunk's last row sees the most keys: none of the warp's, nothing to add (uniform) */
         if (warp_key >= qs_attn_visible_keys(&k, min(k.Tq, c0 + TC_QCHUNK) - 1)) continue;
-        uint32_t a[D / 16][4];
         float s[NT][4], dp[NT][4];
-        a_fragments<D>(a, ks + warp * 16 * P, lane);
-        tile_product<NT, D / 16>(s, a, qs, P, lane); /* S^T */
-        a_fragments<D>(a, vs + warp * 16 * P, lane);
-        tile_product<NT, D / 16>(dp, a, dos, P, lane); /* dP^T */
+        tile_product<1, NT, D / 16>(&s, ks + warp * 16 * P, qs, P, lane);    /* S^T */
+        tile_product<1, NT, D / 16>(&dp, vs + warp * 16 * P, dos, P, lane); /* dP^T */
 #pragma unroll
         for (int n = 0; n < NT; n++)
 #pragma unroll
@@ -415,8 +443,8 @@ __global__ static void __launch_bounds__(TC_THREADS)
                 s[n][e] = p;
                 dp[n][e] = p * (dp[n][e] - dl[ci]); /* dS^T */
             }
-        tile_product_acc<DT, TC_QCHUNK / 16>(dv, s, dos, P, lane);
-        tile_product_acc<DT, TC_QCHUNK / 16>(dk, dp, qs, P, lane); /* times log2 e: q's pre-scaling */
+        tile_product_acc<1, DT, TC_QCHUNK / 16>(&dv, &s, dos, P, lane);
+        tile_product_acc<1, DT, TC_QCHUNK / 16>(&dk, &dp, qs, P, lane); /* times log2 e: q's pre-scaling */
     }
     qs_cp_async_wait<0>(); /* no copy outlives the block (keys no query sees) */
     const float one[2] = {1.0f, 1.0f}, ln2[2] = {(float)M_LN2, (float)M_LN2};
@@ -503,9 +531,11 @@ struct fa_forward_bf16 {
             qs_cuda_attention_block_forward(out, lse, q, kv, k);
         } else {
             const tc_staged st = stage_block<D>(k, q, kv, NULL);
-            allow_smem<flash_forward_bf16_kernel<D>>(tc_smem<D>(5, 0));
-            QS_LAUNCH(flash_forward_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_ROWS - 1) / TC_ROWS),
-                      TC_THREADS, tc_smem<D>(5, 0), out, lse, st, *k);
+            /* q's rows (TC_FWD_MT tiles), then two buffers of a k and a v tile */
+            constexpr int tiles = TC_FWD_MT + 4;
+            allow_smem<flash_forward_bf16_kernel<D>>(tc_smem<D>(tiles, 0));
+            QS_LAUNCH(flash_forward_bf16_kernel<D>, dim3(k->B * k->NH, (k->Tq + TC_FWD_ROWS - 1) / TC_FWD_ROWS),
+                      TC_THREADS, tc_smem<D>(tiles, 0), out, lse, st, *k);
         }
     }
 };
