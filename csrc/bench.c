@@ -3,6 +3,7 @@
  * `bench kernels` lives in csrc/bench_kernels.c. */
 #include "quasar/bench.h"
 
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdbool.h>
@@ -308,6 +309,7 @@ typedef struct bench_args {
     const char *sets[64];
     int n_sets;
     int steps, warmup, repeats, prompt_tokens, new_tokens;
+    qs_sample_params sampling; /* bench generate's picks (default greedy) */
     qs_bench_moe_shape moe; /* 0: the --shape's default */
     qs_bench_attention_sweep att; /* NULL, 0: the device's default */
     bool json, quick, lora;
@@ -315,13 +317,13 @@ typedef struct bench_args {
     char **argv;
 } bench_args;
 
-typedef enum { ARG_STR, ARG_INT, ARG_FLAG, ARG_SET } arg_kind;
+typedef enum { ARG_STR, ARG_INT, ARG_FLOAT, ARG_FLAG, ARG_SET } arg_kind;
 
 typedef struct arg_spec {
     const char *flag;
     arg_kind kind;
-    void *dst; /* const char **, int *, bool *; ARG_SET: the bench_args */
-    int lo, hi;
+    void *dst; /* const char **, int *, float *, bool *; ARG_SET: the bench_args */
+    double lo, hi;
 } arg_spec;
 
 /* Reads argv into the specs' destinations. Returns -1 to go on, else the exit code
@@ -350,13 +352,15 @@ static int parse_args(int argc, char **argv, const arg_spec *spec, int n_spec, c
             a->sets[a->n_sets++] = v;
         } else {
             char *end;
-            long x = strtol(v, &end, 10);
-            if (end == v || *end || x < o->lo || x > o->hi) {
-                fprintf(stderr, "error: %s: invalid value '%s' (expected an integer in [%d, %d])\n", o->flag, v, o->lo,
-                        o->hi);
+            const bool integer = o->kind == ARG_INT;
+            const double x = integer ? (double)strtol(v, &end, 10) : strtod(v, &end);
+            if (end == v || *end || !(x >= o->lo && x <= o->hi)) {
+                fprintf(stderr, "error: %s: invalid value '%s' (expected %s in [%g, %g])\n", o->flag, v,
+                        integer ? "an integer" : "a number", o->lo, o->hi);
                 return QS_EXIT_USAGE;
             }
-            *(int *)o->dst = (int)x;
+            if (integer) *(int *)o->dst = (int)x;
+            else *(float *)o->dst = (float)x;
         }
     }
     return -1;
@@ -624,13 +628,12 @@ static int time_generation(qs_gpt *m, const bench_args *a, int V, double *prefil
         free(t);
         return qs_error("out of memory");
     }
-    qs_sample_params sp = {.temperature = 0.0f, .top_p = 1.0f}; /* greedy: the pick costs next to nothing */
     int rc = 0;
     for (int r = 0; !rc && r <= a->repeats; r++) {
         for (int i = 0; i < P; i++) ctx[i] = (int)qs_rng_below(0x5eed, STREAM_BENCH, (uint64_t)i, (uint64_t)V);
         token_clock clock = {t, 0};
         double t0 = qs_clock_now();
-        int made = qs_generate(m, ctx, P, n_new, &sp, stamp, &clock);
+        int made = qs_generate(m, ctx, P, n_new, &a->sampling, stamp, &clock);
         if (made != n_new) rc = made < 0 ? -1 : qs_error("generation stopped after %d of %d tokens", made, n_new);
         if (rc || r == 0) continue;
         prefill[r - 1] = t[0] - t0;
@@ -669,8 +672,11 @@ static int bench_generate(bench_args *a) {
         if (!a->json) {
             printf("quasar bench generate: %s (%zu parameters, seq_len %d, vocab %d) on %s, one sequence\n",
                    a->ckpt ? a->ckpt : a->config, qs_gpt_params(m)->n, T, V, qs_gpt_params(m)->be->name);
-            printf("  prompt %d tokens, %d new tokens (greedy), median of %d runs after 1 warm-up\n", a->prompt_tokens,
-                   a->new_tokens, a->repeats);
+            const qs_sample_params *sp = &a->sampling;
+            printf("  prompt %d tokens, %d new tokens (", a->prompt_tokens, a->new_tokens);
+            if (sp->temperature > 0) printf("temperature %g, top-k %d, top-p %g", sp->temperature, sp->top_k, sp->top_p);
+            else printf("greedy");
+            printf("), median of %d runs after 1 warm-up\n", a->repeats);
             printf("  prefill   %.1f tokens/s (%.3f ms for the prompt and its first token)\n", prefill_tok_s,
                    pre.median * 1e3);
             printf("  decode    %.1f tokens/s; latency per token median %.3f ms (p10 %.3f, p90 %.3f)\n", decode_tok_s,
@@ -679,8 +685,9 @@ static int bench_generate(bench_args *a) {
         } else {
             qs_bench_json_head(stdout, qs_gpt_params(m)->be, a->argc, a->argv, NULL);
             printf(", \"model\": {\"params\": %zu, \"seq_len\": %d, \"vocab_size\": %d}, \"prompt_tokens\": %d, "
-                   "\"new_tokens\": %d, \"runs\": %d",
-                   qs_gpt_params(m)->n, T, V, a->prompt_tokens, a->new_tokens, a->repeats);
+                   "\"new_tokens\": %d, \"runs\": %d, \"sampling\": {\"temperature\": %g, \"top_k\": %d, \"top_p\": %g}",
+                   qs_gpt_params(m)->n, T, V, a->prompt_tokens, a->new_tokens, a->repeats, a->sampling.temperature,
+                   a->sampling.top_k, a->sampling.top_p);
             printf(", \"decode_ms\": {\"median\": %.5f, \"p10\": %.5f, \"p90\": %.5f, \"min\": %.5f, \"max\": %.5f}",
                    dec.median * 1e3, dec.p10 * 1e3, dec.p90 * 1e3, dec.min * 1e3, dec.max * 1e3);
             fputs(", \"results\": [", stdout);
@@ -825,11 +832,13 @@ static const char *MOE_HELP =
 static const char *GENERATE_HELP =
     "usage: quasar bench generate --ckpt DIR | --config FILE [--set key=value]...\n"
     "                             [--prompt-tokens N] [--new-tokens N] [--repeats N]\n"
-    "                             [--device cpu|cuda] [--json]\n"
+    "                             [--temperature T] [--top-k K] [--top-p P] [--device cpu|cuda] [--json]\n"
     "  Generates one sequence through the KV cache (what quasar generate runs): prefill\n"
     "  tokens/s, decode tokens/s and the latency per new token. With --config the weights are\n"
     "  random. Prompt + new tokens must fit model.seq_len (default: half and half).\n"
-    "  --repeats N  timed generations after one warm-up (default 5)\n";
+    "  --repeats N  timed generations after one warm-up (default 5)\n"
+    "  --temperature T, --top-k K, --top-p P  how each token is picked, as for quasar generate\n"
+    "               (default greedy: temperature 0)\n";
 
 int qs_cli_bench(int argc, char **argv) {
     if (argc < 1) return qs_cli_usage_error("%s", "bench needs train, kernels, attention, moe or generate");
@@ -839,8 +848,8 @@ int qs_cli_bench(int argc, char **argv) {
         return 0;
     }
     bench_start = cpu_now();
-    bench_args a = {.device = "cpu", .precision = "fp32", .steps = 20, .warmup = 3, .repeats = 30, .argc = argc,
-                    .argv = argv};
+    bench_args a = {.device = "cpu", .precision = "fp32", .steps = 20, .warmup = 3, .repeats = 30,
+                    .sampling = {.temperature = 0.0f, .top_p = 1.0f, .seed = 1337}, .argc = argc, .argv = argv};
     if (!strcmp(what, "train")) {
         const arg_spec spec[] = {{"--config", ARG_STR, &a.config, 0, 0}, {"--set", ARG_SET, &a, 0, 0},
                                  {"--steps", ARG_INT, &a.steps, 1, 1000000}, {"--warmup", ARG_INT, &a.warmup, 0, 1000000},
@@ -900,6 +909,9 @@ int qs_cli_bench(int argc, char **argv) {
                                  {"--set", ARG_SET, &a, 0, 0},
                                  {"--prompt-tokens", ARG_INT, &a.prompt_tokens, 1, 1 << 20},
                                  {"--new-tokens", ARG_INT, &a.new_tokens, 1, 1 << 20},
+                                 {"--temperature", ARG_FLOAT, &a.sampling.temperature, 0, 100},
+                                 {"--top-k", ARG_INT, &a.sampling.top_k, 0, INT_MAX},
+                                 {"--top-p", ARG_FLOAT, &a.sampling.top_p, 1e-6, 1},
                                  {"--repeats", ARG_INT, &a.repeats, 1, 10000},
                                  {"--device", ARG_STR, &a.device, 0, 0},
                                  {"--json", ARG_FLAG, &a.json, 0, 0}};

@@ -118,14 +118,24 @@ expect_ok "bench generate: random weights from --config" $Q bench generate --con
 cp "$WORK/out" gen.json
 json_check "bench generate: prefill and decode tokens/s, latency per token" gen.json '
 assert r["prompt_tokens"] == 8 and r["new_tokens"] == 8, r
+assert r["sampling"] == {"temperature": 0, "top_k": 0, "top_p": 1}, r["sampling"]
 assert set(v) == {"generate_prefill_tokens_per_s", "generate_decode_tokens_per_s", "generate_decode_ms_per_token"}
 assert abs(v["generate_decode_tokens_per_s"] * v["generate_decode_ms_per_token"] - 1e3) < 1e-4 * 1e3, v'
 expect_ok "a checkpoint to generate from" $Q train --config tiny.json --out run
 expect_ok "bench generate: --ckpt" $Q bench generate --ckpt run --prompt-tokens 4 --new-tokens 12 --repeats 1 --json
 cp "$WORK/out" gen_ckpt.json
 json_check "bench generate: --ckpt record" gen_ckpt.json 'assert r["prompt_tokens"] == 4 and r["new_tokens"] == 12, r'
+expect_ok "bench generate: sampled with top-k and top-p" $Q bench generate --config tiny.json --repeats 1 \
+  --temperature 0.8 --top-k 5 --top-p 0.9 --json
+cp "$WORK/out" gen_top.json
+json_check "bench generate: the record says how tokens were picked" gen_top.json '
+assert r["sampling"] == {"temperature": 0.8, "top_k": 5, "top_p": 0.9}, r["sampling"]'
 
 # bad input: one error line each
+expect_error "bench generate: top-p out of range" "--top-p: invalid value '0' .expected a number in .1e-06, 1.." \
+  $Q bench generate --config tiny.json --top-p 0
+expect_error "bench generate: a temperature that is not a number" "--temperature: invalid value 'hot'" \
+  $Q bench generate --config tiny.json --temperature hot
 expect_error "bench: no benchmark named" "bench needs train, kernels, attention, moe or generate" $Q bench
 expect_error "bench attention: a zero length" "--seq: expected up to 16 comma-separated sizes" \
   $Q bench attention --quick --seq 0
