@@ -179,6 +179,24 @@ expect_error "bench generate: no checkpoint" "no checkpoint in 'nowhere'" $Q ben
 expect_ok "bench --help" $Q bench --help
 expect_ok "bench generate --help" $Q bench generate --help
 
+# Every committed record in bench/results/ has DESIGN.md's shape (plot.sh and the
+# comparison tables read them by these fields)
+if out=$(python3 - "$root"/bench/results/*.json <<'PY' 2>&1
+import json, sys
+for f in sys.argv[1:]:
+    r = json.load(open(f))
+    for x in r if isinstance(r, list) else [r]:
+        missing = {"device", "date", "commit", "results"} - set(x)
+        assert not missing, (f, missing)
+        for e in x["results"]:
+            assert {"name", "metric", "quasar", "peer", "peer_value", "ratio"} <= set(e), (f, e.get("name"))
+PY
+); then
+  ok "bench/results: every record carries device, date, commit and results rows with DESIGN.md's fields"
+else
+  not_ok "bench/results: every record carries device, date, commit and results rows with DESIGN.md's fields" "$out"
+fi
+
 # plots
 if ! command -v gnuplot >/dev/null; then
   echo "# bench/plot.sh: gnuplot not installed, plot checks skipped"
