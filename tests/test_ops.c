@@ -370,6 +370,40 @@ static void test_matmul(void **state) {
     assert_true(dw == 0.5f && db == 0.25f);
 }
 
+/* One row (each of a decode step's products is one): forward into a NaN-poisoned output,
+ * matmul_acc on top, and the input gradient, against double sums, wide enough
+ * (K N >= 32768) that the columns are split over the threads. */
+static void test_matmul_one_row(void **state) {
+    (void)state;
+    const int I = 13, O = rnd_int(2600, 2700);
+    for (int layout = QS_W_IN_OUT; layout <= QS_W_OUT_IN; layout++) {
+        float *x = rnd_tensor(I, -1, 1), *w = rnd_tensor((size_t)I * O, -1, 1), *b = rnd_tensor(O, -1, 1);
+        float *out = alloc_f(O), *dout = rnd_tensor(O, -1, 1), *dx = rnd_tensor(I, -1, 1);
+        double *want = alloc_d(O), *want_dx = alloc_d(I);
+        const float alpha = rnd_uniform(-2, 2);
+        for (int o = 0; o < O; o++) {
+            double sum = 0;
+            for (int i = 0; i < I; i++) sum += (double)x[i] * (layout == QS_W_IN_OUT ? w[(size_t)i * O + o] : w[(size_t)o * I + i]);
+            want[o] = sum;
+        }
+        for (int i = 0; i < I; i++) {
+            want_dx[i] = dx[i];
+            for (int o = 0; o < O; o++)
+                want_dx[i] += (double)dout[o] * (layout == QS_W_IN_OUT ? w[(size_t)i * O + o] : w[(size_t)o * I + i]);
+        }
+        poison(out, O);
+        ops->matmul_forward(out, x, w, NULL, 1, I, O, (qs_weight_layout)layout);
+        check_close("matmul, one row", out, want, O, 1e-5, 1e-5);
+        for (int o = 0; o < O; o++) want[o] = (1.0 + alpha) * want[o] + b[o];
+        for (int o = 0; o < O; o++) out[o] += b[o];
+        ops->matmul_acc(out, x, w, alpha, 1, I, O, (qs_weight_layout)layout);
+        check_close("matmul_acc, one row", out, want, O, 1e-5, 1e-5);
+        ops->matmul_backward(dx, NULL, NULL, dout, x, w, 1, I, O, (qs_weight_layout)layout);
+        check_close("matmul_backward dinp, one row", dx, want_dx, I, 1e-5, 1e-4);
+        free(x), free(w), free(b), free(out), free(dout), free(dx), free(want), free(want_dx);
+    }
+}
+
 /* The GELU-fused pair is the separate ops' composition on the CPU, bit for bit: the
  * CUDA backend fuses them, its parity harness compares it with these. dpre is written
  * over whatever it held (NaN here); dw and dbias accumulate. */
@@ -1358,6 +1392,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_backend_memory),  cmocka_unit_test(test_embed),
         cmocka_unit_test(test_layernorm),       cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_one_row),
         cmocka_unit_test(test_matmul_gelu),     cmocka_unit_test(test_matmul_grouped),
         cmocka_unit_test(test_attention),       cmocka_unit_test(test_gelu_relu),
         cmocka_unit_test(test_residual_layernorm),             cmocka_unit_test(test_dropout),
