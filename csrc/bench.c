@@ -305,7 +305,7 @@ void qs_bench_json_head(FILE *out, const qs_backend *be, int argc, char **argv, 
 /* ---- the command line ---- */
 
 typedef struct bench_args {
-    const char *config, *ckpt, *device, *precision, *only, *shape;
+    const char *config, *ckpt, *device, *precision, *only, *shape, *grouped;
     const char *sets[64];
     int n_sets;
     int steps, warmup, repeats, prompt_tokens, new_tokens;
@@ -736,6 +736,12 @@ static int bench_moe(const bench_args *a) {
     if (!s.K) s.K = fine ? 8 : 2;
     if (!s.F) s.F = fine ? s.C : 4 * s.C;
     if (s.K > s.E) return qs_cli_usage_error("%s", "--top-k must be <= --experts");
+    if (a->grouped && strcmp(a->grouped, "cublas") && strcmp(a->grouped, "quasar"))
+        return qs_cli_usage_error("--grouped: expected cublas or quasar, got '%s'", a->grouped);
+    const bool own = a->grouped && !strcmp(a->grouped, "quasar");
+    if (own && (cpu || strcmp(a->precision, "bf16")))
+        return qs_cli_usage_error("%s", "--grouped quasar is a bf16 kernel: it needs --device cuda --precision bf16");
+    if (a->grouped) setenv("QS_CUDA_GROUPED", a->grouped, 1); /* matmul.cu reads it at each grouped product */
     if ((double)s.N * s.K * (s.F > s.C ? s.F : s.C) > (double)(1u << 31) - 1)
         return qs_cli_usage_error("%s", "bench moe: tokens x top-k x width must stay under 2^31 elements");
     return qs_bench_moe(be, &s, a->json, a->quick, a->repeats, a->argc, a->argv) ? qs_cli_fail() : 0;
@@ -817,7 +823,7 @@ static const char *ATTENTION_HELP =
 static const char *MOE_HELP =
     "usage: quasar bench moe [--shape a|b] [--tokens N] [--embd C] [--ffn F] [--experts E]\n"
     "                        [--top-k K] [--device cpu|cuda] [--precision fp32|bf16]\n"
-    "                        [--repeats N] [--quick] [--json]\n"
+    "                        [--grouped cublas|quasar] [--repeats N] [--quick] [--json]\n"
     "  Times one sparse MoE layer forward + backward as the model runs it (router GEMM, top-k\n"
     "  routing, dispatch, the experts' grouped Linear-GELU-Linear, combine; dropless, no\n"
     "  noise) on random inputs: whole, split into routing, permutation, expert GEMMs and\n"
@@ -826,6 +832,9 @@ static const char *MOE_HELP =
     "  --shape b    E=64, top-8, F=C (shape B: fine-grained, shape A's active FLOPs)\n"
     "  N and C: 16384 x 768 on a GPU, 2048 x 384 on the CPU, 64 x 32 with --quick;\n"
     "  --tokens, --embd, --ffn, --experts, --top-k override the shape's values.\n"
+    "  --grouped G  the experts' forward and input-gradient products on cuda bf16: cuBLAS's\n"
+    "               grouped GEMM (cublas, the default) or Quasar's kernel (quasar); the\n"
+    "               environment's QS_CUDA_GROUPED=quasar chooses the same in training\n"
     "  --repeats N  timed layers (default 20)\n"
     "  --quick      tiny shapes and ceiling: a smoke run, not a measurement\n";
 
@@ -894,6 +903,7 @@ int qs_cli_bench(int argc, char **argv) {
                                  {"--ffn", ARG_INT, &m->F, 1, 1 << 18},
                                  {"--experts", ARG_INT, &m->E, 1, 1 << 12},
                                  {"--top-k", ARG_INT, &m->K, 1, 1 << 12},
+                                 {"--grouped", ARG_STR, &a.grouped, 0, 0},
                                  {"--repeats", ARG_INT, &a.repeats, 1, 100000},
                                  {"--quick", ARG_FLAG, &a.quick, 0, 0},
                                  {"--device", ARG_STR, &a.device, 0, 0},

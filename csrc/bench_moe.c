@@ -255,6 +255,14 @@ static void load_range(const moe_bench *b, int *lo, int *hi) {
     }
 }
 
+/* Whose kernel ran the experts' grouped products: cuBLAS's, or with QS_CUDA_GROUPED=quasar
+ * on the bf16 backend Quasar's (kernels/matmul.cu); the CPU's own otherwise. */
+static const char *grouped_kernel(const qs_backend *be) {
+    const char *e = getenv("QS_CUDA_GROUPED");
+    if (be == qs_backend_cpu()) return "cpu";
+    return e && !strcmp(e, "quasar") && !strcmp(be->name, "cuda-bf16") ? "quasar" : "cublas";
+}
+
 static void print_table(const moe_bench *b, const moe_times *t, const qs_bench_ceilings *c, int repeats, bool quick) {
     const qs_bench_moe_shape *s = &b->s;
     int lo, hi;
@@ -263,8 +271,8 @@ static void print_table(const moe_bench *b, const moe_times *t, const qs_bench_c
            "%d%s\n",
            b->be->name, omp_get_max_threads(), s->N, s->C, s->F, s->E, s->K, repeats,
            quick ? " (--quick: tiny shapes, a smoke run, not a measurement)" : "");
-    printf("  ceiling: %d^3 GEMM %.1f GFLOP/s; rows per expert %d..%d (mean %.1f)\n", c->gemm_n,
-           c->gemm_flop_s / 1e9, lo, hi, (double)s->N * s->K / s->E);
+    printf("  ceiling: %d^3 GEMM %.1f GFLOP/s; rows per expert %d..%d (mean %.1f); grouped GEMMs: %s\n", c->gemm_n,
+           c->gemm_flop_s / 1e9, lo, hi, (double)s->N * s->K / s->E, grouped_kernel(b->be));
     printf("  %-26s %10s %7s\n", "forward + backward", "ms", "share");
     const double ge = t->expert_flop_s, gd = t->dense_flop_s;
     for (int p = 0; p < N_PARTS; p++) {
@@ -287,6 +295,7 @@ static void print_json(const moe_bench *b, const moe_times *t, const qs_bench_ce
     qs_bench_json_head(stdout, b->be, argc, argv, c);
     printf(", \"quick\": %s, \"repeats\": %d, \"shape\": {\"N\": %d, \"C\": %d, \"F\": %d, \"E\": %d, \"K\": %d}",
            quick ? "true" : "false", repeats, s->N, s->C, s->F, s->E, s->K);
+    printf(", \"grouped_gemm\": \"%s\"", grouped_kernel(b->be));
     fputs(", \"expert_rows\": [", stdout);
     for (int e = 0; e < s->E; e++) printf("%s%d", e ? ", " : "", b->load.counts[e]);
     fputs("], \"results\": [", stdout);

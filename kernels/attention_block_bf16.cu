@@ -110,38 +110,17 @@ template <int D> __device__ static const uint32_t *key_tile(const uint32_t *kvs,
     return kvs + 2 * tc_tile<D>() * (j0 / TC_KEYS % 2);
 }
 
-/* acc = A B for MT 16-row tiles of A over KT 16-deep steps, into NT tiles of 8 columns
- * each. A: rows of a row-major tile in shared memory (m-tile m at a + 16 m pitch), its
- * fragments by ldmatrix, four 8 x 8 quarters a step (rows 0-7, then 8-15, of columns 0-7,
- * then of 8-15: mma.cuh's a[0..3]). B stored transposed, its columns as the rows of a
- * row-major tile (k for S = q k^T, q for S^T = k q^T, v and dout for dP); one ldmatrix
- * gives two column tiles' B fragments for a step, used by all MT row tiles: B's loads
- * per product fall as MT grows. */
+/* acc = A B (mma.cuh's qs_mma_tiles_bt): A rows of a tile of q, k, v or dout; B stored
+ * transposed, its columns as the rows of a tile (k for S = q k^T, q for S^T = k q^T, v
+ * and dout for dP). */
 template <int MT, int NT, int KT>
 __device__ static inline void tile_product(float (*acc)[NT][4], const uint32_t *a, const uint32_t *bt, int pitch,
                                            int lane) {
-    const uint32_t *arow = a + (lane % 16) * pitch + 4 * (lane / 16);
-    const uint32_t *brow = bt + (lane % 8 + 8 * (lane / 16)) * pitch + 4 * (lane / 8 % 2);
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
         for (int n = 0; n < NT; n++) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < KT; kk++) {
-        uint32_t af[MT][4];
-#pragma unroll
-        for (int m = 0; m < MT; m++) qs_ldmatrix_x4(af[m], arow + 16 * m * pitch + 8 * kk);
-#pragma unroll
-        for (int n = 0; n < NT; n += 2) {
-            uint32_t b[4];
-            qs_ldmatrix_x4(b, brow + 8 * n * pitch + 8 * kk);
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                qs_mma_bf16_16816(acc[m][n], af[m], b);
-                qs_mma_bf16_16816(acc[m][n + 1], af[m], b + 2);
-            }
-        }
-    }
+    qs_mma_tiles_bt<MT, NT, KT>(acc, a, pitch, bt, pitch, lane);
 }
 
 /* acc += X B into MT x NT tiles of 8 columns: X (MT row tiles of 16 x 16 KT) in

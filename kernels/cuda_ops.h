@@ -80,6 +80,11 @@ void *qs_cuda_scratch(size_t bytes);
 size_t qs_cuda_embed_scratch(int N);
 size_t qs_cuda_moe_scratch(int N, int E);
 size_t qs_cuda_grouped_scratch(int groups);
+/* grouped_gemm.cu: C_g (=, or += when accumulate) A_g op(W_g) (+ bias_g) over the groups'
+ * rows (offsets on the host, off_dev its copy on the device), W_g [K][N] or, w_nk,
+ * [N][K]; bf16 products, fp32 accumulation. */
+void qs_cuda_grouped_gemm_bf16(float *C, const float *A, const float *w, const float *bias, const int *offsets,
+                               const int *off_dev, int groups, int K, int N, bool w_nk, bool accumulate);
 size_t qs_cuda_sumsq_scratch(void);
 size_t qs_cuda_attention_bf16_scratch(const qs_op_sizes *s);
 /* The bytes a region takes: whole 256-byte units, so every region is aligned. */

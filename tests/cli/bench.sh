@@ -132,6 +132,10 @@ json_check "bench generate: the record says how tokens were picked" gen_top.json
 assert r["sampling"] == {"temperature": 0.8, "top_k": 5, "top_p": 0.9}, r["sampling"]'
 
 # bad input: one error line each
+expect_error "bench moe: Quasar's grouped kernel is for cuda bf16" "--grouped quasar is a bf16 kernel" \
+  $Q bench moe --quick --grouped quasar
+expect_error "bench moe: an unknown grouped kernel" "--grouped: expected cublas or quasar, got 'cutlass'" \
+  $Q bench moe --quick --grouped cutlass
 expect_error "bench generate: top-p out of range" "--top-p: invalid value '0' .expected a number in .1e-06, 1.." \
   $Q bench generate --config tiny.json --top-p 0
 expect_error "bench generate: a temperature that is not a number" "--temperature: invalid value 'hot'" \

@@ -210,6 +210,15 @@ assert r["backend"] == "cuda-bf16" and r["shape"]["E"] == 64 and sum(r["expert_r
 else
   not_ok "bench moe --precision bf16 runs (emulated)" "$(grep -v WARNING moe_bf16.err | tail -3)"
 fi
+if "$emu/quasar" bench moe --device cuda --precision bf16 --grouped quasar --quick --repeats 1 --json >moe_own.json \
+  2>moe_own.err && ! sanitizer_report moe_own.err; then
+  json_check "bench moe --grouped quasar: the experts through Quasar's grouped kernel, routed as on the CPU" moe_own.json '
+cpu = json.load(open("moe_cpu.json"))
+assert r["backend"] == "cuda-bf16" and r["grouped_gemm"] == "quasar", (r["backend"], r["grouped_gemm"])
+assert r["expert_rows"] == cpu["expert_rows"], (r["expert_rows"], cpu["expert_rows"])'
+else
+  not_ok "bench moe --grouped quasar runs (emulated)" "$(grep -v WARNING moe_own.err | tail -3)"
+fi
 if "$emu/quasar" bench generate --config tiny.json --repeats 1 --device cuda --json >bench_gen.json 2>bench_gen.err &&
   ! sanitizer_report bench_gen.err; then
   json_check "bench generate --device cuda: prefill and decode through the device's KV cache" bench_gen.json '

@@ -7,7 +7,7 @@
 # the logs still come back. Logs and results go to $OUT (the device tool brings back at
 # most 8 files), else to runs/device/.
 #   tests/gpu/device.sh [STEP...]      default: build parity attention kernels memcheck train
-#   steps: build parity attention kernels memcheck racecheck synccheck initcheck train
+#   steps: build parity attention kernels moe memcheck racecheck synccheck initcheck train
 #          compare compare_gpt2 trainsh (attention also profiles its kernels with ncu, and
 #          counts their SASS instructions)
 #   DEADLINE=S   seconds from the start after which no step starts (default 540)
@@ -68,6 +68,14 @@ sanitize() { # sanitize TOOL: the harness under one compute-sanitizer tool, a sh
   tail -n 5 "$out/sanitizer.log"
   return "$rc"
 }
+moe_grouped() { # issue 6's experts, bf16, shapes a and b: cuBLAS's grouped GEMM, then Quasar's kernel
+  local shape g
+  for shape in a b; do
+    for g in cublas quasar; do
+      "$Q" bench moe --device cuda --precision bf16 --shape "$shape" --grouped "$g" --json || return
+    done
+  done
+}
 bench_train() { # full and LoRA at GPT-2 124M in bf16, micro-batch 8 and 4, 0 / 6 / 12 blocks checkpointed
   local mb rl lora
   for mb in 8 4; do
@@ -103,7 +111,7 @@ attention_profile() { # what limits the bf16 attention (issue 5): counters of on
     END { for (k in n) { split(k, p, " "); if (p[2] ~ /^(HMMA|LDSM|LDGSTS|LDG|STG|LDS|STS|BAR|MUFU|SHFL)$/) print k, n[k] }
           for (f in total) print f, "all", total[f] }' | sort
 }
-export -f parity kernels sanitize bench_train attention_profile
+export -f parity kernels moe_grouped sanitize bench_train attention_profile
 export out P Q SAN
 
 # step NAME LIMIT COMMAND...: runs it under its limit unless the deadline is too near;
@@ -150,6 +158,7 @@ main() {
       kernels)
         step kernels_fp32 120 kernels fp32
         step kernels_bf16 120 kernels bf16 ;;
+      moe) step moe 150 moe_grouped ;; # its records go to device.log
       memcheck | racecheck | synccheck | initcheck) step "$s" 180 sanitize "$s" ;;
       train) step train 300 bench_train ;;
       compare) step compare 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
