@@ -110,7 +110,7 @@ template <int D> __device__ static const uint32_t *key_tile(const uint32_t *kvs,
     return kvs + 2 * tc_tile<D>() * (j0 / TC_KEYS % 2);
 }
 
-/* acc = A B (mma.cuh's qs_mma_tiles_bt): A rows of a tile of q, k, v or dout; B stored
+/* acc = A B (mma.cuh's qs_mma_tiles): A rows of a tile of q, k, v or dout; B stored
  * transposed, its columns as the rows of a tile (k for S = q k^T, q for S^T = k q^T, v
  * and dout for dP). */
 template <int MT, int NT, int KT>
@@ -120,7 +120,7 @@ __device__ static inline void tile_product(float (*acc)[NT][4], const uint32_t *
     for (int m = 0; m < MT; m++)
 #pragma unroll
         for (int n = 0; n < NT; n++) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
-    qs_mma_tiles_bt<MT, NT, KT>(acc, a, pitch, bt, pitch, lane);
+    qs_mma_tiles<MT, NT, KT, false>(acc, a, pitch, bt, pitch, lane);
 }
 
 /* acc += X B into MT x NT tiles of 8 columns: X (MT row tiles of 16 x 16 KT) in

@@ -62,9 +62,9 @@ __global__ static void __launch_bounds__(GG_THREADS)
         __syncthreads();
         const uint32_t *aw = as + wm * 32 * GG_A_PITCH;
         if (W_NK)
-            qs_mma_tiles_bt<2, 4, GG_BK / 16>(acc, aw, GG_A_PITCH, bs + wn * 32 * GG_A_PITCH, GG_A_PITCH, lane);
+            qs_mma_tiles<2, 4, GG_BK / 16, false>(acc, aw, GG_A_PITCH, bs + wn * 32 * GG_A_PITCH, GG_A_PITCH, lane);
         else
-            qs_mma_tiles_b<2, 4, GG_BK / 16>(acc, aw, GG_A_PITCH, bs + wn * 16, GG_KN_PITCH, lane);
+            qs_mma_tiles<2, 4, GG_BK / 16, true>(acc, aw, GG_A_PITCH, bs + wn * 16, GG_KN_PITCH, lane);
     }
     /* the lane's elements: rows g + 8h of row tile m, columns 2t, 2t + 1 of column tile n */
     const int g = lane >> 2, t = lane & 3;

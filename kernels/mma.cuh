@@ -53,39 +53,17 @@ __device__ static inline void qs_mma_bf16_16816(float d[4], const uint32_t a[4],
 /* acc += A B for MT 16-row tiles of A over KT 16-deep steps, into NT tiles of 8 columns
  * (NT even), all in shared memory as bf16 pairs. A: row-major (row tile m at
  * a + 16 m a_pitch, words), its fragments by ldmatrix, four 8 x 8 quarters a step (rows
- * 0-7, then 8-15, of columns 0-7, then of 8-15: a[0..3] above). B: given as its
- * transpose, B's columns as the rows of a row-major tile (bt), whose ldmatrix gives two
- * column tiles' fragments for a step; each B fragment loaded feeds all MT row tiles. */
-template <int MT, int NT, int KT>
-__device__ static inline void qs_mma_tiles_bt(float (*acc)[NT][4], const uint32_t *a, int a_pitch, const uint32_t *bt,
-                                              int b_pitch, int lane) {
+ * 0-7, then 8-15, of columns 0-7, then of 8-15: a[0..3] above). B: row-major as it is
+ * (B_KN: its sum runs along the tile's rows), its fragments by ldmatrix's transpose; or
+ * given as its transpose, B's columns as the rows of a row-major tile, by plain
+ * ldmatrix. One B load gives two column tiles' fragments for a step, and each feeds all
+ * MT row tiles. */
+template <int MT, int NT, int KT, bool B_KN>
+__device__ static inline void qs_mma_tiles(float (*acc)[NT][4], const uint32_t *a, int a_pitch, const uint32_t *b,
+                                           int b_pitch, int lane) {
     const uint32_t *arow = a + (lane % 16) * a_pitch + 4 * (lane / 16);
-    const uint32_t *brow = bt + (lane % 8 + 8 * (lane / 16)) * b_pitch + 4 * (lane / 8 % 2);
-#pragma unroll
-    for (int kk = 0; kk < KT; kk++) {
-        uint32_t af[MT][4];
-#pragma unroll
-        for (int m = 0; m < MT; m++) qs_ldmatrix_x4(af[m], arow + 16 * m * a_pitch + 8 * kk);
-#pragma unroll
-        for (int n = 0; n < NT; n += 2) {
-            uint32_t b[4];
-            qs_ldmatrix_x4(b, brow + 8 * n * b_pitch + 8 * kk);
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                qs_mma_bf16_16816(acc[m][n], af[m], b);
-                qs_mma_bf16_16816(acc[m][n + 1], af[m], b + 2);
-            }
-        }
-    }
-}
-
-/* The same with B row-major as it is (its sum along the tile's rows), its fragments by
- * ldmatrix's transpose. */
-template <int MT, int NT, int KT>
-__device__ static inline void qs_mma_tiles_b(float (*acc)[NT][4], const uint32_t *a, int a_pitch, const uint32_t *b,
-                                             int b_pitch, int lane) {
-    const uint32_t *arow = a + (lane % 16) * a_pitch + 4 * (lane / 16);
-    const uint32_t *brow = b + (lane % 16) * b_pitch + 4 * (lane / 16);
+    const uint32_t *brow = B_KN ? b + (lane % 16) * b_pitch + 4 * (lane / 16)
+                                : b + (lane % 8 + 8 * (lane / 16)) * b_pitch + 4 * (lane / 8 % 2);
 #pragma unroll
     for (int kk = 0; kk < KT; kk++) {
         uint32_t af[MT][4];
@@ -94,7 +72,8 @@ __device__ static inline void qs_mma_tiles_b(float (*acc)[NT][4], const uint32_t
 #pragma unroll
         for (int n = 0; n < NT; n += 2) {
             uint32_t f[4];
-            qs_ldmatrix_x4_trans(f, brow + 16 * kk * b_pitch + 4 * n);
+            if (B_KN) qs_ldmatrix_x4_trans(f, brow + 16 * kk * b_pitch + 4 * n);
+            else qs_ldmatrix_x4(f, brow + 8 * n * b_pitch + 8 * kk);
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 qs_mma_bf16_16816(acc[m][n], af[m], f);
