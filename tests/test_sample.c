@@ -19,7 +19,7 @@
 
 static uint64_t seed;
 static float logits[V], prob[V];
-static int idx[2 * V];
+static int idx[4 * V];
 
 /* Frequencies of each id over u = (i + 0.5) / GRID. */
 static void frequencies(const qs_sample_params *sp, double *freq) {
@@ -148,7 +148,7 @@ static int reference_token(const float *lg, int n_v, const qs_sample_params *sp,
 static void test_large_vocabulary_matches_full_sort(void **state) {
     (void)state;
     static float lg[BIG_V], p[BIG_V], p_ref[BIG_V];
-    static int ids[2 * BIG_V], ids_ref[BIG_V];
+    static int ids[4 * BIG_V], ids_ref[BIG_V];
     const int ks[] = {0, 1, 7, 256, 257, 1500, BIG_V - 1, BIG_V, BIG_V + 9};
     const float ps[] = {1.0f, 0.01f, 0.5f, 0.9f, 0.999f, 0.99999f};
     const float temps[] = {0.3f, 1.0f, 4.0f};

@@ -17,7 +17,7 @@ typedef struct qs_sample_params {
 } qs_sample_params;
 
 /* Picks a token from logits[V] with the random draw u in [0, 1). Scratch: V floats
- * and 2 V ints. Top-k and top-p keep the first ids by probability (ties: lower id
+ * and 4 V ints. Top-k and top-p keep the first ids by probability (ties: lower id
  * first), then the shortest of those whose probability reaches top_p. */
 int qs_sample_token(const float *logits, int V, const qs_sample_params *sp, float u,
                     float *prob_scratch, int *idx_scratch);
