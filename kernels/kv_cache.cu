@@ -84,17 +84,22 @@ __global__ static void decode_split_kernel(float *part, const float *kcache, con
     if (threadIdx.x == 0) at[0] = mx, at[1] = l;
 }
 
-/* out[b, h's columns] from the row's splits 0..pos[b] / DECODE_CHUNK: one block per (b, h). */
+/* out[b, h's columns] from the row's splits 0..pos[b] / DECODE_CHUNK: one block per (b, h).
+ * Each split's weight exp(m_s - max) is taken once, into shared memory (splits floats),
+ * not once per column. */
 __global__ static void decode_combine_kernel(float *out, const float *part, int C, int NH, const int *pos,
                                              int splits) {
+    QS_DYNAMIC_SMEM(float, weight);
     const int b = blockIdx.x / NH, hs = C / NH, used = pos[b] / DECODE_CHUNK + 1;
     const float *at = part + (size_t)blockIdx.x * splits * (hs + 2);
     float mx = -INFINITY, l = 0.0f;
     for (int s = 0; s < used; s++) mx = fmaxf(mx, at[(size_t)s * (hs + 2)]);
-    for (int s = 0; s < used; s++) l += expf(at[(size_t)s * (hs + 2)] - mx) * at[(size_t)s * (hs + 2) + 1];
+    for (int s = threadIdx.x; s < used; s += blockDim.x) weight[s] = expf(at[(size_t)s * (hs + 2)] - mx);
+    __syncthreads();
+    for (int s = 0; s < used; s++) l += weight[s] * at[(size_t)s * (hs + 2) + 1];
     for (int i = threadIdx.x; i < hs; i += blockDim.x) {
         float o = 0.0f;
-        for (int s = 0; s < used; s++) o += expf(at[(size_t)s * (hs + 2)] - mx) * at[(size_t)s * (hs + 2) + 2 + i];
+        for (int s = 0; s < used; s++) o += weight[s] * at[(size_t)s * (hs + 2) + 2 + i];
         out[(size_t)b * C + (size_t)(blockIdx.x % NH) * hs + i] = o / l;
     }
 }
@@ -107,5 +112,5 @@ void qs_cuda_attention_decode(float *out, float *kcache, float *vcache, const fl
     float *part = (float *)qs_cuda_scratch((size_t)B * NH * splits * (C / NH + 2) * sizeof(float));
     QS_LAUNCH(decode_split_kernel, dim3(B * NH, splits), DECODE_THREADS, 0, part, kcache, vcache, qkv, C, NH, NKV,
               slots, pos, max_T, splits);
-    QS_LAUNCH(decode_combine_kernel, B * NH, DECODE_THREADS, 0, out, part, C, NH, pos, splits);
+    QS_LAUNCH(decode_combine_kernel, B * NH, DECODE_THREADS, splits * sizeof(float), out, part, C, NH, pos, splits);
 }
