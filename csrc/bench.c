@@ -832,7 +832,7 @@ static const char *MOE_HELP =
     "  --shape b    E=64, top-8, F=C (shape B: fine-grained, shape A's active FLOPs)\n"
     "  N and C: 16384 x 768 on a GPU, 2048 x 384 on the CPU, 64 x 32 with --quick;\n"
     "  --tokens, --embd, --ffn, --experts, --top-k override the shape's values.\n"
-    "  --grouped G  the experts' forward and input-gradient products on cuda bf16: cuBLAS's\n"
+    "  --grouped G  the experts' grouped products on cuda bf16: cuBLAS's\n"
     "               grouped GEMM (cublas, the default) or Quasar's kernel (quasar); the\n"
     "               environment's QS_CUDA_GROUPED=quasar chooses the same in training\n"
     "  --repeats N  timed layers (default 20)\n"

@@ -256,7 +256,7 @@ static void load_range(const moe_bench *b, int *lo, int *hi) {
 }
 
 /* Whose kernel ran the experts' grouped products: cuBLAS's, or with QS_CUDA_GROUPED=quasar
- * on the bf16 backend Quasar's (kernels/matmul.cu); the CPU's own otherwise. */
+ * on the bf16 backend Quasar's (kernels/grouped_gemm.cu); the CPU's own otherwise. */
 static const char *grouped_kernel(const qs_backend *be) {
     const char *e = getenv("QS_CUDA_GROUPED");
     if (be == qs_backend_cpu()) return "cpu";

@@ -80,11 +80,12 @@ void *qs_cuda_scratch(size_t bytes);
 size_t qs_cuda_embed_scratch(int N);
 size_t qs_cuda_moe_scratch(int N, int E);
 size_t qs_cuda_grouped_scratch(int groups);
-/* grouped_gemm.cu: C_g (=, or += when accumulate) A_g op(W_g) (+ bias_g) over the groups'
- * rows (offsets on the host, off_dev its copy on the device), W_g [K][N] or, w_nk,
- * [N][K]; bf16 products, fp32 accumulation. */
-void qs_cuda_grouped_gemm_bf16(float *C, const float *A, const float *w, const float *bias, const int *offsets,
-                               const int *off_dev, int groups, int K, int N, bool w_nk, bool accumulate);
+/* grouped_gemm.cu: matmul_grouped_forward and _backward's products (dbias aside) with
+ * bf16 products and fp32 accumulation; offsets on the host, off_dev its device copy. */
+void qs_cuda_grouped_forward_bf16(float *out, const float *inp, const float *w, const float *bias, const int *offsets,
+                                  const int *off_dev, int groups, int n_in, int n_out);
+void qs_cuda_grouped_backward_bf16(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                                   const int *offsets, const int *off_dev, int groups, int n_in, int n_out);
 size_t qs_cuda_sumsq_scratch(void);
 size_t qs_cuda_attention_bf16_scratch(const qs_op_sizes *s);
 /* The bytes a region takes: whole 256-byte units, so every region is aligned. */

@@ -5,7 +5,8 @@
 # `quasar train --device cuda` against the same run on the CPU (per-step losses and the
 # validation loss to 1e-4), whose checkpoint the CPU build then evaluates alike; `eval`
 # and `generate --device cuda` (with and without an adapter) against the CPU; the
-# same run with train.precision bf16 (bf16 products; losses to 2e-2), and `bench
+# same run with train.precision bf16 (bf16 products; losses to 2e-2), a MoE GPT's with
+# Quasar's grouped kernel, and `bench
 # attention` on the tensor-core kernels at one small point. Checks the kernels' logic and
 # the host plumbing; the device itself waits for `make test-gpu`.
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -127,6 +128,16 @@ if "$emu/quasar" train "${args[@]}" "${bf[@]}" --device cuda --out bf16 >bf16.lo
 else
   not_ok "--device cuda with train.precision bf16: losses within 2e-2 of the fp32 CPU run's" \
     "$(grep -v WARNING bf16.log | tail -3) ${out:-}"
+fi
+# a MoE GPT's experts through Quasar's grouped kernel (all three products), bf16
+moe=(--set model.moe.n_experts=4 --set model.moe.top_k=2)
+"$QUASAR" train "${args[@]}" "${moe[@]}" --out moe_cpu >moe_cpu.log 2>&1 || not_ok "cpu MoE run" "$(tail -3 moe_cpu.log)"
+if QS_CUDA_GROUPED=quasar "$emu/quasar" train "${args[@]}" "${moe[@]}" "${bf[@]}" --device cuda --out moe_own \
+  >moe_own.log 2>&1 && ! sanitizer_report moe_own.log && out=$(close moe_cpu/metrics.jsonl moe_own/metrics.jsonl 2e-2 2>&1); then
+  ok "a MoE GPT trains with QS_CUDA_GROUPED=quasar (bf16): losses within 2e-2 of the CPU run's"
+else
+  not_ok "a MoE GPT trains with QS_CUDA_GROUPED=quasar (bf16): losses within 2e-2 of the CPU run's" \
+    "$(grep -v WARNING moe_own.log | tail -3) ${out:-}"
 fi
 "$QUASAR" train "${args[@]}" "${bf[@]}" --out cpu_bf16 >cpu_bf16.log 2>&1
 if grep -q "train.precision bf16 applies to --device cuda; the CPU computes in fp32" cpu_bf16.log &&
