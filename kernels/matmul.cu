@@ -328,15 +328,15 @@ template <qs_precision P>
 static void matmul_grouped_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
                                     const float *w, const int *offsets, int groups, int n_in, int n_out) {
     const grouped_scratch s = grouped_scratch_take(offsets, groups);
-    if (own_grouped<P>())
-        qs_cuda_grouped_backward_bf16(dinp, dw, dout, inp, w, offsets, s.off, groups, n_in, n_out);
-    if (dinp && !own_grouped<P>()) /* dinp_g[rows,n_in] += dout_g[rows,n_out] @ W_g^T */
+    const bool own = own_grouped<P>();
+    if (own) qs_cuda_grouped_backward_bf16(dinp, dw, dout, inp, w, offsets, s.off, groups, n_in, n_out);
+    if (dinp && !own) /* dinp_g[rows,n_in] += dout_g[rows,n_out] @ W_g^T */
         gemm_groups<P>(0, 1, n_out, n_out, n_in, 1.0f, 1.0f, groups, s.ptrs[0], [&](int g) {
             const size_t r0 = (size_t)offsets[g];
             return gemm_problem{offsets[g + 1] - offsets[g], n_in, n_out, dout + r0 * n_out,
                                 w + (size_t)g * n_in * n_out, dinp + r0 * n_in};
         });
-    if (dw && !own_grouped<P>()) /* dW_g[n_in,n_out] += inp_g^T @ dout_g, nothing for an empty group */
+    if (dw && !own) /* dW_g[n_in,n_out] += inp_g^T @ dout_g, nothing for an empty group */
         gemm_groups<P>(1, 0, n_in, n_out, n_out, 1.0f, 1.0f, groups, s.ptrs[1], [&](int g) {
             const int rows = offsets[g + 1] - offsets[g];
             const size_t r0 = (size_t)offsets[g];
