@@ -308,7 +308,7 @@ typedef struct bench_args {
     const char *config, *ckpt, *device, *precision, *only, *shape, *grouped;
     const char *sets[64];
     int n_sets;
-    int steps, warmup, repeats, prompt_tokens, new_tokens;
+    int steps, warmup, repeats, prompt_tokens, new_tokens, batch;
     qs_sample_params sampling; /* bench generate's picks (default greedy) */
     qs_bench_moe_shape moe; /* 0: the --shape's default */
     qs_bench_attention_sweep att; /* NULL, 0: the device's default */
@@ -572,15 +572,16 @@ static int bench_train(const bench_args *a) {
 /* ---- bench generate ---- */
 
 /* The time each new token reaches the caller. */
+/* When each step of a batched generation ended: the step's last prompt's token. */
 typedef struct token_clock {
     double *t;
-    int n;
+    int n, last;
 } token_clock;
 
-static void stamp(int token, void *user) {
+static void stamp(int prompt, int token, void *user) {
     (void)token;
     token_clock *c = user;
-    c->t[c->n++] = qs_clock_now();
+    if (prompt == c->last) c->t[c->n++] = qs_clock_now();
 }
 
 /* The model to generate with: a checkpoint's, or a new one of the config's shape with
@@ -598,7 +599,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
         what = step_dir;
         if (!rc && cfg->model.type != QS_MODEL_GPT) rc = qs_error("%s: not a language model (model.type is not gpt)", what);
         if (!rc && !(be = qs_cli_backend(a->device, cfg->train.precision))) rc = -1;
-        if (!rc) rc = qs_gpt_create_frozen(m, &cfg->model, be, 1, cfg->model.seq_len);
+        if (!rc) rc = qs_gpt_create_frozen(m, &cfg->model, be, a->batch, cfg->model.seq_len);
         if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(*m), &f, step_dir);
         qs_st_free(&f);
         free(chars);
@@ -612,35 +613,38 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
         qs_task_free(&t);
     }
     if (!(be = qs_cli_backend(a->device, cfg->train.precision))) return -1;
-    if (qs_gpt_create_frozen(m, &cfg->model, be, 1, cfg->model.seq_len)) return -1;
+    if (qs_gpt_create_frozen(m, &cfg->model, be, a->batch, cfg->model.seq_len)) return -1;
     return qs_gpt_init(*m, cfg->train.seed);
 }
 
-/* Runs qs_generate (the KV-cache path `quasar generate` takes) 1 + repeats times, the
- * first as warm-up; fills the prefill times [repeats] and the gaps between consecutive
- * new tokens, one decode step each [repeats * (new - 1)], in seconds. */
+/* Runs qs_generate_batch (the KV-cache path `quasar generate` takes) over a->batch
+ * random prompts 1 + repeats times, the first as warm-up; fills the prefill times (to
+ * the end of the first step, every prompt run once) [repeats] and the later steps' times,
+ * one decode step of every prompt each [repeats * (new - 1)], in seconds. */
 static int time_generation(qs_gpt *m, const bench_args *a, int V, double *prefill, double *gaps) {
-    const int P = a->prompt_tokens, n_new = a->new_tokens;
-    int *ctx = malloc((size_t)(P + n_new) * sizeof *ctx);
+    const int P = a->prompt_tokens, n_new = a->new_tokens, B = a->batch;
+    int *all = malloc((size_t)B * (P + n_new + 1) * sizeof *all), **ctx = malloc((size_t)B * sizeof *ctx);
     double *t = malloc((size_t)n_new * sizeof *t);
-    if (!ctx || !t) {
-        free(ctx);
-        free(t);
+    if (!all || !ctx || !t) {
+        free(all), free(ctx), free(t);
         return qs_error("out of memory");
     }
+    int *n0 = all + (size_t)B * (P + n_new);
+    for (int b = 0; b < B; b++) ctx[b] = all + (size_t)b * (P + n_new), n0[b] = P;
     int rc = 0;
     for (int r = 0; !rc && r <= a->repeats; r++) {
-        for (int i = 0; i < P; i++) ctx[i] = (int)qs_rng_below(0x5eed, STREAM_BENCH, (uint64_t)i, (uint64_t)V);
-        token_clock clock = {t, 0};
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < P; i++)
+                ctx[b][i] = (int)qs_rng_below(0x5eed, STREAM_BENCH, (uint64_t)b * P + i, (uint64_t)V);
+        token_clock clock = {t, 0, B - 1};
         double t0 = qs_clock_now();
-        int made = qs_generate(m, ctx, P, n_new, &a->sampling, stamp, &clock);
-        if (made != n_new) rc = made < 0 ? -1 : qs_error("generation stopped after %d of %d tokens", made, n_new);
+        int made = qs_generate_batch(m, ctx, n0, B, n_new, &a->sampling, NULL, stamp, &clock);
+        if (made != B * n_new) rc = made < 0 ? -1 : qs_error("generation stopped after %d of %d tokens", made, B * n_new);
         if (rc || r == 0) continue;
         prefill[r - 1] = t[0] - t0;
         for (int k = 1; k < n_new; k++) gaps[(size_t)(r - 1) * (n_new - 1) + k - 1] = t[k] - t[k - 1];
     }
-    free(ctx);
-    free(t);
+    free(all), free(ctx), free(t);
     return rc;
 }
 
@@ -667,17 +671,19 @@ static int bench_generate(bench_args *a) {
     if (!rc) rc = time_generation(m, a, V, prefill, gaps);
     if (!rc) {
         qs_bench_stats pre = qs_bench_stats_of(prefill, a->repeats), dec = qs_bench_stats_of(gaps, (int)n_gaps);
-        const double prefill_tok_s = a->prompt_tokens / pre.median, decode_tok_s = 1.0 / dec.median;
+        const int B = a->batch;
+        const double prefill_tok_s = (double)B * a->prompt_tokens / pre.median, decode_tok_s = B / dec.median;
         char metric[256];
         if (!a->json) {
-            printf("quasar bench generate: %s (%zu parameters, seq_len %d, vocab %d) on %s, one sequence\n",
-                   a->ckpt ? a->ckpt : a->config, qs_gpt_params(m)->n, T, V, qs_gpt_params(m)->be->name);
+            printf("quasar bench generate: %s (%zu parameters, seq_len %d, vocab %d) on %s, %d sequence%s\n",
+                   a->ckpt ? a->ckpt : a->config, qs_gpt_params(m)->n, T, V, qs_gpt_params(m)->be->name, B,
+                   B > 1 ? "s decoding together" : "");
             const qs_sample_params *sp = &a->sampling;
             printf("  prompt %d tokens, %d new tokens (", a->prompt_tokens, a->new_tokens);
             if (sp->temperature > 0) printf("temperature %g, top-k %d, top-p %g", sp->temperature, sp->top_k, sp->top_p);
             else printf("greedy");
             printf("), median of %d runs after 1 warm-up\n", a->repeats);
-            printf("  prefill   %.1f tokens/s (%.3f ms for the prompt and its first token)\n", prefill_tok_s,
+            printf("  prefill   %.1f tokens/s (%.3f ms for the prompts and their first tokens)\n", prefill_tok_s,
                    pre.median * 1e3);
             printf("  decode    %.1f tokens/s; latency per token median %.3f ms (p10 %.3f, p90 %.3f)\n", decode_tok_s,
                    dec.median * 1e3, dec.p10 * 1e3, dec.p90 * 1e3);
@@ -685,20 +691,21 @@ static int bench_generate(bench_args *a) {
         } else {
             qs_bench_json_head(stdout, qs_gpt_params(m)->be, a->argc, a->argv, NULL);
             printf(", \"model\": {\"params\": %zu, \"seq_len\": %d, \"vocab_size\": %d}, \"prompt_tokens\": %d, "
-                   "\"new_tokens\": %d, \"runs\": %d, \"sampling\": {\"temperature\": %g, \"top_k\": %d, \"top_p\": %g}",
-                   qs_gpt_params(m)->n, T, V, a->prompt_tokens, a->new_tokens, a->repeats, a->sampling.temperature,
+                   "\"new_tokens\": %d, \"batch\": %d, \"runs\": %d, \"sampling\": {\"temperature\": %g, \"top_k\": %d, "
+                   "\"top_p\": %g}",
+                   qs_gpt_params(m)->n, T, V, a->prompt_tokens, a->new_tokens, B, a->repeats, a->sampling.temperature,
                    a->sampling.top_k, a->sampling.top_p);
             printf(", \"decode_ms\": {\"median\": %.5f, \"p10\": %.5f, \"p90\": %.5f, \"min\": %.5f, \"max\": %.5f}",
                    dec.median * 1e3, dec.p10 * 1e3, dec.p90 * 1e3, dec.min * 1e3, dec.max * 1e3);
             fputs(", \"results\": [", stdout);
-            snprintf(metric, sizeof metric, "prefill tokens/s: a %d-token prompt and its first new token, median of %d",
-                     a->prompt_tokens, a->repeats);
+            snprintf(metric, sizeof metric, "prefill tokens/s: %d prompt(s) of %d tokens and their first new tokens, "
+                     "median of %d", B, a->prompt_tokens, a->repeats);
             qs_bench_json_result(stdout, true, "generate_prefill_tokens_per_s", metric, prefill_tok_s);
-            snprintf(metric, sizeof metric, "decode tokens/s, one sequence, KV cache: 1 / the median gap between "
-                     "new tokens (%zu gaps)", n_gaps);
+            snprintf(metric, sizeof metric, "decode tokens/s, %d sequence(s) decoding together, KV cache: %d / the "
+                     "median gap between steps (%zu gaps)", B, B, n_gaps);
             qs_bench_json_result(stdout, false, "generate_decode_tokens_per_s", metric, decode_tok_s);
-            snprintf(metric, sizeof metric, "ms per new token, median (p10 %.4f, p90 %.4f)", dec.p10 * 1e3,
-                     dec.p90 * 1e3);
+            snprintf(metric, sizeof metric, "ms per new token of a sequence (a decode step), median (p10 %.4f, p90 "
+                     "%.4f)", dec.p10 * 1e3, dec.p90 * 1e3);
             qs_bench_json_result(stdout, false, "generate_decode_ms_per_token", metric, dec.median * 1e3);
             fputs("\n  ]}\n", stdout);
         }
@@ -840,11 +847,13 @@ static const char *MOE_HELP =
 
 static const char *GENERATE_HELP =
     "usage: quasar bench generate --ckpt DIR | --config FILE [--set key=value]...\n"
-    "                             [--prompt-tokens N] [--new-tokens N] [--repeats N]\n"
+    "                             [--prompt-tokens N] [--new-tokens N] [--batch B] [--repeats N]\n"
     "                             [--temperature T] [--top-k K] [--top-p P] [--device cpu|cuda] [--json]\n"
-    "  Generates one sequence through the KV cache (what quasar generate runs): prefill\n"
+    "  Generates through the KV cache (what quasar generate runs): prefill\n"
     "  tokens/s, decode tokens/s and the latency per new token. With --config the weights are\n"
     "  random. Prompt + new tokens must fit model.seq_len (default: half and half).\n"
+    "  --batch B    B random prompts decoding together, each in its KV-cache slot (default 1);\n"
+    "               tokens/s count all of them, the latency is a step's\n"
     "  --repeats N  timed generations after one warm-up (default 5)\n"
     "  --temperature T, --top-k K, --top-p P  how each token is picked, as for quasar generate\n"
     "               (default greedy: temperature 0)\n";
@@ -858,7 +867,8 @@ int qs_cli_bench(int argc, char **argv) {
     }
     bench_start = cpu_now();
     bench_args a = {.device = "cpu", .precision = "fp32", .steps = 20, .warmup = 3, .repeats = 30,
-                    .sampling = {.temperature = 0.0f, .top_p = 1.0f, .seed = 1337}, .argc = argc, .argv = argv};
+                    .batch = 1, .sampling = {.temperature = 0.0f, .top_p = 1.0f, .seed = 1337}, .argc = argc,
+                    .argv = argv};
     if (!strcmp(what, "train")) {
         const arg_spec spec[] = {{"--config", ARG_STR, &a.config, 0, 0}, {"--set", ARG_SET, &a, 0, 0},
                                  {"--steps", ARG_INT, &a.steps, 1, 1000000}, {"--warmup", ARG_INT, &a.warmup, 0, 1000000},
@@ -919,6 +929,7 @@ int qs_cli_bench(int argc, char **argv) {
                                  {"--set", ARG_SET, &a, 0, 0},
                                  {"--prompt-tokens", ARG_INT, &a.prompt_tokens, 1, 1 << 20},
                                  {"--new-tokens", ARG_INT, &a.new_tokens, 1, 1 << 20},
+                                 {"--batch", ARG_INT, &a.batch, 1, 4096},
                                  {"--temperature", ARG_FLOAT, &a.sampling.temperature, 0, 100},
                                  {"--top-k", ARG_INT, &a.sampling.top_k, 0, INT_MAX},
                                  {"--top-p", ARG_FLOAT, &a.sampling.top_p, 1e-6, 1},

@@ -117,7 +117,7 @@ grep -q 'MoE layer / dense FFN of the same active FLOPs' "$WORK/out" && grep -q 
 expect_ok "bench generate: random weights from --config" $Q bench generate --config tiny.json --repeats 2 --json
 cp "$WORK/out" gen.json
 json_check "bench generate: prefill and decode tokens/s, latency per token" gen.json '
-assert r["prompt_tokens"] == 8 and r["new_tokens"] == 8, r
+assert r["prompt_tokens"] == 8 and r["new_tokens"] == 8 and r["batch"] == 1, r
 assert r["sampling"] == {"temperature": 0, "top_k": 0, "top_p": 1}, r["sampling"]
 assert set(v) == {"generate_prefill_tokens_per_s", "generate_decode_tokens_per_s", "generate_decode_ms_per_token"}
 assert abs(v["generate_decode_tokens_per_s"] * v["generate_decode_ms_per_token"] - 1e3) < 1e-4 * 1e3, v'
@@ -125,6 +125,11 @@ expect_ok "a checkpoint to generate from" $Q train --config tiny.json --out run
 expect_ok "bench generate: --ckpt" $Q bench generate --ckpt run --prompt-tokens 4 --new-tokens 12 --repeats 1 --json
 cp "$WORK/out" gen_ckpt.json
 json_check "bench generate: --ckpt record" gen_ckpt.json 'assert r["prompt_tokens"] == 4 and r["new_tokens"] == 12, r'
+expect_ok "bench generate: a batch of 3 prompts" $Q bench generate --config tiny.json --repeats 1 --batch 3 --json
+cp "$WORK/out" gen_batch.json
+json_check "bench generate: tokens/s count the batch's tokens, the latency a step's" gen_batch.json '
+assert r["batch"] == 3, r["batch"]
+assert abs(v["generate_decode_tokens_per_s"] * v["generate_decode_ms_per_token"] - 3e3) < 1e-4 * 3e3, v'
 expect_ok "bench generate: sampled with top-k and top-p" $Q bench generate --config tiny.json --repeats 1 \
   --temperature 0.8 --top-k 5 --top-p 0.9 --json
 cp "$WORK/out" gen_top.json

@@ -230,10 +230,10 @@ assert r["expert_rows"] == cpu["expert_rows"], (r["expert_rows"], cpu["expert_ro
 else
   not_ok "bench moe --grouped quasar runs (emulated)" "$(grep -v WARNING moe_own.err | tail -3)"
 fi
-if "$emu/quasar" bench generate --config tiny.json --repeats 1 --device cuda --json >bench_gen.json 2>bench_gen.err &&
-  ! sanitizer_report bench_gen.err; then
-  json_check "bench generate --device cuda: prefill and decode through the device's KV cache" bench_gen.json '
-assert r["backend"] == "cuda" and r["prompt_tokens"] == 8 and r["new_tokens"] == 8, r'
+if "$emu/quasar" bench generate --config tiny.json --repeats 1 --batch 2 --device cuda --json >bench_gen.json \
+  2>bench_gen.err && ! sanitizer_report bench_gen.err; then
+  json_check "bench generate --device cuda: prefill and decode of two prompts through the device's KV cache" bench_gen.json '
+assert r["backend"] == "cuda" and r["prompt_tokens"] == 8 and r["new_tokens"] == 8 and r["batch"] == 2, r'
 else
   not_ok "bench generate --device cuda runs (emulated)" "$(grep -v WARNING bench_gen.err | tail -3)"
 fi
