@@ -8,7 +8,7 @@
 #include "quasar/error.h"
 #include "quasar/rng.h"
 
-/* idx[0, n), ascending ids on entry, sorted by descending probability with ties in
+/* idx[0, n), holding 0 .. n-1 on entry, sorted by descending probability with ties in
  * ascending id (a total order, so the ranking is deterministic): a stable LSD radix
  * sort of (key, id) pairs, the key the probability's bits inverted (non-negative
  * floats order as their bit patterns), 8 bits a pass, the four passes' histograms
