@@ -1,4 +1,4 @@
-/* qs_backend_cuda (and its counter) in a build without the CUDA backend (CUDA=0, or no nvcc): the ASan and
+/* qs_backend_cuda (and its queries) in a build without the CUDA backend (CUDA=0, or no nvcc): the ASan and
  * fuzz trees always, the release tree when kernels/ is not compiled. */
 #include "quasar/backend.h"
 #include "quasar/error.h"
@@ -10,3 +10,8 @@ const qs_backend *qs_backend_cuda(qs_precision precision) {
 }
 
 long qs_backend_cuda_unfused(void) { return 0; }
+
+const char *qs_backend_cuda_grouped_gemm(qs_precision precision) {
+    (void)precision;
+    return "cublas";
+}

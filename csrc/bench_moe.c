@@ -255,12 +255,12 @@ static void load_range(const moe_bench *b, int *lo, int *hi) {
     }
 }
 
-/* Whose kernel ran the experts' grouped products: cuBLAS's, or with QS_CUDA_GROUPED=quasar
- * on the bf16 backend Quasar's (kernels/grouped_gemm.cu); the CPU's own otherwise. */
+/* Whose kernel ran the experts' grouped products: the CPU's, or the CUDA backend's answer
+ * for its precision. */
 static const char *grouped_kernel(const qs_backend *be) {
-    const char *e = getenv("QS_CUDA_GROUPED");
     if (be == qs_backend_cpu()) return "cpu";
-    return e && !strcmp(e, "quasar") && !strcmp(be->name, "cuda-bf16") ? "quasar" : "cublas";
+    return qs_backend_cuda_grouped_gemm(be == qs_backend_cuda(QS_PRECISION_BF16) ? QS_PRECISION_BF16
+                                                                                 : QS_PRECISION_FP32);
 }
 
 static void print_table(const moe_bench *b, const moe_times *t, const qs_bench_ceilings *c, int repeats, bool quick) {

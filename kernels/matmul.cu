@@ -307,6 +307,11 @@ template <qs_precision P> static bool own_grouped(void) {
     return P == QS_PRECISION_BF16 && e && !strcmp(e, "quasar");
 }
 
+extern "C" const char *qs_backend_cuda_grouped_gemm(qs_precision p) {
+    const bool own = p == QS_PRECISION_BF16 ? own_grouped<QS_PRECISION_BF16>() : own_grouped<QS_PRECISION_FP32>();
+    return own ? "quasar" : "cublas";
+}
+
 template <qs_precision P>
 static void matmul_grouped_forward(float *out, const float *inp, const float *w, const float *bias, const int *offsets,
                                    int groups, int n_in, int n_out) {

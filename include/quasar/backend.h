@@ -55,5 +55,9 @@ const qs_backend *qs_backend_cuda(qs_precision precision);
 /* How many linear-layer products the CUDA backend has done unfused because cuBLASLt had
  * no algorithm for their epilogue (0 without CUDA): tests check that fusion happens. */
 long qs_backend_cuda_unfused(void);
+/* Whose kernel runs the CUDA backend's grouped products (MoE experts) in `precision`:
+ * "quasar" (kernels/grouped_gemm.cu, QS_CUDA_GROUPED=quasar with bf16 products) or
+ * "cublas". */
+const char *qs_backend_cuda_grouped_gemm(qs_precision precision);
 
 #endif
