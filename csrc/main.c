@@ -560,6 +560,7 @@ static const char *MAIN_HELP =
     "  bench      time training steps, core ops or generation (train|kernels|generate)\n";
 
 int main(int argc, char **argv) {
+    qs_backend_cpu_pick_blas(argv);
     if (argc < 2) {
         fputs(MAIN_HELP, stderr);
         return QS_EXIT_USAGE;

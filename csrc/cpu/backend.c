@@ -72,7 +72,8 @@ static void cpu_describe(qs_device_info *info) {
         }
     }
     if (f) fclose(f);
-    snprintf(info->name, sizeof info->name, "cpu-%ldcore (%s)", sysconf(_SC_NPROCESSORS_ONLN), model);
+    snprintf(info->name, sizeof info->name, "cpu-%ldcore (%s; OpenBLAS %s)", sysconf(_SC_NPROCESSORS_ONLN), model,
+             qs_cpu_blas_core());
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
     info->cache_bytes = l3 > 0 ? (size_t)l3 : 0;
 }

@@ -152,8 +152,10 @@ void qs_cpu_adamw_update(float *p, const float *grad, float *m, float *v, size_t
 /* backend.c: malloc for an op's temporary buffer. Ops return void, so running out
  * of memory here cannot be reported; it aborts rather than train on wrong gradients. */
 void *qs_cpu_scratch(size_t bytes);
-/* Makes BLAS single-threaded: the ops parallelise around it (see matmul.c). */
+/* blas.c: makes BLAS single-threaded (the ops parallelise around it, see matmul.c);
+ * the name of the OpenBLAS kernels that run. */
 void qs_cpu_blas_init(void);
+const char *qs_cpu_blas_core(void);
 
 /* Called by every thread of a parallel region: adds each thread's `local` to the
  * shared *total in thread-number order, so the sum does not depend on timing

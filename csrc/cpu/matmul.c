@@ -1,4 +1,4 @@
-/* Linear layer via BLAS. OpenBLAS runs single-threaded (qs_cpu_blas_init) and we split
+/* Linear layer via BLAS. OpenBLAS runs single-threaded (qs_cpu_blas_init, blas.c) and we split
  * each product into blocks of the output over OpenMP threads: BLAS's own thread pool
  * and OpenMP's otherwise spin against each other (measured 2.5x slower on 2 cores),
  * and with each output element owned by one thread the result is deterministic.
@@ -10,8 +10,6 @@
 #include <string.h>
 
 #include "cpu_ops.h"
-
-void qs_cpu_blas_init(void) { openblas_set_num_threads(1); }
 
 /* C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, row-major, split over the larger of
  * M and N into one block per thread. */

@@ -16,7 +16,7 @@ typedef struct qs_op_sizes {
 
 /* What a backend computes on, for benchmark records. */
 typedef struct qs_device_info {
-    char name[256];     /* "cpu-<n>core (<model name>)", or the GPU's own name */
+    char name[256];     /* "cpu-<n>core (<model name>; OpenBLAS <kernels>)", or the GPU's own name */
     size_t cache_bytes; /* the last-level cache (a CPU's L3, a GPU's L2); 0: unknown */
 } qs_device_info;
 
@@ -47,6 +47,12 @@ typedef struct qs_backend {
 
 /* The fp32 CPU reference backend (always present). */
 const qs_backend *qs_backend_cpu(void);
+/* Called first in main, before any thread or MPI starts: when OpenBLAS loaded kernels
+ * older than the CPU's instruction set (its generic ones for a CPU model it does not
+ * know) and OPENBLAS_CORETYPE is unset, re-executes the program with OPENBLAS_CORETYPE
+ * naming the widest kernels the CPU runs (csrc/cpu/blas.c). Returns when none is needed,
+ * or when the re-exec failed (then with a one-line warning). */
+void qs_backend_cpu_pick_blas(char **argv);
 /* The CUDA backend (kernels/) on the current device, its matrix products in `precision`
  * (QS_PRECISION_BF16: cuBLAS may round both operands to bf16 for the tensor cores and
  * accumulates in fp32; everything else is the same fp32 code); NULL with a one-line

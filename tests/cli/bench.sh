@@ -68,6 +68,23 @@ cp "$WORK/out" only.json
 json_check "bench kernels: --only times exactly the ops it names" only.json '
 assert [k["name"] for k in r["kernels"]] == ["gemm_fwd", "quadconv_fwd", "quadconv_bwd"], r["kernels"]'
 
+# OpenBLAS's kernels: AVX2 or wider wherever the CPU has them, even when the library
+# does not know the CPU model (csrc/cpu/blas.c re-executes quasar), and the user's
+# OPENBLAS_CORETYPE stands when set.
+expect_ok "bench kernels: OpenBLAS's own choice" env -u OPENBLAS_CORETYPE $Q bench kernels --quick --repeats 1 \
+  --only gemm_fwd --json
+cp "$WORK/out" blas.json
+json_check "bench kernels: the device names OpenBLAS's kernels, AVX2 or wider on a CPU with AVX2 and FMA" blas.json '
+core = r["device"].rsplit("OpenBLAS ", 1)[1].rstrip(")")
+flags = next((l.split(":")[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
+if "avx2" in flags and "fma" in flags:
+    assert core in ("Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids"), r["device"]'
+expect_ok "bench kernels: OPENBLAS_CORETYPE set by the user" env OPENBLAS_CORETYPE=Prescott $Q bench kernels \
+  --quick --repeats 1 --only gemm_fwd --json
+cp "$WORK/out" prescott.json
+json_check "bench kernels: OPENBLAS_CORETYPE=Prescott is what runs" prescott.json '
+assert r["device"].endswith("; OpenBLAS Prescott)"), r["device"]'
+
 expect_ok "bench attention: --quick --json" $Q bench attention --quick --repeats 2 --json
 cp "$WORK/out" attention.json
 json_check "bench attention: every length x head size x mask, B = tokens / T, FlashAttention's FLOP count" attention.json '
