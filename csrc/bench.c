@@ -305,7 +305,7 @@ void qs_bench_json_head(FILE *out, const qs_backend *be, int argc, char **argv, 
 /* ---- the command line ---- */
 
 typedef struct bench_args {
-    const char *config, *ckpt, *device, *precision, *only, *shape, *grouped;
+    const char *config, *ckpt, *device, *precision, *only, *shape, *grouped, *weights;
     const char *sets[64];
     int n_sets;
     int steps, warmup, repeats, prompt_tokens, new_tokens, batch;
@@ -651,16 +651,18 @@ static int time_generation(qs_gpt *m, const bench_args *a, int V, double *prefil
 static int bench_generate(bench_args *a) {
     if (!a->ckpt == !a->config) return qs_cli_usage_error("%s", "bench generate needs one of --ckpt DIR or --config FILE");
     if (a->ckpt && a->n_sets) return qs_cli_usage_error("%s", "--set applies to --config only");
+    int rc = qs_cli_weights_check(a->weights);
+    if (rc) return rc;
     qs_config cfg;
     qs_gpt *m = NULL;
-    if (open_generator(&m, &cfg, a)) {
+    if (open_generator(&m, &cfg, a) || qs_cli_weights_apply(m, a->weights)) {
         qs_gpt_free(m);
         return qs_cli_fail();
     }
     const int T = cfg.model.seq_len, V = cfg.model.vocab_size;
     if (!a->prompt_tokens) a->prompt_tokens = T / 2 > 0 ? T / 2 : 1;
     if (!a->new_tokens) a->new_tokens = T - a->prompt_tokens;
-    int rc = a->new_tokens < 2 || a->prompt_tokens + a->new_tokens > T
+    rc = a->new_tokens < 2 || a->prompt_tokens + a->new_tokens > T
                  ? qs_error("--prompt-tokens (%d) + --new-tokens (%d) must fit model.seq_len (%d) with at least 2 "
                             "new tokens: past the window every token re-runs it, and bench generate measures the "
                             "KV-cache path", a->prompt_tokens, a->new_tokens, T)
@@ -682,7 +684,7 @@ static int bench_generate(bench_args *a) {
             printf("  prompt %d tokens, %d new tokens (", a->prompt_tokens, a->new_tokens);
             if (sp->temperature > 0) printf("temperature %g, top-k %d, top-p %g", sp->temperature, sp->top_k, sp->top_p);
             else printf("greedy");
-            printf("), median of %d runs after 1 warm-up\n", a->repeats);
+            printf("), %s weights, median of %d runs after 1 warm-up\n", a->weights, a->repeats);
             printf("  prefill   %.1f tokens/s (%.3f ms for the prompts and their first tokens)\n", prefill_tok_s,
                    pre.median * 1e3);
             printf("  decode    %.1f tokens/s; latency per token median %.3f ms (p10 %.3f, p90 %.3f)\n", decode_tok_s,
@@ -692,9 +694,9 @@ static int bench_generate(bench_args *a) {
             qs_bench_json_head(stdout, qs_gpt_params(m)->be, a->argc, a->argv, NULL);
             printf(", \"model\": {\"params\": %zu, \"seq_len\": %d, \"vocab_size\": %d}, \"prompt_tokens\": %d, "
                    "\"new_tokens\": %d, \"batch\": %d, \"runs\": %d, \"sampling\": {\"temperature\": %g, \"top_k\": %d, "
-                   "\"top_p\": %g}",
+                   "\"top_p\": %g}, \"weights\": \"%s\"",
                    qs_gpt_params(m)->n, T, V, a->prompt_tokens, a->new_tokens, B, a->repeats, a->sampling.temperature,
-                   a->sampling.top_k, a->sampling.top_p);
+                   a->sampling.top_k, a->sampling.top_p, a->weights);
             printf(", \"decode_ms\": {\"median\": %.5f, \"p10\": %.5f, \"p90\": %.5f, \"min\": %.5f, \"max\": %.5f}",
                    dec.median * 1e3, dec.p10 * 1e3, dec.p90 * 1e3, dec.min * 1e3, dec.max * 1e3);
             fputs(", \"results\": [", stdout);
@@ -848,7 +850,8 @@ static const char *MOE_HELP =
 static const char *GENERATE_HELP =
     "usage: quasar bench generate --ckpt DIR | --config FILE [--set key=value]...\n"
     "                             [--prompt-tokens N] [--new-tokens N] [--batch B] [--repeats N]\n"
-    "                             [--temperature T] [--top-k K] [--top-p P] [--device cpu|cuda] [--json]\n"
+    "                             [--temperature T] [--top-k K] [--top-p P] [--device cpu|cuda]\n"
+    "                             [--weights fp32|bf16] [--json]\n"
     "  Generates through the KV cache (what quasar generate runs): prefill\n"
     "  tokens/s, decode tokens/s and the latency per new token. With --config the weights are\n"
     "  random. Prompt + new tokens must fit model.seq_len (default: half and half).\n"
@@ -856,7 +859,8 @@ static const char *GENERATE_HELP =
     "               tokens/s count all of them, the latency is a step's\n"
     "  --repeats N  timed generations after one warm-up (default 5)\n"
     "  --temperature T, --top-k K, --top-p P  how each token is picked, as for quasar generate\n"
-    "               (default greedy: temperature 0)\n";
+    "               (default greedy: temperature 0)\n"
+    "  --weights W  fp32 (default) or bf16 linear-layer weights, as for quasar generate\n";
 
 int qs_cli_bench(int argc, char **argv) {
     if (argc < 1) return qs_cli_usage_error("%s", "bench needs train, kernels, attention, moe or generate");
@@ -866,7 +870,7 @@ int qs_cli_bench(int argc, char **argv) {
         return 0;
     }
     bench_start = cpu_now();
-    bench_args a = {.device = "cpu", .precision = "fp32", .steps = 20, .warmup = 3, .repeats = 30,
+    bench_args a = {.device = "cpu", .precision = "fp32", .weights = "fp32", .steps = 20, .warmup = 3, .repeats = 30,
                     .batch = 1, .sampling = {.temperature = 0.0f, .top_p = 1.0f, .seed = 1337}, .argc = argc,
                     .argv = argv};
     if (!strcmp(what, "train")) {
@@ -935,6 +939,7 @@ int qs_cli_bench(int argc, char **argv) {
                                  {"--top-p", ARG_FLOAT, &a.sampling.top_p, 1e-6, 1},
                                  {"--repeats", ARG_INT, &a.repeats, 1, 10000},
                                  {"--device", ARG_STR, &a.device, 0, 0},
+                                 {"--weights", ARG_STR, &a.weights, 0, 0},
                                  {"--json", ARG_FLAG, &a.json, 0, 0}};
         int rc = parse_args(argc - 1, argv + 1, spec, sizeof spec / sizeof *spec, GENERATE_HELP);
         return rc >= 0 ? rc : bench_generate(&a);

@@ -31,3 +31,12 @@ const qs_backend *qs_cli_backend(const char *device, qs_precision precision) {
     qs_error("--device: expected cpu or cuda, got '%s'", device);
     return NULL;
 }
+
+int qs_cli_weights_check(const char *weights) {
+    if (!strcmp(weights, "fp32") || !strcmp(weights, "bf16")) return 0;
+    return qs_cli_usage_error("--weights: expected fp32 or bf16, got '%s'", weights);
+}
+
+int qs_cli_weights_apply(qs_gpt *m, const char *weights) {
+    return strcmp(weights, "bf16") ? 0 : qs_gpt_use_bf16_weights(m);
+}

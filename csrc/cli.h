@@ -3,6 +3,7 @@
 #define QUASAR_CLI_H
 
 #include "quasar/backend.h"
+#include "quasar/model.h"
 
 #define QS_EXIT_FAILURE 1
 #define QS_EXIT_USAGE 2
@@ -14,5 +15,10 @@ int qs_cli_usage_error(const char *fmt, const char *arg);
 /* The backend --device names ("cpu" or "cuda"), its matrix products in `precision`;
  * NULL with a one-line qs_error when there is none. */
 const qs_backend *qs_cli_backend(const char *device, qs_precision precision);
+/* --weights of the inference commands: "fp32" (the checkpoint's own) or "bf16"
+ * (qs_gpt_use_bf16_weights). check: 0, or QS_EXIT_USAGE after printing why; apply: 0,
+ * or -1 with qs_error set. */
+int qs_cli_weights_check(const char *weights);
+int qs_cli_weights_apply(qs_gpt *m, const char *weights);
 
 #endif

@@ -50,6 +50,11 @@ struct qs_gpt {
     qs_lora *lora;      /* adapters on the linear layers, or NULL */
     int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
     layer_params *lp;
+    /* The linear layers' weights again as bf16 panels, for inference
+     * (qs_gpt_use_bf16_weights): backend memory, tensor i's first at w16_at[i], and
+     * SIZE_MAX where a tensor has none. NULL: the fp32 weights serve. */
+    uint16_t *w16;
+    size_t *w16_at;
 
     /* activations */
     float *act_mem;
@@ -198,6 +203,36 @@ static void build_param_table(qs_gpt *m) {
 
 static float *P(const qs_gpt *m, int idx) { return qs_params_value(&m->ps, idx); }
 static float *G(const qs_gpt *m, int idx) { return qs_params_grad(&m->ps, idx); }
+
+static qs_weight_layout lm_head_layout(void) { return QS_W_OUT_IN; /* [V, C], as wte */ }
+
+/* Weight tensor idx's bf16 panels (stacked experts: expert e's), or NULL. */
+static const uint16_t *W16(const qs_gpt *m, int idx, int e, int n_in, int n_out) {
+    if (!m->w16 || idx < 0 || m->w16_at[idx] == SIZE_MAX) return NULL;
+    return m->w16 + m->w16_at[idx] + (size_t)e * qs_bf16_packed_elems(n_in, n_out);
+}
+
+/* out[N, n_out] = inp @ W + bias (b < 0: none), W tensor w in `layout`: from its bf16
+ * panels when the model has them. */
+static void linear_forward(const qs_gpt *m, float *out, const float *inp, int w, int b, int N, int n_in, int n_out,
+                           qs_weight_layout layout) {
+    const uint16_t *w16 = W16(m, w, 0, n_in, n_out);
+    if (w16) m->be->ops->matmul_forward_bf16(out, inp, w16, P(m, b), N, n_in, n_out);
+    else m->be->ops->matmul_forward(out, inp, P(m, w), P(m, b), N, n_in, n_out, layout);
+}
+
+/* The same for stacked experts over their packed rows (offsets: host, E + 1). */
+static void experts_forward(const qs_gpt *m, float *out, const float *inp, int w, int b, const int *off, int n_in,
+                            int n_out) {
+    if (!W16(m, w, 0, n_in, n_out)) {
+        m->be->ops->matmul_grouped_forward(out, inp, P(m, w), P(m, b), off, m->E, n_in, n_out);
+        return;
+    }
+    for (int e = 0; e < m->E; e++)
+        m->be->ops->matmul_forward_bf16(out + (size_t)off[e] * n_out, inp + (size_t)off[e] * n_in,
+                                        W16(m, w, e, n_in, n_out), b >= 0 ? P(m, b) + (size_t)e * n_out : NULL,
+                                        off[e + 1] - off[e], n_in, n_out);
+}
 
 /* One layer's float activations; ln1, ln2, the branch outputs, and the activation's
  * output under recompute_ffn and a frozen MoE's dispatched rows, in shared's buffers,
@@ -445,6 +480,8 @@ void qs_gpt_free(qs_gpt *m) {
     be->free(m->kcache);
     be->free(m->conv_tmp);
     be->free(m->vcache);
+    be->free(m->w16);
+    free(m->w16_at);
     be->free(m->row_ids);
     be->free(m->packed_ids);
     free(m->host_ids);
@@ -488,6 +525,63 @@ qs_params *qs_gpt_params(qs_gpt *m) { return &m->ps; }
 const qs_mem_plan *qs_gpt_mem_plan(const qs_gpt *m) { return &m->plan; }
 int qs_gpt_max_tokens(const qs_gpt *m) { return m->max_B * m->max_T; }
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora) { m->lora = lora; }
+
+/* The linear layers that get bf16 panels: weight tensor, its fan in and out, layout,
+ * and the experts stacked in it (1: a plain layer). */
+typedef struct bf16_site {
+    int w, n_in, n_out, stack;
+    qs_weight_layout layout;
+} bf16_site;
+
+static int bf16_sites(const qs_gpt *m, bf16_site *out) {
+    int n = 0;
+    const int stack = m->E > 0 ? m->E : 1;
+    out[n++] = (bf16_site){m->lm_head, m->C, m->V, 1, lm_head_layout()};
+    for (int l = 0; l < m->L; l++) {
+        const layer_params *p = &m->lp[l];
+        if (p->qkv_w >= 0) out[n++] = (bf16_site){p->qkv_w, m->C, m->Wqkv, 1, QS_W_IN_OUT};
+        out[n++] = (bf16_site){p->proj_w, m->C, m->C, 1, QS_W_IN_OUT};
+        out[n++] = (bf16_site){p->fc_w, m->C, m->F, stack, QS_W_IN_OUT};
+        out[n++] = (bf16_site){p->fcproj_w, m->F, m->C, stack, QS_W_IN_OUT};
+    }
+    return n;
+}
+
+int qs_gpt_use_bf16_weights(qs_gpt *m) {
+    const qs_ops *ops = m->be->ops;
+    if (!ops->matmul_pack_bf16 || !ops->matmul_forward_bf16)
+        return qs_error("bf16 weights: the %s backend has no products from them (the CPU has)", m->be->name);
+    if (!m->frozen) return qs_error("bf16 weights are for inference: the model must be frozen");
+    if (m->w16) return 0;
+    bf16_site *sites = malloc((size_t)(1 + 4 * m->L) * sizeof *sites);
+    size_t *at = malloc((size_t)m->ps.n_tensors * sizeof *at);
+    if (!sites || !at) {
+        free(sites);
+        free(at);
+        return qs_error("out of memory");
+    }
+    free(m->w16_at); /* a failed call's */
+    m->w16_at = at;
+    const int n = bf16_sites(m, sites);
+    size_t total = 0;
+    for (int i = 0; i < m->ps.n_tensors; i++) m->w16_at[i] = SIZE_MAX;
+    for (int s = 0; s < n; s++) {
+        m->w16_at[sites[s].w] = total;
+        total += (size_t)sites[s].stack * qs_bf16_packed_elems(sites[s].n_in, sites[s].n_out);
+    }
+    if (!(m->w16 = m->be->alloc(total * sizeof *m->w16))) {
+        free(sites);
+        return -1;
+    }
+    for (int s = 0; s < n; s++) {
+        const bf16_site *t = &sites[s];
+        for (int e = 0; e < t->stack; e++)
+            ops->matmul_pack_bf16(m->w16 + m->w16_at[t->w] + (size_t)e * qs_bf16_packed_elems(t->n_in, t->n_out),
+                                  P(m, t->w) + (size_t)e * t->n_in * t->n_out, t->n_in, t->n_out, t->layout);
+    }
+    free(sites);
+    return 0;
+}
 const int *qs_gpt_sequence_positions(const qs_gpt *m) { return m->seq_pos; }
 bool qs_gpt_failed(const qs_gpt *m) { return m->failed; }
 
@@ -649,18 +743,19 @@ static void moe_forward(qs_gpt *m, int l, int N) {
     ops->moe_dispatch_forward(a->xe, a->ln2, a->slot, N, K, C);
     const int *off = load->offsets;
     const size_t rows = (size_t)off[E];
-    ops->matmul_grouped_forward(a->fch, a->xe, P(m, p->fc_w), P(m, p->fc_b), off, E, C, F);
+    experts_forward(m, a->fch, a->xe, p->fc_w, p->fc_b, off, C, F);
     experts_lora_forward(m, l, QS_LORA_SITE_FC, off, a->fch, F, a->xe, C);
     act_forward(m, a->fch_act, a->fch, rows * F);
-    ops->matmul_grouped_forward(a->ye, a->fch_act, P(m, p->fcproj_w), P(m, p->fcproj_b), off, E, F, C);
+    experts_forward(m, a->ye, a->fch_act, p->fcproj_w, p->fcproj_b, off, F, C);
     experts_lora_forward(m, l, QS_LORA_SITE_FC_PROJ, off, a->ye, C, a->fch_act, F);
     ops->moe_combine_forward(a->ffout, a->ye, a->gate, a->slot, N, K, C);
 }
 
 /* Whether the GELU goes into the linear layer next to it (matmul_gelu_forward before,
- * matmul_backward_dgelu after): unless an adapter's path comes between them. */
+ * matmul_backward_dgelu after): unless an adapter's path comes between them, or the
+ * layer runs from bf16 weights. */
 static bool gelu_fused(const qs_gpt *m, int l, qs_lora_site site) {
-    return m->cfg.activation == QS_ACT_GELU && !(m->lora && qs_lora_adapts(m->lora, l, site));
+    return m->cfg.activation == QS_ACT_GELU && !(m->lora && qs_lora_adapts(m->lora, l, site)) && !m->w16;
 }
 
 static void dense_ffn_forward(qs_gpt *m, int l, int N) {
@@ -671,16 +766,13 @@ static void dense_ffn_forward(qs_gpt *m, int l, int N) {
         ops->matmul_gelu_forward(a->fch, a->fch_act, a->ln2, P(m, p->fc_w), P(m, p->fc_b), N, m->C, m->F,
                                  QS_W_IN_OUT);
     } else {
-        ops->matmul_forward(a->fch, a->ln2, P(m, p->fc_w), P(m, p->fc_b), N, m->C, m->F, QS_W_IN_OUT);
+        linear_forward(m, a->fch, a->ln2, p->fc_w, p->fc_b, N, m->C, m->F, QS_W_IN_OUT);
         lora_forward(m, l, QS_LORA_SITE_FC, 0, 0, N, a->fch, a->ln2);
         act_forward(m, a->fch_act, a->fch, (size_t)N * m->F);
     }
-    ops->matmul_forward(a->ffout, a->fch_act, P(m, p->fcproj_w), P(m, p->fcproj_b), N, m->F, m->C,
-                        QS_W_IN_OUT);
+    linear_forward(m, a->ffout, a->fch_act, p->fcproj_w, p->fcproj_b, N, m->F, m->C, QS_W_IN_OUT);
     lora_forward(m, l, QS_LORA_SITE_FC_PROJ, 0, 0, N, a->ffout, a->fch_act);
 }
-
-static qs_weight_layout lm_head_layout(void) { return QS_W_OUT_IN; /* [V, C], as wte */ }
 
 /* Floats per cached position of a layer and slot: NKV heads of keys (or values), or a
  * quadconv mixer's LayerNorm row. */
@@ -784,7 +876,7 @@ static void layer_forward(qs_gpt *m, int l, int B, int T, const int *slots, int 
     if (p->qc_w >= 0) {
         mixer_conv_forward(m, l, B, T, slots);
     } else {
-        ops->matmul_forward(a->qkv, a->ln1, P(m, p->qkv_w), P(m, p->qkv_b), N, C, m->Wqkv, QS_W_IN_OUT);
+        linear_forward(m, a->qkv, a->ln1, p->qkv_w, p->qkv_b, N, C, m->Wqkv, QS_W_IN_OUT);
         lora_forward(m, l, QS_LORA_SITE_QKV, 0, 0, N, a->qkv, a->ln1);
         if (slots)
             ops->attention_decode(a->atty, cache_of(m, m->kcache, l), cache_of(m, m->vcache, l), a->qkv, B, C,
@@ -795,7 +887,7 @@ static void layer_forward(qs_gpt *m, int l, int B, int T, const int *slots, int 
             whole_attention_forward(m, a, B, T);
     }
     if (fill_slot0 >= 0) fill_cache(m, l, B, T, fill_slot0);
-    ops->matmul_forward(a->attproj, a->atty, P(m, p->proj_w), P(m, p->proj_b), N, C, C, QS_W_IN_OUT);
+    linear_forward(m, a->attproj, a->atty, p->proj_w, p->proj_b, N, C, C, QS_W_IN_OUT);
     lora_forward(m, l, QS_LORA_SITE_PROJ, 0, 0, N, a->attproj, a->atty);
     drop_forward(m, a->attproj, NC, l, SITE_ATTN);
     ops->residual_layernorm_forward(a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, m->res[l], a->attproj,
@@ -844,7 +936,7 @@ static void trunk_forward(qs_gpt *m, const int *tokens, int B, int T, const int 
 
 /* Logits of n rows of ln_f's output into out [n, V]. */
 static void classify(const qs_gpt *m, float *out, const float *lnf, int n) {
-    m->be->ops->matmul_forward(out, lnf, P(m, m->lm_head), NULL, n, m->C, m->V, lm_head_layout());
+    linear_forward(m, out, lnf, m->lm_head, -1, n, m->C, m->V, lm_head_layout());
 }
 
 /* B prompts of T tokens into KV-cache slots slot0.. */

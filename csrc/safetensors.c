@@ -1,5 +1,6 @@
 #include "quasar/safetensors.h"
 
+#include "quasar/bf16.h"
 #include "quasar/error.h"
 #include "quasar/fileio.h"
 
@@ -451,7 +452,6 @@ int qs_st_to_f32(const qs_st_tensor *t, float *dst, const char *what) {
     const unsigned char *s = t->data;
     size_t n = t->nbytes / qs_dtype_size(t->dtype);
     uint16_t h;
-    uint32_t bits;
     switch (t->dtype) {
     case QS_DT_F32: memcpy(dst, s, t->nbytes); return 0;
     case QS_DT_F16:
@@ -460,11 +460,10 @@ int qs_st_to_f32(const qs_st_tensor *t, float *dst, const char *what) {
             dst[i] = half_to_float(h);
         }
         return 0;
-    case QS_DT_BF16: /* the top half of an F32 */
+    case QS_DT_BF16:
         for (size_t i = 0; i < n; i++) {
             memcpy(&h, s + 2 * i, 2);
-            bits = (uint32_t)h << 16;
-            memcpy(&dst[i], &bits, 4);
+            dst[i] = qs_bf16_to_float(h);
         }
         return 0;
     default:

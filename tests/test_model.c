@@ -17,6 +17,8 @@
 
 #include "quasar/config.h"
 #include "quasar/model.h"
+#include "quasar/bf16.h"
+#include "quasar/error.h"
 #include "quasar/params.h"
 #include "quasar/rng.h"
 #include "quasar/sample.h"
@@ -687,16 +689,40 @@ static void test_modes(void **state) {
     qs_gpt_free(m);
 }
 
+/* Rounds to bf16 in place the weights qs_gpt_use_bf16_weights packs: the linear layers'
+ * (stacked experts' too), not the router, embeddings or norms. Returns how many. */
+static int round_linear_weights(qs_gpt *m) {
+    qs_params *ps = qs_gpt_params(m);
+    int n = 0;
+    for (int i = 0; i < ps->n_tensors; i++) {
+        const char *name = ps->info[i].name;
+        if (!strstr(name, ".weight") || !(strstr(name, "c_attn") || strstr(name, "c_proj") || strstr(name, "c_fc") ||
+                                          !strcmp(name, "lm_head.weight")))
+            continue;
+        float *v = qs_params_value(ps, i);
+        for (size_t k = 0; k < ps->info[i].numel; k++) v[k] = qs_bf16_to_float(qs_bf16_from_float(v[k]));
+        n++;
+    }
+    return n;
+}
+
 /* KV-cache decoding equals recomputing the whole window each step: the logits at every
- * step (window sliding past seq_len included), and qs_generate's greedy tokens. */
-static void kv_cache_matches_recompute(qs_model_config c, const char *label) {
+ * step (window sliding past seq_len included), and qs_generate's greedy tokens. With
+ * bf16, the decoding model runs from bf16 weights (untied: the embedding stays fp32)
+ * and the recomputing one from the same values rounded in place, in fp32. */
+static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, bool bf16) {
     c.dropout = 0.0f;
+    if (bf16) c.tie_embeddings = false;
     const int P = 3, STEPS = 2 * 7 + 3; /* seq_len 7: slides twice */
     qs_gpt *cached, *full;
-    assert_int_equal(qs_gpt_create(&cached, &c, qs_backend_cpu(), 1, c.seq_len), 0);
+    assert_int_equal((bf16 ? qs_gpt_create_frozen : qs_gpt_create)(&cached, &c, qs_backend_cpu(), 1, c.seq_len), 0);
     assert_int_equal(qs_gpt_create(&full, &c, qs_backend_cpu(), 1, c.seq_len), 0);
     qs_gpt_init(cached, seed);
     qs_gpt_init(full, seed);
+    if (bf16) {
+        assert_int_equal(qs_gpt_use_bf16_weights(cached), 0);
+        assert_int_equal(round_linear_weights(full), 1 + c.n_layer * (c.mixer == QS_MIXER_QUADCONV ? 3 : 4));
+    }
     int ctx[32], ref[32];
     for (int i = 0; i < P; i++) ctx[i] = ref[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, (uint64_t)c.vocab_size);
     float a[64], b[64];
@@ -722,13 +748,18 @@ static void kv_cache_matches_recompute(qs_model_config c, const char *label) {
         }
         ctx[n] = best;
     }
-    printf("# %s: kv cache vs recompute over %d steps, max |logit diff| %.2e\n", label, STEPS, worst);
+    printf("# %s%s: kv cache vs recompute over %d steps, max |logit diff| %.2e\n", label, bf16 ? ", bf16 weights" : "",
+           STEPS, worst);
     assert_true(worst < 1e-4);
     qs_sample_params greedy = {.temperature = 0};
     assert_int_equal(qs_generate(cached, ref, P, STEPS, &greedy, NULL, NULL), STEPS);
     assert_memory_equal(ref, ctx, (size_t)(P + STEPS) * sizeof(int));
     qs_gpt_free(cached);
     qs_gpt_free(full);
+}
+
+static void kv_cache_matches_recompute(qs_model_config c, const char *label) {
+    kv_cache_matches_recompute_in(c, label, false);
 }
 
 static void test_kv_cache(void **state) {
@@ -747,6 +778,24 @@ static void test_kv_cache(void **state) {
     c.n_layer = 3;
     c.recompute_layers = 2;
     kv_cache_matches_recompute(c, "grouped-query, recompute_layers 2 of 3");
+}
+
+/* bf16 weights: KV-cache decoding from them equals recomputing from the same values in
+ * fp32, for every kind of linear layer; a model that trains cannot have them. */
+static void test_bf16_weights(void **state) {
+    (void)state;
+    kv_cache_matches_recompute_in(tiny_config(), "dense", true);
+    kv_cache_matches_recompute_in(moe_config(), "moe", true);
+    kv_cache_matches_recompute_in(quadconv_config(), "quadconv mixer", true);
+    kv_cache_matches_recompute_in(gqa_config(4, 2), "grouped-query", true);
+    qs_model_config c = tiny_config();
+    c.bias = false;
+    kv_cache_matches_recompute_in(c, "dense, no bias", true);
+    qs_gpt *m;
+    assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), 1, c.seq_len), 0);
+    assert_int_not_equal(qs_gpt_use_bf16_weights(m), 0);
+    assert_non_null(strstr(qs_error_last(), "frozen"));
+    qs_gpt_free(m);
 }
 
 /* Prompts of different lengths generated in one batch: greedy, each comes out as it
@@ -828,6 +877,7 @@ int main(void) {
         cmocka_unit_test(test_chunked_classifier),
         cmocka_unit_test(test_init_staging),
         cmocka_unit_test(test_kv_cache),
+        cmocka_unit_test(test_bf16_weights),
         cmocka_unit_test(test_batched_generation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "quasar/backend.h"
+#include "quasar/bf16.h"
 #include "quasar/rng.h"
 #include "test_seed.h"
 
@@ -402,6 +403,77 @@ static void test_matmul_one_row(void **state) {
         check_close("matmul_backward dinp, one row", dx, want_dx, I, 1e-5, 1e-4);
         free(x), free(w), free(b), free(out), free(dout), free(dx), free(want), free(want_dx);
     }
+}
+
+/* bf16 rounding: nearest, ties to even, by hand on values around 1 (bf16 keeps 7
+ * fraction bits: steps of 2^-7), at the top of the range, and the specials. */
+static void test_bf16_rounding(void **state) {
+    (void)state;
+    const float step = 1.0f / 128.0f, largest = qs_bf16_to_float(0x7f7f);
+    const struct { float x, want; } cases[] = {
+        {1.0f, 1.0f},
+        {1.0f + step / 2, 1.0f},                   /* a tie: to the even 1 */
+        {1.0f + step + step / 2, 1.0f + 2 * step}, /* a tie: to the even 1 + 2 step */
+        {1.0f + step / 2 + step / 64, 1.0f + step},
+        {1.0f + step / 2 - step / 64, 1.0f},
+        {-(1.0f + step / 2 + step / 64), -(1.0f + step)},
+        {largest, largest},
+        {3.4028235e38f, INFINITY}, /* FLT_MAX is past the largest bf16's half step */
+        {INFINITY, INFINITY},
+        {-INFINITY, -INFINITY},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        const float got = qs_bf16_to_float(qs_bf16_from_float(cases[k].x));
+        if (got != cases[k].want) fail_msg("bf16(%.9g) = %.9g, want %.9g", cases[k].x, got, cases[k].want);
+    }
+    assert_true(isnan(qs_bf16_to_float(qs_bf16_from_float(NAN))));
+    /* random values: within half a step of bf16's 8 significant bits */
+    for (int k = 0; k < 1000; k++) {
+        const float x = rnd_uniform(-4, 4), got = qs_bf16_to_float(qs_bf16_from_float(x));
+        assert_true(fabsf(got - x) <= fabsf(x) * (1.0f / 256.0f));
+    }
+}
+
+/* matmul_forward_bf16 from matmul_pack_bf16's panels against double sums over the
+ * bf16-rounded weights: both layouts, widths that leave the last panel part empty, row
+ * counts through the register tile's every remainder and the SGEMM path, with and
+ * without bias, into NaN-poisoned outputs. */
+static void test_matmul_bf16(void **state) {
+    (void)state;
+    const int rows[] = {1, 3, 8, 9, rnd_int(10, 63), rnd_int(64, 90)};
+    for (int layout = QS_W_IN_OUT; layout <= QS_W_OUT_IN; layout++)
+        for (size_t k = 0; k < sizeof rows / sizeof *rows; k++) {
+            const int N = rows[k], I = rnd_int(1, 70), O = rnd_int(1, 300), with_bias = (int)(k % 2);
+            float *x = rnd_tensor((size_t)N * I, -1, 1), *w = rnd_tensor((size_t)I * O, -1, 1);
+            float *b = with_bias ? rnd_tensor(O, -1, 1) : NULL, *out = alloc_f((size_t)N * O);
+            const size_t packed = qs_bf16_packed_elems(I, O);
+            uint16_t *wp = malloc(packed * sizeof *wp);
+            assert_non_null(wp);
+            memset(wp, 0xff, packed * sizeof *wp); /* NaN: padding must be written too */
+            ops->matmul_pack_bf16(wp, w, I, O, (qs_weight_layout)layout);
+            for (size_t e = 0; e < packed; e++) {
+                const int p = (int)(e / ((size_t)I * QS_BF16_PANEL)), i = (int)(e / QS_BF16_PANEL % I);
+                const int j = p * QS_BF16_PANEL + (int)(e % QS_BF16_PANEL);
+                const float v = j >= O ? 0.0f : layout == QS_W_IN_OUT ? w[(size_t)i * O + j] : w[(size_t)j * I + i];
+                if (wp[e] != qs_bf16_from_float(v)) fail_msg("packed element %zu (%d, %d) wrong", e, i, j);
+            }
+            double *want = alloc_d((size_t)N * O);
+            for (int r = 0; r < N; r++)
+                for (int o = 0; o < O; o++) {
+                    double s = b ? b[o] : 0.0;
+                    for (int i = 0; i < I; i++) {
+                        const float wi = layout == QS_W_IN_OUT ? w[(size_t)i * O + o] : w[(size_t)o * I + i];
+                        s += (double)x[(size_t)r * I + i] * qs_bf16_to_float(qs_bf16_from_float(wi));
+                    }
+                    want[(size_t)r * O + o] = s;
+                }
+            poison(out, (size_t)N * O);
+            ops->matmul_forward_bf16(out, x, wp, b, N, I, O);
+            char name[64];
+            snprintf(name, sizeof name, "matmul_bf16 %s, N %d", layout == QS_W_IN_OUT ? "[in,out]" : "[out,in]", N);
+            check_close(name, out, want, (size_t)N * O, 1e-5, 1e-5);
+            free(x), free(w), free(b), free(out), free(wp), free(want);
+        }
 }
 
 /* The GELU-fused pair is the separate ops' composition on the CPU, bit for bit: the
@@ -1392,7 +1464,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_backend_memory),  cmocka_unit_test(test_embed),
         cmocka_unit_test(test_layernorm),       cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_matmul_one_row),
+        cmocka_unit_test(test_matmul_one_row),  cmocka_unit_test(test_bf16_rounding),
+        cmocka_unit_test(test_matmul_bf16),
         cmocka_unit_test(test_matmul_gelu),     cmocka_unit_test(test_matmul_grouped),
         cmocka_unit_test(test_attention),       cmocka_unit_test(test_gelu_relu),
         cmocka_unit_test(test_residual_layernorm),             cmocka_unit_test(test_dropout),

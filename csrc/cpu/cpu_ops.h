@@ -55,6 +55,11 @@ void qs_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *d
                                const float *inp, const float *w, const float *mean,
                                const float *rstd, int N, int C);
 
+/* matmul_bf16.c */
+void qs_cpu_matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out, qs_weight_layout layout);
+void qs_cpu_matmul_forward_bf16(float *out, const float *inp, const uint16_t *w, const float *bias, int N, int n_in,
+                                int n_out);
+
 /* matmul.c */
 void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N,
                            int n_in, int n_out, qs_weight_layout layout);

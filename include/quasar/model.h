@@ -60,6 +60,12 @@ bool qs_gpt_failed(const qs_gpt *m);
  * detaches. The model does not own them. */
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora);
 int qs_gpt_init(qs_gpt *m, uint64_t seed);
+/* Inference from bf16 weights: packs the linear layers' weights (attention, feed-forward
+ * or experts, classifier; not the router or embeddings) as bf16 and computes those
+ * products from them from now on, in fp32 (ops.h, matmul_forward_bf16). Half the bytes a
+ * decode step reads; the fp32 weights stay (checkpoints, adapters read them). A frozen
+ * model whose weights are final; errors if the backend has no such products. */
+int qs_gpt_use_bf16_weights(qs_gpt *m);
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m);
 /* The backend the model's memory lives on (and its adapters must use). */

@@ -23,6 +23,13 @@
 
 typedef enum { QS_W_IN_OUT = 0, QS_W_OUT_IN = 1 } qs_weight_layout;
 
+/* A bf16-packed weight (matmul_pack_bf16): column panels of this width, each its n_in
+ * rows in order: element (i, j) at ((j / 32) * n_in + i) * 32 + j % 32. */
+#define QS_BF16_PANEL 32
+static inline size_t qs_bf16_packed_elems(int n_in, int n_out) {
+    return (size_t)n_in * (size_t)((n_out + QS_BF16_PANEL - 1) / QS_BF16_PANEL) * QS_BF16_PANEL;
+}
+
 /* A stride-1 depthwise convolution over channels-last x [B,H,W,C] whose output has the
  * input's size: tap (i, j) of a KH x KW filter reads x[b, h+i-pad_top, w+j-pad_left, c]
  * (zero outside the image). "Same" 2D: KH = KW = k odd, pad_top = pad_left = k/2.
@@ -144,6 +151,14 @@ typedef struct qs_ops {
      * with beta = 1 (LoRA's low-rank path adds into the base layer's output with it). */
     void (*matmul_acc)(float *out, const float *inp, const float *w, float alpha, int N, int n_in,
                        int n_out, qs_weight_layout layout);
+    /* Inference from bf16 weights, half the bytes a decode step streams. matmul_pack_bf16
+     * rounds W (laid out as for matmul_forward) to bf16, nearest even, into dst in panels
+     * of QS_BF16_PANEL columns (qs_bf16_packed_elems; the last panel padded with zeros);
+     * matmul_forward_bf16 is matmul_forward from such a weight, products and sums in fp32.
+     * NULL on a backend without them. */
+    void (*matmul_pack_bf16)(uint16_t *dst, const float *w, int n_in, int n_out, qs_weight_layout layout);
+    void (*matmul_forward_bf16)(float *out, const float *inp, const uint16_t *w, const float *bias, int N,
+                                int n_in, int n_out);
 
     /* Blockwise attention over a qs_attn_block (layouts there). attention_block_forward
      * writes the block-normalised output out [B,Tq,C] and lse [B,NH,Tq], the natural log

@@ -152,8 +152,15 @@ expect_ok "bench generate: sampled with top-k and top-p" $Q bench generate --con
 cp "$WORK/out" gen_top.json
 json_check "bench generate: the record says how tokens were picked" gen_top.json '
 assert r["sampling"] == {"temperature": 0.8, "top_k": 5, "top_p": 0.9}, r["sampling"]'
+expect_ok "bench generate: bf16 weights" $Q bench generate --config tiny.json --repeats 1 --weights bf16 --json
+cp "$WORK/out" gen_bf16.json
+json_check "bench generate: the record says the weights were bf16" gen_bf16.json '
+assert r["weights"] == "bf16", r.get("weights")
+assert pos(v["generate_decode_tokens_per_s"]), v'
 
 # bad input: one error line each
+expect_error "bench generate: weights neither fp32 nor bf16" "--weights: expected fp32 or bf16, got 'fp16'" \
+  $Q bench generate --config tiny.json --weights fp16
 expect_error "bench moe: Quasar's grouped kernel is for cuda bf16" "--grouped quasar is a bf16 kernel" \
   $Q bench moe --quick --grouped quasar
 expect_error "bench moe: an unknown grouped kernel" "--grouped: expected cublas or quasar, got 'cutlass'" \

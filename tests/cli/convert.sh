@@ -15,6 +15,11 @@ cp "$WORK/out" gen1
 [ "$(head -c 5 gen1)" = Hello ] && [ "$(wc -c <gen1)" -gt 6 ] && cmp -s gen1 gen2 \
   && ok "generate: greedy continuation of the prompt, the same twice" || not_ok "generate: greedy continuation of the prompt, the same twice" "$(cat gen1)"
 
+expect_ok "generate from bf16 weights" "$QUASAR" generate --model run --prompt "Hello" --max-tokens 5 --temperature 0 \
+  --weights bf16
+[ "$(head -c 5 "$WORK/out")" = Hello ] && [ "$(wc -c <"$WORK/out")" -gt 6 ] \
+  && ok "generate: bf16 weights continue the prompt" || not_ok "generate: bf16 weights continue the prompt" "$(cat "$WORK/out")"
+
 expect_ok "to-hf: export the run" "$QUASAR" convert --to-hf run --out hf
 grep -q '"model_type":.*"gpt2"' hf/config.json && [ -s hf/model.safetensors ] \
   && ok "to-hf: config.json and model.safetensors" || not_ok "to-hf: config.json and model.safetensors"

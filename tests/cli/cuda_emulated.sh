@@ -91,6 +91,9 @@ else
     "$(grep -v WARNING eval_dev.err gen_dev.err genb_dev.err | tail -3)"
 fi
 
+expect_error "generate --device cuda from bf16 weights: the CPU's path only" \
+  "bf16 weights: the cuda backend has no products from them" "$emu/quasar" "${gen[@]}" --device cuda --weights bf16
+
 # LoRA on the device: adapters over the CPU run's checkpoint (frozen there too) give the
 # CPU finetune's losses, and adapter weights the CPU build reads alike
 cat >ft.json <<JSON

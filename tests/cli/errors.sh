@@ -77,6 +77,8 @@ expect_error "resume checkpointing more blocks than there are" \
 expect_error "prompt outside the vocabulary" "--prompt: byte 0x7e" $Q generate --model run --prompt "~"
 expect_error "generate on an unknown device" "--device: expected cpu or cuda, got 'tpu'" \
   $Q generate --model run --device tpu
+expect_error "generate with weights neither fp32 nor bf16" "--weights: expected fp32 or bf16, got 'int8'" \
+  $Q generate --model run --weights int8
 expect_error "eval on cuda without a GPU" "^error: --device cuda: (this build has no CUDA|no CUDA device is visible)" \
   $Q eval --model run --device cuda
 [ "$(cat run/ckpt/latest $ck/* | sha256sum)" = "$sum0" ] && ok "failed commands left the saved run intact" \

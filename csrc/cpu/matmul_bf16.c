@@ -1,0 +1,111 @@
+/* Linear layers from bf16 weights (inference). A decode step's products have a few rows
+ * and are bound by reading the weights (GPT-2 124M: 497 MB of fp32 a token); bf16
+ * halves that. The weights live in panels of QS_BF16_PANEL columns (ops.h), so a panel's
+ * walk down its rows is one contiguous stream, and a tile of up to TILE_ROWS rows of the
+ * input keeps its 32-column sums in registers while the panel streams past once.
+ * Many rows (a prefill) widen a group of panels back to fp32 and hand it to SGEMM,
+ * which is faster than the tile there. */
+#include <cblas.h>
+#include <omp.h>
+#include <stdlib.h>
+
+#include "cpu_ops.h"
+#include "quasar/bf16.h"
+
+enum {
+    TILE_ROWS = 8,       /* 8 x 32 fp32 sums: 16 AVX-512 registers */
+    SGEMM_MIN_ROWS = 48, /* SGEMM over widened panels is faster from 32-64 rows on (bench/NOTES.md) */
+    WIDE_PANELS = 8      /* panels widened together for one SGEMM: 256 columns */
+};
+
+void qs_cpu_matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out, qs_weight_layout layout) {
+    const int panels = (n_out + QS_BF16_PANEL - 1) / QS_BF16_PANEL;
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++)
+        for (int i = 0; i < n_in; i++) {
+            uint16_t *d = dst + ((size_t)p * n_in + i) * QS_BF16_PANEL;
+            for (int c = 0; c < QS_BF16_PANEL; c++) {
+                const int j = p * QS_BF16_PANEL + c;
+                d[c] = j >= n_out                  ? 0
+                       : layout == QS_W_OUT_IN ? qs_bf16_from_float(w[(size_t)j * n_in + i])
+                                               : qs_bf16_from_float(w[(size_t)i * n_out + j]);
+            }
+        }
+}
+
+/* out rows [0, R) x columns [j0, j0 + nv) = inp rows @ one panel (+ bias). R is a
+ * constant at each call site below, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void panel_tile(const int R, float *out, const float *inp,
+                                                             const uint16_t *panel, const float *bias, int n_in,
+                                                             int n_out, int j0, int nv) {
+    float acc[TILE_ROWS][QS_BF16_PANEL] = {{0}};
+    for (int i = 0; i < n_in; i++) {
+        float w[QS_BF16_PANEL];
+        for (int c = 0; c < QS_BF16_PANEL; c++) w[c] = qs_bf16_to_float(panel[(size_t)i * QS_BF16_PANEL + c]);
+        for (int r = 0; r < R; r++) {
+            const float a = inp[(size_t)r * n_in + i];
+            for (int c = 0; c < QS_BF16_PANEL; c++) acc[r][c] += a * w[c];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < nv; c++) out[(size_t)r * n_out + j0 + c] = acc[r][c] + (bias ? bias[j0 + c] : 0.0f);
+}
+
+static void tiles(float *out, const float *inp, const uint16_t *w, const float *bias, int N, int n_in, int n_out) {
+    const int panels = (n_out + QS_BF16_PANEL - 1) / QS_BF16_PANEL;
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+        const uint16_t *panel = w + (size_t)p * n_in * QS_BF16_PANEL;
+        const int j0 = p * QS_BF16_PANEL, nv = n_out - j0 < QS_BF16_PANEL ? n_out - j0 : QS_BF16_PANEL;
+        for (int r0 = 0; r0 < N; r0 += TILE_ROWS) {
+            float *o = out + (size_t)r0 * n_out;
+            const float *x = inp + (size_t)r0 * n_in;
+            switch (N - r0 < TILE_ROWS ? N - r0 : TILE_ROWS) {
+            case 1: panel_tile(1, o, x, panel, bias, n_in, n_out, j0, nv); break;
+            case 2: panel_tile(2, o, x, panel, bias, n_in, n_out, j0, nv); break;
+            case 3: panel_tile(3, o, x, panel, bias, n_in, n_out, j0, nv); break;
+            case 4: panel_tile(4, o, x, panel, bias, n_in, n_out, j0, nv); break;
+            case 5: panel_tile(5, o, x, panel, bias, n_in, n_out, j0, nv); break;
+            case 6: panel_tile(6, o, x, panel, bias, n_in, n_out, j0, nv); break;
+            case 7: panel_tile(7, o, x, panel, bias, n_in, n_out, j0, nv); break;
+            default: panel_tile(TILE_ROWS, o, x, panel, bias, n_in, n_out, j0, nv); break;
+            }
+        }
+    }
+}
+
+/* Each thread widens WIDE_PANELS panels at a time into its own [n_in, 256] fp32 block
+ * and runs the rows through it with one SGEMM. */
+static void widened(float *out, const float *inp, const uint16_t *w, const float *bias, int N, int n_in,
+                    int n_out) {
+    enum { WIDTH = WIDE_PANELS * QS_BF16_PANEL };
+    const int panels = (n_out + QS_BF16_PANEL - 1) / QS_BF16_PANEL, groups = (panels + WIDE_PANELS - 1) / WIDE_PANELS;
+#pragma omp parallel
+    {
+        float *block = qs_cpu_scratch((size_t)n_in * WIDTH * sizeof(float));
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            const int p0 = g * WIDE_PANELS, np = panels - p0 < WIDE_PANELS ? panels - p0 : WIDE_PANELS;
+            const int j0 = p0 * QS_BF16_PANEL, nv = n_out - j0 < WIDTH ? n_out - j0 : WIDTH;
+            for (int i = 0; i < n_in; i++)
+                for (int p = 0; p < np; p++) {
+                    const uint16_t *src = w + ((size_t)(p0 + p) * n_in + i) * QS_BF16_PANEL;
+                    float *dst = block + (size_t)i * WIDTH + p * QS_BF16_PANEL;
+                    for (int c = 0; c < QS_BF16_PANEL; c++) dst[c] = qs_bf16_to_float(src[c]);
+                }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, nv, n_in, 1.0f, inp, n_in, block, WIDTH, 0.0f,
+                        out + j0, n_out);
+            if (bias)
+                for (int r = 0; r < N; r++)
+                    for (int c = 0; c < nv; c++) out[(size_t)r * n_out + j0 + c] += bias[j0 + c];
+        }
+        free(block);
+    }
+}
+
+void qs_cpu_matmul_forward_bf16(float *out, const float *inp, const uint16_t *w, const float *bias, int N, int n_in,
+                                int n_out) {
+    if (N <= 0) return;
+    if (N >= SGEMM_MIN_ROWS) widened(out, inp, w, bias, N, n_in, n_out);
+    else tiles(out, inp, w, bias, N, n_in, n_out);
+}
