@@ -427,26 +427,29 @@ static int cmd_generate(int argc, char **argv) {
 
 static const char *EVAL_HELP =
     "usage: quasar eval --model CKPT_DIR [--adapter DIR] [--config FILE] [--set key=value]...\n"
-    "                   [--device cpu|cuda]\n"
+    "                   [--device cpu|cuda] [--weights fp32|bf16]\n"
     "  --adapter DIR   evaluate the model with this LoRA adapter\n"
     "  --device D      cpu (default) or cuda (train.precision picks the products there)\n"
+    "  --weights W     fp32 (default) or bf16, as for quasar generate: the loss that\n"
+    "                  generating from bf16 weights comes with (language models, cpu)\n"
     "  Prints {\"step\", \"val_loss\", \"eval_iters\", \"tokens\"} as JSON on stdout (classifiers:\n"
     "  {\"step\", \"val_loss\", \"val_acc\"} over the whole test split). The data and\n"
     "  train.eval_iters come from the checkpoint's config unless --config/--set change them.\n";
 
 static int cmd_eval(int argc, char **argv) {
-    const char *model = NULL, *config = NULL, *adapter = NULL, *device = "cpu";
+    const char *model = NULL, *config = NULL, *adapter = NULL, *device = "cpu", *weights = "fp32";
     str_list sets = {0};
     int help;
     opt_spec specs[] = {{"--model", OPT_STR, &model, 0, 0}, {"--config", OPT_STR, &config, 0, 0},
                         {"--set", OPT_LIST, &sets, 0, 0}, {"--adapter", OPT_STR, &adapter, 0, 0},
-                        {"--device", OPT_STR, &device, 0, 0}};
+                        {"--device", OPT_STR, &device, 0, 0}, {"--weights", OPT_STR, &weights, 0, 0}};
     int rc = parse_opts(argc, argv, specs, sizeof specs / sizeof *specs, &help);
     if (rc || help) {
         if (help) fputs(EVAL_HELP, stdout);
         return rc;
     }
     if (!model) return qs_cli_usage_error("%s", "eval needs --model CKPT_DIR");
+    if ((rc = qs_cli_weights_check(weights))) return rc;
     opened_ckpt o = {0};
     qs_task task = {0};
     char adapter_step[QS_PATH_MAX + 64];
@@ -460,6 +463,9 @@ static int cmd_eval(int argc, char **argv) {
     else if (!rc)
         rc = qs_task_open(&task, &o.cfg, o.chars_json, &place) ||
              qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
+    if (!rc && !strcmp(weights, "bf16"))
+        rc = task.use_bf16_weights ? task.use_bf16_weights(task.self)
+                                   : qs_error("--weights bf16: for language models (model.type gpt)");
     double vl = NAN, acc = NAN;
     if (!rc) rc = qs_task_evaluate(&task, o.cfg.train.eval_iters, NULL, 0, 1, &vl, &acc);
     if (!rc) {

@@ -582,6 +582,7 @@ int qs_gpt_use_bf16_weights(qs_gpt *m) {
     free(sites);
     return 0;
 }
+
 const int *qs_gpt_sequence_positions(const qs_gpt *m) { return m->seq_pos; }
 bool qs_gpt_failed(const qs_gpt *m) { return m->failed; }
 

@@ -84,6 +84,8 @@ static int lm_evaluate(void *self, int iters, int part, int parts, double sums[3
     return 0;
 }
 
+static int lm_use_bf16_weights(void *self) { return qs_gpt_use_bf16_weights(((lm_task *)self)->m); }
+
 static void lm_step_begin(void *self) { qs_gpt_moe_stats_reset(((lm_task *)self)->m); }
 
 static int lm_reduce_stats(void *self, qs_comm *dp) {
@@ -173,17 +175,18 @@ static void lm_free(void *self) {
     free(t);
 }
 
-/* What plan_lm plans for: micro-batches of B x T tokens, the model frozen under LoRA. */
+/* What plan_lm plans for: micro-batches of B x T tokens, the model frozen (under LoRA,
+ * or with no optimizer: evaluation), adapters under LoRA. */
 typedef struct lm_shape {
     int B, T;
-    bool lora;
+    bool frozen, lora;
 } lm_shape;
 
 /* The model with its ring-attention buffers, and the adapters (qs_task_plan_fn). */
 static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place *place, const void *ctx) {
     const lm_shape *s = ctx;
     const int sp = place->sp ? qs_comm_size(place->sp) : 1;
-    if (qs_gpt_plan(&cfg->model, place->be, s->B, s->T, !s->lora, sp, plan)) return -1;
+    if (qs_gpt_plan(&cfg->model, place->be, s->B, s->T, !s->frozen, sp, plan)) return -1;
     if (s->lora) {
         qs_mem_plan adapters;
         if (qs_lora_plan(&cfg->lora, &cfg->model, place->be, s->B * s->T, &adapters)) return -1;
@@ -192,8 +195,10 @@ static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place 
     return 0;
 }
 
-/* lora: the model is a frozen base that adapters (cfg->lora) will train. */
+/* lora: the model is a frozen base that adapters (cfg->lora) will train. Without an
+ * optimizer nothing trains it either: frozen too, no gradient buffer. */
 static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const qs_task_place *place, bool lora) {
+    const bool frozen = lora || place->optim_shards == 0;
     lm_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
     int rc = qs_codec_open(&t->codec, &cfg->data, chars_json);
@@ -212,9 +217,9 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const 
     t->sp = place->sp && qs_comm_size(place->sp) > 1 ? place->sp : NULL;
     t->T = cfg->model.seq_len / (t->sp ? qs_comm_size(t->sp) : 1);
     qs_mem_plan plan = {0};
-    if (!rc) rc = qs_task_plan(&plan, cfg, place, plan_lm, &(lm_shape){t->B, t->T, lora});
+    if (!rc) rc = qs_task_plan(&plan, cfg, place, plan_lm, &(lm_shape){t->B, t->T, frozen, lora});
     t->cfg = *cfg; /* as planned: recompute_layers "auto" now a count */
-    if (!rc) rc = (lora ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, place->be, t->B, t->T);
+    if (!rc) rc = (frozen ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, place->be, t->B, t->T);
     if (!rc && t->sp) rc = qs_gpt_set_sequence_parallel(t->m, t->sp);
     if (!rc && t->sp) {
         t->xf = malloc((size_t)t->B * cfg->model.seq_len * sizeof(int));
@@ -241,6 +246,7 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const 
                       .init = lm_init,
                       .train_micro = lm_train_micro,
                       .evaluate = lm_evaluate,
+                      .use_bf16_weights = lm_use_bf16_weights,
                       .step_begin = lm_step_begin,
                       .reduce_stats = lm_reduce_stats,
                       .log_fields = lm_log_fields,

@@ -38,6 +38,9 @@ typedef struct qs_task {
      * loss weighted (so the mean is sums[0] / sums[2]). The set is eval_iters
      * micro-batches (LMs) or the whole test split (classifiers). */
     int (*evaluate)(void *self, int iters, int part, int parts, double sums[3]);
+    /* Evaluation from bf16 weights once the weights are final (qs_gpt_use_bf16_weights;
+     * a task opened without an optimizer); NULL where the family has none. */
+    int (*use_bf16_weights)(void *self);
     void (*step_begin)(void *self);                 /* may be NULL */
     /* Sums the step's statistics for log_fields over the data-parallel group; may be NULL. */
     int (*reduce_stats)(void *self, qs_comm *dp);
@@ -50,7 +53,8 @@ typedef struct qs_task {
  * shares every sequence with (GPT only; NULL or a group of one: whole sequences), the
  * backend its model lives on, and over how many ranks the caller will shard AdamW's
  * state (qs_dp_create_optim: 1 unsharded, n with ZeRO-1 over n ranks; 0: no optimizer),
- * for the memory plan. */
+ * for the memory plan. 0 also means nothing trains: a language model is then frozen
+ * (no gradient buffer). */
 typedef struct qs_task_place {
     int micro_B;
     qs_comm *sp;

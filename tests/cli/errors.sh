@@ -79,6 +79,19 @@ expect_error "generate on an unknown device" "--device: expected cpu or cuda, go
   $Q generate --model run --device tpu
 expect_error "generate with weights neither fp32 nor bf16" "--weights: expected fp32 or bf16, got 'int8'" \
   $Q generate --model run --weights int8
+# weights large enough (init_std 0.5) that their bf16 rounding shows in the loss
+expect_ok "a run of large weights" $Q train --config good.json --out wide --set model.init_std=0.5 --set train.max_steps=1
+expect_ok "eval from fp32 weights" $Q eval --model wide
+cp "$WORK/out" eval32.json
+expect_ok "eval from bf16 weights" $Q eval --model wide --weights bf16
+python3 - eval32.json "$WORK/out" <<'PY' && ok "eval: bf16 weights move the validation loss, by under 1%" \
+  || not_ok "eval: bf16 weights move the validation loss, by under 1%" "$(cat eval32.json "$WORK/out")"
+import json, sys
+a, b = (json.load(open(f))["val_loss"] for f in sys.argv[1:3])
+assert a != b and abs(a - b) < 0.01 * a, (a, b)
+PY
+expect_error "eval with weights neither fp32 nor bf16" "--weights: expected fp32 or bf16, got 'fp8'" \
+  $Q eval --model run --weights fp8
 expect_error "eval on cuda without a GPU" "^error: --device cuda: (this build has no CUDA|no CUDA device is visible)" \
   $Q eval --model run --device cuda
 [ "$(cat run/ckpt/latest $ck/* | sha256sum)" = "$sum0" ] && ok "failed commands left the saved run intact" \

@@ -67,6 +67,9 @@ python3 -c "import sys; a = float(sys.argv[1]); assert 0 <= a <= 1 and abs(a * 2
   && ok "quadranet: eval's val_acc is a count over the 20 test images, as logged at step 6" \
   || not_ok "quadranet: eval's val_acc is a count over the 20 test images, as logged at step 6" "$(cat "$WORK/out")"
 
+expect_error "quadranet: eval from bf16 weights" "--weights bf16: for language models" "$QUASAR" eval --model one \
+  --weights bf16
+
 expect_error "quadranet: missing dataset" "data/nowhere/train-images-idx3-ubyte.gz" \
   "$QUASAR" train --config qn.json --out bad1 --set data.path=data/nowhere
 expect_error "quadranet: fewer classes than the data" "num_classes \(2\) is smaller than the 3 classes" \
