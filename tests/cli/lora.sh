@@ -79,6 +79,11 @@ for variant in dense moe; do
   c=$(ev --model base_$variant)
   [ -n "$c" ] && [ "$a" != "$c" ] && ok "$variant: the adapter changes the base's validation loss ($c -> $a)" \
     || not_ok "$variant: the adapter changes the base's validation loss" "'$c' vs '$a'"
+  # the adapters' paths add onto products from bf16 base weights (the FFN's GELU unfused)
+  d=$(ev --model base_$variant --adapter ft_$variant --weights bf16)
+  python3 -c "import sys; a, d = (float(x.split()[1]) for x in sys.argv[1:3]); assert abs(a - d) < 0.01 * a" "$a" "$d" \
+    && ok "$variant: eval --adapter from bf16 base weights, within 1% of fp32's (${d#*: })" \
+    || not_ok "$variant: eval --adapter from bf16 base weights, within 1% of fp32's" "'$a' vs '$d'"
 done
 
 # several adapters over one base, chosen at load time

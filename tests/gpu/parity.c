@@ -1262,7 +1262,9 @@ static void test_models(void) {
     test_training(env && *env ? atoi(env) : 200);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    (void)argc;
+    qs_backend_cpu_pick_blas(argv); /* the CPU reference at its BLAS's full speed: device time is short */
     /* every kernel loaded with the context, not at its first launch, so that device
      * memory changes only by what the backend allocates (test_memory_plan) */
     setenv("CUDA_MODULE_LOADING", "EAGER", 1);
