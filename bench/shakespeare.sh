@@ -18,19 +18,21 @@ start=$(date +%s.%N)
 end=$(date +%s.%N)
 ./build/quasar eval --model "$run" --set train.eval_iters=400 >"$run/eval400.json"
 device="cpu-$(nproc)core"
+# what quasar's own records call this machine, OpenBLAS's kernels included
+described=$(./build/quasar bench kernels --quick --repeats 1 --only gemm_fwd --json |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["device"])')
 QS_RUN=$run QS_START=$start QS_END=$end QS_DEVICE=$device QS_TOPIC=$topic QS_PEER=$peer \
-QS_PEER_LOSS=$peer_loss QS_CONFIG=$config QS_ARGS="$*" python3 - <<'PY'
-import json, os, statistics, subprocess, datetime, platform
+QS_PEER_LOSS=$peer_loss QS_CONFIG=$config QS_ARGS="$*" QS_DESCRIBED=$described python3 - <<'PY'
+import json, os, statistics, subprocess, datetime
 run = os.environ["QS_RUN"]
 steps = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
 train = [s for s in steps if "train_loss" in s]
 vals = [s for s in steps if "val_loss" in s]
 final = json.load(open(f"{run}/eval400.json"))
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 peer_loss = float(os.environ["QS_PEER_LOSS"])
 date = datetime.date.today().isoformat()
 rec = {
-    "device": f'{os.environ["QS_DEVICE"]} ({cpu})',
+    "device": os.environ["QS_DESCRIBED"],
     "date": date,
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "command": f'bench/shakespeare.sh {os.environ["QS_CONFIG"]} {os.environ["QS_TOPIC"]} ... {os.environ["QS_ARGS"]}',
