@@ -11,3 +11,4 @@ tiny_config c.json
 expect_ok "valgrind: train 3 steps" vg "$QUASAR" train --config c.json --out run --until 3
 expect_ok "valgrind: resume to the end" vg "$QUASAR" train --resume run
 expect_ok "valgrind: generate" vg "$QUASAR" generate --model run --max-tokens 20 --top-k 5
+expect_ok "valgrind: generate from bf16 weights" vg "$QUASAR" generate --model run --max-tokens 20 --weights bf16
