@@ -323,8 +323,7 @@ static const char *GENERATE_HELP =
     "  --device D      cpu (default) or cuda: prefill and decode on the GPU (the checkpoint's\n"
     "                  train.precision picks its products), sampling on the host\n"
     "  --weights W     fp32 (default) or bf16: the linear layers' weights rounded to bf16 and\n"
-    "                  read as such (half the memory traffic of a decode step), sums in fp32;\n"
-    "                  cpu only\n";
+    "                  read as such (half the memory traffic of a decode step), sums in fp32\n";
 
 static void emit_stdout(int prompt, int token, void *user) {
     (void)prompt;
@@ -431,7 +430,7 @@ static const char *EVAL_HELP =
     "  --adapter DIR   evaluate the model with this LoRA adapter\n"
     "  --device D      cpu (default) or cuda (train.precision picks the products there)\n"
     "  --weights W     fp32 (default) or bf16, as for quasar generate: the loss that\n"
-    "                  generating from bf16 weights comes with (language models, cpu)\n"
+    "                  generating from bf16 weights comes with (language models)\n"
     "  Prints {\"step\", \"val_loss\", \"eval_iters\", \"tokens\"} as JSON on stdout (classifiers:\n"
     "  {\"step\", \"val_loss\", \"val_acc\"} over the whole test split). The data and\n"
     "  train.eval_iters come from the checkpoint's config unless --config/--set change them.\n";

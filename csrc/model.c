@@ -550,7 +550,7 @@ static int bf16_sites(const qs_gpt *m, bf16_site *out) {
 int qs_gpt_use_bf16_weights(qs_gpt *m) {
     const qs_ops *ops = m->be->ops;
     if (!ops->matmul_pack_bf16 || !ops->matmul_forward_bf16)
-        return qs_error("bf16 weights: the %s backend has no products from them (the CPU has)", m->be->name);
+        return qs_error("bf16 weights: the %s backend has no products from them", m->be->name);
     if (!m->frozen) return qs_error("bf16 weights are for inference: the model must be frozen");
     if (m->w16) return 0;
     bf16_site *sites = malloc((size_t)(1 + 4 * m->L) * sizeof *sites);

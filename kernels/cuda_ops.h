@@ -125,9 +125,17 @@ void qs_cuda_residual_layernorm_forward(float *res, float *out, float *mean, flo
 void qs_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout, const float *inp,
                                 const float *w, const float *mean, const float *rstd, int N, int C);
 
-/* matmul.cu: sets ops' matmul_forward, matmul_backward, matmul_acc, the GELU-fused pair
- * and the two grouped matmuls to the versions whose products run in precision p. */
+/* matmul.cu: sets ops' matmul_forward, matmul_backward, matmul_acc, the GELU-fused pair,
+ * the two grouped matmuls and the bf16-weight pair to the versions whose products run in
+ * precision p. qs_cuda_gemm is the row-major C[M,N] = alpha op(A) op(B) + beta C they
+ * share (op(A) [M,K], A stored [K,M] when ta; likewise B; ld* are row strides), and
+ * qs_cuda_add_bias adds bias[n_out] to each of out's N rows. */
 void qs_cuda_set_matmul_ops(qs_ops *ops, qs_precision p);
+void qs_cuda_gemm(qs_precision p, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                  const float *B, int ldb, float beta, float *C, int ldc);
+void qs_cuda_add_bias(float *out, const float *bias, int N, int n_out);
+/* matmul_bf16.cu: ops' matmul_pack_bf16 and matmul_forward_bf16 (prefill's in precision p) */
+void qs_cuda_set_matmul_bf16_ops(qs_ops *ops, qs_precision p);
 
 /* kv_cache.cu */
 void qs_cuda_kv_cache_fill(float *kcache, float *vcache, const float *qkv, int B, int T, int C, int NH, int NKV,

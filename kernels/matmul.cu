@@ -110,6 +110,16 @@ __global__ static void add_bias_kernel(float *out, const float *bias, size_t N, 
     QS_GRID_LOOP(i, N * n_out) out[i] += bias[i % n_out];
 }
 
+void qs_cuda_add_bias(float *out, const float *bias, int N, int n_out) {
+    QS_LAUNCH_N(add_bias_kernel, (size_t)N * n_out, out, bias, (size_t)N, n_out);
+}
+
+void qs_cuda_gemm(qs_precision p, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                  const float *B, int ldb, float beta, float *C, int ldc) {
+    if (p == QS_PRECISION_BF16) gemm<QS_PRECISION_BF16>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    else gemm<QS_PRECISION_FP32>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 /* out = inp @ W (+ bias), through cuBLASLt when it has the epilogue, else a GEMM and the
  * bias kernel; aux given: GELU too, out = gelu(aux), aux = inp @ W + bias. */
 template <qs_precision P>
@@ -123,7 +133,7 @@ static void linear_forward(float *out, float *aux, const float *inp, const float
     if (lt_gemm<P>(0, out_in, N, n_out, n_in, inp, n_in, w, ldw, out, n_out, ep)) return;
     float *pre = aux ? aux : out;
     gemm<P>(0, out_in, N, n_out, n_in, 1.0f, inp, n_in, w, ldw, 0.0f, pre, n_out);
-    if (bias) QS_LAUNCH_N(add_bias_kernel, (size_t)N * n_out, pre, bias, (size_t)N, n_out);
+    if (bias) qs_cuda_add_bias(pre, bias, N, n_out);
     if (aux) qs_cuda_gelu_forward(out, aux, (size_t)N * n_out);
 }
 
@@ -366,4 +376,5 @@ template <qs_precision P> static void set_matmul_ops(qs_ops *ops) {
 void qs_cuda_set_matmul_ops(qs_ops *ops, qs_precision p) {
     if (p == QS_PRECISION_BF16) set_matmul_ops<QS_PRECISION_BF16>(ops);
     else set_matmul_ops<QS_PRECISION_FP32>(ops);
+    qs_cuda_set_matmul_bf16_ops(ops, p);
 }

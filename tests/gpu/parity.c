@@ -10,7 +10,8 @@
  * models (GPT dense, also grouped-query / MoE with noisy gating / quadconv mixer, all with dropout on; a
  * QuadraNet with stochastic depth) built on both backends from the same init must give
  * the same loss and gradients (and the GPTs the same bits when the CUDA pass is
- * repeated, and the same logits through the KV cache), and a tiny GPT trained with AdamW on both must follow the
+ * repeated, and the same logits through the KV cache; frozen dense and MoE GPTs the same
+ * logits from bf16 weights), and a tiny GPT trained with AdamW on both must follow the
  * same loss curve (QS_PARITY_STEPS steps, 200 by default).
  *
  * Tolerances (fp32): an element passes when |cuda - cpu| <= tol * max(|cpu|, rms), rms
@@ -470,6 +471,43 @@ static void test_matmul_grouped_shapes(const char *label) {
     test_matmul_grouped(label, 4, tall, 40, 70, 1); /* groups of several 64-row tiles */
 }
 
+/* Products from bf16 weights: the packed bits equal the CPU's, then the forward: up to
+ * 32 rows (a decode step) the panel kernel, in groups of 8 rows; more (a prefill) panels
+ * widened to fp32, in chunks (n_in 4097: 15 panels a chunk, so 600 columns take two).
+ * The panel kernel's inputs stay fp32 in either precision; the widened products round
+ * them to bf16 under the bf16 backend, judged by check_sum. */
+static void test_matmul_bf16(int N, int n_in, int n_out, qs_weight_layout layout, int with_bias) {
+    case_begin("matmul_bf16 N=%d in=%d out=%d %s%s", N, n_in, n_out, layout == QS_W_OUT_IN ? "[out,in]" : "[in,out]",
+               with_bias ? " bias" : "");
+    const size_t n_packed = qs_bf16_packed_elems(n_in, n_out);
+    uint16_t *poison = xmalloc(n_packed * sizeof *poison);
+    memset(poison, 0xff, n_packed * sizeof *poison); /* NaN as bf16 */
+    tensor packed = t_host(poison, n_packed, sizeof *poison);
+    free(poison);
+    tensor w = t_rand((size_t)n_in * n_out, -1, 1), x = t_rand((size_t)N * n_in, -1, 1);
+    tensor b = t_rand((size_t)n_out, -1, 1), out = t_out((size_t)N * n_out);
+    BOTH(ops->matmul_pack_bf16((uint16_t *)packed.p[side], F(w), n_in, n_out, layout));
+    uint16_t *pc = t_get(packed, 0), *pg = t_get(packed, 1);
+    for (size_t i = 0; i < n_packed; i++)
+        if (pc[i] != pg[i]) {
+            fail("packed[%zu]: cpu %#06x, cuda %#06x", i, pc[i], pg[i]);
+            break;
+        }
+    free(pc);
+    free(pg);
+    BOTH(ops->matmul_forward_bf16(F(out), F(x), (const uint16_t *)packed.p[side], with_bias ? F(b) : NULL, N, n_in,
+                                  n_out));
+    check_sum("out", out, 0.0);
+    case_end();
+}
+
+static void test_matmul_bf16_shapes(void) {
+    const int mm[][3] = {{1, 1, 1}, {3, 37, 97}, {8, 97, 33}, {9, 64, 300}, {32, 129, 65}, {33, 37, 97},
+                         {100, 5, 1}, {40, 4097, 600}};
+    for (size_t i = 0; i < sizeof mm / sizeof *mm; i++)
+        test_matmul_bf16(mm[i][0], mm[i][1], mm[i][2], (qs_weight_layout)(i % 2), i != 2);
+}
+
 /* The model's causal self-attention: whole sequences as one block, q, k, v read from
  * qkv [B,T,C+2Ckv] in place and their gradients written into dqkv in place; NKV < NH
  * is grouped-query attention. */
@@ -804,6 +842,7 @@ static void test_ops(void) {
         fail("%ld products went unfused, expected 4", qs_backend_cuda_unfused() - unfused);
     case_end();
     test_matmul_grouped_shapes("grouped");
+    test_matmul_bf16_shapes();
     test_attention_shapes();
     const int dp[][5] = {{1, 1, 1, 1, 1}, {2, 9, 3, 3, 5}, {3, 67, 2, 2, 13}, {2, 9, 6, 2, 5}, {3, 67, 4, 1, 13}};
     for (size_t i = 0; i < sizeof dp / sizeof *dp; i++)
@@ -934,6 +973,33 @@ static bool same_moe_routing(qs_gpt *const m[2], const qs_model_config *cfg, int
     return !memcmp(qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(m[1]), n * sizeof(int));
 }
 
+/* KV-cache inference on both models: prompts of T - 2 tokens (B of them, B <= 8), then
+ * one token each at distinct slots, whose logits must agree. bf16 may flip a near-tied
+ * routing choice of the prompt or the new token, as in training. */
+static void compare_inference(qs_gpt *const m[2], const qs_model_config *cfg, const int *x, int B, int T,
+                              const char *label) {
+    const int V = cfg->vocab_size;
+    float *row[2] = {xmalloc((size_t)V * sizeof(float)), xmalloc((size_t)V * sizeof(float))};
+    int slots[8], pos[8];
+    for (int b = 0; b < B; b++) slots[b] = (b + 2) % B, pos[b] = T - 2;
+    for (int s = 0; s < 2; s++)
+        if (qs_gpt_prefill(m[s], x, B, T - 2)) fail("%s prefill: %s", be[s]->name, qs_error_last());
+    bool infer_routing = same_moe_routing(m, cfg, B * (T - 2));
+    for (int s = 0; s < 2; s++)
+        if (qs_gpt_decode(m[s], x + 1, B, slots, pos)) fail("%s decode: %s", be[s]->name, qs_error_last());
+    infer_routing = infer_routing && same_moe_routing(m, cfg, B);
+    if (!infer_routing && bf16)
+        printf("# %s: bf16 products flipped a near-tied routing choice in inference; logits not compared\n", label);
+    else if (!infer_routing)
+        fail("inference routing differs");
+    for (int b = 0; b < B && infer_routing && !bad; b++) {
+        for (int s = 0; s < 2; s++) qs_gpt_logits_row(m[s], b, row[s]);
+        compare("decode logits", row[0], row[1], (size_t)V, model_tol());
+    }
+    free(row[0]);
+    free(row[1]);
+}
+
 /* Loss, MoE statistics and routing, every gradient; then a prefill and one decode step. */
 /* Three sequences of T tokens (cfg->seq_len > T). */
 static void test_gpt(const char *label, const qs_model_config *cfg, int T) {
@@ -990,27 +1056,29 @@ static void test_gpt(const char *label, const qs_model_config *cfg, int T) {
     free(g1);
     free(g2);
 
-    /* KV-cache inference: prompts of T - 2 tokens, then one token each at distinct slots */
-    const int V = cfg->vocab_size;
-    float *row[2] = {xmalloc((size_t)V * sizeof(float)), xmalloc((size_t)V * sizeof(float))};
-    const int slots[3] = {2, 0, 1}, pos[3] = {T - 2, T - 2, T - 2};
-    /* as above, bf16 may flip a near-tied routing choice of the prompt or the new token */
+    compare_inference(m, cfg, x, B, T, label);
+done:
+    for (int s = 0; s < 2; s++) qs_gpt_free(m[s]);
+    free(x);
+    case_end();
+}
+
+/* Inference from bf16 weights (frozen models, qs_gpt_use_bf16_weights on both): 4
+ * prompts of 10 tokens, so the prefill's products widen panels (40 rows) and the
+ * decode's take the panel kernel. */
+static void test_gpt_bf16_weights(const char *label, const qs_model_config *cfg) {
+    case_begin("gpt %s (%s): prefill and decode from bf16 weights", label, be[1]->name);
+    const int B = 4, T = 12;
+    int *x = xmalloc((size_t)B * T * sizeof(int));
+    qs_gpt *m[2] = {NULL, NULL};
     for (int s = 0; s < 2; s++)
-        if (qs_gpt_prefill(m[s], x, B, T - 2)) fail("%s prefill: %s", be[s]->name, qs_error_last());
-    bool infer_routing = same_moe_routing(m, cfg, B * (T - 2));
-    for (int s = 0; s < 2; s++)
-        if (qs_gpt_decode(m[s], x + 1, B, slots, pos)) fail("%s decode: %s", be[s]->name, qs_error_last());
-    infer_routing = infer_routing && same_moe_routing(m, cfg, B);
-    if (!infer_routing && bf16)
-        printf("# %s: bf16 products flipped a near-tied routing choice in inference; logits not compared\n", label);
-    else if (!infer_routing)
-        fail("inference routing differs");
-    for (int b = 0; b < B && infer_routing && !bad; b++) {
-        for (int s = 0; s < 2; s++) qs_gpt_logits_row(m[s], b, row[s]);
-        compare("decode logits", row[0], row[1], (size_t)V, model_tol());
-    }
-    free(row[0]);
-    free(row[1]);
+        if (qs_gpt_create_frozen(&m[s], cfg, be[s], B, T) || qs_gpt_init(m[s], seed) ||
+            qs_gpt_use_bf16_weights(m[s])) {
+            fail("the %s model from bf16 weights: %s", be[s]->name, qs_error_last());
+            goto done;
+        }
+    for (int i = 0; i < B * T; i++) x[i] = (int)qs_rng_below(seed, 22, (uint64_t)i, (uint64_t)cfg->vocab_size);
+    compare_inference(m, cfg, x, B, T, label);
 done:
     for (int s = 0; s < 2; s++) qs_gpt_free(m[s]);
     free(x);
@@ -1257,6 +1325,8 @@ static void test_models(void) {
     qc.tie_embeddings = false;
     test_gpt(relu ? "quadconv mixer k=4, relu, untied, dropout" : "quadconv mixer k=4, gelu, untied, dropout", &qc,
              11);
+    test_gpt_bf16_weights("dense", &dense);
+    test_gpt_bf16_weights("moe noisy top-2, capacity 1.0", &moe);
     test_quadranet();
     const char *env = getenv("QS_PARITY_STEPS");
     test_training(env && *env ? atoi(env) : 200);
@@ -1283,6 +1353,7 @@ int main(int argc, char **argv) {
     be[1] = qs_backend_cuda(QS_PRECISION_BF16);
     bf16 = true;
     test_attention_shapes();
+    test_matmul_bf16_shapes();
     /* the experts' products through Quasar's grouped kernel (grouped_gemm.cu) */
     setenv("QS_CUDA_GROUPED", "quasar", 1);
     test_matmul_grouped_shapes("grouped (Quasar's bf16 kernel)");

@@ -6,6 +6,7 @@
  * dynamic shared memory hooks of kernels/cuda_ops.h, __syncthreads / __syncwarp / warp
  * shuffles and __match_any_sync, the bf16 tensor-core product and matrix loads that
  * kernels/mma.cuh wraps (mma.sync m16n8k16, ldmatrix: warp collectives like a shuffle),
+ * 16-byte vector loads (uint4, alignment checked by UBSan),
  * the asynchronous copies of kernels/async_copy.cuh (cp.async: each lands at once or
  * only when its thread waits for its group, drawn at random, so a tile read too early
  * or overwritten too early shows),
@@ -189,6 +190,17 @@ enum {
 };
 
 static inline int min(int a, int b) { return a < b ? a : b; }
+
+/* The vector type of 16-byte loads, aligned as CUDA's is: UBSan reports a load through a
+ * misaligned pointer, where a GPU faults. */
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+static inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 /* ---- the scheduler ---- */
 
