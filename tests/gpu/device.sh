@@ -8,7 +8,7 @@
 # most 8 files), else to runs/device/.
 #   tests/gpu/device.sh [STEP...]      default: build parity attention kernels memcheck train
 #   steps: build parity attention kernels moe memcheck racecheck synccheck initcheck train
-#          compare compare_gpt2 trainsh (attention also profiles its kernels with ncu, and
+#          generate compare compare_gpt2 trainsh (attention also profiles its kernels with ncu, and
 #          counts their SASS instructions)
 #   DEADLINE=S   seconds from the start after which no step starts (default 540)
 # A bare machine lacks cJSON and may lack OpenBLAS, PCRE2 and zlib: carry .deps
@@ -91,6 +91,17 @@ bench_train() { # full and LoRA at GPT-2 124M in bf16, micro-batch 8 and 4, 0 / 
     done
   done
 }
+generate() { # decode at GPT-2 124M on the device from fp32 and bf16 weights: 1 and 8 prompts, a long prefill
+  local w b
+  for w in fp32 bf16; do
+    for b in 1 8; do
+      "$Q" bench generate --config configs/gpt2_124m_shakespeare.json --device cuda --weights "$w" --batch "$b" \
+        --prompt-tokens 32 --new-tokens 64 --repeats 3 --json || return
+    done
+    "$Q" bench generate --config configs/gpt2_124m_shakespeare.json --device cuda --weights "$w" \
+      --prompt-tokens 1022 --new-tokens 2 --repeats 3 --json || return
+  done
+}
 attention_profile() { # what limits the bf16 attention (issue 5): counters of one point's kernels, then their SASS
   local ncu
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
@@ -111,7 +122,7 @@ attention_profile() { # what limits the bf16 attention (issue 5): counters of on
     END { for (k in n) { split(k, p, " "); if (p[2] ~ /^(HMMA|LDSM|LDGSTS|LDG|STG|LDS|STS|BAR|MUFU|SHFL)$/) print k, n[k] }
           for (f in total) print f, "all", total[f] }' | sort
 }
-export -f parity kernels moe_grouped sanitize bench_train attention_profile
+export -f parity kernels moe_grouped sanitize bench_train generate attention_profile
 export out P Q SAN
 
 # step NAME LIMIT COMMAND...: runs it under its limit unless the deadline is too near;
@@ -161,6 +172,7 @@ main() {
       moe) step moe 150 moe_grouped ;; # its records go to device.log
       memcheck | racecheck | synccheck | initcheck) step "$s" 180 sanitize "$s" ;;
       train) step train 300 bench_train ;;
+      generate) step generate 120 generate ;; # its records go to device.log
       compare) step compare 300 env QUASAR="$Q" QUADCONV_SPEED=build/bench/quadconv_speed \
         bench/compare.sh --device cuda --dtype bf16 --only quadconv,moe_a,moe_b,generate --retries 0 \
         --out "$out/compare.json" ;;
