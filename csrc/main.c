@@ -568,7 +568,8 @@ static const char *MAIN_HELP =
     "  shard      text on stdin -> GPT-2 token shards (llm.c format) for training\n"
     "  bpe-train  text on stdin -> a new byte-level BPE vocabulary (GPT-2's files)\n"
     "  convert    Hugging Face GPT-2 folder <-> Quasar checkpoint\n"
-    "  bench      time training steps, core ops or generation (train|kernels|generate)\n";
+    "  bench      time training steps, ops, attention, an MoE layer or generation\n"
+    "             (train|kernels|attention|moe|generate)\n";
 
 int main(int argc, char **argv) {
     qs_backend_cpu_pick_blas(argv);
