@@ -16,6 +16,7 @@
 
 #include "bench_impl.h"
 #include "cli.h"
+#include "quasar/bf16.h"
 #include "quasar/checkpoint.h"
 #include "quasar/clock.h"
 #include "quasar/error.h"
@@ -91,9 +92,12 @@ qs_bench_stats qs_bench_stats_of(double *x, int n) {
                             .max = x[n - 1]};
 }
 
+/* Uniform in [-0.5, 0.5), as values bf16 holds exactly: a buffer read as bf16 pairs
+ * (bench kernels' packed weights) then holds sane numbers too. */
 static void fill_range(float *p, size_t first, size_t n, uint64_t stream) {
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) p[i] = qs_rng_uniform(0x5eed, stream, first + i) - 0.5f;
+    for (size_t i = 0; i < n; i++)
+        p[i] = qs_bf16_to_float(qs_bf16_from_float(qs_rng_uniform(0x5eed, stream, first + i) - 0.5f));
 }
 
 int qs_bench_fill(const qs_backend *be, float *p, size_t n, uint64_t stream) {
@@ -803,8 +807,9 @@ static const char *KERNELS_HELP =
     "usage: quasar bench kernels [--device cpu|cuda] [--precision fp32|bf16] [--only NAMES]\n"
     "                            [--repeats N] [--quick] [--json]\n"
     "  Times each core op of the backend at a realistic shape for it (attention, MoE routing\n"
-    "  and dispatch, MoE experts, quadratic conv, layernorm, softmax cross-entropy, GEMM; a\n"
-    "  GPU's shapes are GPT-2 124M's and the issues' own): median of --repeats calls, timed\n"
+    "  and dispatch, MoE experts, quadratic conv, layernorm, softmax cross-entropy, GEMM, a\n"
+    "  decode step's product from fp32 and from bf16 weights; a GPU's shapes are GPT-2\n"
+    "  124M's and the issues' own): median of --repeats calls, timed\n"
     "  with events on a GPU, over input sets rotated past the last-level cache, as FLOP/s and\n"
     "  bytes/s and as fractions of the GEMM and copy ceilings measured at start.\n"
     "  --precision P  the GEMMs' products on cuda: fp32 (default) or bf16 tensor cores\n"

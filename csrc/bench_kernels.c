@@ -78,6 +78,30 @@ static void gemm_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
     o->matmul_backward(f[3], f[4], NULL, f[0], f[1], f[2], d->N, d->C, d->F, QS_W_IN_OUT);
 }
 
+/* ---- a decode step's linear layer: one row, bound by reading the weights, from fp32
+ * weights and from bf16 panels (matmul_forward_bf16, `--weights bf16`). The panels sit in
+ * a float buffer; the benchmark's fill holds values bf16 represents exactly, so read as
+ * bf16 pairs they are those values and zeros, never denormals or NaN. */
+
+static void decode_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C, F = d->F;
+    bufs(p, 3, (size_t[]){N * C, C * F, N * F}, 0, NULL);
+    p->flops = 2.0 * N * C * F;
+    p->bytes = 4.0 * (N * C + C * F + N * F);
+    snprintf(p->shape, sizeof p->shape, "N=%d in=%d out=%d", d->N, d->C, d->F);
+}
+static void decode_bf16_plan(kplan *p, const kdims *d) {
+    const size_t N = d->N, C = d->C, F = d->F, packed = qs_bf16_packed_elems(d->C, d->F);
+    bufs(p, 3, (size_t[]){N * C, packed / 2, N * F}, 0, NULL); /* packed: a multiple of 32 bf16 */
+    p->flops = 2.0 * N * C * F;
+    p->bytes = 4.0 * (N * C + N * F) + 2.0 * packed;
+    snprintf(p->shape, sizeof p->shape, "N=%d in=%d out=%d, bf16 weights", d->N, d->C, d->F);
+}
+static void decode_bf16_run(const qs_ops *o, const kdims *d, float *const *f, int *const *ib) {
+    (void)ib;
+    o->matmul_forward_bf16(f[2], f[0], (const uint16_t *)f[1], NULL, d->N, d->C, d->F);
+}
+
 /* ---- a feed-forward's GELU fused into its products, and the same work unfused ----
  * Forward: pre = inp W + b and gelu(pre) [N,F] (matmul_gelu_forward; unfused the GEMM with
  * its bias, then gelu_forward). Backward of the next layer [N,F] -> [N,C] through the GELU
@@ -319,6 +343,8 @@ static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 
 /* CPU, GPU (GPT-2 124M's at 8 x 1024 tokens; issue 6's shape A; issue 7's shape), quick */
 #define GEMM_DIMS {.N = 2048, .C = 768, .F = 3072}, {.N = 8192, .C = 768, .F = 3072}, {.N = 64, .C = 32, .F = 48}
+/* a decode step through GPT-2 124M's c_fc (both), and a quick one with a partial panel */
+#define DECODE_DIMS {.N = 1, .C = 768, .F = 3072}, {.N = 1, .C = 768, .F = 3072}, {.N = 1, .C = 32, .F = 48}
 #define ATT_DIMS                                                                                                      \
     {.B = 4, .T = 256, .C = 384, .NH = 6}, {.B = 8, .T = 1024, .C = 768, .NH = 12}, {.B = 1, .T = 16, .C = 16, .NH = 2}
 /* multi-query: one K/V head, one sequence (long-context decoding's and fine-tuning's case) */
@@ -336,6 +362,8 @@ static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 static const kcase CASES[] = {
     {"gemm_fwd", GEMM_DIMS, gemm_fwd_plan, NULL, gemm_fwd_run},
     {"gemm_bwd", GEMM_DIMS, gemm_bwd_plan, NULL, gemm_bwd_run},
+    {"decode_fp32", DECODE_DIMS, decode_plan, NULL, gemm_fwd_run},
+    {"decode_bf16", DECODE_DIMS, decode_bf16_plan, NULL, decode_bf16_run},
     {"ffn_gelu_fwd", GEMM_DIMS, ffn_fwd_plan, NULL, ffn_fwd_run},
     {"ffn_gelu_fwd_unfused", GEMM_DIMS, ffn_fwd_plan, NULL, ffn_fwd_unfused_run},
     {"ffn_gelu_bwd", GEMM_DIMS, ffn_bwd_plan, NULL, ffn_bwd_run},
@@ -449,8 +477,8 @@ static int select_cases(const char *only, int *sel) {
         const size_t len = strcspn(t, ",");
         bool known = false;
         for (int i = 0; i < N_CASES && !known; i++) known = len > 0 && !strncmp(CASES[i].name, t, len);
-        if (!known) return qs_error("--only: no op's name starts with '%.*s' (gemm, attention, moe, quadconv, "
-                                    "layernorm, residual_layernorm, xent)", (int)len, t);
+        if (!known) return qs_error("--only: no op's name starts with '%.*s' (gemm, decode, ffn, attention, moe, "
+                                    "quadconv, layernorm, residual_layernorm, xent)", (int)len, t);
         t += len + (t[len] == ',');
     }
     return n;
