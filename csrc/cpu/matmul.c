@@ -27,6 +27,9 @@ static void par_sgemm(int ta, int tb, int M, int N, int K, float alpha, const fl
         if (split_rows) /* rows of C need rows of op(A) */
             cblas_sgemm(CblasRowMajor, TA, TB, n, N, K, alpha, ta ? A + s : A + (size_t)s * lda, lda, B, ldb,
                         beta, C + (size_t)s * ldc, ldc);
+        else if (M == 1) /* one row (a decode step): GEMV streams op(B), which GEMM would pack first */
+            cblas_sgemv(CblasRowMajor, tb ? CblasNoTrans : CblasTrans, tb ? n : K, tb ? K : n, alpha,
+                        tb ? B + (size_t)s * ldb : B + s, ldb, A, ta ? lda : 1, beta, C + s, 1);
         else /* columns of C need columns of op(B) */
             cblas_sgemm(CblasRowMajor, TA, TB, M, n, K, alpha, A, lda, tb ? B + (size_t)s * ldb : B + s, ldb,
                         beta, C + s, ldc);
