@@ -31,6 +31,11 @@ static int chunk_panels(int n_in, int n_out) {
     return fit < 1 ? 1 : fit < (size_t)panels ? (int)fit : panels;
 }
 
+/* The widening's scratch: one chunk. */
+static float *widen_scratch(int n_in, int n_out) {
+    return (float *)qs_cuda_scratch((size_t)chunk_panels(n_in, n_out) * n_in * QS_BF16_PANEL * sizeof(float));
+}
+
 /* dst as ops.h lays a packed weight out: element k is panel k / (32 n_in), row
  * (k / 32) % n_in, column k % 32 of that panel; zeros past n_out. */
 __global__ static void pack_kernel(uint16_t *dst, const float *w, int n_in, int n_out, int out_in, size_t total) {
@@ -46,7 +51,7 @@ static void matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out,
     const size_t total = qs_bf16_packed_elems(n_in, n_out);
     QS_LAUNCH(pack_kernel, filling_blocks(total), QS_THREADS, 0, dst, w, n_in, n_out, layout == QS_W_OUT_IN, total);
     /* the prefill's widening scratch taken now, so that generating allocates nothing */
-    qs_cuda_scratch((size_t)chunk_panels(n_in, n_out) * n_in * QS_BF16_PANEL * sizeof(float));
+    widen_scratch(n_in, n_out);
 }
 
 static __device__ inline float bf16_lo(uint32_t word) { return __uint_as_float(word << 16); }
@@ -119,7 +124,7 @@ static void matmul_forward_bf16(float *out, const float *inp, const uint16_t *w,
         return;
     }
     const int per = chunk_panels(n_in, n_out);
-    float *chunk = (float *)qs_cuda_scratch((size_t)per * n_in * QS_BF16_PANEL * sizeof(float));
+    float *chunk = widen_scratch(n_in, n_out);
     for (int p0 = 0; p0 < panels; p0 += per) { /* in stream order: a widening waits for the last GEMM */
         const int j0 = p0 * QS_BF16_PANEL, cols = min(n_out - j0, per * QS_BF16_PANEL);
         QS_LAUNCH(widen_kernel, filling_blocks((size_t)n_in * cols), QS_THREADS, 0, chunk, w, n_in, p0, cols);
