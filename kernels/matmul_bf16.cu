@@ -13,7 +13,7 @@
 enum {
     PANEL_WARPS = 8,     /* warps sharing a panel's rows, every 8th group of 8 rows each */
     PANEL_ROWS = 8,      /* input rows a block sums together (blockIdx.y: which 8) */
-    PANEL_MAX_ROWS = 32, /* more widen instead: a guess from the CPU's 48 until a GPU measures it */
+    PANEL_MAX_ROWS = 32, /* more widen instead: a guess until a GPU measures it */
 };
 /* A widened chunk's floats at most (8 MiB of scratch): whole panels, at least one. */
 static const size_t WIDEN_FLOATS = (size_t)1 << 21;

@@ -440,7 +440,7 @@ static void test_bf16_rounding(void **state) {
  * without bias, into NaN-poisoned outputs. */
 static void test_matmul_bf16(void **state) {
     (void)state;
-    const int rows[] = {1, 3, 8, 9, rnd_int(10, 63), rnd_int(64, 90)};
+    const int rows[] = {1, 3, 8, 9, rnd_int(10, 255), rnd_int(256, 300)};
     for (int layout = QS_W_IN_OUT; layout <= QS_W_OUT_IN; layout++)
         for (size_t k = 0; k < sizeof rows / sizeof *rows; k++) {
             const int N = rows[k], I = rnd_int(1, 70), O = rnd_int(1, 300), with_bias = (int)(k % 2);

@@ -3,9 +3,10 @@
  * halves that. The weights live in panels of QS_BF16_PANEL columns (ops.h), so a panel's
  * walk down its rows is one contiguous stream, and a tile of up to TILE_ROWS rows of the
  * input keeps its 32-column sums in registers while the panel streams past once.
- * Many rows (a prefill) widen a group of panels back to fp32 and hand it to SGEMM,
- * which is faster than the tile there. */
+ * Hundreds of rows (a long prefill) widen a group of panels back to fp32 and hand it to
+ * SGEMM, which is as fast as the tile there and faster beyond. */
 #include <cblas.h>
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 
@@ -13,11 +14,20 @@
 #include "quasar/bf16.h"
 
 enum {
-    TILE_ROWS = 8,       /* 8 x 32 fp32 sums: 16 AVX-512 registers */
-    SGEMM_MIN_ROWS = 48, /* SGEMM over widened panels is faster from 32-64 rows on (bench/NOTES.md) */
-    WIDE_PANELS = 8,     /* panels widened together for one SGEMM: 256 columns */
-    PREFETCH_ROWS = 64   /* panel rows a tile prefetches ahead (bench/NOTES.md) */
+    TILE_ROWS = 8,        /* 8 x 32 fp32 sums: 16 AVX-512 registers */
+    SGEMM_MIN_ROWS = 256, /* SGEMM over widened panels catches up with the tiles at 256-512 rows (bench/NOTES.md) */
+    WIDE_PANELS = 8,      /* panels widened together for one SGEMM: 256 columns */
+    PREFETCH_ROWS = 64    /* panel rows a tile prefetches ahead (bench/NOTES.md) */
 };
+
+/* acc + a * w in one instruction where the target has FMA (ISO C mode does not contract
+ * the expression itself; with more than a row or two the tile is bound by arithmetic).
+ * Without FMA, fmaf would be a library call a product: the plain expression instead. */
+#ifdef __FMA__
+#define MADD(a, w, acc) fmaf(a, w, acc)
+#else
+#define MADD(a, w, acc) ((a) * (w) + (acc))
+#endif
 
 void qs_cpu_matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out, qs_weight_layout layout) {
     const int panels = (n_out + QS_BF16_PANEL - 1) / QS_BF16_PANEL;
@@ -48,7 +58,7 @@ static inline __attribute__((always_inline)) void panel_tile(const int R, float 
         for (int c = 0; c < QS_BF16_PANEL; c++) w[c] = qs_bf16_to_float(panel[(size_t)i * QS_BF16_PANEL + c]);
         for (int r = 0; r < R; r++) {
             const float a = inp[(size_t)r * n_in + i];
-            for (int c = 0; c < QS_BF16_PANEL; c++) acc[r][c] += a * w[c];
+            for (int c = 0; c < QS_BF16_PANEL; c++) acc[r][c] = MADD(a, w[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
