@@ -436,8 +436,9 @@ static void test_bf16_rounding(void **state) {
 
 /* matmul_forward_bf16 from matmul_pack_bf16's panels against double sums over the
  * bf16-rounded weights: both layouts, widths that leave the last panel part empty, row
- * counts through the register tile's every remainder and the SGEMM path, with and
- * without bias, into NaN-poisoned outputs. */
+ * counts with partial register tiles (1, 3, 9, one drawn from 10-255) and full ones (8),
+ * and through the widened SGEMM path (256-300), with and without bias, into
+ * NaN-poisoned outputs. */
 static void test_matmul_bf16(void **state) {
     (void)state;
     const int rows[] = {1, 3, 8, 9, rnd_int(10, 255), rnd_int(256, 300)};
