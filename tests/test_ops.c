@@ -405,6 +405,46 @@ static void test_matmul_one_row(void **state) {
     }
 }
 
+/* Products of 2 to 23 rows (a batch's decode step) take their own register tiles
+ * (matmul_rows.c), checked against double sums into NaN-poisoned outputs: row counts
+ * with partial and whole tiles (8, 16), input widths with and without a partial vector
+ * of 16, output widths that leave a partial strip of 32 and an odd weight row to a
+ * thread, with and without bias; then the same bits from one thread as from three. */
+static void test_matmul_few_rows(void **state) {
+    (void)state;
+    const int rows[] = {2, rnd_int(3, 7), 8, rnd_int(9, 15), 16, rnd_int(17, 23)};
+    for (int layout = QS_W_IN_OUT; layout <= QS_W_OUT_IN; layout++)
+        for (size_t k = 0; k < sizeof rows / sizeof *rows; k++) {
+            const int N = rows[k], I = k % 3 ? rnd_int(17, 100) : rnd_int(1, 16), O = 2 * rnd_int(150, 350) + 1;
+            const int with_bias = (int)(k % 2);
+            float *x = rnd_tensor((size_t)N * I, -1, 1), *w = rnd_tensor((size_t)I * O, -1, 1);
+            float *b = with_bias ? rnd_tensor(O, -1, 1) : NULL, *out = alloc_f((size_t)N * O);
+            float *alone = alloc_f((size_t)N * O);
+            double *want = alloc_d((size_t)N * O);
+            for (int r = 0; r < N; r++)
+                for (int o = 0; o < O; o++) {
+                    double s = b ? b[o] : 0.0;
+                    for (int i = 0; i < I; i++)
+                        s += (double)x[(size_t)r * I + i] *
+                             (layout == QS_W_IN_OUT ? w[(size_t)i * O + o] : w[(size_t)o * I + i]);
+                    want[(size_t)r * O + o] = s;
+                }
+            poison(out, (size_t)N * O);
+            ops->matmul_forward(out, x, w, b, N, I, O, (qs_weight_layout)layout);
+            char name[64];
+            snprintf(name, sizeof name, "matmul %s, N %d, I %d", layout == QS_W_IN_OUT ? "[in,out]" : "[out,in]",
+                     N, I);
+            check_close(name, out, want, (size_t)N * O, 1e-5, 1e-5);
+            const int threads = omp_get_max_threads();
+            omp_set_num_threads(1);
+            poison(alone, (size_t)N * O);
+            ops->matmul_forward(alone, x, w, b, N, I, O, (qs_weight_layout)layout);
+            omp_set_num_threads(threads);
+            if (memcmp(alone, out, (size_t)N * O * sizeof *out)) fail_msg("%s: one thread's bits differ", name);
+            free(x), free(w), free(b), free(out), free(alone), free(want);
+        }
+}
+
 /* bf16 rounding: nearest, ties to even, by hand on values around 1 (bf16 keeps 7
  * fraction bits: steps of 2^-7), at the top of the range, and the specials. */
 static void test_bf16_rounding(void **state) {
@@ -1465,7 +1505,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_backend_memory),  cmocka_unit_test(test_embed),
         cmocka_unit_test(test_layernorm),       cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_matmul_one_row),  cmocka_unit_test(test_bf16_rounding),
+        cmocka_unit_test(test_matmul_one_row),  cmocka_unit_test(test_matmul_few_rows),
+        cmocka_unit_test(test_bf16_rounding),
         cmocka_unit_test(test_matmul_bf16),
         cmocka_unit_test(test_matmul_gelu),     cmocka_unit_test(test_matmul_grouped),
         cmocka_unit_test(test_attention),       cmocka_unit_test(test_gelu_relu),

@@ -40,6 +40,15 @@ static inline float qs_cpu_expf(float x) {
     return p * scale.f;
 }
 
+/* acc + a * w in one instruction where the target has FMA (ISO C mode does not contract
+ * the expression itself; the few-row tiles are bound by arithmetic beyond a row or two).
+ * Without FMA, fmaf would be a library call a product: the plain expression instead. */
+#ifdef __FMA__
+#define QS_CPU_MADD(a, w, acc) fmaf(a, w, acc)
+#else
+#define QS_CPU_MADD(a, w, acc) ((a) * (w) + (acc))
+#endif
+
 /* embed.c */
 void qs_cpu_embed_forward(float *out, const int *tok, const int *pos, const float *wte,
                           const float *wpe, int N, int C);
@@ -59,6 +68,12 @@ void qs_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *d
 void qs_cpu_matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out, qs_weight_layout layout);
 void qs_cpu_matmul_forward_bf16(float *out, const float *inp, const uint16_t *w, const float *bias, int N, int n_in,
                                 int n_out);
+
+/* matmul_rows.c: qs_cpu_matmul_forward's products of 2 to QS_CPU_FEW_ROWS - 1 rows
+ * (SGEMM catches up at 20-32 rows of GPT-2 124M's products, bench/NOTES.md) */
+#define QS_CPU_FEW_ROWS 24
+void qs_cpu_matmul_rows_forward(float *out, const float *inp, const float *w, const float *bias, int N, int n_in,
+                                int n_out, qs_weight_layout layout);
 
 /* matmul.c */
 void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N,

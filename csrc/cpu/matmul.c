@@ -39,6 +39,10 @@ static void par_sgemm(int ta, int tb, int M, int N, int K, float alpha, const fl
 void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N,
                            int n_in, int n_out, qs_weight_layout layout) {
     if (N <= 0) return;
+    if (N >= 2 && N < QS_CPU_FEW_ROWS) { /* (one row: par_sgemm's GEMV, as fast) */
+        qs_cpu_matmul_rows_forward(out, inp, w, bias, N, n_in, n_out, layout);
+        return;
+    }
     const int out_in = layout == QS_W_OUT_IN;
     par_sgemm(0, out_in, N, n_out, n_in, 1.0f, inp, n_in, w, out_in ? n_in : n_out, 0.0f, out, n_out);
     if (!bias) return;

@@ -20,15 +20,6 @@ enum {
     PREFETCH_ROWS = 64    /* panel rows a tile prefetches ahead (bench/NOTES.md) */
 };
 
-/* acc + a * w in one instruction where the target has FMA (ISO C mode does not contract
- * the expression itself; with more than a row or two the tile is bound by arithmetic).
- * Without FMA, fmaf would be a library call a product: the plain expression instead. */
-#ifdef __FMA__
-#define MADD(a, w, acc) fmaf(a, w, acc)
-#else
-#define MADD(a, w, acc) ((a) * (w) + (acc))
-#endif
-
 void qs_cpu_matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out, qs_weight_layout layout) {
     const int panels = (n_out + QS_BF16_PANEL - 1) / QS_BF16_PANEL;
 #pragma omp parallel for schedule(static)
@@ -58,7 +49,7 @@ static inline __attribute__((always_inline)) void panel_tile(const int R, float 
         for (int c = 0; c < QS_BF16_PANEL; c++) w[c] = qs_bf16_to_float(panel[(size_t)i * QS_BF16_PANEL + c]);
         for (int r = 0; r < R; r++) {
             const float a = inp[(size_t)r * n_in + i];
-            for (int c = 0; c < QS_BF16_PANEL; c++) acc[r][c] = MADD(a, w[c], acc[r][c]);
+            for (int c = 0; c < QS_BF16_PANEL; c++) acc[r][c] = QS_CPU_MADD(a, w[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++)
