@@ -78,8 +78,8 @@ static void gemm_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
     o->matmul_backward(f[3], f[4], NULL, f[0], f[1], f[2], d->N, d->C, d->F, QS_W_IN_OUT);
 }
 
-/* ---- a decode step's linear layer: one row, bound by reading the weights, from fp32
- * weights (the GEMM's case at one row) and from bf16 panels (matmul_forward_bf16,
+/* ---- a decode step's linear layer: one row (or a batch's 8), bound by reading the
+ * weights, from fp32 weights (the GEMM's case at a few rows) and from bf16 panels (matmul_forward_bf16,
  * `--weights bf16`). The panels sit in a float buffer; the benchmark's fill holds values
  * bf16 represents exactly, so read as bf16 pairs they are those values and zeros, never
  * denormals or NaN. */
@@ -339,6 +339,8 @@ static void xent_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 #define GEMM_DIMS {.N = 2048, .C = 768, .F = 3072}, {.N = 8192, .C = 768, .F = 3072}, {.N = 64, .C = 32, .F = 48}
 /* a decode step through GPT-2 124M's c_fc (both), and a quick one with a partial panel */
 #define DECODE_DIMS {.N = 1, .C = 768, .F = 3072}, {.N = 1, .C = 768, .F = 3072}, {.N = 1, .C = 32, .F = 48}
+/* the same for 8 sequences decoding together, and a quick one with a partial register tile */
+#define DECODE_BATCH_DIMS {.N = 8, .C = 768, .F = 3072}, {.N = 8, .C = 768, .F = 3072}, {.N = 3, .C = 32, .F = 48}
 #define ATT_DIMS                                                                                                      \
     {.B = 4, .T = 256, .C = 384, .NH = 6}, {.B = 8, .T = 1024, .C = 768, .NH = 12}, {.B = 1, .T = 16, .C = 16, .NH = 2}
 /* multi-query: one K/V head, one sequence (long-context decoding's and fine-tuning's case) */
@@ -358,6 +360,8 @@ static const kcase CASES[] = {
     {"gemm_bwd", GEMM_DIMS, gemm_bwd_plan, NULL, gemm_bwd_run},
     {"decode_fp32", DECODE_DIMS, gemm_fwd_plan, NULL, gemm_fwd_run},
     {"decode_bf16", DECODE_DIMS, decode_bf16_plan, NULL, decode_bf16_run},
+    {"decode_batch_fp32", DECODE_BATCH_DIMS, gemm_fwd_plan, NULL, gemm_fwd_run},
+    {"decode_batch_bf16", DECODE_BATCH_DIMS, decode_bf16_plan, NULL, decode_bf16_run},
     {"ffn_gelu_fwd", GEMM_DIMS, ffn_fwd_plan, NULL, ffn_fwd_run},
     {"ffn_gelu_fwd_unfused", GEMM_DIMS, ffn_fwd_plan, NULL, ffn_fwd_unfused_run},
     {"ffn_gelu_bwd", GEMM_DIMS, ffn_bwd_plan, NULL, ffn_bwd_run},

@@ -69,7 +69,7 @@ void qs_cpu_matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out,
 void qs_cpu_matmul_forward_bf16(float *out, const float *inp, const uint16_t *w, const float *bias, int N, int n_in,
                                 int n_out);
 
-/* matmul_rows.c: qs_cpu_matmul_forward's products of 2 to QS_CPU_FEW_ROWS - 1 rows
+/* matmul_rows.c: qs_cpu_matmul_forward's products of up to QS_CPU_FEW_ROWS - 1 rows
  * (SGEMM catches up at 20-32 rows of GPT-2 124M's products, bench/NOTES.md) */
 #define QS_CPU_FEW_ROWS 24
 void qs_cpu_matmul_rows_forward(float *out, const float *inp, const float *w, const float *bias, int N, int n_in,

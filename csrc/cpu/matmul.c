@@ -39,7 +39,9 @@ static void par_sgemm(int ta, int tb, int M, int N, int K, float alpha, const fl
 void qs_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N,
                            int n_in, int n_out, qs_weight_layout layout) {
     if (N <= 0) return;
-    if (N >= 2 && N < QS_CPU_FEW_ROWS) { /* (one row: par_sgemm's GEMV, as fast) */
+    /* one row of [in, out] weights: par_sgemm's GEMV is as fast; along [out, in] rows
+     * the tile's prefetching reads 15-20% faster */
+    if (N < QS_CPU_FEW_ROWS && (N >= 2 || layout == QS_W_OUT_IN)) {
         qs_cpu_matmul_rows_forward(out, inp, w, bias, N, n_in, n_out, layout);
         return;
     }

@@ -212,7 +212,7 @@ if "$emu/quasar" bench kernels --device cuda --quick --repeats 2 --json >bench_k
   ! sanitizer_report bench_kernels.err; then
   json_check "bench kernels --device cuda: every op timed on the device" bench_kernels.json '
 assert r["backend"] == "cuda" and r["cache_mib"] == 50, (r["backend"], r.get("cache_mib"))
-assert len(r["kernels"]) == 21 and len(v) == 3 * 21, [k["name"] for k in r["kernels"]]
+assert len(r["kernels"]) == 23 and len(v) == 3 * 23, [k["name"] for k in r["kernels"]]
 assert "on cuda" in r["ceilings"]["gemm"] and "on cuda" in r["ceilings"]["copy"], r["ceilings"]'
 else
   not_ok "bench kernels --device cuda runs (emulated)" "$(grep -v WARNING bench_kernels.err | tail -3)"
