@@ -22,7 +22,8 @@ enum {
     DOT_ROWS = 8,
     VB = 2,    /* weight rows a dot tile: 8 x 2 x 16 sums, 16 registers */
     VECTOR = 16,
-    PREFETCH_FLOATS = 1024
+    PREFETCH_FLOATS = 1024,
+    CHUNK_ROWS = 64 /* [out, in] weight rows a chunk: 192 KiB at n_in 768 */
 };
 
 /* out[0..R) x [j0, j0 + STRIP) += x[0..R) x [i0, i1) @ w[i0, i1) x [j0, j0 + STRIP). */
@@ -120,27 +121,35 @@ static inline __attribute__((always_inline)) void dot_tile(const int R, const in
     dot_finish(out, (const float (*)[VECTOR])sums, x, w, R, V, n_in, n_out, v0);
 }
 
+/* Weight rows a chunk at a time (in L2 after the first row tile reads them), so each
+ * row tile's inputs stay in L1 across the chunk: streamed from L2 for every pair of
+ * weight rows, 16 input rows (48 KiB at n_in 768) made 16 rows 2.4x slower than 8. */
 static void out_in(float *out, const float *x, const float *w, int N, int n_in, int n_out, int c0, int c1) {
-    for (int v0 = c0; v0 < c1; v0 += VB)
+    for (int ch = c0; ch < c1; ch += CHUNK_ROWS) {
+        const int ch_end = c1 - ch < CHUNK_ROWS ? c1 : ch + CHUNK_ROWS;
         for (int r0 = 0; r0 < N; r0 += DOT_ROWS) {
             float *o = out + (size_t)r0 * n_out;
             const float *xr = x + (size_t)r0 * n_in;
             const int R = N - r0 < DOT_ROWS ? N - r0 : DOT_ROWS;
-            if (c1 - v0 < VB) { /* one weight row left */
-                for (int r = 0; r < R; r++) dot_tile(1, 1, o + (size_t)r * n_out, xr + (size_t)r * n_in, w, n_in, n_out, v0);
-                continue;
-            }
-            switch (R) {
-            case 1: dot_tile(1, VB, o, xr, w, n_in, n_out, v0); break;
-            case 2: dot_tile(2, VB, o, xr, w, n_in, n_out, v0); break;
-            case 3: dot_tile(3, VB, o, xr, w, n_in, n_out, v0); break;
-            case 4: dot_tile(4, VB, o, xr, w, n_in, n_out, v0); break;
-            case 5: dot_tile(5, VB, o, xr, w, n_in, n_out, v0); break;
-            case 6: dot_tile(6, VB, o, xr, w, n_in, n_out, v0); break;
-            case 7: dot_tile(7, VB, o, xr, w, n_in, n_out, v0); break;
-            default: dot_tile(DOT_ROWS, VB, o, xr, w, n_in, n_out, v0); break;
+            for (int v0 = ch; v0 < ch_end; v0 += VB) {
+                if (ch_end - v0 < VB) { /* one weight row left */
+                    for (int r = 0; r < R; r++)
+                        dot_tile(1, 1, o + (size_t)r * n_out, xr + (size_t)r * n_in, w, n_in, n_out, v0);
+                    continue;
+                }
+                switch (R) {
+                case 1: dot_tile(1, VB, o, xr, w, n_in, n_out, v0); break;
+                case 2: dot_tile(2, VB, o, xr, w, n_in, n_out, v0); break;
+                case 3: dot_tile(3, VB, o, xr, w, n_in, n_out, v0); break;
+                case 4: dot_tile(4, VB, o, xr, w, n_in, n_out, v0); break;
+                case 5: dot_tile(5, VB, o, xr, w, n_in, n_out, v0); break;
+                case 6: dot_tile(6, VB, o, xr, w, n_in, n_out, v0); break;
+                case 7: dot_tile(7, VB, o, xr, w, n_in, n_out, v0); break;
+                default: dot_tile(DOT_ROWS, VB, o, xr, w, n_in, n_out, v0); break;
+                }
             }
         }
+    }
 }
 
 void qs_cpu_matmul_rows_forward(float *out, const float *inp, const float *w, const float *bias, int N, int n_in,
