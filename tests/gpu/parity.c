@@ -43,7 +43,9 @@
  *
  * Output is TAP: one "ok - ..." or "not ok - ..." line per check (with a "# ..." line
  * saying why), then the plan and a count. Exits non-zero if any check failed or no CUDA
- * device is visible. */
+ * device is visible. `parity ops` runs the memory plans, the ops and the emulator's
+ * fallbacks, `parity models` the models in fp32 and all of the bf16 pass: two processes
+ * of about equal length (the emulated run in `make test` starts both at once). */
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1333,7 +1335,15 @@ static void test_models(void) {
 }
 
 int main(int argc, char **argv) {
-    (void)argc;
+    /* `parity ops` or `parity models`: one half (memory plans and ops / the models, fp32
+     * then bf16), so the emulated run in `make test` takes its halves side by side */
+    const char *part = argc > 1 ? argv[1] : "all";
+    const bool all = !strcmp(part, "all"), ops_half = all || !strcmp(part, "ops"),
+               models_half = all || !strcmp(part, "models");
+    if (argc > 2 || (!ops_half && !models_half)) {
+        printf("Bail out! usage: parity [ops|models] (no argument: both)\n");
+        return 2;
+    }
     qs_backend_cpu_pick_blas(argv); /* the CPU reference at its BLAS's full speed: device time is short */
     /* every kernel loaded with the context, not at its first launch, so that device
      * memory changes only by what the backend allocates (test_memory_plan) */
@@ -1345,29 +1355,35 @@ int main(int argc, char **argv) {
         printf("Bail out! no CUDA backend: %s\n", qs_error_last());
         return 1;
     }
-    size_t held = 0;
-    test_memory_plan(be[1], &held);
-    test_memory_plan(qs_backend_cuda(QS_PRECISION_BF16), &held); /* its attention stages more */
-    test_ops();
-    test_models();
-    be[1] = qs_backend_cuda(QS_PRECISION_BF16);
-    bf16 = true;
-    test_attention_shapes();
-    test_matmul_bf16_shapes();
-    /* the experts' products through Quasar's grouped kernel (grouped_gemm.cu) */
-    setenv("QS_CUDA_GROUPED", "quasar", 1);
-    test_matmul_grouped_shapes("grouped (Quasar's bf16 kernel)");
-    unsetenv("QS_CUDA_GROUPED");
-    test_models();
-    /* The emulated cuBLAS can answer that it lacks the grouped form, as a real one may for
-     * a compute type; the products then go one GEMM per group. On a GPU this repeats the
-     * grouped checks. */
-    be[1] = qs_backend_cuda(QS_PRECISION_FP32);
-    bf16 = false;
-    setenv("QS_EMU_NO_GROUPED", "1", 1);
-    test_matmul_grouped_shapes("(emulator: no grouped cuBLAS, a GEMM per group)");
-    setenv("QS_EMU_NO_LT_EPILOGUE", "1", 1);
-    test_epilogue_shapes("(emulator: no cuBLASLt epilogues, unfused) ");
+    if (ops_half) {
+        size_t held = 0;
+        test_memory_plan(be[1], &held);
+        test_memory_plan(qs_backend_cuda(QS_PRECISION_BF16), &held); /* its attention stages more */
+        test_ops();
+    }
+    if (models_half) {
+        test_models();
+        be[1] = qs_backend_cuda(QS_PRECISION_BF16);
+        bf16 = true;
+        test_attention_shapes();
+        test_matmul_bf16_shapes();
+        /* the experts' products through Quasar's grouped kernel (grouped_gemm.cu) */
+        setenv("QS_CUDA_GROUPED", "quasar", 1);
+        test_matmul_grouped_shapes("grouped (Quasar's bf16 kernel)");
+        unsetenv("QS_CUDA_GROUPED");
+        test_models();
+        be[1] = qs_backend_cuda(QS_PRECISION_FP32);
+        bf16 = false;
+    }
+    if (ops_half) {
+        /* The emulated cuBLAS can answer that it lacks the grouped form, as a real one may
+         * for a compute type; the products then go one GEMM per group. On a GPU this
+         * repeats the grouped checks. */
+        setenv("QS_EMU_NO_GROUPED", "1", 1);
+        test_matmul_grouped_shapes("(emulator: no grouped cuBLAS, a GEMM per group)");
+        setenv("QS_EMU_NO_LT_EPILOGUE", "1", 1);
+        test_epilogue_shapes("(emulator: no cuBLASLt epilogues, unfused) ");
+    }
     printf("1..%d\n# %d passed, %d failed\n", passed + failed, passed, failed);
     return failed ? 1 : 0;
 }
