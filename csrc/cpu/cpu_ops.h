@@ -69,6 +69,23 @@ void qs_cpu_matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out,
 void qs_cpu_matmul_forward_bf16(float *out, const float *inp, const uint16_t *w, const float *bias, int N, int n_in,
                                 int n_out);
 
+/* The few-row tiles (matmul_rows.c, matmul_bf16.c) keep the sums of up to
+ * QS_CPU_TILE_ROWS input rows in registers. QS_CPU_TILE_SWITCH(rows, TILE) runs TILE(r)
+ * with r the constant min(rows, QS_CPU_TILE_ROWS), so each row count compiles to its
+ * own unrolled tile (rows >= 1). */
+#define QS_CPU_TILE_ROWS 8
+#define QS_CPU_TILE_SWITCH(rows, TILE)                                                                                \
+    switch ((rows) < QS_CPU_TILE_ROWS ? (rows) : QS_CPU_TILE_ROWS) {                                                 \
+    case 1: TILE(1); break;                                                                                           \
+    case 2: TILE(2); break;                                                                                           \
+    case 3: TILE(3); break;                                                                                           \
+    case 4: TILE(4); break;                                                                                           \
+    case 5: TILE(5); break;                                                                                           \
+    case 6: TILE(6); break;                                                                                           \
+    case 7: TILE(7); break;                                                                                           \
+    default: TILE(QS_CPU_TILE_ROWS); break;                                                                           \
+    }
+
 /* matmul_rows.c: qs_cpu_matmul_forward's products of up to QS_CPU_FEW_ROWS - 1 rows
  * (SGEMM catches up at 20-32 rows of GPT-2 124M's products, bench/NOTES.md) */
 #define QS_CPU_FEW_ROWS 24

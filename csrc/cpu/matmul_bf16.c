@@ -1,8 +1,9 @@
 /* Linear layers from bf16 weights (inference). A decode step's products have a few rows
  * and are bound by reading the weights (GPT-2 124M: 497 MB of fp32 a token); bf16
  * halves that. The weights live in panels of QS_BF16_PANEL columns (ops.h), so a panel's
- * walk down its rows is one contiguous stream, and a tile of up to TILE_ROWS rows of the
- * input keeps its 32-column sums in registers while the panel streams past once.
+ * walk down its rows is one contiguous stream, and a tile of up to QS_CPU_TILE_ROWS rows
+ * of the input keeps its 32-column sums in registers (8 x 32 fp32: 16 AVX-512
+ * registers) while the panel streams past once.
  * Hundreds of rows (a long prefill) widen a group of panels back to fp32 and hand it to
  * SGEMM, which is as fast as the tile there and faster beyond. */
 #include <cblas.h>
@@ -14,7 +15,6 @@
 #include "quasar/bf16.h"
 
 enum {
-    TILE_ROWS = 8,        /* 8 x 32 fp32 sums: 16 AVX-512 registers */
     SGEMM_MIN_ROWS = 256, /* SGEMM over widened panels catches up with the tiles at 256-512 rows (bench/NOTES.md) */
     WIDE_PANELS = 8,      /* panels widened together for one SGEMM: 256 columns */
     PREFETCH_ROWS = 64    /* panel rows a tile prefetches ahead (bench/NOTES.md) */
@@ -40,7 +40,7 @@ void qs_cpu_matmul_pack_bf16(uint16_t *dst, const float *w, int n_in, int n_out,
 static inline __attribute__((always_inline)) void panel_tile(const int R, float *out, const float *inp,
                                                              const uint16_t *panel, const float *bias, int n_in,
                                                              int n_out, int j0, int nv) {
-    float acc[TILE_ROWS][QS_BF16_PANEL] = {{0}};
+    float acc[QS_CPU_TILE_ROWS][QS_BF16_PANEL] = {{0}};
     for (int i = 0; i < n_in; i++) {
         /* 4 KiB ahead of the stream (past the panel's end: the next panel's, or nothing);
          * the hardware prefetcher alone left a core at ~60% of its read bandwidth */
@@ -62,19 +62,12 @@ static void tiles(float *out, const float *inp, const uint16_t *w, const float *
     for (int p = 0; p < panels; p++) {
         const uint16_t *panel = w + (size_t)p * n_in * QS_BF16_PANEL;
         const int j0 = p * QS_BF16_PANEL, nv = n_out - j0 < QS_BF16_PANEL ? n_out - j0 : QS_BF16_PANEL;
-        for (int r0 = 0; r0 < N; r0 += TILE_ROWS) {
+        for (int r0 = 0; r0 < N; r0 += QS_CPU_TILE_ROWS) {
             float *o = out + (size_t)r0 * n_out;
             const float *x = inp + (size_t)r0 * n_in;
-            switch (N - r0 < TILE_ROWS ? N - r0 : TILE_ROWS) {
-            case 1: panel_tile(1, o, x, panel, bias, n_in, n_out, j0, nv); break;
-            case 2: panel_tile(2, o, x, panel, bias, n_in, n_out, j0, nv); break;
-            case 3: panel_tile(3, o, x, panel, bias, n_in, n_out, j0, nv); break;
-            case 4: panel_tile(4, o, x, panel, bias, n_in, n_out, j0, nv); break;
-            case 5: panel_tile(5, o, x, panel, bias, n_in, n_out, j0, nv); break;
-            case 6: panel_tile(6, o, x, panel, bias, n_in, n_out, j0, nv); break;
-            case 7: panel_tile(7, o, x, panel, bias, n_in, n_out, j0, nv); break;
-            default: panel_tile(TILE_ROWS, o, x, panel, bias, n_in, n_out, j0, nv); break;
-            }
+#define PANEL_TILE(R) panel_tile(R, o, x, panel, bias, n_in, n_out, j0, nv)
+            QS_CPU_TILE_SWITCH(N - r0, PANEL_TILE)
+#undef PANEL_TILE
         }
     }
 }

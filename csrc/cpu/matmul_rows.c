@@ -3,12 +3,12 @@
  * the products (GPT-2 124M, 8 rows: 52 ms a step against 18 ms for one row's GEMV), and
  * blocked GEMVs read the weights once per row. Here each weight is read once for all
  * the rows, its products summed in registers.
- *  - [in, out] weights: a strip of STRIP columns walks down BLOCK_IN input rows with the
- *    sums of up to TILE_ROWS rows in registers, then the next strip; the block's rows
- *    are each read left to right, BLOCK_IN streams the prefetcher follows, and the next
- *    block is prefetched a block ahead.
+ *  - [in, out] weights: a strip of STRIP columns walks down BLOCK_IN input rows with
+ *    the sums of up to QS_CPU_TILE_ROWS rows in registers, then the next strip; the
+ *    block's rows are each read left to right, BLOCK_IN streams the prefetcher follows,
+ *    and the next block is prefetched a block ahead.
  *  - [out, in] weights (the tied classifier): VB weight rows at a time, each dotted with
- *    up to DOT_ROWS input rows, VECTOR lanes of sums per pair.
+ *    up to QS_CPU_TILE_ROWS input rows, VECTOR lanes of sums per pair.
  * Threads own columns of the output, and every sum runs over the input in order: the
  * result does not depend on the thread count. */
 #include <string.h>
@@ -16,10 +16,8 @@
 #include "cpu_ops.h"
 
 enum {
-    TILE_ROWS = 8, /* 8 rows x 32 columns of sums: 16 AVX-512 registers */
-    STRIP = 32,
+    STRIP = 32, /* 8 rows x 32 columns of sums: 16 AVX-512 registers */
     BLOCK_IN = 16,
-    DOT_ROWS = 8,
     VB = 2,    /* weight rows a dot tile: 8 x 2 x 16 sums, 16 registers */
     VECTOR = 16,
     PREFETCH_FLOATS = 1024,
@@ -30,7 +28,7 @@ enum {
 static inline __attribute__((always_inline)) void strip_tile(const int R, float *out, const float *x,
                                                              const float *w, int n_in, int n_out, int i0, int i1,
                                                              int j0) {
-    float acc[TILE_ROWS][STRIP];
+    float acc[QS_CPU_TILE_ROWS][STRIP];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < STRIP; c++) acc[r][c] = out[(size_t)r * n_out + j0 + c];
     for (int i = i0; i < i1; i++) {
@@ -63,19 +61,12 @@ static void in_out(float *out, const float *x, const float *w, int N, int n_in, 
     for (int i0 = 0; i0 < n_in; i0 += BLOCK_IN) {
         const int i1 = n_in - i0 < BLOCK_IN ? n_in : i0 + BLOCK_IN;
         for (int j0 = c0; j0 < strips_end; j0 += STRIP)
-            for (int r0 = 0; r0 < N; r0 += TILE_ROWS) {
+            for (int r0 = 0; r0 < N; r0 += QS_CPU_TILE_ROWS) {
                 float *o = out + (size_t)r0 * n_out;
                 const float *xr = x + (size_t)r0 * n_in;
-                switch (N - r0 < TILE_ROWS ? N - r0 : TILE_ROWS) {
-                case 1: strip_tile(1, o, xr, w, n_in, n_out, i0, i1, j0); break;
-                case 2: strip_tile(2, o, xr, w, n_in, n_out, i0, i1, j0); break;
-                case 3: strip_tile(3, o, xr, w, n_in, n_out, i0, i1, j0); break;
-                case 4: strip_tile(4, o, xr, w, n_in, n_out, i0, i1, j0); break;
-                case 5: strip_tile(5, o, xr, w, n_in, n_out, i0, i1, j0); break;
-                case 6: strip_tile(6, o, xr, w, n_in, n_out, i0, i1, j0); break;
-                case 7: strip_tile(7, o, xr, w, n_in, n_out, i0, i1, j0); break;
-                default: strip_tile(TILE_ROWS, o, xr, w, n_in, n_out, i0, i1, j0); break;
-                }
+#define STRIP_TILE(R) strip_tile(R, o, xr, w, n_in, n_out, i0, i1, j0)
+                QS_CPU_TILE_SWITCH(N - r0, STRIP_TILE)
+#undef STRIP_TILE
             }
         column_tail(out, x, w, N, n_in, n_out, i0, i1, strips_end, c1);
     }
@@ -100,7 +91,7 @@ static __attribute__((noinline)) void dot_finish(float *out, const float (*sums)
 /* out[0..R) x [v0, v0 + V) += x[0..R) . w[v0, v0 + V), V <= VB weight rows of n_in. */
 static inline __attribute__((always_inline)) void dot_tile(const int R, const int V, float *out, const float *x,
                                                            const float *w, int n_in, int n_out, int v0) {
-    float acc[DOT_ROWS * VB][VECTOR] = {{0}};
+    float acc[QS_CPU_TILE_ROWS * VB][VECTOR] = {{0}};
     const int k_end = n_in / VECTOR * VECTOR;
     for (int k = 0; k < k_end; k += VECTOR) {
         float wl[VB][VECTOR];
@@ -115,7 +106,7 @@ static inline __attribute__((always_inline)) void dot_tile(const int R, const in
                 for (int l = 0; l < VECTOR; l++)
                     acc[r * VB + v][l] = QS_CPU_MADD(x[(size_t)r * n_in + k + l], wl[v][l], acc[r * VB + v][l]);
     }
-    float sums[DOT_ROWS * VB][VECTOR];
+    float sums[QS_CPU_TILE_ROWS * VB][VECTOR];
     for (int i = 0; i < R * VB; i++)
         for (int l = 0; l < VECTOR; l++) sums[i][l] = acc[i][l];
     dot_finish(out, (const float (*)[VECTOR])sums, x, w, R, V, n_in, n_out, v0);
@@ -127,26 +118,19 @@ static inline __attribute__((always_inline)) void dot_tile(const int R, const in
 static void out_in(float *out, const float *x, const float *w, int N, int n_in, int n_out, int c0, int c1) {
     for (int ch = c0; ch < c1; ch += CHUNK_ROWS) {
         const int ch_end = c1 - ch < CHUNK_ROWS ? c1 : ch + CHUNK_ROWS;
-        for (int r0 = 0; r0 < N; r0 += DOT_ROWS) {
+        for (int r0 = 0; r0 < N; r0 += QS_CPU_TILE_ROWS) {
             float *o = out + (size_t)r0 * n_out;
             const float *xr = x + (size_t)r0 * n_in;
-            const int R = N - r0 < DOT_ROWS ? N - r0 : DOT_ROWS;
+            const int R = N - r0 < QS_CPU_TILE_ROWS ? N - r0 : QS_CPU_TILE_ROWS;
             for (int v0 = ch; v0 < ch_end; v0 += VB) {
                 if (ch_end - v0 < VB) { /* one weight row left */
                     for (int r = 0; r < R; r++)
                         dot_tile(1, 1, o + (size_t)r * n_out, xr + (size_t)r * n_in, w, n_in, n_out, v0);
                     continue;
                 }
-                switch (R) {
-                case 1: dot_tile(1, VB, o, xr, w, n_in, n_out, v0); break;
-                case 2: dot_tile(2, VB, o, xr, w, n_in, n_out, v0); break;
-                case 3: dot_tile(3, VB, o, xr, w, n_in, n_out, v0); break;
-                case 4: dot_tile(4, VB, o, xr, w, n_in, n_out, v0); break;
-                case 5: dot_tile(5, VB, o, xr, w, n_in, n_out, v0); break;
-                case 6: dot_tile(6, VB, o, xr, w, n_in, n_out, v0); break;
-                case 7: dot_tile(7, VB, o, xr, w, n_in, n_out, v0); break;
-                default: dot_tile(DOT_ROWS, VB, o, xr, w, n_in, n_out, v0); break;
-                }
+#define DOT_TILE(RR) dot_tile(RR, VB, o, xr, w, n_in, n_out, v0)
+                QS_CPU_TILE_SWITCH(R, DOT_TILE)
+#undef DOT_TILE
             }
         }
     }
