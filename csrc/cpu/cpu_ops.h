@@ -86,6 +86,9 @@ void qs_cpu_matmul_forward_bf16(float *out, const float *inp, const uint16_t *w,
     default: TILE(QS_CPU_TILE_ROWS); break;                                                                           \
     }
 
+/* Products of fewer multiply-adds run on one thread: forking the team costs more. */
+#define QS_CPU_GEMM_PAR_MIN ((size_t)1 << 15)
+
 /* matmul_rows.c: qs_cpu_matmul_forward's products of up to QS_CPU_FEW_ROWS - 1 rows
  * (SGEMM catches up at 20-32 rows of GPT-2 124M's products, bench/NOTES.md) */
 #define QS_CPU_FEW_ROWS 24

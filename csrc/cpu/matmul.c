@@ -18,7 +18,7 @@ static void par_sgemm(int ta, int tb, int M, int N, int K, float alpha, const fl
     enum CBLAS_TRANSPOSE TA = ta ? CblasTrans : CblasNoTrans, TB = tb ? CblasTrans : CblasNoTrans;
     int split_rows = M >= N, len = split_rows ? M : N;
     int nt = omp_in_parallel() ? 1 : omp_get_max_threads(); /* inside a grouped product's team: alone */
-    if (nt > 1 && (size_t)M * N * K < 32768) nt = 1; /* too small to pay for a fork */
+    if (nt > 1 && (size_t)M * N * K < QS_CPU_GEMM_PAR_MIN) nt = 1;
     int chunk = (len + nt - 1) / nt;
     chunk = (chunk + 15) & ~15; /* whole SIMD-friendly blocks */
 #pragma omp parallel for schedule(static) num_threads(nt)

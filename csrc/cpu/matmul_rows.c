@@ -138,8 +138,8 @@ static void out_in(float *out, const float *x, const float *w, int N, int n_in, 
 
 void qs_cpu_matmul_rows_forward(float *out, const float *inp, const float *w, const float *bias, int N, int n_in,
                                 int n_out, qs_weight_layout layout) {
-    /* each thread's columns: whole strips (and the rest to the last); a small product on one */
-    const int nt = (size_t)N * n_in * n_out < 32768 ? 1 : omp_get_max_threads();
+    /* each thread's columns: whole strips (and the rest to the last) */
+    const int nt = (size_t)N * n_in * n_out < QS_CPU_GEMM_PAR_MIN ? 1 : omp_get_max_threads();
 #pragma omp parallel num_threads(nt)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
