@@ -80,9 +80,9 @@ static void gemm_bwd_run(const qs_ops *o, const kdims *d, float *const *f, int *
 
 /* ---- a decode step's linear layer: one row (or a batch's 8), bound by reading the
  * weights, from fp32 weights (the GEMM's case at a few rows) and from bf16 panels
- * (matmul_forward_bf16, `--weights bf16`). The panels sit in a float buffer; the benchmark's fill holds values
- * bf16 represents exactly, so read as bf16 pairs they are those values and zeros, never
- * denormals or NaN. */
+ * (matmul_forward_bf16, `--weights bf16`). The panels sit in a float buffer; the
+ * benchmark's fill holds values bf16 represents exactly, so read as bf16 pairs they are
+ * those values and zeros, never denormals or NaN. */
 
 static void decode_bf16_plan(kplan *p, const kdims *d) {
     const size_t N = d->N, C = d->C, F = d->F, packed = qs_bf16_packed_elems(d->C, d->F);

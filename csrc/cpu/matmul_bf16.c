@@ -63,9 +63,7 @@ static void tiles(float *out, const float *inp, const uint16_t *w, const float *
         const uint16_t *panel = w + (size_t)p * n_in * QS_BF16_PANEL;
         const int j0 = p * QS_BF16_PANEL, nv = n_out - j0 < QS_BF16_PANEL ? n_out - j0 : QS_BF16_PANEL;
         for (int r0 = 0; r0 < N; r0 += QS_CPU_TILE_ROWS) {
-            float *o = out + (size_t)r0 * n_out;
-            const float *x = inp + (size_t)r0 * n_in;
-#define PANEL_TILE(R) panel_tile(R, o, x, panel, bias, n_in, n_out, j0, nv)
+#define PANEL_TILE(R) panel_tile(R, out + (size_t)r0 * n_out, inp + (size_t)r0 * n_in, panel, bias, n_in, n_out, j0, nv)
             QS_CPU_TILE_SWITCH(N - r0, PANEL_TILE)
 #undef PANEL_TILE
         }

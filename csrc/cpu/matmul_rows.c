@@ -62,9 +62,7 @@ static void in_out(float *out, const float *x, const float *w, int N, int n_in, 
         const int i1 = n_in - i0 < BLOCK_IN ? n_in : i0 + BLOCK_IN;
         for (int j0 = c0; j0 < strips_end; j0 += STRIP)
             for (int r0 = 0; r0 < N; r0 += QS_CPU_TILE_ROWS) {
-                float *o = out + (size_t)r0 * n_out;
-                const float *xr = x + (size_t)r0 * n_in;
-#define STRIP_TILE(R) strip_tile(R, o, xr, w, n_in, n_out, i0, i1, j0)
+#define STRIP_TILE(R) strip_tile(R, out + (size_t)r0 * n_out, x + (size_t)r0 * n_in, w, n_in, n_out, i0, i1, j0)
                 QS_CPU_TILE_SWITCH(N - r0, STRIP_TILE)
 #undef STRIP_TILE
             }

@@ -50,7 +50,8 @@ expect_ok "bench kernels: --quick --json" $Q bench kernels --quick --repeats 3 -
 cp "$WORK/out" kernels.json
 json_check "bench kernels: every op has positive FLOP/s, bytes/s and fractions of the ceilings" kernels.json '
 names = [k["name"] for k in r["kernels"]]
-for op in ("gemm_fwd", "decode_fp32", "decode_bf16", "decode_batch_fp32", "decode_batch_bf16", "ffn_gelu_fwd", "ffn_gelu_fwd_unfused", "ffn_gelu_bwd", "ffn_gelu_bwd_unfused",
+for op in ("gemm_fwd", "decode_fp32", "decode_bf16", "decode_batch_fp32", "decode_batch_bf16",
+           "ffn_gelu_fwd", "ffn_gelu_fwd_unfused", "ffn_gelu_bwd", "ffn_gelu_bwd_unfused",
            "attention_fwd", "attention_bwd", "attention_mqa_fwd", "attention_mqa_bwd", "moe_route_dispatch",
            "moe_experts_fwd", "quadconv_fwd", "quadconv_bwd",
            "layernorm_fwd", "residual_layernorm_fwd", "xent_fwd", "xent_bwd"):
