@@ -1,5 +1,6 @@
 /* The CPU backend: host memory and the op table. */
 #include <omp.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,19 +11,27 @@
 #include "quasar/clock.h"
 #include "quasar/error.h"
 
+/* 64-byte alignment: whole cache lines and any SIMD width. calloc rather than memset:
+ * a large block comes as fresh zero pages that become resident only when written, so
+ * memory planned for the largest shape costs what a run touches (a short prompt's rows
+ * of the activations). calloc's own pointer is kept just below the aligned one. */
+#define CPU_ALIGN 64
+
 static void *cpu_alloc(size_t bytes) {
-    void *p = NULL;
-    /* 64-byte alignment: whole cache lines and any SIMD width. posix_memalign(0)
-     * may return NULL, which callers would read as failure, hence the 1. */
-    if (posix_memalign(&p, 64, bytes ? bytes : 1) != 0) {
+    char *base = bytes <= SIZE_MAX - CPU_ALIGN ? calloc(1, bytes + CPU_ALIGN) : NULL;
+    if (!base) {
         qs_error("out of memory allocating %zu bytes", bytes);
         return NULL;
     }
-    memset(p, 0, bytes);
+    /* calloc aligns to at least 16 bytes, so the gap below p holds a pointer */
+    char *p = (char *)(((uintptr_t)base + CPU_ALIGN) & ~(uintptr_t)(CPU_ALIGN - 1));
+    ((void **)p)[-1] = base;
     return p;
 }
 
-static void cpu_free(void *p) { free(p); }
+static void cpu_free(void *p) {
+    if (p) free(((void **)p)[-1]);
+}
 
 static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 
