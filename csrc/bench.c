@@ -603,7 +603,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
         what = step_dir;
         if (!rc && cfg->model.type != QS_MODEL_GPT) rc = qs_error("%s: not a language model (model.type is not gpt)", what);
         if (!rc && !(be = qs_cli_backend(a->device, cfg->train.precision))) rc = -1;
-        if (!rc) rc = qs_gpt_create_frozen(m, &cfg->model, be, a->batch, cfg->model.seq_len);
+        if (!rc) rc = qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER);
         if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(*m), &f, step_dir);
         qs_st_free(&f);
         free(chars);
@@ -617,7 +617,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
         qs_task_free(&t);
     }
     if (!(be = qs_cli_backend(a->device, cfg->train.precision))) return -1;
-    if (qs_gpt_create_frozen(m, &cfg->model, be, a->batch, cfg->model.seq_len)) return -1;
+    if (qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER)) return -1;
     return qs_gpt_init(*m, cfg->train.seed);
 }
 

@@ -292,7 +292,7 @@ static int load_model(loaded_model *lm, const char *dir, const char *device, int
                       qs_codec_vocab_size(&lm->codec), arch->vocab_size);
     const qs_backend *be = rc ? NULL : device_backend(device, &o.cfg);
     if (!rc && !be) rc = -1;
-    if (!rc) rc = qs_gpt_create_frozen(&lm->m, arch, be, max_B, arch->seq_len);
+    if (!rc) rc = qs_gpt_create_for(&lm->m, arch, be, max_B, arch->seq_len, QS_GPT_INFER);
     if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &o.f, o.step_dir);
     char adapter_step[QS_PATH_MAX + 64];
     if (!rc && adapter_dir)

@@ -47,6 +47,7 @@ struct qs_gpt {
 
     qs_params ps;       /* no gradient buffer when frozen (a LoRA base) */
     bool frozen;        /* no weight gradients, so fewer activations kept (carve) */
+    bool forward_only;  /* QS_GPT_INFER: no backward, so one block's activations serve all */
     qs_lora *lora;      /* adapters on the linear layers, or NULL */
     int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
     layer_params *lp;
@@ -272,7 +273,9 @@ static void carve_layer(const qs_gpt *m, qs_plan *p, layer_acts *a, const layer_
 static void carve(qs_gpt *m, qs_plan *p) {
     size_t N = (size_t)m->max_B * m->max_T, C = m->C, F = m->F, E = m->E, K = m->K;
     size_t NK = m->E > 0 ? N * K : N;
-    for (int l = 0; l <= m->L; l++) m->res[l] = qs_plan_f(p, N * C);
+    /* forward only, one stream updated in place: block l reads stream l only for res_mid,
+     * before it writes stream l + 1 */
+    for (int l = 0; l <= m->L; l++) m->res[l] = m->forward_only && l > 0 ? m->res[0] : qs_plan_f(p, N * C);
     /* What a backward need not read is not kept per layer but lives in one buffer all
      * layers share: the branch outputs (added into the stream at once); the LayerNorms'
      * outputs (made again from the stream and the saved statistics when a backward needs
@@ -284,8 +287,9 @@ static void carve(qs_gpt *m, qs_plan *p) {
     if (m->E > 0 && m->frozen) shared.xe = qs_plan_f(p, NK * C);
     /* activation checkpointing: the last recompute_layers blocks share the floats of
      * the first of them (see recompute_layer); the last rather than the first, as the
-     * forward leaves the last block's activations in place for the backward to start on */
-    int first_ckpt = m->L;
+     * forward leaves the last block's activations in place for the backward to start on.
+     * Forward only: every block shares the first's. */
+    int first_ckpt = m->forward_only ? 0 : m->L;
     while (first_ckpt > 0 && qs_config_recomputes(&m->cfg, first_ckpt - 1)) first_ckpt--;
     for (int l = 0; l < m->L; l++) {
         layer_acts *a = &m->la[l];
@@ -311,8 +315,10 @@ static void carve(qs_gpt *m, qs_plan *p) {
     m->pos = qs_plan_i(p, N);
     m->slots = qs_plan_i(p, m->max_B);
     m->tgt = qs_plan_i(p, N);
+    /* forward only: no backward scratch, but dln gathers a prefill's last rows */
+    m->dln = qs_plan_f(p, (m->forward_only ? (size_t)m->max_B : N) * C);
+    if (m->forward_only) return;
     m->dres = qs_plan_f(p, N * C);
-    m->dln = qs_plan_f(p, N * C);
     m->dbranch = qs_plan_f(p, N * C);
     m->datty = qs_plan_f(p, N * C);
     m->dqkv = qs_plan_f(p, N * m->Wqkv);
@@ -348,7 +354,7 @@ static size_t packed_id_count(const qs_gpt *m) {
 /* The model's host side: its sizes, host arrays, parameter table and activation count,
  * and m->plan; no backend memory yet. */
 static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
-                  bool trainable) {
+                  qs_gpt_use use) {
     *out = NULL;
     if (cfg->vocab_size < 1) return qs_error("model.vocab_size must be set (got %d)", cfg->vocab_size);
     if (max_T < 1 || max_T > cfg->seq_len)
@@ -376,7 +382,8 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->F = cfg->ffn_mult * cfg->n_embd;
     m->E = cfg->moe.n_experts;
     m->K = m->E > 0 ? cfg->moe.top_k : 1;
-    m->frozen = !trainable;
+    m->frozen = use != QS_GPT_TRAIN;
+    m->forward_only = use == QS_GPT_INFER;
     m->lp = calloc((size_t)m->L, sizeof *m->lp);
     m->la = calloc((size_t)m->L, sizeof *m->la);
     m->res = calloc((size_t)m->L + 1, sizeof *m->res);
@@ -414,7 +421,7 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
         m->sizes.heads = m->NH, m->sizes.kv_heads = m->NKV, m->sizes.head_size = m->C / m->NH;
     m->plan = (qs_mem_plan){
         .params = m->ps.n * sizeof(float),
-        .grads = trainable ? m->ps.n * sizeof(float) : 0,
+        .grads = m->frozen ? 0 : m->ps.n * sizeof(float),
         .activations = p.nf * sizeof(float) + p.ni * sizeof(int) + (N + packed_id_count(m)) * sizeof(int64_t),
         .workspace = be->workspace_bytes(&m->sizes),
     };
@@ -425,10 +432,10 @@ oom:
     return qs_error("out of memory creating the model");
 }
 
-int qs_gpt_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T, bool trainable, int sp,
+int qs_gpt_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T, qs_gpt_use use, int sp,
                 qs_mem_plan *plan) {
     qs_gpt *m;
-    if (layout(&m, cfg, be, max_B, max_T, trainable)) return -1;
+    if (layout(&m, cfg, be, max_B, max_T, use)) return -1;
     *plan = m->plan;
     if (sp > 1) plan->activations += qs_ring_attention_bytes(max_B, max_T, m->C, m->NH, m->NKV, sp);
     qs_gpt_free(m);
@@ -436,9 +443,9 @@ int qs_gpt_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, int
 }
 
 static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
-                  bool trainable) {
+                  qs_gpt_use use) {
     qs_gpt *m;
-    if (layout(&m, cfg, be, max_B, max_T, trainable)) return -1;
+    if (layout(&m, cfg, be, max_B, max_T, use)) return -1;
     if (qs_mem_plan_check(&m->plan, be)) {
         qs_gpt_free(m);
         return -1;
@@ -446,7 +453,7 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     const size_t N = (size_t)max_B * max_T;
     m->row_ids = be->alloc(N * sizeof(int64_t));
     m->packed_ids = m->E > 0 ? be->alloc(packed_id_count(m) * sizeof(int64_t)) : NULL;
-    int prc = qs_params_alloc(&m->ps, be, trainable);
+    int prc = qs_params_alloc(&m->ps, be, !m->frozen);
     m->act_mem = be->alloc(m->act_floats * sizeof(float));
     m->int_mem = be->alloc(m->act_ints * sizeof(int));
     if (prc || !m->row_ids || (m->E > 0 && !m->packed_ids) || !m->act_mem || !m->int_mem || be->reserve(&m->sizes)) {
@@ -463,11 +470,12 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
 }
 
 int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T) {
-    return create(out, cfg, be, max_B, max_T, true);
+    return create(out, cfg, be, max_B, max_T, QS_GPT_TRAIN);
 }
 
-int qs_gpt_create_frozen(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T) {
-    return create(out, cfg, be, max_B, max_T, false);
+int qs_gpt_create_for(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
+                      qs_gpt_use use) {
+    return create(out, cfg, be, max_B, max_T, use);
 }
 
 void qs_gpt_free(qs_gpt *m) {
@@ -1025,6 +1033,11 @@ static double chunked_loss(qs_gpt *m, const int *targets, int N) {
 
 double qs_gpt_forward(qs_gpt *m, const int *tokens, const int *targets, int B, int T,
                       const qs_forward_mode *mode) {
+    if (m->forward_only && mode->grad_scale != 0.0f) {
+        m->failed = true;
+        qs_error("a forward with a gradient scale needs a model made for training, not inference");
+        return NAN;
+    }
     trunk_forward(m, tokens, B, T, NULL, NULL, -1, mode);
     m->n_valid = 0;
     m->shown = NULL;
@@ -1150,6 +1163,7 @@ int qs_gpt_backward(qs_gpt *m) {
     int B = m->B, T = m->T, N = B * T, C = m->C;
     size_t NC = (size_t)N * C;
     const float scale = m->mode.grad_scale;
+    if (m->forward_only) return qs_error("backward needs a model made for training, not inference");
     /* logits shown: the last pass had no targets (or was a prefill or decode), so it took
      * no classifier gradient */
     if (scale == 0.0f || m->shown)

@@ -146,7 +146,9 @@ static int lm_finish(void *self, const char *run_dir) {
     sample_sink sink = {&t->codec, mem};
     /* a sequence-parallel model holds part of each sequence: sample from a whole copy */
     qs_gpt *whole = NULL;
-    int rc = t->sp ? qs_gpt_create_frozen(&whole, &t->cfg.model, qs_gpt_backend(t->m), 1, t->cfg.model.seq_len) : 0;
+    int rc = t->sp ? qs_gpt_create_for(&whole, &t->cfg.model, qs_gpt_backend(t->m), 1, t->cfg.model.seq_len,
+                                       QS_GPT_INFER)
+                   : 0;
     if (whole) qs_params_copy(qs_gpt_params(whole), qs_gpt_params(t->m));
     if (!rc) rc = qs_generate(whole ? whole : t->m, ctx, 1, n_new, &sp, emit_token, &sink) < 0 ? -1 : 0;
     qs_gpt_free(whole);
@@ -175,18 +177,19 @@ static void lm_free(void *self) {
     free(t);
 }
 
-/* What plan_lm plans for: micro-batches of B x T tokens, the model frozen (under LoRA,
- * or with no optimizer: evaluation), adapters under LoRA. */
+/* What plan_lm plans for: micro-batches of B x T tokens, the model's use, adapters
+ * under LoRA. */
 typedef struct lm_shape {
     int B, T;
-    bool frozen, lora;
+    qs_gpt_use use;
+    bool lora;
 } lm_shape;
 
 /* The model with its ring-attention buffers, and the adapters (qs_task_plan_fn). */
 static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place *place, const void *ctx) {
     const lm_shape *s = ctx;
     const int sp = place->sp ? qs_comm_size(place->sp) : 1;
-    if (qs_gpt_plan(&cfg->model, place->be, s->B, s->T, !s->frozen, sp, plan)) return -1;
+    if (qs_gpt_plan(&cfg->model, place->be, s->B, s->T, s->use, sp, plan)) return -1;
     if (s->lora) {
         qs_mem_plan adapters;
         if (qs_lora_plan(&cfg->lora, &cfg->model, place->be, s->B * s->T, &adapters)) return -1;
@@ -196,9 +199,9 @@ static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place 
 }
 
 /* lora: the model is a frozen base that adapters (cfg->lora) will train. Without an
- * optimizer nothing trains it either: frozen too, no gradient buffer. */
+ * optimizer nothing trains: forward passes only (evaluation). */
 static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const qs_task_place *place, bool lora) {
-    const bool frozen = lora || place->optim_shards == 0;
+    const qs_gpt_use use = place->optim_shards == 0 ? QS_GPT_INFER : lora ? QS_GPT_FROZEN : QS_GPT_TRAIN;
     lm_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
     int rc = qs_codec_open(&t->codec, &cfg->data, chars_json);
@@ -217,9 +220,9 @@ static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const 
     t->sp = place->sp && qs_comm_size(place->sp) > 1 ? place->sp : NULL;
     t->T = cfg->model.seq_len / (t->sp ? qs_comm_size(t->sp) : 1);
     qs_mem_plan plan = {0};
-    if (!rc) rc = qs_task_plan(&plan, cfg, place, plan_lm, &(lm_shape){t->B, t->T, frozen, lora});
+    if (!rc) rc = qs_task_plan(&plan, cfg, place, plan_lm, &(lm_shape){t->B, t->T, use, lora});
     t->cfg = *cfg; /* as planned: recompute_layers "auto" now a count */
-    if (!rc) rc = (frozen ? qs_gpt_create_frozen : qs_gpt_create)(&t->m, &cfg->model, place->be, t->B, t->T);
+    if (!rc) rc = qs_gpt_create_for(&t->m, &cfg->model, place->be, t->B, t->T, use);
     if (!rc && t->sp) rc = qs_gpt_set_sequence_parallel(t->m, t->sp);
     if (!rc && t->sp) {
         t->xf = malloc((size_t)t->B * cfg->model.seq_len * sizeof(int));

@@ -86,7 +86,7 @@ typedef struct built {
 
 static built build_on(const qs_backend *be, const qs_config *c, int B, int T) {
     built b;
-    assert_int_equal(qs_gpt_create_frozen(&b.m, &c->model, be, B, T), 0);
+    assert_int_equal(qs_gpt_create_for(&b.m, &c->model, be, B, T, QS_GPT_FROZEN), 0);
     qs_gpt_init(b.m, seed);
     assert_int_equal(qs_lora_create(&b.lo, &c->lora, b.m), 0);
     randomise(b.lo, &c->model, 99);
@@ -677,7 +677,7 @@ static void test_refused_targets(void **state) {
         c.lora.r = cases[i].r;
         qs_gpt *m;
         qs_lora *lo = (qs_lora *)&c; /* must come back NULL */
-        assert_int_equal(qs_gpt_create_frozen(&m, &c.model, qs_backend_cpu(), 1, 4), 0);
+        assert_int_equal(qs_gpt_create_for(&m, &c.model, qs_backend_cpu(), 1, 4, QS_GPT_FROZEN), 0);
         assert_int_equal(qs_lora_create(&lo, &c.lora, m), -1);
         assert_null(lo);
         printf("# %s\n", qs_error_last());
@@ -774,7 +774,7 @@ static const char *hf_run(void) {
     return run;
 }
 
-/* A frozen GPT with the checkpoint in run, sized for one sequence of T tokens. */
+/* An inference GPT with the checkpoint in run, sized for one sequence of T tokens. */
 static qs_gpt *load_gpt(const char *run, int T) {
     char step[700], *chars;
     qs_config cfg;
@@ -782,7 +782,7 @@ static qs_gpt *load_gpt(const char *run, int T) {
     qs_gpt *m;
     assert_int_equal(qs_checkpoint_find(run, step, sizeof step), 0);
     assert_int_equal(qs_checkpoint_open_model(&f, step, &cfg, &chars), 0);
-    assert_int_equal(qs_gpt_create_frozen(&m, &cfg.model, qs_backend_cpu(), 1, T), 0);
+    assert_int_equal(qs_gpt_create_for(&m, &cfg.model, qs_backend_cpu(), 1, T, QS_GPT_INFER), 0);
     assert_int_equal(qs_checkpoint_load_weights(qs_gpt_params(m), &f, step), 0);
     qs_st_free(&f);
     free(chars);

@@ -143,12 +143,12 @@ static void test_gpt_plan_is_what_create_takes(void **state) {
     for (int i = 0; i < 12; i++) {
         const qs_model_config cfg = random_gpt(i % 3);
         const int B = draw(1, 5), T = draw(1, cfg.seq_len);
-        const bool trainable = i % 4 != 3;
+        const qs_gpt_use use = (qs_gpt_use)(i / 3 % 3); /* each use with each kind of model */
         qs_mem_plan plan;
-        assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, trainable, 1, &plan), 0);
+        assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, use, 1, &plan), 0);
         assert_int_equal(live, 0); /* planning takes nothing */
         assert_true(plan.activations > 0 && plan.params > 0);
-        assert_int_equal(plan.grads, trainable ? plan.params : 0);
+        assert_int_equal(plan.grads, use == QS_GPT_TRAIN ? plan.params : 0);
         const bool attention = cfg.mixer == QS_MIXER_ATTENTION;
         const qs_op_sizes sizes = {.rows = B * T,
                                    .experts = cfg.moe.n_experts,
@@ -157,7 +157,7 @@ static void test_gpt_plan_is_what_create_takes(void **state) {
                                    .head_size = attention ? cfg.n_embd / cfg.n_head : 0};
         assert_int_equal(plan.workspace, count_workspace(&sizes));
         qs_gpt *m;
-        assert_int_equal((trainable ? qs_gpt_create : qs_gpt_create_frozen)(&m, &cfg, &counting, B, T), 0);
+        assert_int_equal(qs_gpt_create_for(&m, &cfg, &counting, B, T, use), 0);
         assert_int_equal(live, qs_mem_plan_total(&plan));
         assert_plans_equal(qs_gpt_mem_plan(m), &plan);
         assert_int_equal(qs_gpt_params(m)->n * sizeof(float), plan.params);
@@ -177,10 +177,34 @@ static void test_frozen_moe_shares_dispatched_rows(void **state) {
     cfg.recompute_layers = 0;
     const int B = draw(1, 4), T = draw(1, cfg.seq_len);
     qs_mem_plan trained, frozen;
-    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, true, 1, &trained), 0);
-    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, false, 1, &frozen), 0);
+    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, QS_GPT_TRAIN, 1, &trained), 0);
+    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, QS_GPT_FROZEN, 1, &frozen), 0);
     const size_t rows = (size_t)B * T * cfg.moe.top_k * cfg.n_embd, aligned = (rows + 15) / 16 * 16;
     assert_int_equal(trained.activations - frozen.activations, (size_t)(cfg.n_layer - 1) * aligned * sizeof(float));
+}
+
+/* An inference model keeps one block's activations, whatever its depth and recompute
+ * settings: only an MoE's per-layer routing (idx and slot, NK ints each, and its packed
+ * rows' NK global ids) grows with n_layer. A training model of that depth keeps more. */
+static void test_inference_plan_is_one_block(void **state) {
+    (void)state;
+    for (int kind = 0; kind < 3; kind++) {
+        qs_model_config cfg = random_gpt(kind);
+        const int B = draw(1, 4), T = draw(1, cfg.seq_len), L = draw(2, 5);
+        qs_mem_plan one, deep, trained;
+        cfg.n_layer = 1;
+        assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, QS_GPT_INFER, 1, &one), 0);
+        cfg.n_layer = L;
+        cfg.recompute_ffn = !cfg.recompute_ffn;
+        cfg.recompute_layers = draw(0, L);
+        assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, QS_GPT_INFER, 1, &deep), 0);
+        const size_t NK = (size_t)B * T * (kind == 1 ? cfg.moe.top_k : 1), aligned = (NK + 15) / 16 * 16;
+        const size_t routing = kind == 1 ? 2 * aligned * sizeof(int) + NK * sizeof(int64_t) : 0;
+        assert_int_equal(deep.activations - one.activations, (size_t)(L - 1) * routing);
+        cfg.recompute_layers = 0;
+        assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, QS_GPT_TRAIN, 1, &trained), 0);
+        assert_true(trained.activations > deep.activations + (size_t)(L - 1) * B * T * cfg.n_embd * sizeof(float));
+    }
 }
 
 static void test_lora_plan_is_what_create_takes(void **state) {
@@ -196,7 +220,7 @@ static void test_lora_plan_is_what_create_takes(void **state) {
         snprintf(lc.targets, sizeof lc.targets, "%s", targets[i % 2 ? 1 : (i / 2) % 2 ? 2 : 0]);
         const int B = draw(1, 4), T = draw(1, cfg.seq_len);
         qs_gpt *m;
-        assert_int_equal(qs_gpt_create_frozen(&m, &cfg, &counting, B, T), 0);
+        assert_int_equal(qs_gpt_create_for(&m, &cfg, &counting, B, T, QS_GPT_FROZEN), 0);
         const size_t before = live;
         qs_mem_plan plan;
         assert_int_equal(qs_lora_plan(&lc, &cfg, &counting, B * T, &plan), 0);
@@ -283,7 +307,7 @@ static void test_too_big_fails_before_allocating(void **state) {
     const qs_model_config cfg = random_gpt(1);
     const int B = draw(1, 4), T = cfg.seq_len;
     qs_mem_plan plan;
-    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, true, 1, &plan), 0);
+    assert_int_equal(qs_gpt_plan(&cfg, &counting, B, T, QS_GPT_TRAIN, 1, &plan), 0);
     const size_t need = qs_mem_plan_total(&plan);
     capacity = need - 1;
     qs_gpt *m = NULL;
@@ -308,7 +332,7 @@ static void test_too_big_fails_before_allocating(void **state) {
     reset();
 
     /* adapters that do not fit beside their base fail alike, taking nothing more */
-    assert_int_equal(qs_gpt_create_frozen(&m, &cfg, &counting, B, T), 0);
+    assert_int_equal(qs_gpt_create_for(&m, &cfg, &counting, B, T, QS_GPT_FROZEN), 0);
     qs_config c;
     qs_config_defaults(&c);
     qs_lora_config lc = c.lora;
@@ -351,7 +375,7 @@ static void test_auto_recompute_takes_the_fewest_that_fit(void **state) {
             qs_model_config m = c.model;
             m.recompute_layers = n;
             qs_mem_plan plan;
-            assert_int_equal(qs_gpt_plan(&m, &counting, place.micro_B, m.seq_len, true, 1, &plan), 0);
+            assert_int_equal(qs_gpt_plan(&m, &counting, place.micro_B, m.seq_len, QS_GPT_TRAIN, 1, &plan), 0);
             plan.optimizer = qs_mem_plan_optimizer(plan.params / sizeof(float), 1);
             total[n] = qs_mem_plan_total(&plan);
             assert_true(n == 0 || total[n] < total[n == 2 ? 0 : n - 1]);
@@ -406,6 +430,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gpt_plan_is_what_create_takes),
         cmocka_unit_test(test_frozen_moe_shares_dispatched_rows),
+        cmocka_unit_test(test_inference_plan_is_one_block),
         cmocka_unit_test(test_lora_plan_is_what_create_takes),
         cmocka_unit_test(test_quadranet_plan_is_what_create_takes),
         cmocka_unit_test(test_ring_and_optimizer_plans),

@@ -241,6 +241,33 @@ static void memory_modes_are_exact(qs_model_config c, const char *label) {
         assert_true(a[L] == a[L + 1]); /* n_layer blocks are all of them */
     }
     assert_true(act[per + L + 1] == act[L + 1]); /* one shared layer either way */
+
+    /* A model made for inference: the same loss, routing and statistics (dropout and
+     * noise too) from one block's buffers, fewer than any training mode keeps; and no
+     * backward, nor a forward that would start one. */
+    qs_gpt *inf;
+    assert_int_equal(qs_gpt_create_for(&inf, &c, counting_backend(), B, T, QS_GPT_INFER), 0);
+    qs_gpt_init(inf, seed);
+    const size_t act_inf = qs_gpt_mem_plan(inf)->activations;
+    printf("# %s, inference: activations %zu bytes\n", label, act_inf);
+    assert_true(act_inf < act[n_modes - 1]);
+    qs_forward_mode no_grad = mode;
+    no_grad.grad_scale = 0.0f;
+    qs_gpt_moe_stats_reset(inf);
+    assert_true(objective(inf, x, y, B, T, &no_grad) == loss[0]);
+    assert_false(qs_gpt_failed(inf));
+    if (nr) {
+        assert_memory_equal(qs_gpt_moe_routing(m[0]), qs_gpt_moe_routing(inf), nr * sizeof(int));
+        const qs_moe_stats *s0 = qs_gpt_moe_stats(m[0]), *s = qs_gpt_moe_stats(inf);
+        assert_true(s->balance == s0->balance && s->z == s0->z);
+        assert_memory_equal(s->expert_tokens, s0->expert_tokens, (size_t)c.moe.n_experts * sizeof(int64_t));
+    }
+    assert_int_equal(qs_gpt_backward(inf), -1);
+    assert_non_null(strstr(qs_error_last(), "inference"));
+    assert_true(isnan(qs_gpt_forward(inf, x, y, B, T, &mode)));
+    assert_true(qs_gpt_failed(inf));
+    assert_non_null(strstr(qs_error_last(), "inference"));
+    qs_gpt_free(inf);
     for (int r = 0; r < n_modes; r++) qs_gpt_free(m[r]);
 }
 
@@ -573,8 +600,8 @@ static void test_chunked_classifier(void **state) {
     qs_model_config wide = c;
     wide.vocab_size = 100 * V;
     qs_mem_plan narrow_plan, wide_plan;
-    assert_int_equal(qs_gpt_plan(&c, qs_backend_cpu(), B, T, true, 1, &narrow_plan), 0);
-    assert_int_equal(qs_gpt_plan(&wide, qs_backend_cpu(), B, T, true, 1, &wide_plan), 0);
+    assert_int_equal(qs_gpt_plan(&c, qs_backend_cpu(), B, T, QS_GPT_TRAIN, 1, &narrow_plan), 0);
+    assert_int_equal(qs_gpt_plan(&wide, qs_backend_cpu(), B, T, QS_GPT_TRAIN, 1, &wide_plan), 0);
     const size_t extra = wide_plan.activations - narrow_plan.activations;
     printf("# 100 x the vocabulary: activations +%zu bytes\n", extra);
     assert_true(extra <= (size_t)1024 * (wide.vocab_size - V) * sizeof(float) + 64);
@@ -706,16 +733,17 @@ static int round_linear_weights(qs_gpt *m) {
     return n;
 }
 
-/* KV-cache decoding equals recomputing the whole window each step: the logits at every
- * step (window sliding past seq_len included), and qs_generate's greedy tokens. With
- * bf16, the decoding model runs from bf16 weights (untied: the embedding stays fp32)
- * and the recomputing one from the same values rounded in place, in fp32. */
-static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, bool bf16) {
+/* KV-cache decoding by a model made for `use` equals a training model's recomputing the
+ * whole window each step: the logits at every step (window sliding past seq_len
+ * included), and qs_generate's greedy tokens. With bf16, the decoding model runs from
+ * bf16 weights (untied: the embedding stays fp32) and the recomputing one from the same
+ * values rounded in place, in fp32. */
+static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, qs_gpt_use use, bool bf16) {
     c.dropout = 0.0f;
     if (bf16) c.tie_embeddings = false;
     const int P = 3, STEPS = 2 * 7 + 3; /* seq_len 7: slides twice */
     qs_gpt *cached, *full;
-    assert_int_equal((bf16 ? qs_gpt_create_frozen : qs_gpt_create)(&cached, &c, qs_backend_cpu(), 1, c.seq_len), 0);
+    assert_int_equal(qs_gpt_create_for(&cached, &c, qs_backend_cpu(), 1, c.seq_len, use), 0);
     assert_int_equal(qs_gpt_create(&full, &c, qs_backend_cpu(), 1, c.seq_len), 0);
     qs_gpt_init(cached, seed);
     qs_gpt_init(full, seed);
@@ -748,8 +776,8 @@ static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, 
         }
         ctx[n] = best;
     }
-    printf("# %s%s: kv cache vs recompute over %d steps, max |logit diff| %.2e\n", label, bf16 ? ", bf16 weights" : "",
-           STEPS, worst);
+    printf("# %s%s%s: kv cache vs recompute over %d steps, max |logit diff| %.2e\n", label,
+           use == QS_GPT_INFER ? ", inference model" : "", bf16 ? ", bf16 weights" : "", STEPS, worst);
     assert_true(worst < 1e-4);
     qs_sample_params greedy = {.temperature = 0};
     assert_int_equal(qs_generate(cached, ref, P, STEPS, &greedy, NULL, NULL), STEPS);
@@ -758,8 +786,10 @@ static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, 
     qs_gpt_free(full);
 }
 
+/* by a training model (sampling during training) and an inference one (generate) */
 static void kv_cache_matches_recompute(qs_model_config c, const char *label) {
-    kv_cache_matches_recompute_in(c, label, false);
+    kv_cache_matches_recompute_in(c, label, QS_GPT_TRAIN, false);
+    kv_cache_matches_recompute_in(c, label, QS_GPT_INFER, false);
 }
 
 static void test_kv_cache(void **state) {
@@ -784,13 +814,13 @@ static void test_kv_cache(void **state) {
  * fp32, for every kind of linear layer; a model that trains cannot have them. */
 static void test_bf16_weights(void **state) {
     (void)state;
-    kv_cache_matches_recompute_in(tiny_config(), "dense", true);
-    kv_cache_matches_recompute_in(moe_config(), "moe", true);
-    kv_cache_matches_recompute_in(quadconv_config(), "quadconv mixer", true);
-    kv_cache_matches_recompute_in(gqa_config(4, 2), "grouped-query", true);
+    kv_cache_matches_recompute_in(tiny_config(), "dense", QS_GPT_INFER, true);
+    kv_cache_matches_recompute_in(moe_config(), "moe", QS_GPT_INFER, true);
+    kv_cache_matches_recompute_in(quadconv_config(), "quadconv mixer", QS_GPT_INFER, true);
+    kv_cache_matches_recompute_in(gqa_config(4, 2), "grouped-query", QS_GPT_INFER, true);
     qs_model_config c = tiny_config();
     c.bias = false;
-    kv_cache_matches_recompute_in(c, "dense, no bias", true);
+    kv_cache_matches_recompute_in(c, "dense, no bias", QS_GPT_INFER, true);
     qs_gpt *m;
     assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), 1, c.seq_len), 0);
     assert_int_not_equal(qs_gpt_use_bf16_weights(m), 0);

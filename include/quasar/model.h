@@ -30,19 +30,28 @@ typedef struct qs_forward_mode {
                         * with targets already takes the classifier's part of it */
 } qs_forward_mode;
 
+/* What a model's memory is planned for. */
+typedef enum qs_gpt_use {
+    QS_GPT_TRAIN,  /* weights with gradients */
+    QS_GPT_FROZEN, /* no weight gradients: a LoRA base, whose backward yields its adapters' */
+    QS_GPT_INFER,  /* forward passes only (generate, eval): every block shares one block's
+                    * activations, and there is no backward scratch */
+} qs_gpt_use;
+
 /* Sizes activations for micro-batches of up to max_B sequences of up to max_T tokens.
  * Fails with the memory plan and the backend's free memory when it does not fit, before
  * allocating; reserves the backend's op scratch for these sizes. */
 int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
                   int max_T);
-/* The same without a gradient buffer: a frozen base for LoRA, or inference. Backward
- * then yields only the gradients of attached adapters. */
-int qs_gpt_create_frozen(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
-                         int max_T);
+/* The same for another use: QS_GPT_FROZEN has no gradient buffer, and its backward
+ * yields only the gradients of attached adapters; QS_GPT_INFER takes forwards without a
+ * gradient scale, prefills and decodes, and its backward fails. */
+int qs_gpt_create_for(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
+                      qs_gpt_use use);
 void qs_gpt_free(qs_gpt *m);
 /* The memory such a model takes on be (no optimizer), without creating it; with sp > 1
  * also its ring-attention buffers (qs_gpt_set_sequence_parallel). */
-int qs_gpt_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T, bool trainable, int sp,
+int qs_gpt_plan(const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T, qs_gpt_use use, int sp,
                 qs_mem_plan *plan);
 /* Sequence parallelism: this model (created with max_T = model.seq_len / sp) holds the
  * zig-zag share of every sequence of the sp ranks of group (ring_attention.h) and

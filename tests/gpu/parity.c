@@ -1074,7 +1074,7 @@ static void test_gpt_bf16_weights(const char *label, const qs_model_config *cfg)
     int *x = xmalloc((size_t)B * T * sizeof(int));
     qs_gpt *m[2] = {NULL, NULL};
     for (int s = 0; s < 2; s++)
-        if (qs_gpt_create_frozen(&m[s], cfg, be[s], B, T) || qs_gpt_init(m[s], seed) ||
+        if (qs_gpt_create_for(&m[s], cfg, be[s], B, T, QS_GPT_INFER) || qs_gpt_init(m[s], seed) ||
             qs_gpt_use_bf16_weights(m[s])) {
             fail("the %s model from bf16 weights: %s", be[s]->name, qs_error_last());
             goto done;
@@ -1223,7 +1223,7 @@ static void test_memory_plan(const qs_backend *b, size_t *held) {
     qs_adamw opt = {0};
     qs_mem_plan plan;
     size_t free0, free1, free2, total;
-    if (qs_gpt_plan(&cfg, b, B, T, true, 1, &plan) || b->mem_info(&free0, &total)) {
+    if (qs_gpt_plan(&cfg, b, B, T, QS_GPT_TRAIN, 1, &plan) || b->mem_info(&free0, &total)) {
         fail("planning: %s", qs_error_last());
         goto done;
     }
