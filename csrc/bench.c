@@ -395,6 +395,45 @@ static double peak_rss_mib(void) {
     return (double)u.ru_maxrss / 1024.0; /* KiB on Linux */
 }
 
+/* MiB in use in be's memory, or -1 when it cannot tell. */
+static double used_mib(const qs_backend *be) {
+    size_t free_bytes, total_bytes;
+    return be->mem_info(&free_bytes, &total_bytes) ? -1.0 : (double)(total_bytes - free_bytes) / (1 << 20);
+}
+
+/* Peak memory: the process's RSS on the CPU; on a device, what it holds at the end less
+ * what it held before the model was built (the engine allocates nothing in the step
+ * loop, and a KV cache once, so that is its peak; the CUDA context is left out, as
+ * torch.cuda.max_memory_allocated leaves it out). */
+typedef struct peak_mem {
+    bool device, reset; /* reset: the count excludes what ran before (a ceiling's buffers) */
+    double used0, mib;
+} peak_mem;
+
+/* Starts the count, just before the model is built on be. */
+static peak_mem peak_mem_start(const qs_backend *be) {
+    peak_mem m = {.device = be != qs_backend_cpu()};
+    m.reset = m.device || reset_peak_rss();
+    m.used0 = m.device ? used_mib(be) : 0.0;
+    return m;
+}
+
+static void peak_mem_stop(peak_mem *m, const qs_backend *be) {
+    const double used1 = m->device ? used_mib(be) : 0.0;
+    m->mib = !m->device ? peak_rss_mib() : m->used0 < 0 || used1 < 0 ? NAN : used1 - m->used0;
+}
+
+/* The figure as a result named <prefix>_peak_gpu_mem_mib or <prefix>_peak_rss_mib. */
+static void peak_mem_result(FILE *out, const char *prefix, const peak_mem *m) {
+    char name[64];
+    snprintf(name, sizeof name, "%s_peak_%s_mib", prefix, m->device ? "gpu_mem" : "rss");
+    qs_bench_json_result(out, false, name,
+                         m->device ? "device memory the run holds, MiB (cudaMemGetInfo at the end less before the "
+                                     "model was built: the CUDA context left out)"
+                                   : "peak resident memory, MiB (getrusage max RSS)",
+                         m->mib);
+}
+
 /* One optimizer step of one process as the training loop takes it (csrc/train.c): zero
  * the gradients, forward + backward over the micro-batches, the global norm, AdamW.
  * Returns the loss. */
@@ -426,15 +465,6 @@ static void run_step(void *arg) {
     step_call *s = arg;
     s->loss = train_step(s->task, s->opt, s->tc, s->step);
 }
-
-/* Peak memory: the process's RSS on the CPU; on a device, what it holds after the timed
- * steps less what it held before the model was built (the engine allocates nothing in
- * the step loop, so that is its peak; the CUDA context is left out, as
- * torch.cuda.max_memory_allocated leaves it out). */
-typedef struct peak_mem {
-    bool device, reset; /* reset: the count excludes the ceiling's buffers */
-    double mib;
-} peak_mem;
 
 /* model.recompute_layers as the run took it ("auto" resolved): true, false or a count. */
 static void recompute_layers_text(char *buf, size_t cap, const qs_model_config *m) {
@@ -511,20 +541,8 @@ static void print_train(FILE *out, const bench_args *a, const qs_config *cfg, co
     snprintf(metric, sizeof metric, "MFU: model FLOP/s over the measured %d^3 GEMM ceiling on %s (%.1f GFLOP/s)",
              c->gemm_n, c->backend, c->gemm_flop_s / 1e9);
     qs_bench_json_result(out, false, "train_mfu", metric, flop_s / c->gemm_flop_s);
-    if (mem->device)
-        qs_bench_json_result(out, false, "train_peak_gpu_mem_mib",
-                             "device memory the run holds, MiB (cudaMemGetInfo after the timed steps less before the "
-                             "model was built: the CUDA context left out)", mem->mib);
-    else
-        qs_bench_json_result(out, false, "train_peak_rss_mib", "peak resident memory, MiB (getrusage max RSS)",
-                             mem->mib);
+    peak_mem_result(out, "train", mem);
     fputs("\n  ]}\n", out);
-}
-
-/* MiB in use in be's memory, or -1 when it cannot tell. */
-static double used_mib(const qs_backend *be) {
-    size_t free_bytes, total_bytes;
-    return be->mem_info(&free_bytes, &total_bytes) ? -1.0 : (double)(total_bytes - free_bytes) / (1 << 20);
 }
 
 static int bench_train(const bench_args *a) {
@@ -535,9 +553,7 @@ static int bench_train(const bench_args *a) {
     const qs_backend *be = qs_cli_backend(a->device, cfg.train.precision);
     if (!be || qs_bench_ceilings_measure(&c, be, a->quick ? QS_BENCH_QUICK_GEMM_N : qs_bench_gemm_n(be), 0))
         return qs_cli_fail();
-    peak_mem mem = {.device = be != qs_backend_cpu()};
-    mem.reset = mem.device || reset_peak_rss();
-    const double used0 = mem.device ? used_mib(be) : 0.0;
+    peak_mem mem = peak_mem_start(be);
     const qs_train_config *tc = &cfg.train;
     const int B = tc->micro_batch_size > 0 ? tc->micro_batch_size : tc->batch_size;
     qs_task task;
@@ -561,8 +577,7 @@ static int bench_train(const bench_args *a) {
     }
     if (!rc) {
         qs_bench_stats ms = qs_bench_stats_of(step_ms, a->steps);
-        const double used1 = mem.device ? used_mib(be) : 0.0;
-        mem.mib = !mem.device ? peak_rss_mib() : used0 < 0 || used1 < 0 ? NAN : used1 - used0;
+        peak_mem_stop(&mem, be);
         /* the config as the task resolved it (model.vocab_size from the data) */
         print_train(stdout, a, &cfg, &task, &c, &ms, qs_bench_train_flops_per_item(&cfg.model, a->lora), &mem, loss0,
                     loss1);
@@ -590,8 +605,8 @@ static void stamp(int prompt, int token, void *user) {
 
 /* The model to generate with: a checkpoint's, or a new one of the config's shape with
  * random weights (vocabulary from the data when model.vocab_size is 0, as training
- * resolves it). */
-static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
+ * resolves it); the memory count starts before it is built. */
+static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a, peak_mem *mem) {
     const qs_backend *be = NULL;
     const char *what = a->config;
     char step_dir[QS_PATH_MAX + 64];
@@ -603,6 +618,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
         what = step_dir;
         if (!rc && cfg->model.type != QS_MODEL_GPT) rc = qs_error("%s: not a language model (model.type is not gpt)", what);
         if (!rc && !(be = qs_cli_backend(a->device, cfg->train.precision))) rc = -1;
+        if (!rc) *mem = peak_mem_start(be);
         if (!rc) rc = qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER);
         if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(*m), &f, step_dir);
         qs_st_free(&f);
@@ -617,6 +633,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a) {
         qs_task_free(&t);
     }
     if (!(be = qs_cli_backend(a->device, cfg->train.precision))) return -1;
+    *mem = peak_mem_start(be);
     if (qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER)) return -1;
     return qs_gpt_init(*m, cfg->train.seed);
 }
@@ -659,7 +676,8 @@ static int bench_generate(bench_args *a) {
     if (rc) return rc;
     qs_config cfg;
     qs_gpt *m = NULL;
-    if (open_generator(&m, &cfg, a) || qs_cli_weights_apply(m, a->weights)) {
+    peak_mem mem = {0};
+    if (open_generator(&m, &cfg, a, &mem) || qs_cli_weights_apply(m, a->weights)) {
         qs_gpt_free(m);
         return qs_cli_fail();
     }
@@ -675,6 +693,7 @@ static int bench_generate(bench_args *a) {
     double *prefill = malloc((size_t)a->repeats * sizeof *prefill), *gaps = malloc(n_gaps * sizeof *gaps);
     if (!rc && (!prefill || !gaps)) rc = qs_error("out of memory");
     if (!rc) rc = time_generation(m, a, V, prefill, gaps);
+    if (!rc) peak_mem_stop(&mem, qs_gpt_backend(m));
     if (!rc) {
         qs_bench_stats pre = qs_bench_stats_of(prefill, a->repeats), dec = qs_bench_stats_of(gaps, (int)n_gaps);
         const int B = a->batch;
@@ -693,6 +712,8 @@ static int bench_generate(bench_args *a) {
                    pre.median * 1e3);
             printf("  decode    %.1f tokens/s; latency per token median %.3f ms (p10 %.3f, p90 %.3f)\n", decode_tok_s,
                    dec.median * 1e3, dec.p10 * 1e3, dec.p90 * 1e3);
+            if (mem.device) printf("  memory    %.1f MiB of device memory\n", mem.mib);
+            else printf("  memory    peak RSS %.1f MiB\n", mem.mib);
             printf("  machine   other processes took %.0f%% of the CPU time meanwhile\n", 100 * qs_bench_others_cpu());
         } else {
             qs_bench_json_head(stdout, qs_gpt_params(m)->be, a->argc, a->argv, NULL);
@@ -713,6 +734,7 @@ static int bench_generate(bench_args *a) {
             snprintf(metric, sizeof metric, "ms per new token of a sequence (a decode step), median (p10 %.4f, p90 "
                      "%.4f)", dec.p10 * 1e3, dec.p90 * 1e3);
             qs_bench_json_result(stdout, false, "generate_decode_ms_per_token", metric, dec.median * 1e3);
+            peak_mem_result(stdout, "generate", &mem);
             fputs("\n  ]}\n", stdout);
         }
     }
@@ -784,7 +806,7 @@ static const char *BENCH_HELP =
     "  kernels    time each core op of a backend: FLOP/s and bytes/s against measured ceilings\n"
     "  attention  time fused attention forward and forward + backward over lengths and head sizes\n"
     "  moe        time a sparse MoE layer forward + backward, in parts, beside a dense FFN\n"
-    "  generate   prefill and decode tokens/s and latency per token through the KV cache\n"
+    "  generate   prefill and decode tokens/s, latency per token and memory through the KV cache\n"
     "  --device cpu|cuda  where to run (default cpu)\n"
     "  --json prints one record in bench/results' format (DESIGN.md) instead of a table.\n";
 
@@ -858,8 +880,9 @@ static const char *GENERATE_HELP =
     "                             [--temperature T] [--top-k K] [--top-p P] [--device cpu|cuda]\n"
     "                             [--weights fp32|bf16] [--json]\n"
     "  Generates through the KV cache (what quasar generate runs): prefill\n"
-    "  tokens/s, decode tokens/s and the latency per new token. With --config the weights are\n"
-    "  random. Prompt + new tokens must fit model.seq_len (default: half and half).\n"
+    "  tokens/s, decode tokens/s, the latency per new token and peak memory (RSS on the CPU,\n"
+    "  the device memory the run holds on a GPU). With --config the weights are random.\n"
+    "  Prompt + new tokens must fit model.seq_len (default: half and half).\n"
     "  --batch B    B random prompts decoding together, each in its KV-cache slot (default 1);\n"
     "               tokens/s count all of them, the latency is a step's\n"
     "  --repeats N  timed generations after one warm-up (default 5)\n"

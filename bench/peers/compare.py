@@ -104,7 +104,8 @@ ROWS = [
                    "--repeats", str(a.repeats), "--json"] + a.quasar_device,
         lambda a: [sys.executable, f"{HERE}/generate_torch.py", "--config", "configs/shakespeare_char_cpu.json",
                    "--repeats", str(a.repeats)] + a.peer_args,
-        ["generate_prefill_tokens_per_s", "generate_decode_tokens_per_s", "generate_decode_ms_per_token"]),
+        ["generate_prefill_tokens_per_s", "generate_decode_tokens_per_s", "generate_decode_ms_per_token",
+         "generate_peak_rss_mib", "generate_peak_gpu_mem_mib"]),
 ]
 
 

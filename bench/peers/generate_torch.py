@@ -10,7 +10,8 @@ GPT-2's block is Quasar's GPT (pre-LayerNorm, GELU tanh = "gelu_new", learned po
 tied head); model.dropout is off when generating in both. As csrc/bench.c does: 1 + repeats
 generations, the first untimed; prefill = the time from the call to the first new token
 (prompt forward + first pick), prefill tokens/s = prompt tokens / its median; decode =
-the gaps between consecutive new tokens over all runs, tokens/s = 1 / their median.
+the gaps between consecutive new tokens over all runs, tokens/s = 1 / their median; peak
+memory as gpt_torch.py's.
 Tokens are timed as `generate` hands them to a streamer (on CUDA after a copy to the
 host, so each stamp follows the GPU's work). Prints one JSON record (common.py)."""
 import argparse
@@ -73,6 +74,7 @@ def main():
         sys.exit(f"error: --prompt-tokens ({P}) + --new-tokens ({n_new}) must fit model.seq_len ({T}) "
                  "with at least 2 new tokens")
     torch.manual_seed(cfg["train"]["seed"])
+    common.reset_peak_memory(dev)
     model = hf_model(m, dev, dtype)
     prompt = torch.randint(V, (1, P), device=dev)
     prefill, gaps = [], []
@@ -89,6 +91,9 @@ def main():
                 prefill.append(clock.stamps[0] - t0)
                 gaps += [b - a_ for a_, b in zip(clock.stamps, clock.stamps[1:])]
     pre, dec = common.stats(prefill), common.stats(gaps)
+    mem_name, mem_metric = (("generate_peak_rss_mib", "peak resident memory, MiB (getrusage max RSS, the "
+                             "interpreter and torch's libraries included)") if dev.type == "cpu" else
+                            ("generate_peak_gpu_mem_mib", "peak GPU memory, MiB (torch.cuda.max_memory_allocated)"))
 
     peer = (f"transformers {transformers.__version__} GPT2LMHeadModel.generate (KV cache, greedy, "
             f"{model.config._attn_implementation} attention), PyTorch {torch.__version__}, {a.dtype}")
@@ -100,6 +105,7 @@ def main():
          1.0 / dec["median"]),
         ("generate_decode_ms_per_token",
          f"ms per new token, median (p10 {dec['p10'] * 1e3:.4f}, p90 {dec['p90'] * 1e3:.4f})", dec["median"] * 1e3),
+        (mem_name, mem_metric, common.peak_memory_mib(dev)),
     ]
     common.emit(common.record(
         dev, threads, peer, results, dtype=a.dtype, ceilings=None,

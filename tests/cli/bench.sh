@@ -134,10 +134,12 @@ grep -q 'MoE layer / dense FFN of the same active FLOPs' "$WORK/out" && grep -q 
 
 expect_ok "bench generate: random weights from --config" $Q bench generate --config tiny.json --repeats 2 --json
 cp "$WORK/out" gen.json
-json_check "bench generate: prefill and decode tokens/s, latency per token" gen.json '
+json_check "bench generate: prefill and decode tokens/s, latency per token, peak RSS" gen.json '
 assert r["prompt_tokens"] == 8 and r["new_tokens"] == 8 and r["batch"] == 1, r
 assert r["sampling"] == {"temperature": 0, "top_k": 0, "top_p": 1}, r["sampling"]
-assert set(v) == {"generate_prefill_tokens_per_s", "generate_decode_tokens_per_s", "generate_decode_ms_per_token"}
+assert set(v) == {"generate_prefill_tokens_per_s", "generate_decode_tokens_per_s", "generate_decode_ms_per_token",
+                  "generate_peak_rss_mib"}, v
+assert 0 < v["generate_peak_rss_mib"] < 4096, v
 assert abs(v["generate_decode_tokens_per_s"] * v["generate_decode_ms_per_token"] - 1e3) < 1e-4 * 1e3, v'
 expect_ok "a checkpoint to generate from" $Q train --config tiny.json --out run
 expect_ok "bench generate: --ckpt" $Q bench generate --ckpt run --prompt-tokens 4 --new-tokens 12 --repeats 1 --json
