@@ -43,13 +43,24 @@ static int remove_flat_dir(const char *dir) {
     return 0;
 }
 
-static int save_model(const char *path, const qs_config *cfg, const qs_codec *codec, const qs_params *ps,
-                      const float *host) {
+/* Backend memory, fetched for a file a chunk at a time (qs_st_entry.fetch). */
+typedef struct backend_bytes {
+    const qs_backend *be;
+    const char *src;
+} backend_bytes;
+
+static void fetch_backend(const void *ctx, size_t offset, void *dst, size_t n) {
+    const backend_bytes *b = ctx;
+    b->be->download(dst, b->src + offset, n);
+}
+
+static int save_model(const char *path, const qs_config *cfg, const qs_codec *codec, const qs_params *ps) {
     int n = ps->n_tensors;
     qs_st_entry *e = calloc((size_t)n, sizeof *e);
+    backend_bytes *src = calloc((size_t)n, sizeof *src);
     char *cfg_json = qs_config_to_json(cfg), *vocab_json = !codec || codec->bpe ? NULL : qs_vocab_to_json(&codec->chars);
     int rc = -1;
-    if (!e || !cfg_json || (codec && !codec->bpe && !vocab_json)) {
+    if (!e || !src || !cfg_json || (codec && !codec->bpe && !vocab_json)) {
         qs_error("out of memory writing '%s'", path);
         goto done;
     }
@@ -59,13 +70,16 @@ static int save_model(const char *path, const qs_config *cfg, const qs_codec *co
         e[i].dtype = QS_DT_F32;
         e[i].ndim = p->ndim;
         for (int d = 0; d < p->ndim; d++) e[i].shape[d] = p->shape[d];
-        e[i].data = host + p->offset;
+        src[i] = (backend_bytes){ps->be, (const char *)(ps->data + p->offset)};
+        e[i].fetch = fetch_backend;
+        e[i].ctx = &src[i];
     }
     /* GPT-2 models name their vocabulary through data.vocab_dir in the config. */
     qs_st_meta meta[3] = {{"format", "pt"}, {META_CONFIG, cfg_json}, {META_VOCAB, vocab_json}};
     rc = qs_st_write(path, e, n, meta, vocab_json ? 3 : 2);
 done:
     free(e);
+    free(src);
     free(cfg_json);
     free(vocab_json);
     return rc;
@@ -73,23 +87,15 @@ done:
 
 /* A whole table's state (a ZeRO-1 shard is gathered into one first). */
 static int save_optim(const char *path, const qs_adamw *o) {
-    float *host = malloc(o->n * sizeof(float)), *host_v = malloc(o->n * sizeof(float));
-    if (!host || !host_v) {
-        free(host);
-        free(host_v);
-        return qs_error("out of memory writing '%s'", path);
-    }
-    o->be->download(host, o->m, o->n * sizeof(float));
-    o->be->download(host_v, o->v, o->n * sizeof(float));
     char t[32];
     snprintf(t, sizeof t, "%d", o->t);
-    qs_st_entry e[2] = {{.name = "exp_avg", .dtype = QS_DT_F32, .ndim = 1, .shape = {(int64_t)o->n}, .data = host},
-                        {.name = "exp_avg_sq", .dtype = QS_DT_F32, .ndim = 1, .shape = {(int64_t)o->n}, .data = host_v}};
+    const backend_bytes m = {o->be, (const char *)o->m}, v = {o->be, (const char *)o->v};
+    qs_st_entry e[2] = {{.name = "exp_avg", .dtype = QS_DT_F32, .ndim = 1, .shape = {(int64_t)o->n},
+                         .fetch = fetch_backend, .ctx = &m},
+                        {.name = "exp_avg_sq", .dtype = QS_DT_F32, .ndim = 1, .shape = {(int64_t)o->n},
+                         .fetch = fetch_backend, .ctx = &v}};
     qs_st_meta meta[1] = {{"adamw.t", t}};
-    int rc = qs_st_write(path, e, 2, meta, 1);
-    free(host);
-    free(host_v);
-    return rc;
+    return qs_st_write(path, e, 2, meta, 1);
 }
 
 static int save_state(const char *path, const qs_train_state *st) {
@@ -118,22 +124,21 @@ static int write_manifest(const char *dir, const char *const *files, int n_files
     char path[QS_PATH_MAX + 96], buf[2048];
     int len = snprintf(buf, sizeof buf, "{");
     for (int i = 0; i < n_files; i++) {
-        char *data;
+        uint32_t crc;
         size_t n;
         snprintf(path, sizeof path, "%s/%s", dir, files[i]);
-        if (qs_file_read(path, &data, &n)) return -1; /* read back: checks what reached the disk */
+        if (qs_crc32c_file(path, &crc, &n)) return -1; /* read back: checks what reached the disk */
         len += snprintf(buf + len, sizeof buf - (size_t)len, "%s\n  \"%s\": {\"bytes\": %zu, \"crc32c\": \"%08x\"}",
-                        i ? "," : "", files[i], n, qs_crc32c(0, data, n));
-        free(data);
+                        i ? "," : "", files[i], n, crc);
     }
     len += snprintf(buf + len, sizeof buf - (size_t)len, "\n}\n");
     snprintf(path, sizeof path, "%s/checksums.json", dir);
     return qs_file_write_atomic(path, buf, (size_t)len);
 }
 
-/* Reads <dir>/<name> and checks it against the folder's checksums.json. */
-int qs_checkpoint_read(const char *dir, const char *name, char **data, size_t *size) {
-    char path[QS_PATH_MAX + 96], mpath[QS_PATH_MAX + 96];
+/* The size and CRC-32C that <dir>/checksums.json records for <name>. */
+static int manifest_entry(const char *dir, const char *name, double *want_bytes, uint32_t *want_crc) {
+    char mpath[QS_PATH_MAX + 96];
     snprintf(mpath, sizeof mpath, "%s/checksums.json", dir);
     char *mtext;
     size_t mlen;
@@ -143,20 +148,35 @@ int qs_checkpoint_read(const char *dir, const char *name, char **data, size_t *s
     free(mtext);
     const cJSON *e = cJSON_GetObjectItemCaseSensitive(m, name);
     const cJSON *bytes = cJSON_GetObjectItemCaseSensitive(e, "bytes"), *crc = cJSON_GetObjectItemCaseSensitive(e, "crc32c");
-    unsigned long want_crc = 0;
-    double want_bytes = cJSON_IsNumber(bytes) ? bytes->valuedouble : -1;
-    int ok = want_bytes >= 0 && cJSON_IsString(crc) && sscanf(crc->valuestring, "%8lx", &want_crc) == 1;
+    unsigned long crc_value = 0;
+    *want_bytes = cJSON_IsNumber(bytes) ? bytes->valuedouble : -1;
+    int ok = *want_bytes >= 0 && cJSON_IsString(crc) && sscanf(crc->valuestring, "%8lx", &crc_value) == 1;
     cJSON_Delete(m);
     if (!ok) return qs_error("%s: checksums.json has no valid entry for %s", dir, name);
+    *want_crc = (uint32_t)crc_value;
+    return 0;
+}
+
+/* Whether a file of `size` bytes and checksum `crc` is what the manifest recorded. */
+static int check_entry(const char *path, size_t size, uint32_t crc, double want_bytes, uint32_t want_crc) {
+    const char *problem = (double)size != want_bytes ? "has the wrong size (truncated or overwritten)"
+                          : crc != want_crc          ? "fails its checksum (corrupted)"
+                                                     : NULL;
+    return problem ? qs_error("%s %s: %zu bytes, checksums.json expects %.0f", path, problem, size, want_bytes) : 0;
+}
+
+/* Reads <dir>/<name> and checks it against the folder's checksums.json. */
+int qs_checkpoint_read(const char *dir, const char *name, char **data, size_t *size) {
+    char path[QS_PATH_MAX + 96];
+    double want_bytes;
+    uint32_t want_crc;
+    if (manifest_entry(dir, name, &want_bytes, &want_crc)) return -1;
     snprintf(path, sizeof path, "%s/%s", dir, name);
     if (qs_file_read(path, data, size)) return -1;
-    const char *problem = (double)*size != want_bytes ? "has the wrong size (truncated or overwritten)"
-                          : qs_crc32c(0, *data, *size) != (uint32_t)want_crc ? "fails its checksum (corrupted)"
-                                                                               : NULL;
-    if (!problem) return 0;
+    if (!check_entry(path, *size, qs_crc32c(0, *data, *size), want_bytes, want_crc)) return 0;
     free(*data);
     *data = NULL;
-    return qs_error("%s %s: %zu bytes, checksums.json expects %.0f", path, problem, *size, want_bytes);
+    return -1;
 }
 
 static int by_step(const void *a, const void *b) {
@@ -207,13 +227,8 @@ typedef struct model_file {
 static int write_model_file(const void *self, const char *dir) {
     const model_file *mf = self;
     char path[QS_PATH_MAX + 96];
-    float *host = malloc(mf->ps->n * sizeof(float));
-    if (!host) return qs_error("out of memory writing a checkpoint");
-    qs_params_download(mf->ps, host);
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
-    int rc = save_model(path, mf->cfg, mf->codec, mf->ps, host);
-    free(host);
-    return rc;
+    return save_model(path, mf->cfg, mf->codec, mf->ps);
 }
 
 int qs_checkpoint_save(const char *run_dir, const qs_config *cfg, const qs_codec *codec, const qs_params *ps,
@@ -300,15 +315,19 @@ int qs_checkpoint_find(const char *dir, char *step_dir, size_t cap) {
     return qs_checkpoint_find_file(dir, "model.safetensors", step_dir, cap);
 }
 
-/* A checkpoint's safetensors file, checked against checksums.json, then parsed. */
+/* A checkpoint's safetensors file, checked against checksums.json a chunk at a time,
+ * then mapped and parsed: the loaders read its tensors one by one and release each
+ * (qs_st_release), so about one tensor of the file is resident at a time, not a copy of
+ * the model's state. */
 static int read_safetensors(qs_st_file *f, const char *dir, const char *name, char *path, size_t cap) {
-    char *data;
+    double want_bytes;
+    uint32_t want_crc, crc;
     size_t n;
     snprintf(path, cap, "%s/%s", dir, name);
-    if (qs_checkpoint_read(dir, name, &data, &n)) return -1;
-    int rc = qs_st_parse(f, data, n, path);
-    free(data);
-    return rc;
+    if (manifest_entry(dir, name, &want_bytes, &want_crc) || qs_crc32c_file(path, &crc, &n) ||
+        check_entry(path, n, crc, want_bytes, want_crc))
+        return -1;
+    return qs_st_read(f, path);
 }
 
 int qs_checkpoint_open_model(qs_st_file *f, const char *step_dir, qs_config *cfg, char **chars_json) {
@@ -358,6 +377,17 @@ static const qs_st_tensor *find_f32(const qs_st_file *f, const char *what, const
     return t;
 }
 
+/* n bytes of a mapped file's tensor data into backend memory a chunk at a time, each
+ * chunk's pages given back once uploaded: about one chunk of the file is resident. */
+static void upload_releasing(const qs_backend *be, void *dst, const qs_st_file *f, const void *src, size_t n) {
+    enum { CHUNK = 1 << 24 };
+    for (size_t at = 0; at < n; at += CHUNK) {
+        const size_t k = n - at < CHUNK ? n - at : CHUNK;
+        be->upload((char *)dst + at, (const char *)src + at, k);
+        qs_st_release(f, (const char *)src + at, k);
+    }
+}
+
 int qs_checkpoint_load_weights(qs_params *ps, const qs_st_file *f, const char *what) {
     int n = ps->n_tensors;
     if (f->n_tensors != n) {
@@ -374,7 +404,7 @@ int qs_checkpoint_load_weights(qs_params *ps, const qs_st_file *f, const char *w
     for (int i = 0; i < n; i++) {
         const qs_param_info *p = &ps->info[i];
         const qs_st_tensor *t = find_f32(f, what, p->name, p->ndim, p->shape);
-        ps->be->upload(ps->data + p->offset, t->data, t->nbytes);
+        upload_releasing(ps->be, ps->data + p->offset, f, t->data, t->nbytes);
     }
     return 0;
 }
@@ -437,8 +467,8 @@ int qs_checkpoint_load_optim(const char *step_dir, qs_adamw *opt, qs_train_state
         for (int s = 0; s < opt->n_own; s++) {
             const qs_span sp = opt->own[s];
             const size_t bytes = (sp.end - sp.begin) * sizeof(float);
-            opt->be->upload(opt->m + k, (const float *)m->data + sp.begin, bytes);
-            opt->be->upload(opt->v + k, (const float *)v->data + sp.begin, bytes);
+            upload_releasing(opt->be, opt->m + k, &f, (const float *)m->data + sp.begin, bytes);
+            upload_releasing(opt->be, opt->v + k, &f, (const float *)v->data + sp.begin, bytes);
             k += sp.end - sp.begin;
         }
         opt->t = (int)tv;

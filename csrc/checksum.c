@@ -1,7 +1,11 @@
 #include "quasar/checksum.h"
 
+#include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "quasar/error.h"
 
 /* Reflected polynomial 0x1EDC6F41, eight table lookups per 8 bytes ("slicing-by-8"):
  * ~1-2 GB/s, so verifying a checkpoint costs little next to reading it. */
@@ -30,6 +34,24 @@ uint32_t qs_crc32c(uint32_t crc, const void *data, size_t n) {
     }
     while (n--) crc = (crc >> 8) ^ table[0][(crc ^ *p++) & 0xff];
     return ~crc;
+}
+
+int qs_crc32c_file(const char *path, uint32_t *crc, size_t *size) {
+    enum { CHUNK = 1 << 20 };
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return qs_error("cannot open '%s': %s", path, strerror(errno));
+    char *buf = malloc(CHUNK);
+    int err = buf ? 0 : ENOMEM;
+    *crc = 0;
+    *size = 0;
+    for (size_t got; !err && (got = fread(buf, 1, CHUNK, fp)) > 0;) {
+        *crc = qs_crc32c(*crc, buf, got);
+        *size += got;
+    }
+    if (!err && ferror(fp)) err = errno ? errno : EIO;
+    free(buf);
+    fclose(fp);
+    return err ? qs_error("cannot read '%s': %s", path, strerror(err)) : 0;
 }
 
 /* ---- SHA-256 (FIPS 180-4) ---- */

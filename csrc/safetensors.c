@@ -1,3 +1,4 @@
+#define _DEFAULT_SOURCE /* madvise */
 #include "quasar/safetensors.h"
 
 #include "quasar/bf16.h"
@@ -11,6 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define MAX_HEADER_BYTES 100000000ull /* reject absurd lengths before allocating */
 #define MAX_JSON_INT 9007199254740992.0 /* 2^53: larger integers do not survive cJSON's doubles */
@@ -286,11 +291,12 @@ static int parse_buffer(qs_st_file *f, const char *what) {
     return rc;
 }
 
-/* Takes ownership of buf. */
-static int parse_owned(qs_st_file *f, char *buf, size_t size, const char *what) {
+/* Takes ownership of buf: a malloc'd buffer, or a mapping when mapped. */
+static int parse_owned(qs_st_file *f, char *buf, size_t size, int mapped, const char *what) {
     memset(f, 0, sizeof *f);
     f->buf = buf;
     f->buf_size = size;
+    f->mapped = mapped;
     if (parse_buffer(f, what) != 0) {
         qs_st_free(f);
         return -1;
@@ -298,13 +304,39 @@ static int parse_owned(qs_st_file *f, char *buf, size_t size, const char *what) 
     return 0;
 }
 
+/* A regular, non-empty file mapped read-only, or NULL (then it is read instead). */
+static char *map_file(const char *path, size_t *size) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return NULL;
+    struct stat st;
+    void *p = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 && (uintmax_t)st.st_size <= SIZE_MAX) {
+        *size = (size_t)st.st_size;
+        p = mmap(NULL, *size, PROT_READ, MAP_PRIVATE, fd, 0);
+    }
+    close(fd);
+    return p == MAP_FAILED ? NULL : p;
+}
+
 int qs_st_read(qs_st_file *f, const char *path) {
     char *buf;
     size_t size;
     memset(f, 0, sizeof *f);
+    if ((buf = map_file(path, &size)))
+        return parse_owned(f, buf, size, 1, path);
     if (qs_file_read(path, &buf, &size) != 0)
         return -1;
-    return parse_owned(f, buf, size, path);
+    return parse_owned(f, buf, size, 0, path);
+}
+
+void qs_st_release(const qs_st_file *f, const void *p, size_t n) {
+    if (!f->mapped || !n)
+        return;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)p;
+    const uintptr_t begin = (a + page - 1) / page * page, end = (a + n) / page * page;
+    if (end > begin)
+        madvise((void *)begin, end - begin, MADV_DONTNEED);
 }
 
 int qs_st_parse(qs_st_file *f, const void *data, size_t size, const char *what) {
@@ -314,7 +346,7 @@ int qs_st_parse(qs_st_file *f, const void *data, size_t size, const char *what) 
         return qs_error("%s: out of memory", what);
     if (size)
         memcpy(buf, data, size);
-    return parse_owned(f, buf, size, what);
+    return parse_owned(f, buf, size, 0, what);
 }
 
 void qs_st_free(qs_st_file *f) {
@@ -324,7 +356,10 @@ void qs_st_free(qs_st_file *f) {
     }
     free(f->meta);
     free(f->tensors);
-    free(f->buf);
+    if (f->mapped)
+        munmap(f->buf, f->buf_size);
+    else
+        free(f->buf);
     memset(f, 0, sizeof *f);
 }
 
@@ -367,7 +402,7 @@ static int check_entry(const qs_st_entry *e, uint64_t *nbytes, const char *path)
     if (numel > SIZE_MAX / esize)
         return qs_error("%s: tensor '%s': shape overflows", path, e->name);
     *nbytes = numel * esize;
-    if (*nbytes && !e->data)
+    if (*nbytes && !e->data && !e->fetch)
         return qs_error("%s: tensor '%s': data is NULL", path, e->name);
     return 0;
 }
@@ -423,8 +458,25 @@ static int write_file(const char *path, const char *json, const qs_st_entry *ent
         rc = qs_atomic_write(&af, json, len);
     if (rc == 0)
         rc = qs_atomic_write(&af, spaces, padded - len);
-    for (int i = 0; i < n && rc == 0; i++)
-        rc = qs_atomic_write(&af, entries[i].data, (size_t)nbytes[i]);
+    enum { CHUNK = 1 << 22 };
+    char *chunk = NULL;
+    for (int i = 0; i < n && rc == 0; i++) {
+        const qs_st_entry *e = &entries[i];
+        if (e->data) {
+            rc = qs_atomic_write(&af, e->data, (size_t)nbytes[i]);
+            continue;
+        }
+        if (!chunk && !(chunk = malloc(CHUNK))) {
+            rc = qs_error("%s: out of memory", path);
+            break;
+        }
+        for (size_t at = 0; at < nbytes[i] && rc == 0; at += CHUNK) {
+            const size_t k = nbytes[i] - at < CHUNK ? (size_t)(nbytes[i] - at) : CHUNK;
+            e->fetch(e->ctx, at, chunk, k);
+            rc = qs_atomic_write(&af, chunk, k);
+        }
+    }
+    free(chunk);
     if (rc != 0) {
         qs_atomic_abort(&af);
         return -1;

@@ -8,6 +8,10 @@
 
 /* Extends crc (start from 0) over n bytes. */
 uint32_t qs_crc32c(uint32_t crc, const void *data, size_t n);
+/* The CRC-32C and size of a whole file, read a chunk at a time (a checkpoint's files
+ * are as large as the model's state: never held whole to be checked). Errors name the
+ * path. */
+int qs_crc32c_file(const char *path, uint32_t *crc, size_t *size);
 
 typedef struct qs_sha256 {
     uint32_t h[8];
