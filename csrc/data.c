@@ -97,51 +97,39 @@ int qs_dataset_load(qs_dataset *d, qs_char_vocab *v, const qs_data_config *dc, i
 
 int qs_dataset_load_shards(qs_dataset *d, const qs_data_config *dc, int seq_len, int vocab_size) {
     memset(d, 0, sizeof *d);
-    int *val = NULL;
-    size_t n_val = 0;
-    if (qs_shards_load(dc->train_shards, &d->tokens, &d->n_train) || qs_shards_load(dc->val_shards, &val, &n_val)) {
+    if (qs_shards_open(&d->shards[QS_SPLIT_TRAIN], dc->train_shards) ||
+        qs_shards_open(&d->shards[QS_SPLIT_VAL], dc->val_shards)) {
         qs_dataset_free(d);
         return qs_error("data: %s", qs_error_last());
     }
-    int *all = realloc(d->tokens, (d->n_train + n_val) * sizeof(int) + 1);
-    if (!all) {
-        free(val);
-        qs_dataset_free(d);
-        return qs_error("out of memory loading shards");
-    }
-    memcpy(all + d->n_train, val, n_val * sizeof(int));
-    free(val);
-    d->tokens = all;
-    d->n_tokens = d->n_train + n_val;
+    d->n_train = qs_shards_tokens(&d->shards[QS_SPLIT_TRAIN]);
+    d->n_tokens = d->n_train + qs_shards_tokens(&d->shards[QS_SPLIT_VAL]);
     size_t need = (size_t)seq_len + 1;
-    const char *small = d->n_train < need ? dc->train_shards : n_val < need ? dc->val_shards : NULL;
-    if (small) {
-        qs_dataset_free(d);
-        return qs_error("'%s' holds fewer than model.seq_len + 1 = %zu tokens", small, need);
-    }
-    for (size_t i = 0; i < d->n_tokens; i++)
-        if (d->tokens[i] >= vocab_size) {
-            int id = d->tokens[i];
-            qs_dataset_free(d);
-            return qs_error("token id %d in the %s shards is outside the vocabulary (%d)", id,
-                            i < d->n_train ? "train" : "validation", vocab_size);
-        }
-    return 0;
+    const char *small = d->n_train < need ? dc->train_shards : d->n_tokens - d->n_train < need ? dc->val_shards : NULL;
+    int rc = small ? qs_error("'%s' holds fewer than model.seq_len + 1 = %zu tokens", small, need) : 0;
+    for (int s = 0; s < 2 && !rc; s++) rc = qs_shards_check_vocab(&d->shards[s], vocab_size);
+    if (rc) qs_dataset_free(d);
+    return rc;
 }
 
 void qs_dataset_free(qs_dataset *d) {
     free(d->tokens);
+    for (int s = 0; s < 2; s++) qs_shards_close(&d->shards[s]);
     memset(d, 0, sizeof *d);
+}
+
+/* n tokens of a split from its position start. */
+static void read_split(const qs_dataset *d, qs_split split, size_t start, size_t n, int *out) {
+    if (d->tokens) memcpy(out, d->tokens + (split == QS_SPLIT_TRAIN ? 0 : d->n_train) + start, n * sizeof(int));
+    else qs_shards_read(&d->shards[split], start, n, out);
 }
 
 void qs_dataset_batch(const qs_dataset *d, qs_split split, uint64_t seed, uint64_t counter0, int B,
                       int T, int *x, int *y) {
-    size_t begin = split == QS_SPLIT_TRAIN ? 0 : d->n_train;
-    size_t len = (split == QS_SPLIT_TRAIN ? d->n_train : d->n_tokens) - begin;
+    size_t len = split == QS_SPLIT_TRAIN ? d->n_train : d->n_tokens - d->n_train;
     for (int b = 0; b < B; b++) {
-        size_t start = begin + qs_rng_below(seed, 0x5eed0000u + (uint64_t)split, counter0 + (uint64_t)b,
-                                            len - (size_t)T);
-        memcpy(x + (size_t)b * T, d->tokens + start, (size_t)T * sizeof(int));
-        memcpy(y + (size_t)b * T, d->tokens + start + 1, (size_t)T * sizeof(int));
+        size_t start = qs_rng_below(seed, 0x5eed0000u + (uint64_t)split, counter0 + (uint64_t)b, len - (size_t)T);
+        read_split(d, split, start, (size_t)T, x + (size_t)b * T);
+        read_split(d, split, start + 1, (size_t)T, y + (size_t)b * T);
     }
 }

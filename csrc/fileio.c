@@ -1,3 +1,4 @@
+#define _DEFAULT_SOURCE /* madvise */
 #include "quasar/fileio.h"
 
 #include "quasar/error.h"
@@ -7,6 +8,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -180,4 +182,31 @@ int qs_mkdirs(const char *path) {
         buf[i] = saved;
     }
     return 0;
+}
+
+int qs_file_map(const char *path, const void **data, size_t *size) {
+    *data = NULL;
+    *size = 0;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return qs_error("cannot open '%s': %s", path, strerror(errno));
+    struct stat st;
+    int err = fstat(fd, &st) ? errno : !S_ISREG(st.st_mode) ? EINVAL : 0;
+    if (!err && st.st_size > 0) {
+        void *p = (uintmax_t)st.st_size <= SIZE_MAX ? mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0)
+                                                    : MAP_FAILED;
+        if (p == MAP_FAILED) err = errno ? errno : ENOMEM;
+        else *data = p, *size = (size_t)st.st_size;
+    }
+    close(fd);
+    return err ? qs_error("cannot map '%s': %s", path, err == EINVAL ? "not a regular file" : strerror(err)) : 0;
+}
+
+void qs_file_unmap(const void *data, size_t size) {
+    if (data && size) munmap((void *)data, size);
+}
+
+void qs_file_release(const void *p, size_t n) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)p;
+    const uintptr_t begin = (a + page - 1) / page * page, end = (a + n) / page * page;
+    if (end > begin) madvise((void *)begin, end - begin, MADV_DONTNEED);
 }

@@ -1,4 +1,3 @@
-#define _DEFAULT_SOURCE /* madvise */
 #include "quasar/safetensors.h"
 
 #include "quasar/bf16.h"
@@ -12,10 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #define MAX_HEADER_BYTES 100000000ull /* reject absurd lengths before allocating */
 #define MAX_JSON_INT 9007199254740992.0 /* 2^53: larger integers do not survive cJSON's doubles */
@@ -304,39 +299,22 @@ static int parse_owned(qs_st_file *f, char *buf, size_t size, int mapped, const 
     return 0;
 }
 
-/* A regular, non-empty file mapped read-only, or NULL (then it is read instead). */
-static char *map_file(const char *path, size_t *size) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
-        return NULL;
-    struct stat st;
-    void *p = MAP_FAILED;
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 && (uintmax_t)st.st_size <= SIZE_MAX) {
-        *size = (size_t)st.st_size;
-        p = mmap(NULL, *size, PROT_READ, MAP_PRIVATE, fd, 0);
-    }
-    close(fd);
-    return p == MAP_FAILED ? NULL : p;
-}
-
 int qs_st_read(qs_st_file *f, const char *path) {
+    const void *map;
     char *buf;
     size_t size;
     memset(f, 0, sizeof *f);
-    if ((buf = map_file(path, &size)))
-        return parse_owned(f, buf, size, 1, path);
+    /* what cannot be mapped (an empty file, a pipe) is read, which says what is wrong */
+    if (qs_file_map(path, &map, &size) == 0 && map)
+        return parse_owned(f, (char *)map, size, 1, path);
     if (qs_file_read(path, &buf, &size) != 0)
         return -1;
     return parse_owned(f, buf, size, 0, path);
 }
 
 void qs_st_release(const qs_st_file *f, const void *p, size_t n) {
-    if (!f->mapped || !n)
-        return;
-    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)p;
-    const uintptr_t begin = (a + page - 1) / page * page, end = (a + n) / page * page;
-    if (end > begin)
-        madvise((void *)begin, end - begin, MADV_DONTNEED);
+    if (f->mapped)
+        qs_file_release(p, n);
 }
 
 int qs_st_parse(qs_st_file *f, const void *data, size_t size, const char *what) {
@@ -357,7 +335,7 @@ void qs_st_free(qs_st_file *f) {
     free(f->meta);
     free(f->tensors);
     if (f->mapped)
-        munmap(f->buf, f->buf_size);
+        qs_file_unmap(f->buf, f->buf_size);
     else
         free(f->buf);
     memset(f, 0, sizeof *f);

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "quasar/config.h"
+#include "quasar/shards.h"
 
 typedef struct qs_char_vocab {
     int size;
@@ -25,7 +26,8 @@ int qs_vocab_encode(const qs_char_vocab *v, const unsigned char *text, size_t n,
 typedef enum { QS_SPLIT_TRAIN = 0, QS_SPLIT_VAL = 1 } qs_split;
 
 typedef struct qs_dataset {
-    int *tokens;
+    int *tokens;              /* a text corpus's ids, train then val */
+    qs_shard_set shards[2];   /* or each split's token shards (qs_split order), mapped */
     size_t n_tokens, n_train; /* train = [0, n_train), val = [n_train, n_tokens) */
 } qs_dataset;
 

@@ -26,6 +26,15 @@ int qs_file_write_atomic(const char *path, const void *data, size_t n);
  * *size). Errors name the path and the reason. */
 int qs_file_read(const char *path, char **data, size_t *size);
 
+/* Maps a regular file read-only: its pages come in from the page cache (which processes
+ * reading the same file share) as they are read, and nothing is copied. An empty file
+ * gives NULL and 0. Errors name the path and the reason. */
+int qs_file_map(const char *path, const void **data, size_t *size);
+void qs_file_unmap(const void *data, size_t size);
+/* Done with n bytes at p of a mapping, for now: its whole pages leave the resident set;
+ * read again, they come back from the file. */
+void qs_file_release(const void *p, size_t n);
+
 /* fsync a directory (after creating or renaming entries in it). */
 int qs_dir_sync(const char *dir);
 /* mkdir -p. */
