@@ -603,9 +603,10 @@ static void stamp(int prompt, int token, void *user) {
     if (prompt == c->last) c->t[c->n++] = qs_clock_now();
 }
 
-/* The model to generate with: a checkpoint's, or a new one of the config's shape with
- * random weights (vocabulary from the data when model.vocab_size is 0, as training
- * resolves it); the memory count starts before it is built. */
+/* The model to generate with, its linear layers from --weights: a checkpoint's, or a new
+ * one of the config's shape with random weights (vocabulary from the data when
+ * model.vocab_size is 0, as training resolves it); the memory count starts before it is
+ * built. */
 static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a, peak_mem *mem) {
     const qs_backend *be = NULL;
     const char *what = a->config;
@@ -620,6 +621,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a, peak_
         if (!rc && !(be = qs_cli_backend(a->device, cfg->train.precision))) rc = -1;
         if (!rc) *mem = peak_mem_start(be);
         if (!rc) rc = qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER);
+        if (!rc) rc = qs_cli_weights_apply(*m, a->weights, false);
         if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(*m), &f, step_dir);
         qs_st_free(&f);
         free(chars);
@@ -634,7 +636,9 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a, peak_
     }
     if (!(be = qs_cli_backend(a->device, cfg->train.precision))) return -1;
     *mem = peak_mem_start(be);
-    if (qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER)) return -1;
+    if (qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER) ||
+        qs_cli_weights_apply(*m, a->weights, false))
+        return -1;
     return qs_gpt_init(*m, cfg->train.seed);
 }
 
@@ -677,7 +681,7 @@ static int bench_generate(bench_args *a) {
     qs_config cfg;
     qs_gpt *m = NULL;
     peak_mem mem = {0};
-    if (open_generator(&m, &cfg, a, &mem) || qs_cli_weights_apply(m, a->weights)) {
+    if (open_generator(&m, &cfg, a, &mem)) {
         qs_gpt_free(m);
         return qs_cli_fail();
     }

@@ -55,6 +55,7 @@ static void fetch_backend(const void *ctx, size_t offset, void *dst, size_t n) {
 }
 
 static int save_model(const char *path, const qs_config *cfg, const qs_codec *codec, const qs_params *ps) {
+    if (!qs_params_whole(ps)) return qs_error("%s: a model whose weights are held as bf16 cannot be saved", path);
     int n = ps->n_tensors;
     qs_st_entry *e = calloc((size_t)n, sizeof *e);
     backend_bytes *src = calloc((size_t)n, sizeof *src);
@@ -388,6 +389,19 @@ static void upload_releasing(const qs_backend *be, void *dst, const qs_st_file *
     }
 }
 
+/* Tensor i of ps from a mapped file the same way, through qs_params_store. */
+static int store_releasing(qs_params *ps, int i, const qs_st_file *f, const float *src) {
+    enum { CHUNK = 1 << 22 }; /* floats */
+    const size_t n = ps->info[i].numel;
+    int rc = 0;
+    for (size_t at = 0; at < n && !rc; at += CHUNK) {
+        const size_t k = n - at < CHUNK ? n - at : CHUNK;
+        rc = qs_params_store(ps, i, at, k, src + at);
+        qs_st_release(f, src + at, k * sizeof(float));
+    }
+    return rc;
+}
+
 int qs_checkpoint_load_weights(qs_params *ps, const qs_st_file *f, const char *what) {
     int n = ps->n_tensors;
     if (f->n_tensors != n) {
@@ -403,8 +417,7 @@ int qs_checkpoint_load_weights(qs_params *ps, const qs_st_file *f, const char *w
     }
     for (int i = 0; i < n; i++) {
         const qs_param_info *p = &ps->info[i];
-        const qs_st_tensor *t = find_f32(f, what, p->name, p->ndim, p->shape);
-        upload_releasing(ps->be, ps->data + p->offset, f, t->data, t->nbytes);
+        if (store_releasing(ps, i, f, find_f32(f, what, p->name, p->ndim, p->shape)->data)) return -1;
     }
     return 0;
 }

@@ -170,6 +170,9 @@ int qs_lora_plan(const qs_lora_config *lc, const qs_model_config *mc, const qs_b
 
 int qs_lora_create(qs_lora **out, const qs_lora_config *lc, qs_gpt *m) {
     *out = NULL;
+    /* the base fingerprint and a merge read every fp32 weight */
+    if (!qs_params_whole(qs_gpt_params(m)))
+        return qs_error("LoRA adapters need the base's fp32 weights: its linear layers are held as bf16 only");
     qs_lora *lo;
     /* the adapters read and write the model's activations, on its backend */
     if (layout(&lo, lc, qs_gpt_config(m), qs_gpt_backend(m), (size_t)qs_gpt_max_tokens(m))) return -1;

@@ -277,9 +277,10 @@ static const qs_backend *device_backend(const char *device, const qs_config *cfg
 
 /* A language model from the checkpoint in dir on device, for micro-batches of max_B,
  * with the LoRA adapter in adapter_dir when that is not NULL (base_check: it must have
- * been made for these weights). Nothing trains it: no gradients. */
+ * been made for these weights), its linear layers from `weights` ("fp32" or "bf16"; an
+ * adapter's base keeps its fp32 copies too). Nothing trains it: no gradients. */
 static int load_model(loaded_model *lm, const char *dir, const char *device, int max_B, const char *adapter_dir,
-                      bool base_check) {
+                      bool base_check, const char *weights) {
     opened_ckpt o = {0};
     int rc = open_checkpoint(&o, dir, NULL, NULL);
     lm->cfg = o.cfg;
@@ -293,10 +294,12 @@ static int load_model(loaded_model *lm, const char *dir, const char *device, int
     const qs_backend *be = rc ? NULL : device_backend(device, &o.cfg);
     if (!rc && !be) rc = -1;
     if (!rc) rc = qs_gpt_create_for(&lm->m, arch, be, max_B, arch->seq_len, QS_GPT_INFER);
+    if (!rc && !adapter_dir) rc = qs_cli_weights_apply(lm->m, weights, false);
     if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &o.f, o.step_dir);
     char adapter_step[QS_PATH_MAX + 64];
     if (!rc && adapter_dir)
-        rc = qs_lora_open(&lm->lora, adapter_dir, lm->m, base_check, adapter_step, sizeof adapter_step);
+        rc = qs_lora_open(&lm->lora, adapter_dir, lm->m, base_check, adapter_step, sizeof adapter_step) ||
+             qs_cli_weights_apply(lm->m, weights, true);
     if (!rc) qs_gpt_set_lora(lm->m, lm->lora);
     close_checkpoint(&o);
     return rc;
@@ -323,7 +326,8 @@ static const char *GENERATE_HELP =
     "  --device D      cpu (default) or cuda: prefill and decode on the GPU (the checkpoint's\n"
     "                  train.precision picks its products), sampling on the host\n"
     "  --weights W     fp32 (default) or bf16: the linear layers' weights rounded to bf16 and\n"
-    "                  read as such (half the memory traffic of a decode step), sums in fp32\n";
+    "                  read as such (half the memory and the traffic of a decode step; with\n"
+    "                  --adapter their fp32 copies stay), sums in fp32\n";
 
 static void emit_stdout(int prompt, int token, void *user) {
     (void)prompt;
@@ -393,7 +397,7 @@ static int cmd_generate(int argc, char **argv) {
         if (!*prompts.items[b]) return qs_cli_usage_error("%s", "--prompt must not be empty");
     const int B = prompts.n;
     loaded_model lm = {0};
-    if (load_model(&lm, model, device, B, adapter, true) || qs_cli_weights_apply(lm.m, weights)) {
+    if (load_model(&lm, model, device, B, adapter, true, weights)) {
         free_loaded(&lm);
         return qs_cli_fail();
     }
@@ -455,16 +459,19 @@ static int cmd_eval(int argc, char **argv) {
     rc = open_checkpoint(&o, model, config, &sets);
     const qs_task_place place = {.micro_B = micro_batch(&o.cfg), .be = rc ? NULL : device_backend(device, &o.cfg)};
     if (!rc && !place.be) rc = -1;
+    const bool bf16 = !strcmp(weights, "bf16");
     if (!rc && adapter)
         rc = qs_checkpoint_find_file(adapter, QS_LORA_WEIGHTS, adapter_step, sizeof adapter_step)
                  ? qs_error("--adapter: %s", qs_error_last())
                  : qs_task_open_lora(&task, &o.cfg, o.chars_json, &o.f, o.step_dir, adapter_step, &place);
     else if (!rc)
-        rc = qs_task_open(&task, &o.cfg, o.chars_json, &place) ||
-             qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
-    if (!rc && !strcmp(weights, "bf16"))
-        rc = task.use_bf16_weights ? task.use_bf16_weights(task.self)
-                                   : qs_error("--weights bf16: for language models (model.type gpt)");
+        rc = qs_task_open(&task, &o.cfg, o.chars_json, &place);
+    if (!rc && bf16 && !task.use_bf16_weights) rc = qs_error("--weights bf16: for language models (model.type gpt)");
+    /* bf16 without an adapter before the weights load, so that their fp32 copies are never
+     * made; an adapter's base keeps them */
+    if (!rc && bf16 && !adapter) rc = task.use_bf16_weights(task.self, false);
+    if (!rc && !adapter) rc = qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
+    if (!rc && bf16 && adapter) rc = task.use_bf16_weights(task.self, true);
     double vl = NAN, acc = NAN;
     if (!rc) rc = qs_task_evaluate(&task, o.cfg.train.eval_iters, NULL, 0, 1, &vl, &acc);
     if (!rc) {
@@ -537,7 +544,7 @@ static int cmd_merge(int argc, char **argv) {
     if (!access(path, F_OK)) return qs_error("'%s' already holds a run; --out must name a new folder", out), qs_cli_fail();
     loaded_model lm = {0};
     qs_adamw opt = {0};
-    rc = load_model(&lm, model, "cpu", 1, adapter, !unmerge); /* a merged model is not the adapter's base */
+    rc = load_model(&lm, model, "cpu", 1, adapter, !unmerge, "fp32"); /* a merged model is not the adapter's base */
     qs_params *ps = rc ? NULL : qs_gpt_params(lm.m);
     if (!rc) rc = qs_lora_merge(lm.lora, ps, unmerge ? -1 : 1);
     if (!rc) rc = qs_adamw_create(&opt, qs_backend_cpu(), ps->n);

@@ -38,6 +38,13 @@ typedef struct layer_acts {
     qs_moe_load load;                 /* its arrays: host [E], [E+1], [E] */
 } layer_acts;
 
+/* The linear layers that get bf16 panels: weight tensor, its fan in and out, layout,
+ * and the experts stacked in it (1: a plain layer). */
+typedef struct bf16_site {
+    int w, n_in, n_out, stack;
+    qs_weight_layout layout;
+} bf16_site;
+
 struct qs_gpt {
     qs_model_config cfg;
     const qs_backend *be;
@@ -53,9 +60,15 @@ struct qs_gpt {
     layer_params *lp;
     /* The linear layers' weights again as bf16 panels, for inference
      * (qs_gpt_use_bf16_weights): backend memory, tensor i's first at w16_at[i], and
-     * SIZE_MAX where a tensor has none. NULL: the fp32 weights serve. */
+     * SIZE_MAX where a tensor has none. NULL: the fp32 weights serve. Without their fp32
+     * copies, a weight being loaded gathers in w16_stage (the size of the largest) until
+     * it can be packed; w16_packed counts the weights packed by the load under way. */
     uint16_t *w16;
     size_t *w16_at;
+    bf16_site *w16_sites;
+    int n_w16_sites, w16_packed;
+    float *w16_stage;
+    size_t w16_stage_floats;
 
     /* activations */
     float *act_mem;
@@ -490,6 +503,8 @@ void qs_gpt_free(qs_gpt *m) {
     be->free(m->vcache);
     be->free(m->w16);
     free(m->w16_at);
+    free(m->w16_sites);
+    be->free(m->w16_stage);
     be->free(m->row_ids);
     be->free(m->packed_ids);
     free(m->host_ids);
@@ -534,13 +549,6 @@ const qs_mem_plan *qs_gpt_mem_plan(const qs_gpt *m) { return &m->plan; }
 int qs_gpt_max_tokens(const qs_gpt *m) { return m->max_B * m->max_T; }
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora) { m->lora = lora; }
 
-/* The linear layers that get bf16 panels: weight tensor, its fan in and out, layout,
- * and the experts stacked in it (1: a plain layer). */
-typedef struct bf16_site {
-    int w, n_in, n_out, stack;
-    qs_weight_layout layout;
-} bf16_site;
-
 static int bf16_sites(const qs_gpt *m, bf16_site *out) {
     int n = 0;
     const int stack = m->E > 0 ? m->E : 1;
@@ -555,39 +563,73 @@ static int bf16_sites(const qs_gpt *m, bf16_site *out) {
     return n;
 }
 
-int qs_gpt_use_bf16_weights(qs_gpt *m) {
-    const qs_ops *ops = m->be->ops;
-    if (!ops->matmul_pack_bf16 || !ops->matmul_forward_bf16)
+/* Site t's panels from its fp32 weights at src (backend memory; stacked experts). */
+static void pack_site(const qs_gpt *m, const bf16_site *t, const float *src) {
+    for (int e = 0; e < t->stack; e++)
+        m->be->ops->matmul_pack_bf16(m->w16 + m->w16_at[t->w] + (size_t)e * qs_bf16_packed_elems(t->n_in, t->n_out),
+                                     src + (size_t)e * t->n_in * t->n_out, t->n_in, t->n_out, t->layout);
+}
+
+/* The parameter table's on_load when the fp32 weights are not kept: a weight's values
+ * gather in the staging buffer and are packed once all are there (the tied classifier
+ * from its own room); the buffer goes once every weight is packed (a later load makes
+ * it again). */
+static int take_weight(void *ctx, int i, size_t j0, size_t n, const float *host) {
+    qs_gpt *m = ctx;
+    const bf16_site *t = NULL;
+    for (int s = 0; s < m->n_w16_sites && !t; s++)
+        if (m->w16_sites[s].w == i) t = &m->w16_sites[s];
+    if (!t) return 0;
+    const bool held = m->ps.info[i].held_elsewhere;
+    if (held && !m->w16_stage && !(m->w16_stage = m->be->alloc(m->w16_stage_floats * sizeof(float)))) return -1;
+    if (held) m->be->upload(m->w16_stage + j0, host, n * sizeof(float));
+    if (j0 + n < m->ps.info[i].numel) return 0;
+    pack_site(m, t, held ? m->w16_stage : P(m, i));
+    if (++m->w16_packed == m->n_w16_sites) {
+        m->be->free(m->w16_stage);
+        m->w16_stage = NULL;
+        m->w16_packed = 0;
+    }
+    return 0;
+}
+
+int qs_gpt_use_bf16_weights(qs_gpt *m, bool keep_fp32) {
+    if (!m->be->ops->matmul_pack_bf16 || !m->be->ops->matmul_forward_bf16)
         return qs_error("bf16 weights: the %s backend has no products from them", m->be->name);
     if (!m->frozen) return qs_error("bf16 weights are for inference: the model must be frozen");
     if (m->w16) return 0;
-    bf16_site *sites = malloc((size_t)(1 + 4 * m->L) * sizeof *sites);
-    size_t *at = malloc((size_t)m->ps.n_tensors * sizeof *at);
-    if (!sites || !at) {
-        free(sites);
-        free(at);
-        return qs_error("out of memory");
-    }
-    free(m->w16_at); /* a failed call's */
-    m->w16_at = at;
-    const int n = bf16_sites(m, sites);
+    if (!keep_fp32 && m->ps.stored)
+        return qs_error("bf16 weights without fp32 copies: the weights are already loaded (choose before loading)");
+    free(m->w16_sites); /* a failed call's */
+    free(m->w16_at);
+    m->w16_sites = malloc((size_t)(1 + 4 * m->L) * sizeof *m->w16_sites);
+    m->w16_at = malloc((size_t)m->ps.n_tensors * sizeof *m->w16_at);
+    if (!m->w16_sites || !m->w16_at) return qs_error("out of memory");
+    const int n = m->n_w16_sites = bf16_sites(m, m->w16_sites);
     size_t total = 0;
     for (int i = 0; i < m->ps.n_tensors; i++) m->w16_at[i] = SIZE_MAX;
     for (int s = 0; s < n; s++) {
-        m->w16_at[sites[s].w] = total;
-        total += (size_t)sites[s].stack * qs_bf16_packed_elems(sites[s].n_in, sites[s].n_out);
+        const bf16_site *t = &m->w16_sites[s];
+        m->w16_at[t->w] = total;
+        total += (size_t)t->stack * qs_bf16_packed_elems(t->n_in, t->n_out);
     }
-    if (!(m->w16 = m->be->alloc(total * sizeof *m->w16))) {
-        free(sites);
-        return -1;
+    if (!keep_fp32) {
+        /* the tied classifier is the embedding too: that keeps its fp32 room */
+        for (int s = 0; s < n; s++) {
+            const bf16_site *t = &m->w16_sites[s];
+            qs_param_info *p = &m->ps.info[t->w];
+            p->observed = true;
+            p->held_elsewhere = t->w != m->wte;
+            const size_t floats = (size_t)t->stack * t->n_in * t->n_out;
+            if (p->held_elsewhere && floats > m->w16_stage_floats) m->w16_stage_floats = floats;
+        }
+        m->ps.on_load = take_weight;
+        m->ps.on_load_ctx = m;
+        if (qs_params_relayout(&m->ps)) return -1;
     }
-    for (int s = 0; s < n; s++) {
-        const bf16_site *t = &sites[s];
-        for (int e = 0; e < t->stack; e++)
-            ops->matmul_pack_bf16(m->w16 + m->w16_at[t->w] + (size_t)e * qs_bf16_packed_elems(t->n_in, t->n_out),
-                                  P(m, t->w) + (size_t)e * t->n_in * t->n_out, t->n_in, t->n_out, t->layout);
-    }
-    free(sites);
+    if (!(m->w16 = m->be->alloc(total * sizeof *m->w16))) return -1;
+    if (keep_fp32)
+        for (int s = 0; s < n; s++) pack_site(m, &m->w16_sites[s], P(m, m->w16_sites[s].w));
     return 0;
 }
 

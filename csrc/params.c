@@ -58,13 +58,45 @@ void qs_params_free(qs_params *ps) {
     memset(ps, 0, sizeof *ps);
 }
 
+int qs_params_relayout(qs_params *ps) {
+    if (ps->grad) return qs_error("only a frozen parameter table can hold tensors elsewhere");
+    if (ps->stored) return qs_error("the parameters are already loaded: lay them out again before loading them");
+    size_t n = 0;
+    for (int i = 0; i < ps->n_tensors; i++) {
+        qs_param_info *p = &ps->info[i];
+        p->offset = p->held_elsewhere ? SIZE_MAX : n;
+        n += p->held_elsewhere ? 0 : p->numel;
+    }
+    /* the old buffer goes first: its values are lost anyway, and the two never coexist */
+    ps->be->free(ps->data);
+    ps->n = n;
+    if (!(ps->data = ps->be->alloc((n ? n : 1) * sizeof(float))))
+        return qs_error("cannot allocate %zu parameters (%.1f MiB)", n, n * sizeof(float) / 1048576.0);
+    return 0;
+}
+
+bool qs_params_whole(const qs_params *ps) {
+    for (int i = 0; i < ps->n_tensors; i++)
+        if (ps->info[i].held_elsewhere) return false;
+    return true;
+}
+
+int qs_params_store(qs_params *ps, int i, size_t j0, size_t n, const float *host) {
+    const qs_param_info *p = &ps->info[i];
+    ps->stored = true;
+    if (!p->held_elsewhere) ps->be->upload(ps->data + p->offset + j0, host, n * sizeof(float));
+    return p->observed && ps->on_load ? ps->on_load(ps->on_load_ctx, i, j0, n, host) : 0;
+}
+
 int qs_params_find(const qs_params *ps, const char *name) {
     for (int i = 0; i < ps->n_tensors; i++)
         if (!strcmp(ps->info[i].name, name)) return i;
     return -1;
 }
 
-float *qs_params_value(const qs_params *ps, int i) { return i < 0 ? NULL : ps->data + ps->info[i].offset; }
+float *qs_params_value(const qs_params *ps, int i) {
+    return i < 0 || ps->info[i].held_elsewhere ? NULL : ps->data + ps->info[i].offset;
+}
 float *qs_params_grad(const qs_params *ps, int i) {
     return i < 0 || !ps->grad ? NULL : ps->grad + ps->info[i].offset;
 }
@@ -76,7 +108,10 @@ void qs_params_grads_ready(qs_params *ps, int i) {
     if (ps->on_grads_ready) ps->on_grads_ready(ps->grads_ready_ctx, ps->info[i].offset);
 }
 void qs_params_download(const qs_params *ps, float *host) { ps->be->download(host, ps->data, ps->n * sizeof(float)); }
-void qs_params_upload(qs_params *ps, const float *host) { ps->be->upload(ps->data, host, ps->n * sizeof(float)); }
+void qs_params_upload(qs_params *ps, const float *host) {
+    ps->stored = true;
+    ps->be->upload(ps->data, host, ps->n * sizeof(float));
+}
 
 int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const void *ctx) {
     /* staged through a bounded host buffer, not a copy of the whole table: on the CPU that
@@ -84,20 +119,21 @@ int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const v
     enum { STAGE = 1 << 22 };
     float *host = malloc(STAGE * sizeof(float));
     if (!host) return qs_error("out of memory initialising %zu parameters", ps->n);
-    for (int i = 0; i < ps->n_tensors; i++) {
+    int rc = 0;
+    for (int i = 0; i < ps->n_tensors && !rc; i++) {
         const qs_param_info *p = &ps->info[i];
         const bool random = p->role == QS_ROLE_WEIGHT || p->role == QS_ROLE_EMBEDDING;
         /* a random tensor's std, a scale's value; norm weights 1, biases 0 */
         float v = p->role == QS_ROLE_NORM_WEIGHT ? 1.0f : 0.0f;
         if (random || p->role == QS_ROLE_SCALE) v = value(p, ctx);
-        for (size_t j0 = 0; j0 < p->numel; j0 += STAGE) {
+        for (size_t j0 = 0; j0 < p->numel && !rc; j0 += STAGE) {
             const size_t n = p->numel - j0 < STAGE ? p->numel - j0 : STAGE;
             for (size_t j = 0; j < n; j++) host[j] = random ? v * qs_rng_normal(seed, (uint64_t)i, j0 + j) : v;
-            ps->be->upload(ps->data + p->offset + j0, host, n * sizeof(float));
+            rc = qs_params_store(ps, i, j0, n, host);
         }
     }
     free(host);
-    return 0;
+    return rc;
 }
 
 float qs_params_init_std(qs_init scheme, float normal_std, const qs_param_info *p) {
@@ -110,5 +146,6 @@ float qs_params_init_std(qs_init scheme, float normal_std, const qs_param_info *
 }
 
 void qs_params_copy(qs_params *dst, const qs_params *src) {
+    dst->stored = true;
     dst->be->copy(dst->data, src->data, src->n * sizeof(float));
 }

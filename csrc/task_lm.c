@@ -84,7 +84,9 @@ static int lm_evaluate(void *self, int iters, int part, int parts, double sums[3
     return 0;
 }
 
-static int lm_use_bf16_weights(void *self) { return qs_gpt_use_bf16_weights(((lm_task *)self)->m); }
+static int lm_use_bf16_weights(void *self, bool keep_fp32) {
+    return qs_gpt_use_bf16_weights(((lm_task *)self)->m, keep_fp32);
+}
 
 static void lm_step_begin(void *self) { qs_gpt_moe_stats_reset(((lm_task *)self)->m); }
 

@@ -120,6 +120,46 @@ static void test_round_trip(void **state) {
     qs_gpt_free(ref);
 }
 
+/* Loading into a model that holds its linear weights as bf16 only (packed as they load,
+ * a chunk of the mapped file at a time) gives the logits of one packed after a whole
+ * load, bit for bit; such a model refuses to be saved, and nothing is written. */
+static void test_load_into_bf16_only(void **state) {
+    (void)state;
+    qs_st_file f;
+    qs_config c;
+    char *chars;
+    assert_int_equal(qs_checkpoint_open_model(&f, step_dir, &c, &chars), 0);
+    free(chars);
+    qs_gpt *m[2];
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(qs_gpt_create_for(&m[k], &c.model, qs_backend_cpu(), 1, 5, QS_GPT_INFER), 0);
+        if (k) assert_int_equal(qs_gpt_use_bf16_weights(m[k], false), 0);
+        assert_int_equal(qs_checkpoint_load_weights(qs_gpt_params(m[k]), &f, step_dir), 0);
+        if (!k) assert_int_equal(qs_gpt_use_bf16_weights(m[k], true), 0);
+    }
+    qs_st_free(&f);
+    const int x[5] = {1, 4, 2, 8, 5};
+    float a[16], b[16];
+    assert_true(c.model.vocab_size <= 16);
+    for (int k = 0; k < 2; k++) assert_int_equal(qs_gpt_prefill(m[k], x, 1, 5), 0);
+    qs_gpt_logits_row(m[0], 0, a);
+    qs_gpt_logits_row(m[1], 0, b);
+    assert_memory_equal(a, b, (size_t)c.model.vocab_size * sizeof(float));
+    char out[300];
+    snprintf(out, sizeof out, "%s/bf16_only", run);
+    qs_adamw o;
+    assert_int_equal(qs_adamw_create(&o, qs_backend_cpu(), 1), 0);
+    qs_train_state st = {.step = 1};
+    qs_guard_init(&st.guard, 0, 0);
+    assert_int_equal(qs_checkpoint_save(out, &c, NULL, qs_gpt_params(m[1]), &o, &st), -1);
+    assert_non_null(strstr(qs_error_last(), "held as bf16"));
+    char latest[340];
+    snprintf(latest, sizeof latest, "%s/ckpt/latest", out);
+    assert_int_equal(access(latest, F_OK), -1);
+    qs_adamw_free(&o);
+    for (int k = 0; k < 2; k++) qs_gpt_free(m[k]);
+}
+
 /* One static buffer: copy the result before calling again. */
 static char *path_of(const char *name) {
     static char p[600];
@@ -224,6 +264,7 @@ int main(void) {
     seed = qs_test_seed("test_checkpoint");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_load_into_bf16_only),
         cmocka_unit_test(test_bit_flips_refused),
         cmocka_unit_test(test_truncation_and_manifest),
         cmocka_unit_test(test_wrong_shapes_and_names),

@@ -19,6 +19,7 @@
 #include "quasar/model.h"
 #include "quasar/bf16.h"
 #include "quasar/error.h"
+#include "quasar/lora.h"
 #include "quasar/params.h"
 #include "quasar/rng.h"
 #include "quasar/sample.h"
@@ -733,24 +734,28 @@ static int round_linear_weights(qs_gpt *m) {
     return n;
 }
 
+/* The linear layers' weights: fp32; bf16 panels packed once the weights are there,
+ * which stay; bf16 panels packed as the weights load, without their fp32 copies. */
+typedef enum weights_form { FP32, BF16_KEPT, BF16_ONLY } weights_form;
+
 /* KV-cache decoding by a model made for `use` equals a training model's recomputing the
  * whole window each step: the logits at every step (window sliding past seq_len
  * included), and qs_generate's greedy tokens. With bf16, the decoding model runs from
  * bf16 weights (untied: the embedding stays fp32) and the recomputing one from the same
  * values rounded in place, in fp32. */
-static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, qs_gpt_use use, bool bf16) {
+static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, qs_gpt_use use, weights_form w) {
+    const bool bf16 = w != FP32;
     c.dropout = 0.0f;
     if (bf16) c.tie_embeddings = false;
     const int P = 3, STEPS = 2 * 7 + 3; /* seq_len 7: slides twice */
     qs_gpt *cached, *full;
     assert_int_equal(qs_gpt_create_for(&cached, &c, qs_backend_cpu(), 1, c.seq_len, use), 0);
     assert_int_equal(qs_gpt_create(&full, &c, qs_backend_cpu(), 1, c.seq_len), 0);
-    qs_gpt_init(cached, seed);
+    if (w == BF16_ONLY) assert_int_equal(qs_gpt_use_bf16_weights(cached, false), 0);
+    assert_int_equal(qs_gpt_init(cached, seed), 0);
     qs_gpt_init(full, seed);
-    if (bf16) {
-        assert_int_equal(qs_gpt_use_bf16_weights(cached), 0);
-        assert_int_equal(round_linear_weights(full), 1 + c.n_layer * (c.mixer == QS_MIXER_QUADCONV ? 3 : 4));
-    }
+    if (w == BF16_KEPT) assert_int_equal(qs_gpt_use_bf16_weights(cached, true), 0);
+    if (bf16) assert_int_equal(round_linear_weights(full), 1 + c.n_layer * (c.mixer == QS_MIXER_QUADCONV ? 3 : 4));
     int ctx[32], ref[32];
     for (int i = 0; i < P; i++) ctx[i] = ref[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, (uint64_t)c.vocab_size);
     float a[64], b[64];
@@ -777,7 +782,8 @@ static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, 
         ctx[n] = best;
     }
     printf("# %s%s%s: kv cache vs recompute over %d steps, max |logit diff| %.2e\n", label,
-           use == QS_GPT_INFER ? ", inference model" : "", bf16 ? ", bf16 weights" : "", STEPS, worst);
+           use == QS_GPT_INFER ? ", inference model" : "",
+           w == BF16_KEPT ? ", bf16 weights" : w == BF16_ONLY ? ", bf16 weights only" : "", STEPS, worst);
     assert_true(worst < 1e-4);
     qs_sample_params greedy = {.temperature = 0};
     assert_int_equal(qs_generate(cached, ref, P, STEPS, &greedy, NULL, NULL), STEPS);
@@ -788,8 +794,8 @@ static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, 
 
 /* by a training model (sampling during training) and an inference one (generate) */
 static void kv_cache_matches_recompute(qs_model_config c, const char *label) {
-    kv_cache_matches_recompute_in(c, label, QS_GPT_TRAIN, false);
-    kv_cache_matches_recompute_in(c, label, QS_GPT_INFER, false);
+    kv_cache_matches_recompute_in(c, label, QS_GPT_TRAIN, FP32);
+    kv_cache_matches_recompute_in(c, label, QS_GPT_INFER, FP32);
 }
 
 static void test_kv_cache(void **state) {
@@ -810,21 +816,78 @@ static void test_kv_cache(void **state) {
     kv_cache_matches_recompute(c, "grouped-query, recompute_layers 2 of 3");
 }
 
+/* Without their fp32 copies (packed as they load) the bf16 weights are the same panels
+ * as packed from the fp32 weights: the same logits, bit for bit, tied classifier (packed
+ * from the embedding's own room) or not; the table holds only the tensors not packed
+ * (and a tied classifier), and such a model takes no adapters. */
+static void bf16_only_matches_kept(qs_model_config c, const char *label) {
+    c.dropout = 0.0f;
+    const int B = 2, T = 5;
+    qs_gpt *m[2];
+    for (int k = 0; k < 2; k++) {
+        assert_int_equal(qs_gpt_create_for(&m[k], &c, qs_backend_cpu(), B, T, QS_GPT_INFER), 0);
+        if (k) assert_int_equal(qs_gpt_use_bf16_weights(m[k], false), 0);
+        if (k) assert_int_equal(qs_gpt_init(m[k], seed ^ 1), 0); /* loaded again below: packed again */
+        assert_int_equal(qs_gpt_init(m[k], seed), 0);
+        if (!k) assert_int_equal(qs_gpt_use_bf16_weights(m[k], true), 0);
+    }
+    const qs_params *kept = qs_gpt_params(m[0]), *only = qs_gpt_params(m[1]);
+    size_t held = 0;
+    for (int i = 0; i < only->n_tensors; i++)
+        if (!qs_params_value(only, i)) held += only->info[i].numel;
+    assert_true(held > 0 && only->n == kept->n - held);
+    assert_false(qs_params_whole(only));
+    int x[10];
+    for (int i = 0; i < B * T; i++) x[i] = (int)qs_rng_below(seed, 21, (uint64_t)i, (uint64_t)c.vocab_size);
+    float a[64], b[64];
+    for (int k = 0; k < 2; k++) assert_int_equal(qs_gpt_prefill(m[k], x, B, T), 0);
+    for (int r = 0; r < B; r++) {
+        qs_gpt_logits_row(m[0], r, a);
+        qs_gpt_logits_row(m[1], r, b);
+        assert_memory_equal(a, b, (size_t)c.vocab_size * sizeof(float));
+    }
+    qs_config lc;
+    qs_config_defaults(&lc);
+    qs_lora *lo = (qs_lora *)&lc; /* must come back NULL */
+    assert_int_equal(qs_lora_create(&lo, &lc.lora, m[1]), -1);
+    assert_null(lo);
+    assert_non_null(strstr(qs_error_last(), "fp32 weights"));
+    /* chosen after loading, the fp32 room would go with the values in it */
+    qs_gpt *late;
+    assert_int_equal(qs_gpt_create_for(&late, &c, qs_backend_cpu(), B, T, QS_GPT_INFER), 0);
+    assert_int_equal(qs_gpt_init(late, seed), 0);
+    assert_int_equal(qs_gpt_use_bf16_weights(late, false), -1);
+    assert_non_null(strstr(qs_error_last(), "already loaded"));
+    assert_true(qs_params_whole(qs_gpt_params(late))); /* left as it was */
+    qs_gpt_free(late);
+    printf("# %s: %zu of %zu parameters only as bf16 panels, the same logits\n", label, held, kept->n);
+    for (int k = 0; k < 2; k++) qs_gpt_free(m[k]);
+}
+
 /* bf16 weights: KV-cache decoding from them equals recomputing from the same values in
- * fp32, for every kind of linear layer; a model that trains cannot have them. */
+ * fp32, for every kind of linear layer, kept beside their fp32 copies or not; a model
+ * that trains cannot have them. */
 static void test_bf16_weights(void **state) {
     (void)state;
-    kv_cache_matches_recompute_in(tiny_config(), "dense", QS_GPT_INFER, true);
-    kv_cache_matches_recompute_in(moe_config(), "moe", QS_GPT_INFER, true);
-    kv_cache_matches_recompute_in(quadconv_config(), "quadconv mixer", QS_GPT_INFER, true);
-    kv_cache_matches_recompute_in(gqa_config(4, 2), "grouped-query", QS_GPT_INFER, true);
+    for (weights_form w = BF16_KEPT; w <= BF16_ONLY; w++) {
+        kv_cache_matches_recompute_in(tiny_config(), "dense", QS_GPT_INFER, w);
+        kv_cache_matches_recompute_in(moe_config(), "moe", QS_GPT_INFER, w);
+        kv_cache_matches_recompute_in(quadconv_config(), "quadconv mixer", QS_GPT_INFER, w);
+        kv_cache_matches_recompute_in(gqa_config(4, 2), "grouped-query", QS_GPT_INFER, w);
+    }
     qs_model_config c = tiny_config();
     c.bias = false;
-    kv_cache_matches_recompute_in(c, "dense, no bias", QS_GPT_INFER, true);
+    kv_cache_matches_recompute_in(c, "dense, no bias", QS_GPT_INFER, BF16_ONLY);
+    bf16_only_matches_kept(tiny_config(), "dense, tied");
+    c = moe_config();
+    c.tie_embeddings = false;
+    bf16_only_matches_kept(c, "moe, untied");
     qs_gpt *m;
     assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), 1, c.seq_len), 0);
-    assert_int_not_equal(qs_gpt_use_bf16_weights(m), 0);
-    assert_non_null(strstr(qs_error_last(), "frozen"));
+    for (int keep = 0; keep < 2; keep++) {
+        assert_int_not_equal(qs_gpt_use_bf16_weights(m, keep), 0);
+        assert_non_null(strstr(qs_error_last(), "frozen"));
+    }
     qs_gpt_free(m);
 }
 

@@ -69,12 +69,16 @@ bool qs_gpt_failed(const qs_gpt *m);
  * detaches. The model does not own them. */
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora);
 int qs_gpt_init(qs_gpt *m, uint64_t seed);
-/* Inference from bf16 weights: packs the linear layers' weights (attention, feed-forward
- * or experts, classifier; not the router or embeddings) as bf16 and computes those
- * products from them from now on, in fp32 (ops.h, matmul_forward_bf16). Half the bytes a
- * decode step reads; the fp32 weights stay (checkpoints, adapters read them). A frozen
- * model whose weights are final; errors if the backend has no such products. */
-int qs_gpt_use_bf16_weights(qs_gpt *m);
+/* Inference from bf16 weights: the linear layers' weights (attention, feed-forward or
+ * experts, classifier; not the router or embeddings) as bf16 panels, whose products are
+ * computed in fp32 from now on (ops.h, matmul_forward_bf16): half the bytes a decode
+ * step reads. keep_fp32: packed from the weights now there, which stay (an adapter's
+ * base check and merge read them). Else the model gives up their fp32 room (the tied
+ * classifier's, the embedding's, stays) and packs each weight as it is loaded: call it
+ * before qs_gpt_init or qs_checkpoint_load_weights, and the weights take half the
+ * memory; such a model cannot be saved or take adapters. A frozen model; errors if the
+ * backend has no such products. */
+int qs_gpt_use_bf16_weights(qs_gpt *m, bool keep_fp32);
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m);
 /* The backend the model's memory lives on (and its adapters must use). */

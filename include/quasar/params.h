@@ -29,6 +29,9 @@ typedef struct qs_param_info {
     qs_param_role role;
     int fan_in, fan_out; /* for weight init */
     bool residual_proj;  /* output projection into the residual stream */
+    /* Set before qs_params_relayout: held elsewhere, a tensor has no room in data and its
+     * values reach only the table's on_load; observed, on_load sees them as they load. */
+    bool held_elsewhere, observed;
 } qs_param_info;
 
 typedef struct qs_params {
@@ -37,12 +40,18 @@ typedef struct qs_params {
     int n_tensors, cap;
     size_t n;            /* floats in all tensors */
     bool broken;         /* an add ran out of memory; alloc then refuses the table */
+    bool stored;         /* values were stored (qs_params_store): relayout would lose them */
     float *data, *grad;  /* backend memory; grad is NULL for a frozen set */
     /* Told, during a backward pass, that grad[begin, n) is final: tensors are laid out in
      * model order and the backward pass finishes them from the end, so the finished part
      * is always a tail. Data parallelism reduces it while the rest is computed. NULL: off. */
     void (*on_grads_ready)(void *ctx, size_t begin);
     void *grads_ready_ctx;
+    /* Given each observed tensor's values as they are loaded (qs_params_store): n floats
+     * of tensor i from element j0, in order. A model that keeps tensors in another form
+     * (bf16 panels) takes them here. */
+    int (*on_load)(void *ctx, int i, size_t j0, size_t n, const float *host);
+    void *on_load_ctx;
 } qs_params;
 
 /* Appends a tensor to the table (before qs_params_alloc); returns its index, or -1
@@ -54,9 +63,21 @@ int qs_params_add(qs_params *ps, const char *name, int ndim, const int64_t *shap
 int qs_params_alloc(qs_params *ps, const qs_backend *be, bool trainable);
 void qs_params_free(qs_params *ps);
 
+/* Lays a frozen table out again after its tensors' held_elsewhere flags were set: data
+ * shrinks to the others and the held tensors' values pointers become NULL. Before any
+ * values are stored only (it would lose them). */
+int qs_params_relayout(qs_params *ps);
+/* Whether every tensor has room in data: what checkpoints, adapters and optimizers need. */
+bool qs_params_whole(const qs_params *ps);
+/* n values of tensor i from element j0 (host memory) into data where it has room, and
+ * to on_load where it is observed (whose error it returns). How initialisation and
+ * checkpoints load. */
+int qs_params_store(qs_params *ps, int i, size_t j0, size_t n, const float *host);
+
 /* Index of the tensor called name, or -1. */
 int qs_params_find(const qs_params *ps, const char *name);
-/* Backend pointers to tensor i's values / gradient; NULL for i < 0 or no gradients. */
+/* Backend pointers to tensor i's values / gradient; NULL for i < 0, no gradients or a
+ * tensor held elsewhere. */
 float *qs_params_value(const qs_params *ps, int i);
 float *qs_params_grad(const qs_params *ps, int i);
 

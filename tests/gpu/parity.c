@@ -1065,17 +1065,18 @@ done:
     case_end();
 }
 
-/* Inference from bf16 weights (frozen models, qs_gpt_use_bf16_weights on both): 4
- * prompts of 10 tokens, so the prefill's products widen panels (40 rows) and the
- * decode's take the panel kernel. */
+/* Inference from bf16 weights (frozen models, qs_gpt_use_bf16_weights on both, packed
+ * as the weights load, through the backend's staging buffer): 4 prompts of 10 tokens,
+ * so the prefill's products widen panels (40 rows) and the decode's take the panel
+ * kernel. */
 static void test_gpt_bf16_weights(const char *label, const qs_model_config *cfg) {
     case_begin("gpt %s (%s): prefill and decode from bf16 weights", label, be[1]->name);
     const int B = 4, T = 12;
     int *x = xmalloc((size_t)B * T * sizeof(int));
     qs_gpt *m[2] = {NULL, NULL};
     for (int s = 0; s < 2; s++)
-        if (qs_gpt_create_for(&m[s], cfg, be[s], B, T, QS_GPT_INFER) || qs_gpt_init(m[s], seed) ||
-            qs_gpt_use_bf16_weights(m[s])) {
+        if (qs_gpt_create_for(&m[s], cfg, be[s], B, T, QS_GPT_INFER) || qs_gpt_use_bf16_weights(m[s], false) ||
+            qs_gpt_init(m[s], seed)) {
             fail("the %s model from bf16 weights: %s", be[s]->name, qs_error_last());
             goto done;
         }
