@@ -620,8 +620,8 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a, peak_
         if (!rc && cfg->model.type != QS_MODEL_GPT) rc = qs_error("%s: not a language model (model.type is not gpt)", what);
         if (!rc && !(be = qs_cli_backend(a->device, cfg->train.precision))) rc = -1;
         if (!rc) *mem = peak_mem_start(be);
-        if (!rc) rc = qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER);
-        if (!rc) rc = qs_cli_weights_apply(*m, a->weights, false);
+        if (!rc)
+            rc = qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, qs_cli_weights_use(a->weights));
         if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(*m), &f, step_dir);
         qs_st_free(&f);
         free(chars);
@@ -636,8 +636,7 @@ static int open_generator(qs_gpt **m, qs_config *cfg, const bench_args *a, peak_
     }
     if (!(be = qs_cli_backend(a->device, cfg->train.precision))) return -1;
     *mem = peak_mem_start(be);
-    if (qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, QS_GPT_INFER) ||
-        qs_cli_weights_apply(*m, a->weights, false))
+    if (qs_gpt_create_for(m, &cfg->model, be, a->batch, cfg->model.seq_len, qs_cli_weights_use(a->weights)))
         return -1;
     return qs_gpt_init(*m, cfg->train.seed);
 }

@@ -37,6 +37,8 @@ int qs_cli_weights_check(const char *weights) {
     return qs_cli_usage_error("--weights: expected fp32 or bf16, got '%s'", weights);
 }
 
-int qs_cli_weights_apply(qs_gpt *m, const char *weights, bool keep_fp32) {
-    return strcmp(weights, "bf16") ? 0 : qs_gpt_use_bf16_weights(m, keep_fp32);
+qs_gpt_use qs_cli_weights_use(const char *weights) { return strcmp(weights, "bf16") ? QS_GPT_INFER : QS_GPT_INFER_BF16; }
+
+int qs_cli_weights_apply(qs_gpt *m, const char *weights) {
+    return strcmp(weights, "bf16") ? 0 : qs_gpt_use_bf16_weights(m);
 }

@@ -293,13 +293,13 @@ static int load_model(loaded_model *lm, const char *dir, const char *device, int
                       qs_codec_vocab_size(&lm->codec), arch->vocab_size);
     const qs_backend *be = rc ? NULL : device_backend(device, &o.cfg);
     if (!rc && !be) rc = -1;
-    if (!rc) rc = qs_gpt_create_for(&lm->m, arch, be, max_B, arch->seq_len, QS_GPT_INFER);
-    if (!rc && !adapter_dir) rc = qs_cli_weights_apply(lm->m, weights, false);
+    const qs_gpt_use use = adapter_dir ? QS_GPT_INFER : qs_cli_weights_use(weights);
+    if (!rc) rc = qs_gpt_create_for(&lm->m, arch, be, max_B, arch->seq_len, use);
     if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(lm->m), &o.f, o.step_dir);
     char adapter_step[QS_PATH_MAX + 64];
     if (!rc && adapter_dir)
         rc = qs_lora_open(&lm->lora, adapter_dir, lm->m, base_check, adapter_step, sizeof adapter_step) ||
-             qs_cli_weights_apply(lm->m, weights, true);
+             qs_cli_weights_apply(lm->m, weights);
     if (!rc) qs_gpt_set_lora(lm->m, lm->lora);
     close_checkpoint(&o);
     return rc;
@@ -457,9 +457,13 @@ static int cmd_eval(int argc, char **argv) {
     qs_task task = {0};
     char adapter_step[QS_PATH_MAX + 64];
     rc = open_checkpoint(&o, model, config, &sets);
-    const qs_task_place place = {.micro_B = micro_batch(&o.cfg), .be = rc ? NULL : device_backend(device, &o.cfg)};
-    if (!rc && !place.be) rc = -1;
     const bool bf16 = !strcmp(weights, "bf16");
+    /* bf16 without an adapter: the panels alone, so the fp32 copies are never made; an
+     * adapter's base keeps them */
+    const qs_task_place place = {.micro_B = micro_batch(&o.cfg),
+                                 .be = rc ? NULL : device_backend(device, &o.cfg),
+                                 .bf16_weights = bf16 && !adapter};
+    if (!rc && !place.be) rc = -1;
     if (!rc && adapter)
         rc = qs_checkpoint_find_file(adapter, QS_LORA_WEIGHTS, adapter_step, sizeof adapter_step)
                  ? qs_error("--adapter: %s", qs_error_last())
@@ -467,11 +471,8 @@ static int cmd_eval(int argc, char **argv) {
     else if (!rc)
         rc = qs_task_open(&task, &o.cfg, o.chars_json, &place);
     if (!rc && bf16 && !task.use_bf16_weights) rc = qs_error("--weights bf16: for language models (model.type gpt)");
-    /* bf16 without an adapter before the weights load, so that their fp32 copies are never
-     * made; an adapter's base keeps them */
-    if (!rc && bf16 && !adapter) rc = task.use_bf16_weights(task.self, false);
     if (!rc && !adapter) rc = qs_checkpoint_load_weights(task.params, &o.f, o.step_dir);
-    if (!rc && bf16 && adapter) rc = task.use_bf16_weights(task.self, true);
+    if (!rc && bf16 && adapter) rc = task.use_bf16_weights(task.self);
     double vl = NAN, acc = NAN;
     if (!rc) rc = qs_task_evaluate(&task, o.cfg.train.eval_iters, NULL, 0, 1, &vl, &acc);
     if (!rc) {

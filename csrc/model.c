@@ -54,19 +54,21 @@ struct qs_gpt {
 
     qs_params ps;       /* no gradient buffer when frozen (a LoRA base) */
     bool frozen;        /* no weight gradients, so fewer activations kept (carve) */
-    bool forward_only;  /* QS_GPT_INFER: no backward, so one block's activations serve all */
+    bool forward_only;  /* QS_GPT_INFER(_BF16): no backward, so one block's activations serve all */
     qs_lora *lora;      /* adapters on the linear layers, or NULL */
     int wte, wpe, lnf_w, lnf_b, lm_head; /* lm_head == wte when tied */
     layer_params *lp;
     /* The linear layers' weights again as bf16 panels, for inference
      * (qs_gpt_use_bf16_weights): backend memory, tensor i's first at w16_at[i], and
      * SIZE_MAX where a tensor has none. NULL: the fp32 weights serve. Without their fp32
-     * copies, a weight being loaded gathers in w16_stage (the size of the largest) until
-     * it can be packed; w16_packed counts the weights packed by the load under way. */
+     * copies (QS_GPT_INFER_BF16), a weight being loaded gathers in w16_stage (the size of
+     * the largest) until it can be packed; w16_packed counts the weights packed by the
+     * load under way. */
     uint16_t *w16;
     size_t *w16_at;
     bf16_site *w16_sites;
     int n_w16_sites, w16_packed;
+    size_t w16_elems;
     float *w16_stage;
     size_t w16_stage_floats;
 
@@ -364,6 +366,85 @@ static size_t packed_id_count(const qs_gpt *m) {
     return m->E > 0 ? (size_t)m->L * m->max_B * m->max_T * m->K : 0;
 }
 
+/* ---- bf16 panels of the linear layers ---- */
+
+static int bf16_sites(const qs_gpt *m, bf16_site *out) {
+    int n = 0;
+    const int stack = m->E > 0 ? m->E : 1;
+    out[n++] = (bf16_site){m->lm_head, m->C, m->V, 1, lm_head_layout()};
+    for (int l = 0; l < m->L; l++) {
+        const layer_params *p = &m->lp[l];
+        if (p->qkv_w >= 0) out[n++] = (bf16_site){p->qkv_w, m->C, m->Wqkv, 1, QS_W_IN_OUT};
+        out[n++] = (bf16_site){p->proj_w, m->C, m->C, 1, QS_W_IN_OUT};
+        out[n++] = (bf16_site){p->fc_w, m->C, m->F, stack, QS_W_IN_OUT};
+        out[n++] = (bf16_site){p->fcproj_w, m->F, m->C, stack, QS_W_IN_OUT};
+    }
+    return n;
+}
+
+/* Site t's panels from its fp32 weights at src (backend memory; stacked experts). */
+static void pack_site(const qs_gpt *m, const bf16_site *t, const float *src) {
+    for (int e = 0; e < t->stack; e++)
+        m->be->ops->matmul_pack_bf16(m->w16 + m->w16_at[t->w] + (size_t)e * qs_bf16_packed_elems(t->n_in, t->n_out),
+                                     src + (size_t)e * t->n_in * t->n_out, t->n_in, t->n_out, t->layout);
+}
+
+/* The parameter table's on_load of a QS_GPT_INFER_BF16 model: a weight's values gather
+ * in the staging buffer and are packed once all are there (the tied classifier from its
+ * own room); the buffer goes once every weight is packed (a later load makes it again). */
+static int take_weight(void *ctx, int i, size_t j0, size_t n, const float *host) {
+    qs_gpt *m = ctx;
+    const bf16_site *t = NULL;
+    for (int s = 0; s < m->n_w16_sites && !t; s++)
+        if (m->w16_sites[s].w == i) t = &m->w16_sites[s];
+    if (!t) return 0;
+    const bool held = m->ps.info[i].held_elsewhere;
+    if (held && !m->w16_stage && !(m->w16_stage = m->be->alloc(m->w16_stage_floats * sizeof(float)))) return -1;
+    if (held) m->be->upload(m->w16_stage + j0, host, n * sizeof(float));
+    if (j0 + n < m->ps.info[i].numel) return 0;
+    pack_site(m, t, held ? m->w16_stage : P(m, i));
+    if (++m->w16_packed == m->n_w16_sites) {
+        m->be->free(m->w16_stage);
+        m->w16_stage = NULL;
+        m->w16_packed = 0;
+    }
+    return 0;
+}
+
+/* The linear layers' panel layout (w16_sites, w16_at, w16_elems); host side only. held:
+ * the weights also give up their fp32 room (the tied classifier keeps it: it is the
+ * embedding) and reach take_weight as they load, through a staging buffer the size of
+ * the largest (w16_stage_floats); before the parameters are allocated. */
+static int plan_bf16(qs_gpt *m, bool held) {
+    if (!m->be->ops->matmul_pack_bf16 || !m->be->ops->matmul_forward_bf16)
+        return qs_error("bf16 weights: the %s backend has no products from them", m->be->name);
+    free(m->w16_sites); /* a failed call's */
+    free(m->w16_at);
+    m->w16_sites = malloc((size_t)(1 + 4 * m->L) * sizeof *m->w16_sites);
+    m->w16_at = malloc((size_t)m->ps.n_tensors * sizeof *m->w16_at);
+    if (!m->w16_sites || !m->w16_at) return qs_error("out of memory");
+    m->n_w16_sites = bf16_sites(m, m->w16_sites);
+    m->w16_elems = 0;
+    for (int i = 0; i < m->ps.n_tensors; i++) m->w16_at[i] = SIZE_MAX;
+    for (int s = 0; s < m->n_w16_sites; s++) {
+        const bf16_site *t = &m->w16_sites[s];
+        m->w16_at[t->w] = m->w16_elems;
+        m->w16_elems += (size_t)t->stack * qs_bf16_packed_elems(t->n_in, t->n_out);
+        if (!held) continue;
+        qs_param_info *p = &m->ps.info[t->w];
+        p->observed = true;
+        p->held_elsewhere = t->w != m->wte;
+        const size_t floats = (size_t)t->stack * t->n_in * t->n_out;
+        if (p->held_elsewhere && floats > m->w16_stage_floats) m->w16_stage_floats = floats;
+    }
+    if (held) {
+        m->ps.on_load = take_weight;
+        m->ps.on_load_ctx = m;
+        qs_params_hold(&m->ps);
+    }
+    return 0;
+}
+
 /* The model's host side: its sizes, host arrays, parameter table and activation count,
  * and m->plan; no backend memory yet. */
 static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
@@ -396,7 +477,7 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->E = cfg->moe.n_experts;
     m->K = m->E > 0 ? cfg->moe.top_k : 1;
     m->frozen = use != QS_GPT_TRAIN;
-    m->forward_only = use == QS_GPT_INFER;
+    m->forward_only = use == QS_GPT_INFER || use == QS_GPT_INFER_BF16;
     m->lp = calloc((size_t)m->L, sizeof *m->lp);
     m->la = calloc((size_t)m->L, sizeof *m->la);
     m->res = calloc((size_t)m->L + 1, sizeof *m->res);
@@ -424,6 +505,10 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     }
     build_param_table(m);
     if (m->ps.broken) goto oom;
+    if (use == QS_GPT_INFER_BF16 && plan_bf16(m, true)) {
+        qs_gpt_free(m);
+        return -1;
+    }
     m->logit_rows = logit_rows_for(m, N);
     qs_plan p = {0};
     carve(m, &p);
@@ -433,7 +518,9 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     if (m->cfg.mixer == QS_MIXER_ATTENTION)
         m->sizes.heads = m->NH, m->sizes.kv_heads = m->NKV, m->sizes.head_size = m->C / m->NH;
     m->plan = (qs_mem_plan){
-        .params = m->ps.n * sizeof(float),
+        /* QS_GPT_INFER_BF16: also the panels, and the staging a load takes */
+        .params = m->ps.n * sizeof(float) +
+                  (m->ps.on_load ? m->w16_elems * sizeof(uint16_t) + m->w16_stage_floats * sizeof(float) : 0),
         .grads = m->frozen ? 0 : m->ps.n * sizeof(float),
         .activations = p.nf * sizeof(float) + p.ni * sizeof(int) + (N + packed_id_count(m)) * sizeof(int64_t),
         .workspace = be->workspace_bytes(&m->sizes),
@@ -467,6 +554,10 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->row_ids = be->alloc(N * sizeof(int64_t));
     m->packed_ids = m->E > 0 ? be->alloc(packed_id_count(m) * sizeof(int64_t)) : NULL;
     int prc = qs_params_alloc(&m->ps, be, !m->frozen);
+    if (!prc && m->ps.on_load &&
+        (!(m->w16 = be->alloc(m->w16_elems * sizeof *m->w16)) ||
+         !(m->w16_stage = be->alloc(m->w16_stage_floats * sizeof(float)))))
+        prc = -1;
     m->act_mem = be->alloc(m->act_floats * sizeof(float));
     m->int_mem = be->alloc(m->act_ints * sizeof(int));
     if (prc || !m->row_ids || (m->E > 0 && !m->packed_ids) || !m->act_mem || !m->int_mem || be->reserve(&m->sizes)) {
@@ -549,87 +640,11 @@ const qs_mem_plan *qs_gpt_mem_plan(const qs_gpt *m) { return &m->plan; }
 int qs_gpt_max_tokens(const qs_gpt *m) { return m->max_B * m->max_T; }
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora) { m->lora = lora; }
 
-static int bf16_sites(const qs_gpt *m, bf16_site *out) {
-    int n = 0;
-    const int stack = m->E > 0 ? m->E : 1;
-    out[n++] = (bf16_site){m->lm_head, m->C, m->V, 1, lm_head_layout()};
-    for (int l = 0; l < m->L; l++) {
-        const layer_params *p = &m->lp[l];
-        if (p->qkv_w >= 0) out[n++] = (bf16_site){p->qkv_w, m->C, m->Wqkv, 1, QS_W_IN_OUT};
-        out[n++] = (bf16_site){p->proj_w, m->C, m->C, 1, QS_W_IN_OUT};
-        out[n++] = (bf16_site){p->fc_w, m->C, m->F, stack, QS_W_IN_OUT};
-        out[n++] = (bf16_site){p->fcproj_w, m->F, m->C, stack, QS_W_IN_OUT};
-    }
-    return n;
-}
-
-/* Site t's panels from its fp32 weights at src (backend memory; stacked experts). */
-static void pack_site(const qs_gpt *m, const bf16_site *t, const float *src) {
-    for (int e = 0; e < t->stack; e++)
-        m->be->ops->matmul_pack_bf16(m->w16 + m->w16_at[t->w] + (size_t)e * qs_bf16_packed_elems(t->n_in, t->n_out),
-                                     src + (size_t)e * t->n_in * t->n_out, t->n_in, t->n_out, t->layout);
-}
-
-/* The parameter table's on_load when the fp32 weights are not kept: a weight's values
- * gather in the staging buffer and are packed once all are there (the tied classifier
- * from its own room); the buffer goes once every weight is packed (a later load makes
- * it again). */
-static int take_weight(void *ctx, int i, size_t j0, size_t n, const float *host) {
-    qs_gpt *m = ctx;
-    const bf16_site *t = NULL;
-    for (int s = 0; s < m->n_w16_sites && !t; s++)
-        if (m->w16_sites[s].w == i) t = &m->w16_sites[s];
-    if (!t) return 0;
-    const bool held = m->ps.info[i].held_elsewhere;
-    if (held && !m->w16_stage && !(m->w16_stage = m->be->alloc(m->w16_stage_floats * sizeof(float)))) return -1;
-    if (held) m->be->upload(m->w16_stage + j0, host, n * sizeof(float));
-    if (j0 + n < m->ps.info[i].numel) return 0;
-    pack_site(m, t, held ? m->w16_stage : P(m, i));
-    if (++m->w16_packed == m->n_w16_sites) {
-        m->be->free(m->w16_stage);
-        m->w16_stage = NULL;
-        m->w16_packed = 0;
-    }
-    return 0;
-}
-
-int qs_gpt_use_bf16_weights(qs_gpt *m, bool keep_fp32) {
-    if (!m->be->ops->matmul_pack_bf16 || !m->be->ops->matmul_forward_bf16)
-        return qs_error("bf16 weights: the %s backend has no products from them", m->be->name);
+int qs_gpt_use_bf16_weights(qs_gpt *m) {
     if (!m->frozen) return qs_error("bf16 weights are for inference: the model must be frozen");
     if (m->w16) return 0;
-    if (!keep_fp32 && m->ps.stored)
-        return qs_error("bf16 weights without fp32 copies: the weights are already loaded (choose before loading)");
-    free(m->w16_sites); /* a failed call's */
-    free(m->w16_at);
-    m->w16_sites = malloc((size_t)(1 + 4 * m->L) * sizeof *m->w16_sites);
-    m->w16_at = malloc((size_t)m->ps.n_tensors * sizeof *m->w16_at);
-    if (!m->w16_sites || !m->w16_at) return qs_error("out of memory");
-    const int n = m->n_w16_sites = bf16_sites(m, m->w16_sites);
-    size_t total = 0;
-    for (int i = 0; i < m->ps.n_tensors; i++) m->w16_at[i] = SIZE_MAX;
-    for (int s = 0; s < n; s++) {
-        const bf16_site *t = &m->w16_sites[s];
-        m->w16_at[t->w] = total;
-        total += (size_t)t->stack * qs_bf16_packed_elems(t->n_in, t->n_out);
-    }
-    if (!keep_fp32) {
-        /* the tied classifier is the embedding too: that keeps its fp32 room */
-        for (int s = 0; s < n; s++) {
-            const bf16_site *t = &m->w16_sites[s];
-            qs_param_info *p = &m->ps.info[t->w];
-            p->observed = true;
-            p->held_elsewhere = t->w != m->wte;
-            const size_t floats = (size_t)t->stack * t->n_in * t->n_out;
-            if (p->held_elsewhere && floats > m->w16_stage_floats) m->w16_stage_floats = floats;
-        }
-        m->ps.on_load = take_weight;
-        m->ps.on_load_ctx = m;
-        if (qs_params_relayout(&m->ps)) return -1;
-    }
-    if (!(m->w16 = m->be->alloc(total * sizeof *m->w16))) return -1;
-    if (keep_fp32)
-        for (int s = 0; s < n; s++) pack_site(m, &m->w16_sites[s], P(m, m->w16_sites[s].w));
+    if (plan_bf16(m, false) || !(m->w16 = m->be->alloc(m->w16_elems * sizeof *m->w16))) return -1;
+    for (int s = 0; s < m->n_w16_sites; s++) pack_site(m, &m->w16_sites[s], P(m, m->w16_sites[s].w));
     return 0;
 }
 

@@ -58,21 +58,13 @@ void qs_params_free(qs_params *ps) {
     memset(ps, 0, sizeof *ps);
 }
 
-int qs_params_relayout(qs_params *ps) {
-    if (ps->grad) return qs_error("only a frozen parameter table can hold tensors elsewhere");
-    if (ps->stored) return qs_error("the parameters are already loaded: lay them out again before loading them");
-    size_t n = 0;
+void qs_params_hold(qs_params *ps) {
+    ps->n = 0;
     for (int i = 0; i < ps->n_tensors; i++) {
         qs_param_info *p = &ps->info[i];
-        p->offset = p->held_elsewhere ? SIZE_MAX : n;
-        n += p->held_elsewhere ? 0 : p->numel;
+        p->offset = p->held_elsewhere ? SIZE_MAX : ps->n;
+        ps->n += p->held_elsewhere ? 0 : p->numel;
     }
-    /* the old buffer goes first: its values are lost anyway, and the two never coexist */
-    ps->be->free(ps->data);
-    ps->n = n;
-    if (!(ps->data = ps->be->alloc((n ? n : 1) * sizeof(float))))
-        return qs_error("cannot allocate %zu parameters (%.1f MiB)", n, n * sizeof(float) / 1048576.0);
-    return 0;
 }
 
 bool qs_params_whole(const qs_params *ps) {
@@ -83,7 +75,6 @@ bool qs_params_whole(const qs_params *ps) {
 
 int qs_params_store(qs_params *ps, int i, size_t j0, size_t n, const float *host) {
     const qs_param_info *p = &ps->info[i];
-    ps->stored = true;
     if (!p->held_elsewhere) ps->be->upload(ps->data + p->offset + j0, host, n * sizeof(float));
     return p->observed && ps->on_load ? ps->on_load(ps->on_load_ctx, i, j0, n, host) : 0;
 }
@@ -108,10 +99,7 @@ void qs_params_grads_ready(qs_params *ps, int i) {
     if (ps->on_grads_ready) ps->on_grads_ready(ps->grads_ready_ctx, ps->info[i].offset);
 }
 void qs_params_download(const qs_params *ps, float *host) { ps->be->download(host, ps->data, ps->n * sizeof(float)); }
-void qs_params_upload(qs_params *ps, const float *host) {
-    ps->stored = true;
-    ps->be->upload(ps->data, host, ps->n * sizeof(float));
-}
+void qs_params_upload(qs_params *ps, const float *host) { ps->be->upload(ps->data, host, ps->n * sizeof(float)); }
 
 int qs_params_init(qs_params *ps, uint64_t seed, qs_init_value_fn value, const void *ctx) {
     /* staged through a bounded host buffer, not a copy of the whole table: on the CPU that
@@ -146,6 +134,5 @@ float qs_params_init_std(qs_init scheme, float normal_std, const qs_param_info *
 }
 
 void qs_params_copy(qs_params *dst, const qs_params *src) {
-    dst->stored = true;
     dst->be->copy(dst->data, src->data, src->n * sizeof(float));
 }

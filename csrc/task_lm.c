@@ -84,9 +84,7 @@ static int lm_evaluate(void *self, int iters, int part, int parts, double sums[3
     return 0;
 }
 
-static int lm_use_bf16_weights(void *self, bool keep_fp32) {
-    return qs_gpt_use_bf16_weights(((lm_task *)self)->m, keep_fp32);
-}
+static int lm_use_bf16_weights(void *self) { return qs_gpt_use_bf16_weights(((lm_task *)self)->m); }
 
 static void lm_step_begin(void *self) { qs_gpt_moe_stats_reset(((lm_task *)self)->m); }
 
@@ -203,7 +201,9 @@ static int plan_lm(qs_mem_plan *plan, const qs_config *cfg, const qs_task_place 
 /* lora: the model is a frozen base that adapters (cfg->lora) will train. Without an
  * optimizer nothing trains: forward passes only (evaluation). */
 static int open_lm(qs_task *task, qs_config *cfg, const char *chars_json, const qs_task_place *place, bool lora) {
-    const qs_gpt_use use = place->optim_shards == 0 ? QS_GPT_INFER : lora ? QS_GPT_FROZEN : QS_GPT_TRAIN;
+    const qs_gpt_use use = place->optim_shards > 0 ? (lora ? QS_GPT_FROZEN : QS_GPT_TRAIN)
+                           : place->bf16_weights && !lora ? QS_GPT_INFER_BF16
+                                                          : QS_GPT_INFER;
     lm_task *t = calloc(1, sizeof *t);
     if (!t) return qs_error("out of memory");
     int rc = qs_codec_open(&t->codec, &cfg->data, chars_json);

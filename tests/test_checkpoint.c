@@ -132,10 +132,10 @@ static void test_load_into_bf16_only(void **state) {
     free(chars);
     qs_gpt *m[2];
     for (int k = 0; k < 2; k++) {
-        assert_int_equal(qs_gpt_create_for(&m[k], &c.model, qs_backend_cpu(), 1, 5, QS_GPT_INFER), 0);
-        if (k) assert_int_equal(qs_gpt_use_bf16_weights(m[k], false), 0);
+        assert_int_equal(qs_gpt_create_for(&m[k], &c.model, qs_backend_cpu(), 1, 5, k ? QS_GPT_INFER_BF16 : QS_GPT_INFER),
+                         0);
         assert_int_equal(qs_checkpoint_load_weights(qs_gpt_params(m[k]), &f, step_dir), 0);
-        if (!k) assert_int_equal(qs_gpt_use_bf16_weights(m[k], true), 0);
+        if (!k) assert_int_equal(qs_gpt_use_bf16_weights(m[k]), 0);
     }
     qs_st_free(&f);
     const int x[5] = {1, 4, 2, 8, 5};

@@ -735,7 +735,7 @@ static int round_linear_weights(qs_gpt *m) {
 }
 
 /* The linear layers' weights: fp32; bf16 panels packed once the weights are there,
- * which stay; bf16 panels packed as the weights load, without their fp32 copies. */
+ * which stay; bf16 panels alone, packed as the weights load (QS_GPT_INFER_BF16). */
 typedef enum weights_form { FP32, BF16_KEPT, BF16_ONLY } weights_form;
 
 /* KV-cache decoding by a model made for `use` equals a training model's recomputing the
@@ -749,12 +749,12 @@ static void kv_cache_matches_recompute_in(qs_model_config c, const char *label, 
     if (bf16) c.tie_embeddings = false;
     const int P = 3, STEPS = 2 * 7 + 3; /* seq_len 7: slides twice */
     qs_gpt *cached, *full;
-    assert_int_equal(qs_gpt_create_for(&cached, &c, qs_backend_cpu(), 1, c.seq_len, use), 0);
+    assert_int_equal(qs_gpt_create_for(&cached, &c, qs_backend_cpu(), 1, c.seq_len, w == BF16_ONLY ? QS_GPT_INFER_BF16 : use),
+                     0);
     assert_int_equal(qs_gpt_create(&full, &c, qs_backend_cpu(), 1, c.seq_len), 0);
-    if (w == BF16_ONLY) assert_int_equal(qs_gpt_use_bf16_weights(cached, false), 0);
     assert_int_equal(qs_gpt_init(cached, seed), 0);
     qs_gpt_init(full, seed);
-    if (w == BF16_KEPT) assert_int_equal(qs_gpt_use_bf16_weights(cached, true), 0);
+    if (w == BF16_KEPT) assert_int_equal(qs_gpt_use_bf16_weights(cached), 0);
     if (bf16) assert_int_equal(round_linear_weights(full), 1 + c.n_layer * (c.mixer == QS_MIXER_QUADCONV ? 3 : 4));
     int ctx[32], ref[32];
     for (int i = 0; i < P; i++) ctx[i] = ref[i] = (int)qs_rng_below(seed, 20, (uint64_t)i, (uint64_t)c.vocab_size);
@@ -816,20 +816,19 @@ static void test_kv_cache(void **state) {
     kv_cache_matches_recompute(c, "grouped-query, recompute_layers 2 of 3");
 }
 
-/* Without their fp32 copies (packed as they load) the bf16 weights are the same panels
- * as packed from the fp32 weights: the same logits, bit for bit, tied classifier (packed
- * from the embedding's own room) or not; the table holds only the tensors not packed
- * (and a tied classifier), and such a model takes no adapters. */
+/* Alone (QS_GPT_INFER_BF16, packed as they load) the bf16 panels are the ones packed
+ * from loaded fp32 weights: the same logits, bit for bit, tied classifier (packed from
+ * the embedding's own room) or not, loaded twice; the table holds only the tensors not
+ * packed (and a tied classifier), and such a model takes no adapters. */
 static void bf16_only_matches_kept(qs_model_config c, const char *label) {
     c.dropout = 0.0f;
     const int B = 2, T = 5;
     qs_gpt *m[2];
     for (int k = 0; k < 2; k++) {
-        assert_int_equal(qs_gpt_create_for(&m[k], &c, qs_backend_cpu(), B, T, QS_GPT_INFER), 0);
-        if (k) assert_int_equal(qs_gpt_use_bf16_weights(m[k], false), 0);
+        assert_int_equal(qs_gpt_create_for(&m[k], &c, qs_backend_cpu(), B, T, k ? QS_GPT_INFER_BF16 : QS_GPT_INFER), 0);
         if (k) assert_int_equal(qs_gpt_init(m[k], seed ^ 1), 0); /* loaded again below: packed again */
         assert_int_equal(qs_gpt_init(m[k], seed), 0);
-        if (!k) assert_int_equal(qs_gpt_use_bf16_weights(m[k], true), 0);
+        if (!k) assert_int_equal(qs_gpt_use_bf16_weights(m[k]), 0);
     }
     const qs_params *kept = qs_gpt_params(m[0]), *only = qs_gpt_params(m[1]);
     size_t held = 0;
@@ -852,14 +851,6 @@ static void bf16_only_matches_kept(qs_model_config c, const char *label) {
     assert_int_equal(qs_lora_create(&lo, &lc.lora, m[1]), -1);
     assert_null(lo);
     assert_non_null(strstr(qs_error_last(), "fp32 weights"));
-    /* chosen after loading, the fp32 room would go with the values in it */
-    qs_gpt *late;
-    assert_int_equal(qs_gpt_create_for(&late, &c, qs_backend_cpu(), B, T, QS_GPT_INFER), 0);
-    assert_int_equal(qs_gpt_init(late, seed), 0);
-    assert_int_equal(qs_gpt_use_bf16_weights(late, false), -1);
-    assert_non_null(strstr(qs_error_last(), "already loaded"));
-    assert_true(qs_params_whole(qs_gpt_params(late))); /* left as it was */
-    qs_gpt_free(late);
     printf("# %s: %zu of %zu parameters only as bf16 panels, the same logits\n", label, held, kept->n);
     for (int k = 0; k < 2; k++) qs_gpt_free(m[k]);
 }
@@ -884,10 +875,8 @@ static void test_bf16_weights(void **state) {
     bf16_only_matches_kept(c, "moe, untied");
     qs_gpt *m;
     assert_int_equal(qs_gpt_create(&m, &c, qs_backend_cpu(), 1, c.seq_len), 0);
-    for (int keep = 0; keep < 2; keep++) {
-        assert_int_not_equal(qs_gpt_use_bf16_weights(m, keep), 0);
-        assert_non_null(strstr(qs_error_last(), "frozen"));
-    }
+    assert_int_not_equal(qs_gpt_use_bf16_weights(m), 0);
+    assert_non_null(strstr(qs_error_last(), "frozen"));
     qs_gpt_free(m);
 }
 

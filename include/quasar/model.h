@@ -36,6 +36,9 @@ typedef enum qs_gpt_use {
     QS_GPT_FROZEN, /* no weight gradients: a LoRA base, whose backward yields its adapters' */
     QS_GPT_INFER,  /* forward passes only (generate, eval): every block shares one block's
                     * activations, and there is no backward scratch */
+    QS_GPT_INFER_BF16, /* the same with the linear layers' weights as bf16 panels only (see
+                        * qs_gpt_use_bf16_weights), packed as the weights load: half their
+                        * memory. It cannot be saved or take adapters. */
 } qs_gpt_use;
 
 /* Sizes activations for micro-batches of up to max_B sequences of up to max_T tokens.
@@ -44,8 +47,8 @@ typedef enum qs_gpt_use {
 int qs_gpt_create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B,
                   int max_T);
 /* The same for another use: QS_GPT_FROZEN has no gradient buffer, and its backward
- * yields only the gradients of attached adapters; QS_GPT_INFER takes forwards without a
- * gradient scale, prefills and decodes, and its backward fails. */
+ * yields only the gradients of attached adapters; QS_GPT_INFER(_BF16) takes forwards
+ * without a gradient scale, prefills and decodes, and its backward fails. */
 int qs_gpt_create_for(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be, int max_B, int max_T,
                       qs_gpt_use use);
 void qs_gpt_free(qs_gpt *m);
@@ -69,16 +72,13 @@ bool qs_gpt_failed(const qs_gpt *m);
  * detaches. The model does not own them. */
 void qs_gpt_set_lora(qs_gpt *m, qs_lora *lora);
 int qs_gpt_init(qs_gpt *m, uint64_t seed);
-/* Inference from bf16 weights: the linear layers' weights (attention, feed-forward or
- * experts, classifier; not the router or embeddings) as bf16 panels, whose products are
- * computed in fp32 from now on (ops.h, matmul_forward_bf16): half the bytes a decode
- * step reads. keep_fp32: packed from the weights now there, which stay (an adapter's
- * base check and merge read them). Else the model gives up their fp32 room (the tied
- * classifier's, the embedding's, stays) and packs each weight as it is loaded: call it
- * before qs_gpt_init or qs_checkpoint_load_weights, and the weights take half the
- * memory; such a model cannot be saved or take adapters. A frozen model; errors if the
- * backend has no such products. */
-int qs_gpt_use_bf16_weights(qs_gpt *m, bool keep_fp32);
+/* Inference from bf16 weights: packs the linear layers' weights (attention, feed-forward
+ * or experts, classifier; not the router or embeddings) as bf16 panels and computes
+ * those products from them from now on, in fp32 (ops.h, matmul_forward_bf16): half the
+ * bytes a decode step reads. The fp32 weights stay (an adapter's base check and merge
+ * read them); a model made QS_GPT_INFER_BF16 has the panels alone. A frozen model whose
+ * weights are final; errors if the backend has no such products. */
+int qs_gpt_use_bf16_weights(qs_gpt *m);
 
 const qs_model_config *qs_gpt_config(const qs_gpt *m);
 /* The backend the model's memory lives on (and its adapters must use). */

@@ -29,7 +29,7 @@ typedef struct qs_param_info {
     qs_param_role role;
     int fan_in, fan_out; /* for weight init */
     bool residual_proj;  /* output projection into the residual stream */
-    /* Set before qs_params_relayout: held elsewhere, a tensor has no room in data and its
+    /* Set before qs_params_hold: held elsewhere, a tensor has no room in data and its
      * values reach only the table's on_load; observed, on_load sees them as they load. */
     bool held_elsewhere, observed;
 } qs_param_info;
@@ -40,7 +40,6 @@ typedef struct qs_params {
     int n_tensors, cap;
     size_t n;            /* floats in all tensors */
     bool broken;         /* an add ran out of memory; alloc then refuses the table */
-    bool stored;         /* values were stored (qs_params_store): relayout would lose them */
     float *data, *grad;  /* backend memory; grad is NULL for a frozen set */
     /* Told, during a backward pass, that grad[begin, n) is final: tensors are laid out in
      * model order and the backward pass finishes them from the end, so the finished part
@@ -63,10 +62,10 @@ int qs_params_add(qs_params *ps, const char *name, int ndim, const int64_t *shap
 int qs_params_alloc(qs_params *ps, const qs_backend *be, bool trainable);
 void qs_params_free(qs_params *ps);
 
-/* Lays a frozen table out again after its tensors' held_elsewhere flags were set: data
- * shrinks to the others and the held tensors' values pointers become NULL. Before any
- * values are stored only (it would lose them). */
-int qs_params_relayout(qs_params *ps);
+/* Lays the table out again, before qs_params_alloc, once its tensors' held_elsewhere
+ * flags are set: data holds the others only, and the held tensors' values pointers are
+ * NULL. */
+void qs_params_hold(qs_params *ps);
 /* Whether every tensor has room in data: what checkpoints, adapters and optimizers need. */
 bool qs_params_whole(const qs_params *ps);
 /* n values of tensor i from element j0 (host memory) into data where it has room, and

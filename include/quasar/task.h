@@ -38,10 +38,10 @@ typedef struct qs_task {
      * loss weighted (so the mean is sums[0] / sums[2]). The set is eval_iters
      * micro-batches (LMs) or the whole test split (classifiers). */
     int (*evaluate)(void *self, int iters, int part, int parts, double sums[3]);
-    /* Evaluation from bf16 weights (qs_gpt_use_bf16_weights: before the weights load, or
-     * once they are with keep_fp32; a task opened without an optimizer); NULL where the
-     * family has none. */
-    int (*use_bf16_weights)(void *self, bool keep_fp32);
+    /* Evaluation from bf16 panels packed beside the loaded weights (qs_gpt_use_bf16_weights;
+     * a task opened without an optimizer, as a LoRA base: else qs_task_place.bf16_weights);
+     * NULL where the family has none. */
+    int (*use_bf16_weights)(void *self);
     void (*step_begin)(void *self);                 /* may be NULL */
     /* Sums the step's statistics for log_fields over the data-parallel group; may be NULL. */
     int (*reduce_stats)(void *self, qs_comm *dp);
@@ -61,6 +61,7 @@ typedef struct qs_task_place {
     qs_comm *sp;
     const qs_backend *be;
     int optim_shards;
+    bool bf16_weights; /* no optimizer and no LoRA: a language model with bf16 panels alone */
 } qs_task_place;
 
 /* Builds cfg's model (model.type) as placed and loads its data; chars_json is a

@@ -1065,8 +1065,8 @@ done:
     case_end();
 }
 
-/* Inference from bf16 weights (frozen models, qs_gpt_use_bf16_weights on both, packed
- * as the weights load, through the backend's staging buffer): 4 prompts of 10 tokens,
+/* Inference from bf16 weights (QS_GPT_INFER_BF16 models, packed as the weights load,
+ * through the backend's staging buffer): 4 prompts of 10 tokens,
  * so the prefill's products widen panels (40 rows) and the decode's take the panel
  * kernel. */
 static void test_gpt_bf16_weights(const char *label, const qs_model_config *cfg) {
@@ -1075,8 +1075,7 @@ static void test_gpt_bf16_weights(const char *label, const qs_model_config *cfg)
     int *x = xmalloc((size_t)B * T * sizeof(int));
     qs_gpt *m[2] = {NULL, NULL};
     for (int s = 0; s < 2; s++)
-        if (qs_gpt_create_for(&m[s], cfg, be[s], B, T, QS_GPT_INFER) || qs_gpt_use_bf16_weights(m[s], false) ||
-            qs_gpt_init(m[s], seed)) {
+        if (qs_gpt_create_for(&m[s], cfg, be[s], B, T, QS_GPT_INFER_BF16) || qs_gpt_init(m[s], seed)) {
             fail("the %s model from bf16 weights: %s", be[s]->name, qs_error_last());
             goto done;
         }
