@@ -120,6 +120,13 @@ static void test_round_trip(void **state) {
     qs_gpt_free(ref);
 }
 
+/* The checkpoint's model file and its config (the vocabulary left out). */
+static void open_model(qs_st_file *f, qs_config *c) {
+    char *chars;
+    assert_int_equal(qs_checkpoint_open_model(f, step_dir, c, &chars), 0);
+    free(chars);
+}
+
 /* Loading into a model that holds its linear weights as bf16 only (packed as they load,
  * a chunk of the mapped file at a time) gives the logits of one packed after a whole
  * load, bit for bit; such a model refuses to be saved, and nothing is written. */
@@ -127,9 +134,7 @@ static void test_load_into_bf16_only(void **state) {
     (void)state;
     qs_st_file f;
     qs_config c;
-    char *chars;
-    assert_int_equal(qs_checkpoint_open_model(&f, step_dir, &c, &chars), 0);
-    free(chars);
+    open_model(&f, &c);
     qs_gpt *m[2];
     for (int k = 0; k < 2; k++) {
         assert_int_equal(qs_gpt_create_for(&m[k], &c.model, qs_backend_cpu(), 1, 5, k ? QS_GPT_INFER_BF16 : QS_GPT_INFER),
@@ -234,9 +239,7 @@ static void test_wrong_shapes_and_names(void **state) {
     (void)state;
     qs_st_file f;
     qs_config c;
-    char *chars;
-    assert_int_equal(qs_checkpoint_open_model(&f, step_dir, &c, &chars), 0);
-    free(chars);
+    open_model(&f, &c);
     qs_config other = small_config(6); /* narrower */
     qs_gpt *m;
     assert_int_equal(qs_gpt_create(&m, &other.model, qs_backend_cpu(), 1, 5), 0);
