@@ -265,8 +265,9 @@ else
 fi
 if "$emu/quasar" bench generate --config tiny.json --repeats 1 --batch 2 --device cuda --json >bench_gen.json \
   2>bench_gen.err && ! sanitizer_report bench_gen.err; then
-  json_check "bench generate --device cuda: prefill and decode of two prompts through the device's KV cache" bench_gen.json '
-assert r["backend"] == "cuda" and r["prompt_tokens"] == 8 and r["new_tokens"] == 8 and r["batch"] == 2, r'
+  json_check "bench generate --device cuda: prefill and decode of two prompts through the device's KV cache, device memory" bench_gen.json '
+assert r["backend"] == "cuda" and r["prompt_tokens"] == 8 and r["new_tokens"] == 8 and r["batch"] == 2, r
+assert "generate_peak_rss_mib" not in v and 0 < v["generate_peak_gpu_mem_mib"] < 64, v'
 else
   not_ok "bench generate --device cuda runs (emulated)" "$(grep -v WARNING bench_gen.err | tail -3)"
 fi
