@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Peak resident memory of what a user runs on the CPU, for one or two quasar binaries
 # side by side (a change's before and after): GPT-2 124M generation from random weights
-# and from a checkpoint (fp32 and bf16 weights), eval, resuming a run through a step and
-# a checkpoint, and training a small model from 200M tokens of shards. Prints one line
+# and from a checkpoint (fp32 and bf16 weights), eval, conversion to and from Hugging
+# Face's layout, resuming a run through a step and a checkpoint, and training a small
+# model from 200M tokens of shards. Prints one line
 # per case and binary: "case<TAB>binary<TAB>peak RSS MiB<TAB>seconds".
 #   bench/memory.sh QUASAR [QUASAR_BEFORE]
 # Needs python3 with numpy (the synthetic shards) and GNU time; about 1.5 GB of disk.
@@ -18,6 +19,7 @@ cfg=configs/gpt2_124m_shakespeare.json
 "${bins[0]}" train --config $cfg --out "$work/ck" --set train.max_steps=1 --set train.batch_size=1 \
   --set train.micro_batch_size=1 --set model.seq_len=64 --set train.eval_interval=0 --set train.sample_tokens=0 \
   >/dev/null 2>&1
+"${bins[0]}" convert --to-hf "$work/ck" --out "$work/hf" >/dev/null 2>&1
 # 200M tokens in four shards of 50M, and a small model that trains from them
 python3 - "$work" <<'PY'
 import sys, numpy as np
@@ -55,6 +57,9 @@ for w in fp32 bf16; do
   done
 done
 for b in "${bins[@]}"; do
+  rm -rf "$work/c" "$work/h"
+  measure "convert --from-hf" "$b" convert --from-hf "$work/hf" --out "$work/c" --vocab-dir "$PWD/../shared/data/gpt2"
+  measure "convert --to-hf" "$b" convert --to-hf "$work/ck" --out "$work/h"
   rm -rf "$work/r" && cp -r "$work/ck" "$work/r"
   measure "resume, one step, a checkpoint" "$b" train --resume "$work/r" --set train.max_steps=2
   rm -rf "$work/s"

@@ -138,12 +138,27 @@ static int check_shape(const qs_st_tensor *t, const qs_param_info *p, const char
     return qs_error("%s: tensor '%s' is %s, but config.json makes it %s", path, t->name, got, want);
 }
 
-/* Fills host (the flat parameter layout) from the HF tensors: every parameter exactly
- * once; the causal-mask buffers are skipped; lm_head.weight must repeat wte. */
-static int hf_load_tensors(const qs_params *ps, const qs_st_file *f, const char *path, float *host) {
+/* Tensor t widened to F32 into tmp (grown to fit, host memory). */
+static int widen(const qs_st_tensor *t, size_t numel, float **tmp, size_t *cap, const char *path) {
+    if (numel > *cap) {
+        float *grown = realloc(*tmp, numel * sizeof **tmp);
+        if (!grown) return qs_error("out of memory");
+        *tmp = grown;
+        *cap = numel;
+    }
+    return qs_st_to_f32(t, *tmp, path);
+}
+
+/* Stores the HF tensors into the (CPU) parameter table, one at a time through one
+ * buffer of the largest, giving each tensor's pages of the mapped file back: every
+ * parameter exactly once; the causal-mask buffers are skipped; lm_head.weight must
+ * repeat wte. */
+static int hf_load_tensors(qs_params *ps, const qs_st_file *f, const char *path) {
     int n = ps->n_tensors, wte = qs_params_find(ps, "wte.weight");
     const qs_st_tensor *lm_head = NULL;
     bool *seen = calloc((size_t)n, sizeof *seen);
+    float *tmp = NULL;
+    size_t cap = 0;
     if (!seen) return qs_error("out of memory");
     int rc = 0;
     for (int k = 0; k < f->n_tensors && !rc; k++) {
@@ -159,22 +174,20 @@ static int hf_load_tensors(const qs_params *ps, const qs_st_file *f, const char 
         else if (seen[i]) rc = qs_error("%s: tensor '%s' appears twice", path, name);
         else if (!(rc = check_shape(t, &ps->info[i], path))) {
             seen[i] = true;
-            rc = qs_st_to_f32(t, host + ps->info[i].offset, path);
+            const size_t numel = ps->info[i].numel;
+            if (!(rc = widen(t, numel, &tmp, &cap, path))) rc = qs_params_store(ps, i, 0, numel, tmp);
+            qs_st_release(f, t->data, t->nbytes);
         }
     }
     for (int i = 0; i < n && !rc; i++)
         if (!seen[i]) rc = qs_error("%s: missing tensor '%s'", path, ps->info[i].name);
     free(seen);
-    if (rc || !lm_head) return rc;
     /* Quasar ties the output head to wte; an untied head cannot be kept. */
     const qs_param_info *p = &ps->info[wte];
-    float *head = malloc(p->numel * sizeof *head);
-    if (!head) return qs_error("out of memory");
-    rc = check_shape(lm_head, p, path);
-    if (!rc) rc = qs_st_to_f32(lm_head, head, path);
-    if (!rc && memcmp(head, host + p->offset, p->numel * sizeof *head))
+    if (!rc && lm_head && !(rc = check_shape(lm_head, p, path)) && !(rc = widen(lm_head, p->numel, &tmp, &cap, path)) &&
+        memcmp(tmp, qs_params_value(ps, wte), p->numel * sizeof *tmp))
         rc = qs_error("%s: lm_head.weight differs from wte.weight; untied output heads are not supported", path);
-    free(head);
+    free(tmp);
     return rc;
 }
 
@@ -190,7 +203,6 @@ int qs_convert_from_hf(const char *hf_dir, const char *out_run, const char *voca
     qs_gpt *m = NULL;
     qs_st_file f = {0};
     qs_adamw opt = {0};
-    float *host = NULL;
     int rc = qs_codec_open(&codec, &cfg.data, NULL);
     if (!rc && qs_codec_vocab_size(&codec) > cfg.model.vocab_size)
         rc = qs_error("the vocabulary in '%s' (%d) is larger than vocab_size (%d)", vocab_dir,
@@ -200,12 +212,8 @@ int qs_convert_from_hf(const char *hf_dir, const char *out_run, const char *voca
     snprintf(path, sizeof path, "%s/model.safetensors", hf_dir);
     if (!rc) rc = qs_st_read(&f, path);
     qs_params *ps = rc ? NULL : qs_gpt_params(m);
-    if (!rc && !(host = malloc(ps->n * sizeof *host))) rc = qs_error("out of memory");
-    if (!rc) rc = hf_load_tensors(ps, &f, path, host);
-    if (!rc) {
-        qs_params_upload(ps, host);
-        rc = qs_adamw_create(&opt, qs_backend_cpu(), ps->n); /* zero moments */
-    }
+    if (!rc) rc = hf_load_tensors(ps, &f, path);
+    if (!rc) rc = qs_adamw_create(&opt, qs_backend_cpu(), ps->n); /* zero moments */
     if (!rc) {
         qs_train_state st = {.step = 0, .seed = cfg.train.seed};
         qs_guard_init(&st.guard, cfg.train.outlier_zscore, cfg.train.max_bad_steps);
@@ -217,7 +225,6 @@ int qs_convert_from_hf(const char *hf_dir, const char *out_run, const char *voca
     snprintf(path, sizeof path, "%s/config.json", out_run);
     if (!rc) rc = qs_file_write_atomic(path, json, strlen(json));
     free(json);
-    free(host);
     qs_adamw_free(&opt);
     qs_st_free(&f);
     qs_gpt_free(m);
@@ -283,9 +290,11 @@ int qs_convert_to_hf(const char *ckpt_dir, const char *out_dir) {
              : !mc->tie_embeddings ? qs_error("%s: model.tie_embeddings = false is not supported by the GPT-2 export", step_dir)
              : !mc->bias           ? qs_error("%s: model.bias = false has no GPT-2 form (its linear layers have biases)", step_dir)
                                    : 0;
-    /* Loading into a model checks that every tensor is there with its shape. */
-    if (!rc) rc = qs_gpt_create(&m, mc, qs_backend_cpu(), 1, 1);
+    /* Loading into a model checks that every tensor is there with its shape; the model is
+     * gone before the file's tensors are written out, so the two are never resident at once. */
+    if (!rc) rc = qs_gpt_create_for(&m, mc, qs_backend_cpu(), 1, 1, QS_GPT_INFER);
     if (!rc) rc = qs_checkpoint_load_weights(qs_gpt_params(m), &f, step_dir);
+    qs_gpt_free(m);
     qs_st_entry *e = rc ? NULL : calloc((size_t)f.n_tensors, sizeof *e);
     if (!rc && !e) rc = qs_error("out of memory");
     /* The checkpoint's tensors already carry GPT-2's names, layout and dtype; only the
@@ -304,7 +313,6 @@ int qs_convert_to_hf(const char *ckpt_dir, const char *out_dir) {
     if (!rc) rc = qs_file_write_atomic(path, json, strlen(json));
     free(json);
     free(e);
-    qs_gpt_free(m);
     qs_st_free(&f);
     return rc;
 }

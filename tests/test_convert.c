@@ -170,6 +170,47 @@ static void test_bad_inputs_are_refused(void **state) {
     expect_refused(dir, "tensor 'transformer.wpe.weight' is [32,16], but config.json makes it [64,16]");
 }
 
+/* An lm_head.weight beside wte (as some exports write it) must repeat it: the same
+ * bits convert, one changed value is refused (Quasar ties the head to wte). */
+static void test_lm_head_must_repeat_wte(void **state) {
+    (void)state;
+    qs_st_file f;
+    assert_int_equal(qs_st_read(&f, FIXTURE "/model.safetensors"), 0);
+    const qs_st_tensor *wte = qs_st_find(&f, "transformer.wte.weight");
+    if (!wte) wte = qs_st_find(&f, "wte.weight");
+    assert_non_null(wte);
+    unsigned char *head = malloc(wte->nbytes);
+    assert_non_null(head);
+    qs_st_entry e[64];
+    assert_true(f.n_tensors < 64);
+    for (int k = 0; k < f.n_tensors; k++) {
+        const qs_st_tensor *t = &f.tensors[k];
+        e[k] = (qs_st_entry){.name = t->name, .dtype = t->dtype, .ndim = t->ndim, .data = t->data};
+        memcpy(e[k].shape, t->shape, sizeof t->shape);
+    }
+    e[f.n_tensors] = (qs_st_entry){.name = "lm_head.weight", .dtype = wte->dtype, .ndim = wte->ndim, .data = head};
+    memcpy(e[f.n_tensors].shape, wte->shape, sizeof wte->shape);
+    static const char *const names[2] = {"head_same", "head_differs"};
+    for (int v = 0; v < 2; v++) {
+        memcpy(head, wte->data, wte->nbytes);
+        head[wte->nbytes / 2] ^= 0x40; /* one value's exponent */
+        if (!v) memcpy(head, wte->data, wte->nbytes);
+        char dir[300], path[400], run[300];
+        make_variant(dir, sizeof dir, names[v], "tie_word_embeddings", "true");
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        assert_int_equal(unlink(path), 0); /* the fixture's, linked */
+        assert_int_equal(qs_st_write(path, e, f.n_tensors + 1, NULL, 0), 0);
+        if (v) {
+            expect_refused(dir, "lm_head.weight differs from wte.weight");
+        } else {
+            tmp_path(run, sizeof run, names[v]);
+            assert_int_equal(qs_convert_from_hf(dir, run, VOCAB), 0);
+        }
+    }
+    free(head);
+    qs_st_free(&f);
+}
+
 static void test_existing_run_moe_and_gqa_are_refused(void **state) {
     (void)state;
     char run[300], hf[300];
@@ -225,6 +266,7 @@ int main(void) {
         cmocka_unit_test(test_logits_match_transformers),
         cmocka_unit_test(test_round_trip_is_exact),
         cmocka_unit_test(test_bad_inputs_are_refused),
+        cmocka_unit_test(test_lm_head_must_repeat_wte),
         cmocka_unit_test(test_existing_run_moe_and_gqa_are_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
