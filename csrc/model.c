@@ -520,7 +520,7 @@ static int layout(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->plan = (qs_mem_plan){
         /* QS_GPT_INFER_BF16: also the panels, and the staging a load takes */
         .params = m->ps.n * sizeof(float) +
-                  (m->ps.on_load ? m->w16_elems * sizeof(uint16_t) + m->w16_stage_floats * sizeof(float) : 0),
+                  (use == QS_GPT_INFER_BF16 ? m->w16_elems * sizeof(uint16_t) + m->w16_stage_floats * sizeof(float) : 0),
         .grads = m->frozen ? 0 : m->ps.n * sizeof(float),
         .activations = p.nf * sizeof(float) + p.ni * sizeof(int) + (N + packed_id_count(m)) * sizeof(int64_t),
         .workspace = be->workspace_bytes(&m->sizes),
@@ -554,7 +554,7 @@ static int create(qs_gpt **out, const qs_model_config *cfg, const qs_backend *be
     m->row_ids = be->alloc(N * sizeof(int64_t));
     m->packed_ids = m->E > 0 ? be->alloc(packed_id_count(m) * sizeof(int64_t)) : NULL;
     int prc = qs_params_alloc(&m->ps, be, !m->frozen);
-    if (!prc && m->ps.on_load &&
+    if (!prc && use == QS_GPT_INFER_BF16 &&
         (!(m->w16 = be->alloc(m->w16_elems * sizeof *m->w16)) ||
          !(m->w16_stage = be->alloc(m->w16_stage_floats * sizeof(float)))))
         prc = -1;
